@@ -1,0 +1,25 @@
+"""The safe: a content-addressed object store of packs indexed by LMDB.
+
+Public API re-exported here; nothing in this package imports from the other rooms.
+"""
+
+from .blob import BlobBuilder, BlobReader, NodeCache, decode_list, encode_list
+from .errors import (DiskFull, IntegrityError, NotASafe, ObjectMissing, PointNotFound, SafeError,
+                     SafeLocked, UnsupportedVersion, UsageError)
+from .header import FORMAT_VERSION, SafeConfig, parse_compression
+from .keys import KEY_SIZE, Kind, object_key
+from .nodes import decode_node, encode_node, node_children
+from .pack import Prepared, prepare
+from .repair import repair
+from .store import Safe, Writer, take_lock, release_lock, utc_now_iso
+from .tree import Entry, decode_tree, encode_tree
+from .verify import verify
+
+__all__ = [
+    "BlobBuilder", "BlobReader", "NodeCache", "decode_list", "encode_list",
+    "DiskFull", "IntegrityError", "NotASafe", "ObjectMissing", "PointNotFound", "SafeError",
+    "SafeLocked", "UnsupportedVersion", "UsageError", "FORMAT_VERSION", "SafeConfig",
+    "parse_compression", "KEY_SIZE", "Kind", "object_key", "decode_node", "encode_node",
+    "node_children", "Prepared", "prepare", "repair", "Safe", "Writer", "take_lock",
+    "release_lock", "utc_now_iso", "Entry", "decode_tree", "encode_tree", "verify",
+]

@@ -1,0 +1,141 @@
+"""The LMDB index: named tables and the fixed layouts of their values.
+
+Tables (LMDB named databases; see docs/FORMAT.md):
+
+``objects``  key (32 bytes) -> ObjectEntry (32 bytes)
+``packs``    pack id (u64 big-endian, so that LMDB order is numeric) -> PackEntry (40 bytes)
+``zero``     key -> b"" : every object whose refcount is 0 (dead or not yet linked)
+``points``   point key (32 bytes) -> point record, UTF-8 JSON
+``meta``     ascii name -> value (``next_pack`` u64 LE, ...)
+``tasks``, ``alerts``, ``files``: for the other rooms (task history, alerts, change detection)
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+
+TABLES = ("objects", "packs", "zero", "points", "meta", "tasks", "alerts", "files", "tombstones")
+MAP_SIZE = 1 << 40  # address space only; the file grows as needed
+
+OBJ = struct.Struct("<QQIIBBHI")
+PACK = struct.Struct("<QQQQII")
+FLAG_DEAD = 1    # refcount reached 0 and its children's counts were dropped
+FLAG_PINNED = 2  # held by the safe itself (tombstones)
+
+
+@dataclass(slots=True)
+class ObjectEntry:
+    pack: int
+    offset: int
+    stored_len: int
+    raw_len: int
+    kind: int
+    codec: int
+    flags: int
+    refcount: int
+
+    def encode(self) -> bytes:
+        return OBJ.pack(self.pack, self.offset, self.stored_len, self.raw_len,
+                        self.kind, self.codec, self.flags, self.refcount)
+
+    @classmethod
+    def decode(cls, b: bytes) -> "ObjectEntry":
+        return cls(*OBJ.unpack(b))
+
+    @property
+    def record_len(self) -> int:
+        return 64 + self.stored_len
+
+    @property
+    def dead(self) -> bool:
+        return bool(self.flags & FLAG_DEAD)
+
+
+@dataclass(slots=True)
+class PackEntry:
+    committed_len: int  # bytes of the pack file covered by committed index transactions
+    live_bytes: int     # record bytes of indexed objects with refcount > 0 or not yet dead
+    dead_bytes: int     # record bytes of objects removed from the index or marked dead
+    created_ns: int
+    objects: int        # indexed objects in this pack
+    sealed: int         # 1 once no writer will append to it again
+
+    def encode(self) -> bytes:
+        return PACK.pack(self.committed_len, self.live_bytes, self.dead_bytes,
+                         self.created_ns, self.objects, self.sealed)
+
+    @classmethod
+    def decode(cls, b: bytes) -> "PackEntry":
+        return cls(*PACK.unpack(b))
+
+
+def pack_dbkey(pack_id: int) -> bytes:
+    return struct.pack(">Q", pack_id)
+
+
+def pack_from_dbkey(b: bytes) -> int:
+    return struct.unpack(">Q", b)[0]
+
+
+class Index:
+    """The LMDB environment and its tables. Safe for many threads and processes."""
+
+    def __init__(self, path: Path, readonly: bool = False, create: bool = False):
+        self.path = path
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        self.env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=len(TABLES) + 8,
+                             subdir=True, create=create, readonly=False,
+                             max_readers=1024, metasync=True, sync=True, lock=True)
+        self.db = {}
+        with self.env.begin(write=True) as txn:
+            for name in TABLES:
+                self.db[name] = self.env.open_db(name.encode(), txn=txn, create=True)
+
+    def close(self) -> None:
+        self.env.close()
+
+    def read(self) -> lmdb.Transaction:
+        return self.env.begin(write=False, buffers=False)
+
+    def write(self) -> lmdb.Transaction:
+        return self.env.begin(write=True)
+
+    def table(self, name: str):
+        try:
+            return self.db[name]
+        except KeyError:
+            with self.env.begin(write=True) as txn:
+                self.db[name] = self.env.open_db(name.encode(), txn=txn, create=True)
+            return self.db[name]
+
+    # small helpers -------------------------------------------------------------------
+
+    def get_object(self, txn, key: bytes) -> ObjectEntry | None:
+        v = txn.get(key, db=self.db["objects"])
+        return ObjectEntry.decode(v) if v is not None else None
+
+    def put_object(self, txn, key: bytes, e: ObjectEntry) -> None:
+        txn.put(key, e.encode(), db=self.db["objects"])
+        if e.refcount == 0 and not e.flags & FLAG_PINNED:
+            txn.put(key, b"", db=self.db["zero"])
+        else:
+            txn.delete(key, db=self.db["zero"])
+
+    def get_pack(self, txn, pack_id: int) -> PackEntry | None:
+        v = txn.get(pack_dbkey(pack_id), db=self.db["packs"])
+        return PackEntry.decode(v) if v is not None else None
+
+    def put_pack(self, txn, pack_id: int, e: PackEntry) -> None:
+        txn.put(pack_dbkey(pack_id), e.encode(), db=self.db["packs"])
+
+    def get_meta_int(self, txn, name: str, default: int = 0) -> int:
+        v = txn.get(name.encode(), db=self.db["meta"])
+        return struct.unpack("<Q", v)[0] if v is not None else default
+
+    def put_meta_int(self, txn, name: str, value: int) -> None:
+        txn.put(name.encode(), struct.pack("<Q", value), db=self.db["meta"])

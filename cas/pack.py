@@ -1,0 +1,228 @@
+"""Pack files: append-only sequences of self-describing, checksummed object records.
+
+Pack file layout (see docs/FORMAT.md)::
+
+    pack header, 16 bytes:  magic b"PSPACK\\x00\\x01" | pack id u64 LE
+    record*                 one per object, back to back
+
+Record layout, a 64-byte header then the stored bytes::
+
+    0   4  magic b"PSR\\x01"
+    4   1  kind
+    5   1  codec (0 = raw, 1 = zstd)
+    6   2  reserved, zero
+    8  32  key = blake3(kind || raw bytes)
+    40  4  raw length, u32 LE
+    44  4  stored length, u32 LE
+    48 12  blake3(stored bytes)[:12]
+    60  4  CRC-32 of bytes 0..60
+
+Because each record names its key and kind, the LMDB index can be rebuilt from the packs alone.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import blake3
+import zstandard
+
+from .errors import IntegrityError
+from .keys import object_key
+
+PACK_MAGIC = b"PSPACK\x00\x01"
+PACK_HEADER = struct.Struct("<8sQ")
+REC_MAGIC = b"PSR\x01"
+REC_HEADER = struct.Struct("<4sBBH32sII12sI")
+REC_HEADER_SIZE = REC_HEADER.size  # 64
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+
+
+def pack_name(pack_id: int) -> str:
+    return f"{pack_id:016x}.pack"
+
+
+def pack_id_from_name(name: str) -> int | None:
+    if len(name) == 21 and name.endswith(".pack"):
+        try:
+            return int(name[:16], 16)
+        except ValueError:
+            return None
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """An object ready to be appended: key computed, bytes compressed (or not)."""
+
+    key: bytes
+    kind: int
+    codec: int
+    raw_len: int
+    stored: bytes
+
+    def record(self) -> bytes:
+        check = blake3.blake3(self.stored).digest()[:12]
+        head = REC_HEADER.pack(REC_MAGIC, self.kind, self.codec, 0, self.key,
+                               self.raw_len, len(self.stored), check, 0)
+        crc = zlib.crc32(head[:60])
+        return head[:60] + struct.pack("<I", crc) + self.stored
+
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """One compressor per thread and level: a shared one serialises threads (FACTS.md)."""
+    cache = getattr(_local, "c", None)
+    if cache is None:
+        cache = _local.c = {}
+    c = cache.get(level)
+    if c is None:
+        c = cache[level] = zstandard.ZstdCompressor(level=level)
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "d", None)
+    if d is None:
+        d = _local.d = zstandard.ZstdDecompressor()
+    return d
+
+
+def prepare(kind: int, data: bytes, level: int | None, key: bytes | None = None) -> Prepared:
+    """Hash and compress ``data``; safe to call from many threads at once.
+
+    The object is stored raw when compression is off or does not make it smaller.
+    """
+    if key is None:
+        key = object_key(kind, data)
+    if level is not None and len(data) > 64:
+        comp = _compressor(level).compress(data)
+        if len(comp) < len(data):
+            return Prepared(key, kind, CODEC_ZSTD, len(data), comp)
+    return Prepared(key, kind, CODEC_RAW, len(data), bytes(data))
+
+
+@dataclass(frozen=True, slots=True)
+class RecordHeader:
+    kind: int
+    codec: int
+    key: bytes
+    raw_len: int
+    stored_len: int
+    check: bytes
+
+    @property
+    def total(self) -> int:
+        return REC_HEADER_SIZE + self.stored_len
+
+
+def parse_record_header(buf: bytes, pack: int, offset: int) -> RecordHeader:
+    if len(buf) < REC_HEADER_SIZE:
+        raise IntegrityError(f"pack {pack_name(pack)} offset {offset}: truncated record header", pack, offset)
+    magic, kind, codec, _res, key, raw_len, stored_len, check, crc = REC_HEADER.unpack_from(buf)
+    if magic != REC_MAGIC:
+        raise IntegrityError(f"pack {pack_name(pack)} offset {offset}: bad record magic", pack, offset)
+    if zlib.crc32(bytes(buf[:60])) != crc:
+        raise IntegrityError(f"pack {pack_name(pack)} offset {offset}: record header checksum mismatch", pack, offset)
+    if codec not in (CODEC_RAW, CODEC_ZSTD):
+        raise IntegrityError(f"pack {pack_name(pack)} offset {offset}: unknown codec {codec}", pack, offset)
+    return RecordHeader(kind, codec, key, raw_len, stored_len, check)
+
+
+def decode_record(buf: bytes | memoryview, pack: int, offset: int, rehash: bool = True,
+                  expect_key: bytes | None = None) -> tuple[RecordHeader, bytes]:
+    """Check a whole record (header + stored bytes) and return its raw content.
+
+    Raises IntegrityError, naming the pack and offset, when any check fails; never returns
+    bytes that do not match their checksum (and, with ``rehash``, their key).
+    """
+    h = parse_record_header(buf, pack, offset)
+    where = f"pack {pack_name(pack)} offset {offset}"
+    if expect_key is not None and h.key != expect_key:
+        raise IntegrityError(f"{where}: record holds object {h.key.hex()[:12]}, index expected {expect_key.hex()[:12]}", pack, offset)
+    stored = memoryview(buf)[REC_HEADER_SIZE:REC_HEADER_SIZE + h.stored_len]
+    if len(stored) != h.stored_len:
+        raise IntegrityError(f"{where}: record truncated ({len(stored)} of {h.stored_len} bytes)", pack, offset)
+    if blake3.blake3(stored).digest()[:12] != h.check:
+        raise IntegrityError(f"{where}: object {h.key.hex()[:12]} is damaged (checksum mismatch)", pack, offset)
+    if h.codec == CODEC_ZSTD:
+        try:
+            raw = _decompressor().decompress(stored, max_output_size=h.raw_len)
+        except zstandard.ZstdError as e:
+            raise IntegrityError(f"{where}: object {h.key.hex()[:12]} does not decompress ({e})", pack, offset) from None
+    else:
+        raw = bytes(stored)
+    if len(raw) != h.raw_len:
+        raise IntegrityError(f"{where}: object {h.key.hex()[:12]} has {len(raw)} bytes, expected {h.raw_len}", pack, offset)
+    if rehash and object_key(h.kind, raw) != h.key:
+        raise IntegrityError(f"{where}: object {h.key.hex()[:12]} does not match its key", pack, offset)
+    return h, raw
+
+
+def write_pack_header(f, pack_id: int) -> None:
+    f.write(PACK_HEADER.pack(PACK_MAGIC, pack_id))
+
+
+def check_pack_header(buf: bytes, pack_id: int) -> None:
+    if len(buf) < PACK_HEADER.size:
+        raise IntegrityError(f"pack {pack_name(pack_id)}: truncated pack header", pack_id, 0)
+    magic, pid = PACK_HEADER.unpack_from(buf)
+    if magic != PACK_MAGIC:
+        raise IntegrityError(f"pack {pack_name(pack_id)}: bad pack magic", pack_id, 0)
+    if pid != pack_id:
+        raise IntegrityError(f"pack {pack_name(pack_id)}: header names pack {pid:016x}", pack_id, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class ScanItem:
+    offset: int
+    header: RecordHeader | None     # None when the record could not be parsed
+    error: IntegrityError | None
+
+
+def scan_pack(path: Path, pack_id: int, limit: int | None = None,
+              read_data: bool = True, rehash: bool = False) -> Iterator[ScanItem]:
+    """Walk the records of a pack file in order, up to ``limit`` bytes.
+
+    Framing errors stop the walk (the rest of the pack cannot be located) after yielding the
+    error. Data checksum errors are yielded per record and the walk goes on.
+    """
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size if limit is None else limit
+        head = f.read(PACK_HEADER.size)
+        try:
+            check_pack_header(head, pack_id)
+        except IntegrityError as e:
+            yield ScanItem(0, None, e)
+            return
+        off = PACK_HEADER.size
+        while off < size:
+            f.seek(off)
+            hb = f.read(REC_HEADER_SIZE)
+            try:
+                h = parse_record_header(hb, pack_id, off)
+            except IntegrityError as e:
+                yield ScanItem(off, None, e)
+                return
+            if off + h.total > size:
+                yield ScanItem(off, h, IntegrityError(
+                    f"pack {pack_name(pack_id)} offset {off}: record runs past the end of the pack", pack_id, off))
+                return
+            err = None
+            if read_data:
+                body = f.read(h.stored_len)
+                try:
+                    decode_record(hb + body, pack_id, off, rehash=rehash)
+                except IntegrityError as e:
+                    err = e
+            yield ScanItem(off, h, err)
+            off += h.total

@@ -1,0 +1,92 @@
+"""Commands about the safe itself: init, verify, repair."""
+
+from __future__ import annotations
+
+import argparse
+
+from pointsafe.cas import Safe, repair, verify
+
+from .common import EXIT_ERROR, EXIT_OK, add_common, emit_json, human_bytes, open_safe, progress, safe_path, say
+
+
+def register(sub) -> None:
+    p = sub.add_parser("init", help="create a new safe",
+                       description="Create a new, empty safe at PATH (or --safe / $POINTSAFE_SAFE).")
+    add_common(p)
+    p.add_argument("path", nargs="?", help="where to create the safe (a new or empty directory)")
+    p.add_argument("--compression", default="zstd:1",
+                   help="'none' or a zstd level 1-22, e.g. 'zstd:3' (default: zstd:1)")
+    p.add_argument("--block-size", type=_size, default=64 * 1024,
+                   help="block size for volumes, a power of two from 4K to 4M (default: 64K)")
+    p.add_argument("--pack-size", type=_size, default=64 * 1024 * 1024, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("verify", help="check the safe's integrity",
+                       description="Check the header, every pack record's framing and checksum, and "
+                                   "that the index agrees with the packs. With --data, also re-hash "
+                                   "every object against its key. Exit 1 when anything is wrong.")
+    add_common(p)
+    p.add_argument("--data", action="store_true", help="re-hash every object (reads everything)")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("repair", help="rebuild the index from the packs",
+                       description="Rebuild the LMDB index from the pack files alone. Damaged records "
+                                   "are reported and left out; forgotten points stay forgotten.")
+    add_common(p)
+    p.set_defaults(func=cmd_repair)
+
+
+def _size(text: str) -> int:
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    try:
+        return int(t[:-1] if t[-1:] in "KMG" else t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 64K, 1M") from None
+
+
+def cmd_init(args) -> int:
+    if args.path:
+        args.safe = args.path
+    path = safe_path(args)
+    safe = Safe.init(path, compression=args.compression, block_size=args.block_size, pack_size=args.pack_size)
+    cfg = safe.config
+    safe.close()
+    if args.json:
+        emit_json({"safe": str(path), "safe_id": cfg.safe_id, "compression": cfg.compression,
+                   "block_size": cfg.block_size})
+    else:
+        say(args, f"created safe {path} (compression {cfg.compression}, volume block size "
+                  f"{human_bytes(cfg.block_size)})")
+    return EXIT_OK
+
+
+def cmd_verify(args) -> int:
+    with open_safe(args) as safe:
+        total = sum(pe.committed_len for pe in safe.pack_entries().values())
+        with progress(args, total, "verifying") as advance:
+            rep = verify(safe, data=args.data, progress=advance)
+    if args.json:
+        emit_json(rep.as_dict())
+    else:
+        for n in rep.notes:
+            say(args, f"note: {n}")
+        for e in rep.errors:
+            say(args, f"ERROR: {e['message']}")
+        say(args, f"{'ok' if rep.ok else 'FAILED'}: {rep.packs} packs, {rep.objects} records "
+                  f"({human_bytes(rep.bytes_checked)}), {rep.points} points checked"
+                  f"{', every object re-hashed' if args.data else ''}; {len(rep.errors)} errors")
+    return EXIT_OK if rep.ok else EXIT_ERROR
+
+
+def cmd_repair(args) -> int:
+    rep = repair(safe_path(args))
+    if args.json:
+        emit_json(rep.as_dict())
+    else:
+        for d in rep.damaged:
+            say(args, f"damaged: {d['message']}")
+        say(args, f"rebuilt the index from {rep.packs} packs: {rep.objects} objects, {rep.points} points"
+                  f"{f', {len(rep.damaged)} damaged records left out' if rep.damaged else ''}"
+                  f"{f', {rep.missing_children} references to missing objects' if rep.missing_children else ''}")
+    return EXIT_ERROR if rep.damaged or rep.missing_children else EXIT_OK

@@ -1,0 +1,68 @@
+"""What every command shares: the safe argument, JSON output, one-line errors, progress."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from pointsafe.cas import Safe, SafeError, UsageError
+
+EXIT_OK, EXIT_ERROR, EXIT_WARNINGS = 0, 1, 3
+
+
+def add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
+    """--safe and --json, accepted before or after the command name."""
+    d = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument("--safe", metavar="PATH", help="the safe (default: $POINTSAFE_SAFE)", **d)
+    p.add_argument("--json", action="store_true", help="print a machine-readable result on stdout", **d)
+
+
+def safe_path(args) -> Path:
+    path = getattr(args, "safe", None) or os.environ.get("POINTSAFE_SAFE")
+    if not path:
+        raise UsageError("no safe given: use --safe PATH or set POINTSAFE_SAFE")
+    return Path(path)
+
+
+def open_safe(args) -> Safe:
+    return Safe.open(safe_path(args))
+
+
+def emit_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=str)
+    sys.stdout.write("\n")
+
+
+def say(args, text: str = "") -> None:
+    """Human output: on stdout normally, on stderr with --json (stdout is for JSON)."""
+    print(text, file=sys.stderr if getattr(args, "json", False) else sys.stdout)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+@contextmanager
+def progress(args, total: int | None, description: str) -> Iterator:
+    """A rich progress bar (bytes, rate, ETA) on a terminal; a no-op otherwise.
+
+    Yields ``advance(nbytes)``.
+    """
+    if getattr(args, "json", False) or not sys.stderr.isatty() or getattr(args, "quiet", False):
+        yield lambda n: None
+        return
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)

@@ -1,0 +1,80 @@
+"""Shared fixtures: a safe with tiny packs, a CLI runner, FUSE helpers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pointsafe.cas import Safe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    monkeypatch.delenv("POINTSAFE_SAFE", raising=False)
+
+
+@pytest.fixture
+def safe_dir(tmp_path) -> Path:
+    """A new safe with small packs, so that small test data still spans many packs."""
+    path = tmp_path / "safe"
+    Safe.init(path, pack_size=256 * 1024).close()
+    return path
+
+
+@pytest.fixture
+def safe(safe_dir):
+    s = Safe.open(safe_dir)
+    yield s
+    s.close()
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(*args, safe: Path | None = None, input: bytes | None = None, timeout: float = 300,
+            env: dict | None = None, check: bool = False) -> Result:
+    """Run ``pointsafe`` in a subprocess, as a user would."""
+    cmd = [sys.executable, "-m", "pointsafe.cli"]
+    if safe is not None:
+        cmd += ["--safe", str(safe)]
+    cmd += [str(a) for a in args]
+    e = dict(os.environ)
+    e.pop("POINTSAFE_SAFE", None)
+    if env:
+        e.update(env)
+    p = subprocess.run(cmd, input=input, capture_output=True, timeout=timeout, env=e)
+    r = Result(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"))
+    if check and r.code != 0:
+        raise AssertionError(f"pointsafe {' '.join(map(str, args))} exited {r.code}: {r.err}")
+    return r
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def fuse_skip_reason() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 is not installed"
+    if os.geteuid() != 0:
+        return "FUSE tests run as root"
+    return None
+
+
+needs_fuse = pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or "")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop mounts, chown, device nodes)")
