@@ -10,6 +10,7 @@ from .header import FORMAT_VERSION, SafeConfig, parse_compression
 from .keys import KEY_SIZE, Kind, object_key
 from .nodes import decode_node, encode_node, node_children
 from .pack import Prepared, prepare
+from .points import parse_time, resolve_point
 from .repair import repair
 from .store import Safe, Writer, take_lock, release_lock, utc_now_iso
 from .tree import Entry, decode_tree, encode_tree
@@ -20,6 +21,6 @@ __all__ = [
     "DiskFull", "IntegrityError", "NotASafe", "ObjectMissing", "PointNotFound", "SafeError",
     "SafeLocked", "UnsupportedVersion", "UsageError", "FORMAT_VERSION", "SafeConfig",
     "parse_compression", "KEY_SIZE", "Kind", "object_key", "decode_node", "encode_node",
-    "node_children", "Prepared", "prepare", "repair", "Safe", "Writer", "take_lock",
+    "node_children", "parse_time", "resolve_point", "Prepared", "prepare", "repair", "Safe", "Writer", "take_lock",
     "release_lock", "utc_now_iso", "Entry", "decode_tree", "encode_tree", "verify",
 ]
