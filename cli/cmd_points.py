@@ -1,0 +1,191 @@
+"""Commands that read points: points, show, ls, diff, restore."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import stat
+import sys
+import time
+
+from pointsafe.cas import resolve_point
+from pointsafe.cas.tree import TYPE_NAMES
+from pointsafe.ingest.browse import children, diff, display_name, lookup, root_entry
+from pointsafe.ingest.restore import restore
+
+from .common import EXIT_OK, EXIT_WARNINGS, add_common, emit_json, human_bytes, open_safe, progress, say
+
+POINT_HELP = "POINT is an id prefix (4+ hex digits), 'latest', NAME@latest or NAME@TIME (UTC, ISO 8601)."
+
+
+def register(sub) -> None:
+    p = sub.add_parser("points", help="list recovery points", description="List the safe's points, oldest first.")
+    add_common(p)
+    p.add_argument("--name", help="only points of this source name")
+    p.set_defaults(func=cmd_points)
+
+    p = sub.add_parser("show", help="show one point", description="Show a point's record. " + POINT_HELP)
+    add_common(p)
+    p.add_argument("point", metavar="POINT")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("ls", help="list files in a point",
+                       description="List a directory of a tree point (like ls -l). " + POINT_HELP)
+    add_common(p)
+    p.add_argument("point", metavar="POINT")
+    p.add_argument("path", nargs="?", default="", metavar="PATH", help="directory or file inside the point")
+    p.add_argument("-R", "--recursive", action="store_true", help="list everything below PATH")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("diff", help="compare two points",
+                       description="Show what changed from the first point to the second: + added, "
+                                   "- removed, M content changed, m metadata changed, T type changed. "
+                                   "Unchanged subtrees are skipped without being read. " + POINT_HELP)
+    add_common(p)
+    p.add_argument("a", metavar="POINT")
+    p.add_argument("b", metavar="POINT")
+    p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser("restore", help="restore a point to a directory or image",
+                       description="Write a point out: a tree point into TARGET (a new or empty "
+                                   "directory), a volume point into an image file TARGET (or, with "
+                                   "--force, a block device). Every stored field is restored: "
+                                   "contents (sparse where the source was), hardlinks, symlinks, "
+                                   "devices, FIFOs, owner, mode, times and xattrs. " + POINT_HELP)
+    add_common(p)
+    p.add_argument("point", metavar="POINT")
+    p.add_argument("target", metavar="TARGET")
+    p.add_argument("--path", help="restore only this path inside the point (kept at its place below TARGET)")
+    p.add_argument("--force", action="store_true", help="restore into a non-empty target, replacing files")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_restore, task_kind="restore")
+
+
+def _summary(p: dict) -> dict:
+    return p
+
+
+def cmd_points(args) -> int:
+    with open_safe(args) as safe:
+        pts = safe.points()
+    if args.name:
+        pts = [p for p in pts if p.get("name") == args.name]
+    if args.json:
+        emit_json(pts)
+        return EXIT_OK
+    if not pts:
+        say(args, "no points")
+        return EXIT_OK
+    say(args, f"{'ID':12}  {'TIME (UTC)':20}  {'NAME':16} {'KIND':6} {'SIZE':>10} {'NEW':>10} {'STORED':>10}  WARN")
+    for p in pts:
+        st = p.get("stats", {})
+        say(args, f"{p['id'][:12]}  {p['started'][:19]:20}  {p['name'][:16]:16} {p['kind']:6} "
+                  f"{human_bytes(p.get('size', st.get('size', 0))):>10} {human_bytes(st.get('bytes_new', 0)):>10} "
+                  f"{human_bytes(st.get('bytes_stored', 0)):>10}  {len(p.get('warnings', []))}")
+    return EXIT_OK
+
+
+def cmd_show(args) -> int:
+    with open_safe(args) as safe:
+        p = resolve_point(safe, args.point)
+    if args.json:
+        emit_json(p)
+        return EXIT_OK
+    st = p.get("stats", {})
+    rows = [("id", p["id"]), ("name", p["name"]), ("kind", p["kind"]), ("source", p.get("source")),
+            ("host", p.get("host")), ("started", p["started"]), ("finished", p.get("finished")),
+            ("size", human_bytes(p.get("size", 0))), ("files", st.get("files")),
+            ("unchanged files", st.get("files_unchanged")), ("read", human_bytes(st.get("bytes_read", 0))),
+            ("new", human_bytes(st.get("bytes_new", 0))), ("stored", human_bytes(st.get("bytes_stored", 0))),
+            ("root", p.get("root"))]
+    for k, v in rows:
+        say(args, f"{k:16} {v}")
+    for name, info in (p.get("consistency") or {}).items():
+        say(args, f"{name:16} {info}")
+    for w in p.get("warnings", []):
+        say(args, f"warning          {w['path']}: {w['message']}")
+    return EXIT_OK
+
+
+def _entry_json(path: bytes, e) -> dict:
+    d = {"path": path.decode("utf-8", "surrogateescape").encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"),
+         "type": TYPE_NAMES.get(e.type, "?"), "mode": e.mode, "uid": e.uid, "gid": e.gid,
+         "size": e.size, "mtime_ns": e.mtime_ns}
+    try:
+        path.decode("utf-8")
+    except UnicodeDecodeError:
+        d["path_b64"] = base64.b64encode(path).decode()
+    if e.target:
+        d["target"] = e.target.decode("utf-8", "backslashreplace")
+    if e.link_group:
+        d["link_group"] = e.link_group
+    return d
+
+
+def _ls_line(path: bytes, e) -> str:
+    mode = stat.filemode(e.st_mode)
+    t = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.mtime_ns / 1e9))
+    tail = f" -> {display_name(e.target)}" if e.target else ""
+    return f"{mode} {e.uid:>5} {e.gid:>5} {e.size:>12} {t} {display_name(path)}{tail}"
+
+
+def cmd_ls(args) -> int:
+    from pointsafe.cas import UsageError
+    from pointsafe.ingest.browse import walk
+    with open_safe(args) as safe:
+        p = resolve_point(safe, args.point)
+        if p["kind"] != "tree":
+            raise UsageError(f"point {p['id'][:12]} is a volume; mount it or restore it to read its files")
+        e = lookup(safe, p, args.path)
+        prefix = args.path.strip("/").encode("utf-8", "surrogateescape")
+        if e.type != 2:
+            items = [(prefix, e)]
+        elif args.recursive:
+            items = list(walk(safe, e, prefix))
+        else:
+            items = [((prefix + b"/" + c.name) if prefix else c.name, c) for c in children(safe, e)]
+    if args.json:
+        emit_json([_entry_json(path, c) for path, c in items])
+    else:
+        for path, c in items:
+            print(_ls_line(path, c))
+    return EXIT_OK
+
+
+def cmd_diff(args) -> int:
+    from pointsafe.cas import UsageError
+    with open_safe(args) as safe:
+        a = resolve_point(safe, args.a)
+        b = resolve_point(safe, args.b)
+        if a["kind"] != "tree" or b["kind"] != "tree":
+            raise UsageError("diff compares tree points; for volumes compare restored images")
+        changes = list(diff(safe, root_entry(a), root_entry(b)))
+    if args.json:
+        emit_json([{"change": c, **_entry_json(path, new or old)} for c, path, old, new in changes])
+    else:
+        for c, path, old, new in changes:
+            print(f"{c} {display_name(path)}")
+        say(args, f"{len(changes)} changes") if not changes else None
+    return EXIT_OK
+
+
+def cmd_restore(args) -> int:
+    with open_safe(args) as safe:
+        p = resolve_point(safe, args.point)
+        with progress(args, p.get("size"), f"restoring {p['id'][:12]}") as advance:
+            st = restore(safe, p, args.target, subpath=args.path, force=args.force, progress=advance)
+    try:
+        from pointsafe.ops import tasks
+        if hasattr(tasks, "report"):
+            tasks.report(point=p["id"], name=p.get("name"), bytes=st.bytes_written, files=st.files)
+    except ImportError:
+        pass
+    if args.json:
+        emit_json({"point": p["id"], "target": args.target, **st.as_dict()})
+    else:
+        for w in st.warnings:
+            print(f"warning: {w['path']}: {w['message']}", file=sys.stderr)
+        say(args, f"restored point {p['id'][:12]} to {args.target}: {st.files} files, {st.dirs} dirs, "
+                  f"{human_bytes(st.bytes_written)} written"
+                  + (f", {len(st.warnings)} warnings" if st.warnings else ""))
+    return EXIT_WARNINGS if st.warnings else EXIT_OK

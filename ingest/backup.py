@@ -1,0 +1,262 @@
+"""One backup: a source (directory tree, block device or disk image) becomes a point.
+
+Order of work, and what happens when something fails:
+
+1. check the source and the safe (bad input: one clear line, nothing written);
+2. run the pre-hook (failure: abort, no point) and start database consistency hooks
+   (failure: abort, no point, unless ``allow_inconsistent``);
+3. take the writer lock and read the source through the pipeline, against the previous point
+   of the same name for change detection;
+4. release the databases, graft the files they hand back (backup_label, WAL, SQLite copies);
+5. commit the point (one record naming the root) -- nothing before this is visible;
+6. run the post-hook, always.
+
+A failure after 3 leaves only unreferenced objects, which ``gc`` reclaims.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from pointsafe.cas import (BlobBuilder, Entry, Kind, Safe, SafeError, UsageError, Writer, decode_tree,
+                           encode_tree, utc_now_iso)
+from pointsafe.cas.tree import DIR, REG
+
+from .chunking import Cutter
+from .pipeline import Pipeline
+from .volume import read_volume
+from .walk import TreeWalker, WalkOptions
+
+
+class HookFailed(SafeError):
+    """A pre-hook failed: the backup did not start."""
+
+
+@dataclass
+class BackupOptions:
+    name: str | None = None
+    volume: bool = False
+    pre_hook: str | None = None
+    post_hook: str | None = None
+    excludes: list[str] = field(default_factory=list)
+    one_file_system: bool = False
+    consistency: list = field(default_factory=list)   # ingest.db Consistency objects
+    allow_inconsistent: bool = False
+    workers: int = 2
+    labels: dict = field(default_factory=dict)
+
+
+@dataclass
+class BackupResult:
+    point: dict
+    warnings: list[dict]
+
+
+def default_name(source: Path) -> str:
+    return source.name or "root"
+
+
+def check_source(safe: Safe, source: str, volume: bool) -> tuple[Path, os.stat_result, str]:
+    """Resolve the source; return (path, stat, kind). Raise UsageError on bad input."""
+    p = Path(source)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise UsageError(f"{source}: no such file or directory") from None
+    except OSError as e:
+        raise UsageError(f"{source}: cannot access: {e.strerror}") from None
+    real = p.resolve()
+    safe_real = safe.path.resolve()
+    if real == safe_real or safe_real in real.parents:
+        raise UsageError(f"{source}: is inside the safe {safe.path}; back up something else")
+    if stat.S_ISBLK(st.st_mode):
+        return real, st, "volume"
+    if volume:
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{source}: --volume needs a block device or a disk image file")
+        return real, st, "volume"
+    if stat.S_ISDIR(st.st_mode):
+        return real, st, "tree"
+    if stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{source}: is a file; back up its directory, or use --volume for a disk image")
+    raise UsageError(f"{source}: is neither a directory, a block device nor a disk image")
+
+
+def run_hook(cmd: str, env: dict, what: str) -> None:
+    try:
+        r = subprocess.run(cmd, shell=True, env={**os.environ, **env}, capture_output=True, timeout=3600)
+    except subprocess.TimeoutExpired:
+        raise HookFailed(f"{what} {cmd!r} timed out after an hour") from None
+    if r.returncode != 0:
+        tail = (r.stderr or r.stdout).decode(errors="replace").strip().splitlines()
+        detail = f": {tail[-1]}" if tail else ""
+        raise HookFailed(f"{what} {cmd!r} failed with exit code {r.returncode}{detail}")
+
+
+def previous_point(safe: Safe, name: str, kind: str) -> dict | None:
+    mine = [p for p in safe.points() if p.get("name") == name and p.get("kind") == kind]
+    return max(mine, key=lambda p: (p["started"], p["id"])) if mine else None
+
+
+def backup(safe: Safe, source: str, opts: BackupOptions,
+           progress: Callable[[int], None] | None = None) -> BackupResult:
+    path, st, kind = check_source(safe, source, opts.volume)
+    name = opts.name or default_name(path)
+    if "@" in name or "/" in name or not name.strip():
+        raise UsageError(f"bad point name {name!r}: it must not be empty or contain '@' or '/'")
+    warnings: list[dict] = []
+
+    def warn(p: bytes | str, message: str) -> None:
+        warnings.append({"path": os.fsdecode(p) if isinstance(p, bytes) else p, "message": message})
+
+    hook_env = {"POINTSAFE_SOURCE": str(path), "POINTSAFE_NAME": name, "POINTSAFE_SAFE": str(safe.path)}
+    started = utc_now_iso()
+    status = "error"
+    try:
+        if opts.pre_hook:
+            run_hook(opts.pre_hook, hook_env, "pre-hook")
+        # Take the lock before touching databases, so that a busy safe fails fast.
+        with safe.writer(f"backup {name}") as w:
+            active = _start_consistency(opts, warn)
+            try:
+                record, root = _read(safe, w, path, st, kind, name, started, opts, warn, progress, active)
+                point = commit_point(w, record, root, warnings)
+            finally:
+                for c in active:
+                    try:
+                        c.close()
+                    except Exception as e:  # noqa: BLE001 - report, never mask the main error
+                        warn(c.name, f"closing the {c.name} connection failed: {e}")
+        status = "warning" if warnings else "ok"
+        return BackupResult(point, warnings)
+    finally:
+        if opts.post_hook:
+            try:
+                run_hook(opts.post_hook, {**hook_env, "POINTSAFE_STATUS": status}, "post-hook")
+            except HookFailed as e:
+                if status != "error":
+                    raise
+
+
+def _start_consistency(opts: BackupOptions, warn) -> list:
+    active = []
+    for c in opts.consistency:
+        try:
+            c.start()
+            active.append(c)
+        except SafeError as e:
+            if not opts.allow_inconsistent:
+                for a in active:
+                    a.close()
+                raise
+            warn(c.name, f"{e}; backed up without {c.name} consistency (--allow-inconsistent)")
+    return active
+
+
+def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: str,
+                     opts: BackupOptions, warn, progress, active: list) -> tuple[dict, bytes | None]:
+    cfg = safe.config
+    prev = previous_point(safe, name, kind)
+    pipe = Pipeline(w, cfg.list_fanout, workers=opts.workers)
+    record: dict = {"name": name, "kind": kind, "source": str(path), "host": socket.gethostname(),
+                    "started": started}
+    try:
+        if kind == "tree":
+            cutter = Cutter(None, cfg.chunk_min, cfg.chunk_avg, cfg.chunk_max)
+            sst = os.stat(safe.path)
+            wo = WalkOptions(one_file_system=opts.one_file_system, excludes=list(opts.excludes),
+                             skip={(sst.st_dev, sst.st_ino)})
+            walker = TreeWalker(safe, pipe, cutter, wo, warn, progress)
+            prev_root = bytes.fromhex(prev["root"]) if prev and prev.get("root") else None
+            root_entry = walker.walk_root(os.fsencode(str(path)), prev_root)
+            root, _ = pipe.finish()
+            record["root_meta"] = {"mode": root_entry.mode, "uid": root_entry.uid, "gid": root_entry.gid,
+                                   "mtime_ns": root_entry.mtime_ns, "atime_ns": root_entry.atime_ns,
+                                   "xattrs": [[n.hex(), v.hex()] for n, v in root_entry.xattrs]}
+        else:
+            sig = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+            if (prev and stat.S_ISREG(st.st_mode) and prev.get("source_stat") == sig):
+                pipe.finish()
+                root, size = (bytes.fromhex(prev["root"]) if prev.get("root") else None), prev["size"]
+                pipe.stats.size = size
+                pipe.stats.files_unchanged = 1
+            else:
+                size = read_volume(str(path), pipe, cfg.block_size, warn, progress)
+                root, _ = pipe.finish()
+            record["size"] = size
+            record["block_size"] = cfg.block_size
+            if stat.S_ISREG(st.st_mode):
+                record["source_stat"] = sig
+    except BaseException:
+        pipe.cancel()
+        raise
+    for c in active:
+        c.files_read()
+    if kind == "tree" and active:
+        w.flush()  # grafting reads the tree just written back from the index
+        for c in active:
+            for rel, content in c.extra_files():
+                data = content if isinstance(content, bytes) else Path(content).read_bytes()
+                root = graft(safe, w, root, os.fsencode(rel), data)
+        record["size"] = pipe.stats.size
+    if active:
+        record["consistency"] = {c.name: c.info() for c in active}
+    record["finished"] = utc_now_iso()
+    stats = pipe.stats.as_dict()
+    record["stats"] = stats
+    record["labels"] = dict(opts.labels)
+    return record, root
+
+
+def commit_point(w: Writer, record: dict, root: bytes | None, warnings: list[dict]) -> dict:
+    record = dict(record)
+    record["warnings"] = list(warnings)
+    return w.add_point(record, root)
+
+
+def graft(safe: Safe, w: Writer, root: bytes | None, relpath: bytes, data: bytes) -> bytes:
+    """Return a new root tree in which ``relpath`` is a regular file holding ``data``.
+
+    Used for files that exist only once reading is done (PostgreSQL's backup_label, WAL
+    segments, consistent SQLite copies). Rewrites the directories along the path only.
+    """
+    parts = [p for p in relpath.split(b"/") if p and p != b"."]
+    if not parts or b".." in parts:
+        raise SafeError(f"cannot add {relpath!r} to the point: not a relative path")
+    return _graft(safe, w, root, parts, data, None)
+
+
+def _graft(safe: Safe, w: Writer, tree: bytes | None, parts: list[bytes], data: bytes,
+           parent_meta: Entry | None) -> bytes:
+    entries = decode_tree(safe.get(tree)) if tree is not None else []
+    byname = {e.name: e for e in entries}
+    head = parts[0]
+    old = byname.get(head)
+    now = time.time_ns()
+    template = parent_meta or (entries[0] if entries else Entry(b"", DIR, 0o755))
+    if len(parts) == 1:
+        bb = BlobBuilder(w.put_node, safe.config.list_fanout)
+        for i in range(0, len(data), 1 << 20):
+            piece = data[i:i + (1 << 20)]
+            bb.add(w.put(Kind.CHUNK, piece), len(piece))
+        e = Entry(head, REG, old.mode if old and old.type == REG else 0o600,
+                  old.uid if old else template.uid, old.gid if old else template.gid,
+                  now, now, now, len(data), ref=bb.finish())
+    else:
+        sub = old.ref if old is not None and old.type == DIR else None
+        e = Entry(head, DIR, old.mode if old and old.type == DIR else 0o700,
+                  old.uid if old else template.uid, old.gid if old else template.gid,
+                  old.mtime_ns if old else now, old.atime_ns if old else now, now)
+        if old is not None and old.type == DIR:
+            e.xattrs = old.xattrs
+        e.ref = _graft(safe, w, sub, parts[1:], data, e)
+    byname[head] = e
+    children, payload = encode_tree(list(byname.values()))
+    return w.put_node(Kind.TREE, children, payload)

@@ -1,0 +1,102 @@
+"""Navigating and comparing point trees: lookup by path, recursive walks, diffs.
+
+Every function reads only the tree nodes it needs; a diff skips any subtree whose key is the
+same in both points, so comparing two points costs what changed between them.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from pointsafe.cas import Entry, Safe, UsageError, decode_tree
+from pointsafe.cas.tree import DIR
+
+
+def root_entry(point: dict) -> Entry:
+    """The top directory of a tree point, as an Entry (metadata from the point record)."""
+    m = point.get("root_meta") or {}
+    return Entry(b"", DIR, m.get("mode", 0o755), m.get("uid", 0), m.get("gid", 0), m.get("mtime_ns", 0),
+                 m.get("atime_ns", 0), 0, 0, ref=bytes.fromhex(point["root"]) if point.get("root") else None,
+                 xattrs=[(bytes.fromhex(n), bytes.fromhex(v)) for n, v in m.get("xattrs", [])])
+
+
+def split_path(path: bytes | str) -> list[bytes]:
+    b = path if isinstance(path, bytes) else path.encode("utf-8", "surrogateescape")
+    parts = [p for p in b.split(b"/") if p and p != b"."]
+    if b".." in parts:
+        raise UsageError(f"bad path {path!r}: '..' is not allowed")
+    return parts
+
+
+def lookup(safe: Safe, point: dict, path: bytes | str) -> Entry:
+    """The entry at ``path`` inside a tree point (the root entry for "" or "/")."""
+    e = root_entry(point)
+    for i, part in enumerate(split_path(path)):
+        if e.type != DIR or e.ref is None:
+            raise UsageError(f"{path!r}: not found in point {point['id'][:12]}")
+        found = [c for c in decode_tree(safe.get(e.ref)) if c.name == part]
+        if not found:
+            raise UsageError(f"{_show(path)}: not found in point {point['id'][:12]}")
+        e = found[0]
+    return e
+
+
+def children(safe: Safe, e: Entry) -> list[Entry]:
+    if e.type != DIR or e.ref is None:
+        return []
+    return decode_tree(safe.get(e.ref))
+
+
+def walk(safe: Safe, e: Entry, prefix: bytes = b"") -> Iterator[tuple[bytes, Entry]]:
+    """Depth-first (path, entry) for everything below directory entry ``e``."""
+    for c in children(safe, e):
+        p = prefix + b"/" + c.name if prefix else c.name
+        yield p, c
+        if c.type == DIR:
+            yield from walk(safe, c, p)
+
+
+def _meta(e: Entry) -> tuple:
+    return (e.type, e.mode, e.uid, e.gid, e.mtime_ns, e.target, e.rdev, e.xattrs)
+
+
+def diff(safe: Safe, a: Entry, b: Entry, prefix: bytes = b"") -> Iterator[tuple[str, bytes, Entry | None, Entry | None]]:
+    """Yield (change, path, old, new) with change in '+' (added), '-' (removed), 'M' (content
+    changed), 'm' (metadata only), 'T' (type changed). Identical subtrees are skipped unread."""
+    if a.ref == b.ref and a.type == b.type == DIR:
+        return
+    ca = {e.name: e for e in children(safe, a)}
+    cb = {e.name: e for e in children(safe, b)}
+    for name in sorted(ca.keys() | cb.keys()):
+        p = prefix + b"/" + name if prefix else name
+        x, y = ca.get(name), cb.get(name)
+        if x is None:
+            yield "+", p, None, y
+            if y.type == DIR:
+                for q, e in walk(safe, y, p):
+                    yield "+", q, None, e
+        elif y is None:
+            yield "-", p, x, None
+            if x.type == DIR:
+                for q, e in walk(safe, x, p):
+                    yield "-", q, e, None
+        elif x.type != y.type:
+            yield "T", p, x, y
+        elif x.type == DIR:
+            if _meta(x) != _meta(y):
+                yield "m", p, x, y
+            yield from diff(safe, x, y, p)
+        elif x.ref != y.ref or x.size != y.size:
+            yield "M", p, x, y
+        elif _meta(x) != _meta(y):
+            yield "m", p, x, y
+
+
+def _show(path) -> str:
+    return path.decode("utf-8", "backslashreplace") if isinstance(path, bytes) else path
+
+
+def display_name(b: bytes) -> str:
+    """A name for people: UTF-8 where it is, backslash escapes for other bytes and controls."""
+    s = b.decode("utf-8", "backslashreplace")
+    return s.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
