@@ -19,6 +19,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -31,7 +32,7 @@ from typing import Callable, Iterable
 import lmdb
 
 from .errors import DiskFull, IntegrityError, NotASafe, ObjectMissing, SafeError, SafeLocked, UsageError
-from .header import SafeConfig, parse_compression, read_header, write_header
+from .header import HEADER_NAME, SafeConfig, parse_compression, read_header, write_header
 from .index import FLAG_DEAD, FLAG_PINNED, Index, ObjectEntry, PackEntry, pack_from_dbkey
 from .keys import Kind, object_key
 from .nodes import encode_node, node_children
@@ -42,6 +43,7 @@ PACKS_DIR = "packs"
 INDEX_DIR = "index"
 LOCK_NAME = "lock"
 BATCH_BYTES = 32 * 1024 * 1024
+INIT_MIN_FREE = 1 << 20   # free bytes a new safe needs (LMDB's files, header, first pack)
 
 
 def utc_now_iso() -> str:
@@ -54,6 +56,22 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _undo_init(p: Path, created: bool) -> None:
+    """Remove what a failed ``Safe.init`` made inside ``p`` (which was new or empty)."""
+    for name in (HEADER_NAME + ".tmp", HEADER_NAME, LOCK_NAME):
+        try:
+            (p / name).unlink()
+        except OSError:
+            pass
+    shutil.rmtree(p / INDEX_DIR, ignore_errors=True)
+    shutil.rmtree(p / PACKS_DIR, ignore_errors=True)
+    if created:
+        try:
+            p.rmdir()
+        except OSError:
+            pass
 
 
 def _disk_error(e: OSError, what: str) -> SafeError:
@@ -166,14 +184,26 @@ class Safe:
         config = SafeConfig(safe_id=uuid.uuid4().hex, created=utc_now_iso(),
                             compression=parse_compression(compression), block_size=block_size,
                             pack_size=pack_size, **extra)
+        created = not p.exists()
         try:
             p.mkdir(parents=True, exist_ok=True)
+            # LMDB maps its lock file: on a full disk, touching the mapping kills the process
+            # with SIGBUS instead of raising, so refuse before creating anything.
+            st = os.statvfs(p)
+            if st.f_bavail * st.f_frsize < INIT_MIN_FREE:
+                raise DiskFull(f"disk full: cannot create a safe at {p} "
+                               f"({st.f_bavail * st.f_frsize} bytes free, it needs at least 1 MiB)")
             (p / PACKS_DIR).mkdir()
             index = Index(p / INDEX_DIR, create=True)
             (p / LOCK_NAME).touch()
             write_header(p, config)
             _fsync_dir(p)
-        except OSError as e:
+        except (OSError, lmdb.Error, DiskFull) as e:
+            _undo_init(p, created)   # so that the user can simply run init again
+            if isinstance(e, DiskFull):
+                raise
+            if isinstance(e, lmdb.Error):
+                e = OSError(errno.ENOSPC if "space" in str(e).lower() else errno.EIO, str(e))
             raise _disk_error(e, f"creating the safe at {p}") from None
         return cls(p, config, index)
 
