@@ -38,6 +38,8 @@ def register(sub) -> None:
     p.add_argument("--post-hook", metavar="CMD", help="shell command always run after the backup")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="a label stored on the point")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    from pointsafe.ingest.db import add_arguments as add_db_arguments
+    add_db_arguments(p)  # --mysql, --postgres, --sqlite, --allow-inconsistent
     p.set_defaults(func=cmd_backup, task_kind="backup")
 
 

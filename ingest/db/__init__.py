@@ -1,0 +1,136 @@
+"""Database integrations: make a file-level point of a live database one that the database starts from.
+
+A file copy of a running database is usually corrupt: the files are read one after the other
+while the server keeps writing to them. Each integration here coordinates with one kind of
+database for the duration of the backup:
+
+- ``mysql``: MariaDB/MySQL. FLUSH TABLES WITH READ LOCK, then InnoDB brought to rest (dirty
+  pages flushed, log sequence number steady) for as long as the source is read; the binary-log
+  position is recorded.
+- ``postgres``: PostgreSQL's non-exclusive backup mode on one connection held open across the
+  read; backup_label, tablespace_map and the WAL from the start to the stop LSN are grafted in.
+- ``sqlite``: SQLite's online backup API into a temporary file, which replaces the live file in
+  the point (WAL/journal companions replaced by empty files).
+
+The backup engine drives them through the ``Consistency`` protocol, in this order::
+
+    start()        before the source is read; SafeError (one line) if the DB is unreachable,
+                   credentials fail, or the lock / backup mode cannot be taken
+    files_read()   when the source tree has been read; locks are released here
+    extra_files()  (path relative to the SOURCE root, bytes or a filesystem path to read) to add
+                   to or replace in the point's tree
+    info()         recorded on the point under record["consistency"][name]
+    close()        always (also on failure): releases everything, removes temporary files
+
+``from_args(args)`` builds them from ``--mysql DSN``, ``--postgres DSN``, ``--sqlite PATH``
+(each repeatable); ``add_arguments(parser)`` declares those options and ``--allow-inconsistent``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from pointsafe.cas import UsageError
+
+__all__ = ["Consistency", "ConsistencyError", "add_arguments", "from_args", "relative_to_source"]
+
+
+@runtime_checkable
+class Consistency(Protocol):
+    name: str
+
+    def start(self) -> None: ...
+
+    def files_read(self) -> None: ...
+
+    def extra_files(self) -> list[tuple[str, bytes | str]]: ...
+
+    def info(self) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+from .errors import ConsistencyError  # noqa: E402  (after the Protocol, which it does not need)
+
+HELP = {
+    "mysql": """MariaDB/MySQL server whose data directory lies inside SOURCE: take FLUSH TABLES
+        WITH READ LOCK and bring InnoDB to rest while SOURCE is read; record the binary-log
+        position. DSN: mysql://USER[:PASSWORD]@HOST[:PORT]/[?socket=PATH&lock_timeout=SECONDS]
+        or a socket path; the password may also come from $MYSQL_PWD. Repeatable.""",
+    "postgres": """PostgreSQL server whose data directory lies inside SOURCE: run the backup in
+        non-exclusive backup mode and store backup_label, tablespace_map and the WAL needed
+        to start the copy. DSN: a libpq connection string or URI ("host=/run/postgresql
+        user=postgres", "postgresql://..."); $PGPASSWORD and ~/.pgpass work. Repeatable.""",
+    "sqlite": """SQLite database file inside SOURCE: copy it with SQLite's online backup API and
+        store that consistent copy in place of the live file. Repeatable.""",
+    "allow_inconsistent": """when a database named by --mysql/--postgres/--sqlite cannot be
+        reached or locked, back up anyway: the point carries a warning and the command exits 3
+        (without this option such a backup fails and creates no point).""",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Declare --mysql, --postgres, --sqlite (repeatable) and --allow-inconsistent on ``p``."""
+    g = p.add_argument_group("database consistency")
+    g.add_argument("--mysql", metavar="DSN", action="append", default=[], help=HELP["mysql"])
+    g.add_argument("--postgres", metavar="DSN", action="append", default=[], help=HELP["postgres"])
+    g.add_argument("--sqlite", metavar="PATH", action="append", default=[], help=HELP["sqlite"])
+    g.add_argument("--allow-inconsistent", action="store_true", help=HELP["allow_inconsistent"])
+
+
+def _source(args) -> str | None:
+    for attr in ("source", "SOURCE", "src", "path"):
+        v = getattr(args, attr, None)
+        if isinstance(v, (str, os.PathLike)):
+            return os.fspath(v)
+    return None
+
+
+def from_args(args) -> list[Consistency]:
+    """The integrations named on the command line, in the order mysql, postgres, sqlite.
+
+    Nothing is contacted here; ``start()`` does that. Raises UsageError for a malformed DSN.
+    """
+    source = _source(args)
+    out: list[Consistency] = []
+    mysql = list(getattr(args, "mysql", None) or [])
+    postgres = list(getattr(args, "postgres", None) or [])
+    sqlite = list(getattr(args, "sqlite", None) or [])
+    if (mysql or postgres or sqlite) and getattr(args, "volume", False):
+        raise UsageError("--mysql/--postgres/--sqlite apply to directory backups, not --volume")
+    # Names key record["consistency"]: the kind alone, numbered (or, for SQLite, by path) when
+    # a kind is given more than once. A DSN never becomes a name: it may hold a password.
+    if mysql:
+        from .mysql import MySQL
+        out += [MySQL(dsn, source, _name("mysql", i, len(mysql))) for i, dsn in enumerate(mysql)]
+    if postgres:
+        from .postgres import Postgres
+        out += [Postgres(dsn, source, _name("postgres", i, len(postgres))) for i, dsn in enumerate(postgres)]
+    if sqlite:
+        from .sqlite import SQLite
+        out += [SQLite(path, source, "sqlite" if len(sqlite) == 1 else f"sqlite:{path}") for path in sqlite]
+    return out
+
+
+def _name(kind: str, i: int, n: int) -> str:
+    return kind if n == 1 else f"{kind}#{i + 1}"
+
+
+def relative_to_source(path: str | os.PathLike, source: str | None, what: str) -> str:
+    """``path`` relative to the backup's SOURCE root ("" for the root itself).
+
+    Raises ConsistencyError when it lies outside SOURCE: a database whose files are not in the
+    backup cannot be made consistent by it, and saying so beats a point without the database.
+    """
+    p = Path(os.path.realpath(path))
+    if source is None:
+        raise ConsistencyError(f"{what}: no SOURCE to place {p} in")
+    root = Path(os.path.realpath(source))
+    try:
+        rel = p.relative_to(root)
+    except ValueError:
+        raise ConsistencyError(f"{what}: {p} is not inside the backup source {root}") from None
+    return "" if str(rel) == "." else str(rel)
