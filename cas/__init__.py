@@ -4,8 +4,8 @@ Public API re-exported here; nothing in this package imports from the other room
 """
 
 from .blob import BlobBuilder, BlobReader, NodeCache, decode_list, encode_list
-from .errors import (DiskFull, IntegrityError, NotASafe, ObjectMissing, PointNotFound, SafeError,
-                     SafeLocked, UnsupportedVersion, UsageError)
+from .errors import (DiskFull, IntegrityError, NotASafe, ObjectMissing, PointNotFound, QuotaExceeded,
+                     SafeError, SafeLocked, UnsupportedVersion, UsageError)
 from .header import FORMAT_VERSION, SafeConfig, parse_compression
 from .keys import KEY_SIZE, Kind, object_key
 from .nodes import decode_node, encode_node, node_children
@@ -18,7 +18,7 @@ from .verify import verify
 
 __all__ = [
     "BlobBuilder", "BlobReader", "NodeCache", "decode_list", "encode_list",
-    "DiskFull", "IntegrityError", "NotASafe", "ObjectMissing", "PointNotFound", "SafeError",
+    "DiskFull", "IntegrityError", "NotASafe", "ObjectMissing", "PointNotFound", "QuotaExceeded", "SafeError",
     "SafeLocked", "UnsupportedVersion", "UsageError", "FORMAT_VERSION", "SafeConfig",
     "parse_compression", "KEY_SIZE", "Kind", "object_key", "decode_node", "encode_node",
     "node_children", "parse_time", "resolve_point", "Prepared", "prepare", "repair", "Safe", "Writer", "take_lock",

@@ -43,6 +43,11 @@ class DiskFull(SafeError):
     """The safe's filesystem ran out of space; the last batch was not committed."""
 
 
+class QuotaExceeded(SafeError):
+    """The safe's filesystem fell below its hard quota of free space; the writer stopped
+    before writing more (the uncommitted batch is abandoned; gc reclaims what was written)."""
+
+
 class PointNotFound(SafeError):
     """No point matches the user's POINT argument."""
 

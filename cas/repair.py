@@ -22,6 +22,10 @@ from .nodes import node_children, decode_node
 from .pack import decode_record, pack_id_from_name, pack_name, scan_pack
 from .store import INDEX_DIR, PACKS_DIR, release_lock, take_lock
 
+# Tables that the packs do not hold (task history, alerts, per-safe settings): a rebuilt index
+# takes them over from the old one when it can still be read.
+KEPT_TABLES = ("tasks", "tasks_running", "alerts", "alert_latches", "config")
+
 
 @dataclass
 class RepairReport:
@@ -119,6 +123,7 @@ def _repair(safe_dir: Path) -> RepairReport:
             e = ObjectEntry.decode(val)
             if e.refcount == 0 and not e.flags & FLAG_PINNED:
                 txn.put(key, b"", db=idx.db["zero"])
+    _keep_tables(safe_dir / INDEX_DIR, idx)
     idx.env.sync(True)
     idx.close()
     old = safe_dir / INDEX_DIR
@@ -136,3 +141,29 @@ def _read(packs_dir: Path, key: bytes, e: ObjectEntry) -> bytes:
         f.seek(e.offset)
         buf = f.read(e.record_len)
     return decode_record(buf, e.pack, e.offset, rehash=False, expect_key=key)[1]
+
+
+def _keep_tables(old_dir: Path, new: Index) -> None:
+    """Copy KEPT_TABLES from the old index, if it opens; a damaged one is left behind."""
+    import lmdb
+    if not (old_dir / "data.mdb").exists():
+        return
+    try:
+        env = lmdb.open(str(old_dir), readonly=True, max_dbs=64, lock=False, subdir=True)
+    except lmdb.Error:
+        return
+    try:
+        with env.begin() as rt:
+            for name in KEPT_TABLES:
+                try:
+                    db = env.open_db(name.encode(), txn=rt, create=False)
+                except lmdb.Error:
+                    continue
+                dst = new.table(name)
+                with new.write() as wt:
+                    for k, v in rt.cursor(db=db):
+                        wt.put(k, v, db=dst)
+    except lmdb.Error:
+        pass
+    finally:
+        env.close()

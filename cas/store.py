@@ -31,7 +31,8 @@ from typing import Callable, Iterable
 
 import lmdb
 
-from .errors import DiskFull, IntegrityError, NotASafe, ObjectMissing, SafeError, SafeLocked, UsageError
+from .errors import (DiskFull, IntegrityError, NotASafe, ObjectMissing, QuotaExceeded, SafeError, SafeLocked,
+                     UsageError)
 from .header import HEADER_NAME, SafeConfig, parse_compression, read_header, write_header
 from .index import FLAG_DEAD, FLAG_PINNED, Index, ObjectEntry, PackEntry, pack_from_dbkey
 from .keys import Kind, object_key
@@ -44,6 +45,19 @@ INDEX_DIR = "index"
 LOCK_NAME = "lock"
 BATCH_BYTES = 32 * 1024 * 1024
 INIT_MIN_FREE = 1 << 20   # free bytes a new safe needs (LMDB's files, header, first pack)
+SPACE_CHECK_EVERY = 4 * 1024 * 1024  # a writer's space guard runs at most once per this many bytes
+
+# Optional process-wide disk-space guard for writers, installed by the caller (the CLI installs
+# the safe's hard quota for backups; cas never imports the code that sets it). Called as
+# ``guard(safe_dir, bytes_about_to_write)`` before a writer appends, on its first record and
+# then every SPACE_CHECK_EVERY bytes; it raises QuotaExceeded to stop the writer.
+_space_check: Callable[[Path, int], None] | None = None
+
+
+def set_space_check(guard: Callable[[Path, int], None] | None) -> None:
+    """Install (or, with None, remove) the disk-space guard of writers created afterwards."""
+    global _space_check
+    _space_check = guard
 
 
 def utc_now_iso() -> str:
@@ -341,6 +355,8 @@ class Writer:
         self._pack_pos = 0
         self._pack_new = False
         self._closed = False
+        self.space_check = _space_check
+        self._unchecked = SPACE_CHECK_EVERY  # so that the first record is checked
         try:
             self._recover()
         except BaseException:
@@ -421,6 +437,15 @@ class Writer:
         if not checked and self._existing(p.key, children):
             return False
         rec = p.record()
+        if self.space_check is not None:
+            self._unchecked += len(rec)
+            if self._unchecked >= SPACE_CHECK_EVERY:
+                self._unchecked = 0
+                try:
+                    self.space_check(self.safe.path, max(len(rec), SPACE_CHECK_EVERY))
+                except QuotaExceeded:
+                    self._fail()   # nothing more is written or committed: no partial point
+                    raise
         if self._packf is None or self._pack_pos >= self.safe.config.pack_size:
             self._next_pack()
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pointsafe.cas import Safe, repair, verify
+from pointsafe.ops import tasks
 
 from .common import EXIT_ERROR, EXIT_OK, add_common, emit_json, human_bytes, open_safe, progress, safe_path, say
 
@@ -27,13 +28,13 @@ def register(sub) -> None:
                                    "every object against its key. Exit 1 when anything is wrong.")
     add_common(p)
     p.add_argument("--data", action="store_true", help="re-hash every object (reads everything)")
-    p.set_defaults(func=cmd_verify)
+    p.set_defaults(func=cmd_verify, task_kind="verify")
 
     p = sub.add_parser("repair", help="rebuild the index from the packs",
                        description="Rebuild the LMDB index from the pack files alone. Damaged records "
                                    "are reported and left out; forgotten points stay forgotten.")
     add_common(p)
-    p.set_defaults(func=cmd_repair)
+    p.set_defaults(func=cmd_repair, task_kind="repair")
 
 
 def _size(text: str) -> int:
@@ -66,6 +67,12 @@ def cmd_verify(args) -> int:
         total = sum(pe.committed_len for pe in safe.pack_entries().values())
         with progress(args, total, "verifying") as advance:
             rep = verify(safe, data=args.data, progress=advance)
+    tasks.report(packs=rep.packs, objects=rep.objects, points=rep.points, bytes_checked=rep.bytes_checked,
+                 data=args.data, errors=len(rep.errors))
+    for e in rep.errors:
+        tasks.add_warning(e.get("pack"), e["message"])
+    if not rep.ok:
+        tasks.report(error=f"{len(rep.errors)} problem(s) found; first: {rep.errors[0]['message']}")
     if args.json:
         emit_json(rep.as_dict())
     else:
@@ -81,6 +88,13 @@ def cmd_verify(args) -> int:
 
 def cmd_repair(args) -> int:
     rep = repair(safe_path(args))
+    tasks.report(packs=rep.packs, objects=rep.objects, points=rep.points, damaged=len(rep.damaged),
+                 missing_children=rep.missing_children)
+    for d in rep.damaged:
+        tasks.add_warning(d.get("pack"), d["message"])
+    if rep.damaged or rep.missing_children:
+        tasks.report(error=f"{len(rep.damaged)} damaged record(s) left out, "
+                           f"{rep.missing_children} reference(s) to missing objects")
     if args.json:
         emit_json(rep.as_dict())
     else:

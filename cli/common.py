@@ -20,6 +20,9 @@ def add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
     d = {} if top else {"default": argparse.SUPPRESS}
     p.add_argument("--safe", metavar="PATH", help="the safe (default: $POINTSAFE_SAFE)", **d)
     p.add_argument("--json", action="store_true", help="print a machine-readable result on stdout", **d)
+    p.add_argument("--log-file", metavar="PATH", help="append what happens, as JSON lines, to PATH", **d)
+    p.add_argument("--syslog", action="store_true", help="also log to the system logger (/dev/log)", **d)
+    p.add_argument("--syslog-socket", metavar="PATH", help="log to the syslog socket PATH (implies --syslog)", **d)
 
 
 def safe_path(args) -> Path:

@@ -14,12 +14,14 @@ import os
 import sys
 
 from pointsafe.cas import SafeError
+from pointsafe.ops.recorder import run_recorded
 
 from .common import EXIT_ERROR, add_common
 
 # Command modules, in the order their commands appear in --help.
 COMMAND_MODULES = [
     "cmd_safe",      # init, verify, repair
+    "cmd_ops",       # tasks, status, alerts, report, config
 ]
 
 DESCRIPTION = """\
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        code = args.func(args)
+        code = run_recorded(args, argv)   # the command, recorded as a task when it declares task_kind
         sys.stdout.flush()
         return code or 0
     except SafeError as e:

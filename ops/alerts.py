@@ -1,0 +1,150 @@
+"""Alerts: problems that stay visible until a person acknowledges them.
+
+An alert record (JSON, table ``alerts``): ``id``, ``kind`` (task, verify, stale, quota),
+``severity`` (warning or critical), ``message`` (one line a person understands), ``raised``
+(ISO UTC), ``key`` (the condition it is about, or null), ``task`` (a task id, or null),
+``source`` (a point name, or null), ``acked`` (ISO UTC or null).
+
+Conditions that persist (a stale source, a full disk) are *latched*: once alerted, they are not
+raised again until they have been seen clear, so an acknowledged condition stays quiet while it
+lasts and comes back if it recurs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .clock import human_duration, iso, now, parse_iso, real_now
+from .config import effective, interval_for, load
+from .db import ensure_tables, get_json, id_key, key_id, next_id, put_json
+from . import quota
+
+SEVERITIES = ("warning", "critical")
+
+
+def raise_alert(index, kind: str, severity: str, message: str, *, key: str | None = None,
+                task: int | None = None, source: str | None = None) -> dict | None:
+    """Record an alert; with a ``key``, only when that condition is not alerted on already."""
+    dbs = ensure_tables(index)
+    with index.write() as t:
+        if key is not None and t.get(key.encode(), db=dbs["alert_latches"]) is not None:
+            return None
+        rec = {"id": next_id(t, dbs["alerts"]), "kind": kind, "severity": severity, "message": message,
+               "raised": iso(real_now()), "key": key, "task": task, "source": source, "acked": None}
+        put_json(t, dbs["alerts"], id_key(rec["id"]), rec)
+        if key is not None:
+            t.put(key.encode(), id_key(rec["id"]), db=dbs["alert_latches"])
+    return rec
+
+
+def clear(index, key: str) -> None:
+    """The condition ``key`` is no longer true: a recurrence will raise a new alert."""
+    dbs = ensure_tables(index)
+    with index.read() as t:
+        if t.get(key.encode(), db=dbs["alert_latches"]) is None:
+            return
+    with index.write() as t:
+        t.delete(key.encode(), db=dbs["alert_latches"])
+
+
+def list_alerts(index, include_acked: bool = False) -> list[dict]:
+    dbs = ensure_tables(index)
+    with index.read() as t:
+        out = [json.loads(v) for _, v in t.cursor(db=dbs["alerts"])]
+    return out if include_acked else [a for a in out if not a["acked"]]
+
+
+def get(index, alert_id: int) -> dict | None:
+    dbs = ensure_tables(index)
+    with index.read() as t:
+        return get_json(t, dbs["alerts"], id_key(alert_id))
+
+
+def ack(index, ids: list[int] | None) -> list[dict]:
+    """Acknowledge the alerts ``ids`` (None: every open one); returns those newly acknowledged."""
+    dbs = ensure_tables(index)
+    done = []
+    stamp = iso(real_now())
+    with index.write() as t:
+        if ids is None:
+            ids = [key_id(k) for k, v in t.cursor(db=dbs["alerts"]) if not json.loads(v)["acked"]]
+        for i in ids:
+            rec = get_json(t, dbs["alerts"], id_key(i))
+            if rec is None or rec["acked"]:
+                continue
+            rec["acked"] = stamp
+            put_json(t, dbs["alerts"], id_key(i), rec)
+            done.append(rec)
+    return done
+
+
+# -- conditions ------------------------------------------------------------------------------
+
+def sweep_abandoned(index) -> list[dict]:
+    """Mark abandoned the tasks whose process died and raise an alert for each."""
+    from .tasks import sweep_abandoned as sweep
+    out = sweep(index)
+    for t in out:
+        msg = f"{t['kind']} task {t['id']} (started {t['started']}) was abandoned: {t['error']}"
+        raise_alert(index, "task", "critical", msg, task=t["id"], source=t["fields"].get("name"))
+    return out
+
+
+def source_points(index) -> dict[str, dict]:
+    """The newest point of each source (by point name), read straight from the index."""
+    newest: dict[str, dict] = {}
+    with index.read() as t:
+        for _, v in t.cursor(db=index.db["points"]):
+            p = json.loads(v)
+            name = p.get("name") or p.get("source") or "?"
+            cur = newest.get(name)
+            if cur is None or (p.get("finished") or p.get("started") or "") > (cur.get("finished") or cur.get("started") or ""):
+                newest[name] = p
+    return newest
+
+
+def stale_sources(index, settings: dict[str, str]) -> list[dict]:
+    """Sources whose newest point is older than their expected interval (at clock.now())."""
+    out = []
+    t_now = now()
+    for name, p in sorted(source_points(index).items()):
+        limit = interval_for(settings, name)
+        when = p.get("finished") or p.get("started")
+        if limit is None or not when:
+            continue
+        age = (t_now - parse_iso(when)).total_seconds()
+        if age > limit:
+            out.append({"name": name, "point": p["id"], "finished": when, "age": age, "interval": limit})
+    return out
+
+
+def evaluate(index, safe_dir: str | Path) -> list[dict]:
+    """Check the standing conditions (stale sources, quotas); returns the alerts newly raised."""
+    settings = effective(load(index))
+    raised = []
+    stale = {s["name"]: s for s in stale_sources(index, settings)}
+    for name in source_points(index):
+        key = f"stale:{name}"
+        s = stale.get(name)
+        if s is None:
+            clear(index, key)
+            continue
+        a = raise_alert(index, "stale", "critical",
+                        f"source {name!r} has no new point for {human_duration(s['age'])} (expected every "
+                        f"{human_duration(s['interval'])}); its newest point {s['point'][:12]} finished {s['finished']}",
+                        key=key, source=name)
+        if a:
+            raised.append(a)
+    sp = quota.space(safe_dir)
+    st = quota.state(sp, settings)
+    for which, severity in (("soft", "warning"), ("hard", "critical")):
+        key = f"quota:{which}"
+        breached = st == "hard" or (st == "soft" and which == "soft")
+        if not breached:
+            clear(index, key)
+            continue
+        a = raise_alert(index, "quota", severity, quota.describe(sp, settings, which), key=key)
+        if a:
+            raised.append(a)
+    return raised

@@ -1,0 +1,224 @@
+"""Run one CLI command as a recorded task.
+
+For every command, before it runs: set up logging, and mark abandoned the tasks of processes
+that died (this is "the next time the safe is opened"). For a command whose parser declares
+``task_kind`` (``p.set_defaults(task_kind="backup")``): record a running task, run the
+command, then end the task as ok, warning or error from its exit code or exception, raise the
+alerts it calls for, and check the standing conditions (stale sources, quotas). Backups are
+refused below the hard quota and stopped by the writers' space check when they reach it.
+
+Recording never turns a successful command into a failure: if the safe's index cannot be
+written (a full disk, a damaged index), the command runs anyway and a note says the task was
+not recorded. The index is opened only around the command, never during it (LMDB forbids a
+process to open one environment twice).
+"""
+
+from __future__ import annotations
+
+import gc as _pygc
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pointsafe.cas import SafeError
+from pointsafe.cas.store import INDEX_DIR, set_space_check
+
+from . import alerts, config, logs, quota, tasks
+from .db import opened
+
+ARG_FIELDS = ("source", "name", "point", "target", "path")
+
+
+def safe_dir_of(args) -> Path | None:
+    """The safe the command works on, if it is there (a header and an index)."""
+    p = getattr(args, "safe", None) or os.environ.get("POINTSAFE_SAFE")
+    if not p:
+        return None
+    p = Path(p)
+    return p if (p / "header").is_file() and (p / INDEX_DIR / "data.mdb").is_file() else None
+
+
+class _Recorder:
+    def __init__(self, args, argv: list[str]):
+        self.args = args
+        self.argv = argv
+        self.kind: str | None = getattr(args, "task_kind", None)
+        self.safe_dir = safe_dir_of(args)
+        self.task: dict | None = None
+        self.settings: dict[str, str] | None = None
+        self.noted = False
+
+    def note(self, what: str, e: BaseException) -> None:
+        """Say once that recording failed; the command goes on."""
+        logs.event(logging.WARNING, f"could not {what}: {e}")
+        if not self.noted:
+            self.noted = True
+            print(f"pointsafe: note: could not {what} in the safe ({e}); the command is not affected",
+                  file=sys.stderr)
+
+    # -- before ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.safe_dir is None:
+            return
+        try:
+            with opened(self.safe_dir) as idx:
+                for t in alerts.sweep_abandoned(idx):
+                    logs.event(logging.ERROR, f"{t['kind']} task {t['id']} (started {t['started']}) was "
+                               f"abandoned: {t['error']}", task=t["id"], kind=t["kind"], state="abandoned")
+                if self.kind:
+                    self.settings = config.effective(config.load(idx))
+                    self.task = tasks.create(idx, self.kind, self.argv, self._arg_fields())
+        except Exception as e:
+            self.note("record the task" if self.kind else "check the task history", e)
+            return
+        if self.task:
+            logs.event(logging.INFO, f"{self.kind} task {self.task['id']} started: pointsafe {' '.join(self.argv)}",
+                       task=self.task["id"], kind=self.kind, state="running", argv=self.argv)
+
+    def _arg_fields(self) -> dict:
+        out = {}
+        for a in ARG_FIELDS:
+            v = getattr(self.args, a, None)
+            if isinstance(v, (str, Path)) and str(v):
+                out[a] = str(v)
+        return out
+
+    def guard_space(self) -> None:
+        """Backups: refuse below the hard quota, warn below the soft one, stop at the hard one."""
+        if self.kind != "backup" or self.safe_dir is None:
+            return
+        settings = self.settings or config.effective({})
+        quota.preflight(self.safe_dir, settings)
+        sp = quota.space(self.safe_dir)
+        if quota.state(sp, settings) == "soft":
+            msg = quota.describe(sp, settings, "soft")
+            print(f"pointsafe: warning: {msg}", file=sys.stderr)
+            logs.event(logging.WARNING, msg, kind="quota")
+        set_space_check(quota.guard(settings))
+
+    # -- after ----------------------------------------------------------------------------------
+
+    def finish(self, code: int | None, exc: BaseException | None, active: tasks.ActiveTask) -> None:
+        state, error = self._outcome(code, exc, active)
+        fields = dict(active.fields)
+        fields.pop("error", None)
+        if self.task is None:
+            return
+        rec = None
+        for attempt in range(2):
+            try:
+                with opened(self.safe_dir) as idx:
+                    if self.kind == "backup" and state in ("ok", "warning") and "point" not in fields:
+                        p = self._new_point(idx)
+                        if p:
+                            fields.setdefault("point", p["id"])
+                            fields.setdefault("name", p.get("name"))
+                    rec = tasks.finish(idx, self.task["id"], state, error=error, fields=fields,
+                                       warnings=active.warnings, warning_count=active.warning_count,
+                                       exit_code=code)
+                    if rec is not None:
+                        self._task_alerts(idx, rec)
+                    alerts.evaluate(idx, self.safe_dir)
+                break
+            except Exception as e:
+                if attempt == 0 and "already open" in str(e):
+                    _pygc.collect()   # a command left its safe open: let it be closed, then retry
+                    continue
+                self.note("record the end of the task", e)
+                break
+        level = {"ok": logging.INFO, "warning": logging.WARNING}.get(state, logging.ERROR)
+        summary = f"{self.kind} task {self.task['id']} ended {state}"
+        if error:
+            summary += f": {error}"
+        elif active.warning_count:
+            summary += f" with {active.warning_count} warning(s); first: {_warning_line(active.warnings[0])}"
+        if fields.get("point"):
+            summary += f" (point {str(fields['point'])[:12]})"
+        logs.event(level, summary, task=self.task["id"], kind=self.kind, state=state, error=error,
+                   warnings=active.warning_count, **{k: v for k, v in fields.items() if _plain(v)})
+
+    def _outcome(self, code, exc, active) -> tuple[str, str | None]:
+        reported = active.fields.get("error")
+        if exc is not None:
+            if isinstance(exc, KeyboardInterrupt):
+                return "error", "interrupted (Ctrl-C or SIGINT)"
+            if isinstance(exc, SafeError):
+                return "error", str(exc)
+            if isinstance(exc, OSError):
+                where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+                return "error", f"{where}{exc.strerror or exc}"
+            if isinstance(exc, SystemExit):
+                code = exc.code if isinstance(exc.code, int) else 1
+            else:
+                return "error", f"internal error: {type(exc).__name__}: {exc}"
+        code = code or 0
+        if code == 0:
+            return ("warning" if active.warning_count else "ok"), None
+        if code == 3:
+            return "warning", None
+        return "error", reported or f"the command exited with code {code}"
+
+    def _new_point(self, idx) -> dict | None:
+        started = self.task["started"]
+        best = None
+        with idx.read() as t:
+            for _, v in t.cursor(db=idx.db["points"]):
+                p = json.loads(v)
+                if (p.get("finished") or "") >= started and (best is None or p["finished"] > best["finished"]):
+                    best = p
+        return best
+
+    def _task_alerts(self, idx, rec: dict) -> None:
+        state, kind, tid = rec["state"], rec["kind"], rec["id"]
+        src = rec["fields"].get("name") or rec["fields"].get("source")
+        if state == "warning":
+            first = f"; first: {_warning_line(rec['warnings'][0])}" if rec["warnings"] else ""
+            n = rec["warning_count"]
+            msg = (f"{kind} task {tid} finished with {n} warning{'s' if n != 1 else ''}{first}" if n else
+                   f"{kind} task {tid} finished with warnings")
+            alerts.raise_alert(idx, "task", "warning", msg, task=tid, source=src)
+        elif state == "error":
+            if kind == "verify":
+                alerts.raise_alert(idx, "verify", "critical", f"verify (task {tid}) failed: {rec['error']}", task=tid)
+            else:
+                alerts.raise_alert(idx, "task", "critical", f"{kind} task {tid} failed: {rec['error']}",
+                                   task=tid, source=src)
+
+
+def _warning_line(w: dict) -> str:
+    return f"{w['path']}: {w['message']}" if w.get("path") else w["message"]
+
+
+def _plain(v: Any) -> bool:
+    return isinstance(v, (str, int, float, bool)) or v is None
+
+
+def run_recorded(args, argv: list[str] | None = None) -> int:
+    """Run ``args.func(args)`` as described in the module docstring; returns its exit code.
+
+    Exceptions of the command propagate (after being recorded) so that the CLI prints them.
+    """
+    logs.setup(getattr(args, "log_file", None), getattr(args, "syslog", False),
+               getattr(args, "syslog_socket", None))
+    rec = _Recorder(args, list(sys.argv[1:] if argv is None else argv))
+    rec.start()
+    if rec.kind is None:
+        return args.func(args)
+    active = tasks.activate(rec.kind)
+    code = None
+    try:
+        rec.guard_space()
+        code = args.func(args)
+    except BaseException as e:
+        rec.finish(None, e, active)
+        raise
+    else:
+        rec.finish(code, None, active)
+    finally:
+        set_space_check(None)
+        tasks.deactivate()
+    return code
