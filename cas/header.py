@@ -114,6 +114,8 @@ def read_header(safe_dir: Path) -> SafeConfig:
         raise NotASafe(f"{safe_dir}: not a pointsafe safe{_foreign_hint(safe_dir)}") from None
     except OSError as e:
         raise NotASafe(f"{safe_dir}: cannot read the safe header: {e.strerror}") from None
+    if len(data) < _FIXED.size and MAGIC.startswith(data[:8]):
+        raise NotASafe(f"{safe_dir}: the safe header is truncated ({len(data)} bytes)")
     if len(data) < _FIXED.size or data[:8] != MAGIC:
         raise NotASafe(f"{safe_dir}: not a pointsafe safe (bad magic in {HEADER_NAME})")
     _, version, n = _FIXED.unpack_from(data)
