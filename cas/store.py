@@ -424,40 +424,45 @@ class Writer:
         e = self.lookup(key)
         if e is None:
             return False
-        if e.flags & FLAG_DEAD and key not in self.revived:
-            # A dead object comes back to life: its children are counted again.
-            kids = list(children)
-            self.revived[key] = kids
-            for c in kids:
-                self.deltas[c] = self.deltas.get(c, 0) + 1
+        # A dead object is reused as it is: it comes back to life (and its children are
+        # counted again) when a reference to it commits, see _commit.
         return True
 
-    def put_prepared(self, p: Prepared, children: Iterable[bytes] = (), checked: bool = False) -> bool:
-        """Append a prepared object unless it is already stored; True when it was new."""
+    def put_prepared(self, p: Prepared, children: Iterable[bytes] = (), checked: bool = False,
+                     record: bytes | None = None) -> bool:
+        """Append a prepared object unless it is already stored; True when it was new.
+
+        ``record`` is ``p.record()`` when the caller already built it (in a worker thread,
+        see cas/parallel.py), so that this thread does not checksum the bytes again.
+        """
         if not checked and self._existing(p.key, children):
             return False
-        rec = p.record()
+        rec_len = p.record_len
         if self.space_check is not None:
-            self._unchecked += len(rec)
+            self._unchecked += rec_len
             if self._unchecked >= SPACE_CHECK_EVERY:
                 self._unchecked = 0
                 try:
-                    self.space_check(self.safe.path, max(len(rec), SPACE_CHECK_EVERY))
+                    self.space_check(self.safe.path, max(rec_len, SPACE_CHECK_EVERY))
                 except QuotaExceeded:
                     self._fail()   # nothing more is written or committed: no partial point
                     raise
         if self._packf is None or self._pack_pos >= self.safe.config.pack_size:
             self._next_pack()
         try:
-            self._packf.write(rec)
+            if record is not None:
+                self._packf.write(record)
+            else:  # header (built by prepare) and body: no concatenation copy
+                self._packf.write(p.header)
+                self._packf.write(p.stored)
         except OSError as e:
             self._fail()
             raise _disk_error(e, f"writing pack {pack_name(self._pack_id)}") from None
         self.pending[p.key] = ObjectEntry(self._pack_id, self._pack_pos, len(p.stored), p.raw_len,
                                           p.kind, p.codec, FLAG_PINNED if p.kind == Kind.TOMBSTONE else 0, 0)
-        self._pack_pos += len(rec)
-        self.pending_bytes += len(rec)
-        self.bytes_written += len(rec)
+        self._pack_pos += rec_len
+        self.pending_bytes += rec_len
+        self.bytes_written += rec_len
         self.objects_written += 1
         for c in children:
             self.deltas[c] = self.deltas.get(c, 0) + 1
@@ -560,22 +565,41 @@ class Writer:
             e.refcount = deltas.pop(key, 0)
             idx.put_object(txn, key, e)
         touched_packs: dict[int, PackEntry] = {}
+        revive: list[bytes] = []
         for key, d in deltas.items():
             e = idx.get_object(txn, key)
             if e is None:
                 raise SafeError(f"internal error: reference to unknown object {key.hex()[:12]}")
             e.refcount += d
-            if key in self.revived and e.flags & FLAG_DEAD:
-                e.flags &= ~FLAG_DEAD
-                pe = touched_packs.get(e.pack) or idx.get_pack(txn, e.pack)
-                pe.live_bytes += e.record_len
-                pe.dead_bytes -= e.record_len
-                touched_packs[e.pack] = pe
+            if e.flags & FLAG_DEAD and e.refcount > 0:
+                revive.extend(self._revive(key, e, touched_packs, txn))
+            idx.put_object(txn, key, e)
+        while revive:
+            # Children of a dead object that came back to life: counted again, cascading.
+            key = revive.pop()
+            e = idx.get_object(txn, key)
+            if e is None:
+                raise SafeError(f"object {key.hex()[:12]} was collected while a dead parent was "
+                                "reused; run 'pointsafe gc' to finish collecting, then retry")
+            e.refcount += 1
+            if e.flags & FLAG_DEAD:
+                revive.extend(self._revive(key, e, touched_packs, txn))
             idx.put_object(txn, key, e)
         for pid, pe in touched_packs.items():
             idx.put_pack(txn, pid, pe)
         for key, rec in self.pending_points:
             txn.put(key, json.dumps(rec, sort_keys=True).encode(), db=idx.db["points"])
+
+    def _revive(self, key: bytes, e: ObjectEntry, packs: dict[int, PackEntry], txn) -> list[bytes]:
+        """Clear FLAG_DEAD on ``e`` (its count rose above 0); return its children to count."""
+        e.flags &= ~FLAG_DEAD
+        pe = packs.get(e.pack) or self.index.get_pack(txn, e.pack)
+        pe.live_bytes += e.record_len
+        pe.dead_bytes -= e.record_len
+        packs[e.pack] = pe
+        if e.kind == Kind.CHUNK:
+            return []
+        return node_children(self.safe.read_entry(key, e))
 
     # -- releasing ----------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .audit import audit
 from .errors import IntegrityError
 from .index import FLAG_DEAD, pack_from_dbkey, PackEntry
 from .keys import Kind
@@ -25,6 +26,7 @@ class VerifyReport:
     points: int = 0
     errors: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    refcounts: dict | None = None   # the refcount audit's summary (cas/audit.py)
 
     @property
     def ok(self) -> bool:
@@ -41,7 +43,8 @@ class VerifyReport:
 
     def as_dict(self) -> dict:
         return {"ok": self.ok, "packs": self.packs, "objects": self.objects, "points": self.points,
-                "bytes_checked": self.bytes_checked, "errors": self.errors, "notes": self.notes}
+                "bytes_checked": self.bytes_checked, "errors": self.errors, "notes": self.notes,
+                "refcounts": self.refcounts}
 
 
 def verify(safe: Safe, data: bool = False, progress: Callable[[int], None] | None = None,
@@ -51,7 +54,9 @@ def verify(safe: Safe, data: bool = False, progress: Callable[[int], None] | Non
     concurrent gc cannot delete packs mid-check."""
     lockf = take_lock(safe.path, "verify") if lock else None
     try:
-        return _verify(safe, data, progress)
+        rep = _verify(safe, data, progress)
+        _audit_into(safe, rep)
+        return rep
     finally:
         if lockf is not None:
             release_lock(lockf)
@@ -118,3 +123,16 @@ def _verify(safe: Safe, data: bool, progress) -> VerifyReport:
             if e is None or e.kind != Kind.POINT or e.flags & FLAG_DEAD:
                 r.error(f"point {k.hex()[:12]}: its record object is missing from the index")
     return r
+
+
+def _audit_into(safe: Safe, r: VerifyReport) -> None:
+    """Add the reference-count audit (recomputed from the points) to the report."""
+    a = audit(safe)
+    r.refcounts = a.as_dict()
+    for m in a.errors:
+        r.error(f"refcount audit: {m}")
+    if a.mismatches > len(a.errors):
+        r.error(f"refcount audit: {a.mismatches - len(a.errors)} more problems not listed")
+    if a.orphans:
+        r.notes.append(f"{a.orphans} objects at count 0 left by an interrupted backup "
+                       "('pointsafe gc' reclaims them)")

@@ -22,6 +22,7 @@ from .common import EXIT_ERROR, add_common
 COMMAND_MODULES = [
     "cmd_safe",      # init, verify, repair
     "cmd_ops",       # tasks, status, alerts, report, config
+    "cmd_gc",        # forget, gc, defrag
 ]
 
 DESCRIPTION = """\

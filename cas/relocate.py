@@ -1,0 +1,369 @@
+"""Primitives for gc and defrag: bury orphans, drop dead objects from the index, move live
+records into new packs, delete packs that hold nothing the index names.
+
+Ordering rules (docs/FORMAT.md, "Collection and relocation"):
+
+- a relocated record is copied byte for byte (checked against its checksum first) into a new
+  pack, and that pack is fsynced *before* the LMDB transaction that repoints the object commits;
+- a pack file is unlinked only *after* the commit that stops the index naming it. A reader that
+  looked an object up earlier either still holds the old file open (an unlinked file stays
+  readable) or fails to open it and looks the object up again (``Safe.get``);
+- pack ids come from ``meta.next_pack`` and are never reused;
+- every function here needs the writer lock: pass the ``Writer`` that holds it.
+
+A crash at any instant leaves either the old index (the new pack is not referenced and the
+next writer removes it) or the new one (the old pack is unreferenced and the next writer
+removes its file); a rerun finishes the job.
+
+Memory is bounded: the ``zero`` table is walked in batches, and a relocation batch holds at
+most ``BATCH_OBJECTS`` moves before it commits.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import blake3
+
+from .errors import IntegrityError
+from .index import FLAG_DEAD, FLAG_PINNED, ObjectEntry, PackEntry, pack_from_dbkey
+from .pack import (PACK_HEADER, REC_HEADER_SIZE, RecordHeader, check_pack_header, pack_name,
+                   parse_record_header, write_pack_header)
+from .store import Writer, _fsync_dir
+
+ZERO_BATCH = 16384
+BATCH_OBJECTS = 32768
+BATCH_BYTES = 32 * 1024 * 1024
+LAYOUT_GEN = "layout_gen"   # meta counter bumped whenever objects move (fragmentation caches)
+
+
+# -- dead objects --------------------------------------------------------------------------
+
+def _zero_batches(idx) -> Iterator[list[bytes]]:
+    """The keys of the ``zero`` table in batches, each read in its own short transaction."""
+    after: bytes | None = None
+    while True:
+        keys: list[bytes] = []
+        with idx.read() as txn:
+            cur = txn.cursor(db=idx.db["zero"])
+            ok = cur.set_range(after) if after is not None else cur.first()
+            while ok and len(keys) < ZERO_BATCH:
+                k = cur.key()
+                if k != after:
+                    keys.append(k)
+                ok = cur.next()
+        if not keys:
+            return
+        yield keys
+        after = keys[-1]
+
+
+def bury_orphans(w: Writer) -> int:
+    """Mark dead every unpinned object left at count 0 and not dead yet (a crashed backup's
+    orphans), cascading to their children. Bounded-memory form of ``Writer.bury_orphans``.
+    Correct only under the writer lock (no backup can be linking these objects)."""
+    idx = w.index
+    died = 0
+    for keys in _zero_batches(idx):
+        with idx.write() as txn:
+            packs: dict[int, PackEntry] = {}
+            stack: list[bytes] = []
+            for key in keys:
+                e = idx.get_object(txn, key)
+                if e is None or e.flags & (FLAG_DEAD | FLAG_PINNED) or e.refcount:
+                    continue
+                died += 1
+                stack.extend(w._kill(txn, key, e, packs))
+                idx.put_object(txn, key, e)
+            for pid, pe in packs.items():
+                idx.put_pack(txn, pid, pe)
+            if stack:
+                died += w.release(txn, stack)
+    return died
+
+
+@dataclass
+class DropStats:
+    objects: int = 0          # dead objects removed from the index
+    bytes: int = 0            # their record bytes
+    packs_deleted: list[int] = field(default_factory=list)
+    bytes_reclaimed: int = 0  # file bytes of the packs deleted
+
+
+def count_dead(safe) -> tuple[int, int, int]:
+    """(dead objects, their record bytes, orphans) in the ``zero`` table; reads only."""
+    idx = safe.index
+    n = b = orphans = 0
+    for keys in _zero_batches(idx):
+        with idx.read() as txn:
+            for key in keys:
+                e = idx.get_object(txn, key)
+                if e is None or e.refcount:
+                    continue
+                if e.flags & FLAG_DEAD:
+                    n += 1
+                    b += e.record_len
+                elif not e.flags & FLAG_PINNED:
+                    orphans += 1
+    return n, b, orphans
+
+
+def drop_dead(w: Writer) -> DropStats:
+    """Remove every dead object (count 0, FLAG_DEAD) from the index; delete the packs left
+    naming no object. An object with a non-zero count is never removed, whatever its flags."""
+    idx = w.index
+    st = DropStats()
+    for keys in _zero_batches(idx):
+        doomed: list[tuple[int, int]] = []
+        with idx.write() as txn:
+            packs: dict[int, PackEntry] = {}
+            for key in keys:
+                e = idx.get_object(txn, key)
+                if e is None:
+                    txn.delete(key, db=idx.db["zero"])
+                    continue
+                if not e.flags & FLAG_DEAD or e.refcount or e.flags & FLAG_PINNED:
+                    continue
+                txn.delete(key, db=idx.db["objects"])
+                txn.delete(key, db=idx.db["zero"])
+                pe = packs.get(e.pack) or idx.get_pack(txn, e.pack)
+                if pe is not None:
+                    pe.objects -= 1
+                    packs[e.pack] = pe
+                st.objects += 1
+                st.bytes += e.record_len
+            for pid, pe in packs.items():
+                if pe.objects <= 0:
+                    txn.delete(_dbkey(pid), db=idx.db["packs"])
+                    doomed.append((pid, pe.committed_len))
+                else:
+                    idx.put_pack(txn, pid, pe)
+        _unlink_packs(w, doomed, st)
+    return st
+
+
+def drop_empty_packs(w: Writer) -> DropStats:
+    """Delete packs the index names but that hold no indexed object (one pass over ``packs``)."""
+    idx = w.index
+    st = DropStats()
+    doomed: list[tuple[int, int]] = []
+    with idx.write() as txn:
+        for k, v in list(txn.cursor(db=idx.db["packs"])):
+            pe = PackEntry.decode(v)
+            if pe.objects <= 0:
+                txn.delete(k, db=idx.db["packs"])
+                doomed.append((pack_from_dbkey(k), pe.committed_len))
+    _unlink_packs(w, doomed, st)
+    return st
+
+
+def _dbkey(pid: int) -> bytes:
+    from .index import pack_dbkey
+    return pack_dbkey(pid)
+
+
+def _unlink_packs(w: Writer, doomed: list[tuple[int, int]], st: DropStats) -> None:
+    """After the commit: remove the files (a crash here leaves files the next writer removes)."""
+    for pid, length in doomed:
+        try:
+            size = w.safe.pack_path(pid).stat().st_size
+        except FileNotFoundError:
+            size = length
+        w.safe.pack_path(pid).unlink(missing_ok=True)
+        w.safe._files.forget(pid)
+        st.packs_deleted.append(pid)
+        st.bytes_reclaimed += size
+    if doomed:
+        _fsync_dir(w.safe.packs_dir)
+
+
+# -- relocation ----------------------------------------------------------------------------
+
+def check_record(buf: bytes | memoryview, pack: int, offset: int, key: bytes) -> RecordHeader:
+    """Check a record's framing and stored-bytes checksum without decompressing it."""
+    h = parse_record_header(buf, pack, offset)
+    where = f"pack {pack_name(pack)} offset {offset}"
+    if h.key != key:
+        raise IntegrityError(f"{where}: record holds object {h.key.hex()[:12]}, index expected {key.hex()[:12]}", pack, offset)
+    stored = memoryview(buf)[REC_HEADER_SIZE:REC_HEADER_SIZE + h.stored_len]
+    if len(stored) != h.stored_len:
+        raise IntegrityError(f"{where}: record truncated", pack, offset)
+    if blake3.blake3(stored).digest()[:12] != h.check:
+        raise IntegrityError(f"{where}: object {key.hex()[:12]} is damaged (checksum mismatch)", pack, offset)
+    return h
+
+
+def live_records(w: Writer, pack_id: int) -> Iterator[tuple[bytes, ObjectEntry, bytes]]:
+    """(key, entry, record bytes) of every record of ``pack_id`` that the index still names
+    at that offset, in pack order. Reads the pack sequentially once."""
+    safe = w.safe
+    idx = w.index
+    pe = safe.pack_entries().get(pack_id)
+    if pe is None:
+        return
+    with open(safe.pack_path(pack_id), "rb", buffering=1 << 20) as f:
+        check_pack_header(f.read(PACK_HEADER.size), pack_id)
+        off = PACK_HEADER.size
+        end = pe.committed_len
+        while off < end:
+            hb = f.read(REC_HEADER_SIZE)
+            h = parse_record_header(hb, pack_id, off)
+            total = h.total
+            with idx.read() as txn:
+                e = idx.get_object(txn, h.key)
+            if e is not None and e.pack == pack_id and e.offset == off:
+                body = f.read(h.stored_len)
+                rec = hb + body
+                check_record(rec, pack_id, off, h.key)
+                yield h.key, e, rec
+            else:
+                f.seek(off + total)
+            off += total
+
+
+class Relocator:
+    """Moves records into new packs, committing in batches (pack fsync, then one txn).
+
+    ``move(key, entry, record)`` appends a record; ``release_pack(pid)`` says every live
+    record of old pack ``pid`` has been handed over, so the pack is deleted by the commit that
+    leaves it naming no object. ``close()`` commits what is pending.
+    """
+
+    def __init__(self, w: Writer, seal_last: bool = False):
+        self.w = w
+        self.safe = w.safe
+        self.idx = w.index
+        self.seal_last = seal_last
+        self.pack_id: int | None = None
+        self.f = None
+        self.pos = 0
+        self.new_pack = False
+        self.moves: list[tuple[bytes, int, int, int, int]] = []   # key, old pack, old off, new off, len
+        self.pending_keys: set[bytes] = set()
+        self.batch_bytes = 0
+        self.releasing: set[int] = set()
+        with self.idx.read() as t:
+            self.start_pack = self.idx.get_meta_int(t, "next_pack", 1)
+        self.objects_moved = 0
+        self.bytes_moved = 0
+        self.packs_written: list[int] = []
+        self.dropped = DropStats()
+
+    def is_new(self, pack_id: int) -> bool:
+        """True when ``pack_id`` was written by this relocator."""
+        return pack_id >= self.start_pack
+
+    def move(self, key: bytes, e: ObjectEntry, record: bytes) -> None:
+        if key in self.pending_keys:
+            return
+        if self.f is None or self.pos >= self.safe.config.pack_size:
+            self._next_pack()
+        self.f.write(record)
+        self.moves.append((key, e.pack, e.offset, self.pos, len(record)))
+        self.pending_keys.add(key)
+        self.pos += len(record)
+        self.batch_bytes += len(record)
+        self.objects_moved += 1
+        self.bytes_moved += len(record)
+        if len(self.moves) >= BATCH_OBJECTS or self.batch_bytes >= BATCH_BYTES:
+            self.commit()
+
+    def move_entry(self, key: bytes, e: ObjectEntry) -> None:
+        """Move one object, reading its record from where the index says it is."""
+        rec = self.safe._files.pread(e.pack, e.record_len, e.offset)
+        check_record(rec, e.pack, e.offset, key)
+        self.move(key, e, rec)
+
+    def release_pack(self, pack_id: int) -> None:
+        self.releasing.add(pack_id)
+
+    def _next_pack(self) -> None:
+        if self.f is not None:
+            self.commit(seal=True)
+        with self.idx.read() as t:
+            pid = self.idx.get_meta_int(t, "next_pack", 1)
+        path = self.safe.pack_path(pid)
+        path.unlink(missing_ok=True)   # an uncommitted leftover of a crashed run
+        self.f = open(path, "xb", buffering=1 << 20)
+        write_pack_header(self.f, pid)
+        self.pack_id, self.pos, self.new_pack = pid, PACK_HEADER.size, True
+        self.packs_written.append(pid)
+
+    def commit(self, seal: bool = False) -> None:
+        if self.f is not None:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            if self.new_pack:
+                _fsync_dir(self.safe.packs_dir)
+        idx = self.idx
+        doomed: list[tuple[int, int]] = []
+        with idx.write() as txn:
+            packs: dict[int, PackEntry] = {}
+            if self.f is not None:
+                npe = idx.get_pack(txn, self.pack_id) or PackEntry(0, 0, 0, time.time_ns(), 0, 0)
+                npe.committed_len = self.pos
+                npe.sealed = 1 if seal else 0
+                packs[self.pack_id] = npe
+                if self.new_pack:
+                    idx.put_meta_int(txn, "next_pack", self.pack_id + 1)
+            for key, old_pack, old_off, new_off, length in self.moves:
+                e = idx.get_object(txn, key)
+                if e is None or (e.pack, e.offset) != (old_pack, old_off):
+                    # Moved or dropped meanwhile (cannot happen under the lock); the copy is dead.
+                    npe.dead_bytes += length
+                    continue
+                ope = packs.get(old_pack) or idx.get_pack(txn, old_pack)
+                ope.objects -= 1
+                if e.flags & FLAG_DEAD:
+                    pass   # its bytes were already counted dead in the old pack
+                else:
+                    ope.live_bytes -= length
+                    ope.dead_bytes += length
+                packs[old_pack] = ope
+                e.pack, e.offset = self.pack_id, new_off
+                idx.put_object(txn, key, e)
+                if e.flags & FLAG_DEAD:
+                    npe.dead_bytes += length
+                else:
+                    npe.live_bytes += length
+                npe.objects += 1
+            for pid in self.releasing:
+                if pid not in packs:
+                    pe = idx.get_pack(txn, pid)
+                    if pe is None:
+                        continue
+                    packs[pid] = pe
+            for pid, pe in packs.items():
+                if pid in self.releasing and pe.objects <= 0:
+                    txn.delete(_dbkey(pid), db=idx.db["packs"])
+                    doomed.append((pid, pe.committed_len))
+                else:
+                    idx.put_pack(txn, pid, pe)
+            if self.moves:
+                idx.put_meta_int(txn, LAYOUT_GEN, idx.get_meta_int(txn, LAYOUT_GEN, 0) + 1)
+        self.releasing -= {pid for pid, _ in doomed}
+        self.new_pack = False
+        self.moves.clear()
+        self.pending_keys.clear()
+        self.batch_bytes = 0
+        _unlink_packs(self.w, doomed, self.dropped)
+        if seal and self.f is not None:
+            self.f.close()
+            self.f = None
+
+    def close(self) -> None:
+        """Commit what is pending (sealing the last pack when asked)."""
+        if self.f is not None or self.moves or self.releasing:
+            self.commit(seal=self.seal_last)
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+
+    def abort(self) -> None:
+        """Leave without committing: the uncommitted tail is removed by the next writer."""
+        if self.f is not None:
+            self.f.close()
+            self.f = None

@@ -1,0 +1,75 @@
+"""forget: drop points, named or chosen by a retention policy (gc/retention.py).
+
+Forgetting writes a tombstone per point (so that ``repair`` never brings it back), removes it
+from the ``points`` table and releases its root: counts cascade down and objects that no
+remaining point reaches are marked dead (cas/store.py, ``Writer.forget_points``), all in one
+index transaction per group of points. The cost follows what those points alone referenced.
+Bytes go back to the filesystem with ``gc``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from pointsafe.cas import UsageError, resolve_point
+
+from . import retention
+from .retention import Decision, Policy
+
+GROUP = 64   # points per index transaction
+
+
+@dataclass
+class ForgetReport:
+    dry_run: bool = False
+    policy: str | None = None
+    points_dropped: int = 0
+    points_kept: int = 0
+    objects_freed: int = 0          # objects that died (no remaining point reaches them)
+    dead_bytes: int = 0             # their record bytes, reclaimable by gc
+    decisions: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_forget(safe, specs: list[str] | None = None, policy: Policy | None = None,
+                name: str | None = None) -> list[Decision]:
+    """Decisions: named points (``specs``) are dropped; otherwise the policy decides."""
+    points = safe.points()
+    if specs:
+        if policy is not None and not policy.empty:
+            raise UsageError("give either POINTs or --keep-* rules, not both")
+        seen: dict[str, Decision] = {}
+        for s in specs:
+            p = resolve_point(safe, s, points)
+            seen.setdefault(p["id"], Decision(p, False, [f"named on the command line ({s})"]))
+        return list(seen.values())
+    if policy is None or policy.empty:
+        raise UsageError("nothing to forget: name POINTs or give at least one --keep-* rule "
+                         "(e.g. --keep-daily 7)")
+    if name is not None and not any(p.get("name") == name for p in points):
+        names = sorted({p.get("name") or "" for p in points})
+        raise UsageError(f"no points named {name!r} (names in this safe: {', '.join(names) or 'none'})")
+    return retention.plan(points, policy, name)
+
+
+def forget(safe, decisions: list[Decision], dry_run: bool = False,
+           policy: Policy | None = None) -> ForgetReport:
+    r = ForgetReport(dry_run=dry_run, policy=policy.describe() if policy else None)
+    r.decisions = [d.as_dict() for d in decisions]
+    drop = [bytes.fromhex(d.point["id"]) for d in decisions if not d.keep]
+    r.points_kept = sum(1 for d in decisions if d.keep)
+    if dry_run or not drop:
+        r.points_dropped = len(drop) if dry_run else 0
+        return r
+    with safe.writer("forget") as w:
+        dead_before = sum(pe.dead_bytes for pe in safe.pack_entries().values())
+        live = {p["id"] for p in safe.points()}
+        for i in range(0, len(drop), GROUP):
+            group = [k for k in drop[i:i + GROUP] if k.hex() in live]
+            if group:
+                r.objects_freed += w.forget_points(group)
+                r.points_dropped += len(group)
+        r.dead_bytes = sum(pe.dead_bytes for pe in safe.pack_entries().values()) - dead_before
+    return r

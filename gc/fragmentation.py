@@ -1,0 +1,133 @@
+"""The fragmentation figure: seeks per GiB when restoring the newest point of each source.
+
+Definition (docs/BENCHMARKS.md, "Retention and GC"): walk the newest point of every source in
+file order (gc/walk.py) and look at where each chunk's record lies. A read is *sequential* when
+its record is in the same pack as the previous read's and starts at or after the previous
+record's end, at most ``GAP`` (128 KiB, a typical read-ahead window) beyond it; any other read
+is a *seek* (the first read is one too). The figure is
+
+    seeks_per_gib = seeks / (logical bytes read / 2**30)
+
+Its floor is one seek per pack the data fills (``minimum_per_gib``: stored bytes / pack size);
+a freshly written safe sits near that floor, a safe whose newest point reuses blocks written
+over months sits far above it. ``defrag`` brings it back down.
+
+The figure costs a walk of the newest points (one index look-up per chunk), so
+``fragmentation(safe)`` caches it in the index's ``meta`` table, keyed by the newest points'
+ids and the layout generation that every relocation bumps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+import lmdb
+
+from pointsafe.cas.relocate import LAYOUT_GEN
+
+from .walk import newest_chunks, newest_points
+
+GAP = 128 * 1024
+GIB = float(1 << 30)
+CACHE_KEY = b"gc.fragmentation"
+
+
+@dataclass
+class Cursor:
+    """Tracks the reader's position; ``step`` says whether a read at (pack, offset) seeks."""
+
+    pack: int = -1
+    end: int = 0
+
+    def step(self, pack: int, offset: int, record_len: int) -> bool:
+        seq = pack == self.pack and self.end <= offset <= self.end + GAP
+        self.pack, self.end = pack, offset + record_len
+        return not seq
+
+
+def measure(safe, points: list[dict] | None = None) -> dict:
+    """Walk the newest points now and compute the figure (no cache)."""
+    pts = newest_points(safe, points)
+    cur = Cursor()
+    seeks = reads = logical = stored = 0
+    packs: set[int] = set()
+    for key, length in newest_chunks(safe, pts):
+        e = safe.entry(key)
+        if e is None:
+            continue
+        reads += 1
+        logical += length
+        stored += e.record_len
+        packs.add(e.pack)
+        if cur.step(e.pack, e.offset, e.record_len):
+            seeks += 1
+    pack_size = safe.config.pack_size
+    minimum = max(1, math.ceil(stored / pack_size)) if reads else 0
+    gib = logical / GIB
+    return {
+        "points": [p["id"] for p in pts],
+        "reads": reads,
+        "bytes": logical,
+        "stored_bytes": stored,
+        "seeks": seeks,
+        "packs": len(packs),
+        "minimum_seeks": minimum,
+        "seeks_per_gib": round(seeks / gib, 1) if gib else 0.0,
+        "minimum_per_gib": round(minimum / gib, 1) if gib else 0.0,
+        "excess": round(seeks / minimum, 2) if minimum else 1.0,
+    }
+
+
+def _signature(safe, pts: list[dict]) -> str:
+    with safe.index.read() as t:
+        gen = safe.index.get_meta_int(t, LAYOUT_GEN, 0)
+    h = hashlib.sha256(str(gen).encode())
+    for p in pts:
+        h.update(p["id"].encode())
+    return h.hexdigest()
+
+
+def fragmentation(safe, use_cache: bool = True) -> dict:
+    """The fragmentation figure of ``safe`` (see the module docstring), cached in the index.
+
+    Returns a dict: seeks, seeks_per_gib, minimum_seeks, minimum_per_gib, excess (seeks over
+    the minimum), reads, bytes, stored_bytes, packs, points (ids walked), cached (bool).
+    """
+    pts = newest_points(safe)
+    sig = _signature(safe, pts)
+    if use_cache:
+        with safe.index.read() as t:
+            v = t.get(CACHE_KEY, db=safe.index.db["meta"])
+        if v is not None:
+            try:
+                c = json.loads(v)
+                if c.get("sig") == sig:
+                    return dict(c["value"], cached=True)
+            except (ValueError, KeyError, TypeError):
+                pass
+    value = measure(safe, pts)
+    try:
+        with safe.index.write() as t:
+            t.put(CACHE_KEY, json.dumps({"sig": sig, "value": value}).encode(), db=safe.index.db["meta"])
+    except lmdb.Error:
+        pass   # a read-only index: the figure is still right, just not cached
+    return dict(value, cached=False)
+
+
+def cached_fragmentation(safe) -> dict | None:
+    """The cached figure when it is still valid, else None (never walks)."""
+    pts = newest_points(safe)
+    with safe.index.read() as t:
+        v = t.get(CACHE_KEY, db=safe.index.db["meta"])
+    if v is None:
+        return None
+    try:
+        c = json.loads(v)
+        if c.get("sig") == _signature(safe, pts):
+            return dict(c["value"], cached=True)
+    except (ValueError, KeyError, TypeError):
+        pass
+    return None

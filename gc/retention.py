@@ -1,0 +1,108 @@
+"""Retention policy: which points a keep-last/hourly/daily/weekly/monthly/yearly policy keeps.
+
+Pure functions over point records (dicts with ``id``, ``name``, ``started``); nothing here
+touches a safe, so dry runs, reports and tests need no I/O.
+
+The rules follow restic's ``forget``: within one source (points with the same ``name``),
+points are taken newest first; ``--keep-last N`` keeps the N newest; ``--keep-daily N`` keeps
+the newest point of each of the N most recent days that have points (likewise hourly, weekly
+(ISO weeks), monthly, yearly). A point is kept when any rule keeps it; the result is the union.
+Buckets are in UTC, the time zone point records are written in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+
+_BUCKET = {
+    "hourly": "%Y-%m-%d %H:00",
+    "daily": "%Y-%m-%d",
+    "weekly": "%G-W%V",
+    "monthly": "%Y-%m",
+    "yearly": "%Y",
+}
+
+
+@dataclass(frozen=True)
+class Policy:
+    last: int = 0
+    hourly: int = 0
+    daily: int = 0
+    weekly: int = 0
+    monthly: int = 0
+    yearly: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not any(getattr(self, r) for r in RULES)
+
+    def describe(self) -> str:
+        return ", ".join(f"keep-{r} {getattr(self, r)}" for r in RULES if getattr(self, r)) or "nothing"
+
+
+@dataclass
+class Decision:
+    point: dict
+    keep: bool
+    reasons: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        p = self.point
+        return {"id": p["id"], "name": p.get("name"), "started": p.get("started"),
+                "keep": self.keep, "reasons": self.reasons}
+
+
+def point_time(p: dict) -> datetime:
+    t = p.get("started") or p.get("finished") or ""
+    t = t[:-1] + "+00:00" if t.endswith("Z") else t
+    dt = datetime.fromisoformat(t)
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+
+
+def bucket(rule: str, when: datetime) -> str:
+    """The period of ``rule`` that ``when`` falls in, as a label (e.g. '2026-W48')."""
+    return when.astimezone(timezone.utc).strftime(_BUCKET[rule])
+
+
+def select(points: list[dict], policy: Policy) -> list[Decision]:
+    """Decide for the points of ONE source; returns decisions newest first."""
+    ordered = sorted(points, key=lambda p: (p.get("started", ""), p["id"]), reverse=True)
+    left = {r: getattr(policy, r) for r in RULES}
+    last_bucket: dict[str, str | None] = {r: None for r in RULES}
+    out = []
+    for i, p in enumerate(ordered):
+        d = Decision(p, False)
+        when = point_time(p)
+        if left["last"] > 0:
+            left["last"] -= 1
+            d.reasons.append(f"last {i + 1}")
+        for rule in RULES[1:]:
+            if left[rule] <= 0:
+                continue
+            b = bucket(rule, when)
+            if b != last_bucket[rule]:
+                last_bucket[rule] = b
+                left[rule] -= 1
+                d.reasons.append(f"{rule} {b}")
+        d.keep = bool(d.reasons)
+        if not d.keep:
+            d.reasons.append("no keep rule matches")
+        out.append(d)
+    return out
+
+
+def plan(points: list[dict], policy: Policy, name: str | None = None) -> list[Decision]:
+    """Decisions for every point, per source (``name``); with ``name`` only that source is
+    considered and other sources' points are left out of the result (kept)."""
+    groups: dict[str, list[dict]] = {}
+    for p in points:
+        groups.setdefault(p.get("name") or "", []).append(p)
+    out: list[Decision] = []
+    for n in sorted(groups):
+        if name is not None and n != name:
+            continue
+        out.extend(select(groups[n], policy))
+    return out

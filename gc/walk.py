@@ -1,0 +1,69 @@
+"""Walking the newest point of each source in file order: the read pattern that
+fragmentation measures and defrag optimises.
+
+File order is the order a restore reads: a tree point's directories depth first, entries in
+name order (as stored), each regular file's blob from offset 0 to its end; a volume point's
+image from block 0 to its end. Holes are skipped. Memory: one directory listing per level
+and a bounded cache of list nodes.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from pointsafe.cas import BlobReader, NodeCache, decode_tree
+from pointsafe.cas.tree import DIR, REG
+
+
+def newest_points(safe, points: list[dict] | None = None) -> list[dict]:
+    """The newest point of each source (by ``name``), sorted by name."""
+    best: dict[str, dict] = {}
+    for p in safe.points() if points is None else points:
+        n = p.get("name") or ""
+        if n not in best or (p.get("started", ""), p["id"]) > (best[n].get("started", ""), best[n]["id"]):
+            best[n] = p
+    return [best[n] for n in sorted(best)]
+
+
+def _kind_of(safe):
+    def kind(key: bytes) -> int:
+        return safe.entry(key).kind
+    return kind
+
+
+def blob_chunks(safe, root: bytes | None, size: int, nodes: NodeCache) -> Iterator[tuple[bytes, int]]:
+    """(chunk key, length) of a blob in offset order, holes skipped."""
+    if root is None or size <= 0:
+        return
+    r = BlobReader(root, size, safe.get, _kind_of(safe), nodes=nodes)
+    for _off, length, key in r.extents():
+        if key is not None:
+            yield key, length
+
+
+def point_chunks(safe, rec: dict, nodes: NodeCache | None = None) -> Iterator[tuple[bytes, int]]:
+    """(chunk key, length) of every chunk a restore of point ``rec`` reads, in file order."""
+    nodes = nodes or NodeCache(1024)
+    root = bytes.fromhex(rec["root"]) if rec.get("root") else None
+    if root is None:
+        return
+    if rec.get("kind") == "volume":
+        yield from blob_chunks(safe, root, int(rec.get("size") or 0), nodes)
+        return
+    stack = [iter(decode_tree(safe.get(root)))]
+    while stack:
+        e = next(stack[-1], None)
+        if e is None:
+            stack.pop()
+            continue
+        if e.type == REG and e.ref is not None:
+            yield from blob_chunks(safe, e.ref, e.size, nodes)
+        elif e.type == DIR and e.ref is not None:
+            stack.append(iter(decode_tree(safe.get(e.ref))))
+
+
+def newest_chunks(safe, points: list[dict] | None = None) -> Iterator[tuple[bytes, int]]:
+    """The chunks of the newest point of every source, source after source."""
+    nodes = NodeCache(1024)
+    for rec in newest_points(safe, points):
+        yield from point_chunks(safe, rec, nodes)
