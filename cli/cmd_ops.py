@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pointsafe.cas import UsageError
-from pointsafe.ops import alerts, config, report, tasks
+from pointsafe.ops import alerts, config, mail, tasks
 from pointsafe.ops.clock import human_duration, parse_iso, parse_since
 from pointsafe.ops.status import build
 
@@ -175,6 +175,17 @@ def _ratio(x) -> str:
     return f"{x:.2f}x" if x else "-"
 
 
+def _frag_text(f) -> str:
+    if f is None:
+        return ""
+    if isinstance(f, dict) and "seeks_per_gib" in f:
+        return (f", fragmentation {f['seeks_per_gib']:.0f} seeks/GiB (floor {f.get('minimum_per_gib', 0):.0f}, "
+                f"{f.get('excess', 1):.1f}x)")
+    if isinstance(f, dict) and "error" in f:
+        return f", fragmentation unknown ({f['error']})"
+    return f", fragmentation {f}"
+
+
 def cmd_status(args) -> int:
     with open_safe(args) as safe:
         st = build(safe)
@@ -187,7 +198,7 @@ def cmd_status(args) -> int:
     say(args, f"  dedup {_ratio(s['dedup_ratio'])} ({human_bytes(s['logical_bytes'])} in points, "
               f"{human_bytes(s['unique_bytes'])} unique), compression {_ratio(s['compression_ratio'])}, "
               f"reclaimable {human_bytes(s['reclaimable_bytes'])}"
-              + (f", fragmentation {s['fragmentation']}" if s["fragmentation"] is not None else ""))
+              + _frag_text(s["fragmentation"]))
     say(args, f"  filesystem: {human_bytes(sp['free'])} free of {human_bytes(sp['total'])} "
               f"({sp['free_pct']:.1f}%); quotas: soft {sp['quota_soft']}, hard {sp['quota_hard']}"
               + ("" if sp["state"] == "ok" else f"  ** below the {sp['state']} quota **"))
@@ -262,9 +273,9 @@ def cmd_report(args) -> int:
             alerts.evaluate(safe.index, safe.path)
         except Exception as e:
             say(args, f"note: could not update the alerts: {e}")
-        content = report.gather(safe.index, since)
+        content = mail.gather(safe.index, since)
         settings = config.effective(config.load(safe.index))
-        msg = report.compose(content, str(safe.path), settings)
+        msg = mail.compose(content, str(safe.path), settings)
         empty = not content["tasks"] and not content["alerts"]
         result = {"subject": msg["Subject"], "tasks": len(content["tasks"]), "alerts": len(content["alerts"]),
                   "sent": False, "to": []}
@@ -274,9 +285,9 @@ def cmd_report(args) -> int:
         if empty and not args.always:
             say(args, "nothing to report: no open alerts and no task problems; no mail sent")
         else:
-            result["to"] = report.send(msg, settings)
+            result["to"] = mail.send(msg, settings)
             result["sent"] = True
-            report.mark_sent(safe.index)
+            mail.mark_sent(safe.index)
             say(args, f"report sent to {', '.join(result['to'])}: {msg['Subject']}")
         tasks.report(**{k: v for k, v in result.items() if k != "subject"})
     if args.json:

@@ -3,7 +3,7 @@
 Task history (``tasks``), alerts that stay until acknowledged (``alerts``), per-safe settings
 kept in the safe's LMDB index (``config``), disk-space quotas (``quota``), the status page
 (``status``), logs to a JSON-lines file or syslog (``logs``) and the e-mail report
-(``report``). ``recorder`` wraps every CLI command that declares a task kind.
+(``mail``). ``recorder`` wraps every CLI command that declares a task kind.
 
 Imports only ``pointsafe.cas`` (and, guarded, ``pointsafe.gc.fragmentation`` for the status
 page). Commands report details of the running task through :func:`tasks.report` and

@@ -89,6 +89,8 @@ def guard(settings: dict[str, str]) -> Callable[[Path, int], None]:
         sp = space(safe_dir)
         hard = limit_bytes(setting, sp.total)
         if hard is not None and sp.free - about_to_write < hard:
-            raise QuotaExceeded("backup stopped, no point was made: " + describe(sp, settings, "hard")
-                                + "; 'pointsafe gc' reclaims what it wrote")
+            raise QuotaExceeded(f"backup stopped, no point was made: the safe's filesystem is down to "
+                                f"{_h(sp.free)} free ({sp.free_pct:.1f}% of {_h(sp.total)}) and writing on "
+                                f"would cross the hard quota ({_describe(setting)}); "
+                                "'pointsafe gc' reclaims what it wrote")
     return check

@@ -58,6 +58,11 @@ def _dir_bytes(path: Path) -> int:
     return total
 
 
+def point_size(p: dict) -> int:
+    """Logical bytes of a point: a volume's image size, a tree's total file bytes."""
+    return int(p.get("size") or (p.get("stats") or {}).get("size") or 0)
+
+
 def safe_summary(safe) -> dict:
     idx = safe.index
     raw = stored = unique = 0
@@ -71,7 +76,7 @@ def safe_summary(safe) -> dict:
             if e.kind == Kind.CHUNK:
                 unique += e.raw_len
     points = safe.points()
-    logical = sum(int(p.get("size") or 0) for p in points)
+    logical = sum(point_size(p) for p in points)
     packs = safe.pack_entries()
     pack_bytes = _dir_bytes(safe.packs_dir)
     index_bytes = _dir_bytes(safe.index.path)
