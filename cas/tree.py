@@ -3,7 +3,7 @@
 A TREE node's payload (after the node envelope, see ``nodes``) is ``u32 LE count`` and then
 ``count`` entries sorted by name (raw bytes), each::
 
-    fixed part, struct "<HBHIIqqqQQQIQQIHH" (91 bytes):
+    fixed part, struct "<HBHIIqqqQQQIQQIHH" (89 bytes):
         name length, type, mode (permission bits incl. setuid/setgid/sticky), uid, gid,
         mtime ns, atime ns, ctime ns, size, st_dev, st_ino, st_nlink, rdev, hardlink group
         (0 = none), child index (0xFFFFFFFF = none), symlink target length, xattr count
