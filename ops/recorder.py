@@ -19,7 +19,9 @@ import gc as _pygc
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,12 @@ from . import alerts, config, logs, quota, tasks
 from .db import opened
 
 ARG_FIELDS = ("source", "name", "point", "target", "path")
+# Commands recorded even if their parser does not declare task_kind (the kinds of the issue).
+KIND_BY_COMMAND = {k: k for k in ("backup", "restore", "forget", "gc", "defrag", "verify", "repair")}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (systemd stopping a job, a shutdown): unwind like Ctrl-C so the task is ended."""
 
 
 def safe_dir_of(args) -> Path | None:
@@ -45,7 +53,8 @@ class _Recorder:
     def __init__(self, args, argv: list[str]):
         self.args = args
         self.argv = argv
-        self.kind: str | None = getattr(args, "task_kind", None)
+        self.kind: str | None = (getattr(args, "task_kind", None)
+                                 or KIND_BY_COMMAND.get(getattr(args, "command", None) or ""))
         self.safe_dir = safe_dir_of(args)
         self.task: dict | None = None
         self.settings: dict[str, str] | None = None
@@ -144,6 +153,8 @@ class _Recorder:
     def _outcome(self, code, exc, active) -> tuple[str, str | None]:
         reported = active.fields.get("error")
         if exc is not None:
+            if isinstance(exc, Terminated):
+                return "error", "terminated by SIGTERM (a stopped job or a shutdown)"
             if isinstance(exc, KeyboardInterrupt):
                 return "error", "interrupted (Ctrl-C or SIGINT)"
             if isinstance(exc, SafeError):
@@ -210,6 +221,7 @@ def run_recorded(args, argv: list[str] | None = None) -> int:
         return args.func(args)
     active = tasks.activate(rec.kind)
     code = None
+    old_term = _catch_sigterm()
     try:
         rec.guard_space()
         code = args.func(args)
@@ -221,4 +233,19 @@ def run_recorded(args, argv: list[str] | None = None) -> int:
     finally:
         set_space_check(None)
         tasks.deactivate()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     return code
+
+
+def _catch_sigterm():
+    """Turn SIGTERM into Terminated while a task runs (only if nobody else handles it)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def on_term(signum, frame):
+        raise Terminated()
+    signal.signal(signal.SIGTERM, on_term)
+    return signal.SIG_DFL

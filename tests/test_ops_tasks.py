@@ -31,11 +31,17 @@ def test_each_command_leaves_a_task_record(safe_dir, src, tmp_path):
     assert run_cli("verify", "--data", safe=safe_dir).code == 0
     assert run_cli("repair", safe=safe_dir).code == 0      # the history survives the rebuilt index
     assert run_cli("restore", "nosuch@latest", tmp_path / "out2", safe=safe_dir).code == 1
+    (src / "a.txt").write_bytes(b"changed\n")
+    assert run_cli("backup", src, "--name", "www", safe=safe_dir).code == 0
+    assert run_cli("forget", "--keep-last", "1", safe=safe_dir).code == 0
+    assert run_cli("gc", safe=safe_dir).code == 0
+    assert run_cli("defrag", safe=safe_dir).code == 0
 
     rows = task_list(safe_dir)
     assert [(t["kind"], t["state"]) for t in rows] == [
-        ("backup", "ok"), ("restore", "ok"), ("verify", "ok"), ("repair", "ok"), ("restore", "error")]
-    backup = rows[0]
+        ("backup", "ok"), ("restore", "ok"), ("verify", "ok"), ("repair", "ok"), ("restore", "error"),
+        ("backup", "ok"), ("forget", "ok"), ("gc", "ok"), ("defrag", "ok")]
+    backup = rows[5]
     point = cli_json("show", "www@latest", safe=safe_dir)[0]
     assert backup["fields"]["point"] == point["id"]
     assert backup["fields"]["name"] == "www"
@@ -48,7 +54,8 @@ def test_each_command_leaves_a_task_record(safe_dir, src, tmp_path):
     assert shown["argv"][-2:] == ["nosuch@latest", str(tmp_path / "out2")]
     assert [t["kind"] for t in task_list(safe_dir, "--state", "error")] == ["restore"]
     assert task_list(safe_dir, "--since", "2099-01-01") == []
-    assert len(task_list(safe_dir, "--since", "1h")) == 5
+    assert len(task_list(safe_dir, "--since", "1h")) == 9
+    assert [t["id"] for t in task_list(safe_dir, "--last", "2")] == [8, 9]
     human = run_cli("tasks", safe=safe_dir)
     assert human.code == 0 and "restore  error" in human.out
     # The failed restore raised an alert.
@@ -128,3 +135,27 @@ def test_json_log_file_and_syslog(safe_dir, src, tmp_path):
     assert any("backup task 1 ended ok" in m for m in msgs)
     err = [m for m in msgs if "restore task 2 ended error" in m]
     assert err and err[0].startswith(f"<{3 * 8 + 3}>pointsafe[")
+
+
+def test_sigterm_ends_the_task_as_error(safe_dir, src):
+    cmd = [sys.executable, "-m", "pointsafe.cli", "--safe", str(safe_dir), "backup", str(src),
+           "--name", "www", "--pre-hook", "sleep 60"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (task_list(safe_dir) and task_list(safe_dir)[-1]["state"] == "running"):
+            assert time.monotonic() < deadline, "the backup task never showed as running"
+            time.sleep(0.1)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)     # the hook's sleep, if it outlived its parent
+        except ProcessLookupError:
+            pass
+        if p.poll() is None:
+            p.wait(timeout=30)
+    assert p.returncode == 130 and b"Traceback" not in err
+    t = task_list(safe_dir)[-1]
+    assert t["state"] == "error" and "SIGTERM" in t["error"]
+    assert cli_json("points", safe=safe_dir)[0] == []
