@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pointsafe.cas import UsageError
+from pointsafe.cas import SafeError, UsageError
 from pointsafe.ops import alerts, config, mail, tasks
 from pointsafe.ops.clock import human_duration, parse_iso, parse_since
 from pointsafe.ops.status import build
@@ -43,6 +43,9 @@ def register(sub) -> None:
                                    "Exit status: 0 when no alert is open, 2 while alerts are open (use it "
                                    "from cron or as a Nagios-style check), 1 on error.")
     add_common(p)
+    p.add_argument("--check", action="store_true",
+                   help="print one line and exit the Nagios way: 0 OK, 1 WARNING (only warning alerts "
+                        "open), 2 CRITICAL (a critical alert open), 3 UNKNOWN (the safe cannot be read)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("alerts", help="open alerts; 'alerts ack' acknowledges them",
@@ -186,7 +189,31 @@ def _frag_text(f) -> str:
     return f", fragmentation {f}"
 
 
+def cmd_check(args) -> int:
+    """``status --check``: one line for a monitoring system, Nagios exit codes."""
+    try:
+        with open_safe(args) as safe:
+            st = build(safe)
+    except SafeError as e:
+        print(f"POINTSAFE UNKNOWN - {e}")
+        return 3
+    al = st["alerts"]
+    n_src = len(st["sources"])
+    perf = (f"| free={st['space']['free_pct']}%;;; sources={n_src} alerts={len(al)} "
+            f"reclaimable={st['safe']['reclaimable_bytes']}B")
+    if not al:
+        print(f"POINTSAFE OK - {n_src} source(s), {st['safe']['points']} points, no open alerts {perf}")
+        return 0
+    code = 2 if any(a["severity"] == "critical" for a in al) else 1
+    worst = sorted(al, key=lambda a: a["severity"] != "critical")[0]
+    print(f"POINTSAFE {'CRITICAL' if code == 2 else 'WARNING'} - {len(al)} open alert(s); "
+          f"#{worst['id']}: {worst['message']} {perf}")
+    return code
+
+
 def cmd_status(args) -> int:
+    if args.check:
+        return cmd_check(args)
     with open_safe(args) as safe:
         st = build(safe)
     if args.json:

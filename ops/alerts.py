@@ -13,12 +13,14 @@ lasts and comes back if it recurs.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from .clock import human_duration, iso, now, parse_iso, real_now
 from .config import effective, interval_for, load
 from .db import ensure_tables, get_json, id_key, key_id, next_id, put_json
 from . import quota
+from .logs import event
 
 SEVERITIES = ("warning", "critical")
 
@@ -35,6 +37,9 @@ def raise_alert(index, kind: str, severity: str, message: str, *, key: str | Non
         put_json(t, dbs["alerts"], id_key(rec["id"]), rec)
         if key is not None:
             t.put(key.encode(), id_key(rec["id"]), db=dbs["alert_latches"])
+    event(logging.ERROR if severity == "critical" else logging.WARNING,
+          f"alert #{rec['id']} ({severity}): {message}", alert=rec["id"], alert_kind=kind, severity=severity,
+          task=task, source=source)
     return rec
 
 

@@ -175,3 +175,16 @@ def test_report_mail_through_a_local_smtp_server(safe_dir, src, tmp_path):
         assert len(kinds) == 4
     finally:
         ctl.stop()
+
+
+def test_status_check_is_a_nagios_plugin(safe_dir, src, tmp_path):
+    r = run_cli("status", "--check", safe=safe_dir)
+    assert r.code == 0 and r.out.startswith("POINTSAFE OK - 0 source(s)") and r.out.count("\n") == 1
+    run_cli("config", "set", "quota.soft", "99%", safe=safe_dir, check=True)   # a warning alert
+    r = run_cli("status", "--check", safe=safe_dir)
+    assert r.code == 1 and r.out.startswith("POINTSAFE WARNING - 1 open alert(s); #1: the safe's filesystem")
+    assert run_cli("restore", "gone@latest", tmp_path / "o", safe=safe_dir).code == 1   # a critical one
+    r = run_cli("status", "--check", safe=safe_dir)
+    assert r.code == 2 and r.out.startswith("POINTSAFE CRITICAL - 2 open alert(s); #2: restore task")
+    r = run_cli("status", "--check", safe=tmp_path / "nowhere")
+    assert r.code == 3 and r.out.startswith("POINTSAFE UNKNOWN - ")

@@ -131,10 +131,13 @@ def test_json_log_file_and_syslog(safe_dir, src, tmp_path):
     assert "backup task 1 ended ok" in ends[0]["message"] and ends[0]["name"] == "www"
     assert "no points named 'nosuch'" in ends[1]["message"]
     assert all({"time", "pid", "host", "message"} <= set(x) for x in lines)
+    (alert,) = [x for x in lines if x.get("alert")]
+    assert alert["level"] == "error" and alert["message"].startswith("alert #1 (critical): restore task 2 failed")
     # Syslog datagrams: "<PRI>pointsafe[PID]: message", facility daemon (3).
     assert any("backup task 1 ended ok" in m for m in msgs)
     err = [m for m in msgs if "restore task 2 ended error" in m]
     assert err and err[0].startswith(f"<{3 * 8 + 3}>pointsafe[")
+    assert any("alert #1 (critical)" in m for m in msgs)
 
 
 def test_sigterm_ends_the_task_as_error(safe_dir, src):
