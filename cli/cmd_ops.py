@@ -81,21 +81,22 @@ def register(sub) -> None:
     p = sub.add_parser("config", help="per-safe settings: quotas, intervals, mail",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Show or change the settings kept in the safe:\n\n"
-                                   "  quota.soft        alert below this free space (default 20%%)\n"
-                                   "  quota.hard        refuse/stop backups below this (default 10%%)\n"
+                                   "  quota.soft        alert below this free space (default 20%)\n"
+                                   "  quota.hard        refuse/stop backups below this (default 10%)\n"
                                    "  interval.default  alert when a source has no point this long (default 36h)\n"
                                    "  interval.NAME     the same for source NAME ('off': never)\n"
                                    "  smtp.host, smtp.port, smtp.security (none|starttls|ssl), smtp.user,\n"
                                    "  smtp.password, smtp.from, smtp.to (comma-separated)\n\n"
-                                   "Quotas are a percentage (15%%), an amount of free space (5G) or 'off'; "
+                                   "Quotas are a percentage (15%), an amount of free space (5G) or 'off'; "
                                    "intervals look like 90m, 36h, 1d12h, 2w.\n\n"
                                    "  pointsafe config                  list (defaults marked)\n"
                                    "  pointsafe config set KEY VALUE\n"
                                    "  pointsafe config unset KEY        back to the default")
     add_common(p)
-    p.add_argument("action", nargs="?", choices=("get", "set", "unset"), help=argparse.SUPPRESS)
-    p.add_argument("key", nargs="?", help=argparse.SUPPRESS)
-    p.add_argument("value", nargs="?", help=argparse.SUPPRESS)
+    p.add_argument("action", nargs="?", choices=("get", "set", "unset"), metavar="get|set|unset",
+                   help="read, change or reset one setting (none: list them all)")
+    p.add_argument("key", nargs="?", metavar="KEY", help="a setting name, e.g. quota.hard or interval.www")
+    p.add_argument("value", nargs="?", metavar="VALUE", help="the new value (set only)")
     p.set_defaults(func=cmd_config)
 
 
