@@ -2,10 +2,12 @@
 
 For every command, before it runs: set up logging, and mark abandoned the tasks of processes
 that died (this is "the next time the safe is opened"). For a command whose parser declares
-``task_kind`` (``p.set_defaults(task_kind="backup")``): record a running task, run the
+``task_kind`` (``p.set_defaults(task_kind="backup")``), or that is named like one of the
+task kinds (backup, restore, forget, gc, defrag, verify, repair): record a running task, run the
 command, then end the task as ok, warning or error from its exit code or exception, raise the
 alerts it calls for, and check the standing conditions (stale sources, quotas). Backups are
 refused below the hard quota and stopped by the writers' space check when they reach it.
+SIGTERM (systemd stopping a job) unwinds the command like Ctrl-C, so its task ends as error.
 
 Recording never turns a successful command into a failure: if the safe's index cannot be
 written (a full disk, a damaged index), the command runs anyway and a note says the task was
