@@ -68,12 +68,23 @@ class Prepared:
     raw_len: int
     stored: bytes
 
+    header: bytes = b""
+
+    def __post_init__(self) -> None:
+        # The 64-byte record header is built here, in the (worker) thread that prepares the
+        # object, so that the single writing thread only appends bytes.
+        if not self.header:
+            check = blake3.blake3(self.stored).digest()[:12]
+            head = REC_HEADER.pack(REC_MAGIC, self.kind, self.codec, 0, self.key,
+                                   self.raw_len, len(self.stored), check, 0)
+            object.__setattr__(self, "header", head[:60] + struct.pack("<I", zlib.crc32(head[:60])))
+
     def record(self) -> bytes:
-        check = blake3.blake3(self.stored).digest()[:12]
-        head = REC_HEADER.pack(REC_MAGIC, self.kind, self.codec, 0, self.key,
-                               self.raw_len, len(self.stored), check, 0)
-        crc = zlib.crc32(head[:60])
-        return head[:60] + struct.pack("<I", crc) + self.stored
+        return self.header + self.stored
+
+    @property
+    def record_len(self) -> int:
+        return REC_HEADER_SIZE + len(self.stored)
 
 
 _local = threading.local()
