@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "cmd_safe",      # init, verify, repair
     "cmd_ops",       # tasks, status, alerts, report, config
     "cmd_gc",        # forget, gc, defrag
+    "cmd_mount",     # mount, umount
 ]
 
 DESCRIPTION = """\

@@ -1,0 +1,159 @@
+"""A byte-bounded LRU cache whose misses are loaded once, however many threads ask.
+
+The mount serves concurrent FUSE requests from worker threads. When several readers want the
+same chunk (two ``cat`` of one file, a loop device and the kernel's read-ahead racing) the
+first caller loads it and the others wait for that load instead of reading and decompressing
+the same record again ("single flight"). Sizes are counted in bytes so that memory stays
+bounded whatever the chunk or directory sizes are.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Callable, Generic, Hashable, TypeVar
+
+V = TypeVar("V")
+
+
+class _Flight:
+    __slots__ = ("done", "value", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value = None
+        self.error: BaseException | None = None
+
+
+class ByteLRU(Generic[V]):
+    """LRU of ``key -> value`` holding at most ``limit`` bytes (as measured by ``sizeof``).
+
+    Thread-safe. A value larger than the whole limit is returned but not kept.
+    """
+
+    def __init__(self, limit: int, sizeof: Callable[[V], int] = len):  # type: ignore[assignment]
+        self.limit = limit
+        self.sizeof = sizeof
+        self.items: OrderedDict[Hashable, tuple[V, int]] = OrderedDict()
+        self.bytes = 0
+        self.lock = threading.Lock()
+        self.flights: dict[Hashable, _Flight] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def peek(self, key: Hashable) -> V | None:
+        with self.lock:
+            item = self.items.get(key)
+            if item is None:
+                return None
+            self.items.move_to_end(key)
+            self.hits += 1
+            return item[0]
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self.lock:
+            return key in self.items or key in self.flights
+
+    def put(self, key: Hashable, value: V) -> None:
+        n = self.sizeof(value)
+        with self.lock:
+            self._put_locked(key, value, n)
+
+    def _put_locked(self, key: Hashable, value: V, n: int) -> None:
+        if n > self.limit:
+            return
+        old = self.items.pop(key, None)
+        if old is not None:
+            self.bytes -= old[1]
+        self.items[key] = (value, n)
+        self.bytes += n
+        while self.bytes > self.limit and self.items:
+            _, (_, m) = self.items.popitem(last=False)
+            self.bytes -= m
+
+    def get(self, key: Hashable, load: Callable[[], V]) -> V:
+        """The cached value, or ``load()``'s result (loaded once for all concurrent callers).
+
+        An exception from ``load`` reaches every caller waiting on that load and nothing is
+        cached, so a later call tries again.
+        """
+        with self.lock:
+            item = self.items.get(key)
+            if item is not None:
+                self.items.move_to_end(key)
+                self.hits += 1
+                return item[0]
+            flight = self.flights.get(key)
+            owner = flight is None
+            if owner:
+                flight = self.flights[key] = _Flight()
+                self.misses += 1
+        if not owner:
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            return flight.value  # type: ignore[return-value]
+        try:
+            value = load()
+        except BaseException as e:
+            flight.error = e
+            with self.lock:
+                del self.flights[key]
+            flight.done.set()
+            raise
+        flight.value = value
+        n = self.sizeof(value)
+        with self.lock:
+            self._put_locked(key, value, n)
+            del self.flights[key]
+        flight.done.set()
+        return value
+
+    # -- batch form of get(), for callers that load many keys at once ---------------------
+
+    def claim(self, keys) -> tuple[dict, list, list]:
+        """Split ``keys`` into (cached {key: value}, keys this caller must load, flights to wait on).
+
+        Every key returned in the second list must be settled with :meth:`settle`.
+        """
+        found: dict = {}
+        mine: list = []
+        waits: list = []
+        with self.lock:
+            for k in dict.fromkeys(keys):
+                item = self.items.get(k)
+                if item is not None:
+                    self.items.move_to_end(k)
+                    self.hits += 1
+                    found[k] = item[0]
+                    continue
+                f = self.flights.get(k)
+                if f is None:
+                    self.flights[k] = _Flight()
+                    self.misses += 1
+                    mine.append(k)
+                else:
+                    waits.append((k, f))
+        return found, mine, waits
+
+    def settle(self, key: Hashable, value: V | None = None, error: BaseException | None = None) -> None:
+        """Finish a load claimed with :meth:`claim`: cache the value (or pass on the error)."""
+        n = self.sizeof(value) if error is None else 0
+        with self.lock:
+            f = self.flights.pop(key)
+            if error is None:
+                self._put_locked(key, value, n)
+        f.value, f.error = value, error
+        f.done.set()
+
+    @staticmethod
+    def wait(flight) -> object:
+        flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        return flight.value
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
+            self.bytes = 0

@@ -1,0 +1,75 @@
+"""What the top of a whole-safe mount looks like, computed from the point list alone.
+
+Mounting without a POINT shows::
+
+    /2026-11-25T14:36:24Z/        one folder per point, named by its start time in UTC
+    /2026-11-25T14:36:24Z.2/      (a second point started in the same second gets a suffix)
+    /www/                         one folder per point name (``backup --name``) ...
+    /www/2026-11-25T14:36:24Z/    ... holding that name's points, under the same folder names
+    /www/latest -> 2026-11-25T14:36:24Z     the newest point of that name
+    /latest -> 2026-11-25T14:36:24Z         the newest point of the whole safe
+
+Time names sort in time order. A point name that would clash with a time name or with
+``latest`` gets ``.points`` appended; ``/`` in a name becomes ``_``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+LATEST = b"latest"
+
+
+def time_name(record: dict) -> str:
+    """``2026-11-25T14:36:24.123456Z`` -> ``2026-11-25T14:36:24Z``."""
+    started = record.get("started") or "0000-00-00T00:00:00Z"
+    return started[:19] + "Z"
+
+
+def newest(points: list[dict]) -> dict:
+    return max(points, key=lambda p: (p.get("started", ""), p["id"]))
+
+
+def _clean(name: str) -> bytes:
+    b = name.replace("/", "_").encode("utf-8", "surrogateescape")
+    return b"_" if b in (b"", b".", b"..") else b
+
+
+def image_name(record: dict) -> bytes:
+    """The file name of a volume point's image inside its folder."""
+    return _clean(record.get("name") or "volume") + b".img"
+
+
+@dataclass
+class Layout:
+    """Folder names of every point and the per-name groups, oldest point first."""
+
+    folders: list[tuple[bytes, dict]] = field(default_factory=list)       # (folder name, point)
+    groups: dict[bytes, list[tuple[bytes, dict]]] = field(default_factory=dict)
+    by_id: dict[str, bytes] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, points: list[dict]) -> "Layout":
+        lay = cls()
+        taken: dict[bytes, int] = {}
+        for p in sorted(points, key=lambda p: (p.get("started", ""), p["id"])):
+            base = time_name(p).encode()
+            n = taken.get(base, 0) + 1
+            taken[base] = n
+            name = base if n == 1 else base + b".%d" % n
+            lay.folders.append((name, p))
+            lay.by_id[p["id"]] = name
+        reserved = set(taken) | {f for f, _ in lay.folders} | {LATEST}
+        for name, p in lay.folders:
+            g = _clean(p.get("name") or "unnamed")
+            if g in reserved:
+                g += b".points"
+            lay.groups.setdefault(g, []).append((name, p))
+        return lay
+
+    def latest_name(self, group: bytes | None = None) -> bytes | None:
+        items = self.folders if group is None else self.groups.get(group, [])
+        if not items:
+            return None
+        best = newest([p for _, p in items])
+        return self.by_id[best["id"]]

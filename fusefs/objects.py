@@ -1,0 +1,159 @@
+"""Fetching data chunks for the mount: batched, coalesced, cached, loaded once.
+
+A 1 MiB FUSE read of a file with 32 KiB chunks needs about 32 objects. Fetching them one by
+one (``Safe.get``: an LMDB transaction, a ``pread`` and a record check each) costs more in
+Python than the bytes themselves, so this module looks the whole batch up in one short LMDB
+read transaction, sorts the records by pack and offset, and reads neighbouring records with
+one ``pread``. Backups write a file's chunks one after the other, so a sequential reader
+usually gets all of a read's records from one ``pread``.
+
+Every record is still checked (header CRC, stored-bytes checksum, expected key, length), so
+damaged bytes are never returned. Anything unexpected — a pack gone because gc or defrag
+moved its objects, a record that fails its check — falls back to ``Safe.get`` for that one
+object, which looks the object up again and raises ``IntegrityError``/``ObjectMissing`` when
+it really is damaged or gone. No LMDB transaction outlives a call.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+
+from pointsafe.cas import IntegrityError, Safe
+from pointsafe.cas.pack import decode_record
+
+from .cache import ByteLRU
+
+# Neighbouring records closer than this are read together (the gap is read and skipped).
+COALESCE_GAP = 64 * 1024
+# Upper bound of one coalesced pread.
+MAX_RUN = 8 * 1024 * 1024
+
+
+class _PackFds:
+    """A small LRU of read-only pack file descriptors."""
+
+    def __init__(self, safe: Safe, limit: int = 32):
+        self.safe = safe
+        self.limit = limit
+        self.fds: OrderedDict[int, int] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def pread(self, pack: int, length: int, offset: int) -> bytes:
+        with self.lock:
+            fd = self.fds.get(pack)
+            if fd is not None:
+                self.fds.move_to_end(pack)
+        if fd is None:
+            fd = os.open(self.safe.pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
+            with self.lock:
+                old = self.fds.get(pack)
+                if old is not None:
+                    os.close(fd)
+                    fd = old
+                else:
+                    self.fds[pack] = fd
+                    while len(self.fds) > self.limit:
+                        os.close(self.fds.popitem(last=False)[1])
+        return os.pread(fd, length, offset)
+
+    def forget(self, pack: int) -> None:
+        with self.lock:
+            fd = self.fds.pop(pack, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        with self.lock:
+            for fd in self.fds.values():
+                os.close(fd)
+            self.fds.clear()
+
+
+class ChunkSource:
+    """Data chunks of one safe through a byte-bounded cache shared by all open files."""
+
+    def __init__(self, safe: Safe, cache_bytes: int):
+        self.safe = safe
+        self.cache: ByteLRU[bytes] = ByteLRU(cache_bytes)
+        self.fds = _PackFds(safe)
+
+    def get_many(self, keys: list[bytes]) -> dict[bytes, bytes]:
+        """The raw bytes of every chunk in ``keys`` (IntegrityError/ObjectMissing on damage)."""
+        found, mine, waits = self.cache.claim(keys)
+        if mine:
+            try:
+                loaded = self._load(mine)
+            except BaseException as e:
+                for k in mine:
+                    self.cache.settle(k, error=e)
+                raise
+            for k in mine:
+                v = loaded.get(k)
+                if isinstance(v, BaseException):
+                    self.cache.settle(k, error=v)
+                else:
+                    self.cache.settle(k, v)
+            for k in mine:
+                v = loaded[k]
+                if isinstance(v, BaseException):
+                    raise v
+                found[k] = v
+        for k, f in waits:
+            found[k] = ByteLRU.wait(f)
+        return found
+
+    def _load(self, keys: list[bytes]) -> dict[bytes, bytes | BaseException]:
+        safe = self.safe
+        idx = safe.index
+        with idx.read() as txn:
+            entries = [(k, idx.get_object(txn, k)) for k in keys]
+        out: dict[bytes, bytes | BaseException] = {}
+        located = []
+        for k, e in entries:
+            if e is None:
+                out[k] = self._single(k)    # raises ObjectMissing, or finds it moved
+            else:
+                located.append((e.pack, e.offset, k, e))
+        located.sort(key=lambda t: (t[0], t[1]))
+        i = 0
+        while i < len(located):
+            pack, start = located[i][0], located[i][1]
+            j = i + 1
+            end = start + located[i][3].record_len
+            while (j < len(located) and located[j][0] == pack
+                   and located[j][1] - end <= COALESCE_GAP
+                   and located[j][1] + located[j][3].record_len - start <= MAX_RUN):
+                end = max(end, located[j][1] + located[j][3].record_len)
+                j += 1
+            try:
+                buf = memoryview(self.fds.pread(pack, end - start, start))
+            except OSError:
+                # The pack is gone or unreadable: gc/defrag moved these objects, or real trouble.
+                self.fds.forget(pack)
+                for _, _, k, _ in located[i:j]:
+                    out[k] = self._single(k)
+                i = j
+                continue
+            for _, off, k, e in located[i:j]:
+                rec = buf[off - start: off - start + e.record_len]
+                try:
+                    _, raw = decode_record(rec, pack, off, rehash=False, expect_key=k)
+                    out[k] = raw
+                except IntegrityError:
+                    out[k] = self._single(k)
+            safe.objects_read += j - i
+            i = j
+        return out
+
+    def _single(self, key: bytes) -> bytes | BaseException:
+        """One object through ``Safe.get`` (which re-looks-up moved objects); errors returned."""
+        try:
+            return self.safe.get(key)
+        except Exception as e:  # IntegrityError, ObjectMissing
+            return e
+
+    def close(self) -> None:
+        self.fds.close()
+

@@ -1,0 +1,182 @@
+"""The pyfuse3 adapter: FUSE request -> ``View`` call -> reply or errno. Nothing else.
+
+Trio rule: the trio thread never blocks on the safe. Anything that may read objects (lookup
+and opendir load a directory; open, read and statfs touch LMDB and packs) runs in a worker
+thread through ``trio.to_thread.run_sync`` under one ``CapacityLimiter``; the view's caches
+make sure a chunk is loaded once even when several of those threads want it. Requests that
+only consult the inode table (getattr, readlink, readdir of an opened directory, xattrs,
+forget) answer on the trio thread.
+
+Every request that would change anything answers EROFS (the mount is also made ``ro``, so
+the kernel usually answers first).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from typing import Callable
+
+import pyfuse3
+import trio
+
+from pointsafe.cas import IntegrityError, ObjectMissing, SafeError
+
+from .view import (BadHandle, Damaged, IsADir, NoAttr, NotADir, NotALink, NotFound, ReadOnly, Stat, View,
+                   ViewError)
+
+log = logging.getLogger("pointsafe.mount")
+
+# The one table from what the view raises to what the caller sees.
+ERRNO: dict[type[BaseException], int] = {
+    NotFound: errno.ENOENT,
+    NotADir: errno.ENOTDIR,
+    IsADir: errno.EISDIR,
+    NotALink: errno.EINVAL,
+    NoAttr: pyfuse3.ENOATTR,
+    ReadOnly: errno.EROFS,
+    Damaged: errno.EIO,
+    BadHandle: errno.EBADF,
+    IntegrityError: errno.EIO,
+    ObjectMissing: errno.EIO,
+    SafeError: errno.EIO,
+}
+
+VIRTUAL_TIMEOUT = 1.0      # the point list can change (new backups, forget)
+POINT_TIMEOUT = 3600.0     # a point's contents never change
+
+
+def _errno(e: BaseException) -> int:
+    for cls in type(e).__mro__:
+        n = ERRNO.get(cls)
+        if n is not None:
+            return n
+    log.error("internal error: %s: %s", type(e).__name__, e, exc_info=e)
+    return errno.EIO
+
+
+def _attrs(st: Stat) -> pyfuse3.EntryAttributes:
+    a = pyfuse3.EntryAttributes()
+    a.st_ino = st.ino
+    a.generation = 0
+    a.entry_timeout = a.attr_timeout = VIRTUAL_TIMEOUT if st.virtual else POINT_TIMEOUT
+    a.st_mode = st.mode
+    a.st_nlink = st.nlink
+    a.st_uid = st.uid
+    a.st_gid = st.gid
+    a.st_rdev = st.rdev
+    a.st_size = st.size
+    a.st_blksize = 128 * 1024
+    a.st_blocks = st.blocks
+    a.st_atime_ns = st.atime_ns
+    a.st_mtime_ns = st.mtime_ns
+    a.st_ctime_ns = st.ctime_ns
+    return a
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 operations over a :class:`View`."""
+
+    enable_acl = True            # pass system.posix_acl_* through; the kernel enforces them
+    supports_dot_lookup = True
+
+    def __init__(self, view: View, threads: int = 8):
+        super().__init__()
+        self.view = view
+        self.limiter = trio.CapacityLimiter(threads)
+
+    async def _thread(self, fn: Callable, *args):
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as e:
+            raise pyfuse3.FUSEError(_errno(e)) from None
+
+    def _here(self, fn: Callable, *args):
+        try:
+            return fn(*args)
+        except Exception as e:
+            raise pyfuse3.FUSEError(_errno(e)) from None
+
+    # -- names and attributes ---------------------------------------------------------------
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        node = await self._thread(self.view.lookup, parent_inode, bytes(name))
+        return _attrs(self.view.stat(node))
+
+    async def forget(self, inode_list):
+        for ino, n in inode_list:
+            self.view.forget(ino, n)
+
+    async def getattr(self, inode, ctx=None):
+        return _attrs(self._here(self.view.getattr, inode))
+
+    async def readlink(self, inode, ctx):
+        return self._here(self.view.readlink, inode)
+
+    async def opendir(self, inode, ctx):
+        return await self._thread(self.view.opendir, inode)
+
+    async def readdir(self, fh, start_id, token):
+        view = self.view
+        try:
+            for name, node, nxt, counted in view.readdir(fh, start_id):
+                if not pyfuse3.readdir_reply(token, name, _attrs(view.stat(node)), nxt):
+                    break
+                if counted:
+                    view.remember(node)
+        except ViewError as e:
+            raise pyfuse3.FUSEError(_errno(e)) from None
+
+    async def releasedir(self, fh):
+        self.view.releasedir(fh)
+
+    async def statfs(self, ctx):
+        d = await self._thread(self.view.statfs)
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = d["bsize"]
+        s.f_blocks, s.f_bfree, s.f_bavail = d["blocks"], d["bfree"], d["bavail"]
+        s.f_files, s.f_ffree, s.f_favail = d["files"], d["ffree"], d["ffree"]
+        s.f_namemax = d["namemax"]
+        return s
+
+    async def access(self, inode, mode, ctx):
+        if mode & os.W_OK:
+            return False
+        return True
+
+    # -- extended attributes ----------------------------------------------------------------
+
+    async def getxattr(self, inode, name, ctx):
+        return self._here(self.view.getxattr, inode, bytes(name))
+
+    async def listxattr(self, inode, ctx):
+        return [n for n, _ in self._here(self.view.xattrs, inode)]
+
+    # -- file contents ----------------------------------------------------------------------
+
+    async def open(self, inode, flags, ctx):
+        fh = await self._thread(self.view.open, inode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    async def read(self, fh, off, size):
+        return await self._thread(self.view.read, fh, off, size)
+
+    async def flush(self, fh):
+        return None
+
+    async def release(self, fh):
+        self.view.release(fh)
+
+    async def fsync(self, fh, datasync):
+        return None
+
+    # -- everything that would write: read-only -----------------------------------------------
+
+    async def _erofs(self, *args, **kwargs):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _erofs
+    write = create = setxattr = removexattr = _erofs
