@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,7 +86,9 @@ def _repair(safe_dir: Path) -> RepairReport:
             idx.put_pack(txn, pid, pe)
             if end < (packs_dir / pack_name(pid)).stat().st_size:
                 os.truncate(packs_dir / pack_name(pid), end)   # a torn tail, never committed
-        idx.put_meta_int(txn, "next_pack", (ids[-1] + 1) if ids else 1)
+        # Pack ids are never reused: past every pack file, and past what the old index had
+        # handed out (gc may have deleted the newest packs).
+        idx.put_meta_int(txn, "next_pack", max((ids[-1] + 1) if ids else 1, _old_next_pack(safe_dir / INDEX_DIR)))
 
         # Tombstones name forgotten points.
         forgotten = set()
@@ -141,6 +144,25 @@ def _read(packs_dir: Path, key: bytes, e: ObjectEntry) -> bytes:
         f.seek(e.offset)
         buf = f.read(e.record_len)
     return decode_record(buf, e.pack, e.offset, rehash=False, expect_key=key)[1]
+
+
+def _old_next_pack(old_dir: Path) -> int:
+    """``meta.next_pack`` of the old index, or 1 when it is missing or unreadable."""
+    import lmdb
+    if not (old_dir / "data.mdb").exists():
+        return 1
+    try:
+        env = lmdb.open(str(old_dir), readonly=True, max_dbs=64, lock=False, subdir=True)
+    except lmdb.Error:
+        return 1
+    try:
+        with env.begin() as rt:
+            v = rt.get(b"next_pack", db=env.open_db(b"meta", txn=rt, create=False))
+            return struct.unpack("<Q", v)[0] if v is not None and len(v) == 8 else 1
+    except lmdb.Error:
+        return 1
+    finally:
+        env.close()
 
 
 def _keep_tables(old_dir: Path, new: Index) -> None:

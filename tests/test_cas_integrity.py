@@ -192,3 +192,31 @@ def _objects(safe):
     from pointsafe.cas.index import ObjectEntry
     with safe.index.read() as t:
         return {bytes(k): ObjectEntry.decode(v) for k, v in t.cursor(db=safe.index.db["objects"])}
+
+
+def test_repair_never_reuses_the_id_of_a_deleted_pack(safe_dir, cli):
+    """gc deleted the newest packs (a crashed backup's orphans); repair must not hand their
+    ids out again."""
+    from pointsafe.cas.relocate import bury_orphans, drop_dead
+    with Safe.open(safe_dir) as safe:
+        with safe.writer() as w:
+            make_point(w, "keep", {b"k": [os.urandom(1000)]})
+            w.flush(seal=True)
+            for _ in range(6):                   # never linked: orphans in packs of their own
+                w.put(Kind.CHUNK, os.urandom(60_000))
+        with safe.writer() as w:
+            assert bury_orphans(w) == 6
+            dropped = drop_dead(w)
+        with safe.index.read() as t:
+            next_pack = safe.index.get_meta_int(t, "next_pack")
+        newest = max(safe.pack_entries())
+    assert dropped.packs_deleted and max(dropped.packs_deleted) > newest
+    r = cli("repair", safe=safe_dir)
+    assert r.code == 0, r.out + r.err
+    with Safe.open(safe_dir) as safe:
+        with safe.writer() as w:
+            w.flush(seal=True)
+        with safe.writer() as w:
+            k = w.put(Kind.CHUNK, os.urandom(5000))
+        assert safe.entry(k).pack >= next_pack
+        assert safe.entry(k).pack not in dropped.packs_deleted
