@@ -35,9 +35,9 @@ class SafeConfig:
     created: str
     compression: str = "zstd:1"        # "none" or "zstd:LEVEL" (1..22)
     block_size: int = 64 * 1024        # fixed block size for volumes
-    chunk_min: int = 8 * 1024          # content-defined chunking of files
-    chunk_avg: int = 32 * 1024
-    chunk_max: int = 128 * 1024
+    chunk_min: int = 16 * 1024         # content-defined chunking of files
+    chunk_avg: int = 64 * 1024
+    chunk_max: int = 256 * 1024
     list_fanout: int = 256             # entries per Merkle list node
     pack_size: int = 64 * 1024 * 1024  # a pack is closed once it passes this size
     quota: dict = field(default_factory=dict)
