@@ -325,3 +325,88 @@ def check_prefix(rows: list[tuple], low: int, high: int, what: str) -> int:
         assert (data, csum) == payload(i), f"{what}: row {i} content"
     assert low <= n <= high, f"{what}: {n} rows, expected between {low} and {high}"
     return n
+
+
+# ----------------------------------------------------------------------------------- points
+
+def cli_has(command: str) -> bool:
+    """Whether ``pointsafe COMMAND`` exists in this checkout."""
+    from pointsafe.cli.main import build_parser
+    p = build_parser()
+    for a in p._actions:
+        if getattr(a, "choices", None) and isinstance(a.choices, dict):
+            return command in a.choices
+    return False
+
+
+def backup(run_cli, safe: Path, source: Path, *args) -> tuple[int, dict | None, str]:
+    """``pointsafe backup SOURCE --name db ARGS --json``: (exit code, point record, stderr)."""
+    import json
+    r = run_cli("backup", source, "--name", "db", *args, "--json", safe=safe)
+    point = json.loads(r.out) if r.code in (0, 3) and r.out.strip() else None
+    return r.code, point, r.err
+
+
+class PointFiles:
+    """The files of a point, through ``pointsafe mount MOUNTPOINT POINT`` (read-only FUSE).
+
+    A context manager yielding the directory that shows the point's tree; always unmounted.
+    """
+
+    def __init__(self, run_cli, safe: Path, point_id: str):
+        self.run_cli, self.safe, self.point_id = run_cli, safe, point_id
+        self.dir = new_dir("ps-mnt-")
+
+    def __enter__(self) -> Path:
+        r = self.run_cli("mount", self.dir, self.point_id, safe=self.safe, timeout=60)
+        if r.code != 0:
+            raise AssertionError(f"pointsafe mount failed ({r.code}): {r.err}")
+        _wait(lambda: os.path.ismount(self.dir), 30, "the mount did not appear")
+        return self.dir
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.run_cli("umount", self.dir, safe=self.safe, timeout=60)
+        finally:
+            if os.path.ismount(self.dir):
+                subprocess.run(["fusermount3", "-u", "-z", str(self.dir)], capture_output=True)
+            try:
+                os.rmdir(self.dir)
+            except OSError:
+                pass
+
+
+class RestoredFiles:
+    """Fallback while ``pointsafe mount`` does not exist: ``pointsafe restore POINT TARGET``."""
+
+    def __init__(self, run_cli, safe: Path, point_id: str):
+        self.run_cli, self.safe, self.point_id = run_cli, safe, point_id
+        self.dir = new_dir("ps-rst-")
+
+    def __enter__(self) -> Path:
+        target = self.dir / "point"
+        r = self.run_cli("restore", self.point_id, target, safe=self.safe, timeout=300)
+        if r.code != 0:
+            raise AssertionError(f"pointsafe restore failed ({r.code}): {r.err}")
+        return target
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def point_files(run_cli, safe: Path, point_id: str):
+    return (PointFiles if cli_has("mount") else RestoredFiles)(run_cli, safe, point_id)
+
+
+def copy_out(src: Path, dst: Path) -> None:
+    """RESTORE.md's copy step: ``cp -a SRC/. DST/`` (keeps modes, owners, times, links)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["cp", "-a", f"{src}/.", f"{dst}/"], check=True, capture_output=True, timeout=300)
+
+
+def points(run_cli, safe: Path) -> list:
+    import json
+    r = run_cli("points", "--json", safe=safe)
+    assert r.code == 0, r.err
+    data = json.loads(r.out)
+    return data if isinstance(data, list) else data.get("points", [])
