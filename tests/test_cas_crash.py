@@ -101,3 +101,34 @@ def test_sigkill_at_random_moments_keeps_every_commit(safe_dir, cli):
         indexed = set(safe.pack_entries())
         on_disk = {int(p.name[:16], 16) for p in safe.packs_dir.iterdir()}
         assert on_disk == indexed
+
+
+def test_sigkill_during_repair_leaves_a_safe_that_repair_finishes(safe_dir):
+    from _cas_util import make_point
+    from pointsafe.cas import NotASafe, repair
+    rng = random.Random(5)
+    with Safe.open(safe_dir) as safe:
+        with safe.writer() as w:
+            pts = [make_point(w, "r", {f"f{j}".encode(): [rng.randbytes(rng.randint(10, 3000)) for _ in range(8)]
+                                       for j in range(40)}) for _ in range(8)]
+    t = time.monotonic()
+    repair(safe_dir)
+    took = time.monotonic() - t
+    for trial in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", "import sys; from pointsafe.cas import repair; "
+                                 "print('go', flush=True); repair(sys.argv[1])", str(safe_dir)],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert proc.stdout.readline() == b"go\n"
+        time.sleep(rng.uniform(0, took))        # somewhere inside the rebuild or the swap
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        proc.stdout.close()
+        try:
+            Safe.open(safe_dir).close()        # the old index, the new one, or none ...
+        except NotASafe as e:
+            assert "repair" in str(e)          # ... and then the message says what to do
+        repair(safe_dir)
+        with Safe.open(safe_dir) as safe:
+            assert {p["id"] for p in safe.points()} == {p["id"] for p in pts}
+            assert verify(safe, data=True).ok
+        assert not (safe_dir / "index.rebuild").exists() and not (safe_dir / "index.old").exists()

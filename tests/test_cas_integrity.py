@@ -220,3 +220,15 @@ def test_repair_never_reuses_the_id_of_a_deleted_pack(safe_dir, cli):
             k = w.put(Kind.CHUNK, os.urandom(5000))
         assert safe.entry(k).pack >= next_pack
         assert safe.entry(k).pack not in dropped.packs_deleted
+
+
+def test_missing_pack_is_found_by_verify_and_reads(filled, cli):
+    safe_dir, f = filled
+    victim = f["chunks"][0]
+    with Safe.open(safe_dir) as safe:
+        path, e = _chunk_entry(safe, victim)
+        path.unlink()
+        with pytest.raises(IntegrityError, match="missing"):
+            safe.get(object_key(Kind.CHUNK, victim))
+    r = cli("verify", safe=safe_dir)
+    assert r.code == 1 and f"pack {pack_name(e.pack)} is missing" in r.out, r.out
