@@ -17,6 +17,7 @@ A failure after 3 leaves only unreferenced objects, which ``gc`` reclaims.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -89,15 +90,26 @@ def check_source(safe: Safe, source: str, volume: bool) -> tuple[Path, os.stat_r
     raise UsageError(f"{source}: is neither a directory, a block device nor a disk image")
 
 
-def run_hook(cmd: str, env: dict, what: str) -> None:
+def run_hook(cmd: str, env: dict, what: str, timeout: float = 3600) -> None:
+    """Run a hook in its own process group; if pointsafe is interrupted or the hook times
+    out, the whole group is killed (no orphaned children)."""
+    proc = subprocess.Popen(cmd, shell=True, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
     try:
-        r = subprocess.run(cmd, shell=True, env={**os.environ, **env}, capture_output=True, timeout=3600)
-    except subprocess.TimeoutExpired:
-        raise HookFailed(f"{what} {cmd!r} timed out after an hour") from None
-    if r.returncode != 0:
-        tail = (r.stderr or r.stdout).decode(errors="replace").strip().splitlines()
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException as e:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        if isinstance(e, subprocess.TimeoutExpired):
+            raise HookFailed(f"{what} {cmd!r} timed out after {timeout:.0f} s") from None
+        raise
+    if proc.returncode != 0:
+        tail = (err or out).decode(errors="replace").strip().splitlines()
         detail = f": {tail[-1]}" if tail else ""
-        raise HookFailed(f"{what} {cmd!r} failed with exit code {r.returncode}{detail}")
+        raise HookFailed(f"{what} {cmd!r} failed with exit code {proc.returncode}{detail}")
 
 
 def previous_point(safe: Safe, name: str, kind: str) -> dict | None:
@@ -200,11 +212,12 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
     for c in active:
         c.files_read()
     if kind == "tree" and active:
-        w.flush()  # grafting reads the tree just written back from the index
         for c in active:
             for rel, content in c.extra_files():
                 data = content if isinstance(content, bytes) else Path(content).read_bytes()
+                w.flush()  # grafting reads the tree just written (or just grafted) back from the index
                 root = graft(safe, w, root, os.fsencode(rel), data)
+    if kind == "tree":
         record["size"] = pipe.stats.size
     if active:
         record["consistency"] = {c.name: c.info() for c in active}

@@ -15,7 +15,8 @@ import errno
 import os
 import stat
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -45,91 +46,137 @@ def _safe_name(name: bytes) -> bool:
 
 
 class Restorer:
+    """Restores one point. Files are written by a pool of threads (file creation, writes and
+    decompression all release the GIL); directories are created in walk order by the calling
+    thread; hardlinks and directory metadata are applied once every file is in place."""
+
     def __init__(self, safe: Safe, force: bool = False, progress: Callable[[int], None] | None = None,
-                 workers: int = 2):
+                 workers: int = 4):
         self.safe = safe
         self.force = force
         self.progress = progress or (lambda n: None)
         self.stats = RestoreStats()
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pointsafe-restore")
+        self.fetch = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pointsafe-fetch")
+        self.jobs = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pointsafe-restore")
+        self.slots = threading.Semaphore(workers * 16)   # bounds the queued file jobs
+        self.pending: list[Future] = []
+        self.lock = threading.Lock()
         self.nodes = NodeCache(1024)
-        self.link_paths: dict[int, bytes] = {}  # link group -> absolute path of the first copy
+        self.first_link: dict[int, bytes] = {}          # link group -> path of the first copy
+        self.links: list[tuple[bytes, Entry]] = []      # (path, entry) of later copies
+        self.dirs: list[tuple[bytes, Entry]] = []       # directories, in creation order
         self.is_root = os.geteuid() == 0
 
     def warn(self, path: bytes, message: str) -> None:
-        self.stats.warnings.append({"path": path.decode("utf-8", "backslashreplace"), "message": message})
+        with self.lock:
+            self.stats.warnings.append({"path": path.decode("utf-8", "backslashreplace"), "message": message})
+
+    def _count(self, **kw) -> None:
+        with self.lock:
+            for k, v in kw.items():
+                setattr(self.stats, k, getattr(self.stats, k) + v)
 
     # -- blobs --------------------------------------------------------------------------
 
     def reader(self, e: Entry) -> BlobReader:
         return BlobReader(e.ref, e.size, self.safe.get, lambda k: self.safe.entry(k).kind, self.nodes)
 
-    def write_blob(self, fd: int, r: BlobReader) -> None:
+    def write_blob(self, fd: int, r: BlobReader, prefetch: bool = True) -> None:
         """Write a blob into ``fd`` from offset 0, skipping holes; chunks fetched ahead."""
         window: deque = deque()
+        written = 0
 
-        def drain(one: bool) -> None:
-            while window and (not one or len(window) >= PREFETCH):
-                off, fut = window.popleft()
-                data = fut.result()
-                os.pwrite(fd, data, off)
-                self.stats.bytes_written += len(data)
-                self.progress(len(data))
-                if one:
-                    return
+        def put(off: int, data: bytes) -> None:
+            nonlocal written
+            os.pwrite(fd, data, off)
+            written += len(data)
+            self.progress(len(data))
 
         for off, length, key in r.extents():
             if key is None:
                 continue
-            window.append((off, self.pool.submit(self.safe.get, key)))
+            if not prefetch:
+                put(off, self.safe.get(key))
+                continue
+            window.append((off, self.fetch.submit(self.safe.get, key)))
             if len(window) >= PREFETCH:
-                drain(True)
-        drain(False)
+                o, fut = window.popleft()
+                put(o, fut.result())
+        while window:
+            o, fut = window.popleft()
+            put(o, fut.result())
         os.ftruncate(fd, r.size)
+        self._count(bytes_written=written)
 
     # -- trees --------------------------------------------------------------------------
 
     def restore_tree(self, point: dict, target: Path, subpath: str | None = None) -> RestoreStats:
         _prepare_target(target, self.force, want_dir=True)
-        top = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        top = os.fsencode(str(target.resolve()))
         try:
             if not subpath or not split_path(subpath):
                 root = root_entry(point)
                 self._restore_dir_contents(top, root, b"")
-                self._apply_meta(top, None, root, b".")
+                self.dirs.append((top, root))
             else:
                 parts = split_path(subpath)
-                dfd = top
-                opened = []
+                path = top
                 # Intermediate directories get their stored metadata too.
                 for i in range(len(parts) - 1):
                     d = lookup(self.safe, point, b"/".join(parts[:i + 1]))
                     if d.type != DIR:
                         raise UsageError(f"{subpath}: {parts[i].decode(errors='replace')} is not a directory")
-                    dfd = self._mkdir(dfd, d, b"/".join(parts[:i + 1]))
-                    opened.append((dfd, d))
+                    path = self._mkdir(path, d, b"/".join(parts[:i + 1]))
+                    self.dirs.append((path, d))
                 e = lookup(self.safe, point, subpath)
-                self._restore_entry(dfd, e, b"/".join(parts))
-                for fd, d in reversed(opened):
-                    self._apply_meta(fd, None, d, d.name)
-                    os.close(fd)
+                self._restore_entry(path, e, b"/".join(parts))
+            self._finish()
         finally:
-            os.close(top)
-            self.pool.shutdown()
+            self.jobs.shutdown(cancel_futures=True)
+            self.fetch.shutdown(cancel_futures=True)
         return self.stats
 
-    def _mkdir(self, dfd: int, e: Entry, path: bytes) -> int:
+    def _finish(self) -> None:
+        for f in self.pending:
+            f.result()
+        self.pending.clear()
+        for path, e in self.links:
+            try:
+                first = self.first_link.get(e.link_group)
+                if first is None:
+                    raise OSError(errno.ENOENT, "the first copy of this hardlink was not restored")
+                os.link(first, path, follow_symlinks=False)
+                self._count(files=1)
+            except OSError as err:
+                self.warn(path, f"cannot restore hardlink: {err.strerror}")
+        # Children before parents, so that writing into a directory does not move its mtime.
+        for path, e in reversed(self.dirs):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError as err:
+                self.warn(path, f"cannot set directory metadata: {err.strerror}")
+                continue
+            try:
+                self._apply_meta(fd, path, e)
+            finally:
+                os.close(fd)
+
+    def _mkdir(self, parent: bytes, e: Entry, rel: bytes) -> bytes:
+        path = parent + b"/" + e.name
         try:
-            os.mkdir(e.name, 0o700, dir_fd=dfd)
+            os.mkdir(path, 0o700)
         except FileExistsError:
             if not self.force:
-                raise SafeError(f"{path.decode(errors='replace')}: already exists in the target")
-        return os.open(e.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                raise SafeError(f"{rel.decode(errors='replace')}: already exists in the target")
+        # Refuse to descend through anything but a real directory (never a symlink).
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        os.close(fd)
+        return path
 
-    def _restore_dir_contents(self, dfd: int, d: Entry, path: bytes) -> None:
+    def _restore_dir_contents(self, dirpath: bytes, d: Entry, rel: bytes) -> None:
         seen: set[bytes] = set()
         for c in children(self.safe, d):
-            p = path + b"/" + c.name if path else c.name
+            p = rel + b"/" + c.name if rel else c.name
             if not _safe_name(c.name):
                 self.warn(p, "refused an entry whose name would escape the target")
                 continue
@@ -137,79 +184,81 @@ class Restorer:
                 self.warn(p, "refused a second entry with the same name")
                 continue
             seen.add(c.name)
-            self._restore_entry(dfd, c, p)
+            self._restore_entry(dirpath, c, p)
 
-    def _restore_entry(self, dfd: int, e: Entry, path: bytes) -> None:
+    def _restore_entry(self, dirpath: bytes, e: Entry, rel: bytes) -> None:
+        path = dirpath + b"/" + e.name
         try:
             if e.type == DIR:
-                fd = self._mkdir(dfd, e, path)
-                try:
-                    self._restore_dir_contents(fd, e, path)
-                    self._apply_meta(fd, None, e, path)
-                finally:
-                    os.close(fd)
-                self.stats.dirs += 1
+                self._mkdir(dirpath, e, rel)
+                self._restore_dir_contents(path, e, rel)
+                self.dirs.append((path, e))
+                self._count(dirs=1)
                 return
             if self.force:
-                _remove_existing(dfd, e.name)
+                _remove_existing(path)
             if e.type == REG:
-                self._restore_file(dfd, e, path)
+                if e.link_group and e.link_group in self.first_link:
+                    self.links.append((path, e))
+                    return
+                if e.link_group:
+                    self.first_link[e.link_group] = path
+                self.slots.acquire()
+                fut = self.jobs.submit(self._file_job, path, e)
+                fut.add_done_callback(lambda f: self.slots.release())
+                self.pending.append(fut)
+                if len(self.pending) > 4096:
+                    self.pending = [f for f in self.pending if not f.done()]
                 return
             if e.type == LNK:
-                os.symlink(e.target, e.name, dir_fd=dfd)
+                os.symlink(e.target, path)
             elif e.type in (FIFO, CHR, BLK, SOCK):
                 kind = {FIFO: stat.S_IFIFO, CHR: stat.S_IFCHR, BLK: stat.S_IFBLK, SOCK: stat.S_IFSOCK}[e.type]
-                os.mknod(e.name, kind | 0o600, e.rdev, dir_fd=dfd)
-            self._apply_meta(None, dfd, e, path)
-            self.stats.other += 1
+                os.mknod(path, kind | 0o600, e.rdev)
+            self._apply_meta(None, path, e)
+            self._count(other=1)
+        except OSError as err:
+            self.warn(rel, f"cannot restore: {err.strerror}")
+
+    def _file_job(self, path: bytes, e: Entry) -> None:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as err:
             self.warn(path, f"cannot restore: {err.strerror}")
-
-    def _restore_file(self, dfd: int, e: Entry, path: bytes) -> None:
-        if e.link_group and e.link_group in self.link_paths:
-            os.link(self.link_paths[e.link_group], e.name, dst_dir_fd=dfd, follow_symlinks=False)
-            self.stats.files += 1
             return
-        fd = os.open(e.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
         try:
             if e.size:
-                self.write_blob(fd, self.reader(e))
-            self._apply_meta(fd, None, e, path)
+                self.write_blob(fd, self.reader(e), prefetch=e.size > (1 << 20))
+            self._apply_meta(fd, path, e)
+            self._count(files=1)
+        except SafeError as err:
+            self.warn(path, f"cannot restore: {err}")
+        except OSError as err:
+            self.warn(path, f"cannot restore: {err.strerror}")
         finally:
             os.close(fd)
-        if e.link_group:
-            self.link_paths[e.link_group] = self._abs(dfd, e.name)
-        self.stats.files += 1
 
-    @staticmethod
-    def _abs(dfd: int, name: bytes) -> bytes:
-        return os.fsencode(os.readlink(f"/proc/self/fd/{dfd}")) + b"/" + name
-
-    def _apply_meta(self, fd: int | None, dfd: int | None, e: Entry, path: bytes) -> None:
-        """Set xattrs, owner, mode and times, on ``fd`` or on ``e.name`` in ``dfd``."""
-        target = fd if fd is not None else e.name
-        kw = {} if fd is not None else {"dir_fd": dfd, "follow_symlinks": False}
+    def _apply_meta(self, fd: int | None, path: bytes, e: Entry) -> None:
+        """Set xattrs, owner, mode and times, on ``fd`` or on ``path`` (never following it)."""
+        target = fd if fd is not None else path
+        nofollow = {} if fd is not None else {"follow_symlinks": False}
         for n, v in e.xattrs:
             try:
-                if fd is not None:
-                    os.setxattr(fd, n, v)
-                else:
-                    # xattr calls take no dir_fd: go through /proc for the parent directory.
-                    os.setxattr(self._abs(dfd, e.name), n, v, follow_symlinks=False)
+                os.setxattr(target, n, v, **nofollow)
             except OSError as err:
                 self.warn(path, f"cannot set extended attribute {n.decode(errors='replace')}: {err.strerror}")
         if self.is_root:
             try:
-                os.chown(target, e.uid, e.gid, **kw)
+                os.chown(target, e.uid, e.gid, **nofollow)
             except OSError as err:
                 self.warn(path, f"cannot set owner {e.uid}:{e.gid}: {err.strerror}")
         if e.type != LNK:
             try:
-                os.chmod(target, e.mode, **({} if fd is not None else {"dir_fd": dfd}))
+                os.chmod(target, e.mode)
             except OSError as err:
                 self.warn(path, f"cannot set mode: {err.strerror}")
         try:
-            os.utime(target, ns=(e.atime_ns, e.mtime_ns), **kw)
+            os.utime(target, ns=(e.atime_ns, e.mtime_ns), **nofollow)
         except OSError as err:
             self.warn(path, f"cannot set times: {err.strerror}")
 
@@ -253,7 +302,8 @@ class Restorer:
             os.fsync(fd)
         finally:
             os.close(fd)
-            self.pool.shutdown()
+            self.fetch.shutdown()
+            self.jobs.shutdown()
         self.stats.files = 1
         return self.stats
 
@@ -273,14 +323,14 @@ def _prepare_target(target: Path, force: bool, want_dir: bool) -> None:
         raise UsageError(f"{target}: is not empty; restore into a new or empty directory, or add --force")
 
 
-def _remove_existing(dfd: int, name: bytes) -> None:
+def _remove_existing(path: bytes) -> None:
     try:
-        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        st = os.lstat(path)
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
-        raise SafeError(f"{name.decode(errors='replace')}: a directory is in the way")
-    os.unlink(name, dir_fd=dfd)
+        raise SafeError(f"{path.decode(errors='replace')}: a directory is in the way")
+    os.unlink(path)
 
 
 def restore(safe: Safe, point: dict, target: str, subpath: str | None = None, force: bool = False,
