@@ -125,7 +125,10 @@ def release_lock(f) -> None:
         f.truncate()
     except OSError:
         pass
-    f.close()
+    try:
+        f.close()
+    except OSError:
+        pass  # a full disk cannot flush the holder note; the lock goes with the descriptor
 
 
 class _PackFiles:

@@ -21,9 +21,11 @@ from .common import EXIT_ERROR, add_common
 # Command modules, in the order their commands appear in --help.
 COMMAND_MODULES = [
     "cmd_safe",      # init, verify, repair
-    "cmd_ops",       # tasks, status, alerts, report, config
-    "cmd_gc",        # forget, gc, defrag
+    "cmd_backup",    # backup
+    "cmd_points",    # points, show, ls, diff, restore
     "cmd_mount",     # mount, umount
+    "cmd_gc",        # forget, gc, defrag
+    "cmd_ops",       # tasks, status, alerts, report, config
 ]
 
 DESCRIPTION = """\
