@@ -15,7 +15,7 @@ from pointsafe.cas import Kind, Safe, object_key, verify
 
 from _cas_util import TESTS, check_object, check_point
 
-TRIALS = 36
+TRIALS = 30
 
 
 def _read_log(path: Path) -> list[tuple[str, str]]:
