@@ -154,6 +154,7 @@ def main() -> int:
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="pointsafe-bench-", dir=args.dir))
     results = {}
+    load_before = os.getloadavg()[0]
     try:
         for kind in ("random", "text"):
             objs = make_objects(kind, args.mib)
@@ -174,13 +175,14 @@ def main() -> int:
     finally:
         shutil.rmtree(base, ignore_errors=True)
     where = args.dir or tempfile.gettempdir()
+    load = f"{load_before:.1f} -> {os.getloadavg()[0]:.1f}"   # the machine is shared: say how busy it was
     if args.json:
         json.dump({"object_bytes": OBJ, "mib": args.mib, "zstd_level": args.level, "dir": where,
-                   "repeat": args.repeat, "results": results}, sys.stdout, indent=2)
+                   "repeat": args.repeat, "load_average": load, "results": results}, sys.stdout, indent=2)
         print()
     else:
         print(f"64 KiB objects, {args.mib} MiB per kind, zstd level {args.level}, safes in {where}, "
-              f"best of {args.repeat}; MB/s of raw bytes")
+              f"best of {args.repeat}, load average {load}; MB/s of raw bytes")
         cols = ["raw_1", "raw_2", "put_1", "put_2", "reput_2", "get_1", "get_2"]
         print(f"{'data':8} {'ratio':>6} " + " ".join(f"{c:>8}" for c in cols) + "  put_2/raw_2")
         for kind, r in results.items():
