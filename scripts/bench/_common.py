@@ -209,6 +209,29 @@ def tool_version(cmd: Sequence[str]) -> str:
         return "unknown"
 
 
+def pyspy_summary(path: str | os.PathLike, top: int = 15) -> str:
+    """Where the time went, from ``py-spy record -f raw --threads --idle`` output: per thread,
+    its share of the samples, then the lines that were on top of the stack most often (a
+    thread blocked in a lock or a syscall counts at the line that waits)."""
+    import collections
+    import re
+    threads: collections.Counter = collections.Counter()
+    leaf: collections.Counter = collections.Counter()
+    total = 0
+    for line in Path(path).read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        frames = stack.split(";")
+        th = re.sub(r"_\d+$", "", re.sub(r"^thread \(\d+\): ", "", frames[0]))
+        total += int(n)
+        threads[th] += int(n)
+        leaf[(th, frames[-1] if len(frames) > 1 else "?")] += int(n)
+    if not total:
+        return "no samples"
+    out = ["threads: " + ", ".join(f"{t} {100 * n / total:.0f}%" for t, n in threads.most_common())]
+    out += [f"{100 * n / total:5.1f}%  {t:22s} {f}" for (t, f), n in leaf.most_common(top)]
+    return "\n".join(out)
+
+
 @dataclass
 class Timer:
     """A wall-clock stopwatch for phases of a script that are not child processes."""

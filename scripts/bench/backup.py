@@ -45,7 +45,8 @@ import blake3
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data as dataset  # noqa: E402
 from _common import (Run, disk_usage, drop_caches, human_bytes, human_secs, log,  # noqa: E402
-                     machine_info, markdown_table, parse_size, run, tool_version, write_json)
+                     machine_info, markdown_table, parse_size, pyspy_summary, run, tool_version,
+                     write_json)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ALL_TOOLS = ["pointsafe", "pointsafe-vol", "restic", "borg"]
@@ -108,8 +109,9 @@ class Pointsafe(Tool):
     def parse(self, step, r):
         if not step.startswith("backup"):
             return {}
+        text = "\n".join(x for x in r.stdout.splitlines() if not x.startswith("py-spy>"))
         try:
-            point = json.loads(r.stdout)
+            point = json.loads(text)
         except ValueError:
             return {}
         st = point.get("stats", {}) if isinstance(point, dict) else {}
@@ -257,13 +259,32 @@ def verify(tool: Tool, target: Path, expected: dict[str, Any]) -> dict[str, Any]
 
 # --------------------------------------------------------------------------- the run
 
+def pyspy() -> str:
+    exe = REPO_ROOT / ".venv" / "bin" / "py-spy"
+    return str(exe) if exe.exists() else "py-spy"
+
+
+def loadavg() -> float | None:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def measure(tool: Tool, step: str, *, cold: bool, timeout: float,
-            target: Path | None = None) -> dict[str, Any]:
+            target: Path | None = None, profile: Path | None = None) -> dict[str, Any]:
     argv, cwd = tool.commands(step, target)
+    prof_out = None
+    if profile and tool.name.startswith("pointsafe") and step != "init":
+        prof_out = profile / f"{tool.name}-{step}.txt"
+        argv = [pyspy(), "record", "-r", "100", "-f", "raw", "--threads", "--idle",
+                "-o", str(prof_out), "--"] + argv
+    load = loadavg()
     dropped = drop_caches() if cold else False
     r = run(argv, cwd=cwd, env=tool.env, timeout=timeout)
     os.sync()
-    res: dict[str, Any] = {"code": r.code, "wall": round(r.wall, 3), "cpu": round(r.cpu, 3),
+    res: dict[str, Any] = {"loadavg_before": load, "profiled": bool(prof_out),
+                           "code": r.code, "wall": round(r.wall, 3), "cpu": round(r.cpu, 3),
                            "user": round(r.user, 3), "sys": round(r.sys, 3), "maxrss": r.maxrss,
                            "cold": dropped, "repo_size": disk_usage(tool.repo),
                            "cache_size": sum(disk_usage(d) for d in tool.cache_dirs()),
@@ -276,8 +297,12 @@ def measure(tool: Tool, step: str, *, cold: bool, timeout: float,
     elif r.code == 3:
         res["warnings"] = r.stderr.strip()[-600:]
     log(f"{tool.name:14s} {step:8s} {human_secs(r.wall):>8s}  cpu {human_secs(r.cpu):>8s}  "
-        f"rss {human_bytes(r.maxrss):>10s}  repo {human_bytes(res['repo_size']):>10s}"
+        f"rss {human_bytes(r.maxrss):>10s}  repo {human_bytes(res['repo_size']):>10s}  load {load}"
         + (f"  ERROR {res['error'][:300]}" if "error" in res else ""))
+    if prof_out and prof_out.exists():
+        res["profile"] = str(prof_out)
+        res["profile_summary"] = pyspy_summary(prof_out)
+        log(f"profile of {tool.name} {step} ({prof_out}):\n{res['profile_summary']}")
     return res
 
 
@@ -306,6 +331,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     result["dataset"]["path"] = str(data_dir)
     failed: set[str] = set()
     cold = not args.warm
+    profile = Path(args.profile).resolve() if args.profile else None
+    if profile:
+        if not Path(pyspy()).exists() and not shutil.which(pyspy()):
+            raise SystemExit("backup.py: --profile needs py-spy (.venv/bin/pip install py-spy)")
+        profile.mkdir(parents=True, exist_ok=True)
+        result["profiled"] = True
     if cold and not drop_caches():
         log("cannot drop caches (not root?): runs are warm")
         cold = False
@@ -315,7 +346,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for t in tools:
             if t.name in failed:
                 continue
-            res = measure(t, step, cold=cold and step != "init", timeout=args.timeout, **kw)
+            res = measure(t, step, cold=cold and step != "init", timeout=args.timeout,
+                          profile=profile, **kw)
             result["results"][t.name][step] = res
             if "error" in res:
                 failed.add(t.name)
@@ -337,7 +369,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             target = work / f"{t.name}-restore"
             target.mkdir()
-            res = measure(t, "restore", cold=cold, timeout=args.timeout, target=target)
+            res = measure(t, "restore", cold=cold, timeout=args.timeout, target=target,
+                          profile=profile)
             if "error" not in res:
                 res["verify"] = verify(t, target, expected)
                 if not res["verify"]["ok"]:
@@ -387,6 +420,8 @@ def report(result: dict[str, Any]) -> str:
         + (f"The change: {ch['writes']} scattered 64 KiB overwrites = {human_bytes(ch['bytes'])} "
            f"({ch['fraction']:.0%} of the data; {ch['image_writes']} of them inside the image)."
            if ch else ""))
+    if result.get("profiled"):
+        lines.append("**pointsafe ran under py-spy in this run: its times and memory are not comparable.**")
     lines.append("")
     # times
     hdr = ["step"] + main + [f"pointsafe/{p}" for p in peers if "pointsafe" in res]
@@ -529,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep repositories and restored trees")
     ap.add_argument("--warm", action="store_true", help="do not drop the page cache before steps")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per command (default 3600)")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="run pointsafe's steps under py-spy (raw stacks into DIR, a summary in the "
+                         "log and JSON); slows pointsafe, so its figures are not comparable then")
     ap.add_argument("--json", metavar="OUT", help="write every figure as JSON to OUT")
     ap.add_argument("--markdown", metavar="OUT", help="write the tables as markdown to OUT")
     args = ap.parse_args(argv)
