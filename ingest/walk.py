@@ -105,8 +105,7 @@ class TreeWalker:
     def _walk_dir(self, path: bytes, rel: bytes, prev_tree: bytes | None) -> None:
         prev = self._prev_entries(prev_tree)
         try:
-            with os.scandir(path) as it:
-                names = sorted(d.name for d in it)
+            names = _list_dir(path)
         except OSError as e:
             self.warn(path, f"cannot read directory: {e.strerror}; stored as empty")
             return
@@ -134,11 +133,20 @@ class TreeWalker:
             elif e.type == REG:
                 self._file(child, e, p)
             elif e.type == LNK:
-                try:
-                    e.target = os.readlink(child)
-                except OSError as err:
-                    self.warn(child, f"cannot read symlink: {err.strerror}")
-                    continue
+                if (p is not None and p.type == LNK and
+                        (p.dev, p.ino, p.size, p.mtime_ns, p.ctime_ns) == (e.dev, e.ino, e.size, e.mtime_ns, e.ctime_ns)):
+                    e.target = p.target   # unchanged: readlink would move its atime again
+                else:
+                    try:
+                        e.target = os.readlink(child)
+                        # readlink has no O_NOATIME: record the atime it leaves (relatime moved
+                        # it at most once), or the next backup would see the link changed.
+                        st2 = os.lstat(child)
+                        if (st2.st_ino, st2.st_ctime_ns) == (st.st_ino, st.st_ctime_ns):
+                            e.atime_ns = st2.st_atime_ns
+                    except OSError as err:
+                        self.warn(child, f"cannot read symlink: {err.strerror}")
+                        continue
                 e.size = len(e.target)
                 e.xattrs = self._xattrs(child, e, p)
                 self.pipe.entry(e)
@@ -214,6 +222,21 @@ class TreeWalker:
         finally:
             os.close(fd)
         return True
+
+
+def _list_dir(path: bytes) -> list[bytes]:
+    """The names in a directory, sorted. Listed through an O_NOATIME descriptor: under relatime
+    a listing moves the directory's atime (once a day), and the next backup would then see every
+    directory changed and rewrite every tree node, whatever changed."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | _O_NOATIME)
+    except PermissionError:   # O_NOATIME needs ownership or CAP_FOWNER
+        fd = os.open(path, flags)
+    try:
+        return sorted(os.fsencode(n) for n in os.listdir(fd))
+    finally:
+        os.close(fd)
 
 
 def _group_of(e: Entry) -> int:

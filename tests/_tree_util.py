@@ -19,15 +19,17 @@ AssertionError listing every difference (paths shown with backslash escapes). Co
 ctime and inode numbers are never compared: nothing can restore them.
 
 Why atime can be compared at all. Under ``relatime`` (this machine's root filesystem) reading a
-directory or a file updates its atime when the atime is not newer than its mtime and ctime, or
-is older than 24 h. The walker reads file contents with O_NOATIME and stats every directory
-before listing it, so the walk itself never changes what it records. The backup's own
-directory listings can, though. So:
+directory or a file moves its atime when the atime is not newer than its mtime and ctime, or is
+older than 24 h. The walker lists directories and reads files through O_NOATIME descriptors, so
+it moves nothing (and without that privilege it stats before it looks). pointsafe's backup does
+the same, but readlink(2) has no O_NOATIME: a symlink's atime moves on its first backup (the
+point records the atime the link has afterwards). So that trees compare exactly anyway:
 
 - ``make_tree`` gives every entry an atime a few hours in the *future* (newer than its mtime and
   its ctime, which is the time of our own utime call), so relatime never touches it; and
 - for a tree we did not make (a system tree), call ``settle_atimes(path)`` once before the backup:
-  it lists every directory, so every atime relatime wants to move moves now, and stays put after.
+  it lists every directory and reads every link, so every atime relatime wants to move moves
+  now, and stays put for a day.
 """
 
 from __future__ import annotations
@@ -97,11 +99,27 @@ def _digest(path: bytes) -> bytes:
     return h.digest()
 
 
+def _listdir(path: bytes) -> list[bytes]:
+    """Sorted names, listed through an O_NOATIME descriptor so that the listing leaves the
+    directory's atime alone (O_NOATIME needs ownership or CAP_FOWNER; else plain)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | _O_NOATIME)
+    except PermissionError:
+        fd = os.open(path, flags)
+    try:
+        return sorted(os.fsencode(n) for n in os.listdir(fd))
+    finally:
+        os.close(fd)
+
+
 def snapshot(root: str | os.PathLike | bytes, contents: bool = True) -> dict[bytes, Node]:
     """Every entry below ``root`` (and root itself as b""), keyed by relative path.
 
-    Each directory is stat'ed before it is listed; all stats are taken before any file is read
-    (and reads use O_NOATIME), so taking a snapshot does not change the atimes it records.
+    Directories are listed and files read through O_NOATIME descriptors (as root, or as the
+    owner), so taking a snapshot changes no atime; without that privilege, each directory is
+    still stat'ed before it is listed and all stats come before any read, so the snapshot
+    records the atimes from before it looked.
     """
     top = os.fsencode(os.fspath(root))
     nodes: dict[bytes, Node] = {}
@@ -113,7 +131,7 @@ def snapshot(root: str | os.PathLike | bytes, contents: bool = True) -> dict[byt
         if stat.S_ISLNK(st.st_mode):
             n.target = os.readlink(full)
         elif stat.S_ISDIR(st.st_mode):
-            names = sorted(os.listdir(full))
+            names = _listdir(full)
             n.children = names
             sts = [(nm, os.lstat(os.path.join(full, nm))) for nm in names]
             for nm, cst in sts:
@@ -128,13 +146,14 @@ def snapshot(root: str | os.PathLike | bytes, contents: bool = True) -> dict[byt
 
 
 def settle_atimes(root: str | os.PathLike | bytes) -> None:
-    """List every directory below ``root`` once, so relatime moves now the atimes it will move.
-
-    After this, listing again (the backup, the comparison) leaves directory atimes alone for a
-    day: each is then newer than its mtime and ctime.
-    """
-    for _ in os.walk(os.fsencode(os.fspath(root))):
-        pass
+    """List every directory and read every symlink below ``root`` once, so that relatime moves
+    now the atimes it will move; after this they stay put for a day (each is then newer than
+    its mtime and ctime), whoever looks."""
+    for top, dirs, files in os.walk(os.fsencode(os.fspath(root))):
+        for f in files + dirs:
+            p = os.path.join(top, f)
+            if os.path.islink(p):
+                os.readlink(p)
 
 
 def _link_groups(nodes: dict[bytes, Node]) -> set[frozenset[bytes]]:
