@@ -198,9 +198,11 @@ def check_record(buf: bytes | memoryview, pack: int, offset: int, key: bytes) ->
 
 def live_records(w: Writer, pack_id: int) -> Iterator[tuple[bytes, ObjectEntry, bytes]]:
     """(key, entry, record bytes) of every record of ``pack_id`` that the index still names
-    at that offset, in pack order. Reads the pack sequentially once."""
+    at that offset, in pack order. Reads the pack sequentially once; each record's stored
+    bytes are checked against their checksum before they are handed out."""
     safe = w.safe
     idx = w.index
+    objects = idx.db["objects"]
     pe = safe.pack_entries().get(pack_id)
     if pe is None:
         return
@@ -208,20 +210,30 @@ def live_records(w: Writer, pack_id: int) -> Iterator[tuple[bytes, ObjectEntry, 
         check_pack_header(f.read(PACK_HEADER.size), pack_id)
         off = PACK_HEADER.size
         end = pe.committed_len
-        while off < end:
-            hb = f.read(REC_HEADER_SIZE)
-            h = parse_record_header(hb, pack_id, off)
-            total = h.total
-            with idx.read() as txn:
-                e = idx.get_object(txn, h.key)
-            if e is not None and e.pack == pack_id and e.offset == off:
-                body = f.read(h.stored_len)
-                rec = hb + body
-                check_record(rec, pack_id, off, h.key)
-                yield h.key, e, rec
-            else:
-                f.seek(off + total)
-            off += total
+        txn = idx.read()
+        n = 0
+        try:
+            while off < end:
+                hb = f.read(REC_HEADER_SIZE)
+                h = parse_record_header(hb, pack_id, off)
+                total = h.total
+                n += 1
+                if n % 4096 == 0:       # a fresh snapshot now and then: LMDB reuses pages
+                    txn.abort()
+                    txn = idx.read()
+                v = txn.get(h.key, db=objects)
+                e = ObjectEntry.decode(v) if v is not None else None
+                if e is not None and e.pack == pack_id and e.offset == off:
+                    body = f.read(h.stored_len)
+                    if len(body) != h.stored_len or blake3.blake3(body).digest()[:12] != h.check:
+                        raise IntegrityError(f"pack {pack_name(pack_id)} offset {off}: object "
+                                             f"{h.key.hex()[:12]} is damaged (checksum mismatch)", pack_id, off)
+                    yield h.key, e, hb + body
+                else:
+                    f.seek(off + total)
+                off += total
+        finally:
+            txn.abort()
 
 
 class Relocator:

@@ -86,6 +86,40 @@ class _Runs:
         self.pack, self.end, self.size, self.keeping = -1, 0, 0, False
 
 
+def _plan(safe, keep_bytes: int, threshold: float) -> tuple[set[int], int, int, int, int]:
+    """Walk once without writing: which old packs the moves will leave at or above the
+    threshold (those get compacted afterwards, so runs in them are moved now, in walk
+    order, rather than kept and then scattered by the compaction). Returns (doomed packs,
+    chunks walked, runs kept, objects to move, bytes to move)."""
+    packs = safe.pack_entries()
+    out: dict[int, int] = {}
+    n = b = 0
+
+    def count(key: bytes) -> None:
+        nonlocal n, b
+        e = safe.entry(key)
+        if e is not None:
+            out[e.pack] = out.get(e.pack, 0) + e.record_len
+            n += 1
+            b += e.record_len
+
+    runs = _Runs(keep_bytes, count, {p: pe.committed_len for p, pe in packs.items()})
+    walked = 0
+    for key, _len in newest_chunks(safe):
+        e = safe.entry(key)
+        if e is None:
+            continue
+        walked += 1
+        runs.add(key, e.pack, e.offset, e.record_len)
+    runs.close()
+    doomed = set()
+    for pid, moved in out.items():
+        pe = packs.get(pid)
+        if pe is not None and (pe.dead_bytes + moved) / max(1, pe.live_bytes + pe.dead_bytes) >= threshold:
+            doomed.add(pid)
+    return doomed, walked, runs.kept, n, b
+
+
 def defrag(safe, dry_run: bool = False, threshold: float = DEFAULT_THRESHOLD) -> DefragReport:
     """Defragment ``safe`` (or, with ``dry_run``, say how much would move)."""
     r = DefragReport(dry_run=dry_run)
@@ -93,24 +127,7 @@ def defrag(safe, dry_run: bool = False, threshold: float = DEFAULT_THRESHOLD) ->
     if dry_run:
         r.fragmentation_before = r.fragmentation_after = fragmentation(safe)
         _, r.size_before = packs_on_disk(safe)
-        seen_moved = 0
-
-        def count(key: bytes) -> None:
-            nonlocal seen_moved
-            e = safe.entry(key)
-            if e is not None:
-                r.objects_moved += 1
-                r.bytes_moved += e.record_len
-
-        runs = _Runs(keep_bytes, count, {p: pe.committed_len for p, pe in safe.pack_entries().items()})
-        for key, _len in newest_chunks(safe):
-            e = safe.entry(key)
-            if e is None:
-                continue
-            r.chunks_walked += 1
-            runs.add(key, e.pack, e.offset, e.record_len)
-        runs.close()
-        r.runs_kept = runs.kept
+        _doomed, r.chunks_walked, r.runs_kept, r.objects_moved, r.bytes_moved = _plan(safe, keep_bytes, threshold)
         r.size_after = r.size_before
         return r
 
@@ -118,6 +135,7 @@ def defrag(safe, dry_run: bool = False, threshold: float = DEFAULT_THRESHOLD) ->
         w.flush(seal=True)
         r.fragmentation_before = fragmentation(safe)
         _, r.size_before = packs_on_disk(safe)
+        doomed, *_ = _plan(safe, keep_bytes, threshold)
         rel = Relocator(w)
 
         def move(key: bytes) -> None:
@@ -135,6 +153,10 @@ def defrag(safe, dry_run: bool = False, threshold: float = DEFAULT_THRESHOLD) ->
                 r.chunks_walked += 1
                 if key in rel.pending_keys or rel.is_new(e.pack):
                     runs.close()       # already placed by this run
+                    continue
+                if e.pack in doomed:   # its pack is compacted next: place it now, in order
+                    runs.close()
+                    move(key)
                     continue
                 runs.add(key, e.pack, e.offset, e.record_len)
             runs.close()
