@@ -25,8 +25,8 @@ it moves nothing (and without that privilege it stats before it looks). pointsaf
 the same, but readlink(2) has no O_NOATIME: a symlink's atime moves on its first backup (the
 point records the atime the link has afterwards). So that trees compare exactly anyway:
 
-- ``make_tree`` gives every entry an atime a few hours in the *future* (newer than its mtime and
-  its ctime, which is the time of our own utime call), so relatime never touches it; and
+- ``make_tree`` gives every entry an atime a few hours in the *future* and after its mtime (so
+  newer than its mtime and its ctime, the time of our own utime call): relatime never touches it;
 - for a tree we did not make (a system tree), call ``settle_atimes(path)`` once before the backup:
   it lists every directory and reads every link, so every atime relatime wants to move moves
   now, and stays put for a day.
@@ -280,7 +280,7 @@ def _meta(path: bytes, s: Spec, dir_fd=None) -> None:
     os.chown(path, s.uid, s.gid, follow_symlinks=False)
     if s.kind != LNK:
         os.chmod(path, s.mode)
-    at = s.atime_ns if s.atime_ns is not None else future_atime()
+    at = s.atime_ns if s.atime_ns is not None else max(future_atime(), s.mtime_ns + 10**9)
     os.utime(path, ns=(at, s.mtime_ns), follow_symlinks=False)
 
 
