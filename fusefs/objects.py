@@ -20,8 +20,11 @@ import os
 import threading
 from collections import OrderedDict
 
+import blake3
+import zstandard
+
 from pointsafe.cas import IntegrityError, Safe
-from pointsafe.cas.pack import decode_record
+from pointsafe.cas.pack import CODEC_ZSTD, REC_HEADER_SIZE, pack_name, parse_record_header
 
 from .cache import ByteLRU
 
@@ -69,6 +72,39 @@ class _PackFds:
             for fd in self.fds.values():
                 os.close(fd)
             self.fds.clear()
+
+
+_local = threading.local()
+
+
+def _decode(rec: memoryview, pack: int, offset: int, key: bytes) -> bytes | memoryview:
+    """A record's raw content, checked like ``cas.pack.decode_record`` (header CRC, key,
+    length, checksum of the stored bytes, decompressed length), but without copying a raw
+    (uncompressed) record: it comes back as a slice of the ``pread`` buffer."""
+    h = parse_record_header(rec, pack, offset)
+    where = f"pack {pack_name(pack)} offset {offset}"
+    if h.key != key:
+        raise IntegrityError(f"{where}: record holds object {h.key.hex()[:12]}, index expected {key.hex()[:12]}",
+                             pack, offset)
+    stored = rec[REC_HEADER_SIZE:REC_HEADER_SIZE + h.stored_len]
+    if len(stored) != h.stored_len:
+        raise IntegrityError(f"{where}: record truncated", pack, offset)
+    if blake3.blake3(stored, max_threads=1).digest()[:12] != h.check:
+        raise IntegrityError(f"{where}: object {key.hex()[:12]} is damaged (checksum mismatch)", pack, offset)
+    if h.codec == CODEC_ZSTD:
+        d = getattr(_local, "d", None)
+        if d is None:
+            d = _local.d = zstandard.ZstdDecompressor()
+        try:
+            raw = d.decompress(stored, max_output_size=h.raw_len)
+        except zstandard.ZstdError as e:
+            raise IntegrityError(f"{where}: object {key.hex()[:12]} does not decompress ({e})", pack, offset) from None
+    else:
+        raw = stored
+    if len(raw) != h.raw_len:
+        raise IntegrityError(f"{where}: object {key.hex()[:12]} has {len(raw)} bytes, expected {h.raw_len}",
+                             pack, offset)
+    return raw
 
 
 class ChunkSource:
@@ -139,8 +175,7 @@ class ChunkSource:
             for _, off, k, e in located[i:j]:
                 rec = buf[off - start: off - start + e.record_len]
                 try:
-                    _, raw = decode_record(rec, pack, off, rehash=False, expect_key=k)
-                    out[k] = raw
+                    out[k] = _decode(rec, pack, off, k)
                 except IntegrityError:
                     out[k] = self._single(k)
             safe.objects_read += j - i

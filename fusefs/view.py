@@ -21,7 +21,6 @@ lock; loading objects happens outside it.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import logging
 import os
@@ -96,7 +95,7 @@ class Node:
     nlookup: int = 0
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Stat:
     ino: int
     mode: int
@@ -124,12 +123,13 @@ class Listing:
     size: int = 0           # estimated memory, for the directory cache's byte bound
 
 
+_INO_MASK = (1 << 63) - 1
+
+
 def _hash_ino(*parts: bytes | int) -> int:
-    h = hashlib.blake2b(digest_size=8)
-    for p in parts:
-        h.update(p if isinstance(p, bytes) else p.to_bytes(8, "little"))
-        h.update(b"\0")
-    n = int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+    # Python's hash of a tuple of ints and bytes is SipHash-based and stable for the life of
+    # the process, which is exactly as long as inode numbers must stay the same.
+    n = hash(parts) & _INO_MASK
     return n if n > ROOT_INO else n + 2
 
 
@@ -175,6 +175,8 @@ class View:
         self._warned: set[tuple[int, str]] = set()
         self._prefetch = ThreadPoolExecutor(max_workers=2, thread_name_prefix="readahead")
         self.mounted_ns = time.time_ns()
+        self.reads = 0              # read requests served, and their bytes (for benchmarks)
+        self.read_bytes = 0
         uid, gid = os.getuid(), os.getgid()
         if point is None:
             root_entry = Entry(b"", DIR, 0o555, uid, gid, self.mounted_ns, self.mounted_ns, self.mounted_ns, nlink=2)
@@ -425,7 +427,8 @@ class View:
             inodes = len(self.table)
         return {"objects_read": self.safe.objects_read, "inodes": inodes,
                 "chunk_cache_bytes": self.chunks.cache.bytes, "dir_cache_bytes": self.dirs.bytes,
-                "chunk_cache_hits": self.chunks.cache.hits, "chunk_cache_misses": self.chunks.cache.misses}
+                "chunk_cache_hits": self.chunks.cache.hits, "chunk_cache_misses": self.chunks.cache.misses,
+                "reads": self.reads, "read_bytes": self.read_bytes}
 
     def statfs(self) -> dict:
         packs = self.safe.pack_entries()
@@ -494,6 +497,8 @@ class View:
         except (IntegrityError, ObjectMissing, ValueError) as err:
             raise self._damaged(h.node, err, f"read at offset {off}") from None
         self._sequential(h, off, end)
+        self.reads += 1
+        self.read_bytes += len(out)
         return out
 
     def _read_range(self, blob: BlobReader, off: int, end: int) -> bytes | memoryview:

@@ -1,0 +1,477 @@
+#!/usr/bin/env python3
+"""Mount benchmark: pointsafe mount next to borg mount, restic mount and the ceiling of a
+trivial pyfuse3 filesystem serving bytes from memory, in one run.
+
+    .venv/bin/python scripts/bench/mount.py --json /tmp/mount.json --markdown /tmp/mount.md
+
+Data (generated once under /work/bench-data, reused): the backup benchmark's mixed set
+(``data.py``, 2 GiB: large mixed-entropy files, ~29,000 small files, an ext4 image), a tree
+of 120,000 small files, and one 1 GiB incompressible file. Each tool backs up the three
+sources into its own repository (restic ``--compression auto``, borg ``zstd,1``, pointsafe
+``zstd:1``), then for each tool, with its repository read into the page cache first and every
+measurement on a *fresh* mount (so the filesystem's own caches start cold):
+
+- mount -> listing: from starting the mount command until the point's root lists (the
+  120,000-file point and the mixed point);
+- find: ``find ROOT -printf '%s %m\\n'`` over the 120,000-file point (every entry stat'ed);
+- sequential: ``cat`` of the mixed set's large files (1.4 GiB, ``large/*``) and of the 1 GiB
+  incompressible file, to /dev/null;
+- 4 parallel readers: four ``dd bs=1M`` reading 1 GiB of the mixed set's large files in four
+  256 MiB pieces at once.
+
+The ceiling filesystem (``--memfs``, in this file) serves one 1 GiB buffer as ``big.bin`` and
+as four 256 MiB files, with pointsafe's mount settings: ro, default_permissions, read-ahead
+raised through /sys/class/bdi, ``keep_cache`` and ``memoryview`` slices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import data as dataset  # noqa: E402
+from _common import human_bytes, log, machine_info, markdown_table, tool_version, write_json  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BENCH = Path("/work/bench-data")
+MB = 1_000_000
+READ_AHEAD_KB = 4096
+MANY_FILES = 120_000
+
+
+# --------------------------------------------------------------------------- the ceiling fs
+
+def memfs(mountpoint: str, size: int) -> None:
+    """A trivial read-only pyfuse3 filesystem serving one buffer from memory (foreground)."""
+    import errno
+    import stat
+
+    import pyfuse3
+    import trio
+
+    sys.path.insert(0, str(REPO_ROOT))
+    buf = memoryview(os.urandom(size))
+    quarter = size // 4
+    files = {b"big.bin": (2, size)} | {b"q%d.bin" % i: (3 + i, quarter) for i in range(4)}
+    by_ino = {ino: (name, n) for name, (ino, n) in files.items()}
+
+    class Ops(pyfuse3.Operations):
+        def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
+            a = pyfuse3.EntryAttributes()
+            a.st_ino = ino
+            a.entry_timeout = a.attr_timeout = 3600
+            if ino == pyfuse3.ROOT_INODE:
+                a.st_mode, a.st_nlink, a.st_size = stat.S_IFDIR | 0o555, 2, 0
+            else:
+                a.st_mode, a.st_nlink, a.st_size = stat.S_IFREG | 0o444, 1, by_ino[ino][1]
+            a.st_blksize = 128 * 1024
+            a.st_blocks = (a.st_size + 511) // 512
+            return a
+
+        async def getattr(self, inode, ctx=None):
+            if inode != pyfuse3.ROOT_INODE and inode not in by_ino:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._attr(inode)
+
+        async def lookup(self, parent, name, ctx=None):
+            if parent != pyfuse3.ROOT_INODE or bytes(name) not in files:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._attr(files[bytes(name)][0])
+
+        async def opendir(self, inode, ctx):
+            return inode
+
+        async def readdir(self, fh, start, token):
+            for i, (name, (ino, _)) in enumerate(sorted(files.items())):
+                if i >= start and not pyfuse3.readdir_reply(token, name, self._attr(ino), i + 1):
+                    break
+
+        async def open(self, inode, flags, ctx):
+            return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+        async def read(self, fh, off, n):
+            end = min(off + n, by_ino[fh][1])
+            return buf[off:end] if off < end else b""
+
+    pyfuse3.init(Ops(), mountpoint, {"fsname=memfs", "subtype=memfs", "ro", "default_permissions"})
+    from pointsafe.fusefs.mounts import raise_read_ahead
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            async def later() -> None:
+                await trio.sleep(0.2)   # after INIT (which would lower the read-ahead again)
+                raise_read_ahead(os.path.realpath(mountpoint), READ_AHEAD_KB)
+            n.start_soon(later)
+            await pyfuse3.main()
+    try:
+        trio.run(main)
+    finally:
+        pyfuse3.close(unmount=False)
+
+
+# --------------------------------------------------------------------------- data
+
+def ensure_many(dest: Path, n: int = MANY_FILES) -> Path:
+    """``n`` small text-like files (0-4 KiB) in a three-level tree; generated once."""
+    done = dest.with_name(dest.name + ".done")
+    if done.exists():
+        return dest
+    import random
+    shutil.rmtree(dest, ignore_errors=True)
+    rnd = random.Random(7)
+    words = [("w%x" % rnd.getrandbits(20)).encode() for _ in range(4000)]
+    per_leaf = 300
+    made = 0
+    a = 0
+    while made < n:
+        for b in range(20):
+            d = dest / f"d{a:02d}" / f"e{b:02d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(min(per_leaf, n - made)):
+                size = int(rnd.random() ** 3 * 4096)
+                text = b" ".join(rnd.choices(words, k=size // 6 + 1))[:size]
+                (d / f"file-{i:04d}.txt").write_bytes(text)
+                made += 1
+            if made >= n:
+                break
+        a += 1
+    done.touch()
+    return dest
+
+
+def ensure_random(dest: Path, size: int = 1 << 30) -> Path:
+    f = dest / "rand.bin"
+    if f.exists() and f.stat().st_size == size:
+        return dest
+    import blake3
+    dest.mkdir(parents=True, exist_ok=True)
+    h = blake3.blake3(b"mount-bench")
+    with open(f, "wb") as out:
+        for i in range(0, size, 1 << 20):
+            out.write(h.digest(length=1 << 20, seek=i))
+    return dest
+
+
+# --------------------------------------------------------------------------- tools
+
+def sh(cmd: list, *, env: dict | None = None, cwd: Path | None = None, timeout: float = 3600) -> str:
+    e = dict(os.environ)
+    e.update(env or {})
+    p = subprocess.run([str(c) for c in cmd], env=e, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if p.returncode not in (0, 3):
+        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {p.returncode}: {p.stderr[-2000:]}")
+    return p.stdout
+
+
+def pointsafe_argv() -> list[str]:
+    exe = REPO_ROOT / ".venv" / "bin" / "pointsafe"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "pointsafe.cli"]
+
+
+class Tool:
+    name = ""
+
+    def __init__(self, work: Path):
+        self.work = work
+        self.repo = work / f"{self.name}-repo"
+        self.env: dict[str, str] = {}
+        self.points: dict[str, str] = {}
+        self.proc: subprocess.Popen | None = None
+
+    def prepare(self, sources: dict[str, Path]) -> None:
+        raise NotImplementedError
+
+    def start_mount(self, mp: Path, source: str) -> None:
+        raise NotImplementedError
+
+    def root(self, mp: Path, source: str) -> Path:
+        return mp
+
+    def stop_mount(self, mp: Path) -> None:
+        subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc = None
+
+
+class Pointsafe(Tool):
+    name = "pointsafe"
+
+    def prepare(self, sources):
+        ps = pointsafe_argv() + ["--safe", str(self.repo)]
+        if not (self.repo / "header").exists():
+            sh(ps + ["init"])
+        have = {p["name"]: p["id"] for p in json.loads(sh(ps + ["points", "--json"]) or "[]")} \
+            if (self.repo / "header").exists() else {}
+        for name, src in sources.items():
+            if name not in have:
+                out = json.loads(sh(ps + ["backup", str(src), "--name", name, "--json", "-q"]))
+                have[name] = out["id"] if "id" in out else out["point"]["id"]
+            self.points[name] = have[name]
+
+    def start_mount(self, mp, source):
+        sh(pointsafe_argv() + ["--safe", str(self.repo), "mount", str(mp), self.points[source],
+                               "--log", str(self.work / "pointsafe-mount.log")])
+
+
+class Borg(Tool):
+    name = "borg"
+
+    def __init__(self, work):
+        super().__init__(work)
+        self.env = {"BORG_REPO": str(self.repo), "BORG_BASE_DIR": str(work / "borg-base"),
+                    "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes", "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes"}
+
+    def prepare(self, sources):
+        if not self.repo.exists():
+            sh(["borg", "init", "-e", "none"], env=self.env)
+        have = {a["name"] for a in json.loads(sh(["borg", "list", "--json"], env=self.env))["archives"]}
+        for name, src in sources.items():
+            if name not in have:
+                sh(["borg", "create", "--compression", "zstd,1", f"::{name}", "."], env=self.env, cwd=src)
+            self.points[name] = name
+
+    def start_mount(self, mp, source):
+        e = dict(os.environ) | self.env
+        self.proc = subprocess.Popen(["borg", "mount", "-f", f"::{source}", str(mp)], env=e,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+class Restic(Tool):
+    name = "restic"
+
+    def __init__(self, work):
+        super().__init__(work)
+        self.env = {"RESTIC_REPOSITORY": str(self.repo), "RESTIC_PASSWORD": "bench",
+                    "RESTIC_CACHE_DIR": str(work / "restic-cache")}
+
+    def prepare(self, sources):
+        if not self.repo.exists():
+            sh(["restic", "init", "--repository-version", "2"], env=self.env)
+        snaps = json.loads(sh(["restic", "snapshots", "--json"], env=self.env) or "[]")
+        have = {t: s["short_id"] for s in snaps for t in (s.get("tags") or [])}
+        for name, src in sources.items():
+            if name not in have:
+                sh(["restic", "backup", "--compression", "auto", "--host", "bench", "--tag", name, "."],
+                   env=self.env, cwd=src)
+                snaps = json.loads(sh(["restic", "snapshots", "--json"], env=self.env))
+                have = {t: s["short_id"] for s in snaps for t in (s.get("tags") or [])}
+            self.points[name] = have[name]
+
+    def start_mount(self, mp, source):
+        e = dict(os.environ) | self.env
+        self.proc = subprocess.Popen(["restic", "mount", str(mp)], env=e,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def root(self, mp, source):
+        return mp / "ids" / self.points[source]
+
+
+class MemFS(Tool):
+    name = "memfs"
+
+    def prepare(self, sources):
+        pass
+
+    def start_mount(self, mp, source):
+        self.proc = subprocess.Popen([sys.executable, __file__, "--memfs", str(mp)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+# --------------------------------------------------------------------------- measuring
+
+def wait_listing(path: Path, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.listdir(path):
+                return
+        except OSError:
+            pass
+        time.sleep(0.005)
+    raise RuntimeError(f"{path}: no listing after {timeout} s")
+
+
+def warm(path: Path) -> None:
+    """Read a repository into the page cache, so every tool reads it from memory."""
+    subprocess.run(f"find {path} -type f -print0 | xargs -0 -r cat > /dev/null", shell=True, check=False)
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def run_sh(cmd: str, timeout: float = 1800) -> None:
+    p = subprocess.run(cmd, shell=True, timeout=timeout, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{cmd}: {p.stderr[-500:]}")
+
+
+def measure_tool(tool: Tool, mp: Path, mixed_large: list[str], timeout: float) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+
+    def fresh(source: str) -> Path:
+        t0 = time.perf_counter()
+        tool.start_mount(mp, source)
+        root = tool.root(mp, source)
+        wait_listing(root, timeout)
+        res.setdefault("mount_s", {})[source] = time.perf_counter() - t0
+        return root
+
+    def session(source: str, fn: Callable[[Path], None]) -> None:
+        try:
+            root = fresh(source)
+            fn(root)
+        finally:
+            tool.stop_mount(mp)
+
+    if tool.name == "memfs":
+        def seq(root: Path) -> None:
+            res["seq_random_s"] = timed(lambda: run_sh(f"cat {root}/big.bin > /dev/null", timeout))
+            res["seq_random_bytes"] = (root / "big.bin").stat().st_size
+
+        def par(root: Path) -> None:
+            cmd = " & ".join(f"dd if={root}/q{i}.bin of=/dev/null bs=1M status=none" for i in range(4)) + " & wait"
+            res["parallel_s"] = timed(lambda: run_sh(cmd, timeout))
+            res["parallel_bytes"] = sum((root / f"q{i}.bin").stat().st_size for i in range(4))
+        session("mem", seq)
+        session("mem", par)
+        return res
+
+    session("many", lambda root: None)                       # mount -> listing, 120k-file point
+    session("many", lambda root: res.__setitem__(
+        "find_s", timed(lambda: run_sh(f"find {root} -printf '%s %m\\n' > /dev/null", timeout))))
+
+    def seq_mixed(root: Path) -> None:
+        files = " ".join(str(root / p) for p in mixed_large)
+        res["seq_mixed_s"] = timed(lambda: run_sh(f"cat {files} > /dev/null", timeout))
+        res["seq_mixed_bytes"] = sum((root / p).stat().st_size for p in mixed_large)
+    session("mixed", seq_mixed)
+
+    def seq_random(root: Path) -> None:
+        res["seq_random_s"] = timed(lambda: run_sh(f"cat {root}/rand.bin > /dev/null", timeout))
+        res["seq_random_bytes"] = (root / "rand.bin").stat().st_size
+    session("rand", seq_random)
+
+    def parallel(root: Path) -> None:
+        # 1 GiB of the mixed set's large files as four 256 MiB pieces read at once
+        q = 256
+        pieces = [("large/big-00.bin", 0), ("large/big-00.bin", q), ("large/big-01.bin", 0), ("large/big-02.bin", 0)]
+        cmd = " & ".join(f"dd if={root / f} of=/dev/null bs=1M skip={s} count={q} status=none"
+                         for f, s in pieces) + " & wait"
+        res["parallel_s"] = timed(lambda: run_sh(cmd, timeout))
+        res["parallel_bytes"] = 4 * q << 20
+    session("mixed", parallel)
+    return res
+
+
+# --------------------------------------------------------------------------- report
+
+def _rate(r: dict, key: str) -> float | None:
+    s, b = r.get(f"{key}_s"), r.get(f"{key}_bytes")
+    return b / s / MB if s and b else None
+
+
+def report(result: dict) -> str:
+    t = result["tools"]
+    names = [n for n in ("pointsafe", "borg", "restic", "memfs") if n in t]
+
+    def cell(n: str, fn: Callable[[dict], float | None], fmt: str) -> str:
+        v = fn(t[n]) if n in t else None
+        return "–" if v is None else fmt.format(v)
+
+    rows = [
+        ["mount → listing, 120,000-file point (s)"] + [cell(n, lambda r: r.get("mount_s", {}).get("many"), "{:.2f}") for n in names],
+        ["mount → listing, mixed 2 GiB point (s)"] + [cell(n, lambda r: r.get("mount_s", {}).get("mixed"), "{:.2f}") for n in names],
+        ["find over 120,000 files (s)"] + [cell(n, lambda r: r.get("find_s"), "{:.2f}") for n in names],
+        ["sequential cat, mixed 1.4 GiB (MB/s)"] + [cell(n, lambda r: _rate(r, "seq_mixed"), "{:,.0f}") for n in names],
+        ["sequential cat, incompressible 1 GiB (MB/s)"] + [cell(n, lambda r: _rate(r, "seq_random"), "{:,.0f}") for n in names],
+        ["4 parallel readers, 1 GiB (MB/s)"] + [cell(n, lambda r: _rate(r, "parallel"), "{:,.0f}") for n in names],
+    ]
+    out = [markdown_table(["measure"] + names, rows)]
+    ps = t.get("pointsafe", {})
+
+    def ratio(a, b):
+        return f"{a / b:.2f}×" if a and b else "–"
+
+    g = []
+    for peer in ("borg", "restic"):
+        r = t.get(peer, {})
+        g.append([f"find, {peer} time ÷ pointsafe time", ratio(r.get("find_s"), ps.get("find_s"))])
+        g.append([f"sequential mixed, pointsafe ÷ {peer}", ratio(_rate(ps, "seq_mixed"), _rate(r, "seq_mixed"))])
+        g.append([f"4 readers, pointsafe ÷ {peer}", ratio(_rate(ps, "parallel"), _rate(r, "parallel"))])
+    mem = t.get("memfs", {})
+    g.append(["sequential incompressible, pointsafe ÷ memory ceiling",
+              ratio(_rate(ps, "seq_random"), _rate(mem, "seq_random"))])
+    g.append(["4 readers, pointsafe (mixed) ÷ memory ceiling", ratio(_rate(ps, "parallel"), _rate(mem, "parallel"))])
+    out.append("")
+    out.append(markdown_table(["ratio", "value"], g))
+    return "\n".join(out)
+
+
+def benchmark(args) -> dict:
+    mixed_dir = BENCH / "set-2G"
+    m = dataset.ensure(mixed_dir, 2 << 30)
+    many = ensure_many(BENCH / "mount-many-120k")
+    rand = ensure_random(BENCH / "mount-rand-1G")
+    sources = {"mixed": mixed_dir, "many": many, "rand": rand}
+    mixed_large = [f["path"] for f in m["large"]]
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    mp = work / "mnt"
+    mp.mkdir(exist_ok=True)
+    tools = [{"pointsafe": Pointsafe, "borg": Borg, "restic": Restic, "memfs": MemFS}[n](work)
+             for n in args.tools.split(",")]
+    result: dict[str, Any] = {"machine": machine_info(), "tools": {}, "versions": {}}
+    for tool in tools:
+        log(f"{tool.name}: backing up the sources (once)")
+        tool.prepare(sources)
+    for tool in tools:
+        if tool.name != "memfs":
+            warm(tool.repo)
+        log(f"{tool.name}: measuring")
+        result["tools"][tool.name] = measure_tool(tool, mp, mixed_large, args.timeout)
+        log(f"{tool.name}: {result['tools'][tool.name]}")
+    result["versions"] = {"borg": tool_version(["borg", "--version"]),
+                          "restic": tool_version(["restic", "version"])}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--memfs", metavar="MOUNTPOINT", help=argparse.SUPPRESS)
+    ap.add_argument("--memfs-size", default=1 << 30, type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--tools", default="pointsafe,borg,restic,memfs")
+    ap.add_argument("--work", default=str(BENCH / "mount-work"))
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--json", metavar="OUT")
+    ap.add_argument("--markdown", metavar="OUT")
+    args = ap.parse_args(argv)
+    if args.memfs:
+        memfs(args.memfs, args.memfs_size)
+        return 0
+    result = benchmark(args)
+    text = report(result)
+    print(text)
+    if args.json:
+        write_json(args.json, result)
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
