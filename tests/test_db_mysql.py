@@ -9,6 +9,7 @@ backup began.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -44,8 +45,14 @@ def insert(con, i: int) -> None:
         c.execute("INSERT INTO my VALUES (%s, %s, %s)", (i, data, csum))
 
 
-def restore_and_check(cli, safe: Path, point: dict, low: int, high: int) -> int:
-    """RESTORE.md, MariaDB section, step by step."""
+def restore_and_check(cli, safe: Path, point: dict, low: int, high: int,
+                      replay: tuple[Path, int] | None = None) -> int:
+    """RESTORE.md, MariaDB section, step by step.
+
+    ``replay`` = (live binary log, rows the writer committed in all): also dump the restored
+    database (step 6) and replay the live binary log from the point's recorded position (step
+    7), which must bring back exactly every committed row.
+    """
     base = new_dir("ps-mariadb-restore-", "mysql")
     restored = MariaDB(base / "data", base / "run")
     try:
@@ -70,6 +77,20 @@ def restore_and_check(cli, safe: Path, point: dict, low: int, high: int) -> int:
         # committed while the lock was held.
         info = point["consistency"]["mysql"]
         assert (restored.datadir / info["binlog_file"]).stat().st_size == info["binlog_position"]
+        shown = json.loads(cli("show", point["id"], "--json", safe=safe).out)["consistency"]["mysql"]
+        assert shown["binlog_position"] == info["binlog_position"]                    # step 1
+        if replay:
+            binlog, total = replay
+            dump = subprocess.run(["mariadb-dump", f"--socket={restored.socket}", "--user=root",  # step 6
+                                   "--single-transaction", "app"], capture_output=True, timeout=120)
+            assert dump.returncode == 0 and b"INSERT INTO `inno`" in dump.stdout, dump.stderr
+            events = subprocess.run(["mariadb-binlog", f"--start-position={info['binlog_position']}",  # step 7
+                                     str(binlog)], capture_output=True, check=True, timeout=120)
+            subprocess.run(["mariadb", f"--socket={restored.socket}", "--user=root"], input=events.stdout,
+                           check=True, capture_output=True, timeout=300)
+            for table in ("inno", "my"):
+                rows = restored.sql(f"SELECT id, data, sum FROM {table} ORDER BY id", db="app")
+                check_prefix([tuple(r) for r in rows], total, total, f"replayed {table}")
         return counts[0]
     finally:
         restored.destroy()
@@ -88,11 +109,13 @@ def test_points_under_a_writer_start_and_hold_a_prefix(server, safe_dir, cli):
             taken.append((point, low, high))
             w.wait_rows(high + 200)
     finally:
-        w.stop()
+        total = w.stop()
     for point, low, high in taken:
         info = point["consistency"]["mysql"]
         assert info["binlog_file"].startswith("binlog.") and info["lock_held_seconds"] >= 0
-    counts = [restore_and_check(cli, safe_dir, *t) for t in taken]
+    live_binlog = server.datadir / taken[0][0]["consistency"]["mysql"]["binlog_file"]
+    counts = [restore_and_check(cli, safe_dir, *t, replay=(live_binlog, total) if i == 0 else None)
+              for i, t in enumerate(taken)]
     assert counts == sorted(counts) and counts[0] < counts[-1]
 
 

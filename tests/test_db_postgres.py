@@ -43,7 +43,7 @@ def insert(con, i: int) -> None:
     con.execute("INSERT INTO rows VALUES (%s, %s, %s)", (i, data, csum))
 
 
-def restore_and_check(cli, safe: Path, point: dict, low: int, high: int) -> int:
+def restore_and_check(cli, safe: Path, point: dict, low: int, high: int, dump: bool = False) -> int:
     """RESTORE.md, PostgreSQL section, step by step."""
     base = new_dir("ps-postgres-restore-", "postgres")
     restored = Postgres(base / "data", base / "run")
@@ -56,13 +56,17 @@ def restore_and_check(cli, safe: Path, point: dict, low: int, high: int) -> int:
         os.chmod(restored.datadir, 0o700)
         restored.start()                                                   # 5. pg_ctl start
         log = restored.log.read_text(errors="replace")
-        assert "starting backup recovery" in log and "ready to accept connections" in log, log
+        for said in ("starting backup recovery", "consistent recovery state reached", "ready to accept connections"):
+            assert said in log, log
         assert not (restored.datadir / "backup_label").exists()           #    consumed by recovery
         r = subprocess.run(["runuser", "-u", "postgres", "--", str(restored.bindir / "pg_amcheck"),  # 6.
                             "-h", str(restored.run), "--all", "--heapallindexed", "--install-missing"],
                            capture_output=True, text=True, timeout=300, cwd="/tmp")
         assert r.returncode == 0, r.stdout + r.stderr
         rows = restored.sql("SELECT id, data, sum FROM rows ORDER BY id")
+        if dump:                                                           # 7. pg_dump
+            r = restored.as_postgres(restored.bindir / "pg_dump", "-h", restored.run, "-t", "rows", "postgres")
+            assert b"COPY public.rows" in r.stdout
         return check_prefix([tuple(x) for x in rows], low, high, f"point {point['id'][:8]}")
     finally:
         restored.destroy()
@@ -86,7 +90,7 @@ def test_points_under_a_writer_start_and_hold_a_prefix(server, safe_dir, cli):
     for point, _, _ in taken:
         info = point["consistency"]["postgres"]
         assert info["start_lsn"] and info["stop_lsn"] and info["wal_files"]
-    counts = [restore_and_check(cli, safe_dir, *t) for t in taken]
+    counts = [restore_and_check(cli, safe_dir, *t, dump=(i == 0)) for i, t in enumerate(taken)]
     assert counts == sorted(counts) and counts[0] < counts[-1]
 
 

@@ -60,7 +60,7 @@ def replaced() -> list[str]:
     return [f"app/{n}{s}" for n in MODES for s in ("", "-wal", "-shm", "-journal")]
 
 
-def check_point(cli, safe: Path, point: dict, bounds: dict) -> dict:
+def check_point(cli, safe: Path, source: Path, point: dict, bounds: dict) -> dict:
     counts = {}
     with point_files(cli, safe, point["id"]) as mnt:
         for name in MODES:
@@ -77,10 +77,16 @@ def check_point(cli, safe: Path, point: dict, bounds: dict) -> dict:
             con.close()
             low, high = bounds[name]
             counts[name] = check_prefix(rows, low, high, f"point {point['id'][:8]} {name}")
-        # RESTORE.md step 3: copy the database (with its -wal/-shm/-journal) out and use it.
+        # RESTORE.md step 3, over a directory holding the live databases' (stale) files:
+        # remove the companions, copy the database and its companions from the point.
         out = new_dir("ps-sqlite-restore-")
         try:
-            copy_out(mnt / "app", out)
+            copy_out(source / "app", out)
+            for name in MODES:
+                for suffix in ("-wal", "-shm", "-journal"):
+                    (out / (name + suffix)).unlink(missing_ok=True)
+                files = sorted(str(p) for p in (mnt / "app").glob(name + "*"))
+                subprocess.run(["cp", "-a", *files, f"{out}/"], check=True, timeout=60)
             for name in MODES:
                 con = sqlite3.connect(out / name, isolation_level=None)
                 assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
@@ -112,7 +118,7 @@ def test_points_under_writers_attach_read_only_from_the_mount(source, safe_dir, 
             w.stop()
     for point, _ in taken:
         assert set(point["consistency"]) == {f"sqlite:{source}/app/{n}" for n in MODES}
-    counts = [check_point(cli, safe_dir, *t) for t in taken]
+    counts = [check_point(cli, safe_dir, source, *t) for t in taken]
     for name in MODES:
         seq = [c[name] for c in counts]
         assert seq == sorted(seq) and seq[0] < seq[-1]
