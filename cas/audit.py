@@ -2,7 +2,8 @@
 and report every difference with the stored counts.
 
 By definition (cas/store.py) an object's count is the number of live (not dead) nodes that
-list it as a child plus one when it is a point that the ``points`` table names. The audit
+list it as a child plus one when it is a point that the ``points`` table names, plus the drops
+still waiting in the release queue (cas/release.py). The audit
 
 1. walks the ``objects`` table once, reads every live node from its pack and adds one to each
    child's expected count; expected counts are summed in a bounded dict and merged, in key
@@ -30,6 +31,7 @@ from .index import FLAG_DEAD, FLAG_PINNED, ObjectEntry
 from .keys import Kind
 from .nodes import node_children
 from .pack import decode_record
+from .release import queue_db
 
 _U32 = struct.Struct("<I")
 FLUSH_ENTRIES = 200_000     # expected counts kept in memory before a merge into the temp db
@@ -96,9 +98,12 @@ def audit(safe) -> AuditReport:
     try:
         counts = _Counts(tmp)
         try:
+            queue = queue_db(idx)
             with idx.read() as txn:
                 for k, _ in txn.cursor(db=idx.db["points"]):
                     counts.add(k)
+                for k, v in txn.cursor(db=queue):
+                    counts.add(k, _U32.unpack(v)[0])   # drops a forget queued but not applied yet
                 for key, val in txn.cursor(db=idx.db["objects"]):
                     e = ObjectEntry.decode(val)
                     if e.kind == Kind.CHUNK or e.flags & FLAG_DEAD:

@@ -4,6 +4,7 @@ rewrite packs whose dead share passes the threshold.
 ``plan_gc`` only reads (``--dry-run``); ``run_gc`` does the work under the writer lock, in
 this order, each step crash-safe on its own (cas/relocate.py):
 
+0. drain the release queue a forget may have left (cas/release.py);
 1. bury orphans: objects a crashed backup left at count 0 are marked dead (cascading);
 2. drop dead objects: walk the ``zero`` table (it lists only count-0 objects, so the cost
    follows what died, not the safe's size) and remove them from the index; packs left naming
@@ -20,6 +21,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from pointsafe.cas.relocate import Relocator, bury_orphans, count_dead, drop_dead, drop_empty_packs
+from pointsafe.cas.release import drain
 
 from .compact import compact, plan_compaction
 from .fragmentation import cached_fragmentation, fragmentation
@@ -95,6 +97,8 @@ def collect(w, threshold: float = DEFAULT_THRESHOLD, measure: bool = True) -> Gc
     r = GcReport(threshold=threshold)
     w.flush(seal=True)      # the writer's own pack is closed: compaction may rewrite it
     _, r.size_before = packs_on_disk(safe)
+    r.points_dropped = 0
+    drain(w)                # finish a forget that was interrupted (its queued drops)
     r.orphans_buried = bury_orphans(w)
     drop = drop_dead(w)
     empty = drop_empty_packs(w)

@@ -1,10 +1,10 @@
 """forget: drop points, named or chosen by a retention policy (gc/retention.py).
 
 Forgetting writes a tombstone per point (so that ``repair`` never brings it back), removes it
-from the ``points`` table and releases its root: counts cascade down and objects that no
-remaining point reaches are marked dead (cas/store.py, ``Writer.forget_points``), all in one
-index transaction per group of points. The cost follows what those points alone referenced.
-Bytes go back to the filesystem with ``gc``.
+from the ``points`` table and queues the release of its root, in one commit per group of points;
+then the queue is drained in bounded transactions: counts cascade down and objects that no
+remaining point reaches are marked dead (cas/release.py). The cost follows what those points
+alone referenced; memory stays bounded however much dies. Bytes go back with ``gc``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from pointsafe.cas import UsageError, resolve_point
+from pointsafe.cas.release import drain, forget_points_queued, queued
 
 from . import retention
 from .retention import Decision, Policy
@@ -60,8 +61,15 @@ def forget(safe, decisions: list[Decision], dry_run: bool = False,
     r.decisions = [d.as_dict() for d in decisions]
     drop = [bytes.fromhex(d.point["id"]) for d in decisions if not d.keep]
     r.points_kept = sum(1 for d in decisions if d.keep)
-    if dry_run or not drop:
-        r.points_dropped = len(drop) if dry_run else 0
+    if dry_run:
+        r.points_dropped = len(drop)
+        return r
+    if not drop:
+        with safe.index.read() as t:
+            pending = queued(safe.index, t)
+        if pending:     # an interrupted forget's queued drops: finish them
+            with safe.writer("forget") as w:
+                r.objects_freed = drain(w)
         return r
     with safe.writer("forget") as w:
         dead_before = sum(pe.dead_bytes for pe in safe.pack_entries().values())
@@ -69,7 +77,8 @@ def forget(safe, decisions: list[Decision], dry_run: bool = False,
         for i in range(0, len(drop), GROUP):
             group = [k for k in drop[i:i + GROUP] if k.hex() in live]
             if group:
-                r.objects_freed += w.forget_points(group)
+                forget_points_queued(w, group)
                 r.points_dropped += len(group)
+        r.objects_freed = drain(w)
         r.dead_bytes = sum(pe.dead_bytes for pe in safe.pack_entries().values()) - dead_before
     return r

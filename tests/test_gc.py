@@ -228,3 +228,23 @@ def test_forget_prune_with_policy_through_real_backups(tmp_path, cli):
         assert [p["id"] for p in safe.points()] == [h[0]["id"] for h in hist[3:]]
         _assert_clean(safe)
         _assert_points(safe, hist)
+
+
+def test_a_forget_interrupted_before_its_cascade_verifies_and_gc_finishes_it(tmp_path):
+    from pointsafe.cas.release import forget_points_queued, queued
+    path, hist = _history(tmp_path, 3, files=4)
+    with Safe.open(path) as safe:
+        unique = reachable(safe, [bytes.fromhex(hist[0][0]["id"])]) - reachable(
+            safe, [bytes.fromhex(r["id"]) for r, _ in hist[1:]])
+        with safe.writer("forget") as w:
+            forget_points_queued(w, [bytes.fromhex(hist[0][0]["id"])])   # committed, not drained
+        with safe.index.read() as t:
+            assert queued(safe.index, t) == 1
+        rep = verify(safe)
+        assert rep.ok, rep.errors      # the audit counts the queued drop
+        r = run_gc(safe, threshold=0.0)
+        assert r.objects_freed == len(unique)
+        with safe.index.read() as t:
+            assert queued(safe.index, t) == 0
+        _assert_clean(safe)
+        _assert_points(safe, hist)
