@@ -248,3 +248,33 @@ def test_a_forget_interrupted_before_its_cascade_verifies_and_gc_finishes_it(tmp
             assert queued(safe.index, t) == 0
         _assert_clean(safe)
         _assert_points(safe, hist)
+
+
+def _cost_of_forgetting(tmp_path: Path, extra_sources: int) -> tuple[int, int]:
+    """Objects read by forget + gc of one point, in a safe with ``extra_sources`` other
+    sources of 1 MiB each around it."""
+    rng = random.Random(9)
+    path = tmp_path / f"safe{extra_sources}"
+    Safe.init(path, pack_size=PACK).close()
+    with Safe.open(path) as safe:
+        for i in range(extra_sources):
+            other = tmp_path / f"other{extra_sources}-{i}"
+            write_source(other, random.Random(100 + i), files=4, size=256 * 1024)
+            backup(safe, other, f"other{i}")
+        src = tmp_path / f"victim{extra_sources}"
+        write_source(src, random.Random(1), files=6, size=128 * 1024)
+        first = backup(safe, src, "victim")
+        mutate(src, rng, 0.2)
+        backup(safe, src, "victim")
+    with Safe.open(path) as safe:     # a fresh process-like view: count only what forget+gc read
+        forget(safe, plan_forget(safe, [first["id"]]))
+        r = run_gc(safe, threshold=1.0)   # no pack is partly dead enough to rewrite
+        assert not r.packs_rewritten
+        return safe.objects_read, r.objects_freed
+
+
+def test_forget_and_gc_cost_follows_the_point_not_the_safe(tmp_path):
+    small = _cost_of_forgetting(tmp_path, 0)
+    big = _cost_of_forgetting(tmp_path, 8)
+    assert small[1] > 0
+    assert big == small
