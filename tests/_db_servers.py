@@ -143,7 +143,8 @@ class MariaDB:
     def connect(self, **kw):
         import pymysql
         kw.setdefault("user", "root")
-        return pymysql.connect(unix_socket=self.socket, autocommit=True, **kw)
+        kw.setdefault("autocommit", True)
+        return pymysql.connect(unix_socket=self.socket, **kw)
 
     def sql(self, *statements: str, db: str | None = None) -> list:
         con = self.connect(database=db) if db else self.connect()

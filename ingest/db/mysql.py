@@ -37,6 +37,8 @@ from .errors import ConsistencyError, one_line
 LOCK_TIMEOUT = 30.0      # seconds FLUSH TABLES WITH READ LOCK may wait (lock_wait_timeout)
 REST_TIMEOUT = 120.0     # seconds InnoDB may take to flush its dirty pages under the lock
 RESCUE_TRIES = 3
+FLUSH_IO_CAPACITY = 10000  # pages/s the page cleaner may write while the backup waits for it
+PREFLUSH_PAGES = 256       # dirty pages left for the flush under the lock
 # InnoDB files a background write may touch (ibtmp1 is recreated at start-up and not needed).
 INNODB_PATTERNS = ("ibdata*", "ib_logfile*", "undo[0-9]*", "*.ibd", "#ib_redo*")
 
@@ -108,7 +110,7 @@ class MySQL:
         self.rest_timeout = rest_timeout
         self.con = None
         self._locked_at: float | None = None
-        self._saved_dirty_pct = None
+        self._saved_flushing = None
         self._tmpdir: str | None = None
         self._extra: list[tuple[str, bytes | str]] = []
         self._info: dict = {}
@@ -139,6 +141,9 @@ class MySQL:
         c.execute(f"SET SESSION lock_wait_timeout = {max(1, int(round(self.lock_timeout)))}")
         self._run(c, "FLUSH NO_WRITE_TO_BINLOG TABLES", "flush tables", timeout_ok=True)
         self._lower_dirty_pct(c)
+        t0 = time.monotonic()
+        self._preflush(c)
+        self._info["preflush_seconds"] = round(time.monotonic() - t0, 4)
 
         t0 = time.monotonic()
         self._run(c, "FLUSH TABLES WITH READ LOCK", "FLUSH TABLES WITH READ LOCK")
@@ -261,19 +266,50 @@ class MySQL:
         raise ConsistencyError(f"mysql {self.dsn}: cannot read InnoDB's log sequence number")
 
     def _lower_dirty_pct(self, c) -> None:
+        """Make the page cleaner write every dirty page, fast, until the backup ends.
+
+        innodb_max_dirty_pages_pct = 0 makes it flush all dirty pages; it then writes about
+        innodb_io_capacity pages a second (default 200, 3 MB/s: half a minute for 100 MB of
+        freshly loaded rows), so that is raised too. All three are put back by close().
+        """
+        names = ("innodb_max_dirty_pages_pct", "innodb_io_capacity_max", "innodb_io_capacity")
         try:
-            c.execute("SELECT @@GLOBAL.innodb_max_dirty_pages_pct")
-            self._saved_dirty_pct = c.fetchone()[0]
+            c.execute("SELECT " + ", ".join(f"@@GLOBAL.{n}" for n in names))
+            self._saved_flushing = dict(zip(names, c.fetchone()))
             c.execute("SET GLOBAL innodb_max_dirty_pages_pct = 0")
         except Exception as e:
-            self._saved_dirty_pct = None
+            self._saved_flushing = None
             raise ConsistencyError(f"mysql {self.dsn}: cannot make InnoDB flush its pages "
                                    f"(needs SUPER or SYSTEM_VARIABLES_ADMIN): {one_line(e)}") from None
+        try:
+            cap_max = max(int(self._saved_flushing["innodb_io_capacity_max"]), FLUSH_IO_CAPACITY)
+            c.execute(f"SET GLOBAL innodb_io_capacity_max = {cap_max}")
+            c.execute(f"SET GLOBAL innodb_io_capacity = {max(int(self._saved_flushing['innodb_io_capacity']), FLUSH_IO_CAPACITY)}")
+        except Exception:
+            pass  # slower, still correct
 
     def _restore_dirty_pct(self, c) -> None:
-        if self._saved_dirty_pct is not None:
-            c.execute(f"SET GLOBAL innodb_max_dirty_pages_pct = {float(self._saved_dirty_pct)}")
-            self._saved_dirty_pct = None
+        saved, self._saved_flushing = self._saved_flushing, None
+        if saved:
+            c.execute(f"SET GLOBAL innodb_io_capacity = {int(saved['innodb_io_capacity'])}")
+            c.execute(f"SET GLOBAL innodb_io_capacity_max = {int(saved['innodb_io_capacity_max'])}")
+            c.execute(f"SET GLOBAL innodb_max_dirty_pages_pct = {float(saved['innodb_max_dirty_pages_pct'])}")
+
+    def _preflush(self, c) -> None:
+        """Before the lock, while writers run: let the page cleaner bring the dirty pages down,
+        so that the flush left to do under the lock is small. Gives up quietly (the lock then
+        waits longer) after rest_timeout or when the count stops falling."""
+        deadline = time.monotonic() + self.rest_timeout
+        best, best_at = None, time.monotonic()
+        while time.monotonic() < deadline:
+            dirty = int(self._status(c, "Innodb_buffer_pool_pages_dirty") or 0)
+            if dirty <= PREFLUSH_PAGES:
+                return
+            if best is None or dirty < best * 0.9:
+                best, best_at = dirty, time.monotonic()
+            elif time.monotonic() - best_at > 3:
+                return
+            time.sleep(0.1)
 
     def _rest(self, c) -> int:
         """Wait until InnoDB has no dirty page and its LSN holds still; return that LSN."""

@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""How long `pointsafe backup --mysql` holds MariaDB's global read lock, and what a writer feels.
+
+Starts a private MariaDB (as tests/_db_servers.py does), loads SIZE of rows into an InnoDB and a
+MyISAM table, and runs a writer that inserts one row per transaction into both as fast as it can,
+logging every insert's latency. Then, into a fresh safe:
+
+- ``first``: the first backup of the data directory, writer running;
+- ``busy incremental``: the next backups, writer running (the tables' files changed);
+- ``idle incremental``: backups with the writer stopped and InnoDB idle (nothing changed).
+
+For each: the lock time pointsafe records (``consistency.mysql.lock_held_seconds``, of which
+``rest_seconds`` waiting for InnoDB to flush), the backup's wall time, the longest insert during
+the backup (the stall a writer sees) against the median insert outside backups, and, as the
+floor, the time to read every file of the data directory (page cache warm).
+
+    .venv/bin/python scripts/bench/db_lock.py --size 200M --runs 3 --markdown /tmp/db.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import log, machine_info, markdown_table, parse_size, write_json  # noqa: E402
+from _db_servers import MariaDB, new_dir, payload  # noqa: E402
+
+
+class LatencyWriter(threading.Thread):
+    def __init__(self, server: MariaDB, first_id: int):
+        super().__init__(daemon=True)
+        self.server, self.next_id = server, first_id
+        self.samples: list[tuple[float, float]] = []   # (start, latency)
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        con = self.server.connect(database="app")
+        with con.cursor() as c:
+            while not self.stop_event.is_set():
+                data, csum = payload(self.next_id)
+                t0 = time.monotonic()
+                c.execute("INSERT INTO inno VALUES (%s, %s, %s)", (self.next_id, data, csum))
+                c.execute("INSERT INTO my VALUES (%s, %s, %s)", (self.next_id, data, csum))
+                self.samples.append((t0, time.monotonic() - t0))
+                self.next_id += 1
+        con.close()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=120)
+
+
+def load(server: MariaDB, size: int) -> int:
+    """Bulk rows (≈ 450 bytes each, in both tables) up to ``size`` bytes of row data."""
+    rows = max(1000, size // 900)
+    con = server.connect(database="app", autocommit=False)
+    with con.cursor() as c:
+        batch = 2000
+        for start in range(1, rows + 1, batch):
+            vals = [(i, *payload(i)) for i in range(start, min(rows, start + batch - 1) + 1)]
+            c.executemany("INSERT INTO inno VALUES (%s, %s, %s)", vals)
+            c.executemany("INSERT INTO my VALUES (%s, %s, %s)", vals)
+            con.commit()
+    con.close()
+    return rows
+
+
+def wait_clean(server: MariaDB, timeout: float = 120) -> float:
+    """Wait until InnoDB has no dirty page (with its default settings); return the seconds."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        rows = server.sql("SHOW GLOBAL STATUS LIKE 'Innodb_buffer_pool_pages_dirty'")
+        if int(rows[0][1]) == 0:
+            break
+        time.sleep(0.5)
+    time.sleep(1)
+    return time.monotonic() - t0
+
+
+def read_floor(datadir: Path) -> float:
+    t0 = time.monotonic()
+    for dirpath, _, files in os.walk(datadir):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            try:
+                with open(p, "rb") as fh:
+                    while fh.read(1 << 20):
+                        pass
+            except OSError:
+                pass
+    return time.monotonic() - t0
+
+
+def backup(safe: Path, server: MariaDB) -> tuple[float, dict]:
+    cmd = [sys.executable, "-m", "pointsafe.cli", "--safe", str(safe), "backup", str(server.datadir),
+           "--name", "db", "--mysql", server.dsn, "--json", "-q"]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, timeout=3600)
+    wall = time.monotonic() - t0
+    if r.returncode not in (0, 3):
+        raise SystemExit(f"backup failed ({r.returncode}): {r.stderr.decode()}")
+    return wall, json.loads(r.stdout)["consistency"]["mysql"]
+
+
+def stall(writer: LatencyWriter | None, t0: float, t1: float) -> float | None:
+    if writer is None:
+        return None
+    inside = [lat for start, lat in writer.samples if start + lat >= t0 and start <= t1]
+    return max(inside) if inside else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="200M", help="row data to load (default 200M)")
+    ap.add_argument("--runs", type=int, default=3, help="backups per scenario (default 3)")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--markdown", help="write the markdown table here")
+    args = ap.parse_args()
+
+    from pointsafe.cas import Safe
+    server = MariaDB.create()
+    safe_parent = new_dir("ps-bench-db-")
+    safe = safe_parent / "safe"
+    results: list[dict] = []
+    try:
+        server.start()
+        server.sql("CREATE DATABASE app",
+                   "CREATE TABLE app.inno (id INT PRIMARY KEY, data TEXT NOT NULL, sum CHAR(64) NOT NULL) ENGINE=InnoDB",
+                   "CREATE TABLE app.my (id INT PRIMARY KEY, data TEXT NOT NULL, sum CHAR(64) NOT NULL) ENGINE=MyISAM")
+        log(f"loading {args.size} of rows")
+        rows = load(server, parse_size(args.size))
+        Safe.init(safe).close()
+        du = sum(f.stat().st_size for f in server.datadir.rglob("*") if f.is_file())
+        floor = min(read_floor(server.datadir) for _ in range(2))
+        log(f"{rows} rows per table, data directory {du / 1e6:.0f} MB, read floor {floor:.2f} s")
+
+        writer = LatencyWriter(server, rows + 1)
+        writer.start()
+        time.sleep(2)
+        plan = [("first", True)] + [("busy incremental", True)] * args.runs + [("idle incremental", False)] * args.runs
+        for scenario, busy in plan:
+            if not busy and writer is not None:
+                writer.stop()
+                baseline = statistics.median(lat for _, lat in writer.samples)
+                inserts = len(writer.samples)
+                writer = None
+                idle_wait = wait_clean(server)  # unchanged means: nothing left for InnoDB to write
+            t0 = time.monotonic()
+            wall, info = backup(safe, server)
+            t1 = time.monotonic()
+            results.append({"scenario": scenario, "wall_s": round(wall, 3),
+                            "lock_held_s": info["lock_held_seconds"], "rest_s": info["rest_seconds"],
+                            "lock_wait_s": info["lock_wait_seconds"], "recopied": info.get("recopied_innodb"),
+                            "longest_insert_s": stall(writer, t0, t1)})
+            log(f"{scenario}: {results[-1]}")
+            if busy:
+                time.sleep(1)
+        if writer is not None:
+            writer.stop()
+            baseline = statistics.median(lat for _, lat in writer.samples)
+            inserts = len(writer.samples)
+    finally:
+        server.destroy()
+        shutil.rmtree(safe_parent, ignore_errors=True)
+
+    out = {"machine": machine_info(), "size": args.size, "idle_wait_s": round(idle_wait, 1), "rows": rows, "datadir_bytes": du,
+           "read_floor_s": round(floor, 3), "median_insert_s": round(baseline, 5), "inserts": inserts,
+           "runs": results}
+    table_rows = []
+    for scenario in ("first", "busy incremental", "idle incremental"):
+        rs = [r for r in results if r["scenario"] == scenario]
+        if not rs:
+            continue
+        stalls = [r["longest_insert_s"] for r in rs if r["longest_insert_s"] is not None]
+        table_rows.append([scenario, len(rs),
+                           f"{statistics.median(r['wall_s'] for r in rs):.2f}",
+                           f"{statistics.median(r['lock_held_s'] for r in rs):.2f} (max {max(r['lock_held_s'] for r in rs):.2f})",
+                           f"{statistics.median(r['rest_s'] for r in rs):.2f}",
+                           f"{max(stalls):.2f}" if stalls else "—"])
+    md = markdown_table(["backup", "runs", "wall s (median)", "lock held s", "of which InnoDB flush s",
+                         "longest insert s"], table_rows)
+    md += (f"\n\nData directory {du / 1e6:.0f} MB ({rows:,} rows per table); reading all of it with the page "
+           f"cache warm takes {floor:.2f} s; the median insert outside backups takes "
+           f"{baseline * 1000:.1f} ms. Before the idle backups the writer was stopped and InnoDB left "
+           f"to write its dirty pages at its own pace ({idle_wait:.0f} s).\n")
+    print(md)
+    if args.json:
+        write_json(args.json, out)
+    if args.markdown:
+        Path(args.markdown).write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
