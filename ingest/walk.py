@@ -168,15 +168,19 @@ class TreeWalker:
                 e.xattrs = self._xattrs(path, e, prev)
                 self.pipe.link(e)
                 return
-            self.groups_seen.add(e.link_group)
         if (prev is not None and prev.type == REG and
                 (prev.dev, prev.ino, prev.size, prev.mtime_ns, prev.ctime_ns) == (e.dev, e.ino, e.size, e.mtime_ns, e.ctime_ns)):
             e.ref = prev.ref
             e.xattrs = prev.xattrs
             self.pipe.entry(e)
-            return
-        e.xattrs = read_xattrs(path, self.warn)
-        self.read_file(path, e)
+        else:
+            e.xattrs = read_xattrs(path, self.warn)
+            if not self.read_file(path, e):
+                # Not in the point: its other names must not become links to nothing (they
+                # would restore as holes); each is tried, and warned about, on its own.
+                return
+        if e.link_group:
+            self.groups_seen.add(e.link_group)
 
     def read_file(self, path: bytes, e: Entry) -> bool:
         """Read a regular file into the pipeline; False when it could not be read at all."""

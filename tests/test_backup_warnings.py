@@ -71,6 +71,7 @@ def test_unreadable_file_and_directory_become_warnings(tmp_path):
         secret = src / "secret.bin"
         secret.write_bytes(b"top secret\n")
         secret.chmod(0o000)
+        os.link(secret, src / "sub" / "secret-link")   # its other name: a warning too, not a hole
         locked = src / "locked"
         locked.mkdir()
         (locked / "inside").write_text("x")
@@ -90,8 +91,9 @@ def test_unreadable_file_and_directory_become_warnings(tmp_path):
         point = json.loads(p.stdout)
         paths = {w["path"]: w["message"] for w in point["warnings"]}
         assert any(k.endswith("/src/secret.bin") for k in paths), point["warnings"]
+        assert any(k.endswith("/src/sub/secret-link") for k in paths), point["warnings"]
         assert any(k.endswith("/src/locked") for k in paths), point["warnings"]
-        assert len(paths) == 2, point["warnings"]
+        assert len(paths) == 3, point["warnings"]
         assert status.read_text().strip() == "warning"
         # the point is there, with everything that could be read
         assert point["stats"]["files"] >= 2
@@ -102,6 +104,7 @@ def test_unreadable_file_and_directory_become_warnings(tmp_path):
         assert (out / "ok.txt").read_text() == "readable\n"
         assert (out / "sub" / "fine").read_text() == "also readable\n"
         assert not (out / "secret.bin").exists(), "an unread file must not be restored as a hole"
+        assert not (out / "sub" / "secret-link").exists(), "nor its other names"
     finally:
         for d in (work / "src" / "locked",):
             if d.exists():
