@@ -43,7 +43,7 @@ def blob_chunks(safe, root: bytes | None, size: int, nodes: NodeCache) -> Iterat
 
 def point_chunks(safe, rec: dict, nodes: NodeCache | None = None) -> Iterator[tuple[bytes, int]]:
     """(chunk key, length) of every chunk a restore of point ``rec`` reads, in file order."""
-    nodes = nodes or NodeCache(1024)
+    nodes = nodes or NodeCache(64)
     root = bytes.fromhex(rec["root"]) if rec.get("root") else None
     if root is None:
         return
@@ -64,6 +64,6 @@ def point_chunks(safe, rec: dict, nodes: NodeCache | None = None) -> Iterator[tu
 
 def newest_chunks(safe, points: list[dict] | None = None) -> Iterator[tuple[bytes, int]]:
     """The chunks of the newest point of every source, source after source."""
-    nodes = NodeCache(1024)
+    nodes = NodeCache(64)   # a sequential walk needs about one node per level
     for rec in newest_points(safe, points):
         yield from point_chunks(safe, rec, nodes)
