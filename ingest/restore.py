@@ -5,8 +5,9 @@ so a hostile safe (names like ``..`` or ``a/b``, a symlink and a directory of th
 cannot make restore write outside the target: such entries are refused with a warning.
 Holes are skipped with ``pwrite`` past them and a final ``ftruncate``, so sparse files stay
 sparse. Chunks are fetched and decompressed ahead of the writer by a small thread pool.
-Metadata order per entry: content, xattrs, owner, mode (after chown, which clears setuid),
-times; directories get their times after their children are written.
+Metadata order per entry: content, owner, xattrs (after chown, which drops security.capability),
+mode (after chown, which clears setuid), times; directories get their times after their children
+are written.
 """
 
 from __future__ import annotations
@@ -239,19 +240,20 @@ class Restorer:
             os.close(fd)
 
     def _apply_meta(self, fd: int | None, path: bytes, e: Entry) -> None:
-        """Set xattrs, owner, mode and times, on ``fd`` or on ``path`` (never following it)."""
+        """Set owner, xattrs, mode and times, on ``fd`` or on ``path`` (never following it)."""
         target = fd if fd is not None else path
         nofollow = {} if fd is not None else {"follow_symlinks": False}
-        for n, v in e.xattrs:
-            try:
-                os.setxattr(target, n, v, **nofollow)
-            except OSError as err:
-                self.warn(path, f"cannot set extended attribute {n.decode(errors='replace')}: {err.strerror}")
+        # Owner first: the kernel drops file capabilities (security.capability) on chown.
         if self.is_root:
             try:
                 os.chown(target, e.uid, e.gid, **nofollow)
             except OSError as err:
                 self.warn(path, f"cannot set owner {e.uid}:{e.gid}: {err.strerror}")
+        for n, v in e.xattrs:
+            try:
+                os.setxattr(target, n, v, **nofollow)
+            except OSError as err:
+                self.warn(path, f"cannot set extended attribute {n.decode(errors='replace')}: {err.strerror}")
         if e.type != LNK:
             try:
                 os.chmod(target, e.mode)

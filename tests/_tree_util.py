@@ -38,6 +38,7 @@ import errno
 import os
 import random
 import stat
+import struct
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -272,12 +273,13 @@ def _setfacl(path: bytes, specs: list[str]) -> None:
 
 
 def _meta(path: bytes, s: Spec, dir_fd=None) -> None:
-    """xattrs, ACLs, owner, mode (after chown: chown clears setuid), then times."""
+    """Owner, xattrs and ACLs (after chown: it drops security.capability), mode (after chown:
+    it clears setuid), then times."""
+    os.chown(path, s.uid, s.gid, follow_symlinks=False)
     for n, v in s.xattrs.items():
         os.setxattr(path, n, v, follow_symlinks=False)
     if s.kind != LNK:
         _setfacl(path, s.acl)
-    os.chown(path, s.uid, s.gid, follow_symlinks=False)
     if s.kind != LNK:
         os.chmod(path, s.mode)
     at = s.atime_ns if s.atime_ns is not None else max(future_atime(), s.mtime_ns + 10**9)
@@ -356,6 +358,9 @@ def all_types_tree(seed: int = 0) -> Spec:
         b"acl": Spec(REG, content=[(0, b"acl")], mode=0o640, acl=["u:1234:rw", "g:77:r"]),
         b"xattr": Spec(REG, content=[(0, b"x")], xattrs={b"user.k": b"v", b"user.empty": b"",
                                                           b"trusted.bin": bytes(range(256))}),
+        # file capabilities (cap_net_raw+ep, vfs_cap_data v2): chown drops them, so order matters
+        b"capable": Spec(REG, content=[(0, b"\x7fELF")], mode=0o755, uid=0, gid=0,
+                         xattrs={b"security.capability": struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)}),
         b"link": Spec(LNK, target=b"plain"),
         b"dangling": Spec(LNK, target=b"/nonexistent/\xff\nx"),
         b"dirlink": Spec(LNK, target=b"sub", xattrs={b"trusted.l": b"1"}),

@@ -180,7 +180,7 @@ def test_all_types_round_trip_and_ls(safe_dir, tmp_path):
     assert p["warnings"] == []
     st = p["stats"]
     # files: every regular file incl. the hardlink's second name; size: logical bytes
-    assert st["files"] == 15
+    assert st["files"] == 16
     assert st["bytes_read"] < 400_000, "holes of the sparse files must not be read as data"
     assert st["bytes_stored"] < 400_000, "holes must not be stored"
     r = restore(safe_dir, p["id"], tmp_path / "out")
