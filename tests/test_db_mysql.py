@@ -10,6 +10,7 @@ backup began.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -166,3 +167,36 @@ def test_datadir_outside_source_is_refused(server, safe_dir, cli, tmp_path):
     (tmp_path / "elsewhere").mkdir()
     code, point, err = backup(cli, safe_dir, tmp_path / "elsewhere", "--mysql", server.dsn)
     assert code == 1 and "is not inside the backup source" in err and len(err.strip().splitlines()) == 1
+
+
+def test_innodb_written_under_the_lock_is_copied_again(server):
+    """If InnoDB's LSN moved while the source was read (a background write under the lock),
+    files_read() copies every InnoDB file again under the lock, and those copies start.
+
+    No statement reliably makes InnoDB write under FLUSH TABLES WITH READ LOCK, so the moved LSN
+    is simulated by lowering the recorded one; everything else is the real server and files.
+    """
+    from pointsafe.ingest.db.mysql import MySQL
+    base = new_dir("ps-mariadb-rescue-", "mysql")
+    restored = MariaDB(base / "data", base / "run")
+    c = MySQL(server.dsn, str(server.datadir))
+    try:
+        c.start()
+        shutil.copytree(server.datadir, restored.datadir)       # "the read", with the lock held
+        c._info["lsn"] -= 1
+        c.files_read()
+        assert c.info()["recopied_innodb"] is True and c.info()["lock_held_seconds"] >= 0
+        extra = dict(c.extra_files())
+        assert {"ibdata1", "ib_logfile0", "app/inno.ibd"} <= set(extra)
+        assert not any(rel.startswith("app/my.") for rel in extra)  # MyISAM is not InnoDB's
+        for rel, path in extra.items():                              # what the graft does
+            shutil.copyfile(path, restored.datadir / rel)
+    finally:
+        c.close()
+    try:
+        server.sql("INSERT INTO app.my VALUES (2000000, 'x', 'y')", "DELETE FROM app.my WHERE id = 2000000")
+        chown_tree(restored.datadir, "mysql")
+        restored.start()
+        assert [r[3] for r in restored.sql("CHECK TABLE app.inno, app.my EXTENDED")] == ["OK", "OK"]
+    finally:
+        restored.destroy()
