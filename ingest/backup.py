@@ -119,8 +119,8 @@ def previous_point(safe: Safe, name: str, kind: str) -> dict | None:
 
 def backup(safe: Safe, source: str, opts: BackupOptions,
            progress: Callable[[int], None] | None = None) -> BackupResult:
-    path, st, kind = check_source(safe, source, opts.volume)
-    name = opts.name or default_name(path)
+    # The pre-hook runs before the source is checked: it may create it (a snapshot, a mount).
+    name = opts.name or default_name(Path(os.path.abspath(source)))
     if "@" in name or "/" in name or not name.strip():
         raise UsageError(f"bad point name {name!r}: it must not be empty or contain '@' or '/'")
     warnings: list[dict] = []
@@ -128,12 +128,14 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
     def warn(p: bytes | str, message: str) -> None:
         warnings.append({"path": os.fsdecode(p) if isinstance(p, bytes) else p, "message": message})
 
-    hook_env = {"POINTSAFE_SOURCE": str(path), "POINTSAFE_NAME": name, "POINTSAFE_SAFE": str(safe.path)}
+    hook_env = {"POINTSAFE_SOURCE": os.path.abspath(source), "POINTSAFE_NAME": name,
+                "POINTSAFE_SAFE": str(safe.path)}
     started = utc_now_iso()
     status = "error"
     try:
         if opts.pre_hook:
             run_hook(opts.pre_hook, hook_env, "pre-hook")
+        path, st, kind = check_source(safe, source, opts.volume)
         # Take the lock before touching databases, so that a busy safe fails fast.
         with safe.writer(f"backup {name}") as w:
             active = _start_consistency(opts, warn)
@@ -152,7 +154,7 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
         if opts.post_hook:
             try:
                 run_hook(opts.post_hook, {**hook_env, "POINTSAFE_STATUS": status}, "post-hook")
-            except HookFailed as e:
+            except HookFailed:
                 if status != "error":
                     raise
 

@@ -174,9 +174,6 @@ def test_hooks_run_in_order_around_the_reading(safe_dir, tmp_path):
     assert [e["path"] for e in json.loads(r.out)] == ["dump.sql"]
 
 
-@pytest.mark.xfail(strict=True, reason="backup checks the source before running --pre-hook, so a pre-hook "
-                   "cannot create the source (a snapshot, a mount point made by the hook): "
-                   "'no such file or directory' and the post-hook does not run")
 def test_pre_hook_may_create_the_source(safe_dir, tmp_path):
     src = tmp_path / "snapshot"
     status = tmp_path / "status"
