@@ -28,7 +28,8 @@ class _Flight:
 class ByteLRU(Generic[V]):
     """LRU of ``key -> value`` holding at most ``limit`` bytes (as measured by ``sizeof``).
 
-    Thread-safe. A value larger than the whole limit is returned but not kept.
+    Thread-safe. A value larger than the whole limit is kept alone (everything else is evicted),
+    so memory stays within ``max(limit, largest value)``.
     """
 
     def __init__(self, limit: int, sizeof: Callable[[V], int] = len):  # type: ignore[assignment]
@@ -61,6 +62,11 @@ class ByteLRU(Generic[V]):
 
     def _put_locked(self, key: Hashable, value: V, n: int) -> None:
         if n > self.limit:
+            # Larger than the whole budget (a directory of a million entries): keep it alone,
+            # so that lookups in it do not decode it again each time.
+            self.items.clear()
+            self.items[key] = (value, n)
+            self.bytes = n
             return
         old = self.items.pop(key, None)
         if old is not None:

@@ -28,6 +28,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 from pointsafe.cas import BlobReader, Entry, IntegrityError, Kind, NodeCache, ObjectMissing, Safe, decode_tree
 from pointsafe.cas.tree import DIR, LNK, REG
@@ -175,6 +176,9 @@ class View:
         self._warned: set[tuple[int, str]] = set()
         self._prefetch = ThreadPoolExecutor(max_workers=2, thread_name_prefix="readahead")
         self.mounted_ns = time.time_ns()
+        self.readdirs = 0           # readdir requests served
+        self.lookups = 0
+        self.getattrs = 0
         self.reads = 0              # read requests served, and their bytes (for benchmarks)
         self.read_bytes = 0
         uid, gid = os.getuid(), os.getgid()
@@ -237,6 +241,7 @@ class View:
                     e.atime_ns, e.mtime_ns, e.ctime_ns, node.kind in VIRTUAL or node.kind == K_POINT)
 
     def getattr(self, ino: int) -> Stat:
+        self.getattrs += 1
         return self.stat(self.node(ino))
 
     def _child(self, parent: Node, lst: Listing, i: int) -> Node:
@@ -355,6 +360,7 @@ class View:
 
     def lookup(self, parent_ino: int, name: bytes) -> Node:
         """The child ``name`` of directory ``parent_ino``, counted as one kernel lookup."""
+        self.lookups += 1
         parent = self.node(parent_ino)
         if name == b".":
             return self.remember(parent)
@@ -385,6 +391,7 @@ class View:
             h = self.handles.get(fh)
         if not isinstance(h, tuple):
             raise BadHandle(str(fh))
+        self.readdirs += 1
         node, lst = h
         if start == 0:
             yield b".", node, 1, False
@@ -428,7 +435,8 @@ class View:
         return {"objects_read": self.safe.objects_read, "inodes": inodes,
                 "chunk_cache_bytes": self.chunks.cache.bytes, "dir_cache_bytes": self.dirs.bytes,
                 "chunk_cache_hits": self.chunks.cache.hits, "chunk_cache_misses": self.chunks.cache.misses,
-                "reads": self.reads, "read_bytes": self.read_bytes}
+                "reads": self.reads, "read_bytes": self.read_bytes, "readdirs": self.readdirs,
+                "lookups": self.lookups, "getattrs": self.getattrs}
 
     def statfs(self) -> dict:
         packs = self.safe.pack_entries()
@@ -561,7 +569,6 @@ def _make_listing(items) -> Listing:
 def _iso_ns(text: str | None) -> int:
     if not text:
         return 0
-    from datetime import datetime, timezone
     t = text.rstrip("Z")
     try:
         dt = datetime.fromisoformat(t).replace(tzinfo=timezone.utc)

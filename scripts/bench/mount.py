@@ -439,6 +439,8 @@ def benchmark(args) -> dict:
     for tool in tools:
         log(f"{tool.name}: backing up the sources (once)")
         tool.prepare(sources)
+    if args.prepare_only:
+        return result
     for tool in tools:
         if tool.name != "memfs":
             warm(tool.repo)
@@ -457,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tools", default="pointsafe,borg,restic,memfs")
     ap.add_argument("--work", default=str(BENCH / "mount-work"))
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--prepare-only", action="store_true", help="make the data and the backups, measure nothing")
     ap.add_argument("--json", metavar="OUT")
     ap.add_argument("--markdown", metavar="OUT")
     args = ap.parse_args(argv)
@@ -464,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         memfs(args.memfs, args.memfs_size)
         return 0
     result = benchmark(args)
+    if args.prepare_only:
+        return 0
     text = report(result)
     print(text)
     if args.json:
