@@ -22,6 +22,7 @@ from _db_servers import Writer, assert_clean, backup, check_prefix, copy_out, ne
 pytestmark = pytest.mark.db
 
 MODES = {"wal.db": "wal", "journal.db": "delete"}
+PREFILL = 20000
 
 
 @pytest.fixture
@@ -34,6 +35,11 @@ def source():
             con = sqlite3.connect(app / name, isolation_level=None)
             con.execute(f"PRAGMA journal_mode={mode}")
             con.execute("CREATE TABLE rows (id INTEGER PRIMARY KEY, data TEXT NOT NULL, sum TEXT NOT NULL)")
+            con.execute("CREATE INDEX rows_sum ON rows (sum)")
+            # Big enough (≈ 20 MB) that the tree walk reads it in many pieces while it changes.
+            con.execute("BEGIN")
+            con.executemany("INSERT INTO rows VALUES (?, ?, ?)", ((i, *payload(i)) for i in range(1, PREFILL + 1)))
+            con.execute("COMMIT")
             con.close()
         yield d
     finally:
@@ -42,11 +48,13 @@ def source():
 
 def writer(path: Path) -> Writer:
     def connect():
-        return sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
+        con = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
+        con.execute("PRAGMA wal_autocheckpoint = 16")  # WAL mode: the main file changes often too
+        return con
 
     def insert(con, i):
         con.execute("INSERT INTO rows VALUES (?, ?, ?)", (i, *payload(i)))
-    return Writer(connect, insert, pause=0.001)
+    return Writer(connect, insert, pause=0.001, committed=PREFILL)
 
 
 def sqlite_args(src: Path) -> list[str]:
@@ -100,11 +108,11 @@ def check_point(cli, safe: Path, source: Path, point: dict, bounds: dict) -> dic
 
 
 def test_points_under_writers_attach_read_only_from_the_mount(source, safe_dir, cli):
-    writers = {name: writer(source / "app" / name).start() for name in MODES}
+    writers = {name: writer(source / "app" / name).start(PREFILL + 1) for name in MODES}
     taken = []
     try:
         for w in writers.values():
-            w.wait_rows(200)
+            w.wait_rows(PREFILL + 200)
         for _ in range(3):
             low = {n: w.committed for n, w in writers.items()}
             code, point, err = backup(cli, safe_dir, source, *sqlite_args(source))
