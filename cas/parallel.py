@@ -4,8 +4,8 @@ The writer is single-threaded (it owns the pack file and the batch), but the cos
 put is hashing (BLAKE3) and compressing (zstd), and both release the GIL. ``put_many`` runs
 that part on a small thread pool: each worker computes the key, skips objects the safe
 already holds (no compression for duplicates), compresses the rest with its own
-ZstdCompressor (``pack.prepare``) and builds the record, checksum included. The calling
-thread only appends the records in order with ``Writer.put_prepared``. At most ``window``
+ZstdCompressor (``pack.prepare``, which also builds the record header and its checksum).
+The calling thread only appends the records in order with ``Writer.put_prepared``. At most ``window``
 objects are in flight, so memory stays bounded whatever the input's length.
 
 Rejected alternatives: ``multi_compress_to_buffer`` needs the whole batch in memory and does
@@ -45,17 +45,13 @@ def iter_put_many(writer, kind: int, datas: Iterable[bytes], threads: int = 2,
     objects = index.db["objects"]
     pending = writer.pending
 
-    def work(group: list[bytes]) -> list[tuple[bytes, Prepared | None, bytes | None]]:
+    def work(group: list[bytes]) -> list[tuple[bytes, Prepared | None]]:
         out = []
         keys = [object_key(kind, d) for d in group]
         with index.read() as txn:            # one snapshot for the whole group
             known = [k in pending or txn.get(k, db=objects) is not None for k in keys]
         for data, key, seen in zip(group, keys, known):
-            if seen:
-                out.append((key, None, None))
-            else:
-                p = prepare(kind, data, level, key=key)
-                out.append((key, p, p.record()))
+            out.append((key, None if seen else prepare(kind, data, level, key=key)))
         return out
 
     def groups() -> Iterator[list[bytes]]:
@@ -81,9 +77,9 @@ def iter_put_many(writer, kind: int, datas: Iterable[bytes], threads: int = 2,
 
 
 def _append(writer, kind: int, group: list[bytes], fut) -> Iterator[bytes]:
-    for data, (key, p, rec) in zip(group, fut.result()):
+    for data, (key, p) in zip(group, fut.result()):
         if p is None:
             writer.put(kind, data, key=key)      # already stored: only the writer's bookkeeping
         else:
-            writer.put_prepared(p, record=rec)   # dedups against what was appended meanwhile
+            writer.put_prepared(p)               # dedups against what was appended meanwhile
         yield key
