@@ -82,7 +82,7 @@ def test_points_under_a_writer_start_and_hold_a_prefix(server, safe_dir, cli):
             code, point, err = backup(cli, safe_dir, server.datadir, "--postgres", server.dsn)
             high = w.committed
             wal = (point or {}).get("consistency", {}).get("postgres", {}).get("wal_files", [])
-            assert_clean(code, point, err, server.datadir, ["pg_wal/" + f for f in wal])
+            assert_clean(code, point, err, server.datadir, ["pg_wal/" + f for f in wal], covered=server.datadir)
             taken.append((point, low, high))
             w.wait_rows(high + 150)
     finally:
