@@ -112,14 +112,21 @@ def test_unreadable_file_and_directory_become_warnings(tmp_path):
         shutil.rmtree(work, ignore_errors=True)
 
 
+# Appends a few bytes every 0.2 ms: the size changes many times during every read attempt
+# (whatever the timestamp granularity), and the raised priority lets it wake up on time even on
+# a busy machine, while it takes little CPU from the backup it races.
 WRITER = """
 import os, sys, time
 path, stop = sys.argv[1], sys.argv[2]
+try:
+    os.nice(-15)
+except OSError:
+    pass
 with open(path, "ab", buffering=0) as f:
     open(stop + ".started", "w").close()
     while not os.path.exists(stop):
-        f.write(b"more data " * 10)
-        os.ftruncate(f.fileno(), 8 << 20) if f.tell() > 16 << 20 else None
+        f.write(b"more data\\n")
+        time.sleep(0.0002)
 """
 
 
@@ -128,7 +135,7 @@ def test_file_changing_while_read_is_a_warning(safe_dir, tmp_path):
     src.mkdir()
     (src / "stable").write_bytes(os.urandom(100_000))
     busy = src / "busy.log"
-    busy.write_bytes(os.urandom(8 << 20))
+    busy.write_bytes(os.urandom(4 << 20))
     stop = tmp_path / "stop"
     w = subprocess.Popen([sys.executable, "-c", WRITER, str(busy), str(stop)])
     try:
@@ -146,7 +153,7 @@ def test_file_changing_while_read_is_a_warning(safe_dir, tmp_path):
     out = tmp_path / "out"
     restore(safe_dir, p["id"], out)
     assert (out / "stable").read_bytes() == (src / "stable").read_bytes()
-    assert (out / "busy.log").stat().st_size >= 8 << 20   # the last read is kept
+    assert (out / "busy.log").stat().st_size > 4 << 20   # the last read is kept
 
 
 def test_pre_hook_failure_aborts_without_a_point(safe_dir, tmp_path):
