@@ -25,7 +25,7 @@ from .keys import Kind
 from .store import Writer
 
 QUEUE = "release"
-DRAIN_BATCH = 4096
+DRAIN_BATCH = 32768
 _U32 = struct.Struct("<I")
 
 

@@ -34,8 +34,8 @@ from .pack import (PACK_HEADER, REC_HEADER_SIZE, RecordHeader, check_pack_header
                    parse_record_header, write_pack_header)
 from .store import Writer, _fsync_dir
 
-ZERO_BATCH = 8192      # keys per transaction: bounds LMDB's dirty pages (held in memory)
-BATCH_OBJECTS = 8192   # moves per commit, for the same reason
+ZERO_BATCH = 65536     # keys per transaction (in key order, so they share index pages)
+BATCH_OBJECTS = 8192   # moves per commit: random keys, each may dirty an index page held in memory
 BATCH_BYTES = 32 * 1024 * 1024
 LAYOUT_GEN = "layout_gen"   # meta counter bumped whenever objects move (fragmentation caches)
 

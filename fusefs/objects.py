@@ -115,6 +115,16 @@ class ChunkSource:
         self.cache: ByteLRU[bytes] = ByteLRU(cache_bytes)
         self.fds = _PackFds(safe)
 
+    def peek_many(self, keys: list[bytes]) -> dict[bytes, bytes] | None:
+        """Every chunk in ``keys`` if all are cached, else None (nothing is loaded)."""
+        out = {}
+        for k in keys:
+            v = self.cache.peek(k)
+            if v is None:
+                return None
+            out[k] = v
+        return out
+
     def get_many(self, keys: list[bytes]) -> dict[bytes, bytes]:
         """The raw bytes of every chunk in ``keys`` (IntegrityError/ObjectMissing on damage)."""
         found, mine, waits = self.cache.claim(keys)

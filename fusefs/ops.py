@@ -5,7 +5,9 @@ and opendir load a directory; open, read and statfs touch LMDB and packs) runs i
 thread through ``trio.to_thread.run_sync`` under one ``CapacityLimiter``; the view's caches
 make sure a chunk is loaded once even when several of those threads want it. Requests that
 only consult the inode table (getattr, readlink, readdir of an opened directory, xattrs,
-forget) answer on the trio thread.
+forget) answer on the trio thread, and so does a read whose chunks are all cached already
+(the usual case for a sequential reader, whose next chunks the read-ahead loads in the
+background): a thread hop costs more than copying a cached MiB.
 
 Every request that would change anything answers EROFS (the mount is also made ``ro``, so
 the kernel usually answers first).
@@ -162,7 +164,10 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh, off, size):
-        return await self._thread(self.view.read, fh, off, size)
+        data = self._here(self.view.read, fh, off, size, True)     # cached: answer right here
+        if data is None:
+            data = await self._thread(self.view.read, fh, off, size)
+        return data
 
     async def flush(self, fh):
         return None

@@ -83,6 +83,13 @@ class BadHandle(ViewError):
     pass
 
 
+class _WouldLoad(Exception):
+    """A cached-only read needs something that is not cached."""
+
+
+_local = threading.local()
+
+
 @dataclass(slots=True, eq=False)
 class Node:
     ino: int
@@ -480,6 +487,8 @@ class View:
         return ent.kind
 
     def _get_node(self, key: bytes) -> bytes:
+        if getattr(_local, "cached_only", False):
+            raise _WouldLoad()
         return self.safe.get(key)
 
     def release(self, fh: int) -> None:
@@ -493,15 +502,29 @@ class View:
             raise BadHandle(str(fh))
         return h
 
-    def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
-        """Bytes [off, off+size) of an open file; Damaged (and a warning) when they cannot be had."""
+    def read(self, fh: int, off: int, size: int, cached_only: bool = False) -> bytes | memoryview | None:
+        """Bytes [off, off+size) of an open file; Damaged (and a warning) when they cannot be had.
+
+        With ``cached_only`` nothing is loaded: the answer is None unless every piece is in the
+        caches already. The adapter tries that on its own thread first (the read-ahead usually
+        has the chunks ready) and hops to a worker thread only when something must be loaded.
+        """
         h = self._handle(fh)
         blob = h.blob
         end = min(off + size, blob.size)
         if off >= end:
             return b""
         try:
-            out = self._read_range(blob, off, end)
+            if cached_only:
+                _local.cached_only = True
+                try:
+                    out = self._read_range(blob, off, end, cached_only=True)
+                except _WouldLoad:
+                    return None
+                finally:
+                    _local.cached_only = False
+            else:
+                out = self._read_range(blob, off, end)
         except (IntegrityError, ObjectMissing, ValueError) as err:
             raise self._damaged(h.node, err, f"read at offset {off}") from None
         self._sequential(h, off, end)
@@ -509,10 +532,15 @@ class View:
         self.read_bytes += len(out)
         return out
 
-    def _read_range(self, blob: BlobReader, off: int, end: int) -> bytes | memoryview:
+    def _read_range(self, blob: BlobReader, off: int, end: int, cached_only: bool = False) -> bytes | memoryview:
         exts = list(blob.extents(off, end))
         keys = [k for _, _, k in exts if k is not None]
-        data = self.chunks.get_many(keys) if keys else {}
+        if cached_only:
+            data = self.chunks.peek_many(keys)
+            if data is None:
+                raise _WouldLoad()
+        else:
+            data = self.chunks.get_many(keys) if keys else {}
         parts: list[bytes | memoryview] = []
         for lo, length, k in exts:
             a = max(off, lo) - lo
