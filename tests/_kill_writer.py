@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pointsafe.cas import Kind, Safe  # noqa: E402
+from pointsafe.cas.parallel import put_many  # noqa: E402
 
 from _cas_util import make_point, random_bytes  # noqa: E402
 
@@ -47,7 +48,6 @@ def main() -> None:
     while until is None or time.monotonic() < until:
         with safe.writer("kill-writer") as w:
             for _ in range(rng.randint(1, 4)):
-                keys = []
                 datas = []
                 for _ in range(rng.randint(1, 25)):
                     if recent and rng.random() < 0.2:
@@ -57,7 +57,10 @@ def main() -> None:
                         data = random_bytes(rng, size, rng.random() < 0.5)
                         recent = (recent + [data])[-40:]
                     datas.append(data)
-                    keys.append(w.put(Kind.CHUNK, data))
+                if rng.random() < 0.5:                     # the threaded front end, or one by one
+                    keys = put_many(w, Kind.CHUNK, datas, threads=2, group_bytes=100_000)
+                else:
+                    keys = [w.put(Kind.CHUNK, d) for d in datas]
                 r = rng.random()
                 if r < 0.35:
                     n += 1
