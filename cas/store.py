@@ -233,6 +233,10 @@ class Safe:
         try:
             index = Index(p / INDEX_DIR)
         except lmdb.Error as e:
+            if "already open in this process" in str(e):
+                # py-lmdb allows one environment per path and process: a program error, not damage.
+                raise SafeError(f"{p}: the safe is already open in this process; reuse that Safe "
+                                "or close it first") from None
             raise NotASafe(f"{p}: cannot open the safe's index ({e}); try 'pointsafe repair'") from None
         return cls(p, config, index)
 
