@@ -150,8 +150,10 @@ class Restorer:
                 self._count(files=1)
             except OSError as err:
                 self.warn(path, f"cannot restore hardlink: {err.strerror}")
-        # Children before parents, so that writing into a directory does not move its mtime.
-        for path, e in reversed(self.dirs):
+        # Deepest first (self.dirs is in post-order, after the --path directories on the way):
+        # a parent made unsearchable (mode 0000, 0600) would otherwise shut the children out
+        # for a restore without CAP_DAC_OVERRIDE.
+        for path, e in sorted(self.dirs, key=lambda pe: pe[0].count(b"/"), reverse=True):
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except OSError as err:

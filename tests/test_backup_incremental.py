@@ -13,7 +13,7 @@ import pytest
 
 from _backup_util import backup, restore
 from _tree_util import assert_trees_equal, diff_snapshots, snapshot
-from conftest import needs_root, run_cli
+from conftest import run_cli
 
 
 def make_source(top: Path, files: int, seed: int, flat: bool = False) -> None:

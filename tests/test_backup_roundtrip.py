@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from _backup_util import backup, restore
 from _tree_util import (BLK, CHR, DIR, FIFO, HARDLINK, LNK, REG, SOCK, Spec, all_types_tree,
                         assert_trees_equal, make_tree, settle_atimes, snapshot)
-from conftest import needs_root, run_cli
+from conftest import needs_root
 from pointsafe.cas import Safe
 
 pytestmark = needs_root

@@ -7,12 +7,16 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from _backup_util import backup, one_error_line, restore
+import _tree_util as tu
 from _tree_util import assert_trees_equal, snapshot
 from conftest import needs_root, run_cli
 from pointsafe.cas import BlobBuilder, Entry, Kind, Safe, encode_tree, utc_now_iso
@@ -200,8 +204,6 @@ def test_bad_input_is_one_line(safe_dir, tmp_path):
 
 
 def test_restic_repository_is_not_a_safe(tmp_path):
-    import shutil
-    import subprocess
     if shutil.which("restic") is None:
         pytest.skip("restic is not installed")
     repo = tmp_path / "restic"
@@ -310,3 +312,27 @@ def test_force_does_not_follow_symlinks_left_in_the_target(points_safe, two_poin
     if r.code == 3:
         assert (target / "a.txt").read_text() == "two, longer\n"
         assert any(w["path"].startswith("sub") for w in json.loads(r.out)["warnings"])
+
+
+@needs_root
+def test_restore_without_dac_override_keeps_nested_directory_metadata(safe_dir, tmp_path):
+    """Directories that shut their owner out (mode 0000, 0600) are given their mode last, after
+    everything below them: a restore without CAP_DAC_OVERRIDE (setpriv drops it; an ordinary
+    user restoring their own files is in the same place) still sets the inner metadata."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is missing")
+    spec = tu.Spec(tu.DIR, mode=0o755, mtime_ns=10**18, children={
+        b"locked": tu.Spec(tu.DIR, mode=0o000, mtime_ns=10**18 + 1, children={
+            b"inner": tu.Spec(tu.DIR, mode=0o751, mtime_ns=10**18 + 2, children={
+                b"f": tu.Spec(tu.REG, content=[(0, b"x")], mode=0o640, mtime_ns=10**18 + 3)}),
+            b"private": tu.Spec(tu.DIR, mode=0o600, mtime_ns=10**18 + 4, children={
+                b"deeper": tu.Spec(tu.DIR, mode=0o700, mtime_ns=10**18 + 5)})}),
+    })
+    src = tu.make_tree(tmp_path / "src", spec)
+    before = snapshot(src)
+    p = backup(safe_dir, src, "-q")
+    r = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--", sys.executable,
+                        "-m", "pointsafe.cli", "--safe", str(safe_dir), "restore", p["id"], str(tmp_path / "out"),
+                        "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert_trees_equal(before, tmp_path / "out")
