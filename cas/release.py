@@ -38,9 +38,11 @@ def _enqueue(txn, q, key: bytes, n: int = 1) -> None:
     txn.put(key, _U32.pack(n + (_U32.unpack(old)[0] if old is not None else 0)), db=q)
 
 
-def queued(idx, txn) -> int:
+def queued(idx) -> int:
     """How many keys wait in the queue."""
-    return txn.stat(queue_db(idx))["entries"]
+    q = queue_db(idx)      # before the read transaction: creating the table needs its own
+    with idx.read() as txn:
+        return txn.stat(q)["entries"]
 
 
 def forget_points_queued(w: Writer, point_keys: list[bytes]) -> None:

@@ -65,9 +65,7 @@ def forget(safe, decisions: list[Decision], dry_run: bool = False,
         r.points_dropped = len(drop)
         return r
     if not drop:
-        with safe.index.read() as t:
-            pending = queued(safe.index, t)
-        if pending:     # an interrupted forget's queued drops: finish them
+        if queued(safe.index):     # an interrupted forget's queued drops: finish them
             with safe.writer("forget") as w:
                 r.objects_freed = drain(w)
         return r
