@@ -123,14 +123,18 @@ class Operations(pyfuse3.Operations):
 
     async def readdir(self, fh, start_id, token):
         view = self.view
+        given = []
+        reply = pyfuse3.readdir_reply
         try:
             for name, node, nxt, counted in view.readdir(fh, start_id):
-                if not pyfuse3.readdir_reply(token, name, _attrs(view.stat(node)), nxt):
+                if not reply(token, name, _attrs(view.stat(node)), nxt):
                     break
                 if counted:
-                    view.remember(node)
+                    given.append(node)
         except ViewError as e:
             raise pyfuse3.FUSEError(_errno(e)) from None
+        finally:
+            view.remember_many(given)       # no await above: no forget() can come in between
 
     async def releasedir(self, fh):
         self.view.releasedir(fh)

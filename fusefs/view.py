@@ -28,6 +28,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 from datetime import datetime, timezone
 
 from pointsafe.cas import BlobReader, Entry, IntegrityError, Kind, NodeCache, ObjectMissing, Safe, decode_tree
@@ -88,6 +89,7 @@ class _WouldLoad(Exception):
 
 
 _local = threading.local()
+_new_tuple = tuple.__new__
 
 
 @dataclass(slots=True, eq=False)
@@ -103,8 +105,7 @@ class Node:
     nlookup: int = 0
 
 
-@dataclass(slots=True)
-class Stat:
+class Stat(NamedTuple):
     ino: int
     mode: int
     nlink: int
@@ -244,8 +245,10 @@ class View:
         else:
             nlink = 1
         size = len(e.target) if e.type == LNK else e.size
-        return Stat(node.ino, e.st_mode, nlink, e.uid, e.gid, e.rdev, size, (size + 511) // 512,
-                    e.atime_ns, e.mtime_ns, e.ctime_ns, node.kind in VIRTUAL or node.kind == K_POINT)
+        # tuple.__new__: a NamedTuple's own constructor costs a Python call per entry of `find`
+        return _new_tuple(Stat, (node.ino, e.st_mode, nlink, e.uid, e.gid, e.rdev, size,
+                                 (size + 511) // 512, e.atime_ns, e.mtime_ns, e.ctime_ns,
+                                 node.kind != K_ENTRY and node.kind != K_IMAGE))
 
     def getattr(self, ino: int) -> Stat:
         self.getattrs += 1
@@ -271,6 +274,16 @@ class View:
                 self.table[node.ino] = have = node
             have.nlookup += 1
             return have
+
+    def remember_many(self, nodes: list[Node]) -> None:
+        """:meth:`remember` for each of ``nodes`` (one lock for a whole readdir reply)."""
+        with self.lock:
+            table = self.table
+            for node in nodes:
+                have = table.get(node.ino)
+                if have is None:
+                    table[node.ino] = have = node
+                have.nlookup += 1
 
     def forget(self, ino: int, n: int) -> None:
         with self.lock:
@@ -406,8 +419,20 @@ class View:
         if start == 1:
             yield b"..", self.table.get(node.parent, node), 2, False
             start = 2
-        for i in range(start - 2, len(lst.names)):
-            yield lst.names[i], self._child(node, lst, i), i + 3, True
+        if lst.kinds is not None:
+            for i in range(start - 2, len(lst.names)):
+                yield lst.names[i], self._child(node, lst, i), i + 3, True
+            return
+        # The hot loop of `find` and `ls -R`: _child() inlined for a point's directories.
+        names, entries = lst.names, lst.entries
+        pino, scope, point = node.ino, node.scope, node.point
+        for i in range(start - 2, len(names)):
+            e = entries[i]
+            ino = hash((b"hardlink", scope, e.link_group) if e.link_group and e.type != DIR
+                       else (pino, e.name)) & _INO_MASK
+            if ino <= ROOT_INO:
+                ino += 2
+            yield names[i], Node(ino, pino, e.name, K_ENTRY, e, point, scope), i + 3, True
 
     def releasedir(self, fh: int) -> None:
         with self.lock:
