@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from pointsafe.cas import Entry, Safe, UsageError, decode_tree
+import struct
+
+from pointsafe.cas import Entry, IntegrityError, Kind, Safe, UsageError, find_entry, read_tree
 from pointsafe.cas.tree import DIR
 
 
@@ -34,17 +36,25 @@ def lookup(safe: Safe, point: dict, path: bytes | str) -> Entry:
     for i, part in enumerate(split_path(path)):
         if e.type != DIR or e.ref is None:
             raise UsageError(f"{path!r}: not found in point {point['id'][:12]}")
-        found = [c for c in decode_tree(safe.get(e.ref)) if c.name == part]
-        if not found:
+        found = find_entry(safe.get, e.ref, part)
+        if found is None:
             raise UsageError(f"{_show(path)}: not found in point {point['id'][:12]}")
-        e = found[0]
+        e = found
     return e
 
 
 def children(safe: Safe, e: Entry) -> list[Entry]:
+    """The entries of directory ``e``; IntegrityError (one line) when its node is not a tree
+    node or does not decode (a damaged or hostile safe), never a traceback."""
     if e.type != DIR or e.ref is None:
         return []
-    return decode_tree(safe.get(e.ref))
+    if safe.entry(e.ref).kind != Kind.TREE:
+        raise IntegrityError(f"directory {display_name(e.name)!r}: object {e.ref.hex()[:12]} is not a tree node")
+    try:
+        return read_tree(safe.get, e.ref)
+    except (ValueError, struct.error, IndexError) as err:
+        raise IntegrityError(f"directory {display_name(e.name)!r}: tree node {e.ref.hex()[:12]} "
+                             f"is malformed ({err})") from None
 
 
 def walk(safe: Safe, e: Entry, prefix: bytes = b"") -> Iterator[tuple[bytes, Entry]]:

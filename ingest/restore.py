@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
 from collections import deque
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -178,7 +179,12 @@ class Restorer:
 
     def _restore_dir_contents(self, dirpath: bytes, d: Entry, rel: bytes) -> None:
         seen: set[bytes] = set()
-        for c in children(self.safe, d):
+        try:
+            entries = children(self.safe, d)
+        except SafeError as err:   # a damaged or hostile tree node: restore the rest
+            self.warn(rel or b".", f"cannot read this directory from the safe: {err}")
+            return
+        for c in entries:
             p = rel + b"/" + c.name if rel else c.name
             if not _safe_name(c.name):
                 self.warn(p, "refused an entry whose name would escape the target")
@@ -238,6 +244,8 @@ class Restorer:
             self.warn(path, f"cannot restore: {err}")
         except OSError as err:
             self.warn(path, f"cannot restore: {err.strerror}")
+        except (ValueError, struct.error, IndexError) as err:   # a damaged or hostile blob
+            self.warn(path, f"cannot restore: its content in the safe is malformed ({err})")
         finally:
             os.close(fd)
 

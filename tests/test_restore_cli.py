@@ -336,3 +336,27 @@ def test_restore_without_dac_override_keeps_nested_directory_metadata(safe_dir, 
                         "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert_trees_equal(before, tmp_path / "out")
+
+
+def test_malformed_tree_is_a_clear_error_not_a_traceback(safe_dir, tmp_path):
+    """A hostile or damaged safe: a directory whose node is a data chunk, a file whose blob root
+    is a tree node. ls says so in one line; restore restores the rest and warns (exit 3)."""
+    with Safe.open(safe_dir) as safe, safe.writer("malformed test") as w:
+        chunk = w.put(Kind.CHUNK, b"not a tree at all, just bytes")
+        ch, pl = encode_tree([Entry(b"f", REG, 0o644, size=10, ref=chunk)])
+        subtree = w.put_node(Kind.TREE, ch, pl)
+        bb = BlobBuilder(w.put_node, safe.config.list_fanout)
+        bb.add(w.put(Kind.CHUNK, b"fine"), 4)
+        ch, pl = encode_tree([Entry(b"d", DIR, 0o755, ref=chunk), Entry(b"e", REG, 0o644, size=100, ref=subtree),
+                              Entry(b"good", REG, 0o644, size=4, ref=bb.finish())])
+        root = w.put_node(Kind.TREE, ch, pl)
+        now = utc_now_iso()
+        pid = w.add_point({"name": "bad", "kind": "tree", "source": "/x", "host": "h", "started": now,
+                           "finished": now, "warnings": [], "stats": {}}, root)["id"]
+    one_error_line(run_cli("ls", pid, "d", safe=safe_dir), "not a tree")
+    one_error_line(run_cli("ls", pid, "-R", safe=safe_dir), "not a tree")
+    r = run_cli("restore", pid, tmp_path / "out", "--json", safe=safe_dir)
+    assert r.code == 3 and "Traceback" not in r.err, r.err
+    warned = [w["path"] for w in json.loads(r.out)["warnings"]]
+    assert len(warned) == 2 and warned[0] == "d" and warned[1].endswith("e"), warned
+    assert (tmp_path / "out" / "good").read_text() == "fine"
