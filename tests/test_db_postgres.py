@@ -133,3 +133,5 @@ def test_point_records_lsns(server, safe_dir, cli):
     r = cli("show", point["id"], "--json", safe=safe_dir)
     info = json.loads(r.out)["consistency"]["postgres"]
     assert info["timeline"] == 1 and info["wal_files"][0].startswith("00000001")
+    assert info["wal_held_by_slot"] is True  # a superuser may create the temporary slot
+    assert server.sql("SELECT count(*) FROM pg_replication_slots") == [(0,)]  # gone with the session

@@ -22,7 +22,7 @@ from _db_servers import Writer, assert_clean, backup, check_prefix, copy_out, ne
 pytestmark = pytest.mark.db
 
 MODES = {"wal.db": "wal", "journal.db": "delete"}
-PREFILL = 20000
+PREFILL = 8000
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def source():
             con.execute(f"PRAGMA journal_mode={mode}")
             con.execute("CREATE TABLE rows (id INTEGER PRIMARY KEY, data TEXT NOT NULL, sum TEXT NOT NULL)")
             con.execute("CREATE INDEX rows_sum ON rows (sum)")
-            # Big enough (≈ 20 MB) that the tree walk reads it in many pieces while it changes.
+            # Big enough (≈ 8 MB) that the tree walk reads it in many pieces while it changes.
             con.execute("BEGIN")
             con.executemany("INSERT INTO rows VALUES (?, ?, ?)", ((i, *payload(i)) for i in range(1, PREFILL + 1)))
             con.execute("COMMIT")

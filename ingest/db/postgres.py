@@ -55,6 +55,7 @@ class Postgres:
         self._extra: list[tuple[str, bytes | str]] = []
         self._info: dict = {}
         self._t0 = 0.0
+        self._slot: str | None = None
 
     @property
     def _what(self) -> str:
@@ -97,7 +98,7 @@ class Postgres:
             raise ConsistencyError(f"{self._what}: cannot enter backup mode: {one_line(e)}") from None
         self._in_backup = True
         self._info = {"server_version": version, "datadir": self._rel, "label": label, "start_lsn": lsn,
-                      "wal_segment_size": self._seg_size}
+                      "wal_segment_size": self._seg_size, "wal_held_by_slot": self._slot is not None}
 
     def files_read(self) -> None:
         if not self._in_backup:
@@ -162,9 +163,9 @@ class Postgres:
         slot = f"pointsafe_{os.getpid()}_{int(time.time() * 1000) % 10**9}"
         try:
             cur.execute("SELECT pg_create_physical_replication_slot(%s, true, true)", (slot,))
-            self._info_slot = slot
+            self._slot = slot
         except Exception:
-            self._info_slot = None
+            self._slot = None
 
     def _copy_wal(self, label: str, stop_lsn: int, prefix: str) -> None:
         m = re.search(r"START WAL LOCATION: \S+ \(file ([0-9A-F]{24})\)", label)

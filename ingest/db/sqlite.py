@@ -117,3 +117,4 @@ class SQLite:
         if self._tmpdir:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
+        self._copy = None
