@@ -122,7 +122,7 @@ def test_reader_sees_a_consistent_view_while_a_writer_commits(safe_dir):
             writer.wait()
         writer.stderr.close()
     assert rounds > 5 and objects > 0
-    assert len(seen) > 3, "the reader never saw the writer's new points"
+    assert len(seen) >= 3, "the reader never saw the writer's new points"
 
 
 def test_opening_a_safe_twice_in_one_process_says_so(safe):
