@@ -135,3 +135,38 @@ def test_point_records_lsns(server, safe_dir, cli):
     assert info["timeline"] == 1 and info["wal_files"][0].startswith("00000001")
     assert info["wal_held_by_slot"] is True  # a superuser may create the temporary slot
     assert server.sql("SELECT count(*) FROM pg_replication_slots") == [(0,)]  # gone with the session
+
+
+def test_tablespace_restores_through_tablespace_map(server, safe_dir, cli):
+    """A table in a tablespace outside the data directory (both inside SOURCE): the point holds
+    tablespace_map; RESTORE.md's tablespace step points it at the copied directory."""
+    base = server.datadir.parent
+    tblspc = base / "tblspc"
+    tblspc.mkdir()
+    chown_tree(tblspc, "postgres")
+    server.sql(f"CREATE TABLESPACE side LOCATION '{tblspc}'",
+               "CREATE TABLE far (id int PRIMARY KEY, data text) TABLESPACE side",
+               "INSERT INTO far SELECT g, md5(g::text) FROM generate_series(1, 5000) g")
+    try:
+        code, point, err = backup(cli, safe_dir, base, "--postgres", server.dsn, "--exclude", "run")
+        assert_clean(code, point, err, base, [], covered=base)
+        root = new_dir("ps-postgres-restore-", "postgres")
+        restored = Postgres(root / "data", root / "run")
+        try:
+            with point_files(cli, safe_dir, point["id"]) as mnt:
+                spcmap = (mnt / "data" / "tablespace_map").read_text()
+                assert str(tblspc) in spcmap
+                copy_out(mnt, root)                                              # data/ and tblspc/
+            (restored.datadir / "postmaster.pid").unlink(missing_ok=True)
+            mapfile = restored.datadir / "tablespace_map"                         # point it at the copy
+            mapfile.write_text(mapfile.read_text().replace(str(tblspc), str(root / "tblspc")))
+            chown_tree(root, "postgres")
+            os.chmod(restored.datadir, 0o700)
+            restored.start()
+            assert restored.sql("SELECT count(*), sum(length(data)) FROM far") == [(5000, 5000 * 32)]
+            link = next((restored.datadir / "pg_tblspc").iterdir())
+            assert os.readlink(link) == str(root / "tblspc")                      # not the live one
+        finally:
+            restored.destroy()
+    finally:
+        server.sql("DROP TABLE far", "DROP TABLESPACE side")
