@@ -25,7 +25,7 @@ import trio
 
 from pointsafe.cas import IntegrityError, ObjectMissing, SafeError
 
-from .view import (BadHandle, Damaged, IsADir, NoAttr, NotADir, NotALink, NotFound, ReadOnly, Stat, View,
+from .view import (BadHandle, Damaged, IsADir, NoAttr, NotADir, NotALink, NotFound, ReadOnly, View,
                    ViewError)
 
 log = logging.getLogger("pointsafe.mount")
@@ -58,22 +58,13 @@ def _errno(e: BaseException) -> int:
     return errno.EIO
 
 
-def _attrs(st: Stat) -> pyfuse3.EntryAttributes:
-    a = pyfuse3.EntryAttributes()
-    a.st_ino = st.ino
-    a.generation = 0
-    a.entry_timeout = a.attr_timeout = VIRTUAL_TIMEOUT if st.virtual else POINT_TIMEOUT
-    a.st_mode = st.mode
-    a.st_nlink = st.nlink
-    a.st_uid = st.uid
-    a.st_gid = st.gid
-    a.st_rdev = st.rdev
-    a.st_size = st.size
+_EntryAttributes = pyfuse3.EntryAttributes
+
+
+def _attrs(view: View, node) -> pyfuse3.EntryAttributes:
+    a = _EntryAttributes()
+    a.entry_timeout = a.attr_timeout = VIRTUAL_TIMEOUT if view.fill(node, a) else POINT_TIMEOUT
     a.st_blksize = 128 * 1024
-    a.st_blocks = st.blocks
-    a.st_atime_ns = st.atime_ns
-    a.st_mtime_ns = st.mtime_ns
-    a.st_ctime_ns = st.ctime_ns
     return a
 
 
@@ -106,14 +97,15 @@ class Operations(pyfuse3.Operations):
 
     async def lookup(self, parent_inode, name, ctx=None):
         node = await self._thread(self.view.lookup, parent_inode, bytes(name))
-        return _attrs(self.view.stat(node))
+        return _attrs(self.view, node)
 
     async def forget(self, inode_list):
         for ino, n in inode_list:
             self.view.forget(ino, n)
 
     async def getattr(self, inode, ctx=None):
-        return _attrs(self._here(self.view.getattr, inode))
+        self.view.getattrs += 1
+        return _attrs(self.view, self._here(self.view.node, inode))
 
     async def readlink(self, inode, ctx):
         return self._here(self.view.readlink, inode)
@@ -127,7 +119,7 @@ class Operations(pyfuse3.Operations):
         reply = pyfuse3.readdir_reply
         try:
             for name, node, nxt, counted in view.readdir(fh, start_id):
-                if not reply(token, name, _attrs(view.stat(node)), nxt):
+                if not reply(token, name, _attrs(view, node), nxt):
                     break
                 if counted:
                     given.append(node)

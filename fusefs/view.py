@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 from datetime import datetime, timezone
 
-from pointsafe.cas import BlobReader, Entry, IntegrityError, Kind, NodeCache, ObjectMissing, Safe, decode_tree
+from pointsafe.cas import BlobReader, Entry, IntegrityError, Kind, NodeCache, ObjectMissing, Safe, decode_tree, read_tree
 from pointsafe.cas.tree import DIR, LNK, REG
 
 from .cache import ByteLRU
@@ -250,6 +250,31 @@ class View:
                                  (size + 511) // 512, e.atime_ns, e.mtime_ns, e.ctime_ns,
                                  node.kind != K_ENTRY and node.kind != K_IMAGE))
 
+    def fill(self, node: Node, a) -> bool:
+        """Set ``a``'s st_* attributes for ``node`` (the fast form of :meth:`stat`, used for
+        every entry of a directory listing). Returns True when the node is virtual (may
+        change while mounted, so it should be cached only briefly)."""
+        e = node.entry
+        kind = node.kind
+        a.st_ino = node.ino
+        a.st_mode = e.st_mode
+        if kind == K_ENTRY:
+            a.st_nlink = e.nlink or 1
+        elif e.type == DIR:
+            a.st_nlink = max(e.nlink, 2)
+        else:
+            a.st_nlink = 1
+        a.st_uid = e.uid
+        a.st_gid = e.gid
+        a.st_rdev = e.rdev
+        size = len(e.target) if e.type == LNK else e.size
+        a.st_size = size
+        a.st_blocks = (size + 511) // 512
+        a.st_atime_ns = e.atime_ns
+        a.st_mtime_ns = e.mtime_ns
+        a.st_ctime_ns = e.ctime_ns
+        return kind != K_ENTRY and kind != K_IMAGE
+
     def getattr(self, ino: int) -> Stat:
         self.getattrs += 1
         return self.stat(self.node(ino))
@@ -348,7 +373,10 @@ class View:
 
     def _load_tree(self, key: bytes) -> Listing:
         raw = self.safe.get(key)
-        entries = decode_tree(raw)
+        try:
+            entries = decode_tree(raw)
+        except ValueError:  # a paged directory (cas/tree.py): read its pages
+            entries = read_tree(lambda k: raw if k == key else self.safe.get(k), key)
         return Listing([e.name for e in entries], entries, size=_listing_size(len(raw), len(entries)))
 
     def _root_listing(self) -> Listing:
