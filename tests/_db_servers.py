@@ -396,7 +396,10 @@ class RestoredFiles:
 
 
 def point_files(run_cli, safe: Path, point_id: str):
-    return (PointFiles if cli_has("mount") else RestoredFiles)(run_cli, safe, point_id)
+    """Through the mount (RESTORE.md's way); through ``pointsafe restore`` where FUSE cannot run."""
+    from conftest import fuse_skip_reason
+    use_mount = cli_has("mount") and fuse_skip_reason() is None
+    return (PointFiles if use_mount else RestoredFiles)(run_cli, safe, point_id)
 
 
 def copy_out(src: Path, dst: Path) -> None:

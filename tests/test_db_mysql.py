@@ -200,3 +200,28 @@ def test_innodb_written_under_the_lock_is_copied_again(server):
         assert [r[3] for r in restored.sql("CHECK TABLE app.inno, app.my EXTENDED")] == ["OK", "OK"]
     finally:
         restored.destroy()
+
+
+def test_lock_is_held_from_start_and_released_by_close_on_failure(server):
+    """Between start() and files_read() writers wait; when the backup fails in between, close()
+    alone releases the lock and puts InnoDB's flush settings back."""
+    import pymysql
+    from pointsafe.ingest.db.mysql import MySQL
+    before = server.sql("SELECT @@GLOBAL.innodb_max_dirty_pages_pct, @@GLOBAL.innodb_io_capacity")
+    c = MySQL(server.dsn, str(server.datadir))
+    other = server.connect(database="app")
+    try:
+        c.start()
+        with other.cursor() as cur:
+            cur.execute("SET SESSION lock_wait_timeout = 1")
+            with pytest.raises(pymysql.err.OperationalError, match="Lock wait timeout"):
+                cur.execute("INSERT INTO my VALUES (3000000, 'x', 'y')")
+    finally:
+        c.close()  # the backup "failed": files_read() never ran
+    try:
+        with other.cursor() as cur:
+            cur.execute("INSERT INTO my VALUES (3000000, 'x', 'y')")
+            cur.execute("DELETE FROM my WHERE id = 3000000")
+    finally:
+        other.close()
+    assert server.sql("SELECT @@GLOBAL.innodb_max_dirty_pages_pct, @@GLOBAL.innodb_io_capacity") == before

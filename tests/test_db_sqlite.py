@@ -163,3 +163,10 @@ def test_locked_database_fails_then_allow_inconsistent_warns(source, safe_dir, c
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
+
+
+def test_database_options_refused_for_volumes(source, safe_dir, cli):
+    img = source / "disk.img"
+    img.write_bytes(b"\0" * 65536)
+    r = cli("backup", img, "--volume", "--sqlite", source / "app" / "wal.db", safe=safe_dir)
+    assert r.code == 1 and "directory backups, not --volume" in r.err and len(r.err.strip().splitlines()) == 1
