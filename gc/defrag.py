@@ -21,7 +21,7 @@ from pointsafe.cas.relocate import Relocator
 
 from .collect import DEFAULT_THRESHOLD, collect, packs_on_disk
 from .fragmentation import GAP, fragmentation
-from .walk import newest_chunks
+from .walk import newest_chunks, with_entries
 
 
 @dataclass
@@ -59,7 +59,7 @@ class _Runs:
         self.keeping = False
         self.kept = 0
 
-    def add(self, key: bytes, pack: int, offset: int, length: int) -> None:
+    def add(self, key: bytes, pack: int, offset: int, length: int, entry=None) -> None:
         seq = pack == self.pack and self.end <= offset <= self.end + GAP
         if not seq and offset == PACK_HEADER.size and self.pack >= 0:
             # From the end of one pack to the start of another: a run may go on across packs.
@@ -71,7 +71,7 @@ class _Runs:
         self.size += length
         if self.keeping:
             return
-        self.buf.append(key)
+        self.buf.append((key, entry))
         if self.size >= self.keep_bytes:
             self.keeping = True
             self.kept += 1
@@ -80,8 +80,8 @@ class _Runs:
     def close(self) -> None:
         """End the current run: move it unless it was long enough to keep."""
         if self.buf and not self.keeping:
-            for k in self.buf:
-                self.move(k)
+            for k, e in self.buf:
+                self.move(k, e)
         self.buf.clear()
         self.pack, self.end, self.size, self.keeping = -1, 0, 0, False
 
@@ -95,9 +95,8 @@ def _plan(safe, keep_bytes: int, threshold: float) -> tuple[set[int], int, int, 
     out: dict[int, int] = {}
     n = b = 0
 
-    def count(key: bytes) -> None:
+    def count(key: bytes, e) -> None:
         nonlocal n, b
-        e = safe.entry(key)
         if e is not None:
             out[e.pack] = out.get(e.pack, 0) + e.record_len
             n += 1
@@ -105,12 +104,11 @@ def _plan(safe, keep_bytes: int, threshold: float) -> tuple[set[int], int, int, 
 
     runs = _Runs(keep_bytes, count, {p: pe.committed_len for p, pe in packs.items()})
     walked = 0
-    for key, _len in newest_chunks(safe):
-        e = safe.entry(key)
+    for key, _len, e in with_entries(safe, newest_chunks(safe)):
         if e is None:
             continue
         walked += 1
-        runs.add(key, e.pack, e.offset, e.record_len)
+        runs.add(key, e.pack, e.offset, e.record_len, e)
     runs.close()
     doomed = set()
     for pid, moved in out.items():
@@ -138,16 +136,15 @@ def defrag(safe, dry_run: bool = False, threshold: float = DEFAULT_THRESHOLD) ->
         doomed, *_ = _plan(safe, keep_bytes, threshold)
         rel = Relocator(w)
 
-        def move(key: bytes) -> None:
-            e = safe.entry(key)
+        def move(key: bytes, _stale=None) -> None:
+            e = safe.entry(key)     # fresh: the key may have moved since the walk looked it up
             if e is None or key in rel.pending_keys or rel.is_new(e.pack):
                 return
             rel.move_entry(key, e)
 
         runs = _Runs(keep_bytes, move, {p: pe.committed_len for p, pe in safe.pack_entries().items()})
         try:
-            for key, _len in newest_chunks(safe):
-                e = safe.entry(key)
+            for key, _len, e in with_entries(safe, newest_chunks(safe)):
                 if e is None:
                     continue
                 r.chunks_walked += 1

@@ -28,7 +28,7 @@ import lmdb
 
 from pointsafe.cas.relocate import LAYOUT_GEN
 
-from .walk import newest_chunks, newest_points
+from .walk import newest_chunks, newest_points, with_entries
 
 GAP = 128 * 1024
 GIB = float(1 << 30)
@@ -54,24 +54,15 @@ def measure(safe, points: list[dict] | None = None) -> dict:
     cur = Cursor()
     seeks = reads = logical = stored = 0
     packs: set[int] = set()
-    idx = safe.index
-    txn = idx.read()
-    try:
-        for key, length in newest_chunks(safe, pts):
-            reads += 1
-            if reads % 4096 == 0:       # a fresh snapshot now and then
-                txn.abort()
-                txn = idx.read()
-            e = idx.get_object(txn, key)
-            if e is None:
-                continue
-            logical += length
-            stored += e.record_len
-            packs.add(e.pack)
-            if cur.step(e.pack, e.offset, e.record_len):
-                seeks += 1
-    finally:
-        txn.abort()
+    for _key, length, e in with_entries(safe, newest_chunks(safe, pts)):
+        if e is None:
+            continue
+        reads += 1
+        logical += length
+        stored += e.record_len
+        packs.add(e.pack)
+        if cur.step(e.pack, e.offset, e.record_len):
+            seeks += 1
     pack_size = safe.config.pack_size
     minimum = max(1, math.ceil(stored / pack_size)) if reads else 0
     gib = logical / GIB

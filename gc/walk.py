@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from pointsafe.cas import BlobReader, NodeCache, decode_tree
+from pointsafe.cas import BlobReader, NodeCache, read_tree
 from pointsafe.cas.tree import DIR, REG
 
 
@@ -50,7 +50,7 @@ def point_chunks(safe, rec: dict, nodes: NodeCache | None = None) -> Iterator[tu
     if rec.get("kind") == "volume":
         yield from blob_chunks(safe, root, int(rec.get("size") or 0), nodes)
         return
-    stack = [iter(decode_tree(safe.get(root)))]
+    stack = [iter(read_tree(safe.get, root))]
     while stack:
         e = next(stack[-1], None)
         if e is None:
@@ -59,7 +59,7 @@ def point_chunks(safe, rec: dict, nodes: NodeCache | None = None) -> Iterator[tu
         if e.type == REG and e.ref is not None:
             yield from blob_chunks(safe, e.ref, e.size, nodes)
         elif e.type == DIR and e.ref is not None:
-            stack.append(iter(decode_tree(safe.get(e.ref))))
+            stack.append(iter(read_tree(safe.get, e.ref)))
 
 
 def newest_chunks(safe, points: list[dict] | None = None) -> Iterator[tuple[bytes, int]]:
@@ -67,3 +67,28 @@ def newest_chunks(safe, points: list[dict] | None = None) -> Iterator[tuple[byte
     nodes = NodeCache(64)   # a sequential walk needs about one node per level
     for rec in newest_points(safe, points):
         yield from point_chunks(safe, rec, nodes)
+
+
+def with_entries(safe, pairs: Iterator[tuple[bytes, int]], batch: int = 65536):
+    """(key, length, ObjectEntry or None) for each (key, length), in the same order, looked up
+    ``batch`` at a time in key order: the index is keyed by hash, so lookups in walk order hit
+    random pages, sorted ones sweep the index once (much faster from a cold cache).
+    Entries are read just before their batch is handed out."""
+    idx = safe.index
+    buf: list[tuple[bytes, int]] = []
+
+    def flush():
+        found = {}
+        with idx.read() as txn:
+            for k in sorted({k for k, _ in buf}):
+                found[k] = idx.get_object(txn, k)
+        for k, n in buf:
+            yield k, n, found[k]
+        buf.clear()
+
+    for pair in pairs:
+        buf.append(pair)
+        if len(buf) >= batch:
+            yield from flush()
+    if buf:
+        yield from flush()
