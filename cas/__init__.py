@@ -13,7 +13,7 @@ from .pack import Prepared, prepare
 from .points import parse_time, resolve_point
 from .repair import repair
 from .store import Safe, Writer, take_lock, release_lock, utc_now_iso
-from .tree import Entry, decode_tree, encode_tree
+from .tree import Entry, build_tree, decode_tree, encode_tree, find_entry, read_tree, tree_pages
 from .verify import verify
 
 __all__ = [
@@ -22,5 +22,5 @@ __all__ = [
     "SafeLocked", "UnsupportedVersion", "UsageError", "FORMAT_VERSION", "SafeConfig",
     "parse_compression", "KEY_SIZE", "Kind", "object_key", "decode_node", "encode_node",
     "node_children", "parse_time", "resolve_point", "Prepared", "prepare", "repair", "Safe", "Writer", "take_lock",
-    "release_lock", "utc_now_iso", "Entry", "decode_tree", "encode_tree", "verify",
+    "release_lock", "utc_now_iso", "Entry", "decode_tree", "encode_tree", "verify", "build_tree", "read_tree", "find_entry", "tree_pages",
 ]

@@ -24,7 +24,7 @@ from pathlib import Path
 from .errors import NotASafe, UnsupportedVersion, UsageError
 
 MAGIC = b"PNTSAFE\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: paged directories (docs/FORMAT.md)
 HEADER_NAME = "header"
 _FIXED = struct.Struct("<8sII")
 

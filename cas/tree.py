@@ -12,12 +12,25 @@ A TREE node's payload (after the node envelope, see ``nodes``) is ``u32 LE count
 
 The child index names the entry's blob (regular file) or subtree (directory) in the node's
 children. ``st_dev``/``st_ino``/``ctime`` are kept for change detection only.
+
+A large directory (more than ``PAGE_THRESHOLD`` entries) is *paged*: its entries are split
+into leaf TREE nodes at content-defined boundaries (after a name whose BLAKE3 hash has a zero
+low byte, with 32..1024 entries per page), and the directory's key is an index TREE node
+whose payload is ``u32 0xFFFFFFFF``, ``u32 page count``, then per page ``u32 child index,
+u32 entry count, u16 first-name length, first name``. Adding or changing one file in a
+directory of 100,000 entries rewrites one page and the index, not the whole directory, and a
+reader can find a name by reading the index and one page. Use :func:`read_tree` (or
+:func:`find_entry`) rather than :func:`decode_tree` on a directory key.
 """
 
 from __future__ import annotations
 
+import bisect
 import stat
 import struct
+from typing import Callable
+
+import blake3
 from dataclasses import dataclass, field
 
 from .nodes import ChildTable, decode_node
@@ -26,6 +39,10 @@ NONE = 0xFFFFFFFF
 _FIXED = struct.Struct("<HBHIIqqqQQQIQQIHH")
 _XA = struct.Struct("<HI")
 _U32 = struct.Struct("<I")
+_PAGE = struct.Struct("<IIH")
+PAGED = 0xFFFFFFFF
+PAGE_THRESHOLD = 512
+PAGE_MIN, PAGE_MAX = 32, 1024
 
 REG, DIR, LNK, FIFO, CHR, BLK, SOCK = 1, 2, 3, 4, 5, 6, 7
 TYPE_NAMES = {REG: "file", DIR: "dir", LNK: "symlink", FIFO: "fifo", CHR: "chardev", BLK: "blockdev", SOCK: "socket"}
@@ -86,10 +103,12 @@ def encode_tree(entries: list[Entry]) -> tuple[list[bytes], bytes]:
 
 
 def decode_tree(raw: bytes) -> list[Entry]:
-    """The entries of a TREE node, sorted by name."""
+    """The entries of a leaf TREE node, sorted by name (ValueError for a paged index node)."""
     children, payload = decode_node(raw)
     p = bytes(payload)
     (count,) = _U32.unpack_from(p)
+    if count == PAGED:
+        raise ValueError("a paged directory index: read it with read_tree()")
     off = 4
     out = []
     fixed = _FIXED
@@ -109,3 +128,85 @@ def decode_tree(raw: bytes) -> list[Entry]:
         out.append(Entry(name, typ, mode, uid, gid, mt, at, ct, size, dev, ino, nlink, rdev, grp,
                          None if ref == NONE else children[ref], target, xattrs))
     return out
+
+
+def _boundary(name: bytes) -> bool:
+    return blake3.blake3(name).digest(1)[0] == 0
+
+
+def split_pages(entries: list[Entry]) -> list[list[Entry]]:
+    """Content-defined pages of a sorted entry list (boundaries depend on names only)."""
+    pages, cur = [], []
+    for e in entries:
+        cur.append(e)
+        if len(cur) >= PAGE_MAX or (len(cur) >= PAGE_MIN and _boundary(e.name)):
+            pages.append(cur)
+            cur = []
+    if cur:
+        if pages and len(cur) < PAGE_MIN:
+            pages[-1].extend(cur)
+        else:
+            pages.append(cur)
+    return pages
+
+
+def build_tree(put_node: Callable[[int, list[bytes], bytes], bytes], entries: list[Entry]) -> bytes:
+    """Store a directory (paged when large) through ``put_node``; return its key."""
+    from .keys import Kind
+    entries = sorted(entries, key=lambda e: e.name)
+    if len(entries) <= PAGE_THRESHOLD:
+        return put_node(Kind.TREE, *encode_tree(entries))
+    table = ChildTable()
+    parts = []
+    pages = split_pages(entries)
+    for page in pages:
+        key = put_node(Kind.TREE, *encode_tree(page))
+        first = page[0].name
+        parts.append(_PAGE.pack(table.index(key), len(page), len(first)))
+        parts.append(first)
+    payload = _U32.pack(PAGED) + _U32.pack(len(pages)) + b"".join(parts)
+    return put_node(Kind.TREE, table.keys, payload)
+
+
+def tree_pages(raw: bytes) -> list[tuple[bytes, int, bytes]] | None:
+    """(page key, entry count, first name) per page of a paged index node; None for a leaf."""
+    children, payload = decode_node(raw)
+    p = bytes(payload)
+    if _U32.unpack_from(p)[0] != PAGED:
+        return None
+    (n,) = _U32.unpack_from(p, 4)
+    off = 8
+    out = []
+    for _ in range(n):
+        idx, count, nl = _PAGE.unpack_from(p, off)
+        off += _PAGE.size
+        out.append((children[idx], count, p[off:off + nl]))
+        off += nl
+    return out
+
+
+def read_tree(get: Callable[[bytes], bytes], key: bytes) -> list[Entry]:
+    """Every entry of the directory ``key`` (paged or not), sorted by name."""
+    raw = get(key)
+    pages = tree_pages(raw)
+    if pages is None:
+        return decode_tree(raw)
+    out: list[Entry] = []
+    for k, _, _ in pages:
+        out.extend(decode_tree(get(k)))
+    return out
+
+
+def find_entry(get: Callable[[bytes], bytes], key: bytes, name: bytes) -> Entry | None:
+    """The entry ``name`` of directory ``key``, reading at most the index and one page."""
+    raw = get(key)
+    pages = tree_pages(raw)
+    if pages is not None:
+        i = bisect.bisect_right([first for _, _, first in pages], name) - 1
+        if i < 0:
+            return None
+        raw = get(pages[i][0])
+    for e in decode_tree(raw):
+        if e.name == name:
+            return e
+    return None

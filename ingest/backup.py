@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pointsafe.cas import (BlobBuilder, Entry, Kind, Safe, SafeError, UsageError, Writer, decode_tree,
-                           encode_tree, utc_now_iso)
+from pointsafe.cas import (BlobBuilder, Entry, Kind, Safe, SafeError, UsageError, Writer, build_tree,
+                           read_tree, utc_now_iso)
 from pointsafe.cas.tree import DIR, REG
 
 from .chunking import Cutter
@@ -250,7 +250,7 @@ def graft(safe: Safe, w: Writer, root: bytes | None, relpath: bytes, data: bytes
 
 def _graft(safe: Safe, w: Writer, tree: bytes | None, parts: list[bytes], data: bytes,
            parent_meta: Entry | None) -> bytes:
-    entries = decode_tree(safe.get(tree)) if tree is not None else []
+    entries = read_tree(safe.get, tree) if tree is not None else []
     byname = {e.name: e for e in entries}
     head = parts[0]
     old = byname.get(head)
@@ -273,5 +273,4 @@ def _graft(safe: Safe, w: Writer, tree: bytes | None, parts: list[bytes], data: 
             e.xattrs = old.xattrs
         e.ref = _graft(safe, w, sub, parts[1:], data, e)
     byname[head] = e
-    children, payload = encode_tree(list(byname.values()))
-    return w.put_node(Kind.TREE, children, payload)
+    return build_tree(w.put_node, list(byname.values()))

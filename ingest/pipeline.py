@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from pointsafe.cas import BlobBuilder, Entry, Kind, Writer, encode_tree, object_key, prepare
+from pointsafe.cas import BlobBuilder, Entry, Kind, Writer, build_tree, object_key, prepare
 from pointsafe.cas.tree import DIR
 
 from .chunking import is_zero
@@ -273,8 +273,7 @@ class _Assembler:
                 self.dirs.append((ev[1], []))
             elif t == "enddir":
                 d, entries = self.dirs.pop()
-                children, payload = encode_tree(entries)
-                d.ref = self._put_node(Kind.TREE, children, payload)
+                d.ref = build_tree(self._put_node, entries)
                 st.dirs += 1
                 self._add(d)
 

@@ -19,7 +19,7 @@ from typing import Callable
 
 import blake3
 
-from pointsafe.cas import Entry, Safe, decode_tree
+from pointsafe.cas import Entry, Safe, read_tree
 from pointsafe.cas.tree import BLK, CHR, DIR, FIFO, LNK, REG, SOCK, type_of_mode
 
 from .chunking import Cutter
@@ -79,7 +79,7 @@ class TreeWalker:
         if tree_key is None:
             return {}
         try:
-            return {e.name: e for e in decode_tree(self.safe.get(tree_key))}
+            return {e.name: e for e in read_tree(self.safe.get, tree_key)}
         except Exception:  # a damaged previous point only costs a full re-read
             return {}
 

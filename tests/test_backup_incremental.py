@@ -40,10 +40,7 @@ def change_one(top: Path, seed: int) -> None:
 
 @pytest.mark.parametrize("layout", [
     "nested",
-    pytest.param("flat", marks=pytest.mark.xfail(strict=True, reason=(
-        "one TREE node per directory: changing one file of a 5,000-entry directory rewrites the "
-        "whole node (~245 KB stored against ~43 KB for 500 entries); large directories would "
-        "need their nodes split (e.g. content-defined runs of entries)"))),
+    "flat",   # large directories are paged (docs/FORMAT.md), so this holds there too
 ])
 def test_incremental_cost_does_not_grow_with_the_source(safe_dir, tmp_path, layout):
     results = {}
@@ -65,7 +62,8 @@ def test_incremental_cost_does_not_grow_with_the_source(safe_dir, tmp_path, layo
           f"bytes_stored {big['bytes_stored']} (fulls stored {f1['bytes_stored']} and {f2['bytes_stored']})")
     assert f2["bytes_stored"] > 8 * f1["bytes_stored"], "the sources really are of very different sizes"
     # the incremental writes the file and the few tree nodes on its path: the same for both
-    assert big["objects_new"] == small["objects_new"], (small, big)
+    # (plus, in a flat directory, the index of the paged 5,000-entry directory)
+    assert small["objects_new"] <= big["objects_new"] <= small["objects_new"] + 1, (small, big)
     assert big["objects_new"] <= 10
     assert big["bytes_stored"] <= small["bytes_stored"] * 1.25 + 2048, (small, big)
     assert big["bytes_stored"] < 60_000
