@@ -8,7 +8,7 @@ from pathlib import Path
 
 import blake3
 
-from pointsafe.cas import BlobReader, NodeCache, Safe, decode_tree
+from pointsafe.cas import BlobReader, NodeCache, Safe, read_tree
 from pointsafe.cas.tree import DIR, REG
 
 
@@ -55,7 +55,7 @@ def point_digests(safe: Safe, rec: dict) -> dict[str, str]:
     stack = [("", bytes.fromhex(rec["root"]))]
     while stack:
         prefix, key = stack.pop()
-        for e in decode_tree(safe.get(key)):
+        for e in read_tree(safe.get, key):
             path = prefix + e.name.decode()
             if e.type == DIR and e.ref is not None:
                 stack.append((path + "/", e.ref))
