@@ -114,7 +114,6 @@ class MySQL:
         self._tmpdir: str | None = None
         self._extra: list[tuple[str, bytes | str]] = []
         self._info: dict = {}
-        self._lsn_source = None
 
     # ------------------------------------------------------------------ protocol
 
@@ -198,6 +197,17 @@ class MySQL:
             except Exception:
                 pass
             self.con = None
+        if self._saved_flushing:
+            # Global settings outlive the session: put them back over a new connection.
+            try:
+                self._connect()
+                self._restore_dirty_pct(self.con.cursor())
+            except Exception:
+                pass
+            finally:
+                if self.con is not None:
+                    self.con.close()
+                    self.con = None
         if self._tmpdir:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
