@@ -7,6 +7,7 @@ from the system (/usr/share/doc). Each is compared after restore by tests/_tree_
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from _backup_util import backup, restore
 from _tree_util import (BLK, CHR, DIR, FIFO, HARDLINK, LNK, REG, SOCK, Spec, all_types_tree,
                         assert_trees_equal, make_tree, settle_atimes, snapshot)
-from conftest import needs_root
+from conftest import needs_root, run_cli
 from pointsafe.cas import Safe
 
 pytestmark = needs_root
@@ -206,3 +207,35 @@ def test_system_tree_round_trip(safe_dir, tmp_path, system_dir):
     restore(safe_dir, p["id"], tmp_path / "out", "-q")
     assert_trees_equal(before, tmp_path / "out")
     assert_trees_equal(before, src)   # and backing up did not touch the source's atimes
+
+
+def test_large_directory_round_trip(safe_dir, tmp_path):
+    """A directory of 3,000 entries (stored in pages): restore, ls and --path find every name,
+    and a change to one file shows in diff alone."""
+    src = tmp_path / "src"
+    big = src / "big"
+    big.mkdir(parents=True)
+    for i in range(3000):
+        (big / f"f{i:05}").write_bytes(b"%d\n" % i)
+    (big / "zz-sub").mkdir()
+    (big / "zz-sub" / "inner").write_text("inner\n")
+    os.symlink("f00001", big / "link")
+    settle_atimes(src)   # readlink moves a new link's atime once (see tests/_tree_util.py)
+    before = snapshot(src)
+    p1 = backup(safe_dir, src, "-q", name="big")
+    assert p1["stats"]["files"] == 3001
+    restore(safe_dir, p1["id"], tmp_path / "out", "-q")
+    assert_trees_equal(before, tmp_path / "out")
+    r = run_cli("ls", p1["id"], "big", "--json", safe=safe_dir)
+    names = [i["path"] for i in json.loads(r.out)]
+    assert len(names) == 3002 and names == sorted(names) and names[-1] == "big/zz-sub"
+    for name in ("big/f00000", "big/f01777", "big/f02999", "big/zz-sub/inner"):
+        r = run_cli("ls", p1["id"], name, "--json", safe=safe_dir)
+        assert r.code == 0 and [i["path"] for i in json.loads(r.out)] == [name], r.err
+    restore(safe_dir, p1["id"], tmp_path / "one", "--path", "big/f02222")
+    assert os.listdir(tmp_path / "one" / "big") == ["f02222"]
+    (big / "f01500").write_text("changed\n")
+    p2 = backup(safe_dir, src, "-q", name="big")
+    assert p2["stats"]["bytes_read"] == len("changed\n")
+    r = run_cli("diff", p1["id"], p2["id"], "--json", safe=safe_dir)
+    assert [(c["change"], c["path"]) for c in json.loads(r.out)] == [("M", "big/f01500")]
