@@ -31,7 +31,7 @@ from .index import FLAG_DEAD, FLAG_PINNED, ObjectEntry
 from .keys import Kind
 from .nodes import node_children
 from .pack import decode_record
-from .release import queue_db
+from .release import QUEUE
 
 _U32 = struct.Struct("<I")
 FLUSH_ENTRIES = 200_000     # expected counts kept in memory before a merge into the temp db
@@ -98,11 +98,11 @@ def audit(safe) -> AuditReport:
     try:
         counts = _Counts(tmp)
         try:
-            queue = queue_db(idx)
+            queue = idx.existing(QUEUE)   # never created here: verify must run on a full disk
             with idx.read() as txn:
                 for k, _ in txn.cursor(db=idx.db["points"]):
                     counts.add(k)
-                for k, v in txn.cursor(db=queue):
+                for k, v in (txn.cursor(db=queue) if queue is not None else ()):
                     counts.add(k, _U32.unpack(v)[0])   # drops a forget queued but not applied yet
                 for key, val in txn.cursor(db=idx.db["objects"]):
                     e = ObjectEntry.decode(val)

@@ -113,6 +113,22 @@ class Index:
                 self.db[name] = self.env.open_db(name.encode(), txn=txn, create=True)
             return self.db[name]
 
+    def existing(self, name: str):
+        """The table ``name`` if it exists, else None. Unlike ``table`` it never writes, so
+        read-only work (verify, status) still runs on a full disk."""
+        db = self.db.get(name)
+        if db is not None:
+            return db
+        try:
+            # A write transaction (a handle opened in a read one dies with it) that changes
+            # nothing, so its commit writes nothing.
+            with self.env.begin(write=True) as txn:
+                db = self.env.open_db(name.encode(), txn=txn, create=False)
+        except lmdb.NotFoundError:
+            return None
+        self.db[name] = db
+        return db
+
     # small helpers -------------------------------------------------------------------
 
     def get_object(self, txn, key: bytes) -> ObjectEntry | None:

@@ -40,7 +40,9 @@ def _enqueue(txn, q, key: bytes, n: int = 1) -> None:
 
 def queued(idx) -> int:
     """How many keys wait in the queue."""
-    q = queue_db(idx)      # before the read transaction: creating the table needs its own
+    q = idx.existing(QUEUE)   # before the read transaction; never created here (full disk)
+    if q is None:
+        return 0
     with idx.read() as txn:
         return txn.stat(q)["entries"]
 
