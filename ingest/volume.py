@@ -33,7 +33,8 @@ def read_volume(path: str, pipe: Pipeline, block: int, warn: Callable[[bytes, st
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = volume_size(fd)
-        is_file = stat.S_ISREG(os.fstat(fd).st_mode)
+        st0 = os.fstat(fd)
+        is_file = stat.S_ISREG(st0.st_mode)
         pipe.file(Entry(name=os.fsencode(os.path.basename(path)), type=REG))
         pos = 0
         bad: list[tuple[int, int]] = []
@@ -64,6 +65,13 @@ def read_volume(path: str, pipe: Pipeline, block: int, warn: Callable[[bytes, st
         if pos < size:
             pipe.hole(size - pos)
         pipe.end()
+        if is_file:
+            # An image written to while it was read (a running VM, a mounted loop device) gives
+            # a point that may not be consistent: say so (re-reading a whole volume is no cure).
+            st1 = os.fstat(fd)
+            if (st1.st_size, st1.st_mtime_ns, st1.st_ctime_ns) != (st0.st_size, st0.st_mtime_ns, st0.st_ctime_ns):
+                warn(os.fsencode(path), "the image changed while it was read; the point may be inconsistent "
+                                        "(back up a snapshot, or stop its writer in a --pre-hook)")
         if bad:
             spans = ", ".join(f"{o}+{n}" for o, n in bad[:10]) + (" ..." if len(bad) > 10 else "")
             warn(os.fsencode(path), f"{len(bad)} unreadable regions recorded as zeros (offset+length): {spans}")
