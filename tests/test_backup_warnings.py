@@ -188,3 +188,14 @@ def test_pre_hook_may_create_the_source(safe_dir, tmp_path):
                "--post-hook", f"echo $POINTSAFE_STATUS > {status}")
     assert p["stats"]["files"] == 1
     assert status.read_text().strip() == "ok"
+
+
+def test_busy_safe_is_one_line_and_the_post_hook_still_runs(safe_dir, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    status = tmp_path / "status"
+    with Safe.open(safe_dir) as safe, safe.writer("another backup"):
+        r = run_cli("backup", src, "--post-hook", f"echo $POINTSAFE_STATUS > {status}", safe=safe_dir)
+    one_error_line(r, "busy", "another backup")
+    assert status.read_text().strip() == "error"
+    assert json.loads(run_cli("points", "--json", safe=safe_dir).out) == []
