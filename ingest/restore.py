@@ -347,6 +347,9 @@ def _remove_existing(path: bytes) -> None:
 
 def restore(safe: Safe, point: dict, target: str, subpath: str | None = None, force: bool = False,
             progress: Callable[[int], None] | None = None) -> RestoreStats:
+    t, sp = Path(target).resolve(), safe.path.resolve()
+    if t == sp or sp in t.parents:   # with --force, a point's files could overwrite the safe's own
+        raise UsageError(f"{target}: is inside the safe {safe.path}; restore somewhere else")
     r = Restorer(safe, force, progress)
     if point["kind"] == "volume":
         if subpath:

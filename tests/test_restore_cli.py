@@ -197,6 +197,11 @@ def test_bad_input_is_one_line(safe_dir, tmp_path):
     assert not (tmp_path / "nosafe").exists()
     assert json.loads(run_cli("points", "--json", safe=safe_dir).out) == [], "failed backups make no point"
     p = backup(safe_dir, src, "-q")
+    _all_one_line([
+        (("restore", p["id"], safe_dir, "--force"), safe_dir, ("inside the safe",)),
+        (("restore", p["id"], safe_dir / "packs" / "x"), safe_dir, ("inside the safe",)),
+    ])
+    assert not (safe_dir / "packs" / "x").exists() and not (safe_dir / "f").exists()
     _all_one_line([(args, safe_dir, ("point",)) for args in (
         ("show", "deadbeef"), ("show", "nosuch@latest"), ("show", "xyz"), ("ls", "deadbeef"),
         ("diff", p["id"], "deadbeef"), ("restore", "deadbeef", tmp_path / "t"), ("show", "src@1999-01-01"))])
