@@ -99,7 +99,7 @@ def measured(cmd: list[str], env: dict | None = None, cwd: Path | None = None, t
            "maxrss": r.maxrss, "anon_peak": peak[0], "cold": dropped}
     if r.code not in (0, 3):
         res["error"] = f"exit {r.code}: {(r.stderr.strip() or r.stdout.strip())[-600:]}"
-    res["stdout"] = r.stdout[-20000:]
+    res["stdout"] = r.stdout
     log(f"  {' '.join(map(str, cmd))[:90]:90s} {human_secs(r.wall):>8s}  rss {human_bytes(r.maxrss):>10s}"
         f"  anon {human_bytes(peak[0]):>10s}" + (f"  ERROR {res['error'][:200]}" if "error" in res else ""))
     return res
@@ -204,12 +204,15 @@ def history(args, work: Path) -> dict[str, Any]:
         res["tools"][t] = job
     if "pointsafe" in tools:
         v = measured(ps(safe, "verify", "--json"))
-        res["verify"] = {"ok": _json(v).get("ok"), "refcounts": _json(v).get("refcounts"), "wall": v["wall"]}
+        vj = _json(v)
+        res["verify"] = {"ok": vj.get("ok"), "refcounts": vj.get("refcounts"), "wall": v["wall"],
+                         "errors": vj.get("errors", [])[:20], "error": v.get("error"),
+                         "stdout": v["stdout"][:4000] if not vj else None}
         res["defrag"] = defrag_part(args, work, safe, src)
     return res
 
 
-def _restore(safe: Path, target: Path, times: int = 3) -> dict[str, Any]:
+def _restore(safe: Path, target: Path, times: int = 5) -> dict[str, Any]:
     """Cold restores of the newest point; the fastest of ``times`` (the machine is shared)."""
     best = None
     walls = []
@@ -364,7 +367,7 @@ def report(result: dict[str, Any]) -> str:
             fa = d["defrag"]["report"]["fragmentation_after"] or {}
             ff = d.get("fresh_fragmentation") or {}
             lines.append("\nDefrag (same safe, after the gc): cold restore of the newest point "
-                         "(`pointsafe restore bench@latest`), page cache dropped before each.\n")
+                         "(`pointsafe restore bench@latest`), page cache dropped before each, fastest of five.\n")
             rows = [["history safe, before defrag", fb.get("seeks_per_gib"), fb.get("seeks"),
                      human_secs(d["restore_before"]["wall"]), "ok" if d["restore_before"]["ok"] else "DIFFERS"],
                     ["history safe, after defrag", fa.get("seeks_per_gib"), fa.get("seeks"),
