@@ -1,11 +1,11 @@
-"""Fetching data chunks for the mount: batched, coalesced, cached, loaded once.
+"""Fetching data chunks for the mount: batched lookups, checked records, cached, loaded once.
 
 A 1 MiB FUSE read of a file with 32 KiB chunks needs about 32 objects. Fetching them one by
 one (``Safe.get``: an LMDB transaction, a ``pread`` and a record check each) costs more in
 Python than the bytes themselves, so this module looks the whole batch up in one short LMDB
-read transaction, sorts the records by pack and offset, and reads neighbouring records with
-one ``pread``. Backups write a file's chunks one after the other, so a sequential reader
-usually gets all of a read's records from one ``pread``.
+read transaction and reads the records in pack order, one ``pread`` each (a ``pread`` costs
+less than copying its bytes again; an uncompressed chunk is served as a view of its record
+buffer, never copied, and the cache counts the whole buffer, so its bound is exact).
 
 Every record is still checked (header CRC, stored-bytes checksum, expected key, length), so
 damaged bytes are never returned. Anything unexpected — a pack gone because gc or defrag
@@ -28,10 +28,10 @@ from pointsafe.cas.pack import CODEC_ZSTD, REC_HEADER_SIZE, pack_name, parse_rec
 
 from .cache import ByteLRU
 
-# Neighbouring records closer than this are read together (the gap is read and skipped).
-COALESCE_GAP = 64 * 1024
-# Upper bound of one coalesced pread.
-MAX_RUN = 8 * 1024 * 1024
+
+def _held(value: bytes | memoryview) -> int:
+    """Bytes a cached value keeps alive: a raw chunk is a view of its whole record buffer."""
+    return len(value.obj) if isinstance(value, memoryview) else len(value)
 
 
 class _PackFds:
@@ -112,7 +112,7 @@ class ChunkSource:
 
     def __init__(self, safe: Safe, cache_bytes: int):
         self.safe = safe
-        self.cache: ByteLRU[bytes] = ByteLRU(cache_bytes)
+        self.cache: ByteLRU[bytes] = ByteLRU(cache_bytes, sizeof=_held)
         self.fds = _PackFds(safe)
 
     def peek_many(self, keys: list[bytes]) -> dict[bytes, bytes] | None:
@@ -162,34 +162,20 @@ class ChunkSource:
                 out[k] = self._single(k)    # raises ObjectMissing, or finds it moved
             else:
                 located.append((e.pack, e.offset, k, e))
-        located.sort(key=lambda t: (t[0], t[1]))
-        i = 0
-        while i < len(located):
-            pack, start = located[i][0], located[i][1]
-            j = i + 1
-            end = start + located[i][3].record_len
-            while (j < len(located) and located[j][0] == pack
-                   and located[j][1] - end <= COALESCE_GAP
-                   and located[j][1] + located[j][3].record_len - start <= MAX_RUN):
-                end = max(end, located[j][1] + located[j][3].record_len)
-                j += 1
+        located.sort(key=lambda t: (t[0], t[1]))       # pack order: sequential on disk
+        for pack, off, k, e in located:
             try:
-                buf = memoryview(self.fds.pread(pack, end - start, start))
+                buf = memoryview(self.fds.pread(pack, e.record_len, off))
             except OSError:
-                # The pack is gone or unreadable: gc/defrag moved these objects, or real trouble.
+                # The pack is gone or unreadable: gc/defrag moved the object, or real trouble.
                 self.fds.forget(pack)
-                for _, _, k, _ in located[i:j]:
-                    out[k] = self._single(k)
-                i = j
+                out[k] = self._single(k)
                 continue
-            for _, off, k, e in located[i:j]:
-                rec = buf[off - start: off - start + e.record_len]
-                try:
-                    out[k] = _decode(rec, pack, off, k)
-                except IntegrityError:
-                    out[k] = self._single(k)
-            safe.objects_read += j - i
-            i = j
+            try:
+                out[k] = _decode(buf, pack, off, k)
+            except IntegrityError:
+                out[k] = self._single(k)
+        safe.objects_read += len(located)
         return out
 
     def _single(self, key: bytes) -> bytes | BaseException:
