@@ -261,7 +261,7 @@ def test_root_listing_is_lazy_on_200k_files(safe_dir, tmp_path):
                            "root_meta": {"mode": 0o755, "uid": 0, "gid": 0, "mtime_ns": 0, "atime_ns": 0,
                                          "xattrs": []}}, root)
     mp = tmp_path / "mnt"
-    with mounted(safe_dir, mp, big["id"]):
+    with mounted(safe_dir, mp, big["id"], "--dir-cache-size", "1M"):
         before = stats(mp)["objects_read"]
         names = os.listdir(mp)
         assert len(names) == dirs
@@ -270,6 +270,9 @@ def test_root_listing_is_lazy_on_200k_files(safe_dir, tmp_path):
         assert len(os.listdir(mp / "dir-007")) == per_dir
         assert stats(mp)["objects_read"] - after_root == 1
         assert (mp / "dir-007" / "file-000999").read_text() == "same content\n"
+        for d in range(0, dirs, 10):                 # 20 directories of 1000 entries each
+            assert len(os.listdir(mp / ("dir-%03d" % d))) == per_dir
+        assert stats(mp)["dir_cache_bytes"] <= 1 << 20   # decoded directories stay within the bound
     mp2 = tmp_path / "mnt2"
     with mounted(safe_dir, mp2):
         before = stats(mp2)["objects_read"]
@@ -371,6 +374,7 @@ def test_reads_stay_correct_during_backup_forget_gc_defrag(safe_dir, tmp_path):
                 t.join(timeout=60)
         assert not errors, errors[:5]
         assert rounds[0] >= 2
+        assert stats(mp)["chunk_cache_bytes"] <= 256 * 1024
         time.sleep(1.1)                              # the point list is re-read after a second
         assert "other" in os.listdir(mp)
         assert (mp / "other" / "latest" / "x.bin").stat().st_size == 400_000
