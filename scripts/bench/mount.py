@@ -335,6 +335,9 @@ def measure_tool(tool: Tool, mp: Path, mixed_large: list[str], timeout: float) -
         try:
             root = fresh(source)
             fn(root)
+            if tool.name == "pointsafe":           # the mount's own counters (objects read, requests)
+                res.setdefault("stats", []).append(
+                    {source: json.loads(os.getxattr(mp, "user.pointsafe.stats"))})
         finally:
             tool.stop_mount(mp)
 
@@ -445,8 +448,13 @@ def benchmark(args) -> dict:
         if tool.name != "memfs":
             warm(tool.repo)
         log(f"{tool.name}: measuring")
-        result["tools"][tool.name] = measure_tool(tool, mp, mixed_large, args.timeout)
+        try:
+            result["tools"][tool.name] = measure_tool(tool, mp, mixed_large, args.timeout)
+        except Exception as e:                      # one tool failing must not lose the others
+            log(f"{tool.name}: failed: {e}")
+            result["tools"][tool.name] = {"error": str(e)}
         log(f"{tool.name}: {result['tools'][tool.name]}")
+    result["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     result["versions"] = {"borg": tool_version(["borg", "--version"]),
                           "restic": tool_version(["restic", "version"])}
     return result
