@@ -116,6 +116,22 @@ def backup(safe: Path, server: MariaDB) -> tuple[float, dict]:
     return wall, json.loads(r.stdout)["consistency"]["mysql"]
 
 
+def mariabackup(server: MariaDB) -> float:
+    """The peer: a full physical backup with mariabackup (it copies the redo log while it runs
+    and takes BACKUP STAGE locks only at the end). Returns its wall time."""
+    target = new_dir("ps-bench-mariabackup-")
+    try:
+        t0 = time.monotonic()
+        r = subprocess.run(["mariabackup", "--no-defaults", "--backup", f"--target-dir={target}/b",
+                            f"--socket={server.socket}", "--user=root", f"--datadir={server.datadir}"],
+                           capture_output=True, timeout=3600)
+        if r.returncode != 0:
+            raise SystemExit(f"mariabackup failed: {r.stderr.decode()[-2000:]}")
+        return time.monotonic() - t0
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+
+
 def stall(writer: LatencyWriter | None, t0: float, t1: float) -> float | None:
     if writer is None:
         return None
@@ -151,8 +167,10 @@ def main() -> int:
         writer = LatencyWriter(server, rows + 1)
         writer.start()
         time.sleep(2)
-        plan = ([("first", True)] + [("busy incremental", True)] * args.runs + [("writer stopped", False)]
-                + [("unchanged", False)] * args.runs)
+        peer = shutil.which("mariabackup") is not None
+        plan = ([("first", True)] + [("busy incremental", True)] * args.runs
+                + [("mariabackup (full)", True)] * (args.runs if peer else 0)
+                + [("writer stopped", False)] + [("unchanged", False)] * args.runs)
         for scenario, busy in plan:
             if not busy and writer is not None:
                 writer.stop()
@@ -161,11 +179,14 @@ def main() -> int:
                 writer = None
                 idle_wait = wait_clean(server)  # InnoDB may keep dirty pages: it is not forced here
             t0 = time.monotonic()
-            wall, info = backup(safe, server)
+            if scenario.startswith("mariabackup"):
+                wall, info = mariabackup(server), {}
+            else:
+                wall, info = backup(safe, server)
             t1 = time.monotonic()
             results.append({"scenario": scenario, "wall_s": round(wall, 3),
-                            "lock_held_s": info["lock_held_seconds"], "rest_s": info["rest_seconds"],
-                            "lock_wait_s": info["lock_wait_seconds"], "preflush_s": info.get("preflush_seconds"), "recopied": info.get("recopied_innodb"),
+                            "lock_held_s": info.get("lock_held_seconds"), "rest_s": info.get("rest_seconds"),
+                            "lock_wait_s": info.get("lock_wait_seconds"), "preflush_s": info.get("preflush_seconds"), "recopied": info.get("recopied_innodb"),
                             "longest_insert_s": stall(writer, t0, t1)})
             log(f"{scenario}: {results[-1]}")
             if busy:
@@ -182,17 +203,21 @@ def main() -> int:
            "read_floor_s": round(floor, 3), "median_insert_s": round(baseline, 5), "inserts": inserts,
            "runs": results}
     table_rows = []
-    for scenario in ("first", "busy incremental", "writer stopped", "unchanged"):
+    def med(rs, key, fmt="{:.2f}"):
+        vals = [r[key] for r in rs if r[key] is not None]
+        return fmt.format(statistics.median(vals)) if vals else "—"
+
+    for scenario in ("first", "busy incremental", "mariabackup (full)", "writer stopped", "unchanged"):
         rs = [r for r in results if r["scenario"] == scenario]
         if not rs:
             continue
         stalls = [r["longest_insert_s"] for r in rs if r["longest_insert_s"] is not None]
-        table_rows.append([scenario, len(rs), f"{statistics.median(r['preflush_s'] or 0 for r in rs):.2f}",
-                           f"{statistics.median(r['wall_s'] for r in rs):.2f}",
-                           f"{statistics.median(r['lock_held_s'] for r in rs):.2f} (max {max(r['lock_held_s'] for r in rs):.2f})",
-                           f"{statistics.median(r['rest_s'] for r in rs):.2f}",
+        held = [r["lock_held_s"] for r in rs if r["lock_held_s"] is not None]
+        table_rows.append([scenario, len(rs), med(rs, "preflush_s"), med(rs, "wall_s"),
+                           f"{statistics.median(held):.2f}, {max(held):.2f}" if held else "—",
+                           med(rs, "rest_s"),
                            f"{max(stalls):.2f}" if stalls else "—"])
-    md = markdown_table(["backup", "runs", "flush before lock s", "wall s (median)", "lock held s", "of which InnoDB flush s",
+    md = markdown_table(["backup", "runs", "flush before lock s", "wall s (median)", "lock held s (median, max)", "of which InnoDB flush s",
                          "longest insert s"], table_rows)
     md += (f"\n\nData directory {du / 1e6:.0f} MB ({rows:,} rows per table); reading all of it with the page "
            f"cache warm takes {floor:.2f} s; the median insert outside backups takes "
