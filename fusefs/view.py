@@ -169,15 +169,14 @@ class View:
                  dir_cache_bytes: int = 64 << 20, readahead_bytes: int = 8 << 20,
                  refresh_seconds: float = 1.0):
         self.safe = safe
-        self.single = point
         self.chunks = ChunkSource(safe, chunk_cache_bytes)
         self.dirs: ByteLRU[Listing] = ByteLRU(dir_cache_bytes, sizeof=lambda lst: lst.size)
-        self.nodes = NodeCache(4096)
+        self.nodes = NodeCache(1024)   # decoded LIST nodes of open files: ≤ ~20 KiB each, ≤ ~20 MiB
         self.readahead_bytes = readahead_bytes
         self.refresh_seconds = refresh_seconds
         self.lock = threading.RLock()
         self.table: dict[int, Node] = {}
-        self.handles: dict[int, FileHandle | Listing] = {}
+        self.handles: dict[int, FileHandle | tuple[Node, Listing]] = {}
         self._next_fh = 1
         self._layout: Layout | None = None
         self._layout_at = 0.0
