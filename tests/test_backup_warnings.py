@@ -63,7 +63,7 @@ def test_unreadable_file_and_directory_become_warnings(tmp_path):
     # pytest's tmp_path is private to root: work in a directory the user can reach
     work = Path(tempfile.mkdtemp(prefix="ps-unpriv-", dir="/tmp"))
     try:
-        os.chmod(work, 0o755)
+        os.chmod(work, 0o1777)   # the post-hook, run as that user, writes its status file here
         src = work / "src"
         (src / "sub").mkdir(parents=True)
         (src / "ok.txt").write_text("readable\n")
