@@ -31,7 +31,8 @@ def put_many(writer, kind: int, datas: Iterable[bytes], threads: int = 2,
         writer: a ``Writer`` (called from this thread only).
         threads: hashing/compressing threads (the calling thread appends meanwhile).
         group_bytes: objects go to the workers in groups of about this many bytes (fewer
-            hand-offs between threads); ``4 * threads + 1`` groups are in flight at most.
+            hand-offs between threads); ``8 * threads + 1`` groups are in flight at most,
+            so that the workers keep busy while this thread waits for a pack fsync.
     """
     return list(iter_put_many(writer, kind, datas, threads, group_bytes))
 
@@ -70,7 +71,7 @@ def iter_put_many(writer, kind: int, datas: Iterable[bytes], threads: int = 2,
         inflight: deque = deque()
         for group in groups():
             inflight.append((group, pool.submit(work, group)))
-            if len(inflight) > 4 * threads:
+            if len(inflight) > 8 * threads:
                 yield from _append(writer, kind, *inflight.popleft())
         while inflight:
             yield from _append(writer, kind, *inflight.popleft())
