@@ -101,7 +101,7 @@ def cmd_show(args) -> int:
     for k, v in rows:
         say(args, f"{k:16} {v}")
     for name, info in (p.get("consistency") or {}).items():
-        say(args, f"{name:16} {info}")
+        say(args, f"{name:16} " + ", ".join(f"{k}={v}" for k, v in info.items()) if isinstance(info, dict) else f"{name:16} {info}")
     for w in p.get("warnings", []):
         say(args, f"warning          {w['path']}: {w['message']}")
     return EXIT_OK

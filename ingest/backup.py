@@ -30,7 +30,7 @@ from pointsafe.cas import (BlobBuilder, Entry, Kind, Safe, SafeError, UsageError
                            read_tree, utc_now_iso)
 from pointsafe.cas.tree import DIR, REG
 
-from .chunking import Cutter
+from .chunking import Cutter, is_zero
 from .pipeline import Pipeline
 from .volume import read_volume
 from .walk import TreeWalker, WalkOptions
@@ -131,7 +131,6 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
     hook_env = {"POINTSAFE_SOURCE": os.path.abspath(source), "POINTSAFE_NAME": name,
                 "POINTSAFE_SAFE": str(safe.path)}
     started = utc_now_iso()
-    status = "error"
     try:
         if opts.pre_hook:
             run_hook(opts.pre_hook, hook_env, "pre-hook")
@@ -140,7 +139,11 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
         with safe.writer(f"backup {name}") as w:
             active = _start_consistency(opts, warn)
             try:
-                record, root = _read(safe, w, path, st, kind, name, started, opts, warn, progress, active)
+                record, root, grafted = _read(safe, w, path, st, kind, name, started, opts, warn, progress, active)
+                # The point holds the integrations' consistent copies of these files: their read
+                # warnings (a live WAL segment or database file changing under the reader) no
+                # longer apply.
+                warnings[:] = [x for x in warnings if x.get("path") not in grafted]
                 point = commit_point(w, record, root, warnings)
             finally:
                 for c in active:
@@ -148,15 +151,21 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
                         c.close()
                     except Exception as e:  # noqa: BLE001 - report, never mask the main error
                         warn(c.name, f"closing the {c.name} connection failed: {e}")
-        status = "warning" if warnings else "ok"
-        return BackupResult(point, warnings)
-    finally:
+    except BaseException:
         if opts.post_hook:
             try:
-                run_hook(opts.post_hook, {**hook_env, "POINTSAFE_STATUS": status}, "post-hook")
+                run_hook(opts.post_hook, {**hook_env, "POINTSAFE_STATUS": "error"}, "post-hook")
             except HookFailed:
-                if status != "error":
-                    raise
+                pass  # the backup's own error is the one to report
+        raise
+    if opts.post_hook:
+        status = "warning" if warnings else "ok"
+        try:
+            run_hook(opts.post_hook, {**hook_env, "POINTSAFE_STATUS": status}, "post-hook")
+        except HookFailed as e:
+            # The point is committed: a failing post-hook is a warning on the run, not an error.
+            warnings.append({"path": "post-hook", "message": str(e)})
+    return BackupResult(point, warnings)
 
 
 def _start_consistency(opts: BackupOptions, warn) -> list:
@@ -166,6 +175,10 @@ def _start_consistency(opts: BackupOptions, warn) -> list:
             c.start()
             active.append(c)
         except SafeError as e:
+            try:
+                c.close()   # the protocol: close() is always called, also after a failed start()
+            except Exception:  # noqa: BLE001
+                pass
             if not opts.allow_inconsistent:
                 for a in active:
                     a.close()
@@ -175,7 +188,7 @@ def _start_consistency(opts: BackupOptions, warn) -> list:
 
 
 def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: str,
-                     opts: BackupOptions, warn, progress, active: list) -> tuple[dict, bytes | None]:
+                     opts: BackupOptions, warn, progress, active: list) -> tuple[dict, bytes | None, set[str]]:
     cfg = safe.config
     prev = previous_point(safe, name, kind)
     pipe = Pipeline(w, cfg.list_fanout, workers=opts.workers)
@@ -213,12 +226,13 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
         raise
     for c in active:
         c.files_read()
+    grafted: set[str] = set()
     if kind == "tree" and active:
         for c in active:
             for rel, content in c.extra_files():
-                data = content if isinstance(content, bytes) else Path(content).read_bytes()
                 w.flush()  # grafting reads the tree just written (or just grafted) back from the index
-                root = graft(safe, w, root, os.fsencode(rel), data)
+                root = graft(safe, w, root, os.fsencode(rel), content)
+                grafted.add(os.path.join(str(path), rel))
     if kind == "tree":
         record["size"] = pipe.stats.size
     if active:
@@ -227,7 +241,7 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
     stats = pipe.stats.as_dict()
     record["stats"] = stats
     record["labels"] = dict(opts.labels)
-    return record, root
+    return record, root, grafted
 
 
 def commit_point(w: Writer, record: dict, root: bytes | None, warnings: list[dict]) -> dict:
@@ -236,8 +250,9 @@ def commit_point(w: Writer, record: dict, root: bytes | None, warnings: list[dic
     return w.add_point(record, root)
 
 
-def graft(safe: Safe, w: Writer, root: bytes | None, relpath: bytes, data: bytes) -> bytes:
-    """Return a new root tree in which ``relpath`` is a regular file holding ``data``.
+def graft(safe: Safe, w: Writer, root: bytes | None, relpath: bytes, data: bytes | str | os.PathLike) -> bytes:
+    """Return a new root tree in which ``relpath`` is a regular file holding ``data`` (bytes,
+    or the path of a file to read in chunks).
 
     Used for files that exist only once reading is done (PostgreSQL's backup_label, WAL
     segments, consistent SQLite copies). Rewrites the directories along the path only.
@@ -257,13 +272,10 @@ def _graft(safe: Safe, w: Writer, tree: bytes | None, parts: list[bytes], data: 
     now = time.time_ns()
     template = parent_meta or (entries[0] if entries else Entry(b"", DIR, 0o755))
     if len(parts) == 1:
-        bb = BlobBuilder(w.put_node, safe.config.list_fanout)
-        for i in range(0, len(data), 1 << 20):
-            piece = data[i:i + (1 << 20)]
-            bb.add(w.put(Kind.CHUNK, piece), len(piece))
+        ref, size = _store_content(safe, w, data)
         e = Entry(head, REG, old.mode if old and old.type == REG else 0o600,
                   old.uid if old else template.uid, old.gid if old else template.gid,
-                  now, now, now, len(data), ref=bb.finish())
+                  now, now, now, size, ref=ref)
     else:
         sub = old.ref if old is not None and old.type == DIR else None
         e = Entry(head, DIR, old.mode if old and old.type == DIR else 0o700,
@@ -274,3 +286,29 @@ def _graft(safe: Safe, w: Writer, tree: bytes | None, parts: list[bytes], data: 
         e.ref = _graft(safe, w, sub, parts[1:], data, e)
     byname[head] = e
     return build_tree(w.put_node, list(byname.values()))
+
+
+def _store_content(safe: Safe, w: Writer, data: bytes | str | os.PathLike) -> tuple[bytes | None, int]:
+    """Store bytes or a file's content as a blob, with the safe's content-defined chunks (so a
+    consistent copy of a database dedups against the live file read just before)."""
+    cfg = safe.config
+    cutter = Cutter(None, cfg.chunk_min, cfg.chunk_avg, cfg.chunk_max)
+    bb = BlobBuilder(w.put_node, cfg.list_fanout)
+
+    def add(items) -> None:
+        for what, v in items:
+            if what == "hole" or is_zero(v):
+                bb.add(None, v if what == "hole" else len(v))
+            else:
+                bb.add(w.put(Kind.CHUNK, bytes(v)), len(v))
+
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        mv = memoryview(data)
+        add(("data", mv[c.offset:c.offset + c.length]) for c in cutter.cdc.cut_buf(mv)) if len(mv) else None
+    else:
+        fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            add(cutter.chunks(fd, os.fstat(fd).st_size))
+        finally:
+            os.close(fd)
+    return bb.finish(), bb.size

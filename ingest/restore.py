@@ -1,8 +1,10 @@
 """Writing a point back out: a tree into a directory, a volume into an image or a device.
 
-Everything below the target is created through directory file descriptors with O_NOFOLLOW,
-so a hostile safe (names like ``..`` or ``a/b``, a symlink and a directory of the same name)
-cannot make restore write outside the target: such entries are refused with a warning.
+Names are checked before use (no ``/``, ``.``, ``..``, NUL, duplicates), every directory is
+opened with O_NOFOLLOW before anything is written below it, and files are created with
+O_EXCL|O_NOFOLLOW, so a hostile safe (names like ``..`` or ``a/b``, a symlink and a directory
+of the same name) cannot make restore write outside the target: such entries are refused
+with a warning. A target inside the safe is refused.
 Holes are skipped with ``pwrite`` past them and a final ``ftruncate``, so sparse files stay
 sparse. Chunks are fetched and decompressed ahead of the writer by a small thread pool.
 Metadata order per entry: content, owner, xattrs (after chown, which drops security.capability),
