@@ -13,6 +13,8 @@ import importlib
 import os
 import sys
 
+import lmdb
+
 from pointsafe.cas import SafeError
 from pointsafe.ops.recorder import run_recorded
 
@@ -80,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"pointsafe: error: {where}{e.strerror or e}", file=sys.stderr)
+        return EXIT_ERROR
+    except lmdb.Error as e:
+        if os.environ.get("POINTSAFE_DEBUG"):
+            raise
+        hint = "the disk is full" if "No space" in str(e) or "MAP_FULL" in str(e) else "the index may be damaged; try 'pointsafe verify'"
+        print(f"pointsafe: error: the safe's index: {e} ({hint})", file=sys.stderr)
         return EXIT_ERROR
 
 
