@@ -202,7 +202,10 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
                              skip={(sst.st_dev, sst.st_ino)})
             walker = TreeWalker(safe, pipe, cutter, wo, warn, progress)
             prev_root = bytes.fromhex(prev["root"]) if prev and prev.get("root") else None
-            root_entry = walker.walk_root(os.fsencode(str(path)), prev_root)
+            try:
+                root_entry = walker.walk_root(os.fsencode(str(path)), prev_root)
+            finally:
+                walker.close()
             root, _ = pipe.finish()
             record["root_meta"] = {"mode": root_entry.mode, "uid": root_entry.uid, "gid": root_entry.gid,
                                    "mtime_ns": root_entry.mtime_ns, "atime_ns": root_entry.atime_ns,
