@@ -3,9 +3,10 @@
 A 1 MiB FUSE read of a file with 32 KiB chunks needs about 32 objects. Fetching them one by
 one (``Safe.get``: an LMDB transaction, a ``pread`` and a record check each) costs more in
 Python than the bytes themselves, so this module looks the whole batch up in one short LMDB
-read transaction and reads the records in pack order, one ``pread`` each (a ``pread`` costs
-less than copying its bytes again; an uncompressed chunk is served as a view of its record
-buffer, never copied, and the cache counts the whole buffer, so its bound is exact).
+read transaction and reads the records in pack order, adjacent records with one ``pread``
+(backups write a file's chunks one after the other). An uncompressed chunk read alone is
+served as a view of its record buffer; one read together with others is copied out, so the
+cache, which counts the buffer a value keeps alive, stays within its bound exactly.
 
 Every record is still checked (header CRC, stored-bytes checksum, expected key, length), so
 damaged bytes are never returned. Anything unexpected — a pack gone because gc or defrag
@@ -27,6 +28,8 @@ from pointsafe.cas import IntegrityError, Safe
 from pointsafe.cas.pack import CODEC_ZSTD, REC_HEADER_SIZE, pack_name, parse_record_header
 
 from .cache import ByteLRU
+
+MAX_RUN = 4 * 1024 * 1024      # bytes of adjacent records read with one pread
 
 
 def _held(value: bytes | memoryview) -> int:
@@ -163,18 +166,36 @@ class ChunkSource:
             else:
                 located.append((e.pack, e.offset, k, e))
         located.sort(key=lambda t: (t[0], t[1]))       # pack order: sequential on disk
-        for pack, off, k, e in located:
+        i = 0
+        while i < len(located):
+            # Neighbouring records (a backup writes a file's chunks one after the other) come
+            # in one pread: far fewer system calls and GIL hand-offs than one per record.
+            pack, start, _, first = located[i]
+            end = start + first.record_len
+            j = i + 1
+            while (j < len(located) and located[j][0] == pack and located[j][1] == end
+                   and end - start < MAX_RUN):
+                end += located[j][3].record_len
+                j += 1
             try:
-                buf = memoryview(self.fds.pread(pack, e.record_len, off))
+                buf = memoryview(self.fds.pread(pack, end - start, start))
             except OSError:
-                # The pack is gone or unreadable: gc/defrag moved the object, or real trouble.
+                # The pack is gone or unreadable: gc/defrag moved these objects, or real trouble.
                 self.fds.forget(pack)
-                out[k] = self._single(k)
+                for _, _, k, _ in located[i:j]:
+                    out[k] = self._single(k)
+                i = j
                 continue
-            try:
-                out[k] = _decode(buf, pack, off, k)
-            except IntegrityError:
-                out[k] = self._single(k)
+            shared = j - i > 1
+            for _, off, k, e in located[i:j]:
+                try:
+                    raw = _decode(buf[off - start:off - start + e.record_len], pack, off, k)
+                    # A raw chunk is a view of the read buffer: copy it out when the buffer
+                    # holds other records, so that the cache's byte count stays exact.
+                    out[k] = bytes(raw) if shared and isinstance(raw, memoryview) else raw
+                except IntegrityError:
+                    out[k] = self._single(k)
+            i = j
         safe.objects_read += len(located)
         return out
 
