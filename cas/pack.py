@@ -149,6 +149,18 @@ def parse_record_header(buf: bytes, pack: int, offset: int) -> RecordHeader:
     return RecordHeader(kind, codec, key, raw_len, stored_len, check)
 
 
+class _Where:
+    """"pack NAME offset N", formatted only when an error message needs it (hot path)."""
+
+    __slots__ = ("pack", "offset")
+
+    def __init__(self, pack: int, offset: int):
+        self.pack, self.offset = pack, offset
+
+    def __format__(self, spec: str) -> str:
+        return f"pack {pack_name(self.pack)} offset {self.offset}"
+
+
 def decode_record(buf: bytes | memoryview, pack: int, offset: int, rehash: bool = True,
                   expect_key: bytes | None = None) -> tuple[RecordHeader, bytes]:
     """Check a whole record (header + stored bytes) and return its raw content.
@@ -157,7 +169,7 @@ def decode_record(buf: bytes | memoryview, pack: int, offset: int, rehash: bool 
     bytes that do not match their checksum (and, with ``rehash``, their key).
     """
     h = parse_record_header(buf, pack, offset)
-    where = f"pack {pack_name(pack)} offset {offset}"
+    where = _Where(pack, offset)
     if expect_key is not None and h.key != expect_key:
         raise IntegrityError(f"{where}: record holds object {h.key.hex()[:12]}, index expected {expect_key.hex()[:12]}", pack, offset)
     stored = memoryview(buf)[REC_HEADER_SIZE:REC_HEADER_SIZE + h.stored_len]
