@@ -9,8 +9,10 @@ Mounting without a POINT shows::
     /www/latest -> 2026-11-25T14:36:24Z     the newest point of that name
     /latest -> 2026-11-25T14:36:24Z         the newest point of the whole safe
 
-Time names sort in time order. A point name that would clash with a time name or with
-``latest`` gets ``.points`` appended; ``/`` in a name becomes ``_``.
+Time names sort in time order. A folder name, once shown by a mount, stays the same for the
+life of that mount (forgetting the first of two points of one second does not rename the
+second). A point name that would clash with a time name or with ``latest`` gets ``.points``
+appended; ``/`` in a name becomes ``_``.
 """
 
 from __future__ import annotations
@@ -49,17 +51,28 @@ class Layout:
     by_id: dict[str, bytes] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, points: list[dict]) -> "Layout":
+    def build(cls, points: list[dict], keep: dict[str, bytes] | None = None) -> "Layout":
+        """The layout of ``points``; ``keep`` (point id -> folder name) are names already shown
+        by this mount, which stay the same even when forgetting a point would free a plainer one."""
         lay = cls()
-        taken: dict[bytes, int] = {}
-        for p in sorted(points, key=lambda p: (p.get("started", ""), p["id"])):
+        keep = keep or {}
+        ordered = sorted(points, key=lambda p: (p.get("started", ""), p["id"]))
+        names: dict[str, bytes] = {p["id"]: keep[p["id"]] for p in ordered if p["id"] in keep}
+        taken = set(names.values())
+        for p in ordered:
+            if p["id"] in names:
+                continue
             base = time_name(p).encode()
-            n = taken.get(base, 0) + 1
-            taken[base] = n
-            name = base if n == 1 else base + b".%d" % n
-            lay.folders.append((name, p))
-            lay.by_id[p["id"]] = name
-        reserved = set(taken) | {f for f, _ in lay.folders} | {LATEST}
+            name, n = base, 1
+            while name in taken:
+                n += 1
+                name = base + b".%d" % n
+            names[p["id"]] = name
+            taken.add(name)
+        for p in ordered:
+            lay.folders.append((names[p["id"]], p))
+            lay.by_id[p["id"]] = names[p["id"]]
+        reserved = taken | {LATEST}
         for name, p in lay.folders:
             g = _clean(p.get("name") or "unnamed")
             if g in reserved:

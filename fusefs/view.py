@@ -209,7 +209,9 @@ class View:
         with self.lock:
             if self._layout is not None and now - self._layout_at < self.refresh_seconds:
                 return self._layout
-        lay = Layout.build(self.safe.points())
+        with self.lock:
+            shown = self._layout.by_id if self._layout is not None else None
+        lay = Layout.build(self.safe.points(), keep=shown)
         with self.lock:
             self._layout, self._layout_at = lay, now
         return lay
