@@ -195,6 +195,10 @@ class Tool:
     def root(self, mp: Path, source: str) -> Path:
         return mp
 
+    def pid(self) -> int | None:
+        """The process serving the mount (its CPU time is measured)."""
+        return self.proc.pid if self.proc is not None else None
+
     def stop_mount(self, mp: Path) -> None:
         subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
         if self.proc is not None:
@@ -221,8 +225,12 @@ class Pointsafe(Tool):
             self.points[name] = have[name]
 
     def start_mount(self, mp, source):
-        sh(pointsafe_argv() + ["--safe", str(self.repo), "mount", str(mp), self.points[source],
-                               "--log", str(self.work / "pointsafe-mount.log")])
+        out = sh(pointsafe_argv() + ["--safe", str(self.repo), "mount", str(mp), self.points[source],
+                                     "--log", str(self.work / "pointsafe-mount.log"), "--json"])
+        self.daemon = json.loads(out)["pid"]
+
+    def pid(self):
+        return self.daemon
 
 
 class Borg(Tool):
@@ -308,6 +316,18 @@ def warm(path: Path) -> None:
     subprocess.run(f"find {path} -type f -print0 | xargs -0 -r cat > /dev/null", shell=True, check=False)
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of a process (and its reaped children) so far."""
+    if pid is None:
+        return None
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    return sum(int(x) for x in f[11:15]) / tick
+
+
 def timed(fn: Callable[[], Any]) -> float:
     t = time.perf_counter()
     fn()
@@ -331,10 +351,14 @@ def measure_tool(tool: Tool, mp: Path, mixed_large: list[str], timeout: float) -
         res.setdefault("mount_s", {})[source] = time.perf_counter() - t0
         return root
 
-    def session(source: str, fn: Callable[[Path], None]) -> None:
+    def session(source: str, fn: Callable[[Path], None], label: str | None = None) -> None:
         try:
             root = fresh(source)
+            before = cpu_seconds(tool.pid())
             fn(root)
+            after = cpu_seconds(tool.pid())
+            if label and before is not None and after is not None:
+                res[f"{label}_cpu"] = after - before
             if tool.name == "pointsafe":           # the mount's own counters (objects read, requests)
                 res.setdefault("stats", []).append(
                     {source: json.loads(os.getxattr(mp, "user.pointsafe.stats"))})
@@ -350,24 +374,24 @@ def measure_tool(tool: Tool, mp: Path, mixed_large: list[str], timeout: float) -
             cmd = " & ".join(f"dd if={root}/q{i}.bin of=/dev/null bs=1M status=none" for i in range(4)) + " & wait"
             res["parallel_s"] = timed(lambda: run_sh(cmd, timeout))
             res["parallel_bytes"] = sum((root / f"q{i}.bin").stat().st_size for i in range(4))
-        session("mem", seq)
-        session("mem", par)
+        session("mem", seq, "seq_random")
+        session("mem", par, "parallel")
         return res
 
     session("many", lambda root: None)                       # mount -> listing, 120k-file point
     session("many", lambda root: res.__setitem__(
-        "find_s", timed(lambda: run_sh(f"find {root} -printf '%s %m\\n' > /dev/null", timeout))))
+        "find_s", timed(lambda: run_sh(f"find {root} -printf '%s %m\\n' > /dev/null", timeout))), "find")
 
     def seq_mixed(root: Path) -> None:
         files = " ".join(str(root / p) for p in mixed_large)
         res["seq_mixed_s"] = timed(lambda: run_sh(f"cat {files} > /dev/null", timeout))
         res["seq_mixed_bytes"] = sum((root / p).stat().st_size for p in mixed_large)
-    session("mixed", seq_mixed)
+    session("mixed", seq_mixed, "seq_mixed")
 
     def seq_random(root: Path) -> None:
         res["seq_random_s"] = timed(lambda: run_sh(f"cat {root}/rand.bin > /dev/null", timeout))
         res["seq_random_bytes"] = (root / "rand.bin").stat().st_size
-    session("rand", seq_random)
+    session("rand", seq_random, "seq_random")
 
     def parallel(root: Path) -> None:
         # 1 GiB of the mixed set's large files as four 256 MiB pieces read at once
@@ -377,7 +401,7 @@ def measure_tool(tool: Tool, mp: Path, mixed_large: list[str], timeout: float) -
                          for f, s in pieces) + " & wait"
         res["parallel_s"] = timed(lambda: run_sh(cmd, timeout))
         res["parallel_bytes"] = 4 * q << 20
-    session("mixed", parallel)
+    session("mixed", parallel, "parallel")
     return res
 
 
@@ -386,6 +410,11 @@ def measure_tool(tool: Tool, mp: Path, mixed_large: list[str], timeout: float) -
 def _rate(r: dict, key: str) -> float | None:
     s, b = r.get(f"{key}_s"), r.get(f"{key}_bytes")
     return b / s / MB if s and b else None
+
+
+def _per_cpu(r: dict, key: str) -> float | None:
+    c, b = r.get(f"{key}_cpu"), r.get(f"{key}_bytes")
+    return b / c / MB if c and b else None
 
 
 def report(result: dict) -> str:
@@ -403,6 +432,10 @@ def report(result: dict) -> str:
         ["sequential cat, mixed 1.4 GiB (MB/s)"] + [cell(n, lambda r: _rate(r, "seq_mixed"), "{:,.0f}") for n in names],
         ["sequential cat, incompressible 1 GiB (MB/s)"] + [cell(n, lambda r: _rate(r, "seq_random"), "{:,.0f}") for n in names],
         ["4 parallel readers, 1 GiB (MB/s)"] + [cell(n, lambda r: _rate(r, "parallel"), "{:,.0f}") for n in names],
+        ["find: CPU of the mount process (s)"] + [cell(n, lambda r: r.get("find_cpu"), "{:.2f}") for n in names],
+        ["sequential mixed: MB per CPU-second of the mount process"] + [cell(n, lambda r: _per_cpu(r, "seq_mixed"), "{:,.0f}") for n in names],
+        ["sequential incompressible: MB per CPU-second"] + [cell(n, lambda r: _per_cpu(r, "seq_random"), "{:,.0f}") for n in names],
+        ["4 readers: MB per CPU-second"] + [cell(n, lambda r: _per_cpu(r, "parallel"), "{:,.0f}") for n in names],
     ]
     out = [markdown_table(["measure"] + names, rows)]
     ps = t.get("pointsafe", {})
