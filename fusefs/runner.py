@@ -14,6 +14,7 @@ names the type ``fuse.pointsafe``. ``allow_other`` only on request.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import select
@@ -263,14 +264,28 @@ def _serve(o: MountOptions, ready_fd: int | None) -> int:
                 pyfuse3.terminate()
                 return
 
+    async def collect_garbage() -> None:
+        # Python's automatic cyclic GC rescans the young objects every 700 allocations; a
+        # `find` creates a node per entry, and those scans cost more than serving the entries
+        # (measured: 120,000 entries listed in 0.7 s instead of 1.7 s without them). The mount
+        # makes few reference cycles (exception tracebacks), so collect them on a timer.
+        rounds = 0
+        while True:
+            await trio.sleep(2)
+            rounds += 1
+            gc.collect(2 if rounds % 30 == 0 else 1)
+
     async def main() -> None:
         async with trio.open_nursery() as n:
             n.start_soon(ready_when_inited)
             n.start_soon(on_signals, n.cancel_scope)
+            n.start_soon(collect_garbage)
             await pyfuse3.main()
             n.cancel_scope.cancel()
 
     code = 0
+    gc.freeze()          # what is alive now (modules, the view) is never rescanned
+    gc.disable()
     try:
         trio.run(main)
     except BaseException as e:

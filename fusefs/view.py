@@ -21,6 +21,7 @@ lock; loading objects happens outside it.
 from __future__ import annotations
 
 import bisect
+import gc
 import json
 import logging
 import os
@@ -497,7 +498,8 @@ class View:
                 "chunk_cache_bytes": self.chunks.cache.bytes, "dir_cache_bytes": self.dirs.bytes,
                 "chunk_cache_hits": self.chunks.cache.hits, "chunk_cache_misses": self.chunks.cache.misses,
                 "reads": self.reads, "read_bytes": self.read_bytes, "readdirs": self.readdirs,
-                "lookups": self.lookups, "getattrs": self.getattrs}
+                "lookups": self.lookups, "getattrs": self.getattrs,
+                "gc_collections": [g["collections"] for g in gc.get_stats()]}
 
     def statfs(self) -> dict:
         packs = self.safe.pack_entries()
