@@ -9,7 +9,7 @@ files in a nested tree, and an ext4 image with files inside.
 The same seed and size give the same bytes (file contents, names, sizes and mtimes; the ext4
 image gets a fixed UUID and hash seed, its own timestamps may differ). Composition of SIZE:
 
-- ``large/``  ≈ 72%: nine files (≈ SIZE/3 down to SIZE/26) of segments of 256 KiB–8 MiB:
+- ``large/``  ≈ 72%: nine files (≈ SIZE/4 down to SIZE/29) of segments of 256 KiB–8 MiB:
   random (incompressible) 35%, text-like 40% (zstd level 1 ratio ≈ 2.1), zero runs 10%,
   database-like 8 KiB pages (text then zero padding) 15%.
 - ``small/``  ≈ 13%: files of 64 B–64 KiB (log-uniform, mean ≈ 9 KiB; ≈ 30,000 at 2 GiB) in a
