@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pointsafe.cas import SafeError, UsageError
-from pointsafe.ops import alerts, config, mail, tasks
+from pointsafe.ops import alerts, config, tasks
 from pointsafe.ops.clock import human_duration, parse_iso, parse_since
 from pointsafe.ops.status import build
 
@@ -295,6 +295,7 @@ def cmd_alerts_ack(args) -> int:
 # -- report --------------------------------------------------------------------------------------
 
 def cmd_report(args) -> int:
+    from pointsafe.ops import mail   # smtplib and ssl: only when a report is made
     since = parse_since(args.since) if args.since else None
     with open_safe(args) as safe:
         try:

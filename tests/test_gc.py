@@ -276,3 +276,9 @@ def test_forget_and_gc_cost_follows_the_point_not_the_safe(tmp_path):
     big = _cost_of_forgetting(tmp_path, 8)
     assert small[1] > 0
     assert big == small
+
+
+def test_cli_default_threshold_matches_gc():
+    from pointsafe.cli.cmd_gc import DEFAULT_THRESHOLD
+    from pointsafe.gc.collect import DEFAULT_THRESHOLD as real
+    assert DEFAULT_THRESHOLD == real
