@@ -67,6 +67,17 @@ def read_exact(fd: int, offset: int, length: int) -> bytes:
     return b"".join(parts)
 
 
+def _read_into(fd: int, mv: memoryview, offset: int) -> int:
+    """preadv into ``mv`` until it is full or EOF; the number of bytes read."""
+    got = 0
+    while got < len(mv):
+        n = os.preadv(fd, [mv[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    return got
+
+
 class Cutter:
     """Cuts the data regions of one file descriptor into chunks.
 
@@ -105,15 +116,16 @@ class Cutter:
         carry = b""
         while off < end or carry:
             want = min(READ_SIZE, end - off)
-            buf = read_exact(fd, off, want) if want > 0 else b""
-            off += len(buf)
-            eof = len(buf) < want or off >= end
-            if carry:
-                buf = carry + buf
-                carry = b""
-            if not buf:
+            # Read straight in behind the carried tail: no copy of the whole buffer.
+            buf = bytearray(len(carry) + want)
+            buf[:len(carry)] = carry
+            got = _read_into(fd, memoryview(buf)[len(carry):], off) if want > 0 else 0
+            off += got
+            eof = got < want or off >= end
+            mv = memoryview(buf)[:len(carry) + got]
+            carry = b""
+            if not len(mv):
                 return
-            mv = memoryview(buf)
             if self.fixed:
                 b = self.fixed
                 n = len(mv) if eof else len(mv) - len(mv) % b
