@@ -27,6 +27,9 @@ def register(sub) -> None:
     p = sub.add_parser("show", help="show one point", description="Show a point's record. " + POINT_HELP)
     add_common(p)
     p.add_argument("point", metavar="POINT")
+    p.add_argument("--fragmentation", action="store_true",
+                   help="measure how scattered this point's data is (seeks per GiB of a restore "
+                        "in file order; reads the point's index entries)")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("ls", help="list files in a point",
@@ -88,6 +91,11 @@ def cmd_points(args) -> int:
 def cmd_show(args) -> int:
     with open_safe(args) as safe:
         p = resolve_point(safe, args.point)
+        if args.fragmentation:
+            from pointsafe.gc.fragmentation import measure
+            frag = measure(safe, [p])
+            p = dict(p, fragmentation={k: frag[k] for k in ("seeks", "minimum_seeks", "seeks_per_gib",
+                                                             "minimum_per_gib", "excess")})
     if args.json:
         emit_json(p)
         return EXIT_OK
@@ -102,6 +110,10 @@ def cmd_show(args) -> int:
         say(args, f"{k:16} {v}")
     for name, info in (p.get("consistency") or {}).items():
         say(args, f"{name:16} " + ", ".join(f"{k}={v}" for k, v in info.items()) if isinstance(info, dict) else f"{name:16} {info}")
+    if "fragmentation" in p:
+        f = p["fragmentation"]
+        say(args, f"{'fragmentation':16} {f['seeks_per_gib']} seeks/GiB (floor {f['minimum_per_gib']}; "
+                  f"{f['excess']}x the minimum; 'pointsafe defrag' brings it down)")
     for w in p.get("warnings", []):
         say(args, f"warning          {w['path']}: {w['message']}")
     return EXIT_OK
