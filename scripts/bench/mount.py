@@ -101,6 +101,7 @@ def memfs(mountpoint: str, size: int) -> None:
             end = min(off + n, by_ino[fh][1])
             return buf[off:end] if off < end else b""
 
+    real = os.path.realpath(mountpoint)   # before mounting: stat'ing our own mount would deadlock
     pyfuse3.init(Ops(), mountpoint, {"fsname=memfs", "subtype=memfs", "ro", "default_permissions"})
     from pointsafe.fusefs.mounts import raise_read_ahead
 
@@ -108,7 +109,7 @@ def memfs(mountpoint: str, size: int) -> None:
         async with trio.open_nursery() as n:
             async def later() -> None:
                 await trio.sleep(0.2)   # after INIT (which would lower the read-ahead again)
-                raise_read_ahead(os.path.realpath(mountpoint), READ_AHEAD_KB)
+                raise_read_ahead(real, READ_AHEAD_KB)
             n.start_soon(later)
             await pyfuse3.main()
     try:
