@@ -80,11 +80,12 @@ class TreeWalker:
 
     # -- previous point -----------------------------------------------------------------
 
-    def _prev_entries(self, tree_key: bytes | None) -> dict[bytes, Entry]:
-        if tree_key is None:
+    def _prev_entries(self, tree: bytes | Future | None) -> dict[bytes, Entry]:
+        if tree is None:
             return {}
         try:
-            return {e.name: e for e in read_tree(self.safe.get, tree_key)}
+            entries = tree.result() if isinstance(tree, Future) else read_tree(self.safe.get, tree)
+            return {e.name: e for e in entries}
         except Exception:  # a damaged previous point only costs a full re-read
             return {}
 
@@ -107,7 +108,7 @@ class TreeWalker:
         return any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(r, p) or fnmatch.fnmatchcase("/" + r, p)
                    for p in self.opts.excludes)
 
-    def _walk_dir(self, path: bytes, rel: bytes, prev_tree: bytes | None) -> None:
+    def _walk_dir(self, path: bytes, rel: bytes, prev_tree: bytes | Future | None) -> None:
         prev = self._prev_entries(prev_tree)
         try:
             names = _list_dir(path)
@@ -127,6 +128,7 @@ class TreeWalker:
                     self.warn(child, f"cannot stat: {e.strerror}")
                 continue
             items.append((name, child, crel, st, prev.get(name)))
+        sub_prev: dict[bytes, Future] = {}
         ahead: dict[bytes, Future] = {}
         j = 0
         for i, (name, child, crel, st, p) in enumerate(items):
@@ -137,6 +139,10 @@ class TreeWalker:
                 if (stat.S_ISREG(jst.st_mode) and 0 < jst.st_size <= PREFETCH_MAX and jst.st_nlink == 1
                         and not _unchanged(jp, jst)):
                     ahead[jn] = self.readers.submit(_read_small, jc)
+                elif stat.S_ISDIR(jst.st_mode) and jp is not None and jp.type == DIR and jp.ref is not None:
+                    # The previous point's subdirectories are read ahead too: on a cold cache,
+                    # reading old tree nodes one at a time is most of an unchanged re-backup.
+                    sub_prev[jn] = self.readers.submit(read_tree, self.safe.get, jp.ref)
                 j += 1
             e = entry_from_stat(name, st)
             if e.type == DIR:
@@ -145,7 +151,7 @@ class TreeWalker:
                 e.xattrs = self._xattrs(child, e, p)
                 self.pipe.opendir(e)
                 if not (self.opts.one_file_system and st.st_dev != self.root_dev):
-                    self._walk_dir(child, crel, p.ref if p is not None and p.type == DIR else None)
+                    self._walk_dir(child, crel, sub_prev.pop(name, None))
                 self.pipe.closedir()
             elif e.type == REG:
                 self._file(child, e, p, ahead.pop(name, None))
