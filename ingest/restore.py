@@ -31,6 +31,7 @@ from pointsafe.cas.tree import BLK, CHR, DIR, FIFO, LNK, REG, SOCK
 from .browse import children, lookup, root_entry, split_path
 
 PREFETCH = 16
+FETCH_GROUP = 8           # chunks per fetch job
 SMALL_FILE = 256 * 1024   # files up to this size are usually one chunk
 
 
@@ -115,19 +116,30 @@ class Restorer:
             written += len(data)
             self.progress(len(data))
 
+        def fetch(group: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+            return [(o, self.safe.get(k)) for o, k in group]
+
+        group: list[tuple[int, bytes]] = []
         for off, length, key in r.extents():
             if key is None:
                 continue
             if not prefetch:
                 put(off, self.safe.get(key))
                 continue
-            window.append((off, self.fetch.submit(self.safe.get, key)))
-            if len(window) >= PREFETCH:
-                o, fut = window.popleft()
-                put(o, fut.result())
+            # Chunks travel to the fetch threads in groups: one future per group, not per
+            # chunk, keeps thread hand-offs (and GIL handovers) off the hot path.
+            group.append((off, key))
+            if len(group) >= FETCH_GROUP:
+                window.append(self.fetch.submit(fetch, group))
+                group = []
+                if len(window) >= PREFETCH // 2:
+                    for o, data in window.popleft().result():
+                        put(o, data)
+        if group:
+            window.append(self.fetch.submit(fetch, group))
         while window:
-            o, fut = window.popleft()
-            put(o, fut.result())
+            for o, data in window.popleft().result():
+                put(o, data)
         os.ftruncate(fd, r.size)
         self._count(bytes_written=written)
 
