@@ -92,7 +92,6 @@ def _repair(safe_dir: Path) -> RepairReport:
 
         # Tombstones name forgotten points.
         forgotten = set()
-        counts: dict[bytes, int] = {}
         objects = idx.db["objects"]
         cur = txn.cursor(db=objects)
         nodes = []

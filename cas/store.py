@@ -131,7 +131,7 @@ def release_lock(f) -> None:
         pass  # a full disk cannot flush the holder note; the lock goes with the descriptor
 
 
-class _PackFiles:
+class PackFiles:
     """A small LRU of read-only pack file descriptors shared by reader threads."""
 
     def __init__(self, packs_dir: Path, limit: int = 64):
@@ -180,7 +180,7 @@ class Safe:
         self.config = config
         self.index = index
         self.packs_dir = path / PACKS_DIR
-        self._files = _PackFiles(self.packs_dir)
+        self._files = PackFiles(self.packs_dir)
         # Count of objects read from packs, for tests and benchmarks ("lazy" checks).
         self.objects_read = 0
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .audit import audit
-from .errors import IntegrityError
 from .index import FLAG_DEAD, pack_from_dbkey, PackEntry
 from .keys import Kind
 from .pack import pack_id_from_name, pack_name, scan_pack

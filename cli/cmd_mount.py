@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import EXIT_OK, add_common, emit_json, safe_path, say
+from .common import parse_size, EXIT_OK, add_common, emit_json, safe_path, say
 
 MOUNT_DESCRIPTION = """\
 Mount the safe's recovery points read-only at MOUNTPOINT (an existing, empty directory) and
@@ -27,15 +27,6 @@ permissions). Damaged data reads as an I/O error, never as wrong bytes, and is l
 The mount's counters are readable as: getfattr -n user.pointsafe.stats MOUNTPOINT"""
 
 
-def _size(text: str) -> int:
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
-    try:
-        return int(t[:-1] if t[-1:] in "KMG" else t) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 256M, 1G") from None
-
-
 def register(sub) -> None:
     p = sub.add_parser("mount", help="mount points read-only (FUSE)", description=MOUNT_DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,13 +41,13 @@ def register(sub) -> None:
     p.add_argument("--no-default-permissions", action="store_true",
                    help="do not let the kernel enforce the stored permissions (anyone who can "
                         "enter the mount reads every file)")
-    p.add_argument("--cache-size", type=_size, default=256 << 20, metavar="SIZE",
+    p.add_argument("--cache-size", type=parse_size, default=256 << 20, metavar="SIZE",
                    help="memory for file data (decompressed chunks), default 256M")
-    p.add_argument("--dir-cache-size", type=_size, default=64 << 20, metavar="SIZE",
+    p.add_argument("--dir-cache-size", type=parse_size, default=64 << 20, metavar="SIZE",
                    help="memory for decoded directories, default 64M")
     p.add_argument("--threads", type=int, default=8,
                    help="worker threads reading and decompressing (default 8)")
-    p.add_argument("--read-ahead", type=_size, default=4 << 20, metavar="SIZE",
+    p.add_argument("--read-ahead", type=parse_size, default=4 << 20, metavar="SIZE",
                    help="the kernel's read-ahead for the mount, default 4M (0: leave it)")
     p.add_argument("--log", type=Path, metavar="FILE",
                    help="where the mount process logs (default ~/.local/state/pointsafe/mount.log; "

@@ -7,7 +7,7 @@ import argparse
 from pointsafe.cas import Safe, repair, verify
 from pointsafe.ops import tasks
 
-from .common import EXIT_ERROR, EXIT_OK, add_common, emit_json, human_bytes, open_safe, progress, safe_path, say
+from .common import parse_size, EXIT_ERROR, EXIT_OK, add_common, emit_json, human_bytes, open_safe, progress, safe_path, say
 
 
 def register(sub) -> None:
@@ -17,9 +17,9 @@ def register(sub) -> None:
     p.add_argument("path", nargs="?", help="where to create the safe (a new or empty directory)")
     p.add_argument("--compression", default="zstd:1",
                    help="'none' or a zstd level 1-22, e.g. 'zstd:3' (default: zstd:1)")
-    p.add_argument("--block-size", type=_size, default=64 * 1024,
+    p.add_argument("--block-size", type=parse_size, default=64 * 1024,
                    help="block size for volumes, a power of two from 4K to 4M (default: 64K)")
-    p.add_argument("--pack-size", type=_size, default=64 * 1024 * 1024, help=argparse.SUPPRESS)
+    p.add_argument("--pack-size", type=parse_size, default=64 * 1024 * 1024, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("verify", help="check the safe's integrity",
@@ -35,15 +35,6 @@ def register(sub) -> None:
                                    "are reported and left out; forgotten points stay forgotten.")
     add_common(p)
     p.set_defaults(func=cmd_repair, task_kind="repair")
-
-
-def _size(text: str) -> int:
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
-    try:
-        return int(t[:-1] if t[-1:] in "KMG" else t) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 64K, 1M") from None
 
 
 def cmd_init(args) -> int:

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from pointsafe.cas import Safe, SafeError, UsageError
+from pointsafe.cas import Safe, UsageError
 
 EXIT_OK, EXIT_ERROR, EXIT_WARNINGS = 0, 1, 3
 
@@ -44,6 +44,16 @@ def emit_json(obj: Any) -> None:
 def say(args, text: str = "") -> None:
     """Human output: on stdout normally, on stderr with --json (stdout is for JSON)."""
     print(text, file=sys.stderr if getattr(args, "json", False) else sys.stdout)
+
+
+def parse_size(text: str) -> int:
+    """An argparse type for sizes: 4096, 64K, 256M, 1G (binary units)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    try:
+        return int(t[:-1] if t[-1:] in "KMG" else t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 64K, 256M, 1G") from None
 
 
 def human_bytes(n: float) -> str:

@@ -17,14 +17,13 @@ it really is damaged or gone. No LMDB transaction outlives a call.
 
 from __future__ import annotations
 
-import os
 import threading
-from collections import OrderedDict
 
 import blake3
 import zstandard
 
 from pointsafe.cas import IntegrityError, Safe
+from pointsafe.cas.store import PackFiles
 from pointsafe.cas.pack import CODEC_ZSTD, REC_HEADER_SIZE, pack_name, parse_record_header
 
 from .cache import ByteLRU
@@ -35,46 +34,6 @@ MAX_RUN = 4 * 1024 * 1024      # bytes of adjacent records read with one pread
 def _held(value: bytes | memoryview) -> int:
     """Bytes a cached value keeps alive: a raw chunk is a view of its whole record buffer."""
     return len(value.obj) if isinstance(value, memoryview) else len(value)
-
-
-class _PackFds:
-    """A small LRU of read-only pack file descriptors."""
-
-    def __init__(self, safe: Safe, limit: int = 32):
-        self.safe = safe
-        self.limit = limit
-        self.fds: OrderedDict[int, int] = OrderedDict()
-        self.lock = threading.Lock()
-
-    def pread(self, pack: int, length: int, offset: int) -> bytes:
-        with self.lock:
-            fd = self.fds.get(pack)
-            if fd is not None:
-                self.fds.move_to_end(pack)
-        if fd is None:
-            fd = os.open(self.safe.pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
-            with self.lock:
-                old = self.fds.get(pack)
-                if old is not None:
-                    os.close(fd)
-                    fd = old
-                else:
-                    self.fds[pack] = fd
-                    while len(self.fds) > self.limit:
-                        os.close(self.fds.popitem(last=False)[1])
-        return os.pread(fd, length, offset)
-
-    def forget(self, pack: int) -> None:
-        with self.lock:
-            fd = self.fds.pop(pack, None)
-        if fd is not None:
-            os.close(fd)
-
-    def close(self) -> None:
-        with self.lock:
-            for fd in self.fds.values():
-                os.close(fd)
-            self.fds.clear()
 
 
 _local = threading.local()
@@ -116,7 +75,7 @@ class ChunkSource:
     def __init__(self, safe: Safe, cache_bytes: int):
         self.safe = safe
         self.cache: ByteLRU[bytes] = ByteLRU(cache_bytes, sizeof=_held)
-        self.fds = _PackFds(safe)
+        self.fds = PackFiles(safe.packs_dir, limit=32)
 
     def peek_many(self, keys: list[bytes]) -> dict[bytes, bytes] | None:
         """Every chunk in ``keys`` if all are cached, else None (nothing is loaded)."""

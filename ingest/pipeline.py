@@ -16,11 +16,10 @@ from __future__ import annotations
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from pointsafe.cas import BlobBuilder, Entry, Kind, Writer, build_tree, object_key, prepare
-from pointsafe.cas.tree import DIR
 
 from .chunking import is_zero
 

@@ -21,7 +21,7 @@ from typing import Callable
 import blake3
 
 from pointsafe.cas import Entry, Safe, read_tree
-from pointsafe.cas.tree import BLK, CHR, DIR, FIFO, LNK, REG, SOCK, type_of_mode
+from pointsafe.cas.tree import DIR, LNK, REG, type_of_mode
 
 from .chunking import Cutter
 from .pipeline import Pipeline
