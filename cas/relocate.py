@@ -63,7 +63,7 @@ def _zero_batches(idx) -> Iterator[list[bytes]]:
 
 def bury_orphans(w: Writer) -> int:
     """Mark dead every unpinned object left at count 0 and not dead yet (a crashed backup's
-    orphans), cascading to their children. Bounded-memory form of ``Writer.bury_orphans``.
+    orphans), cascading to their children, in bounded transactions.
     Correct only under the writer lock (no backup can be linking these objects)."""
     idx = w.index
     died = 0

@@ -644,29 +644,6 @@ class Writer:
             return []
         return node_children(self.safe.read_entry(key, e))
 
-    def bury_orphans(self, txn, limit: int | None = None) -> int:
-        """Mark dead every unpinned object at refcount 0 that is not dead yet (crash orphans).
-
-        Only correct while no backup is in progress, which the writer lock guarantees.
-        """
-        idx = self.index
-        zero = [k for k, _ in txn.cursor(db=idx.db["zero"])]
-        died = 0
-        packs: dict[int, PackEntry] = {}
-        stack: list[bytes] = []
-        for key in zero:
-            e = idx.get_object(txn, key)
-            if e is None or e.flags & (FLAG_DEAD | FLAG_PINNED) or e.refcount:
-                continue
-            died += 1
-            stack.extend(self._kill(txn, key, e, packs))
-            idx.put_object(txn, key, e)
-        for pid, pe in packs.items():
-            idx.put_pack(txn, pid, pe)
-        if stack:
-            died += self.release(txn, stack)
-        return died
-
     def forget_points(self, point_keys: list[bytes]) -> int:
         """Forget points: write their tombstones, drop them, release their references."""
         tombs = []
