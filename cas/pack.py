@@ -161,13 +161,10 @@ class _Where:
         return f"pack {pack_name(self.pack)} offset {self.offset}"
 
 
-def decode_record(buf: bytes | memoryview, pack: int, offset: int, rehash: bool = True,
-                  expect_key: bytes | None = None) -> tuple[RecordHeader, bytes]:
-    """Check a whole record (header + stored bytes) and return its raw content.
-
-    Raises IntegrityError, naming the pack and offset, when any check fails; never returns
-    bytes that do not match their checksum (and, with ``rehash``, their key).
-    """
+def check_record(buf: bytes | memoryview, pack: int, offset: int,
+                 expect_key: bytes | None = None) -> tuple[RecordHeader, memoryview]:
+    """Check a record's framing, key and stored-bytes checksum without decompressing it;
+    return its header and its stored bytes. Raises IntegrityError naming pack and offset."""
     h = parse_record_header(buf, pack, offset)
     where = _Where(pack, offset)
     if expect_key is not None and h.key != expect_key:
@@ -177,6 +174,18 @@ def decode_record(buf: bytes | memoryview, pack: int, offset: int, rehash: bool 
         raise IntegrityError(f"{where}: record truncated ({len(stored)} of {h.stored_len} bytes)", pack, offset)
     if blake3.blake3(stored).digest()[:12] != h.check:
         raise IntegrityError(f"{where}: object {h.key.hex()[:12]} is damaged (checksum mismatch)", pack, offset)
+    return h, stored
+
+
+def decode_record(buf: bytes | memoryview, pack: int, offset: int, rehash: bool = True,
+                  expect_key: bytes | None = None) -> tuple[RecordHeader, bytes]:
+    """Check a whole record (header + stored bytes) and return its raw content.
+
+    Raises IntegrityError, naming the pack and offset, when any check fails; never returns
+    bytes that do not match their checksum (and, with ``rehash``, their key).
+    """
+    h, stored = check_record(buf, pack, offset, expect_key)
+    where = _Where(pack, offset)
     if h.codec == CODEC_ZSTD:
         try:
             raw = _decompressor().decompress(stored, max_output_size=h.raw_len)

@@ -30,7 +30,7 @@ import blake3
 
 from .errors import IntegrityError
 from .index import FLAG_DEAD, FLAG_PINNED, ObjectEntry, PackEntry, pack_from_dbkey
-from .pack import (PACK_HEADER, REC_HEADER_SIZE, RecordHeader, check_pack_header, pack_name,
+from .pack import (check_record, PACK_HEADER, REC_HEADER_SIZE, check_pack_header, pack_name,
                    parse_record_header, write_pack_header)
 from .store import Writer, _fsync_dir
 
@@ -182,20 +182,6 @@ def _unlink_packs(w: Writer, doomed: list[tuple[int, int]], st: DropStats) -> No
 
 # -- relocation ----------------------------------------------------------------------------
 
-def check_record(buf: bytes | memoryview, pack: int, offset: int, key: bytes) -> RecordHeader:
-    """Check a record's framing and stored-bytes checksum without decompressing it."""
-    h = parse_record_header(buf, pack, offset)
-    where = f"pack {pack_name(pack)} offset {offset}"
-    if h.key != key:
-        raise IntegrityError(f"{where}: record holds object {h.key.hex()[:12]}, index expected {key.hex()[:12]}", pack, offset)
-    stored = memoryview(buf)[REC_HEADER_SIZE:REC_HEADER_SIZE + h.stored_len]
-    if len(stored) != h.stored_len:
-        raise IntegrityError(f"{where}: record truncated", pack, offset)
-    if blake3.blake3(stored).digest()[:12] != h.check:
-        raise IntegrityError(f"{where}: object {key.hex()[:12]} is damaged (checksum mismatch)", pack, offset)
-    return h
-
-
 def live_records(w: Writer, pack_id: int) -> Iterator[tuple[bytes, ObjectEntry, bytes]]:
     """(key, entry, record bytes) of every record of ``pack_id`` that the index still names
     at that offset, in pack order. Reads the pack sequentially once; each record's stored
@@ -286,7 +272,7 @@ class Relocator:
     def move_entry(self, key: bytes, e: ObjectEntry) -> None:
         """Move one object, reading its record from where the index says it is."""
         rec = self.safe._files.pread(e.pack, e.record_len, e.offset)
-        check_record(rec, e.pack, e.offset, key)
+        check_record(rec, e.pack, e.offset, key)   # cas.pack: framing and checksum, no decompression
         self.move(key, e, rec)
 
     def release_pack(self, pack_id: int) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pointsafe.cas import Safe, UsageError
+from pointsafe.ops.quota import human_bytes  # noqa: F401  (re-exported for the commands)
 
 EXIT_OK, EXIT_ERROR, EXIT_WARNINGS = 0, 1, 3
 
@@ -54,14 +55,6 @@ def parse_size(text: str) -> int:
         return int(t[:-1] if t[-1:] in "KMG" else t) * mult
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 64K, 256M, 1G") from None
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 @contextmanager

@@ -61,11 +61,12 @@ def state(sp: Space, settings: dict[str, str]) -> str:
 
 def describe(sp: Space, settings: dict[str, str], which: str) -> str:
     """One line a person understands, e.g. for an alert or a warning."""
-    return (f"the safe's filesystem has {_h(sp.free)} free ({sp.free_pct:.1f}% of {_h(sp.total)}); "
+    return (f"the safe's filesystem has {human_bytes(sp.free)} free ({sp.free_pct:.1f}% of {human_bytes(sp.total)}); "
             f"the {which} quota keeps {_describe(settings['quota.' + which])}")
 
 
-def _h(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB' (binary units)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -90,7 +91,7 @@ def guard(settings: dict[str, str]) -> Callable[[Path, int], None]:
         hard = limit_bytes(setting, sp.total)
         if hard is not None and sp.free - about_to_write < hard:
             raise QuotaExceeded(f"backup stopped, no point was made: the safe's filesystem is down to "
-                                f"{_h(sp.free)} free ({sp.free_pct:.1f}% of {_h(sp.total)}) and writing on "
+                                f"{human_bytes(sp.free)} free ({sp.free_pct:.1f}% of {human_bytes(sp.total)}) and writing on "
                                 f"would cross the hard quota ({_describe(setting)}); "
                                 "'pointsafe gc' reclaims what it wrote")
     return check
