@@ -109,7 +109,7 @@ def audit(safe) -> AuditReport:
                     if e.kind == Kind.CHUNK or e.flags & FLAG_DEAD:
                         continue
                     try:
-                        buf = safe._files.pread(e.pack, e.record_len, e.offset)
+                        buf = safe.store.read(e.pack, e.offset, e.record_len)
                         _, raw = decode_record(buf, e.pack, e.offset, rehash=False, expect_key=key)
                     except (IntegrityError, OSError) as err:
                         r.problem(f"node {key.hex()[:12]} cannot be read to count its children: {err}")

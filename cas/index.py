@@ -18,6 +18,8 @@ from pathlib import Path
 
 import lmdb
 
+from .counters import CounterDelta
+
 TABLES = ("objects", "packs", "zero", "points", "meta", "tasks", "alerts", "files", "tombstones")
 MAP_SIZE = 1 << 40  # address space only; the file grows as needed
 
@@ -147,7 +149,26 @@ class Index:
         return PackEntry.decode(v) if v is not None else None
 
     def put_pack(self, txn, pack_id: int, e: PackEntry) -> None:
-        txn.put(pack_dbkey(pack_id), e.encode(), db=self.db["packs"])
+        """Write a pack entry, keeping the pack totals (cas/counters.py) in step."""
+        k = pack_dbkey(pack_id)
+        old = txn.get(k, db=self.db["packs"])
+        txn.put(k, e.encode(), db=self.db["packs"])
+        d = CounterDelta()
+        d.pack(PackEntry.decode(old) if old is not None else None, e)
+        d.apply(txn, self.db["meta"])
+
+    def delete_pack(self, txn, pack_id: int) -> PackEntry | None:
+        """Remove a pack entry (and its share of the totals); returns the entry it removed."""
+        k = pack_dbkey(pack_id)
+        old = txn.get(k, db=self.db["packs"])
+        if old is None:
+            return None
+        txn.delete(k, db=self.db["packs"])
+        pe = PackEntry.decode(old)
+        d = CounterDelta()
+        d.pack(pe, None)
+        d.apply(txn, self.db["meta"])
+        return pe
 
     def get_meta_int(self, txn, name: str, default: int = 0) -> int:
         v = txn.get(name.encode(), db=self.db["meta"])

@@ -20,7 +20,6 @@ from __future__ import annotations
 import struct
 
 from .errors import SafeError
-from .index import FLAG_DEAD, FLAG_PINNED, PackEntry
 from .keys import Kind
 from .store import Writer
 
@@ -73,24 +72,24 @@ def drain(w: Writer, batch: int = DRAIN_BATCH) -> int:
     died = 0
     while True:
         with idx.write() as txn:
-            items = []
-            for k, v in txn.cursor(db=q):
-                items.append((bytes(k), _U32.unpack(v)[0]))
-                if len(items) >= batch:
+            keys = []
+            for k in txn.cursor(db=q).iternext(values=False):
+                keys.append(bytes(k))
+                if len(keys) >= batch:
                     break
-            if not items:
+            if not keys:
                 return died
-            packs: dict[int, PackEntry] = {}
-            for key, n in items:
+            rc = w.refs(txn)
+            for key in keys:
+                # Read the drops now, not with the batch: an object that died earlier in this
+                # batch may have queued one more for a key further on.
+                v = txn.get(key, db=q)
+                if v is None:
+                    continue
                 txn.delete(key, db=q)
-                e = idx.get_object(txn, key)
-                if e is None:
-                    raise SafeError(f"internal error: release of unknown object {key.hex()[:12]}")
-                e.refcount = max(0, e.refcount - n)
-                if e.refcount == 0 and not e.flags & (FLAG_DEAD | FLAG_PINNED):
+                children = rc.drop(key, _U32.unpack(v)[0])
+                if children is not None:
                     died += 1
-                    for c in w._kill(txn, key, e, packs):
+                    for c in children:
                         _enqueue(txn, q, c)
-                idx.put_object(txn, key, e)
-            for pid, pe in packs.items():
-                idx.put_pack(txn, pid, pe)
+            rc.finish()

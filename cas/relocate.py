@@ -21,18 +21,14 @@ most ``BATCH_OBJECTS`` moves before it commits.
 
 from __future__ import annotations
 
-import os
-import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import blake3
 
-from .errors import IntegrityError
 from .index import FLAG_DEAD, FLAG_PINNED, ObjectEntry, PackEntry, pack_from_dbkey
-from .pack import (check_record, PACK_HEADER, REC_HEADER_SIZE, check_pack_header, pack_name,
-                   parse_record_header, write_pack_header)
-from .store import Writer, _fsync_dir
+from .pack import (check_record, PACK_HEADER, REC_HEADER_SIZE, check_pack_header, parse_record_header)
+from .packwriter import PackWriter
+from .store import Writer
 
 ZERO_BATCH = 65536     # keys per transaction (in key order, so they share index pages)
 BATCH_OBJECTS = 8192   # moves per commit: random keys, each may dirty an index page held in memory
@@ -69,19 +65,15 @@ def bury_orphans(w: Writer) -> int:
     died = 0
     for keys in _zero_batches(idx):
         with idx.write() as txn:
-            packs: dict[int, PackEntry] = {}
+            rc = w.refs(txn)
             stack: list[bytes] = []
             for key in keys:
-                e = idx.get_object(txn, key)
-                if e is None or e.flags & (FLAG_DEAD | FLAG_PINNED) or e.refcount:
-                    continue
-                died += 1
-                stack.extend(w._kill(txn, key, e, packs))
-                idx.put_object(txn, key, e)
-            for pid, pe in packs.items():
-                idx.put_pack(txn, pid, pe)
-            if stack:
-                died += w.release(txn, stack)
+                children = rc.bury(key)
+                if children is not None:
+                    died += 1
+                    stack.extend(children)
+            died += rc.release(stack)
+            rc.finish()
     return died
 
 
@@ -137,7 +129,7 @@ def drop_dead(w: Writer) -> DropStats:
                 st.bytes += e.record_len
             for pid, pe in packs.items():
                 if pe.objects <= 0:
-                    txn.delete(_dbkey(pid), db=idx.db["packs"])
+                    idx.delete_pack(txn, pid)
                     doomed.append((pid, pe.committed_len))
                 else:
                     idx.put_pack(txn, pid, pe)
@@ -154,33 +146,43 @@ def drop_empty_packs(w: Writer) -> DropStats:
         for k, v in list(txn.cursor(db=idx.db["packs"])):
             pe = PackEntry.decode(v)
             if pe.objects <= 0:
-                txn.delete(k, db=idx.db["packs"])
+                idx.delete_pack(txn, pack_from_dbkey(k))
                 doomed.append((pack_from_dbkey(k), pe.committed_len))
     _unlink_packs(w, doomed, st)
     return st
 
 
-def _dbkey(pid: int) -> bytes:
-    from .index import pack_dbkey
-    return pack_dbkey(pid)
-
-
 def _unlink_packs(w: Writer, doomed: list[tuple[int, int]], st: DropStats) -> None:
-    """After the commit: remove the files (a crash here leaves files the next writer removes)."""
+    """After the commit: remove the packs (a crash here leaves files the next writer removes)."""
+    store = w.safe.store
     for pid, length in doomed:
-        try:
-            size = w.safe.pack_path(pid).stat().st_size
-        except FileNotFoundError:
-            size = length
-        w.safe.pack_path(pid).unlink(missing_ok=True)
-        w.safe._files.forget(pid)
+        size = store.size(pid)
         st.packs_deleted.append(pid)
-        st.bytes_reclaimed += size
-    if doomed:
-        _fsync_dir(w.safe.packs_dir)
+        st.bytes_reclaimed += length if size is None else size
+    store.delete([pid for pid, _ in doomed])
 
 
 # -- relocation ----------------------------------------------------------------------------
+
+class _SequentialReader:
+    """Reads a pack front to back through its store, in large windows."""
+
+    WINDOW = 1 << 20
+
+    def __init__(self, store, pack_id: int, end: int):
+        self.store, self.pack_id, self.end = store, pack_id, end
+        self.buf = b""
+        self.start = 0
+
+    def read(self, off: int, n: int) -> bytes:
+        """``n`` bytes at ``off`` (fewer at the end of the pack)."""
+        rel = off - self.start
+        if rel < 0 or rel + n > len(self.buf):
+            want = min(max(n, self.WINDOW), max(self.end - off, 0))
+            self.buf = self.store.read(self.pack_id, off, want) if want else b""
+            self.start, rel = off, 0
+        return self.buf[rel:rel + n]
+
 
 def live_records(w: Writer, pack_id: int) -> Iterator[tuple[bytes, ObjectEntry, bytes]]:
     """(key, entry, record bytes) of every record of ``pack_id`` that the index still names
@@ -192,38 +194,33 @@ def live_records(w: Writer, pack_id: int) -> Iterator[tuple[bytes, ObjectEntry, 
     pe = safe.pack_entries().get(pack_id)
     if pe is None:
         return
-    with open(safe.pack_path(pack_id), "rb", buffering=1 << 20) as f:
-        check_pack_header(f.read(PACK_HEADER.size), pack_id)
-        off = PACK_HEADER.size
-        end = pe.committed_len
-        txn = idx.read()
-        n = 0
-        try:
-            while off < end:
-                hb = f.read(REC_HEADER_SIZE)
-                h = parse_record_header(hb, pack_id, off)
-                total = h.total
-                n += 1
-                if n % 4096 == 0:       # a fresh snapshot now and then: LMDB reuses pages
-                    txn.abort()
-                    txn = idx.read()
-                v = txn.get(h.key, db=objects)
-                e = ObjectEntry.decode(v) if v is not None else None
-                if e is not None and e.pack == pack_id and e.offset == off:
-                    body = f.read(h.stored_len)
-                    if len(body) != h.stored_len or blake3.blake3(body).digest()[:12] != h.check:
-                        raise IntegrityError(f"pack {pack_name(pack_id)} offset {off}: object "
-                                             f"{h.key.hex()[:12]} is damaged (checksum mismatch)", pack_id, off)
-                    yield h.key, e, hb + body
-                else:
-                    f.seek(off + total)
-                off += total
-        finally:
-            txn.abort()
+    f = _SequentialReader(safe.store, pack_id, pe.committed_len)
+    check_pack_header(f.read(0, PACK_HEADER.size), pack_id)
+    off = PACK_HEADER.size
+    end = pe.committed_len
+    txn = idx.read()
+    n = 0
+    try:
+        while off < end:
+            hb = f.read(off, REC_HEADER_SIZE)
+            h = parse_record_header(hb, pack_id, off)
+            n += 1
+            if n % 4096 == 0:       # a fresh snapshot now and then: LMDB reuses pages
+                txn.abort()
+                txn = idx.read()
+            v = txn.get(h.key, db=objects)
+            e = ObjectEntry.decode(v) if v is not None else None
+            if e is not None and e.pack == pack_id and e.offset == off:
+                rec = f.read(off, h.total)
+                check_record(rec, pack_id, off, h.key)
+                yield h.key, e, rec
+            off += h.total
+    finally:
+        txn.abort()
 
 
 class Relocator:
-    """Moves records into new packs, committing in batches (pack fsync, then one txn).
+    """Moves records into new packs, committing in batches (through the one pack writer).
 
     ``move(key, entry, record)`` appends a record; ``release_pack(pid)`` says every live
     record of old pack ``pid`` has been handed over, so the pack is deleted by the commit that
@@ -235,11 +232,8 @@ class Relocator:
         self.safe = w.safe
         self.idx = w.index
         self.seal_last = seal_last
-        self.pack_id: int | None = None
-        self.f = None
-        self.pos = 0
-        self.new_pack = False
-        self.moves: list[tuple[bytes, int, int, int, int]] = []   # key, old pack, old off, new off, len
+        self.packs = PackWriter(self.safe.store, self.idx, self.safe.config.pack_size, reuse_last=False)
+        self.moves: list[tuple[bytes, int, int, int, int, int]] = []   # key, old pack, old off, new pack, new off, len
         self.pending_keys: set[bytes] = set()
         self.batch_bytes = 0
         self.releasing: set[int] = set()
@@ -247,22 +241,27 @@ class Relocator:
             self.start_pack = self.idx.get_meta_int(t, "next_pack", 1)
         self.objects_moved = 0
         self.bytes_moved = 0
-        self.packs_written: list[int] = []
         self.dropped = DropStats()
+
+    @property
+    def packs_written(self) -> list[int]:
+        """The packs this relocator created."""
+        return self.packs.packs_written
 
     def is_new(self, pack_id: int) -> bool:
         """True when ``pack_id`` was written by this relocator."""
         return pack_id >= self.start_pack
 
     def move(self, key: bytes, e: ObjectEntry, record: bytes) -> None:
+        """Copy ``record`` (checked by the caller) into a new pack; the object is repointed
+        by the commit that follows."""
         if key in self.pending_keys:
             return
-        if self.f is None or self.pos >= self.safe.config.pack_size:
-            self._next_pack()
-        self.f.write(record)
-        self.moves.append((key, e.pack, e.offset, self.pos, len(record)))
+        if self.packs.full:
+            self.commit(seal=True)
+        pid, off = self.packs.append(record)
+        self.moves.append((key, e.pack, e.offset, pid, off, len(record)))
         self.pending_keys.add(key)
-        self.pos += len(record)
         self.batch_bytes += len(record)
         self.objects_moved += 1
         self.bytes_moved += len(record)
@@ -271,43 +270,24 @@ class Relocator:
 
     def move_entry(self, key: bytes, e: ObjectEntry) -> None:
         """Move one object, reading its record from where the index says it is."""
-        rec = self.safe._files.pread(e.pack, e.record_len, e.offset)
+        rec = self.safe.store.read(e.pack, e.offset, e.record_len)
         check_record(rec, e.pack, e.offset, key)   # cas.pack: framing and checksum, no decompression
         self.move(key, e, rec)
 
     def release_pack(self, pack_id: int) -> None:
+        """Every live record of ``pack_id`` was handed over: delete it once it names nothing."""
         self.releasing.add(pack_id)
 
-    def _next_pack(self) -> None:
-        if self.f is not None:
-            self.commit(seal=True)
-        with self.idx.read() as t:
-            pid = self.idx.get_meta_int(t, "next_pack", 1)
-        path = self.safe.pack_path(pid)
-        path.unlink(missing_ok=True)   # an uncommitted leftover of a crashed run
-        self.f = open(path, "xb", buffering=1 << 20)
-        write_pack_header(self.f, pid)
-        self.pack_id, self.pos, self.new_pack = pid, PACK_HEADER.size, True
-        self.packs_written.append(pid)
-
     def commit(self, seal: bool = False) -> None:
-        if self.f is not None:
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            if self.new_pack:
-                _fsync_dir(self.safe.packs_dir)
+        """Make the moved records durable, then repoint their objects in one transaction and
+        delete the released packs left naming nothing (after that commit)."""
         idx = self.idx
         doomed: list[tuple[int, int]] = []
-        with idx.write() as txn:
+
+        def apply(txn, npe: PackEntry | None) -> None:
             packs: dict[int, PackEntry] = {}
-            if self.f is not None:
-                npe = idx.get_pack(txn, self.pack_id) or PackEntry(0, 0, 0, time.time_ns(), 0, 0)
-                npe.committed_len = self.pos
-                npe.sealed = 1 if seal else 0
-                packs[self.pack_id] = npe
-                if self.new_pack:
-                    idx.put_meta_int(txn, "next_pack", self.pack_id + 1)
-            for key, old_pack, old_off, new_off, length in self.moves:
+            for key, old_pack, old_off, new_pack, new_off, length in self.moves:
+                assert npe is not None and new_pack == self.packs.pack_id
                 e = idx.get_object(txn, key)
                 if e is None or (e.pack, e.offset) != (old_pack, old_off):
                     # Moved or dropped meanwhile (cannot happen under the lock); the copy is dead.
@@ -315,13 +295,11 @@ class Relocator:
                     continue
                 ope = packs.get(old_pack) or idx.get_pack(txn, old_pack)
                 ope.objects -= 1
-                if e.flags & FLAG_DEAD:
-                    pass   # its bytes were already counted dead in the old pack
-                else:
+                if not e.flags & FLAG_DEAD:   # a dead one's bytes were already counted dead
                     ope.live_bytes -= length
                     ope.dead_bytes += length
                 packs[old_pack] = ope
-                e.pack, e.offset = self.pack_id, new_off
+                e.pack, e.offset = new_pack, new_off
                 idx.put_object(txn, key, e)
                 if e.flags & FLAG_DEAD:
                     npe.dead_bytes += length
@@ -331,37 +309,30 @@ class Relocator:
             for pid in self.releasing:
                 if pid not in packs:
                     pe = idx.get_pack(txn, pid)
-                    if pe is None:
-                        continue
-                    packs[pid] = pe
+                    if pe is not None:
+                        packs[pid] = pe
             for pid, pe in packs.items():
                 if pid in self.releasing and pe.objects <= 0:
-                    txn.delete(_dbkey(pid), db=idx.db["packs"])
+                    idx.delete_pack(txn, pid)
                     doomed.append((pid, pe.committed_len))
                 else:
                     idx.put_pack(txn, pid, pe)
             if self.moves:
                 idx.put_meta_int(txn, LAYOUT_GEN, idx.get_meta_int(txn, LAYOUT_GEN, 0) + 1)
+
+        self.packs.commit(apply, seal=seal)
         self.releasing -= {pid for pid, _ in doomed}
-        self.new_pack = False
         self.moves.clear()
         self.pending_keys.clear()
         self.batch_bytes = 0
         _unlink_packs(self.w, doomed, self.dropped)
-        if seal and self.f is not None:
-            self.f.close()
-            self.f = None
 
     def close(self) -> None:
         """Commit what is pending (sealing the last pack when asked)."""
-        if self.f is not None or self.moves or self.releasing:
+        if self.packs.sink is not None or self.moves or self.releasing:
             self.commit(seal=self.seal_last)
-        if self.f is not None:
-            self.f.close()
-            self.f = None
+        self.packs.close()
 
     def abort(self) -> None:
         """Leave without committing: the uncommitted tail is removed by the next writer."""
-        if self.f is not None:
-            self.f.close()
-            self.f = None
+        self.packs.abandon()

@@ -21,24 +21,28 @@ import json
 import os
 import shutil
 import socket
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable
 
 import lmdb
 
+from . import counters
+from .counters import SafeCounters
 from .errors import (DiskFull, IntegrityError, NotASafe, ObjectMissing, QuotaExceeded, SafeError, SafeLocked,
                      UsageError)
 from .header import HEADER_NAME, SafeConfig, parse_compression, read_header, write_header
-from .index import FLAG_DEAD, FLAG_PINNED, Index, ObjectEntry, PackEntry, pack_from_dbkey
+from .index import FLAG_PINNED, Index, ObjectEntry, PackEntry, pack_from_dbkey
 from .keys import Kind, object_key
 from .nodes import encode_node, node_children
-from .pack import (PACK_HEADER, Prepared, decode_record, pack_id_from_name, pack_name, prepare,
-                   write_pack_header)
+from .pack import Prepared, decode_record, pack_name, prepare
+from .packstore import LocalPackStore, PackFiles, fsync_dir as _fsync_dir
+from .packwriter import PackWriter, disk_error as _disk_error, recover
+from .refcount import RefChange
+
+__all__ = ["Safe", "Writer", "PackFiles", "take_lock", "release_lock", "utc_now_iso", "set_space_check"]
 
 PACKS_DIR = "packs"
 INDEX_DIR = "index"
@@ -47,11 +51,11 @@ BATCH_BYTES = 32 * 1024 * 1024
 INIT_MIN_FREE = 1 << 20   # free bytes a new safe needs (LMDB's files, header, first pack)
 SPACE_CHECK_EVERY = 4 * 1024 * 1024  # a writer's space guard runs at most once per this many bytes
 
-# Optional process-wide disk-space guard for writers, installed by the caller (the CLI installs
-# the safe's hard quota for backups; cas never imports the code that sets it). Called as
-# ``guard(safe_dir, bytes_about_to_write)`` before a writer appends, on its first record and
-# then every SPACE_CHECK_EVERY bytes; it raises QuotaExceeded to stop the writer.
-_space_check: Callable[[Path, int], None] | None = None
+SpaceCheck = Callable[[Path, int], None]
+
+# Deprecated process-wide default for ``Safe.writer(space_check=...)``; kept only until every
+# caller hands its guard to the writer it opens.
+_space_check: SpaceCheck | None = None
 
 
 def set_space_check(guard: Callable[[Path, int], None] | None) -> None:
@@ -62,14 +66,6 @@ def set_space_check(guard: Callable[[Path, int], None] | None) -> None:
 
 def utc_now_iso() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _undo_init(p: Path, created: bool) -> None:
@@ -86,13 +82,6 @@ def _undo_init(p: Path, created: bool) -> None:
             p.rmdir()
         except OSError:
             pass
-
-
-def _disk_error(e: OSError, what: str) -> SafeError:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFull(f"disk full while {what}: the last batch was not committed; "
-                        "free some space (or run 'pointsafe gc') and try again")
-    return SafeError(f"I/O error while {what}: {e.strerror or e}")
 
 
 def take_lock(safe_dir: Path, command: str = ""):
@@ -131,47 +120,6 @@ def release_lock(f) -> None:
         pass  # a full disk cannot flush the holder note; the lock goes with the descriptor
 
 
-class PackFiles:
-    """A small LRU of read-only pack file descriptors shared by reader threads."""
-
-    def __init__(self, packs_dir: Path, limit: int = 64):
-        self.dir = packs_dir
-        self.limit = limit
-        self.fds: OrderedDict[int, int] = OrderedDict()
-        self.lock = threading.Lock()
-
-    def pread(self, pack_id: int, length: int, offset: int) -> bytes:
-        with self.lock:
-            fd = self.fds.get(pack_id)
-            if fd is not None:
-                self.fds.move_to_end(pack_id)
-        if fd is None:
-            fd = os.open(self.dir / pack_name(pack_id), os.O_RDONLY | os.O_CLOEXEC)
-            with self.lock:
-                old = self.fds.get(pack_id)
-                if old is not None:
-                    os.close(fd)
-                    fd = old
-                else:
-                    self.fds[pack_id] = fd
-                    while len(self.fds) > self.limit:
-                        _, victim = self.fds.popitem(last=False)
-                        os.close(victim)
-        return os.pread(fd, length, offset)
-
-    def forget(self, pack_id: int) -> None:
-        with self.lock:
-            fd = self.fds.pop(pack_id, None)
-        if fd is not None:
-            os.close(fd)
-
-    def close(self) -> None:
-        with self.lock:
-            for fd in self.fds.values():
-                os.close(fd)
-            self.fds.clear()
-
-
 class Safe:
     """An open safe. Reading is thread-safe; writing goes through :meth:`writer`."""
 
@@ -180,7 +128,7 @@ class Safe:
         self.config = config
         self.index = index
         self.packs_dir = path / PACKS_DIR
-        self._files = PackFiles(self.packs_dir)
+        self.store = LocalPackStore(self.packs_dir)
         # Count of objects read from packs, for tests and benchmarks ("lazy" checks).
         self.objects_read = 0
 
@@ -241,7 +189,8 @@ class Safe:
         return cls(p, config, index)
 
     def close(self) -> None:
-        self._files.close()
+        """Close the index and the cached pack descriptors."""
+        self.store.close()
         self.index.close()
 
     def __enter__(self) -> "Safe":
@@ -250,12 +199,18 @@ class Safe:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def writer(self, command: str = "") -> "Writer":
-        """Take the writer lock (or raise SafeLocked) and return the writer."""
-        return Writer(self, command)
+    def writer(self, command: str = "", space_check: SpaceCheck | None = None) -> "Writer":
+        """Take the writer lock (or raise SafeLocked) and return the writer; ``space_check``
+        guards the free space while it writes (see ``Writer``)."""
+        return Writer(self, command, space_check if space_check is not None else _space_check)
 
     def pack_path(self, pack_id: int) -> Path:
+        """The file of pack ``pack_id`` (local packs)."""
         return self.packs_dir / pack_name(pack_id)
+
+    def counters(self) -> SafeCounters:
+        """The safe's totals (objects, bytes, packs), read in O(1) (cas/counters.py)."""
+        return counters.read(self.index)
 
     @property
     def zstd_level(self) -> int | None:
@@ -287,10 +242,10 @@ class Safe:
             try:
                 return self.read_entry(key, e, rehash=rehash)
             except FileNotFoundError:
-                self._files.forget(e.pack)
+                self.store.forget(e.pack)
                 err: SafeError = IntegrityError(f"object {key.hex()[:12]}: pack {pack_name(e.pack)} is missing", e.pack, e.offset)
             except IntegrityError as ie:
-                self._files.forget(e.pack)
+                self.store.forget(e.pack)
                 err = ie
             # The object may have moved (gc/defrag); retry only if the index now says so.
             e2 = self.entry(key)
@@ -300,7 +255,7 @@ class Safe:
         raise err
 
     def read_entry(self, key: bytes, e: ObjectEntry, rehash: bool = False) -> bytes:
-        buf = self._files.pread(e.pack, e.record_len, e.offset)
+        buf = self.store.read(e.pack, e.offset, e.record_len)
         self.objects_read += 1
         _, raw = decode_record(buf, e.pack, e.offset, rehash=rehash, expect_key=key)
         return raw
@@ -343,58 +298,41 @@ class Writer:
 
     Use as a context manager; leaving the block normally commits, leaving it by an exception
     abandons the uncommitted batch (its bytes are truncated away by the next writer).
+
+    Args:
+        safe: the open safe.
+        command: named in the lock file for people ("backup", "gc", ...).
+        space_check: called as ``space_check(safe_dir, bytes_about_to_write)`` before the
+            first record and then every SPACE_CHECK_EVERY bytes; it raises QuotaExceeded to
+            stop the writer (ops' hard quota). Nothing more is then written or committed.
     """
 
-    def __init__(self, safe: Safe, command: str = ""):
+    def __init__(self, safe: Safe, command: str = "", space_check: SpaceCheck | None = None):
         self.safe = safe
         self.index = safe.index
         self.level = safe.config.zstd_level
-        self._lockf = self._take_lock(command)
+        self._lockf = take_lock(safe.path, command)
         self.pending: dict[bytes, ObjectEntry] = {}
         self.deltas: dict[bytes, int] = {}
-        self.revived: dict[bytes, list[bytes]] = {}
         self.pending_points: list[tuple[bytes, dict]] = []
         self.pending_bytes = 0
         self.bytes_written = 0      # record bytes appended, this writer
         self.objects_written = 0
-        self._pack_id: int | None = None
-        self._packf = None
-        self._pack_pos = 0
-        self._pack_new = False
         self._closed = False
-        self.space_check = _space_check
+        self.space_check = space_check
         self._unchecked = SPACE_CHECK_EVERY  # so that the first record is checked
+        self.packs = PackWriter(safe.store, safe.index, safe.config.pack_size)
         try:
-            self._recover()
+            recover(safe.store, safe.index)
+            counters.ensure(safe.index)
         except BaseException:
             self._release_lock()
             raise
-
-    # -- lock and recovery --------------------------------------------------------------
-
-    def _take_lock(self, command: str):
-        return take_lock(self.safe.path, command)
 
     def _release_lock(self) -> None:
         if self._lockf is not None:
             release_lock(self._lockf)
             self._lockf = None
-
-    def _recover(self) -> None:
-        """Undo what a crashed writer left behind: uncommitted pack tails and packs."""
-        packs = self.safe.pack_entries()
-        for name in os.listdir(self.safe.packs_dir):
-            pid = pack_id_from_name(name)
-            path = self.safe.packs_dir / name
-            if pid is None:
-                if name.endswith(".tmp"):
-                    path.unlink(missing_ok=True)
-                continue
-            pe = packs.get(pid)
-            if pe is None:
-                path.unlink(missing_ok=True)   # never committed, or deleted from the index by gc
-            elif path.stat().st_size > pe.committed_len:
-                os.truncate(path, pe.committed_len)
 
     # -- writing ------------------------------------------------------------------------
 
@@ -407,6 +345,7 @@ class Writer:
             return self.index.get_object(t, key)
 
     def known(self, key: bytes) -> bool:
+        """True when ``key`` is stored (committed or in this batch)."""
         return key in self.pending or self.safe.has(key)
 
     def put(self, kind: int, data: bytes, children: Iterable[bytes] = (), key: bytes | None = None) -> bytes:
@@ -414,26 +353,19 @@ class Writer:
 
         For node kinds, pass the node's *distinct* children: a new node increments each of
         them. ``data`` must already be the full node encoding (see ``nodes.encode_node``).
+        A stored object is reused as it is (a dead one comes back to life when a reference
+        to it commits).
         """
         if key is None:
             key = object_key(kind, data)
-        if self._existing(key, children):
+        if self.lookup(key) is not None:
             return key
         self.put_prepared(prepare(kind, data, self.level, key=key), children, checked=True)
         return key
 
     def put_node(self, kind: int, children: list[bytes], payload: bytes) -> bytes:
+        """Store a node (envelope of ``children``, then ``payload``); return its key."""
         return self.put(kind, encode_node(children, payload), children)
-
-    def _existing(self, key: bytes, children: Iterable[bytes]) -> bool:
-        if key in self.pending:
-            return True
-        e = self.lookup(key)
-        if e is None:
-            return False
-        # A dead object is reused as it is: it comes back to life (and its children are
-        # counted again) when a reference to it commits, see _commit.
-        return True
 
     def put_prepared(self, p: Prepared, children: Iterable[bytes] = (), checked: bool = False,
                      record: bytes | None = None) -> bool:
@@ -442,8 +374,10 @@ class Writer:
         ``record`` is ``p.record()`` when the caller already built it (in a worker thread,
         see cas/parallel.py), so that this thread does not checksum the bytes again.
         """
-        if not checked and self._existing(p.key, children):
+        if not checked and self.lookup(p.key) is not None:
             return False
+        if self._closed:
+            raise SafeError("the writer is closed")
         rec_len = p.record_len
         if self.space_check is not None:
             self._unchecked += rec_len
@@ -454,20 +388,18 @@ class Writer:
                 except QuotaExceeded:
                     self._fail()   # nothing more is written or committed: no partial point
                     raise
-        if self._packf is None or self._pack_pos >= self.safe.config.pack_size:
-            self._next_pack()
+        if self.packs.full:
+            self.flush(seal=True)
         try:
             if record is not None:
-                self._packf.write(record)
+                pid, off = self.packs.append(record)
             else:  # header (built by prepare) and body: no concatenation copy
-                self._packf.write(p.header)
-                self._packf.write(p.stored)
-        except OSError as e:
+                pid, off = self.packs.append(p.header, p.stored)
+        except SafeError:
             self._fail()
-            raise _disk_error(e, f"writing pack {pack_name(self._pack_id)}") from None
-        self.pending[p.key] = ObjectEntry(self._pack_id, self._pack_pos, len(p.stored), p.raw_len,
-                                          p.kind, p.codec, FLAG_PINNED if p.kind == Kind.TOMBSTONE else 0, 0)
-        self._pack_pos += rec_len
+            raise
+        self.pending[p.key] = ObjectEntry(pid, off, len(p.stored), p.raw_len, p.kind, p.codec,
+                                          FLAG_PINNED if p.kind == Kind.TOMBSTONE else 0, 0)
         self.pending_bytes += rec_len
         self.bytes_written += rec_len
         self.objects_written += 1
@@ -478,6 +410,7 @@ class Writer:
         return True
 
     def incref(self, key: bytes, n: int = 1) -> None:
+        """Count ``n`` more references to ``key`` at the next commit."""
         self.deltas[key] = self.deltas.get(key, 0) + n
 
     def add_point(self, record: dict, root: bytes | None) -> dict:
@@ -492,207 +425,89 @@ class Writer:
         self.flush()
         return rec
 
-    def _next_pack(self) -> None:
-        if self._packf is not None:
-            self.flush(seal=True)
-        with self.index.read() as t:
-            pid = self.index.get_meta_int(t, "next_pack", 1)
-            # Reopen the newest unsealed pack rather than leave many small ones.
-            last = None
-            cur = t.cursor(db=self.index.db["packs"])
-            if cur.last():
-                last = (pack_from_dbkey(cur.key()), PackEntry.decode(cur.value()))
-        if (self._packf is None and last is not None and not last[1].sealed
-                and last[1].committed_len < self.safe.config.pack_size):
-            pid, pe = last
-            path = self.safe.pack_path(pid)
-            if path.exists() and path.stat().st_size == pe.committed_len:
-                self._packf = open(path, "r+b", buffering=1 << 20)
-                self._packf.seek(pe.committed_len)
-                self._pack_id, self._pack_pos, self._pack_new = pid, pe.committed_len, False
-                return
-        path = self.safe.pack_path(pid)
-        try:
-            self._packf = open(path, "xb", buffering=1 << 20)
-            write_pack_header(self._packf, pid)
-        except OSError as e:
-            self._fail()
-            raise _disk_error(e, f"creating pack {pack_name(pid)}") from None
-        self._pack_id, self._pack_pos, self._pack_new = pid, PACK_HEADER.size, True
+    def refs(self, txn) -> RefChange:
+        """Count changes inside a write transaction of this writer (cas/refcount.py)."""
+        return RefChange(self.index, txn, self.safe.read_entry)
 
     def flush(self, seal: bool = False, extra: Callable | None = None) -> None:
-        """Make the batch durable: fsync the pack, then commit the index transaction."""
+        """Make the batch durable: the pack bytes, then one index transaction with the new
+        objects, the count changes, the points and ``extra(txn)``."""
         if self._closed:
             raise SafeError("the writer is closed")
-        if self._packf is not None:
-            try:
-                self._packf.flush()
-                os.fsync(self._packf.fileno())
-                if self._pack_new:
-                    _fsync_dir(self.safe.packs_dir)
-            except OSError as e:
-                self._fail()
-                raise _disk_error(e, f"writing pack {pack_name(self._pack_id)}") from None
+
+        def apply(txn, pe: PackEntry | None) -> None:
+            self._commit(txn, pe)
+            if extra is not None:
+                extra(txn)
         try:
-            with self.index.write() as txn:
-                self._commit(txn, seal)
-                if extra is not None:
-                    extra(txn)
-        except lmdb.Error as e:
+            self.packs.commit(apply, seal=seal)
+        except SafeError:
             self._fail()
-            if "No space" in str(e) or "MDB_MAP_FULL" in str(e):
-                raise DiskFull("disk full while committing the index: the last batch was not "
-                               "committed; free some space and try again") from None
-            raise SafeError(f"cannot commit the index: {e}") from None
-        self._pack_new = False
+            raise
         self.pending.clear()
         self.deltas.clear()
-        self.revived.clear()
         self.pending_points.clear()
         self.pending_bytes = 0
-        if seal and self._packf is not None:
-            self._packf.close()
-            self._packf = None
-            self._pack_id = None
 
-    def _commit(self, txn, seal: bool) -> None:
+    def _commit(self, txn, pe: PackEntry | None) -> None:
         idx = self.index
-        if self._packf is not None:
-            pe = idx.get_pack(txn, self._pack_id) or PackEntry(0, 0, 0, time.time_ns(), 0, 0)
-            added = sum(e.record_len for e in self.pending.values())
-            pe.committed_len = self._pack_pos
-            pe.live_bytes += added
+        rc = self.refs(txn)
+        if pe is not None:
+            pe.live_bytes += sum(e.record_len for e in self.pending.values())
             pe.objects += len(self.pending)
-            pe.sealed = 1 if seal else 0
-            idx.put_pack(txn, self._pack_id, pe)
-            if self._pack_new:
-                idx.put_meta_int(txn, "next_pack", self._pack_id + 1)
         deltas = self.deltas
         for key, e in self.pending.items():
             e.refcount = deltas.pop(key, 0)
             idx.put_object(txn, key, e)
-        touched_packs: dict[int, PackEntry] = {}
-        revive: list[bytes] = []
-        for key, d in deltas.items():
-            e = idx.get_object(txn, key)
-            if e is None:
-                raise SafeError(f"internal error: reference to unknown object {key.hex()[:12]}")
-            e.refcount += d
-            if e.flags & FLAG_DEAD and e.refcount > 0:
-                revive.extend(self._revive(key, e, touched_packs, txn))
-            idx.put_object(txn, key, e)
-        while revive:
-            # Children of a dead object that came back to life: counted again, cascading.
-            key = revive.pop()
-            e = idx.get_object(txn, key)
-            if e is None:
-                raise SafeError(f"object {key.hex()[:12]} was collected while a dead parent was "
-                                "reused; run 'pointsafe gc' to finish collecting, then retry")
-            e.refcount += 1
-            if e.flags & FLAG_DEAD:
-                revive.extend(self._revive(key, e, touched_packs, txn))
-            idx.put_object(txn, key, e)
-        for pid, pe in touched_packs.items():
-            idx.put_pack(txn, pid, pe)
+            rc.added(e)
+        rc.count_up(deltas.items())
+        rc.finish()
         for key, rec in self.pending_points:
             txn.put(key, json.dumps(rec, sort_keys=True).encode(), db=idx.db["points"])
 
-    def _revive(self, key: bytes, e: ObjectEntry, packs: dict[int, PackEntry], txn) -> list[bytes]:
-        """Clear FLAG_DEAD on ``e`` (its count rose above 0); return its children to count."""
-        e.flags &= ~FLAG_DEAD
-        pe = packs.get(e.pack) or self.index.get_pack(txn, e.pack)
-        pe.live_bytes += e.record_len
-        pe.dead_bytes -= e.record_len
-        packs[e.pack] = pe
-        if e.kind == Kind.CHUNK:
-            return []
-        return node_children(self.safe.read_entry(key, e))
-
     # -- releasing ----------------------------------------------------------------------
+
+    def forget_points(self, point_keys: list[bytes]) -> int:
+        """Forget points through the one forget path (cas/release.py); returns how many
+        objects died."""
+        from .release import drain, forget_points_queued
+        forget_points_queued(self, point_keys)
+        return drain(self)
 
     def release(self, txn, keys: Iterable[bytes]) -> int:
         """Drop one reference from each of ``keys`` inside ``txn``, cascading at zero.
 
         Returns the number of objects that died. Cost follows what dies, not the safe's size.
         """
-        idx = self.index
-        stack = list(keys)
-        died = 0
-        packs: dict[int, PackEntry] = {}
-        while stack:
-            key = stack.pop()
-            e = idx.get_object(txn, key)
-            if e is None:
-                raise SafeError(f"internal error: release of unknown object {key.hex()[:12]}")
-            if e.refcount > 0:
-                e.refcount -= 1
-            if e.refcount == 0 and not e.flags & (FLAG_DEAD | FLAG_PINNED):
-                died += 1
-                stack.extend(self._kill(txn, key, e, packs))
-            idx.put_object(txn, key, e)
-        for pid, pe in packs.items():
-            idx.put_pack(txn, pid, pe)
-        return died
-
-    def _kill(self, txn, key: bytes, e: ObjectEntry, packs: dict[int, PackEntry]) -> list[bytes]:
-        e.flags |= FLAG_DEAD
-        pe = packs.get(e.pack) or self.index.get_pack(txn, e.pack)
-        pe.live_bytes -= e.record_len
-        pe.dead_bytes += e.record_len
-        packs[e.pack] = pe
-        if e.kind == Kind.CHUNK:
-            return []
-        return node_children(self.safe.read_entry(key, e))
-
-    def forget_points(self, point_keys: list[bytes]) -> int:
-        """Forget points: write their tombstones, drop them, release their references."""
-        tombs = []
-        for pk in point_keys:
-            tombs.append(self.put_node(Kind.TOMBSTONE, [], pk))
-        died = 0
-
-        def apply(txn):
-            nonlocal died
-            for pk, tk in zip(point_keys, tombs):
-                if txn.get(pk, db=self.index.db["points"]) is None:
-                    raise SafeError(f"point {pk.hex()[:12]} is not in the safe")
-                txn.delete(pk, db=self.index.db["points"])
-                txn.put(pk, tk, db=self.index.db["tombstones"])
-            died = self.release(txn, point_keys)
-
-        self.flush(extra=apply)
+        rc = self.refs(txn)
+        died = rc.release(keys)
+        rc.finish()
         return died
 
     # -- end ----------------------------------------------------------------------------
 
     def _fail(self) -> None:
-        """Abandon the batch after an I/O error; the next writer truncates the tail."""
+        """Abandon the batch after an error; the next writer truncates the tail."""
         self.pending.clear()
         self.deltas.clear()
-        self.revived.clear()
         self.pending_points.clear()
-        if self._packf is not None:
-            try:
-                self._packf.close()
-            except OSError:
-                pass
-            self._packf = None
+        self.packs.abandon()
         self._closed = True
         self._release_lock()
 
     def close(self) -> None:
+        """Commit what is pending and release the lock."""
         if self._closed:
             return
         try:
             self.flush()
         finally:
-            if self._packf is not None:
-                self._packf.close()
-                self._packf = None
+            self.packs.close()
             self._closed = True
             self._release_lock()
 
     def abort(self) -> None:
+        """Abandon what is not committed and release the lock."""
         if self._closed:
             return
         self._fail()
