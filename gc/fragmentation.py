@@ -116,6 +116,21 @@ def fragmentation(safe, use_cache: bool = True) -> dict:
     return dict(value, cached=False)
 
 
+def last_fragmentation(safe) -> dict | None:
+    """The figure last measured, without walking anything: ``stale`` is True when points or
+    the layout changed since (``status`` shows it; gc, defrag and ``show --fragmentation``
+    measure anew). None when it was never measured."""
+    with safe.index.read() as t:
+        v = t.get(CACHE_KEY, db=safe.index.db["meta"])
+    if v is None:
+        return None
+    try:
+        c = json.loads(v)
+        return dict(c["value"], cached=True, stale=c.get("sig") != _signature(safe, newest_points(safe)))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def cached_fragmentation(safe) -> dict | None:
     """The cached figure when it is still valid, else None (never walks)."""
     pts = newest_points(safe)
