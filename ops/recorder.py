@@ -153,7 +153,7 @@ class _Recorder:
                             fields.setdefault("name", p.get("name"))
                     rec = tasks.finish(idx, self.task["id"], state, error=error, fields=fields,
                                        warnings=active.warnings, warning_count=active.warning_count,
-                                       exit_code=code)
+                                       exit_code=code if exc is None else _exit_code_of(exc))
                     if rec is not None:
                         self._task_alerts(idx, rec)
                     alerts.evaluate(idx, self.safe_dir)
@@ -227,6 +227,15 @@ class _Recorder:
             else:
                 alerts.raise_alert(idx, "task", "critical", f"{kind} task {tid} failed: {rec['error']}",
                                    task=tid, source=src)
+
+
+def _exit_code_of(exc: BaseException) -> int:
+    """The exit code the CLI gives for this exception (cli/main.py)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else 1
+    return exc.exit_code if isinstance(exc, SafeError) else 1
 
 
 def _warning_line(w: dict) -> str:

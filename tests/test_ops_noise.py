@@ -54,6 +54,7 @@ def test_mistyped_commands_raise_no_alert_and_no_phantom_source(safe_dir, src, t
         ("backup", "usage"), ("backup", "usage"), ("restore", "usage"), ("restore", "usage"),
         ("restore", "usage"), ("forget", "usage")]
     assert "no such file or directory" in rows[1]["error"] and "nosuchpoint" in rows[3]["error"]
+    assert all(t["exit_code"] == 1 for t in rows[1:])
     assert [t["id"] for t in task_list(safe_dir, "--state", "usage")] == [2, 3, 4, 5, 6, 7]
     assert "usage" in run_cli("tasks", safe=safe_dir).out
     # The log says so, at warning level, and raises no alert there either.
