@@ -2,7 +2,7 @@
 its traceback in a log file (never a bare traceback, never dressed as an ordinary error).
 
 The bug is a real one in a real CLI process: the test starts the real ``pointsafe`` entry point
-in a subprocess after replacing one function with code that dereferences None (the same
+in a subprocess after replacing ``Safe.open`` with code that dereferences None (the same
 AttributeError as restore's on a missing object), since no input triggers a bug reliably (the
 ones found get fixed). Nothing in pointsafe has a hook for it.
 """
@@ -25,26 +25,26 @@ from pointsafe.cas import errors
 
 BUG_LINE = "pointsafe: internal error (a bug in pointsafe): AttributeError: 'NoneType' object has no attribute 'kind'"
 
-# Run the real CLI with ``pointsafe.cli.<module>.<name>`` replaced by a function with a bug.
+# Run the real CLI in a process where opening a safe hits a bug (every command that reads a
+# safe goes through Safe.open; the task recorder does not).
 _BUGGY = """
 import sys
-import importlib
-mod, name = sys.argv[1], sys.argv[2]
+from pointsafe.cas.store import Safe
 def buggy(*args, **kwargs):
     point = None
     return point.kind
-setattr(importlib.import_module(mod), name, buggy)
-sys.argv = ["pointsafe"] + sys.argv[3:]
+Safe.open = buggy
+sys.argv = ["pointsafe"] + sys.argv[1:]
 from pointsafe.cli.main import run
 run()
 """
 
 
-def run_buggy(target: str, *args, safe: Path, env: dict) -> subprocess.CompletedProcess:
-    mod, name = target.rsplit(".", 1)
+def run_buggy(*args, safe: Path, env: dict) -> subprocess.CompletedProcess:
+    """``pointsafe --safe SAFE ARGS...`` with the bug above, in a subprocess."""
     e = {k: v for k, v in os.environ.items() if k not in ("POINTSAFE_SAFE", "POINTSAFE_DEBUG")}
     e.update(env)
-    cmd = [sys.executable, "-c", _BUGGY, mod, name, "--safe", str(safe), *map(str, args)]
+    cmd = [sys.executable, "-c", _BUGGY, "--safe", str(safe), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=e, check=False)
 
 
@@ -72,7 +72,7 @@ def test_each_error_class_carries_its_code_and_message():
 def test_bug_in_a_task_is_logged_with_its_traceback_and_recorded(safe_dir, src, tmp_path):
     cache = tmp_path / "cache"
     assert run_cli("backup", src, "--name", "www", safe=safe_dir).code == 0
-    r = run_buggy("pointsafe.cli.cmd_safe.verify", "verify", safe=safe_dir, env={"XDG_CACHE_HOME": str(cache)})
+    r = run_buggy("verify", safe=safe_dir, env={"XDG_CACHE_HOME": str(cache)})
     assert r.returncode == 1
     assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
     assert r.stderr.startswith(BUG_LINE + "; the traceback is in "), r.stderr
@@ -97,7 +97,7 @@ def test_bug_in_a_task_is_logged_with_its_traceback_and_recorded(safe_dir, src, 
 def test_bug_goes_to_the_log_file_when_one_is_given(safe_dir, src, tmp_path):
     log = tmp_path / "pointsafe.jsonl"
     cache = tmp_path / "cache"
-    r = run_buggy("pointsafe.cli.cmd_points.resolve_point", "--log-file", log, "show", "latest",
+    r = run_buggy("--log-file", log, "show", "latest",
                   safe=safe_dir, env={"XDG_CACHE_HOME": str(cache)})
     assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
     assert r.stderr.strip() == f"{BUG_LINE}; the traceback is in {log}"
@@ -108,7 +108,7 @@ def test_bug_goes_to_the_log_file_when_one_is_given(safe_dir, src, tmp_path):
 
 
 def test_debug_shows_the_bare_traceback(safe_dir, tmp_path):
-    r = run_buggy("pointsafe.cli.cmd_safe.verify", "verify", safe=safe_dir,
+    r = run_buggy("verify", safe=safe_dir,
                   env={"POINTSAFE_DEBUG": "1", "XDG_CACHE_HOME": str(tmp_path / "c")})
     assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr
     assert "AttributeError: 'NoneType' object has no attribute 'kind'" in r.stderr
@@ -119,7 +119,7 @@ def test_no_cache_to_write_falls_back_to_the_temporary_directory(safe_dir, tmp_p
     blocked.write_text("a file where the cache directory would be")
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    r = run_buggy("pointsafe.cli.cmd_safe.verify", "verify", safe=safe_dir,
+    r = run_buggy("verify", safe=safe_dir,
                   env={"XDG_CACHE_HOME": str(blocked), "TMPDIR": str(tmp)})
     assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
     (log,) = tmp.iterdir()
