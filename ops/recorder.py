@@ -20,7 +20,8 @@ How a task ends (``state``):
   ``pointsafe tasks`` shows who ran what, but it is not a failure of the safe: it raises no
   alert, is not reported by mail, and ``status`` neither lists its name as a source nor shows
   it as a source's last backup task. What it costs: a scheduled backup whose source vanished
-  is refused quietly; the source's stale alert (no new point for its interval) still fires.
+  raises no alert of its own (its exit status, its one line on stderr and a warning in the log
+  still say so); the stale alert of its name (no new point for its interval) fires as before.
   Bad command lines that argparse rejects never reach this module. NotASafe is not a usage
   error: a mistyped ``--safe`` is never recorded (there is no index), so a NotASafe that is
   recorded means a damaged safe.

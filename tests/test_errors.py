@@ -1,10 +1,10 @@
 """Errors: each class carries its exit code and message; a program bug is reported as a bug,
 its traceback in a log file (never a bare traceback, never dressed as an ordinary error).
 
-The bug is a real one in a real CLI process: the test starts the real ``pointsafe`` entry point
-in a subprocess after replacing ``Safe.open`` with code that dereferences None (the same
-AttributeError as restore's on a missing object), since no input triggers a bug reliably (the
-ones found get fixed). Nothing in pointsafe has a hook for it.
+The bug is put in by the test, the rest is real: the test starts the real ``pointsafe`` entry
+point in a subprocess after replacing ``Safe.open`` with code that dereferences None (the same
+AttributeError as restore's on a missing object today). No input triggers a bug reliably (the
+ones found get fixed), and pointsafe has no hook for making one.
 """
 
 from __future__ import annotations
