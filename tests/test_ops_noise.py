@@ -5,6 +5,7 @@ failure still alerts and still shows its source."""
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -87,3 +88,17 @@ def test_a_real_failure_still_alerts_and_shows_its_source(safe_dir, src):
     assert by_name["db"]["last_task"]["state"] == "error" and "pre-hook" in by_name["db"]["last_task"]["error"]
     (a,) = open_alerts(safe_dir)
     assert a["severity"] == "critical" and a["source"] == "db"
+
+
+def test_a_source_that_vanished_is_still_caught_by_its_stale_alert(safe_dir, src, tmp_path):
+    assert run_cli("backup", src, "--name", "www", safe=safe_dir).code == 0
+    later = {"POINTSAFE_NOW": (datetime.now(timezone.utc) + timedelta(days=2)).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    # The nightly job goes on running, but its source is gone: refused, no alert of its own...
+    r = run_cli("backup", tmp_path / "gone", "--name", "www", safe=safe_dir, env=later)
+    assert r.code == 1 and "no such file or directory" in r.err
+    assert task_list(safe_dir)[-1]["state"] == "usage"
+    # ...and the source's stale alert says that www has no new point.
+    st, _ = cli_json("status", safe=safe_dir, env=later, ok_codes=(2,))
+    (a,) = st["alerts"]
+    assert a["kind"] == "stale" and a["source"] == "www" and a["severity"] == "critical"
+    assert [s["last_task"]["state"] for s in st["sources"]] == ["ok"]
