@@ -17,8 +17,10 @@ EXIT_ALERTS = 2   # status: open alerts (Nagios CRITICAL); 0 = all clear, 1 = er
 def register(sub) -> None:
     p = sub.add_parser("tasks", help="the task history",
                        description="List recorded tasks (backup, restore, forget, gc, defrag, verify, repair, "
-                                   "report), oldest first. A task is running, ok, warning, error, or abandoned "
-                                   "(its process died; noticed the next time any command opens the safe). "
+                                   "report), oldest first. A task is running, ok, warning, error, abandoned "
+                                   "(its process died; noticed the next time any command opens the safe), "
+                                   "or usage (refused for a usage error, such as an unknown point or a "
+                                   "missing source, before doing anything; it raises no alert). "
                                    "'tasks show ID' prints one task with its warnings.")
     add_common(p)
     p.add_argument("--state", choices=tasks.STATES, help="only tasks in this state")

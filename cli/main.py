@@ -1,9 +1,18 @@
 """The ``pointsafe`` command: parse, call the rooms, print. No logic of its own.
 
 Each command lives in a module of this package with ``register(subparsers)``; the module
-sets ``func(args) -> exit code`` on its parser. Errors derived from SafeError print as one
-line (``pointsafe: error: ...``) with their exit code; nothing prints a traceback unless
-POINTSAFE_DEBUG is set.
+sets ``func(args) -> exit code`` on its parser.
+
+What reaches the user (nothing prints a Python traceback unless POINTSAFE_DEBUG is set):
+
+- an error pointsafe expects (a SafeError, an OSError, an LMDB error): one line,
+  ``pointsafe: error: ...``, and the error's exit code (1);
+- a bug (any other exception, see ``ops.logs.is_bug``): its traceback is written to the
+  --log-file or a crash log, and one line names the bug and that file:
+  ``pointsafe: internal error (a bug in pointsafe): KeyError: 'x'; the traceback is in PATH``,
+  exit 1. It is never dressed as an ordinary error, so that it gets reported and fixed;
+- a command line argparse cannot parse: one line, ``pointsafe CMD: error: ...``, exit 2
+  (argparse's code; nothing ran).
 """
 
 from __future__ import annotations
@@ -12,10 +21,12 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
 
 import lmdb
 
 from pointsafe.cas import SafeError
+from pointsafe.ops import logs
 from pointsafe.ops.recorder import run_recorded
 
 from .common import EXIT_ERROR, add_common
@@ -38,10 +49,28 @@ mounted read-only.
 The safe is given by --safe PATH (before or after the command) or $POINTSAFE_SAFE.
 Exit codes: 0 ok, 1 error, 3 finished with warnings."""
 
+EPILOG = """\
+exit codes:
+  0    ok
+  1    error: the command did not do what was asked. The one line after 'pointsafe: error:'
+       says why (a bad argument, an unknown point, a damaged safe, a full disk...); every
+       error has this code, so scripts test 'non-zero', and people read the line.
+       'pointsafe: internal error (a bug in pointsafe): ...' is a bug: its traceback is in
+       the file that line names (the --log-file, else $XDG_CACHE_HOME/pointsafe or
+       ~/.cache/pointsafe); please report it with that file.
+  2    the command line could not be parsed (nothing ran); 'status': alerts are open
+  3    finished with warnings (e.g. files that could not be read); 'status --check' follows
+       the Nagios plugin convention instead: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN
+  130  interrupted (Ctrl-C, SIGTERM)
+
+A command refused for a usage error (an unknown point, a missing source, a path that is not in
+the point) is listed by 'pointsafe tasks' as 'usage' and raises no alert."""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pointsafe", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The argument parser of every command (``--help`` shows DESCRIPTION and EPILOG)."""
+    p = _Parser(prog="pointsafe", description=DESCRIPTION, epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common(p, top=True)
     p.add_argument("--version", action="version", version="pointsafe " + _version())
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -56,16 +85,20 @@ def _version() -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    pass
+    """argparse, with its errors on one line (the usage is one --help away)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    """Run one command line; returns the exit code (see EPILOG). Never raises but SystemExit."""
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
         code = run_recorded(args, argv)   # the command, recorded as a task when it declares task_kind
         sys.stdout.flush()
         return code or 0
@@ -89,9 +122,30 @@ def main(argv: list[str] | None = None) -> int:
         hint = "the disk is full" if "No space" in str(e) or "MAP_FULL" in str(e) else "the index may be damaged; try 'pointsafe verify'"
         print(f"pointsafe: error: the safe's index: {e} ({hint})", file=sys.stderr)
         return EXIT_ERROR
+    except Exception as e:   # anything else is a bug (ops.logs.is_bug)
+        if os.environ.get("POINTSAFE_DEBUG"):
+            raise
+        return _report_bug(e, argv)
+
+
+def _report_bug(e: Exception, argv: list[str] | None) -> int:
+    """A bug: its traceback to a log file, one line naming it and the file to the user."""
+    try:
+        where = logs.record_bug(e, argv)
+    except Exception:   # even the report failed: the traceback is all there is
+        where = None
+    try:
+        sys.stdout.flush()
+    except Exception:
+        pass
+    print(f"pointsafe: {logs.bug_line(e, where)}", file=sys.stderr)
+    if where is None:
+        traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+    return EXIT_ERROR
 
 
 def run() -> None:
+    """The console entry point: ``main()`` with ``sys.argv``, its result as the exit status."""
     sys.exit(main())
 
 

@@ -9,6 +9,26 @@ alerts it calls for, and check the standing conditions (stale sources, quotas). 
 refused below the hard quota and stopped by the writers' space check when they reach it.
 SIGTERM (systemd stopping a job) unwinds the command like Ctrl-C, so its task ends as error.
 
+How a task ends (``state``):
+
+- ``ok`` / ``warning`` / ``error`` from the command's exit code or exception. ``error`` raises a
+  critical alert, ``warning`` a warning one.
+- ``usage``: the command was refused for a usage error, an exception whose class says so
+  (``exc.usage``: UsageError, PointNotFound; cas/errors.py), which the rooms raise only while
+  checking the command's input, before any work. A mistyped command (an unknown point, a
+  source that does not exist, a ``--path`` not in the point) is kept in the history, so that
+  ``pointsafe tasks`` shows who ran what, but it is not a failure of the safe: it raises no
+  alert, is not reported by mail, and ``status`` neither lists its name as a source nor shows
+  it as a source's last backup task. What it costs: a scheduled backup whose source vanished
+  raises no alert of its own (its exit status, its one line on stderr and a warning in the log
+  still say so); the stale alert of its name (no new point for its interval) fires as before.
+  Bad command lines that argparse rejects never reach this module. NotASafe is not a usage
+  error: a mistyped ``--safe`` is never recorded (there is no index), so a NotASafe that is
+  recorded means a damaged safe.
+- an **internal error** (a bug: any exception that is not an error pointsafe expects, see
+  ``ops.logs.is_bug``) ends the task as ``error`` with ``fields.bug`` (the exception's type) and
+  ``error`` = the line the user sees, naming the file with the traceback; it alerts.
+
 Recording never turns a successful command into a failure: if the safe's index cannot be
 written (a full disk, a damaged index), the command runs anyway and a note says the task was
 not recorded. The index is opened only around the command, never during it (LMDB forbids a
@@ -26,6 +46,8 @@ import sys
 import threading
 from pathlib import Path
 from typing import Any
+
+import lmdb
 
 from pointsafe.cas import SafeError
 from pointsafe.cas.store import INDEX_DIR, set_space_check
@@ -117,6 +139,8 @@ class _Recorder:
         state, error = self._outcome(code, exc, active)
         fields = dict(active.fields)
         fields.pop("error", None)
+        if state == "error" and exc is not None and logs.is_bug(exc):
+            fields["bug"] = type(exc).__name__
         if self.task is None:
             return
         rec = None
@@ -130,7 +154,7 @@ class _Recorder:
                             fields.setdefault("name", p.get("name"))
                     rec = tasks.finish(idx, self.task["id"], state, error=error, fields=fields,
                                        warnings=active.warnings, warning_count=active.warning_count,
-                                       exit_code=code)
+                                       exit_code=code if exc is None else _exit_code_of(exc))
                     if rec is not None:
                         self._task_alerts(idx, rec)
                     alerts.evaluate(idx, self.safe_dir)
@@ -141,9 +165,11 @@ class _Recorder:
                     continue
                 self.note("record the end of the task", e)
                 break
-        level = {"ok": logging.INFO, "warning": logging.WARNING}.get(state, logging.ERROR)
+        level = {"ok": logging.INFO, "warning": logging.WARNING, "usage": logging.WARNING}.get(state, logging.ERROR)
         summary = f"{self.kind} task {self.task['id']} ended {state}"
-        if error:
+        if state == "usage":
+            summary = f"{self.kind} task {self.task['id']} refused (a usage error; no alert): {error}"
+        elif error:
             summary += f": {error}"
         elif active.warning_count:
             summary += f" with {active.warning_count} warning(s); first: {_warning_line(active.warnings[0])}"
@@ -160,14 +186,16 @@ class _Recorder:
             if isinstance(exc, KeyboardInterrupt):
                 return "error", "interrupted (Ctrl-C or SIGINT)"
             if isinstance(exc, SafeError):
-                return "error", str(exc)
+                return ("usage" if exc.usage else "error"), str(exc)
             if isinstance(exc, OSError):
                 where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
                 return "error", f"{where}{exc.strerror or exc}"
+            if isinstance(exc, lmdb.Error):
+                return "error", f"the safe's index: {exc}"
             if isinstance(exc, SystemExit):
                 code = exc.code if isinstance(exc.code, int) else 1
-            else:
-                return "error", f"internal error: {type(exc).__name__}: {exc}"
+            else:   # a bug: its traceback goes to a log file, named in the task's error
+                return "error", logs.bug_line(exc, logs.record_bug(exc, self.argv))
         code = code or 0
         if code == 0:
             return ("warning" if active.warning_count else "ok"), None
@@ -200,6 +228,15 @@ class _Recorder:
             else:
                 alerts.raise_alert(idx, "task", "critical", f"{kind} task {tid} failed: {rec['error']}",
                                    task=tid, source=src)
+
+
+def _exit_code_of(exc: BaseException) -> int:
+    """The exit code the CLI gives for this exception (cli/main.py)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else 1
+    return exc.exit_code if isinstance(exc, SafeError) else 1
 
 
 def _warning_line(w: dict) -> str:

@@ -77,6 +77,11 @@ def space_summary(safe_dir, settings: dict[str, str]) -> dict:
 
 
 def sources_summary(safe, settings: dict[str, str]) -> list[dict]:
+    """Per source name: its points, newest point, interval, staleness and last backup task.
+
+    A name is listed when it has a point or a backup task that really ran (any state but
+    ``usage``), so a failing new source shows while a mistyped one does not.
+    """
     idx = safe.index
     t_now = now()
     by_name: dict[str, dict] = {}
@@ -89,7 +94,8 @@ def sources_summary(safe, settings: dict[str, str]) -> list[dict]:
         if s["last_point"] is None or when > s["last_point"]["finished"]:
             s["last_point"] = {"id": p["id"], "finished": when, "warnings": len(p.get("warnings") or [])}
             s["source"] = p.get("source")
-    backups = tasks.list_tasks(idx, kind="backup")
+    # A backup refused for a usage error (a mistyped source or name) is no source's task.
+    backups = [t for t in tasks.list_tasks(idx, kind="backup") if t["state"] != "usage"]
     for t in backups:
         n = t["fields"].get("name")
         if n and n not in by_name:

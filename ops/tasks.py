@@ -1,7 +1,8 @@
 """Task history: every backup, restore, forget, gc, defrag, verify and repair, in the safe.
 
 A task record (JSON, table ``tasks``) holds: ``id`` (a number, in start order), ``kind``,
-``state`` (running, ok, warning, error, abandoned), ``started``/``finished`` (ISO UTC),
+``state`` (running, ok, warning, error, abandoned, or usage: refused for a usage error before
+any work, with no alert; see ops/recorder.py), ``started``/``finished`` (ISO UTC),
 ``argv``, the process identity (pid, host, boot_id, proc_start; see procs.py), ``fields``
 (what the command reported: source, name, point, bytes and counts), ``warnings`` (a list of
 {path, message}, the first MAX_WARNINGS kept, ``warning_count`` counts all) and ``error``.
@@ -18,7 +19,7 @@ from .clock import iso, real_now
 from .db import ensure_tables, get_json, id_key, key_id, next_id, put_json
 from .procs import identity, is_dead
 
-STATES = ("running", "ok", "warning", "error", "abandoned")
+STATES = ("running", "ok", "warning", "error", "abandoned", "usage")
 KINDS = ("backup", "restore", "forget", "gc", "defrag", "verify", "repair", "report")
 MAX_WARNINGS = 1000
 

@@ -55,8 +55,8 @@ def test_status_json_fields(safe_dir, src):
 
 def test_alert_raise_and_ack_cycle(safe_dir, src, tmp_path):
     assert run_cli("backup", src, "--name", "www", safe=safe_dir).code == 0
-    for _ in range(2):
-        assert run_cli("restore", "gone@latest", tmp_path / "o", safe=safe_dir).code == 1
+    for _ in range(2):   # two failed backups (their pre-hook fails)
+        assert run_cli("backup", src, "--name", "www", "--pre-hook", "false", safe=safe_dir).code == 1
     al = open_alerts(safe_dir)
     assert len(al) == 2 and all(a["kind"] == "task" and a["severity"] == "critical" for a in al)
     st = run_cli("status", safe=safe_dir)
@@ -151,9 +151,9 @@ def test_report_mail_through_a_local_smtp_server(safe_dir, src, tmp_path):
         r = run_cli("report", "--always", safe=safe_dir)
         assert r.code == 1 and r.err.startswith("pointsafe: error: cannot send the report through 127.0.0.1:")
         run_cli("config", "set", "smtp.port", str(port), safe=safe_dir, check=True)
-        # A backup, a failed restore: two tasks with problems (with the failed report), two alerts.
+        # A backup, a failed one: two tasks with problems (with the failed report), two alerts.
         run_cli("backup", src, "--name", "www", safe=safe_dir, check=True)
-        assert run_cli("restore", "gone@latest", tmp_path / "o", safe=safe_dir).code == 1
+        assert run_cli("backup", src, "--name", "www", "--pre-hook", "false", safe=safe_dir).code == 1
         res = cli_json("report", safe=safe_dir)[0]
         assert res["sent"] is True and res["to"] == ["ops@example.org", "dba@example.org"]
         deadline = time.monotonic() + 10
@@ -164,7 +164,7 @@ def test_report_mail_through_a_local_smtp_server(safe_dir, src, tmp_path):
         assert m["From"] == "pointsafe@backup1.example.org"
         assert "2 open alerts" in m["Subject"] and "2 tasks with problems" in m["Subject"]
         body = m.get_payload()
-        assert "restore error" in body and "no points named 'gone'" in body
+        assert "backup error" in body and "pre-hook 'false' failed" in body
         assert "report error" in body and "cannot send the report" in body
         # The next report starts after this one: the old failure is not repeated as a task.
         run_cli("alerts", "ack", "--all", safe=safe_dir, check=True)
@@ -183,8 +183,8 @@ def test_status_check_is_a_nagios_plugin(safe_dir, src, tmp_path):
     run_cli("config", "set", "quota.soft", "99%", safe=safe_dir, check=True)   # a warning alert
     r = run_cli("status", "--check", safe=safe_dir)
     assert r.code == 1 and r.out.startswith("POINTSAFE WARNING - 1 open alert(s); #1: the safe's filesystem")
-    assert run_cli("restore", "gone@latest", tmp_path / "o", safe=safe_dir).code == 1   # a critical one
+    assert run_cli("backup", src, "--pre-hook", "false", safe=safe_dir).code == 1   # a critical one
     r = run_cli("status", "--check", safe=safe_dir)
-    assert r.code == 2 and r.out.startswith("POINTSAFE CRITICAL - 2 open alert(s); #2: restore task")
+    assert r.code == 2 and r.out.startswith("POINTSAFE CRITICAL - 2 open alert(s); #2: backup task")
     r = run_cli("status", "--check", safe=tmp_path / "nowhere")
     assert r.code == 3 and r.out.startswith("POINTSAFE UNKNOWN - ")

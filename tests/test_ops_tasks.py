@@ -39,7 +39,7 @@ def test_each_command_leaves_a_task_record(safe_dir, src, tmp_path):
 
     rows = task_list(safe_dir)
     assert [(t["kind"], t["state"]) for t in rows] == [
-        ("backup", "ok"), ("restore", "ok"), ("verify", "ok"), ("repair", "ok"), ("restore", "error"),
+        ("backup", "ok"), ("restore", "ok"), ("verify", "ok"), ("repair", "ok"), ("restore", "usage"),
         ("backup", "ok"), ("forget", "ok"), ("gc", "ok"), ("defrag", "ok")]
     backup = rows[5]
     point = cli_json("show", "www@latest", safe=safe_dir)[0]
@@ -52,14 +52,14 @@ def test_each_command_leaves_a_task_record(safe_dir, src, tmp_path):
     # One-task view and filters.
     shown = cli_json("tasks", "show", str(rows[4]["id"]), safe=safe_dir)[0]
     assert shown["argv"][-2:] == ["nosuch@latest", str(tmp_path / "out2")]
-    assert [t["kind"] for t in task_list(safe_dir, "--state", "error")] == ["restore"]
+    assert [t["kind"] for t in task_list(safe_dir, "--state", "usage")] == ["restore"]
     assert task_list(safe_dir, "--since", "2099-01-01") == []
     assert len(task_list(safe_dir, "--since", "1h")) == 9
     assert [t["id"] for t in task_list(safe_dir, "--last", "2")] == [8, 9]
     human = run_cli("tasks", safe=safe_dir)
-    assert human.code == 0 and "restore  error" in human.out
-    # The failed restore raised an alert.
-    assert [a["task"] for a in open_alerts(safe_dir)] == [rows[4]["id"]]
+    assert human.code == 0 and "restore  usage" in human.out
+    # The restore of an unknown point was refused (a usage error): no alert.
+    assert open_alerts(safe_dir) == []
     assert run_cli("tasks", "show", "999", safe=safe_dir).code == 1
 
 
@@ -118,8 +118,8 @@ def test_json_log_file_and_syslog(safe_dir, src, tmp_path):
         r = run_cli("backup", src, "--name", "www", "--log-file", log, "--syslog-socket", sock.path,
                     safe=safe_dir)
         assert r.code == 0, r.err
-        r = run_cli("--log-file", log, "--syslog-socket", sock.path, "restore", "nosuch@latest",
-                    tmp_path / "o", safe=safe_dir)
+        r = run_cli("--log-file", log, "--syslog-socket", sock.path, "backup", src, "--name", "www",
+                    "--pre-hook", "false", safe=safe_dir)
         assert r.code == 1
         msgs = sock.messages()
     finally:
@@ -127,15 +127,15 @@ def test_json_log_file_and_syslog(safe_dir, src, tmp_path):
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     ends = [x for x in lines if x.get("state") not in (None, "running")]
     assert [(x["kind"], x["state"], x["level"]) for x in ends] == [("backup", "ok", "info"),
-                                                                   ("restore", "error", "error")]
+                                                                   ("backup", "error", "error")]
     assert "backup task 1 ended ok" in ends[0]["message"] and ends[0]["name"] == "www"
-    assert "no points named 'nosuch'" in ends[1]["message"]
+    assert "pre-hook 'false' failed" in ends[1]["message"]
     assert all({"time", "pid", "host", "message"} <= set(x) for x in lines)
     (alert,) = [x for x in lines if x.get("alert")]
-    assert alert["level"] == "error" and alert["message"].startswith("alert #1 (critical): restore task 2 failed")
+    assert alert["level"] == "error" and alert["message"].startswith("alert #1 (critical): backup task 2 failed")
     # Syslog datagrams: "<PRI>pointsafe[PID]: message", facility daemon (3).
     assert any("backup task 1 ended ok" in m for m in msgs)
-    err = [m for m in msgs if "restore task 2 ended error" in m]
+    err = [m for m in msgs if "backup task 2 ended error" in m]
     assert err and err[0].startswith(f"<{3 * 8 + 3}>pointsafe[")
     assert any("alert #1 (critical)" in m for m in msgs)
 
