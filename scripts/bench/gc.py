@@ -310,6 +310,7 @@ def big(args, work: Path) -> dict[str, Any]:
     log(f"copying {base} ({human_bytes(info['size'])}, {info['objects']} objects)")
     shutil.copytree(base, safe)
     out: dict[str, Any] = {"safe": info}
+    out["status"] = status_time(safe)
     for name, argv in (("forget", ps(safe, "forget", "--keep-last", BIG_POINTS - 3, "--json")),
                        ("gc", ps(safe, "gc", "--json")), ("defrag", ps(safe, "defrag", "--json"))):
         r = measured(argv, cold=True, timeout=args.timeout)
@@ -320,6 +321,29 @@ def big(args, work: Path) -> dict[str, Any]:
             out[name]["error"] = r["error"]
     shutil.rmtree(safe, ignore_errors=True)
     return out
+
+
+STATUS_PROBE = """
+import json, sys, time
+from pointsafe.cas import Safe
+from pointsafe.ops import status
+with Safe.open(sys.argv[1]) as safe:
+    best = None
+    for _ in range(5):
+        t0 = time.perf_counter()
+        status.build(safe, evaluate=False)
+        dt = time.perf_counter() - t0
+        best = dt if best is None else min(best, dt)
+print(json.dumps({"status_s": best}))
+"""
+
+
+def status_time(safe: Path) -> dict[str, Any]:
+    """Seconds ``status`` spends on the safe (in-process, best of 5; Python start-up apart)."""
+    r = subprocess.run([sys.executable, "-c", STATUS_PROBE, str(safe)], capture_output=True, text=True)
+    if r.returncode != 0:
+        return {"error": r.stderr.strip().splitlines()[-1:]}
+    return json.loads(r.stdout)
 
 
 # --------------------------------------------------------------------------- report
@@ -399,6 +423,9 @@ def report(result: dict[str, Any]) -> str:
                     "defrag": f"{r.get('objects_moved')} objects moved"}[k]
             rows.append([label, human_secs(j["wall"]), _mib(j["maxrss"]), _mib(j["anon_peak"]), what])
         lines.append(markdown_table(["job", "time", "peak RSS", "peak anon", "what it did"], rows, "lrrrl"))
+        st = b.get("status", {})
+        if "status_s" in st:
+            lines.append(f"\n`status` on this safe: {st['status_s'] * 1000:.1f} ms (in-process, best of 5).")
     return "\n".join(lines) + "\n"
 
 
