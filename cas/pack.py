@@ -136,7 +136,7 @@ class RecordHeader:
         return REC_HEADER_SIZE + self.stored_len
 
 
-def parse_record_header(buf: bytes, pack: int, offset: int) -> RecordHeader:
+def parse_record_header(buf: bytes | memoryview, pack: int, offset: int) -> RecordHeader:
     if len(buf) < REC_HEADER_SIZE:
         raise IntegrityError(f"pack {pack_name(pack)} offset {offset}: truncated record header", pack, offset)
     magic, kind, codec, _res, key, raw_len, stored_len, check, crc = REC_HEADER.unpack_from(buf)

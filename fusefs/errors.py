@@ -8,6 +8,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .inodes import Node
 
 log = logging.getLogger("pointsafe.mount")
 
@@ -57,12 +61,12 @@ class DamageLog:
 
     LIMIT = 10000
 
-    def __init__(self, path_of: Callable[[object], str]):
+    def __init__(self, path_of: Callable[[Node], str]):
         self.path_of = path_of
         self.warned: set[tuple[int, str]] = set()
         self.lock = threading.Lock()
 
-    def damaged(self, node, err: Exception, what: str) -> Damaged:
+    def damaged(self, node: Node, err: Exception, what: str) -> Damaged:
         """A :class:`Damaged` for ``node`` (``what`` failed because of ``err``), logged the first time."""
         msg = f"{self.path_of(node)}: {what}: {err}"
         key = (node.ino, str(err))
