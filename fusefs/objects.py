@@ -125,9 +125,10 @@ class ChunkSource:
         """One object through ``Safe.get`` (which re-looks-up moved objects); errors returned."""
         try:
             return self.safe.get(key)
-        except Exception as e:  # IntegrityError, ObjectMissing
+        except Exception as e:  # noqa: BLE001 - IntegrityError, ObjectMissing: the caller raises it
             return e
 
     def close(self) -> None:
+        """Close the pack files this source opened."""
         self.fds.close()
 
