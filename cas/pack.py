@@ -136,7 +136,7 @@ class RecordHeader:
         return REC_HEADER_SIZE + self.stored_len
 
 
-def parse_record_header(buf: bytes, pack: int, offset: int) -> RecordHeader:
+def parse_record_header(buf: bytes | memoryview, pack: int, offset: int) -> RecordHeader:
     if len(buf) < REC_HEADER_SIZE:
         raise IntegrityError(f"pack {pack_name(pack)} offset {offset}: truncated record header", pack, offset)
     magic, kind, codec, _res, key, raw_len, stored_len, check, crc = REC_HEADER.unpack_from(buf)
@@ -177,27 +177,42 @@ def check_record(buf: bytes | memoryview, pack: int, offset: int,
     return h, stored
 
 
-def decode_record(buf: bytes | memoryview, pack: int, offset: int, rehash: bool = True,
-                  expect_key: bytes | None = None) -> tuple[RecordHeader, bytes]:
-    """Check a whole record (header + stored bytes) and return its raw content.
+def decode_record_view(buf: bytes | memoryview, pack: int, offset: int, rehash: bool = True,
+                       expect_key: bytes | None = None) -> tuple[RecordHeader, bytes | memoryview]:
+    """Check a whole record (header + stored bytes) and return its raw content, without
+    copying it when the record is stored raw: then it is a view of ``buf`` (which it keeps
+    alive); a compressed record comes back as new bytes.
 
     Raises IntegrityError, naming the pack and offset, when any check fails; never returns
     bytes that do not match their checksum (and, with ``rehash``, their key).
     """
     h, stored = check_record(buf, pack, offset, expect_key)
-    where = _Where(pack, offset)
+    raw: bytes | memoryview
     if h.codec == CODEC_ZSTD:
         try:
             raw = _decompressor().decompress(stored, max_output_size=h.raw_len)
         except zstandard.ZstdError as e:
-            raise IntegrityError(f"{where}: object {h.key.hex()[:12]} does not decompress ({e})", pack, offset) from None
+            raise IntegrityError(f"{_Where(pack, offset)}: object {h.key.hex()[:12]} does not decompress ({e})",
+                                 pack, offset) from None
     else:
-        raw = bytes(stored)
+        raw = stored
     if len(raw) != h.raw_len:
-        raise IntegrityError(f"{where}: object {h.key.hex()[:12]} has {len(raw)} bytes, expected {h.raw_len}", pack, offset)
+        raise IntegrityError(f"{_Where(pack, offset)}: object {h.key.hex()[:12]} has {len(raw)} bytes, "
+                             f"expected {h.raw_len}", pack, offset)
     if rehash and object_key(h.kind, raw) != h.key:
-        raise IntegrityError(f"{where}: object {h.key.hex()[:12]} does not match its key", pack, offset)
+        raise IntegrityError(f"{_Where(pack, offset)}: object {h.key.hex()[:12]} does not match its key", pack, offset)
     return h, raw
+
+
+def decode_record(buf: bytes | memoryview, pack: int, offset: int, rehash: bool = True,
+                  expect_key: bytes | None = None) -> tuple[RecordHeader, bytes]:
+    """:func:`decode_record_view`, always returning bytes of their own (a copy of a raw record).
+
+    Raises IntegrityError, naming the pack and offset, when any check fails; never returns
+    bytes that do not match their checksum (and, with ``rehash``, their key).
+    """
+    h, raw = decode_record_view(buf, pack, offset, rehash, expect_key)
+    return h, raw if isinstance(raw, bytes) else bytes(raw)
 
 
 def write_pack_header(f, pack_id: int) -> None:

@@ -43,6 +43,7 @@ class ByteLRU(Generic[V]):
         self.misses = 0
 
     def peek(self, key: Hashable) -> V | None:
+        """The cached value of ``key`` (counted as a hit and made newest), or None; never loads."""
         with self.lock:
             item = self.items.get(key)
             if item is None:
@@ -56,6 +57,7 @@ class ByteLRU(Generic[V]):
             return key in self.items or key in self.flights
 
     def put(self, key: Hashable, value: V) -> None:
+        """Cache ``value`` under ``key``, evicting the oldest values past the byte limit."""
         n = self.sizeof(value)
         with self.lock:
             self._put_locked(key, value, n)
@@ -154,12 +156,14 @@ class ByteLRU(Generic[V]):
 
     @staticmethod
     def wait(flight) -> object:
+        """The value another thread's load of a claimed key produced (or its error, raised)."""
         flight.done.wait()
         if flight.error is not None:
             raise flight.error
         return flight.value
 
     def clear(self) -> None:
+        """Drop every cached value (loads under way still finish)."""
         with self.lock:
             self.items.clear()
             self.bytes = 0

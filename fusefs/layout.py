@@ -29,6 +29,7 @@ def time_name(record: dict) -> str:
 
 
 def newest(points: list[dict]) -> dict:
+    """The point of ``points`` that started last (ties: the greater id)."""
     return max(points, key=lambda p: (p.get("started", ""), p["id"]))
 
 
@@ -81,6 +82,7 @@ class Layout:
         return lay
 
     def latest_name(self, group: bytes | None = None) -> bytes | None:
+        """The folder name of the newest point (of ``group``, or of the whole safe); None if none."""
         items = self.folders if group is None else self.groups.get(group, [])
         if not items:
             return None

@@ -8,23 +8,18 @@ read transaction and reads the records in pack order, adjacent records with one 
 served as a view of its record buffer; one read together with others is copied out, so the
 cache, which counts the buffer a value keeps alive, stays within its bound exactly.
 
-Every record is still checked (header CRC, stored-bytes checksum, expected key, length), so
-damaged bytes are never returned. Anything unexpected — a pack gone because gc or defrag
-moved its objects, a record that fails its check — falls back to ``Safe.get`` for that one
-object, which looks the object up again and raises ``IntegrityError``/``ObjectMissing`` when
-it really is damaged or gone. No LMDB transaction outlives a call.
+Every record is checked by ``cas.pack.decode_record_view``, the decoder of the whole safe
+(header CRC, stored-bytes checksum, expected key, length), so damaged bytes are never
+returned. Anything unexpected — a pack gone because gc or defrag moved its objects, a record
+that fails its check — falls back to ``Safe.get`` for that one object, which looks the object
+up again and raises ``IntegrityError``/``ObjectMissing`` when it really is damaged or gone. No LMDB transaction outlives a call.
 """
 
 from __future__ import annotations
 
-import threading
-
-import blake3
-import zstandard
-
 from pointsafe.cas import IntegrityError, Safe
+from pointsafe.cas.pack import decode_record_view
 from pointsafe.cas.store import PackFiles
-from pointsafe.cas.pack import CODEC_ZSTD, REC_HEADER_SIZE, pack_name, parse_record_header
 
 from .cache import ByteLRU
 
@@ -34,39 +29,6 @@ MAX_RUN = 4 * 1024 * 1024      # bytes of adjacent records read with one pread
 def _held(value: bytes | memoryview) -> int:
     """Bytes a cached value keeps alive: a raw chunk is a view of its whole record buffer."""
     return len(value.obj) if isinstance(value, memoryview) else len(value)
-
-
-_local = threading.local()
-
-
-def _decode(rec: memoryview, pack: int, offset: int, key: bytes) -> bytes | memoryview:
-    """A record's raw content, checked like ``cas.pack.decode_record`` (header CRC, key,
-    length, checksum of the stored bytes, decompressed length), but without copying a raw
-    (uncompressed) record: it comes back as a slice of the ``pread`` buffer."""
-    h = parse_record_header(rec, pack, offset)
-    where = f"pack {pack_name(pack)} offset {offset}"
-    if h.key != key:
-        raise IntegrityError(f"{where}: record holds object {h.key.hex()[:12]}, index expected {key.hex()[:12]}",
-                             pack, offset)
-    stored = rec[REC_HEADER_SIZE:REC_HEADER_SIZE + h.stored_len]
-    if len(stored) != h.stored_len:
-        raise IntegrityError(f"{where}: record truncated", pack, offset)
-    if blake3.blake3(stored, max_threads=1).digest()[:12] != h.check:
-        raise IntegrityError(f"{where}: object {key.hex()[:12]} is damaged (checksum mismatch)", pack, offset)
-    if h.codec == CODEC_ZSTD:
-        d = getattr(_local, "d", None)
-        if d is None:
-            d = _local.d = zstandard.ZstdDecompressor()
-        try:
-            raw = d.decompress(stored, max_output_size=h.raw_len)
-        except zstandard.ZstdError as e:
-            raise IntegrityError(f"{where}: object {key.hex()[:12]} does not decompress ({e})", pack, offset) from None
-    else:
-        raw = stored
-    if len(raw) != h.raw_len:
-        raise IntegrityError(f"{where}: object {key.hex()[:12]} has {len(raw)} bytes, expected {h.raw_len}",
-                             pack, offset)
-    return raw
 
 
 class ChunkSource:
@@ -148,7 +110,8 @@ class ChunkSource:
             shared = j - i > 1
             for _, off, k, e in located[i:j]:
                 try:
-                    raw = _decode(buf[off - start:off - start + e.record_len], pack, off, k)
+                    _, raw = decode_record_view(buf[off - start:off - start + e.record_len], pack, off,
+                                                rehash=False, expect_key=k)
                     # A raw chunk is a view of the read buffer: copy it out when the buffer
                     # holds other records, so that the cache's byte count stays exact.
                     out[k] = bytes(raw) if shared and isinstance(raw, memoryview) else raw
@@ -162,9 +125,10 @@ class ChunkSource:
         """One object through ``Safe.get`` (which re-looks-up moved objects); errors returned."""
         try:
             return self.safe.get(key)
-        except Exception as e:  # IntegrityError, ObjectMissing
+        except Exception as e:  # noqa: BLE001 - IntegrityError, ObjectMissing: the caller raises it
             return e
 
     def close(self) -> None:
+        """Close the pack files this source opened."""
         self.fds.close()
 

@@ -25,8 +25,8 @@ import trio
 
 from pointsafe.cas import IntegrityError, ObjectMissing, SafeError
 
-from .view import (BadHandle, Damaged, IsADir, NoAttr, NotADir, NotALink, NotFound, ReadOnly, View,
-                   ViewError)
+from .errors import BadHandle, Damaged, IsADir, NoAttr, NotADir, NotALink, NotFound, ReadOnly, ViewError
+from .view import View
 
 log = logging.getLogger("pointsafe.mount")
 

@@ -1,0 +1,211 @@
+"""Open files and their reads: blob readers, checked byte ranges, read-ahead.
+
+A file's data is read per request through the chunk cache shared by all open files
+(:mod:`.objects`); the LIST nodes of open files go through a bounded node cache. A read
+returns exactly the bytes asked for (clipped at the end of the file) or raises Damaged: a
+damaged or missing chunk, a LIST node whose lengths do not add up, or a file whose size does
+not match its blob are reported, never padded with zeros or cut short.
+
+A sequential reader is detected per handle, and the next chunks are loaded ahead of it on
+a small thread pool.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from pointsafe.cas import BlobReader, IntegrityError, Kind, NodeCache, ObjectMissing, Safe, decode_list
+from pointsafe.cas.tree import DIR, REG
+
+from .errors import DamageLog, IsADir, NotFound, ReadOnly
+from .inodes import Handles, Inodes, Node
+from .objects import ChunkSource
+
+
+class _WouldLoad(Exception):
+    """A cached-only read needs something that is not cached."""
+
+
+_local = threading.local()
+
+
+class FileHandle:
+    """An open file: a blob reader plus the state of its sequential-read detection."""
+
+    __slots__ = ("blob", "lock", "next_off", "node", "path", "ra_end", "sized", "streak")
+
+    def __init__(self, node: Node, path: str, blob: BlobReader):
+        self.node = node
+        self.path = path
+        self.blob = blob
+        self.sized = False          # the blob's length was found to match the file's size
+        self.next_off = 0
+        self.streak = 0
+        self.ra_end = 0
+        self.lock = threading.Lock()
+
+
+class Files:
+    """Opening files and reading them, for every open file of one mount."""
+
+    def __init__(self, safe: Safe, inodes: Inodes, handles: Handles, damage: DamageLog,
+                 chunk_cache_bytes: int, readahead_bytes: int):
+        self.safe = safe
+        self.inodes = inodes
+        self.handles = handles
+        self.damage = damage
+        self.chunks = ChunkSource(safe, chunk_cache_bytes)
+        self.nodes = NodeCache(1024)   # decoded LIST nodes of open files: ≤ ~20 KiB each, ≤ ~20 MiB
+        self.readahead_bytes = readahead_bytes
+        self.reads = 0              # read requests served, and their bytes (for benchmarks)
+        self.read_bytes = 0
+        self._prefetch = ThreadPoolExecutor(max_workers=2, thread_name_prefix="readahead")
+
+    def close(self) -> None:
+        """Stop the read-ahead and close the pack files."""
+        self._prefetch.shutdown(wait=True, cancel_futures=True)
+        self.chunks.close()
+
+    def open(self, node: Node, flags: int) -> int:
+        """A handle to read regular file ``node``; ReadOnly for any flag that would write."""
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+            raise ReadOnly(self.inodes.path(node))
+        if node.entry.type == DIR:
+            raise IsADir(self.inodes.path(node))
+        if node.entry.type != REG:
+            raise NotFound(self.inodes.path(node))   # fifos and devices never reach the filesystem
+        e = node.entry
+        path = self.inodes.path(node)
+        try:
+            kind_of = self._kind if e.ref is not None else (lambda k: Kind.CHUNK)
+            blob = BlobReader(e.ref, e.size, self._get_node, kind_of, nodes=self.nodes)
+        except (IntegrityError, ObjectMissing) as err:
+            raise self.damage.damaged(node, err, "file cannot be opened") from None
+        return self.handles.add(FileHandle(node, path, blob))
+
+    def _kind(self, key: bytes) -> int:
+        ent = self.safe.entry(key)
+        if ent is None:
+            raise ObjectMissing(f"object {key.hex()[:12]} is not in the safe")
+        return ent.kind
+
+    def _get_node(self, key: bytes) -> bytes:
+        if getattr(_local, "cached_only", False):
+            raise _WouldLoad()
+        return self.safe.get(key)
+
+    def release(self, fh: int) -> None:
+        """Close file handle ``fh``."""
+        self.handles.release(fh)
+
+    def read(self, fh: int, off: int, size: int, cached_only: bool = False) -> bytes | memoryview | None:
+        """Bytes [off, off+size) of an open file; Damaged (and a warning) when they cannot be had.
+
+        With ``cached_only`` nothing is loaded: the answer is None unless every piece is in the
+        caches already. The adapter tries that on its own thread first (the read-ahead usually
+        has the chunks ready) and hops to a worker thread only when something must be loaded.
+        """
+        h = self.handles.get(fh, FileHandle)
+        assert isinstance(h, FileHandle)
+        blob = h.blob
+        end = min(off + size, blob.size)
+        if off >= end:
+            return b""
+        try:
+            if cached_only:
+                _local.cached_only = True
+                try:
+                    out = self._checked_range(h, off, end, cached_only=True)
+                except _WouldLoad:
+                    return None
+                finally:
+                    _local.cached_only = False
+            else:
+                out = self._checked_range(h, off, end)
+        except (IntegrityError, ObjectMissing, ValueError) as err:
+            raise self.damage.damaged(h.node, err, f"read at offset {off}") from None
+        self._sequential(h, off, end)
+        self.reads += 1
+        self.read_bytes += len(out)
+        return out
+
+    def _checked_range(self, h: FileHandle, off: int, end: int, cached_only: bool = False) -> bytes | memoryview:
+        if not h.sized:
+            _check_size(h.blob)
+            h.sized = True
+        return self._read_range(h.blob, off, end, cached_only)
+
+    def _read_range(self, blob: BlobReader, off: int, end: int, cached_only: bool = False) -> bytes | memoryview:
+        exts = list(blob.extents(off, end))
+        keys = [k for _, _, k in exts if k is not None]
+        if cached_only:
+            data = self.chunks.peek_many(keys)
+            if data is None:
+                raise _WouldLoad()
+        else:
+            data = self.chunks.get_many(keys) if keys else {}
+        parts: list[bytes | memoryview] = []
+        pos = off
+        for lo, length, k in exts:
+            a = max(off, lo) - lo
+            b = min(end, lo + length) - lo
+            if lo + a != pos:
+                raise IntegrityError(f"the file's chunk list has a gap or an overlap at offset {pos}")
+            pos = lo + b
+            if k is None:
+                parts.append(bytes(b - a))
+                continue
+            chunk = data[k]
+            if len(chunk) != length:
+                raise IntegrityError(f"chunk {k.hex()[:12]} holds {len(chunk)} bytes, the file's list says {length}")
+            parts.append(memoryview(chunk)[a:b] if (a, b) != (0, len(chunk)) else chunk)
+        if pos != end:
+            raise IntegrityError(f"the file's chunk list ends at offset {pos}, before its size {blob.size}")
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
+
+    def _sequential(self, h: FileHandle, off: int, end: int) -> None:
+        """Detect a sequential reader and load the next chunks ahead of it in the background."""
+        if self.readahead_bytes <= 0:
+            return
+        with h.lock:
+            # Kernel read-ahead requests may arrive a little out of order: "near" is sequential.
+            near = abs(off - h.next_off) <= max(4 * (end - off), 1 << 20)
+            if near:
+                h.streak += 1
+                h.next_off = max(end, h.next_off)
+            else:
+                h.streak, h.ra_end, h.next_off = 0, 0, end
+            if h.streak < 2 or end >= h.blob.size:
+                return
+            start = max(end, h.ra_end)
+            stop = min(h.blob.size, end + self.readahead_bytes)
+            if stop - start < self.readahead_bytes // 4:
+                return
+            h.ra_end = stop
+        self._prefetch.submit(self._load_ahead, h.blob, start, stop)
+
+    def _load_ahead(self, blob: BlobReader, start: int, stop: int) -> None:
+        try:
+            step = 1 << 20
+            for a in range(start, stop, step):
+                keys = [k for _, _, k in blob.extents(a, min(stop, a + step)) if k is not None]
+                if keys:
+                    self.chunks.get_many(keys)
+        except Exception:  # noqa: BLE001, S110 - a real read of the same bytes reports the problem
+            pass
+
+
+def _check_size(blob: BlobReader) -> None:
+    """IntegrityError unless the blob's LIST root covers exactly the file's size.
+
+    (A one-chunk blob is checked by every read: the chunk's length must be the file's size.)"""
+    if blob.root is None or blob.root_is_chunk:
+        return
+    root = blob.nodes.get(blob.root, lambda k: decode_list(blob.get(k)))
+    if root.size != blob.size:
+        raise IntegrityError(f"the file's size ({blob.size} bytes) does not match its content "
+                             f"({root.size} bytes)")
