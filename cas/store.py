@@ -25,7 +25,6 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -37,6 +36,8 @@ from .header import HEADER_NAME, SafeConfig, parse_compression, read_header, wri
 from .index import FLAG_DEAD, FLAG_PINNED, Index, ObjectEntry, PackEntry, pack_from_dbkey
 from .keys import Kind, object_key
 from .nodes import encode_node, node_children
+from .point import Point, oldest_first
+from .timefmt import utc_now_iso
 from .pack import (PACK_HEADER, Prepared, decode_record, pack_id_from_name, pack_name, prepare,
                    write_pack_header)
 
@@ -58,10 +59,6 @@ def set_space_check(guard: Callable[[Path, int], None] | None) -> None:
     """Install (or, with None, remove) the disk-space guard of writers created afterwards."""
     global _space_check
     _space_check = guard
-
-
-def utc_now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -315,21 +312,21 @@ class Safe:
 
     # -- points -------------------------------------------------------------------------
 
-    def points(self) -> list[dict]:
-        """Every committed point, oldest first."""
+    def points(self) -> list[Point]:
+        """Every committed point, oldest first (the one order, ``Point.order_key``)."""
         with self.index.read() as t:
-            out = [json.loads(v) for _, v in t.cursor(db=self.index.db["points"])]
-        out.sort(key=lambda p: (p.get("started", ""), p["id"]))
-        return out
+            out = [Point.from_json(v) for _, v in t.cursor(db=self.index.db["points"])]
+        return oldest_first(out)
 
-    def point(self, point_id: str) -> dict | None:
+    def point(self, point_id: str) -> Point | None:
+        """The committed point whose id is ``point_id`` (full hex), or None."""
         try:
             k = bytes.fromhex(point_id)
         except ValueError:
             return None
         with self.index.read() as t:
             v = t.get(k, db=self.index.db["points"])
-        return json.loads(v) if v is not None else None
+        return Point.from_json(v) if v is not None else None
 
     # -- statistics ---------------------------------------------------------------------
 
@@ -480,9 +477,11 @@ class Writer:
     def incref(self, key: bytes, n: int = 1) -> None:
         self.deltas[key] = self.deltas.get(key, 0) + n
 
-    def add_point(self, record: dict, root: bytes | None) -> dict:
-        """Commit a point naming ``root``; returns the record with its ``id``."""
-        rec = dict(record)
+    def add_point(self, record: dict | Point, root: bytes | None) -> Point:
+        """Commit a point naming ``root`` (the record's own ``root`` and ``id`` are replaced);
+        returns the committed Point. The stored JSON is the record's, as given."""
+        rec = record.to_record() if isinstance(record, Point) else dict(record)
+        rec.pop("id", None)     # the payload never holds its own key (docs/FORMAT.md)
         rec["root"] = root.hex() if root else None
         payload = json.dumps(rec, sort_keys=True).encode()
         key = self.put_node(Kind.POINT, [root] if root else [], payload)
@@ -490,7 +489,7 @@ class Writer:
         rec["id"] = key.hex()
         self.pending_points.append((key, rec))
         self.flush()
-        return rec
+        return Point.from_record(rec)
 
     def _next_pack(self) -> None:
         if self._packf is not None:

@@ -30,9 +30,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
-from datetime import datetime, timezone
 
-from pointsafe.cas import BlobReader, Entry, IntegrityError, Kind, NodeCache, ObjectMissing, Safe, decode_tree, read_tree
+from pointsafe.cas import BlobReader, Entry, IntegrityError, Kind, NodeCache, ObjectMissing, Point, Safe, decode_tree, read_tree
 from pointsafe.cas.tree import DIR, LNK, REG
 
 from .cache import ByteLRU
@@ -100,7 +99,7 @@ class Node:
     name: bytes
     kind: int
     entry: Entry            # attributes (made up for virtual nodes)
-    point: dict | None      # the point this node belongs to
+    point: Point | None     # the point this node belongs to
     scope: int              # inode of the point's folder (hardlink scope); 0 outside points
     group: bytes = b""      # K_GROUP: the group's name
     nlookup: int = 0
@@ -128,7 +127,7 @@ class Listing:
     names: list[bytes]
     entries: list[Entry]
     kinds: list[int] | None = None
-    points: list[dict | None] | None = None
+    points: list[Point | None] | None = None
     groups: list[bytes] | None = None
     size: int = 0           # estimated memory, for the directory cache's byte bound
 
@@ -166,7 +165,7 @@ class FileHandle:
 class View:
     """Read-only view of one point (``point`` given) or of every point in ``safe``."""
 
-    def __init__(self, safe: Safe, point: dict | None = None, *, chunk_cache_bytes: int = 256 << 20,
+    def __init__(self, safe: Safe, point: Point | None = None, *, chunk_cache_bytes: int = 256 << 20,
                  dir_cache_bytes: int = 64 << 20, readahead_bytes: int = 8 << 20,
                  refresh_seconds: float = 1.0):
         self.safe = safe
@@ -217,17 +216,12 @@ class View:
             self._layout, self._layout_at = lay, now
         return lay
 
-    def _point_entry(self, p: dict, name: bytes) -> Entry:
+    def _point_entry(self, p: Point, name: bytes) -> Entry:
         """The attributes of a point's folder: its tree's top directory, or made up for a volume."""
-        fin = _iso_ns(p.get("finished") or p.get("started"))
-        if p.get("kind") == "volume":
+        fin = p.taken_ns
+        if p.kind == "volume":
             return Entry(name, DIR, 0o555, os.getuid(), os.getgid(), fin, fin, fin, nlink=2)
-        m = p.get("root_meta") or {}
-        xattrs = [(bytes.fromhex(n), bytes.fromhex(v)) for n, v in m.get("xattrs", [])]
-        mt = int(m.get("mtime_ns", fin))
-        return Entry(name, DIR, int(m.get("mode", 0o755)) & 0o7777, int(m.get("uid", 0)), int(m.get("gid", 0)),
-                     mt, int(m.get("atime_ns", mt)), int(m.get("ctime_ns", mt)), nlink=int(m.get("nlink", 2)),
-                     ref=bytes.fromhex(p["root"]) if p.get("root") else None, xattrs=xattrs)
+        return p.root_entry(name)
 
     # -- nodes ----------------------------------------------------------------------------
 
@@ -359,11 +353,11 @@ class View:
         if node.kind == K_GROUP:
             return self._group_listing(node.group)
         p = node.point
-        if node.kind == K_POINT and p is not None and p.get("kind") == "volume":
-            size = int(p.get("size") or 0)
+        if node.kind == K_POINT and p is not None and p.kind == "volume":
+            size = p.size
             fin = node.entry.mtime_ns
             img = Entry(image_name(p), REG, 0o444, node.entry.uid, node.entry.gid, fin, fin, fin,
-                        size=size, nlink=1, ref=bytes.fromhex(p["root"]) if p.get("root") else None)
+                        size=size, nlink=1, ref=p.root)
             return Listing([img.name], [img], [K_IMAGE], [p])
         key = node.entry.ref
         if key is None:
@@ -383,11 +377,11 @@ class View:
 
     def _root_listing(self) -> Listing:
         lay = self.layout()
-        items: list[tuple[bytes, Entry, int, dict | None, bytes]] = []
+        items: list[tuple[bytes, Entry, int, Point | None, bytes]] = []
         for name, p in lay.folders:
             items.append((name, self._point_entry(p, name), K_POINT, p, b""))
         for g, members in lay.groups.items():
-            t = max(_iso_ns(p.get("finished") or p.get("started")) for _, p in members)
+            t = max(p.taken_ns for _, p in members)
             e = Entry(g, DIR, 0o555, os.getuid(), os.getgid(), t, t, t, nlink=2)
             items.append((g, e, K_GROUP, None, g))
         latest = lay.latest_name()
@@ -648,17 +642,6 @@ def _make_listing(items) -> Listing:
     items.sort(key=lambda t: t[0])
     return Listing([t[0] for t in items], [t[1] for t in items], [t[2] for t in items],
                    [t[3] for t in items], [t[4] for t in items])
-
-
-def _iso_ns(text: str | None) -> int:
-    if not text:
-        return 0
-    t = text.rstrip("Z")
-    try:
-        dt = datetime.fromisoformat(t).replace(tzinfo=timezone.utc)
-    except ValueError:
-        return 0
-    return int(dt.timestamp()) * 1_000_000_000 + dt.microsecond * 1000
 
 
 __all__ = ["View", "Node", "Stat", "Listing", "ViewError", "NotFound", "NotADir", "IsADir", "NotALink",
