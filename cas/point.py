@@ -50,8 +50,12 @@ class Frozen(Mapping[str, Any]):
         return len(self._d)
 
     def __eq__(self, other: object) -> bool:
+        """Equal to another Frozen of the same items, or to a mapping of the same JSON value
+        (arrays compare equal as lists or tuples)."""
+        if isinstance(other, Frozen):
+            return self._d == other._d
         if isinstance(other, Mapping):
-            return self._d == dict(other.items())
+            return self.thaw() == thaw(freeze(other))
         return NotImplemented
 
     def __hash__(self) -> int:
