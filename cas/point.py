@@ -32,13 +32,17 @@ PointKind = Literal["tree", "volume"]
 KINDS: tuple[str, ...] = ("tree", "volume")
 
 
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+
+
 class Frozen(Mapping[str, Any]):
     """A read-only, hashable JSON object (nested objects are Frozen, arrays tuples)."""
 
     __slots__ = ("_d",)
 
     def __init__(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]] = ()) -> None:
-        self._d: dict[str, Any] = {k: freeze(v) for k, v in dict(items).items()}
+        d = items if type(items) is dict else dict(items)
+        self._d: dict[str, Any] = {k: v if type(v) in _SCALARS else freeze(v) for k, v in d.items()}
 
     def __getitem__(self, key: str) -> Any:
         return self._d[key]
@@ -55,7 +59,7 @@ class Frozen(Mapping[str, Any]):
         if isinstance(other, Frozen):
             return self._d == other._d
         if isinstance(other, Mapping):
-            return self.thaw() == thaw(freeze(other))
+            return bool(self.thaw() == thaw(freeze(other)))
         return NotImplemented
 
     def __hash__(self) -> int:
@@ -74,12 +78,15 @@ EMPTY = Frozen()
 
 def freeze(value: Any) -> Any:
     """A JSON value made immutable: objects become :class:`Frozen`, arrays tuples."""
-    if isinstance(value, Frozen):
+    t = type(value)
+    if t in _SCALARS or t is Frozen:
         return value
+    if t is dict:
+        return Frozen(value)
+    if t is list or t is tuple:
+        return tuple([freeze(v) for v in value])
     if isinstance(value, Mapping):
         return Frozen(value)
-    if isinstance(value, (list, tuple)):
-        return tuple(freeze(v) for v in value)
     return value
 
 
@@ -118,11 +125,11 @@ def _root(v: Any) -> tuple[bool, Any]:
 
 
 def _obj(v: Any) -> tuple[bool, Any]:
-    return isinstance(v, Mapping), freeze(v)
+    return type(v) is dict or isinstance(v, Mapping), freeze(v)
 
 
 def _opt_obj(v: Any) -> tuple[bool, Any]:
-    return v is None or isinstance(v, Mapping), freeze(v)
+    return v is None or type(v) is dict or isinstance(v, Mapping), freeze(v)
 
 
 def _array(v: Any) -> tuple[bool, Any]:
@@ -231,7 +238,8 @@ class Point:
         return json.dumps(rec, sort_keys=True).encode()
 
     # Read-only record access for code that still says p["id"] / p.get("name"): the value
-    # as stored (``root`` in hex). Prefer the attributes.
+    # as stored (``root`` in hex). Prefer the attributes. A point is not iterable.
+    __iter__ = None
     def __getitem__(self, key: str) -> Any:
         return self.to_record()[key]
 

@@ -6,15 +6,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
-
 from _backup_util import backup, restore
 from _fuse_util import mounted
 from conftest import needs_fuse, run_cli
-from pointsafe.cas import (Entry, Kind, Point, Safe, encode_tree, format_utc, newest_first, object_key,
-                           oldest_first, parse_time, parse_utc, parse_utc_ns, resolve_point)
+from pointsafe.cas import (
+    Entry,
+    Kind,
+    Point,
+    Safe,
+    encode_tree,
+    format_utc,
+    newest_first,
+    object_key,
+    oldest_first,
+    parse_time,
+    parse_utc,
+    parse_utc_ns,
+    resolve_point,
+)
 from pointsafe.cas.nodes import decode_node, encode_node
 from pointsafe.cas.timefmt import from_ns, to_ns
 from pointsafe.cas.tree import REG
@@ -71,7 +83,7 @@ def test_an_older_or_unusual_record_keeps_every_field(safe):
     assert p.size == 0 and p.stats == {} and p.source == "" and p.finished is None and p.root_meta is None
     assert p.extra == {"size": "12", "stats": None, "future_field": {"a": [1, 2.5, None]}}
     assert p.warnings[0]["path"] == "x"
-    assert p.started_at == datetime(2020, 1, 1, tzinfo=timezone.utc)
+    assert p.started_at == datetime(2020, 1, 1, tzinfo=UTC)
 
 
 def test_points_and_show_json_are_the_stored_records(safe_dir, tmp_path):
@@ -144,7 +156,7 @@ def test_every_room_agrees_on_the_newest_point(safe_dir):
 # -- one time codec ---------------------------------------------------------------------------
 
 def test_the_time_codec():
-    dt = datetime(2026, 11, 25, 14, 36, 24, 123457, tzinfo=timezone.utc)
+    dt = datetime(2026, 11, 25, 14, 36, 24, 123457, tzinfo=UTC)
     assert format_utc(dt) == "2026-11-25T14:36:24.123457Z"
     for text in ("2026-11-25T14:36:24.123457Z", "2026-11-25T15:36:24.123457+01:00", "2026-11-25T14:36:24.123457"):
         assert parse_utc(text) == dt, text
@@ -242,7 +254,7 @@ def test_odd_root_meta_values_do_not_break_the_view_or_ls(safe_dir):
 def test_point_time_helpers():
     p = Point.from_record({"id": "ab", "started": "2026-11-25T14:30:00.000000Z"})
     assert p.taken == p.started and p.finished_at is None
-    assert p.taken_ns == to_ns(datetime(2026, 11, 25, 14, 30, tzinfo=timezone.utc))
+    assert p.taken_ns == to_ns(datetime(2026, 11, 25, 14, 30, tzinfo=UTC))
     later = Point.from_record({"id": "aa", "started": "2026-11-25T14:30:00.000001Z"})
     same = Point.from_record({"id": "ac", "started": "2026-11-25T14:30:00Z"})
     assert [x.id for x in newest_first([p, later, same])] == ["aa", "ac", "ab"]   # ties: the larger id
