@@ -259,3 +259,15 @@ def test_point_time_helpers():
     same = Point.from_record({"id": "ac", "started": "2026-11-25T14:30:00Z"})
     assert [x.id for x in newest_first([p, later, same])] == ["aa", "ac", "ab"]   # ties: the larger id
     assert Point.from_record({"id": "x"}).order_key == (0, "x")
+
+
+def test_an_unchanged_image_is_recognised_from_the_previous_point(safe_dir, tmp_path):
+    """The previous point's ``source_stat`` (an unknown field, kept in ``extra``) still
+    tells backup that an image file is unchanged: nothing is read again."""
+    img = tmp_path / "disk.img"
+    img.write_bytes(os.urandom(300_000))
+    first = backup(safe_dir, img, "--volume", name="disk")
+    second = backup(safe_dir, img, "--volume", name="disk")
+    assert first["stats"]["files_unchanged"] == 0 and second["stats"]["files_unchanged"] == 1
+    assert second["stats"]["bytes_read"] == 0 and second["root"] == first["root"]
+    assert second["source_stat"] == first["source_stat"]
