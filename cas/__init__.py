@@ -10,9 +10,11 @@ from .header import FORMAT_VERSION, SafeConfig, parse_compression
 from .keys import KEY_SIZE, Kind, object_key
 from .nodes import decode_node, encode_node, node_children
 from .pack import Prepared, prepare
+from .point import Frozen, Point, latest, latest_per, newest_first, oldest_first
 from .points import parse_time, resolve_point
 from .repair import repair
-from .store import Safe, Writer, take_lock, release_lock, utc_now_iso
+from .store import Safe, Writer, take_lock, release_lock
+from .timefmt import EPOCH, format_utc, format_utc_seconds, parse_utc, parse_utc_ns, utc_now_iso
 from .tree import Entry, build_tree, decode_tree, encode_tree, find_entry, read_tree, tree_pages
 from .verify import verify
 
@@ -21,6 +23,7 @@ __all__ = [
     "DiskFull", "IntegrityError", "NotASafe", "ObjectMissing", "PointNotFound", "QuotaExceeded", "SafeError",
     "SafeLocked", "UnsupportedVersion", "UsageError", "FORMAT_VERSION", "SafeConfig",
     "parse_compression", "KEY_SIZE", "Kind", "object_key", "decode_node", "encode_node",
-    "node_children", "parse_time", "resolve_point", "Prepared", "prepare", "repair", "Safe", "Writer", "take_lock",
+    "node_children", "Frozen", "Point", "latest", "latest_per", "newest_first", "oldest_first",
+    "EPOCH", "format_utc", "format_utc_seconds", "parse_utc", "parse_utc_ns", "parse_time", "resolve_point", "Prepared", "prepare", "repair", "Safe", "Writer", "take_lock",
     "release_lock", "utc_now_iso", "Entry", "decode_tree", "encode_tree", "verify", "build_tree", "read_tree", "find_entry", "tree_pages",
 ]

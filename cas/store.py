@@ -23,7 +23,6 @@ import shutil
 import socket
 import time
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -40,7 +39,9 @@ from .nodes import encode_node, node_children
 from .pack import Prepared, decode_record, pack_name, prepare
 from .packstore import LocalPackStore, PackFiles, fsync_dir as _fsync_dir
 from .packwriter import PackWriter, disk_error as _disk_error, recover
+from .point import Point, oldest_first
 from .refcount import RefChange
+from .timefmt import utc_now_iso
 
 __all__ = ["Safe", "Writer", "PackFiles", "take_lock", "release_lock", "utc_now_iso", "set_space_check"]
 
@@ -64,8 +65,6 @@ def set_space_check(guard: Callable[[Path, int], None] | None) -> None:
     _space_check = guard
 
 
-def utc_now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _undo_init(p: Path, created: bool) -> None:
@@ -270,21 +269,21 @@ class Safe:
 
     # -- points -------------------------------------------------------------------------
 
-    def points(self) -> list[dict]:
-        """Every committed point, oldest first."""
+    def points(self) -> list[Point]:
+        """Every committed point, oldest first (the one order, ``Point.order_key``)."""
         with self.index.read() as t:
-            out = [json.loads(v) for _, v in t.cursor(db=self.index.db["points"])]
-        out.sort(key=lambda p: (p.get("started", ""), p["id"]))
-        return out
+            out = [Point.from_json(v) for _, v in t.cursor(db=self.index.db["points"])]
+        return oldest_first(out)
 
-    def point(self, point_id: str) -> dict | None:
+    def point(self, point_id: str) -> Point | None:
+        """The committed point whose id is ``point_id`` (full hex), or None."""
         try:
             k = bytes.fromhex(point_id)
         except ValueError:
             return None
         with self.index.read() as t:
             v = t.get(k, db=self.index.db["points"])
-        return json.loads(v) if v is not None else None
+        return Point.from_json(v) if v is not None else None
 
     # -- statistics ---------------------------------------------------------------------
 
@@ -413,9 +412,11 @@ class Writer:
         """Count ``n`` more references to ``key`` at the next commit."""
         self.deltas[key] = self.deltas.get(key, 0) + n
 
-    def add_point(self, record: dict, root: bytes | None) -> dict:
-        """Commit a point naming ``root``; returns the record with its ``id``."""
-        rec = dict(record)
+    def add_point(self, record: dict | Point, root: bytes | None) -> Point:
+        """Commit a point naming ``root`` (the record's own ``root`` and ``id`` are replaced);
+        returns the committed Point. The stored JSON is the record's, as given."""
+        rec = record.to_record() if isinstance(record, Point) else dict(record)
+        rec.pop("id", None)     # the payload never holds its own key (docs/FORMAT.md)
         rec["root"] = root.hex() if root else None
         payload = json.dumps(rec, sort_keys=True).encode()
         key = self.put_node(Kind.POINT, [root] if root else [], payload)
@@ -423,7 +424,7 @@ class Writer:
         rec["id"] = key.hex()
         self.pending_points.append((key, rec))
         self.flush()
-        return rec
+        return Point.from_record(rec)
 
     def refs(self, txn) -> RefChange:
         """Count changes inside a write transaction of this writer (cas/refcount.py)."""

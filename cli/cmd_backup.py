@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from pointsafe.cas import Point
 from pointsafe.ingest import BackupOptions, backup
 
 from .common import EXIT_OK, EXIT_WARNINGS, add_common, emit_json, human_bytes, open_safe, progress, say
@@ -67,19 +68,19 @@ def cmd_backup(args) -> int:
     p = res.point
     _report_task(p)
     if args.json:
-        emit_json(p)
+        emit_json(p.to_record())
     else:
-        st = p["stats"]
+        st = p.stats
         for w in res.warnings:
             print(f"warning: {w['path']}: {w['message']}", file=sys.stderr)
-        say(args, f"point {p['id'][:12]} ({p['name']}, {p['kind']}): {st['files']} files, "
+        say(args, f"point {p.id[:12]} ({p.name}, {p.kind}): {st['files']} files, "
                   f"{human_bytes(st['bytes_read'])} read, {human_bytes(st['bytes_new'])} new, "
                   f"{human_bytes(st['bytes_stored'])} stored"
                   + (f", {len(res.warnings)} warnings" if res.warnings else ""))
     return EXIT_WARNINGS if res.warnings else EXIT_OK
 
 
-def _report_task(point: dict) -> None:
+def _report_task(point: Point) -> None:
     """Hand the point to the task recorder, when the ops room is present."""
     try:
         from pointsafe.ops import tasks
@@ -88,10 +89,10 @@ def _report_task(point: dict) -> None:
     report = getattr(tasks, "report", None)
     if report is None:
         return
-    st = point.get("stats", {})
-    report(point=point["id"], source=point.get("source"), name=point.get("name"),
+    st = point.stats
+    report(point=point.id, source=point.source, name=point.name,
            bytes=st.get("bytes_read", 0), bytes_stored=st.get("bytes_stored", 0), files=st.get("files", 0))
     add_warning = getattr(tasks, "add_warning", None)
     if add_warning is not None:
-        for w in point.get("warnings", []):
+        for w in point.warnings:
             add_warning(w["path"], w["message"])

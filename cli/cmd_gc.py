@@ -111,7 +111,7 @@ def cmd_forget(args) -> int:
         return EXIT_OK
     for d in decisions:
         verb = "keep  " if d.keep else ("would forget" if args.dry_run else "forget")
-        say(args, f"{verb} {d.point['id'][:12]}  {d.point.get('name', '')}  {d.point.get('started', '')}  "
+        say(args, f"{verb} {d.point.id[:12]}  {d.point.name}  {d.point.started}  "
                   f"({'; '.join(d.reasons)})")
     if args.dry_run:
         say(args, f"dry run: {rep.points_dropped} points would be forgotten, {rep.points_kept} kept")

@@ -6,6 +6,7 @@ import base64
 import stat
 import sys
 import time
+from collections.abc import Mapping
 
 from pointsafe.cas import resolve_point
 from pointsafe.cas.tree import TYPE_NAMES
@@ -63,57 +64,54 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_restore, task_kind="restore")
 
 
-def _summary(p: dict) -> dict:
-    return p
-
-
 def cmd_points(args) -> int:
     with open_safe(args) as safe:
         pts = safe.points()
     if args.name:
-        pts = [p for p in pts if p.get("name") == args.name]
+        pts = [p for p in pts if p.name == args.name]
     if args.json:
-        emit_json(pts)
+        emit_json([p.to_record() for p in pts])
         return EXIT_OK
     if not pts:
         say(args, "no points")
         return EXIT_OK
     say(args, f"{'ID':12}  {'TIME (UTC)':20}  {'NAME':16} {'KIND':6} {'SIZE':>10} {'NEW':>10} {'STORED':>10}  WARN")
     for p in pts:
-        st = p.get("stats", {})
-        say(args, f"{p['id'][:12]}  {p['started'][:19]:20}  {p['name'][:16]:16} {p['kind']:6} "
-                  f"{human_bytes(p.get('size', st.get('size', 0))):>10} {human_bytes(st.get('bytes_new', 0)):>10} "
-                  f"{human_bytes(st.get('bytes_stored', 0)):>10}  {len(p.get('warnings', []))}")
+        st = p.stats
+        say(args, f"{p.id[:12]}  {p.started[:19]:20}  {p.name[:16]:16} {p.kind:6} "
+                  f"{human_bytes(p.size):>10} {human_bytes(st.get('bytes_new', 0)):>10} "
+                  f"{human_bytes(st.get('bytes_stored', 0)):>10}  {len(p.warnings)}")
     return EXIT_OK
 
 
 def cmd_show(args) -> int:
     with open_safe(args) as safe:
         p = resolve_point(safe, args.point)
+        rec = p.to_record()
         if args.fragmentation:
             from pointsafe.gc.fragmentation import measure
             frag = measure(safe, [p])
-            p = dict(p, fragmentation={k: frag[k] for k in ("seeks", "minimum_seeks", "seeks_per_gib",
-                                                             "minimum_per_gib", "excess")})
+            rec["fragmentation"] = {k: frag[k] for k in ("seeks", "minimum_seeks", "seeks_per_gib",
+                                                         "minimum_per_gib", "excess")}
     if args.json:
-        emit_json(p)
+        emit_json(rec)
         return EXIT_OK
-    st = p.get("stats", {})
-    rows = [("id", p["id"]), ("name", p["name"]), ("kind", p["kind"]), ("source", p.get("source")),
-            ("host", p.get("host")), ("started", p["started"]), ("finished", p.get("finished")),
-            ("size", human_bytes(p.get("size", 0))), ("files", st.get("files")),
+    st = p.stats
+    rows = [("id", p.id), ("name", p.name), ("kind", p.kind), ("source", p.source),
+            ("host", p.host), ("started", p.started), ("finished", p.finished),
+            ("size", human_bytes(p.size)), ("files", st.get("files")),
             ("unchanged files", st.get("files_unchanged")), ("read", human_bytes(st.get("bytes_read", 0))),
             ("new", human_bytes(st.get("bytes_new", 0))), ("stored", human_bytes(st.get("bytes_stored", 0))),
-            ("root", p.get("root"))]
+            ("root", p.root.hex() if p.root else None)]
     for k, v in rows:
         say(args, f"{k:16} {v}")
-    for name, info in (p.get("consistency") or {}).items():
-        say(args, f"{name:16} " + ", ".join(f"{k}={v}" for k, v in info.items()) if isinstance(info, dict) else f"{name:16} {info}")
-    if "fragmentation" in p:
-        f = p["fragmentation"]
+    for name, info in (p.consistency or {}).items():
+        say(args, f"{name:16} " + ", ".join(f"{k}={v}" for k, v in info.items()) if isinstance(info, Mapping) else f"{name:16} {info}")
+    if "fragmentation" in rec:
+        f = rec["fragmentation"]
         say(args, f"{'fragmentation':16} {f['seeks_per_gib']} seeks/GiB (floor {f['minimum_per_gib']}; "
                   f"{f['excess']}x the minimum; 'pointsafe defrag' brings it down)")
-    for w in p.get("warnings", []):
+    for w in p.warnings:
         say(args, f"warning          {w['path']}: {w['message']}")
     return EXIT_OK
 
@@ -145,8 +143,8 @@ def cmd_ls(args) -> int:
     from pointsafe.ingest.browse import walk
     with open_safe(args) as safe:
         p = resolve_point(safe, args.point)
-        if p["kind"] != "tree":
-            raise UsageError(f"point {p['id'][:12]} is a volume; mount it or restore it to read its files")
+        if p.kind != "tree":
+            raise UsageError(f"point {p.id[:12]} is a volume; mount it or restore it to read its files")
         e = lookup(safe, p, args.path)
         prefix = args.path.strip("/").encode("utf-8", "surrogateescape")
         if e.type != 2:
@@ -168,7 +166,7 @@ def cmd_diff(args) -> int:
     with open_safe(args) as safe:
         a = resolve_point(safe, args.a)
         b = resolve_point(safe, args.b)
-        if a["kind"] != "tree" or b["kind"] != "tree":
+        if a.kind != "tree" or b.kind != "tree":
             raise UsageError("diff compares tree points; for volumes compare restored images")
         changes = list(diff(safe, root_entry(a), root_entry(b)))
     if args.json:
@@ -183,20 +181,20 @@ def cmd_diff(args) -> int:
 def cmd_restore(args) -> int:
     with open_safe(args) as safe:
         p = resolve_point(safe, args.point)
-        with progress(args, p.get("size"), f"restoring {p['id'][:12]}") as advance:
+        with progress(args, p.size, f"restoring {p.id[:12]}") as advance:
             st = restore(safe, p, args.target, subpath=args.path, force=args.force, progress=advance)
     try:
         from pointsafe.ops import tasks
         if hasattr(tasks, "report"):
-            tasks.report(point=p["id"], name=p.get("name"), bytes=st.bytes_written, files=st.files)
+            tasks.report(point=p.id, name=p.name, bytes=st.bytes_written, files=st.files)
     except ImportError:
         pass
     if args.json:
-        emit_json({"point": p["id"], "target": args.target, **st.as_dict()})
+        emit_json({"point": p.id, "target": args.target, **st.as_dict()})
     else:
         for w in st.warnings:
             print(f"warning: {w['path']}: {w['message']}", file=sys.stderr)
-        say(args, f"restored point {p['id'][:12]} to {args.target}: {st.files} files, {st.dirs} dirs, "
+        say(args, f"restored point {p.id[:12]} to {args.target}: {st.files} files, {st.dirs} dirs, "
                   f"{human_bytes(st.bytes_written)} written"
                   + (f", {len(st.warnings)} warnings" if st.warnings else ""))
     return EXIT_WARNINGS if st.warnings else EXIT_OK

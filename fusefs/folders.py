@@ -1,6 +1,6 @@
 """The point folders: what a point record looks like in the mount, and the whole-safe top level.
 
-This is the one module that reads point records (``dict`` today): a point's folder attributes
+This is the one module that reads point records (``Point``): a point's folder attributes
 (from its root metadata), a volume point's image file, and the listings of the mount's root
 (one folder per point, per-name groups, ``latest`` links) and of each group, built from
 :class:`~.layout.Layout` over the safe's point list, re-read at most every ``refresh_seconds``
@@ -12,51 +12,34 @@ from __future__ import annotations
 import os
 import threading
 import time
-from datetime import UTC, datetime
 
-from pointsafe.cas import Entry, Safe
+from pointsafe.cas import Entry, Point, Safe
 from pointsafe.cas.tree import DIR, LNK, REG
 
 from .inodes import K_GROUP, K_IMAGE, K_LINK, K_POINT, K_ROOT, ROOT_INO, Listing, Node, make_listing
 from .layout import LATEST, Layout, image_name
 
 
-def iso_ns(text: str | None) -> int:
-    """Nanoseconds since the epoch of an ISO UTC time (``...Z``); 0 when missing or unreadable."""
-    if not text:
-        return 0
-    t = text.rstrip("Z")
-    try:
-        dt = datetime.fromisoformat(t).replace(tzinfo=UTC)
-    except ValueError:
-        return 0
-    return int(dt.timestamp()) * 1_000_000_000 + dt.microsecond * 1000
-
-
-def point_time_ns(p: dict) -> int:
+def point_time_ns(p: Point) -> int:
     """When point ``p`` finished (or started, if it never recorded its end), in ns."""
-    return iso_ns(p.get("finished") or p.get("started"))
+    return p.taken_ns
 
 
-def is_volume(p: dict | None) -> bool:
+def is_volume(p: Point | None) -> bool:
     """Whether ``p`` is a volume point (its folder holds one image file)."""
-    return p is not None and p.get("kind") == "volume"
+    return p is not None and p.kind == "volume"
 
 
-def point_entry(p: dict, name: bytes) -> Entry:
-    """The attributes of a point's folder: its tree's top directory, or made up for a volume."""
-    fin = point_time_ns(p)
+def point_entry(p: Point, name: bytes) -> Entry:
+    """The attributes of a point's folder: its tree's top directory (``Point.root_entry``, as
+    ``ls`` and ``restore`` see it), or made up for a volume."""
     if is_volume(p):
+        fin = p.taken_ns
         return Entry(name, DIR, 0o555, os.getuid(), os.getgid(), fin, fin, fin, nlink=2)
-    m = p.get("root_meta") or {}
-    xattrs = [(bytes.fromhex(n), bytes.fromhex(v)) for n, v in m.get("xattrs", [])]
-    mt = int(m.get("mtime_ns", fin))
-    return Entry(name, DIR, int(m.get("mode", 0o755)) & 0o7777, int(m.get("uid", 0)), int(m.get("gid", 0)),
-                 mt, int(m.get("atime_ns", mt)), int(m.get("ctime_ns", mt)), nlink=int(m.get("nlink", 2)),
-                 ref=_root_key(p), xattrs=xattrs)
+    return p.root_entry(name)
 
 
-def point_root(p: dict) -> Node:
+def point_root(p: Point) -> Node:
     """The root node of a mount of the single point ``p``."""
     return Node(ROOT_INO, ROOT_INO, b"", K_POINT, point_entry(p, b""), p, ROOT_INO)
 
@@ -67,12 +50,8 @@ def volume_listing(folder: Node) -> Listing:
     assert p is not None
     fin = folder.entry.mtime_ns
     img = Entry(image_name(p), REG, 0o444, folder.entry.uid, folder.entry.gid, fin, fin, fin,
-                size=int(p.get("size") or 0), nlink=1, ref=_root_key(p))
+                size=p.size, nlink=1, ref=p.root)
     return Listing([img.name], [img], [K_IMAGE], [p])
-
-
-def _root_key(p: dict) -> bytes | None:
-    return bytes.fromhex(p["root"]) if p.get("root") else None
 
 
 class Folders:
@@ -109,7 +88,7 @@ class Folders:
     def root_listing(self) -> Listing:
         """The mount's root: every point's folder, every group, and ``latest``."""
         lay = self.layout()
-        items: list[tuple[bytes, Entry, int, dict | None, bytes]] = []
+        items: list[tuple[bytes, Entry, int, Point | None, bytes]] = []
         for name, p in lay.folders:
             items.append((name, point_entry(p, name), K_POINT, p, b""))
         for g, members in lay.groups.items():
@@ -125,7 +104,7 @@ class Folders:
         """One group's folder: the folders of its points and its ``latest``."""
         lay = self.layout()
         members = lay.groups.get(group, [])
-        items: list[tuple[bytes, Entry, int, dict | None, bytes]] = [
+        items: list[tuple[bytes, Entry, int, Point | None, bytes]] = [
             (name, point_entry(p, name), K_POINT, p, b"") for name, p in members]
         latest = lay.latest_name(group)
         if latest is not None:

@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from pointsafe.cas import Entry
+from pointsafe.cas import Entry, Point
 from pointsafe.cas.tree import DIR, LNK
 
 from .errors import BadHandle, NotFound
@@ -40,7 +40,7 @@ class Node:
     name: bytes
     kind: int
     entry: Entry            # attributes (made up for virtual nodes)
-    point: dict | None      # the point this node belongs to
+    point: Point | None     # the point this node belongs to
     scope: int              # inode of the point's folder (hardlink scope); 0 outside points
     group: bytes = b""      # K_GROUP: the group's name
     nlookup: int = 0
@@ -70,12 +70,12 @@ class Listing:
     names: list[bytes]
     entries: list[Entry]
     kinds: list[int] | None = None
-    points: list[dict | None] | None = None
+    points: list[Point | None] | None = None
     groups: list[bytes] | None = None
     size: int = 0           # estimated memory, for the directory cache's byte bound
 
 
-def make_listing(items: list[tuple[bytes, Entry, int, dict | None, bytes]]) -> Listing:
+def make_listing(items: list[tuple[bytes, Entry, int, Point | None, bytes]]) -> Listing:
     """A listing of made-up children: (name, entry, kind, point, group) each, sorted here by name."""
     items.sort(key=lambda t: t[0])
     return Listing([t[0] for t in items], [t[1] for t in items], [t[2] for t in items],

@@ -19,18 +19,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pointsafe.cas import Point, format_utc_seconds, latest, oldest_first
+
 LATEST = b"latest"
 
 
-def time_name(record: dict) -> str:
-    """``2026-11-25T14:36:24.123456Z`` -> ``2026-11-25T14:36:24Z``."""
-    started = record.get("started") or "0000-00-00T00:00:00Z"
-    return started[:19] + "Z"
+def time_name(record: Point) -> str:
+    """``2026-11-25T14:36:24.123456Z`` -> ``2026-11-25T14:36:24Z`` (the start time in UTC, to
+    the second; ``0000-00-00T00:00:00Z`` when the point has none)."""
+    started = record.started_at
+    return format_utc_seconds(started) if started is not None else "0000-00-00T00:00:00Z"
 
 
-def newest(points: list[dict]) -> dict:
-    """The point of ``points`` that started last (ties: the greater id)."""
-    return max(points, key=lambda p: (p.get("started", ""), p["id"]))
+def newest(points: list[Point]) -> Point:
+    """The newest of ``points`` (the one order of points); ``points`` is not empty."""
+    best = latest(points)
+    assert best is not None
+    return best
 
 
 def _clean(name: str) -> bytes:
@@ -38,44 +43,44 @@ def _clean(name: str) -> bytes:
     return b"_" if b in (b"", b".", b"..") else b
 
 
-def image_name(record: dict) -> bytes:
+def image_name(record: Point) -> bytes:
     """The file name of a volume point's image inside its folder."""
-    return _clean(record.get("name") or "volume") + b".img"
+    return _clean(record.name or "volume") + b".img"
 
 
 @dataclass
 class Layout:
     """Folder names of every point and the per-name groups, oldest point first."""
 
-    folders: list[tuple[bytes, dict]] = field(default_factory=list)       # (folder name, point)
-    groups: dict[bytes, list[tuple[bytes, dict]]] = field(default_factory=dict)
+    folders: list[tuple[bytes, Point]] = field(default_factory=list)       # (folder name, point)
+    groups: dict[bytes, list[tuple[bytes, Point]]] = field(default_factory=dict)
     by_id: dict[str, bytes] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, points: list[dict], keep: dict[str, bytes] | None = None) -> "Layout":
+    def build(cls, points: list[Point], keep: dict[str, bytes] | None = None) -> "Layout":
         """The layout of ``points``; ``keep`` (point id -> folder name) are names already shown
         by this mount, which stay the same even when forgetting a point would free a plainer one."""
         lay = cls()
         keep = keep or {}
-        ordered = sorted(points, key=lambda p: (p.get("started", ""), p["id"]))
-        names: dict[str, bytes] = {p["id"]: keep[p["id"]] for p in ordered if p["id"] in keep}
+        ordered = oldest_first(points)
+        names: dict[str, bytes] = {p.id: keep[p.id] for p in ordered if p.id in keep}
         taken = set(names.values())
         for p in ordered:
-            if p["id"] in names:
+            if p.id in names:
                 continue
             base = time_name(p).encode()
             name, n = base, 1
             while name in taken:
                 n += 1
                 name = base + b".%d" % n
-            names[p["id"]] = name
+            names[p.id] = name
             taken.add(name)
         for p in ordered:
-            lay.folders.append((names[p["id"]], p))
-            lay.by_id[p["id"]] = names[p["id"]]
+            lay.folders.append((names[p.id], p))
+            lay.by_id[p.id] = names[p.id]
         reserved = taken | {LATEST}
         for name, p in lay.folders:
-            g = _clean(p.get("name") or "unnamed")
+            g = _clean(p.name or "unnamed")
             if g in reserved:
                 g += b".points"
             lay.groups.setdefault(g, []).append((name, p))
@@ -87,4 +92,4 @@ class Layout:
         if not items:
             return None
         best = newest([p for _, p in items])
-        return self.by_id[best["id"]]
+        return self.by_id[best.id]

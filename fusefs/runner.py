@@ -226,9 +226,9 @@ def _serve(o: MountOptions, ready_fd: int | None) -> int:
     try:
         if o.point is not None:
             point = resolve_point(safe, o.point)
-            if point.get("kind") not in ("tree", "volume"):
+            if point.kind not in ("tree", "volume"):
                 safe.close()
-                return fail(f"point {point['id'][:12]} has unknown kind {point.get('kind')!r}")
+                return fail(f"point {point.id[:12]} has unknown kind {point.kind!r}")
     except SafeError as e:
         safe.close()
         return fail(str(e))
@@ -242,7 +242,7 @@ def _serve(o: MountOptions, ready_fd: int | None) -> int:
         view.close()
         safe.close()
         return fail(f"{o.mountpoint}: cannot mount: {e}")
-    what = f"point {point['id'][:12]}" if point else "every point"
+    what = f"point {point.id[:12]}" if point else "every point"
     signalled = []
 
     async def ready_when_inited() -> None:
@@ -252,7 +252,7 @@ def _serve(o: MountOptions, ready_fd: int | None) -> int:
         raise_read_ahead(str(o.mountpoint), o.read_ahead_kb)
         log.info("mounted %s of %s", what, o.safe)
         if ready_fd is not None:
-            os.write(ready_fd, b"K" + (point["id"].encode() if point else b""))
+            os.write(ready_fd, b"K" + (point.id.encode() if point else b""))
             os.close(ready_fd)
         else:
             print(f"mounted {what} of {o.safe} at {o.mountpoint}; press Ctrl-C to unmount", file=sys.stderr)

@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import Iterator
 
-from pointsafe.cas import Safe
+from pointsafe.cas import Point, Safe
 from pointsafe.cas.tree import LNK
 
 from .dirs import Directories
@@ -40,7 +40,7 @@ STATS_XATTR = b"user.pointsafe.stats"
 class View:
     """Read-only view of one point (``point`` given) or of every point in ``safe``."""
 
-    def __init__(self, safe: Safe, point: dict | None = None, *, chunk_cache_bytes: int = 256 << 20,
+    def __init__(self, safe: Safe, point: Point | None = None, *, chunk_cache_bytes: int = 256 << 20,
                  dir_cache_bytes: int = 64 << 20, readahead_bytes: int = 8 << 20,
                  refresh_seconds: float = 1.0):
         self.safe = safe

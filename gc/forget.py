@@ -44,13 +44,13 @@ def plan_forget(safe, specs: list[str] | None = None, policy: Policy | None = No
         seen: dict[str, Decision] = {}
         for s in specs:
             p = resolve_point(safe, s, points)
-            seen.setdefault(p["id"], Decision(p, False, [f"named on the command line ({s})"]))
+            seen.setdefault(p.id, Decision(p, False, [f"named on the command line ({s})"]))
         return list(seen.values())
     if policy is None or policy.empty:
         raise UsageError("nothing to forget: name POINTs or give at least one --keep-* rule "
                          "(e.g. --keep-daily 7)")
-    if name is not None and not any(p.get("name") == name for p in points):
-        names = sorted({p.get("name") or "" for p in points})
+    if name is not None and not any(p.name == name for p in points):
+        names = sorted({p.name for p in points})
         raise UsageError(f"no points named {name!r} (names in this safe: {', '.join(names) or 'none'})")
     return retention.plan(points, policy, name)
 
@@ -59,7 +59,7 @@ def forget(safe, decisions: list[Decision], dry_run: bool = False,
            policy: Policy | None = None) -> ForgetReport:
     r = ForgetReport(dry_run=dry_run, policy=policy.describe() if policy else None)
     r.decisions = [d.as_dict() for d in decisions]
-    drop = [bytes.fromhex(d.point["id"]) for d in decisions if not d.keep]
+    drop = [bytes.fromhex(d.point.id) for d in decisions if not d.keep]
     r.points_kept = sum(1 for d in decisions if d.keep)
     if dry_run:
         r.points_dropped = len(drop)
@@ -71,7 +71,7 @@ def forget(safe, decisions: list[Decision], dry_run: bool = False,
         return r
     with safe.writer("forget") as w:
         dead_before = sum(pe.dead_bytes for pe in safe.pack_entries().values())
-        live = {p["id"] for p in safe.points()}
+        live = {p.id for p in safe.points()}
         for i in range(0, len(drop), GROUP):
             group = [k for k in drop[i:i + GROUP] if k.hex() in live]
             if group:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import lmdb
 
+from pointsafe.cas import Point
 from pointsafe.cas.relocate import LAYOUT_GEN
 
 from .walk import newest_chunks, newest_points, with_entries
@@ -48,7 +49,7 @@ class Cursor:
         return not seq
 
 
-def measure(safe, points: list[dict] | None = None) -> dict:
+def measure(safe, points: list[Point] | None = None) -> dict:
     """Walk the newest points now and compute the figure (no cache)."""
     pts = newest_points(safe, points)
     cur = Cursor()
@@ -67,7 +68,7 @@ def measure(safe, points: list[dict] | None = None) -> dict:
     minimum = max(1, math.ceil(stored / pack_size)) if reads else 0
     gib = logical / GIB
     return {
-        "points": [p["id"] for p in pts],
+        "points": [p.id for p in pts],
         "reads": reads,
         "bytes": logical,
         "stored_bytes": stored,
@@ -80,12 +81,12 @@ def measure(safe, points: list[dict] | None = None) -> dict:
     }
 
 
-def _signature(safe, pts: list[dict]) -> str:
+def _signature(safe, pts: list[Point]) -> str:
     with safe.index.read() as t:
         gen = safe.index.get_meta_int(t, LAYOUT_GEN, 0)
     h = hashlib.sha256(str(gen).encode())
     for p in pts:
-        h.update(p["id"].encode())
+        h.update(p.id.encode())
     return h.hexdigest()
 
 

@@ -1,7 +1,7 @@
 """Retention policy: which points a keep-last/hourly/daily/weekly/monthly/yearly policy keeps.
 
-Pure functions over point records (dicts with ``id``, ``name``, ``started``); nothing here
-touches a safe, so dry runs, reports and tests need no I/O.
+Pure functions over points (``pointsafe.cas.Point``: ``id``, ``name``, ``started``); nothing
+here touches a safe, so dry runs, reports and tests need no I/O.
 
 The rules follow restic's ``forget``: within one source (points with the same ``name``),
 points are taken newest first; ``--keep-last N`` keeps the N newest; ``--keep-daily N`` keeps
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+
+from pointsafe.cas import EPOCH, Point, newest_first
 
 RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
@@ -45,21 +47,19 @@ class Policy:
 
 @dataclass
 class Decision:
-    point: dict
+    point: Point
     keep: bool
     reasons: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         p = self.point
-        return {"id": p["id"], "name": p.get("name"), "started": p.get("started"),
+        return {"id": p.id, "name": p.name, "started": p.started,
                 "keep": self.keep, "reasons": self.reasons}
 
 
-def point_time(p: dict) -> datetime:
-    t = p.get("started") or p.get("finished") or ""
-    t = t[:-1] + "+00:00" if t.endswith("Z") else t
-    dt = datetime.fromisoformat(t)
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+def point_time(p: Point) -> datetime:
+    """The time a point's buckets are taken from: its start (else its finish; else 1970), UTC."""
+    return p.started_at or p.finished_at or EPOCH
 
 
 def bucket(rule: str, when: datetime) -> str:
@@ -67,9 +67,9 @@ def bucket(rule: str, when: datetime) -> str:
     return when.astimezone(timezone.utc).strftime(_BUCKET[rule])
 
 
-def select(points: list[dict], policy: Policy) -> list[Decision]:
+def select(points: list[Point], policy: Policy) -> list[Decision]:
     """Decide for the points of ONE source; returns decisions newest first."""
-    ordered = sorted(points, key=lambda p: (p.get("started", ""), p["id"]), reverse=True)
+    ordered = newest_first(points)
     left = {r: getattr(policy, r) for r in RULES}
     last_bucket: dict[str, str | None] = {r: None for r in RULES}
     out = []
@@ -94,12 +94,12 @@ def select(points: list[dict], policy: Policy) -> list[Decision]:
     return out
 
 
-def plan(points: list[dict], policy: Policy, name: str | None = None) -> list[Decision]:
+def plan(points: list[Point], policy: Policy, name: str | None = None) -> list[Decision]:
     """Decisions for every point, per source (``name``); with ``name`` only that source is
     considered and other sources' points are left out of the result (kept)."""
-    groups: dict[str, list[dict]] = {}
+    groups: dict[str, list[Point]] = {}
     for p in points:
-        groups.setdefault(p.get("name") or "", []).append(p)
+        groups.setdefault(p.name, []).append(p)
     out: list[Decision] = []
     for n in sorted(groups):
         if name is not None and n != name:

@@ -11,17 +11,13 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from pointsafe.cas import BlobReader, NodeCache, read_tree
+from pointsafe.cas import BlobReader, NodeCache, Point, latest_per, read_tree
 from pointsafe.cas.tree import DIR, REG
 
 
-def newest_points(safe, points: list[dict] | None = None) -> list[dict]:
+def newest_points(safe, points: list[Point] | None = None) -> list[Point]:
     """The newest point of each source (by ``name``), sorted by name."""
-    best: dict[str, dict] = {}
-    for p in safe.points() if points is None else points:
-        n = p.get("name") or ""
-        if n not in best or (p.get("started", ""), p["id"]) > (best[n].get("started", ""), best[n]["id"]):
-            best[n] = p
+    best = latest_per(safe.points() if points is None else points, lambda p: p.name)
     return [best[n] for n in sorted(best)]
 
 
@@ -41,14 +37,14 @@ def blob_chunks(safe, root: bytes | None, size: int, nodes: NodeCache) -> Iterat
             yield key, length
 
 
-def point_chunks(safe, rec: dict, nodes: NodeCache | None = None) -> Iterator[tuple[bytes, int]]:
+def point_chunks(safe, rec: Point, nodes: NodeCache | None = None) -> Iterator[tuple[bytes, int]]:
     """(chunk key, length) of every chunk a restore of point ``rec`` reads, in file order."""
     nodes = nodes or NodeCache(64)
-    root = bytes.fromhex(rec["root"]) if rec.get("root") else None
+    root = rec.root
     if root is None:
         return
-    if rec.get("kind") == "volume":
-        yield from blob_chunks(safe, root, int(rec.get("size") or 0), nodes)
+    if rec.kind == "volume":
+        yield from blob_chunks(safe, root, rec.size, nodes)
         return
     stack = [iter(read_tree(safe.get, root))]
     while stack:
@@ -62,7 +58,7 @@ def point_chunks(safe, rec: dict, nodes: NodeCache | None = None) -> Iterator[tu
             stack.append(iter(read_tree(safe.get, e.ref)))
 
 
-def newest_chunks(safe, points: list[dict] | None = None) -> Iterator[tuple[bytes, int]]:
+def newest_chunks(safe, points: list[Point] | None = None) -> Iterator[tuple[bytes, int]]:
     """The chunks of the newest point of every source, source after source."""
     nodes = NodeCache(64)   # a sequential walk needs about one node per level
     for rec in newest_points(safe, points):

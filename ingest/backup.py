@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pointsafe.cas import (BlobBuilder, Entry, Kind, Safe, SafeError, UsageError, Writer, build_tree,
-                           read_tree, utc_now_iso)
+from pointsafe.cas import (BlobBuilder, Entry, Kind, Point, Safe, SafeError, UsageError, Writer, build_tree,
+                           latest, read_tree, utc_now_iso)
 from pointsafe.cas.tree import DIR, REG
 
 from .chunking import Cutter, is_zero
@@ -56,7 +56,7 @@ class BackupOptions:
 
 @dataclass
 class BackupResult:
-    point: dict
+    point: Point
     warnings: list[dict]
 
 
@@ -112,9 +112,9 @@ def run_hook(cmd: str, env: dict, what: str, timeout: float = 3600) -> None:
         raise HookFailed(f"{what} {cmd!r} failed with exit code {proc.returncode}{detail}")
 
 
-def previous_point(safe: Safe, name: str, kind: str) -> dict | None:
-    mine = [p for p in safe.points() if p.get("name") == name and p.get("kind") == kind]
-    return max(mine, key=lambda p: (p["started"], p["id"])) if mine else None
+def previous_point(safe: Safe, name: str, kind: str) -> Point | None:
+    """The newest point of this name and kind (the one an incremental backup reads against)."""
+    return latest(p for p in safe.points() if p.name == name and p.kind == kind)
 
 
 def backup(safe: Safe, source: str, opts: BackupOptions,
@@ -201,7 +201,7 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
             wo = WalkOptions(one_file_system=opts.one_file_system, excludes=list(opts.excludes),
                              skip={(sst.st_dev, sst.st_ino)})
             walker = TreeWalker(safe, pipe, cutter, wo, warn, progress)
-            prev_root = bytes.fromhex(prev["root"]) if prev and prev.get("root") else None
+            prev_root = prev.root if prev else None
             try:
                 root_entry = walker.walk_root(os.fsencode(str(path)), prev_root)
             finally:
@@ -212,9 +212,9 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
                                    "xattrs": [[n.hex(), v.hex()] for n, v in root_entry.xattrs]}
         else:
             sig = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-            if (prev and stat.S_ISREG(st.st_mode) and prev.get("source_stat") == sig):
+            if (prev and stat.S_ISREG(st.st_mode) and prev.extra.get("source_stat") == tuple(sig)):
                 pipe.finish()
-                root, size = (bytes.fromhex(prev["root"]) if prev.get("root") else None), prev["size"]
+                root, size = prev.root, prev.size
                 pipe.stats.size = size
                 pipe.stats.files_unchanged = 1
             else:
@@ -247,7 +247,7 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
     return record, root, grafted
 
 
-def commit_point(w: Writer, record: dict, root: bytes | None, warnings: list[dict]) -> dict:
+def commit_point(w: Writer, record: dict, root: bytes | None, warnings: list[dict]) -> Point:
     record = dict(record)
     record["warnings"] = list(warnings)
     return w.add_point(record, root)

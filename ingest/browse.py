@@ -10,16 +10,13 @@ from typing import Iterator
 
 import struct
 
-from pointsafe.cas import Entry, IntegrityError, Kind, Safe, UsageError, find_entry, read_tree
+from pointsafe.cas import Entry, IntegrityError, Kind, Point, Safe, UsageError, find_entry, read_tree
 from pointsafe.cas.tree import DIR
 
 
-def root_entry(point: dict) -> Entry:
-    """The top directory of a tree point, as an Entry (metadata from the point record)."""
-    m = point.get("root_meta") or {}
-    return Entry(b"", DIR, m.get("mode", 0o755), m.get("uid", 0), m.get("gid", 0), m.get("mtime_ns", 0),
-                 m.get("atime_ns", 0), 0, 0, ref=bytes.fromhex(point["root"]) if point.get("root") else None,
-                 xattrs=[(bytes.fromhex(n), bytes.fromhex(v)) for n, v in m.get("xattrs", [])])
+def root_entry(point: Point) -> Entry:
+    """The top directory of a tree point, as an Entry: ``Point.root_entry`` (what the mount shows)."""
+    return point.root_entry()
 
 
 def split_path(path: bytes | str) -> list[bytes]:
@@ -30,15 +27,15 @@ def split_path(path: bytes | str) -> list[bytes]:
     return parts
 
 
-def lookup(safe: Safe, point: dict, path: bytes | str) -> Entry:
+def lookup(safe: Safe, point: Point, path: bytes | str) -> Entry:
     """The entry at ``path`` inside a tree point (the root entry for "" or "/")."""
     e = root_entry(point)
     for i, part in enumerate(split_path(path)):
         if e.type != DIR or e.ref is None:
-            raise UsageError(f"{path!r}: not found in point {point['id'][:12]}")
+            raise UsageError(f"{path!r}: not found in point {point.id[:12]}")
         found = find_entry(safe.get, e.ref, part)
         if found is None:
-            raise UsageError(f"{_show(path)}: not found in point {point['id'][:12]}")
+            raise UsageError(f"{_show(path)}: not found in point {point.id[:12]}")
         e = found
     return e
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pointsafe.cas import BlobReader, Entry, IntegrityError, Kind, NodeCache, Safe, SafeError, UsageError
+from pointsafe.cas import BlobReader, Entry, IntegrityError, Kind, NodeCache, Point, Safe, SafeError, UsageError
 from pointsafe.cas.tree import BLK, CHR, DIR, FIFO, LNK, REG, SOCK
 
 from .browse import children, lookup, root_entry, split_path
@@ -145,7 +145,7 @@ class Restorer:
 
     # -- trees --------------------------------------------------------------------------
 
-    def restore_tree(self, point: dict, target: Path, subpath: str | None = None) -> RestoreStats:
+    def restore_tree(self, point: Point, target: Path, subpath: str | None = None) -> RestoreStats:
         _prepare_target(target, self.force, want_dir=True)
         top = os.fsencode(str(target.resolve()))
         try:
@@ -323,9 +323,9 @@ class Restorer:
 
     # -- volumes ------------------------------------------------------------------------
 
-    def restore_volume(self, point: dict, target: Path) -> RestoreStats:
-        size = point.get("size", 0)
-        root = bytes.fromhex(point["root"]) if point.get("root") else None
+    def restore_volume(self, point: Point, target: Path) -> RestoreStats:
+        size = point.size
+        root = point.root
         r = BlobReader(root, size, self.safe.get, lambda k: self.safe.entry(k).kind, self.nodes)
         try:
             st = os.stat(target)
@@ -350,7 +350,7 @@ class Restorer:
             return self.stats
         if st is not None:
             if stat.S_ISDIR(st.st_mode):
-                target = target / f"{point['name']}.img"
+                target = target / f"{point.name}.img"
                 if target.exists() and not self.force:
                     raise UsageError(f"{target}: exists; add --force to overwrite it")
             elif not self.force:
@@ -392,13 +392,13 @@ def _remove_existing(path: bytes) -> None:
     os.unlink(path)
 
 
-def restore(safe: Safe, point: dict, target: str, subpath: str | None = None, force: bool = False,
+def restore(safe: Safe, point: Point, target: str, subpath: str | None = None, force: bool = False,
             progress: Callable[[int], None] | None = None) -> RestoreStats:
     t, sp = Path(target).resolve(), safe.path.resolve()
     if t == sp or sp in t.parents:   # with --force, a point's files could overwrite the safe's own
         raise UsageError(f"{target}: is inside the safe {safe.path}; restore somewhere else")
     r = Restorer(safe, force, progress)
-    if point["kind"] == "volume":
+    if point.kind == "volume":
         if subpath:
             raise UsageError("--path applies to tree points; this point is a volume")
         return r.restore_volume(point, Path(target))

@@ -16,6 +16,8 @@ import json
 import logging
 from pathlib import Path
 
+from pointsafe.cas import Point, latest_per
+
 from .clock import human_duration, iso, now, parse_iso, real_now
 from .config import effective, interval_for, load
 from .db import ensure_tables, get_json, id_key, key_id, next_id, put_json
@@ -96,17 +98,11 @@ def sweep_abandoned(index) -> list[dict]:
     return out
 
 
-def source_points(index) -> dict[str, dict]:
-    """The newest point of each source (by point name), read straight from the index."""
-    newest: dict[str, dict] = {}
+def source_points(index) -> dict[str, Point]:
+    """The newest point of each source (by point name, the one order), read straight from the index."""
     with index.read() as t:
-        for _, v in t.cursor(db=index.db["points"]):
-            p = json.loads(v)
-            name = p.get("name") or p.get("source") or "?"
-            cur = newest.get(name)
-            if cur is None or (p.get("finished") or p.get("started") or "") > (cur.get("finished") or cur.get("started") or ""):
-                newest[name] = p
-    return newest
+        points = [Point.from_json(v) for _, v in t.cursor(db=index.db["points"])]
+    return latest_per(points, lambda p: p.name or p.source or "?")
 
 
 def stale_sources(index, settings: dict[str, str]) -> list[dict]:
@@ -115,12 +111,12 @@ def stale_sources(index, settings: dict[str, str]) -> list[dict]:
     t_now = now()
     for name, p in sorted(source_points(index).items()):
         limit = interval_for(settings, name)
-        when = p.get("finished") or p.get("started")
+        when = p.taken
         if limit is None or not when:
             continue
         age = (t_now - parse_iso(when)).total_seconds()
         if age > limit:
-            out.append({"name": name, "point": p["id"], "finished": when, "age": age, "interval": limit})
+            out.append({"name": name, "point": p.id, "finished": when, "age": age, "interval": limit})
     return out
 
 

@@ -11,7 +11,7 @@ import os
 import re
 from datetime import datetime, timedelta, timezone
 
-from pointsafe.cas import UsageError, parse_time
+from pointsafe.cas import UsageError, format_utc, parse_time, parse_utc
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
@@ -30,12 +30,13 @@ def now() -> datetime:
 
 
 def iso(dt: datetime) -> str:
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """``dt`` as stored ISO UTC text (``pointsafe.cas.format_utc``)."""
+    return format_utc(dt)
 
 
 def parse_iso(text: str) -> datetime:
-    """A stored ISO UTC string (``...Z``) as an aware datetime."""
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    """A stored ISO UTC string (``...Z``) as an aware datetime (``pointsafe.cas.parse_utc``)."""
+    return parse_utc(text)
 
 
 def parse_duration(text: str) -> float:

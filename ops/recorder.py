@@ -38,7 +38,6 @@ process to open one environment twice).
 from __future__ import annotations
 
 import gc as _pygc
-import json
 import logging
 import os
 import signal
@@ -49,7 +48,7 @@ from typing import Any
 
 import lmdb
 
-from pointsafe.cas import SafeError
+from pointsafe.cas import Point, SafeError
 from pointsafe.cas.store import INDEX_DIR, set_space_check
 
 from . import alerts, config, logs, quota, tasks
@@ -150,8 +149,8 @@ class _Recorder:
                     if self.kind == "backup" and state in ("ok", "warning") and "point" not in fields:
                         p = self._new_point(idx)
                         if p:
-                            fields.setdefault("point", p["id"])
-                            fields.setdefault("name", p.get("name"))
+                            fields.setdefault("point", p.id)
+                            fields.setdefault("name", p.name)
                     rec = tasks.finish(idx, self.task["id"], state, error=error, fields=fields,
                                        warnings=active.warnings, warning_count=active.warning_count,
                                        exit_code=code if exc is None else _exit_code_of(exc))
@@ -203,13 +202,13 @@ class _Recorder:
             return "warning", None
         return "error", reported or f"the command exited with code {code}"
 
-    def _new_point(self, idx) -> dict | None:
+    def _new_point(self, idx) -> Point | None:
         started = self.task["started"]
         best = None
         with idx.read() as t:
             for _, v in t.cursor(db=idx.db["points"]):
-                p = json.loads(v)
-                if (p.get("finished") or "") >= started and (best is None or p["finished"] > best["finished"]):
+                p = Point.from_json(v)
+                if (p.finished or "") >= started and (best is None or p.finished > best.finished):
                     best = p
         return best
 

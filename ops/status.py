@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pointsafe.cas import Point
 from . import alerts, config, quota, tasks
 from .clock import iso, now, parse_iso
 
@@ -42,9 +43,9 @@ def _file_bytes(path: Path) -> int:
         return 0
 
 
-def point_size(p: dict) -> int:
+def point_size(p: Point) -> int:
     """Logical bytes of a point: a volume's image size, a tree's total file bytes."""
-    return int(p.get("size") or (p.get("stats") or {}).get("size") or 0)
+    return int(p.size or p.stats.get("size") or 0)
 
 
 def safe_summary(safe) -> dict:
@@ -85,15 +86,13 @@ def sources_summary(safe, settings: dict[str, str]) -> list[dict]:
     idx = safe.index
     t_now = now()
     by_name: dict[str, dict] = {}
-    for p in safe.points():
-        name = p.get("name") or p.get("source") or "?"
-        s = by_name.setdefault(name, {"name": name, "points": 0, "source": p.get("source"),
-                                      "kind": p.get("kind"), "last_point": None})
+    for p in safe.points():     # oldest first (the one order): a name's last point seen is its newest
+        name = p.name or p.source or "?"
+        s = by_name.setdefault(name, {"name": name, "points": 0, "source": p.source,
+                                      "kind": p.kind, "last_point": None})
         s["points"] += 1
-        when = p.get("finished") or p.get("started")
-        if s["last_point"] is None or when > s["last_point"]["finished"]:
-            s["last_point"] = {"id": p["id"], "finished": when, "warnings": len(p.get("warnings") or [])}
-            s["source"] = p.get("source")
+        s["last_point"] = {"id": p.id, "finished": p.taken, "warnings": len(p.warnings)}
+        s["source"] = p.source
     # A backup refused for a usage error (a mistyped source or name) is no source's task.
     backups = [t for t in tasks.list_tasks(idx, kind="backup") if t["state"] != "usage"]
     for t in backups:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pointsafe.cas import Point
 from pointsafe.fusefs.layout import Layout
 
 
-def _p(pid: str, started: str, name: str = "www") -> dict:
-    return {"id": pid, "started": started, "name": name, "kind": "tree"}
+def _p(pid: str, started: str, name: str = "www") -> Point:
+    return Point.from_record({"id": pid, "started": started, "name": name, "kind": "tree"})
 
 
 def test_names_are_time_sortable_unique_and_grouped():

@@ -7,15 +7,15 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from pointsafe.cas import Safe, utc_now_iso
+from pointsafe.cas import Point, Safe, utc_now_iso
 from pointsafe.gc.retention import Policy, bucket, plan, select
 
 
-def _pt(i: int, when: datetime, name: str = "web") -> dict:
-    return {"id": f"{i:064x}", "name": name, "started": when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+def _pt(i: int, when: datetime, name: str = "web") -> Point:
+    return Point.from_record({"id": f"{i:064x}", "name": name, "started": when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")})
 
 
-def _hourly_points(n: int, start: datetime, step: timedelta, name: str = "web") -> list[dict]:
+def _hourly_points(n: int, start: datetime, step: timedelta, name: str = "web") -> list[Point]:
     return [_pt(i + (0 if name == "web" else 10_000), start + i * step, name) for i in range(n)]
 
 
@@ -99,7 +99,7 @@ def _synthetic_safe(safe_dir, stamps: dict[str, list[datetime]]) -> dict[str, li
     with Safe.open(safe_dir) as safe, safe.writer("test") as w:
         for name, times in stamps.items():
             for t in times:
-                rec = make_point(w, name, {b"f": [t.isoformat().encode() * 100]})
+                rec = make_point(w, name, {b"f": [t.isoformat().encode() * 100]}).to_record()
                 # rewrite the record's time: point records are JSON in the points table
                 rec["started"] = rec["finished"] = t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
                 w.flush(extra=lambda txn, r=rec: txn.put(bytes.fromhex(r["id"]), json.dumps(r, sort_keys=True).encode(),
