@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from pointsafe.cas import BlobReader, Safe, tree_pages
+from pointsafe.cas import BlobReader, Point, Safe, tree_pages
 from pointsafe.fusefs.view import (ROOT_INO, BadHandle, IsADir, NoAttr, Node, NotADir, NotALink, NotFound,
                                    ReadOnly, View)
 
@@ -36,10 +36,10 @@ def backup(safe: Path, src: Path, name: str, *extra) -> dict:
 
 
 @contextmanager
-def open_view(safe: Path, point: dict | None = None, **kw):
-    """A View of ``point`` (or of the whole safe), closed afterwards."""
+def open_view(safe: Path, point: dict | Point | None = None, **kw):
+    """A View of ``point`` (a record or a Point; or of the whole safe), closed afterwards."""
     s = Safe.open(safe)
-    v = View(s, point, **kw)
+    v = View(s, Point.from_record(point) if isinstance(point, dict) else point, **kw)
     try:
         yield v
     finally:
