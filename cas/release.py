@@ -45,6 +45,7 @@ RESERVE_NAME = "reserve"
 RESERVE_BYTES = 4 * 1024 * 1024   # room for the index commits that delete dead packs
 LOW_SPACE = 4 * RESERVE_BYTES       # below this much free space, forget and gc use the reserve
 TIGHT_BATCH = 1024                  # keys per transaction when space is low (few new pages each)
+NO_ROOM = 256 * 1024                # with less free (reserve included), forget and gc do not start
 
 
 def queue_db(idx):
@@ -177,12 +178,21 @@ def low_space(safe) -> bool:
     return free_bytes(safe) < LOW_SPACE
 
 
-def disk_full_error(safe, what: str) -> DiskFull:
-    """The one line that says what to do when ``what`` found no room for an index commit."""
+def disk_full_error(safe, what: str, done: str = "") -> DiskFull:
+    """The one line that says what to do when ``what`` found no room for an index commit;
+    ``done``: what was committed before (it stays), else nothing was changed."""
     free = free_bytes(safe)
+    after = f"{done}; " if done else "nothing was changed; "
     return DiskFull(f"disk full: {what} needs about {RESERVE_BYTES >> 20} MiB free to update the "
-                    f"index and the safe's filesystem has {free >> 10} KiB; free that much (move or "
-                    f"delete any file on it) and run the command again")
+                    f"index and the safe's filesystem has {free >> 10} KiB; {after}free that much "
+                    f"(move or delete any file on it) and run the command again")
+
+
+def check_room(safe, what: str) -> None:
+    """Refuse to start ``what`` (raise DiskFull, nothing changed) when the filesystem has no
+    room at all for index commits, the reserve included."""
+    if free_bytes(safe) + reserve_size(safe) < NO_ROOM:
+        raise disk_full_error(safe, what)
 
 
 def is_disk_full(e: BaseException, safe) -> bool:

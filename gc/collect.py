@@ -42,7 +42,7 @@ from pointsafe.cas.pack import PACK_HEADER
 from pointsafe.cas.relocate import (BATCH_BYTES, Relocator, bury_orphans, drop_dead,
                                     drop_empty_packs)
 from pointsafe.cas.release import (DRAIN_BATCH, QUEUE, RESERVE_BYTES, TIGHT_BATCH,
-                                   disk_full_error, drain, free_bytes, is_disk_full,
+                                   check_room, disk_full_error, drain, free_bytes, is_disk_full,
                                    keep_reserve, low_space, release_reserve, reserve_size)
 
 from .compact import candidates, compact
@@ -414,6 +414,7 @@ def execute(w, plan: GcPlan, measure: bool = True) -> GcReport:
     _, r.size_before = packs_on_disk(safe)
     tight = low_space(safe)
     if tight:
+        check_room(safe, "gc")   # nothing at all free: say so before changing anything
         release_reserve(safe)    # room for the index commits that delete dead packs
     try:
         with _small_transactions(tight):
@@ -423,7 +424,7 @@ def execute(w, plan: GcPlan, measure: bool = True) -> GcReport:
             empty = drop_empty_packs(w)
     except Exception as e:
         if is_disk_full(e, safe):
-            raise disk_full_error(safe, "gc") from None
+            raise disk_full_error(safe, "gc", "what it committed before stays done") from None
         raise
     r.objects_freed, r.dead_bytes_freed = drop.objects, drop.bytes
     deleted = drop.packs_deleted + empty.packs_deleted
@@ -441,7 +442,7 @@ def execute(w, plan: GcPlan, measure: bool = True) -> GcReport:
     except BaseException as e:
         rel.abort()
         if isinstance(e, Exception) and is_disk_full(e, safe):
-            raise disk_full_error(safe, "gc's compaction") from None
+            raise disk_full_error(safe, "gc's compaction", "the dead packs are deleted") from None
         raise
     r.packs_rewritten = _names(res.rewritten)
     alive = safe.pack_entries()

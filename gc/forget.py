@@ -16,8 +16,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from pointsafe.cas import UsageError, resolve_point
-from pointsafe.cas.release import (DRAIN_BATCH, TIGHT_BATCH, disk_full_error, drain, forget_points,
-                                   is_disk_full, keep_reserve, low_space, queued, release_reserve)
+from pointsafe.cas.release import (DRAIN_BATCH, TIGHT_BATCH, check_room, disk_full_error, drain,
+                                   forget_points_queued, is_disk_full, keep_reserve, low_space, queued,
+                                   release_reserve)
 
 from . import retention
 from .retention import Decision, Policy
@@ -76,25 +77,38 @@ def forget(safe, decisions: list[Decision], dry_run: bool = False,
     if not drop and not queued(safe.index):
         return r
     tight = low_space(safe)
+    if tight:
+        check_room(safe, "forget")
     batch = TIGHT_BATCH if tight else DRAIN_BATCH
     try:
         with safe.writer("forget") as w:
             if tight:
                 release_reserve(safe)     # room for the index commits
-            if not drop:                  # an interrupted forget's queued drops: finish them
-                r.objects_freed = drain(w, batch)
-                return r
-            dead_before = sum(pe.dead_bytes for pe in safe.pack_entries().values())
-            live = {p["id"] for p in safe.points()}
-            for i in range(0, len(drop), GROUP):
-                group = [k for k in drop[i:i + GROUP] if k.hex() in live]
-                if group:
-                    r.objects_freed += forget_points(w, group, batch)
-                    r.points_dropped += len(group)
-            r.dead_bytes = sum(pe.dead_bytes for pe in safe.pack_entries().values()) - dead_before
+            dead_before = _dead_bytes(safe)
+            if drop:
+                _drop_points(safe, w, drop, r)
+            r.objects_freed += drain(w, batch)   # cascade (and finish an interrupted forget)
     except Exception as e:
         if is_disk_full(e, safe):
-            raise disk_full_error(safe, "forget") from None
+            done = (f"the {r.points_dropped} points are forgotten and what they alone held waits in "
+                    "the release queue ('pointsafe gc' finishes it)" if r.points_dropped else "")
+            raise disk_full_error(safe, "forget", done) from None
         raise
+    r.dead_bytes = _dead_bytes(safe) - dead_before
     keep_reserve(safe)
     return r
+
+
+def _dead_bytes(safe) -> int:
+    return sum(pe.dead_bytes for pe in safe.pack_entries().values())
+
+
+def _drop_points(safe, w, drop: list[bytes], r: ForgetReport) -> None:
+    """Commit the points' removal and queue their release, GROUP points per commit (the
+    cascade is drained afterwards)."""
+    live = {p["id"] for p in safe.points()}
+    for i in range(0, len(drop), GROUP):
+        group = [k for k in drop[i:i + GROUP] if k.hex() in live]
+        if group:
+            forget_points_queued(w, group)
+            r.points_dropped += len(group)
