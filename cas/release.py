@@ -93,14 +93,17 @@ def drain(w: Writer, batch: int = DRAIN_BATCH) -> int:
     while True:
         with idx.write() as txn:
             items = []
-            for k, v in txn.cursor(db=q):
-                items.append((bytes(k), _U32.unpack(v)[0]))
+            for k in txn.cursor(db=q).iternext(keys=True, values=False):
+                items.append(bytes(k))
                 if len(items) >= batch:
                     break
             if not items:
                 return died
             packs: dict[int, PackEntry] = {}
-            for key, n in items:
+            for key in items:
+                # Read the count now, not with the batch: an object dying earlier in this batch
+                # may have queued one more drop for a key further on.
+                n = _U32.unpack(txn.get(key, db=q))[0]
                 txn.delete(key, db=q)
                 e = idx.get_object(txn, key)
                 if e is None:

@@ -159,3 +159,25 @@ def test_forget_points_is_one_commit_then_a_drain(tmp_path):
         a = audit(safe)
         assert a.ok, a.errors
         assert a.dead == died
+
+
+def test_forget_drops_every_count_when_a_chunk_and_its_other_parent_die_in_one_batch(tmp_path):
+    """A chunk that is both a file of its own and a chunk of another file is released twice
+    while the queue drains; when the other file's list node comes first in the same batch, the
+    drop it queues for the chunk must not be lost (the count would stay 1 for ever)."""
+    rng = random.Random(4)
+    path = tmp_path / "safe"
+    Safe.init(path, pack_size=PACK).close()
+    with Safe.open(path) as safe:
+        with safe.writer("test") as w:
+            files = {}
+            for i in range(8):
+                c = rng.randbytes(3000)
+                files[f"one{i}".encode()] = [c]                      # the tree names the chunk
+                files[f"two{i}".encode()] = [c, rng.randbytes(3000)]  # and so does a list node
+            gone = make_point(w, "x", files, fanout=4)
+        with safe.writer("test") as w:
+            died = forget_points(w, [bytes.fromhex(gone["id"])])
+        a = audit(safe)
+        assert a.ok, a.errors
+        assert died == a.dead and died == 1 + 1 + 8 + 16        # point, tree, lists, chunks
