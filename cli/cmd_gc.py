@@ -9,7 +9,15 @@ from pointsafe.gc.retention import RULES, Policy
 # The gc jobs are imported when a command runs, not when the CLI starts.
 DEFAULT_THRESHOLD = 0.20   # pointsafe.gc.collect.DEFAULT_THRESHOLD (checked by a test)
 
-from .common import EXIT_OK, EXIT_WARNINGS, add_common, emit_json, human_bytes, open_safe, say
+from .common import (
+    EXIT_OK,
+    EXIT_WARNINGS,
+    add_common,
+    emit_json,
+    human_bytes,
+    open_safe,
+    say,
+)
 
 FORGET_DESC = """\
 Forget recovery points: name them (POINT is an id prefix, latest, NAME@latest or NAME@TIME),

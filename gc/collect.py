@@ -31,19 +31,35 @@ import math
 import os
 import sqlite3
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
 
-from pointsafe.cas import Kind, SafeError, node_children
-from pointsafe.cas import relocate
-from pointsafe.cas.index import FLAG_DEAD, FLAG_PINNED, ObjectEntry, PackEntry
-from pointsafe.cas.pack import PACK_HEADER
-from pointsafe.cas.relocate import (BATCH_BYTES, Relocator, bury_orphans, drop_dead,
-                                    drop_empty_packs)
-from pointsafe.cas.release import (DRAIN_BATCH, QUEUE, RESERVE_BYTES, TIGHT_BATCH,
-                                   check_room, disk_full_error, drain, free_bytes, is_disk_full,
-                                   keep_reserve, low_space, release_reserve, reserve_size)
+from pointsafe.cas import Kind, SafeError, node_children, relocate
+from pointsafe.cas.index import FLAG_DEAD, FLAG_PINNED, OBJ, ObjectEntry, PackEntry
+from pointsafe.cas.pack import PACK_HEADER, REC_HEADER_SIZE
+from pointsafe.cas.release import (
+    DRAIN_BATCH,
+    QUEUE,
+    RESERVE_BYTES,
+    TIGHT_BATCH,
+    check_room,
+    disk_full_error,
+    drain,
+    free_bytes,
+    is_disk_full,
+    keep_reserve,
+    low_space,
+    release_reserve,
+    reserve_size,
+)
+from pointsafe.cas.relocate import (
+    BATCH_BYTES,
+    Relocator,
+    bury_orphans,
+    drop_dead,
+    drop_empty_packs,
+)
 
 from .compact import candidates, compact
 from .fragmentation import cached_fragmentation, fragmentation
@@ -257,12 +273,28 @@ def _table_batches(idx, db) -> Iterator[list[tuple[bytes, bytes]]]:
 
 
 def _zero(sim: _Simulation) -> Iterator[tuple[bytes, ObjectEntry]]:
-    """(key, entry) of every indexed object the ``zero`` table lists."""
-    for batch in _table_batches(sim.idx, sim.idx.db["zero"]):
-        for key, _ in batch:
-            e = sim.entry(key)
-            if e is not None:
-                yield key, e
+    """Walk the ``zero`` table: count every dead object in ``sim`` (it leaves the index) and
+    yield (key, entry) of each orphan (count 0, neither dead nor pinned). The dead are the
+    bulk: their entries are unpacked, not decoded, in one read transaction per batch."""
+    idx = sim.idx
+    objects = idx.db["objects"]
+    drop_objects, drop_bytes = sim.drop_objects, sim.drop_bytes
+    for batch in _table_batches(idx, idx.db["zero"]):
+        orphans = []
+        with idx.read() as txn:
+            for key, _ in batch:
+                v = txn.get(key, db=objects)
+                if v is None:
+                    continue
+                pack, _, stored, _, _, _, flags, refcount = OBJ.unpack(v)
+                if refcount or flags & FLAG_PINNED:
+                    continue
+                if flags & FLAG_DEAD:
+                    drop_objects[pack] = drop_objects.get(pack, 0) + 1
+                    drop_bytes[pack] = drop_bytes.get(pack, 0) + REC_HEADER_SIZE + stored
+                else:
+                    orphans.append((key, ObjectEntry.decode(v)))
+        yield from orphans
 
 
 def _queue(sim: _Simulation) -> Iterator[tuple[bytes, int]]:
@@ -284,21 +316,10 @@ def plan_gc(safe, threshold: float = DEFAULT_THRESHOLD) -> GcPlan:
         for key, n in _queue(sim):            # step 0: drain
             queued += 1
             released += sim.cascade([(key, n)])
-        dead_now = []                          # counted after the cascades: no double count
-        for key, e in _zero(sim):             # step 1: bury (and what is dead already)
-            if e.refcount or e.flags & FLAG_PINNED:
-                continue
-            if e.flags & FLAG_DEAD:
-                dead_now.append(e)
-            elif not sim.overlay.get(key)[1]:   # not killed by the queue's cascade
+        for key, e in _zero(sim):             # step 1: bury (the dead are counted by _zero)
+            if not sim.overlay.get(key)[1]:   # not killed by the queue's cascade
                 orphans += 1
                 buried += sim.bury(key, e)
-            if len(dead_now) >= READ_BATCH:
-                for d in dead_now:
-                    sim.dropped(d)
-                dead_now.clear()
-        for d in dead_now:
-            sim.dropped(d)
     finally:
         sim.close()
     return _plan_packs(safe, threshold, sim, queued, released, orphans, buried)

@@ -16,9 +16,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from pointsafe.cas import UsageError, resolve_point
-from pointsafe.cas.release import (DRAIN_BATCH, TIGHT_BATCH, check_room, disk_full_error, drain,
-                                   forget_points_queued, is_disk_full, keep_reserve, low_space, queued,
-                                   release_reserve)
+from pointsafe.cas.release import (
+    DRAIN_BATCH,
+    TIGHT_BATCH,
+    check_room,
+    disk_full_error,
+    drain,
+    forget_points_queued,
+    is_disk_full,
+    keep_reserve,
+    low_space,
+    queued,
+    release_reserve,
+)
 
 from . import retention
 from .retention import Decision, Policy

@@ -9,16 +9,14 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
+from _gc_util import point_digests, source_digests
 from conftest import needs_root
 from pointsafe.cas import Safe, verify
 from pointsafe.cas.release import RESERVE_BYTES
-
-from _gc_util import point_digests, source_digests
 
 pytestmark = [needs_root, pytest.mark.skipif(shutil.which("mkfs.ext4") is None, reason="needs mkfs.ext4")]
 

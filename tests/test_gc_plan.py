@@ -9,14 +9,13 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
+from _cas_util import make_point
+from _gc_util import pack_bytes, point_digests, reachable
 from pointsafe.cas import Kind, Safe, verify
 from pointsafe.cas.audit import audit
 from pointsafe.cas.release import forget_points, forget_points_queued, queued
 from pointsafe.gc import collect as gc_collect
 from pointsafe.gc.collect import plan_gc, run_gc
-
-from _cas_util import make_point
-from _gc_util import pack_bytes, point_digests, reachable
 
 PACK = 256 * 1024
 
@@ -51,9 +50,9 @@ def _messy_safe(tmp_path: Path) -> tuple[Path, dict, list[bytes]]:
 
 def make_point_like_orphan(w, parts: list[bytes]) -> bytes:
     """What a killed backup leaves: blobs and a tree committed, the point never written."""
+    from _cas_util import put_blob
     from pointsafe.cas import encode_tree
     from pointsafe.cas.tree import REG, Entry
-    from _cas_util import put_blob
     entries = []
     for i in range(0, len(parts), 4):
         root, size = put_blob(w, parts[i:i + 4], 2)
