@@ -272,6 +272,28 @@ def _table_batches(idx, db) -> Iterator[list[tuple[bytes, bytes]]]:
         after = items[-1][0]
 
 
+def _zero_keys(idx) -> Iterator[list[bytes]]:
+    """The keys of the ``zero`` table in batches, each read in its own short transaction."""
+    after: bytes | None = None
+    while True:
+        with idx.read() as txn:
+            cur = txn.cursor(db=idx.db["zero"])
+            if after is None:
+                ok = cur.first()
+            else:
+                ok = cur.set_range(after) and (cur.key() != after or cur.next())
+            keys = []
+            if ok:
+                for k in cur.iternext(keys=True, values=False):
+                    keys.append(k)
+                    if len(keys) >= READ_BATCH:
+                        break
+        if not keys:
+            return
+        yield keys
+        after = keys[-1]
+
+
 def _zero(sim: _Simulation) -> Iterator[tuple[bytes, ObjectEntry]]:
     """Walk the ``zero`` table: count every dead object in ``sim`` (it leaves the index) and
     yield (key, entry) of each orphan (count 0, neither dead nor pinned). The dead are the
@@ -279,21 +301,19 @@ def _zero(sim: _Simulation) -> Iterator[tuple[bytes, ObjectEntry]]:
     idx = sim.idx
     objects = idx.db["objects"]
     drop_objects, drop_bytes = sim.drop_objects, sim.drop_bytes
-    for batch in _table_batches(idx, idx.db["zero"]):
+    for batch in _zero_keys(idx):
         orphans = []
         with idx.read() as txn:
-            for key, _ in batch:
-                v = txn.get(key, db=objects)
-                if v is None:
-                    continue
-                pack, _, stored, _, _, _, flags, refcount = OBJ.unpack(v)
-                if refcount or flags & FLAG_PINNED:
-                    continue
-                if flags & FLAG_DEAD:
-                    drop_objects[pack] = drop_objects.get(pack, 0) + 1
-                    drop_bytes[pack] = drop_bytes.get(pack, 0) + REC_HEADER_SIZE + stored
-                else:
-                    orphans.append((key, ObjectEntry.decode(v)))
+            found = txn.cursor(db=objects).getmulti(batch)   # one C loop per batch
+        for key, v in found:
+            pack, _, stored, _, _, _, flags, refcount = OBJ.unpack(v)
+            if refcount or flags & FLAG_PINNED:
+                continue
+            if flags & FLAG_DEAD:
+                drop_objects[pack] = drop_objects.get(pack, 0) + 1
+                drop_bytes[pack] = drop_bytes.get(pack, 0) + REC_HEADER_SIZE + stored
+            else:
+                orphans.append((key, ObjectEntry.decode(v)))
         yield from orphans
 
 

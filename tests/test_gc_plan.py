@@ -103,10 +103,12 @@ def test_the_dry_run_says_what_the_run_does_with_orphans_and_a_queued_forget(tmp
 
 
 def test_the_plan_is_the_same_when_its_overlay_spills_to_disk(tmp_path, monkeypatch):
+    """Small batches and a spilled overlay (what a big safe sees) change nothing."""
     path, _, _ = _messy_safe(tmp_path)
     with Safe.open(path) as safe:
         in_memory = plan_gc(safe, 0.3)
         monkeypatch.setattr(gc_collect, "SPILL", 5)
+        monkeypatch.setattr(gc_collect, "READ_BATCH", 3)
         spills = []
         real_spill = gc_collect._Overlay._spill
         monkeypatch.setattr(gc_collect._Overlay, "_spill", lambda self: (spills.append(1), real_spill(self)))
