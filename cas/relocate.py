@@ -38,7 +38,7 @@ LAYOUT_GEN = "layout_gen"   # meta counter bumped whenever objects move (fragmen
 
 # -- dead objects --------------------------------------------------------------------------
 
-def _zero_batches(idx) -> Iterator[list[bytes]]:
+def _zero_batches(idx, batch: int = ZERO_BATCH) -> Iterator[list[bytes]]:
     """The keys of the ``zero`` table in batches, each read in its own short transaction."""
     after: bytes | None = None
     while True:
@@ -46,7 +46,7 @@ def _zero_batches(idx) -> Iterator[list[bytes]]:
         with idx.read() as txn:
             cur = txn.cursor(db=idx.db["zero"])
             ok = cur.set_range(after) if after is not None else cur.first()
-            while ok and len(keys) < ZERO_BATCH:
+            while ok and len(keys) < batch:
                 k = cur.key()
                 if k != after:
                     keys.append(k)
@@ -57,13 +57,13 @@ def _zero_batches(idx) -> Iterator[list[bytes]]:
         after = keys[-1]
 
 
-def bury_orphans(w: Writer) -> int:
+def bury_orphans(w: Writer, batch: int = ZERO_BATCH) -> int:
     """Mark dead every unpinned object left at count 0 and not dead yet (a crashed backup's
     orphans), cascading to their children, in bounded transactions.
     Correct only under the writer lock (no backup can be linking these objects)."""
     idx = w.index
     died = 0
-    for keys in _zero_batches(idx):
+    for keys in _zero_batches(idx, batch):
         with idx.write() as txn:
             rc = w.refs(txn)
             stack: list[bytes] = []
@@ -85,30 +85,12 @@ class DropStats:
     bytes_reclaimed: int = 0  # file bytes of the packs deleted
 
 
-def count_dead(safe) -> tuple[int, int, int]:
-    """(dead objects, their record bytes, orphans) in the ``zero`` table; reads only."""
-    idx = safe.index
-    n = b = orphans = 0
-    for keys in _zero_batches(idx):
-        with idx.read() as txn:
-            for key in keys:
-                e = idx.get_object(txn, key)
-                if e is None or e.refcount:
-                    continue
-                if e.flags & FLAG_DEAD:
-                    n += 1
-                    b += e.record_len
-                elif not e.flags & FLAG_PINNED:
-                    orphans += 1
-    return n, b, orphans
-
-
-def drop_dead(w: Writer) -> DropStats:
+def drop_dead(w: Writer, batch: int = ZERO_BATCH) -> DropStats:
     """Remove every dead object (count 0, FLAG_DEAD) from the index; delete the packs left
     naming no object. An object with a non-zero count is never removed, whatever its flags."""
     idx = w.index
     st = DropStats()
-    for keys in _zero_batches(idx):
+    for keys in _zero_batches(idx, batch):
         doomed: list[tuple[int, int]] = []
         with idx.write() as txn:
             packs: dict[int, PackEntry] = {}

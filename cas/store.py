@@ -468,13 +468,6 @@ class Writer:
 
     # -- releasing ----------------------------------------------------------------------
 
-    def forget_points(self, point_keys: list[bytes]) -> int:
-        """Forget points through the one forget path (cas/release.py); returns how many
-        objects died."""
-        from .release import drain, forget_points_queued
-        forget_points_queued(self, point_keys)
-        return drain(self)
-
     def release(self, txn, keys: Iterable[bytes]) -> int:
         """Drop one reference from each of ``keys`` inside ``txn``, cascading at zero.
 

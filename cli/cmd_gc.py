@@ -9,7 +9,15 @@ from pointsafe.gc.retention import RULES, Policy
 # The gc jobs are imported when a command runs, not when the CLI starts.
 DEFAULT_THRESHOLD = 0.20   # pointsafe.gc.collect.DEFAULT_THRESHOLD (checked by a test)
 
-from .common import EXIT_OK, EXIT_WARNINGS, add_common, emit_json, human_bytes, open_safe, say
+from .common import (
+    EXIT_OK,
+    EXIT_WARNINGS,
+    add_common,
+    emit_json,
+    human_bytes,
+    open_safe,
+    say,
+)
 
 FORGET_DESC = """\
 Forget recovery points: name them (POINT is an id prefix, latest, NAME@latest or NAME@TIME),
@@ -28,6 +36,10 @@ GC_DESC = """\
 Give space back: mark dead the objects an interrupted backup left unreferenced, remove dead
 objects from the index, delete packs that hold nothing live, and rewrite packs whose dead
 share is at least --threshold percent (copying their live records into new packs).
+gc first makes a plan (reads only) and prints it; --dry-run stops there, a real run then
+executes that plan and says what it did. On a full disk gc deletes dead packs first (using the
+safe's small space reserve for its index commits) and skips compaction, saying how much free
+space it needs, when there is no room for the new packs.
 Crash-safe at any instant; a rerun finishes the job. Holds the safe's writer lock: a backup
 started meanwhile is told to wait. Mounts keep reading correct data throughout."""
 
@@ -123,16 +135,36 @@ def cmd_forget(args) -> int:
     return EXIT_OK
 
 
+def _say_plan(args, p: dict, pre: str) -> None:
+    """The plan's lines (``p`` is ``GcPlan.as_dict()``); ``pre`` starts each line."""
+    cascade = ""
+    if p["queued"]:
+        cascade += f", finish an interrupted forget ({p['released']} objects die)"
+    if p["orphans"]:
+        cascade += (f", bury {p['orphans']} orphans of an interrupted backup "
+                    f"({p['orphans_buried']} objects die with what only they reach)")
+    say(args, f"{pre}free {p['objects_dropped']} dead objects ({human_bytes(p['dead_bytes'])}){cascade}")
+    rewrite = (f"rewrite {len(p['rewrite'])} packs (moving {p['objects_moved']} objects, "
+               f"{human_bytes(p['bytes_moved'])})" if p["compact"] else
+               f"skip the compaction of {len(p['rewrite'])} packs (no room)")
+    say(args, f"{pre}delete {len(p['delete'])} packs, {rewrite}; "
+              f"reclaim {human_bytes(p['bytes_reclaimed'])} of {human_bytes(p['size_before'])}")
+
+
 def _say_gc(args, r) -> None:
-    pre = "dry run: would " if r.dry_run else ""
-    say(args, f"{pre}free {r.objects_freed} dead objects ({human_bytes(r.dead_bytes_freed)}), "
-              f"bury {r.orphans_buried} orphans")
-    say(args, f"{pre}delete {len(r.packs_deleted)} packs, rewrite {len(r.packs_rewritten)} packs "
-              f"(moving {human_bytes(r.bytes_moved)}"
-              f"{'' if r.dry_run else f' into {len(r.packs_written)} new packs'})")
-    say(args, f"{'would reclaim' if r.dry_run else 'reclaimed'} {human_bytes(r.bytes_reclaimed)}: "
-              f"packs {human_bytes(r.size_before)} -> {human_bytes(r.size_after)}")
-    say(args, f"fragmentation: {_frag(r.fragmentation_before)} -> {_frag(r.fragmentation_after)}")
+    if r.dry_run:
+        _say_plan(args, r.plan, "dry run: would ")
+        say(args, f"fragmentation now: {_frag(r.fragmentation_before)}")
+    else:
+        _say_plan(args, r.plan, "plan: ")
+        buried = f"; buried {r.orphans_buried} orphans and what only they reached" if r.orphans_buried else ""
+        say(args, f"done: freed {r.objects_freed} dead objects ({human_bytes(r.dead_bytes_freed)}){buried}")
+        say(args, f"done: deleted {len(r.packs_deleted)} packs, rewrote {len(r.packs_rewritten)} packs "
+                  f"(moving {r.objects_moved} objects, {human_bytes(r.bytes_moved)}, "
+                  f"into {len(r.packs_written)} new packs)")
+        say(args, f"reclaimed {human_bytes(r.bytes_reclaimed)}: "
+                  f"packs {human_bytes(r.size_before)} -> {human_bytes(r.size_after)}")
+        say(args, f"fragmentation: {_frag(r.fragmentation_before)} -> {_frag(r.fragmentation_after)}")
     for w in r.warnings:
         say(args, f"warning: {w}")
 

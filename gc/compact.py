@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pointsafe.cas import IntegrityError
+from pointsafe.cas.index import PackEntry
 from pointsafe.cas.relocate import Relocator, live_records
 
 
-@dataclass
+@dataclass(frozen=True)
 class PackCandidate:
     pack: int
     live_bytes: int
@@ -38,10 +39,17 @@ class CompactResult:
 def plan_compaction(safe, threshold: float, below: int | None = None) -> list[PackCandidate]:
     """Packs with live bytes whose dead share is >= ``threshold`` (0..1); ``below``: only
     packs with a smaller id (e.g. not the ones this run just wrote)."""
+    entries = safe.pack_entries()
+    if below is not None:
+        entries = {pid: pe for pid, pe in entries.items() if pid < below}
+    return candidates(entries, threshold)
+
+
+def candidates(entries: dict[int, PackEntry], threshold: float) -> list[PackCandidate]:
+    """The packs of ``entries`` (id -> entry, as they are or as a plan expects them to be)
+    that still index objects and whose dead share is >= ``threshold``, in id order."""
     out = []
-    for pid, pe in sorted(safe.pack_entries().items()):
-        if below is not None and pid >= below:
-            continue
+    for pid, pe in sorted(entries.items()):
         c = PackCandidate(pid, max(pe.live_bytes, 0), max(pe.dead_bytes, 0))
         if pe.objects > 0 and c.dead_bytes and c.dead_share >= threshold:
             out.append(c)
@@ -49,7 +57,9 @@ def plan_compaction(safe, threshold: float, below: int | None = None) -> list[Pa
 
 
 def compact(w, rel: Relocator, packs: list[int]) -> CompactResult:
-    """Move the live records of ``packs`` through ``rel``; the caller closes ``rel``."""
+    """Move the live records of ``packs`` through ``rel`` and release each pack once all of
+    its records are handed over; a damaged or missing pack is left as it is, with a warning.
+    The caller closes ``rel`` (its commit deletes the released packs)."""
     res = CompactResult()
     before_o, before_b = rel.objects_moved, rel.bytes_moved
     for pid in packs:

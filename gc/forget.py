@@ -5,6 +5,10 @@ from the ``points`` table and queues the release of its root, in one commit per 
 then the queue is drained in bounded transactions: counts cascade down and objects that no
 remaining point reaches are marked dead (cas/release.py). The cost follows what those points
 alone referenced; memory stays bounded however much dies. Bytes go back with ``gc``.
+
+Every forget goes through here and ``cas.release.forget_points`` (the one forget path). On a
+nearly full disk the safe's space reserve is released first so that the commits find room, and
+the transactions are small; with no room at all, one line says how much to free.
 """
 
 from __future__ import annotations
@@ -12,7 +16,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from pointsafe.cas import UsageError, resolve_point
-from pointsafe.cas.release import drain, forget_points_queued, queued
+from pointsafe.cas.release import (
+    DRAIN_BATCH,
+    TIGHT_BATCH,
+    check_room,
+    disk_full_error,
+    drain,
+    forget_points_queued,
+    is_disk_full,
+    keep_reserve,
+    low_space,
+    queued,
+    release_reserve,
+)
 
 from . import retention
 from .retention import Decision, Policy
@@ -36,7 +52,8 @@ class ForgetReport:
 
 def plan_forget(safe, specs: list[str] | None = None, policy: Policy | None = None,
                 name: str | None = None) -> list[Decision]:
-    """Decisions: named points (``specs``) are dropped; otherwise the policy decides."""
+    """Decisions (reads only): named points (``specs``) are dropped; otherwise the policy
+    decides. Raises UsageError for names that match nothing or an empty request."""
     points = safe.points()
     if specs:
         if policy is not None and not policy.empty:
@@ -57,6 +74,9 @@ def plan_forget(safe, specs: list[str] | None = None, policy: Policy | None = No
 
 def forget(safe, decisions: list[Decision], dry_run: bool = False,
            policy: Policy | None = None) -> ForgetReport:
+    """Drop the points ``decisions`` do not keep (or, with ``dry_run``, only count them); a
+    queue an interrupted forget left is finished first. Objects no remaining point reaches are
+    marked dead; ``gc`` gives their bytes back."""
     r = ForgetReport(dry_run=dry_run, policy=policy.describe() if policy else None)
     r.decisions = [d.as_dict() for d in decisions]
     drop = [bytes.fromhex(d.point.id) for d in decisions if not d.keep]
@@ -64,19 +84,41 @@ def forget(safe, decisions: list[Decision], dry_run: bool = False,
     if dry_run:
         r.points_dropped = len(drop)
         return r
-    if not drop:
-        if queued(safe.index):     # an interrupted forget's queued drops: finish them
-            with safe.writer("forget") as w:
-                r.objects_freed = drain(w)
+    if not drop and not queued(safe.index):
         return r
-    with safe.writer("forget") as w:
-        dead_before = sum(pe.dead_bytes for pe in safe.pack_entries().values())
-        live = {p.id for p in safe.points()}
-        for i in range(0, len(drop), GROUP):
-            group = [k for k in drop[i:i + GROUP] if k.hex() in live]
-            if group:
-                forget_points_queued(w, group)
-                r.points_dropped += len(group)
-        r.objects_freed = drain(w)
-        r.dead_bytes = sum(pe.dead_bytes for pe in safe.pack_entries().values()) - dead_before
+    tight = low_space(safe)
+    if tight:
+        check_room(safe, "forget")
+    batch = TIGHT_BATCH if tight else DRAIN_BATCH
+    try:
+        with safe.writer("forget") as w:
+            if tight:
+                release_reserve(safe)     # room for the index commits
+            dead_before = _dead_bytes(safe)
+            if drop:
+                _drop_points(safe, w, drop, r)
+            r.objects_freed += drain(w, batch)   # cascade (and finish an interrupted forget)
+    except Exception as e:
+        if is_disk_full(e, safe):
+            done = (f"the {r.points_dropped} points are forgotten and what they alone held waits in "
+                    "the release queue ('pointsafe gc' finishes it)" if r.points_dropped else "")
+            raise disk_full_error(safe, "forget", done) from None
+        raise
+    r.dead_bytes = _dead_bytes(safe) - dead_before
+    keep_reserve(safe)
     return r
+
+
+def _dead_bytes(safe) -> int:
+    return safe.counters().dead_bytes
+
+
+def _drop_points(safe, w, drop: list[bytes], r: ForgetReport) -> None:
+    """Commit the points' removal and queue their release, GROUP points per commit (the
+    cascade is drained afterwards)."""
+    live = {p.id for p in safe.points()}
+    for i in range(0, len(drop), GROUP):
+        group = [k for k in drop[i:i + GROUP] if k.hex() in live]
+        if group:
+            forget_points_queued(w, group)
+            r.points_dropped += len(group)

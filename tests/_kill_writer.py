@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pointsafe.cas import Kind, Safe  # noqa: E402
 from pointsafe.cas.parallel import put_many  # noqa: E402
+from pointsafe.cas.release import forget_points  # noqa: E402
 
 from _cas_util import make_point, random_bytes  # noqa: E402
 
@@ -72,7 +73,7 @@ def main() -> None:
                 elif r < 0.45 and len(live) > 3:
                     victim = live.pop(0)
                     say(f"forgetting {victim}")
-                    w.forget_points([bytes.fromhex(victim)])
+                    forget_points(w, [bytes.fromhex(victim)])
                     say(*(f"chunk {k.hex()}" for k in keys), f"forgot {victim}")
                 else:
                     w.flush()

@@ -14,6 +14,7 @@ import lmdb
 import zstandard
 
 from pointsafe.cas import Safe
+from pointsafe.cas.release import forget_points
 
 from _cas_util import make_point
 
@@ -95,7 +96,7 @@ def test_a_second_reader_from_the_format_doc(safe_dir):
             p = make_point(w, "doc", {b"a": [a, 300_000, b], b"empty": []}, fanout=2,
                            subdir={b"inner": [b]})
             gone = make_point(w, "doc", {b"x": [b"bye"]})
-            w.forget_points([bytes.fromhex(gone["id"])])
+            forget_points(w, [bytes.fromhex(gone["id"])])
 
     version, config = read_header(safe_dir)
     assert version == 2 and config["pack_size"] == 256 * 1024 and len(config["safe_id"]) == 32

@@ -10,6 +10,7 @@ import pytest
 
 from pointsafe.cas import IntegrityError, Kind, NotASafe, Safe, object_key, repair, verify
 from pointsafe.cas.pack import pack_name
+from pointsafe.cas.release import forget_points
 
 from _cas_util import check_point, flip_bit, make_point, random_bytes, record_offset_of, stored_offset
 
@@ -28,7 +29,7 @@ def filled(safe_dir):
             p2 = make_point(w, "web", {b"a": chunks[:4], b"d": chunks[8:10]})
             gone = make_point(w, "db", {b"x": chunks[10:12]})
             loose = w.put(Kind.CHUNK, b"loose chunk")
-            w.forget_points([bytes.fromhex(gone["id"])])
+            forget_points(w, [bytes.fromhex(gone["id"])])
     return safe_dir, {"p1": p1, "p2": p2, "gone": gone, "loose": loose, "chunks": chunks}
 
 
