@@ -70,7 +70,7 @@ class Meter:
     corrects) what is expected, as an estimate. Sizes are shown in binary units, as in every
     summary (``human_bytes``)."""
 
-    def __init__(self, description: str, total: int | None, on_change: Callable[["Meter"], None] | None = None):
+    def __init__(self, description: str, total: int | None, on_change: Callable[[Meter], None] | None = None):
         self.description = description
         self.total = total
         self.total_files: int | None = None
@@ -165,6 +165,7 @@ def _log_lines(meter: Meter, interval: float, stop: threading.Event, to_stderr: 
 
 @contextmanager
 def _bar(description: str, total: int | None) -> Iterator[Meter]:
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
     from rich.text import Text
 
@@ -186,7 +187,7 @@ def _bar(description: str, total: int | None) -> Iterator[Meter]:
         bar.update(task, completed=m.done, total=m.total)
 
     with Progress(TextColumn("{task.description}"), BarColumn(), Amount(), Rate(), TimeRemainingColumn(),
-                  transient=True) as bar:
+                  console=Console(stderr=True), transient=True) as bar:   # stdout is for results
         meter = Meter(description, total, changed)
         task = bar.add_task(description, total=total, meter=meter)
         yield meter

@@ -124,7 +124,7 @@ def entry_from_stat(name: bytes, st: os.stat_result) -> Entry:
 class _Dir:
     """One directory on the walk's stack."""
 
-    __slots__ = ("name", "fd", "dev", "ino", "rel", "items", "i", "j", "ahead", "sub_prev")
+    __slots__ = ("ahead", "dev", "fd", "i", "ino", "items", "j", "name", "rel", "sub_prev")
 
     def __init__(self, name: bytes, fd: int | None, dev: int, ino: int, rel: bytes):
         self.name = name

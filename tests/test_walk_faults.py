@@ -153,7 +153,8 @@ def backup_limited(safe_dir: Path, source: Path, *extra: str) -> tuple[Result, d
         resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
     env = {k: v for k, v in os.environ.items() if k != "POINTSAFE_SAFE"}
     p = subprocess.run([sys.executable, "-m", "pointsafe.cli", "--safe", str(safe_dir), "backup", str(source),
-                        "--json", *extra], capture_output=True, timeout=600, env=env, preexec_fn=limit)
+                        "--json", *extra], capture_output=True, timeout=600, env=env, preexec_fn=limit,
+                       check=False)
     r = Result(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"))
     assert "Traceback" not in r.err, r.err
     return r, (json.loads(r.out) if r.out.strip() else {})
@@ -196,7 +197,7 @@ def test_an_empty_source_is_refused_not_the_current_directory(safe_dir, tmp_path
     (cwd / "secret").write_bytes(b"not to be backed up by accident")
     env = {k: v for k, v in os.environ.items() if k != "POINTSAFE_SAFE"}
     p = subprocess.run([sys.executable, "-m", "pointsafe.cli", "--safe", str(safe_dir), "backup", ""],
-                       capture_output=True, timeout=120, cwd=cwd, env=env)
+                       capture_output=True, timeout=120, cwd=cwd, env=env, check=False)
     r = Result(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"))
     assert r.code == 1
     one_error_line(r, "source", "empty")
