@@ -45,6 +45,7 @@ PROGRESS_BYTES = 4 * 1024 * 1024   # progress is reported in steps of this many 
 PROGRESS_FILES = 256               # ... or of this many files, whichever comes first
 PATH_MAX = 4096
 VANISHED = "vanished during the backup"
+MOVED = "moved or removed during the backup; what had not been read below it is not in the point"
 
 _O_NOATIME = getattr(os, "O_NOATIME", 0)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -160,9 +161,10 @@ class TreeWalker:
 
     # -- paths, for warnings and excludes ---------------------------------------------------
 
-    def _path(self, name: bytes | None = None) -> bytes:
-        """The full path of ``name`` in the current directory (of the current directory)."""
-        parts = [d.name for d in self.stack[1:]]
+    def _path(self, name: bytes | None = None, upto: int | None = None) -> bytes:
+        """The full path of ``name`` in the current directory (or of the current directory,
+        or of the directory ``stack[upto]``)."""
+        parts = [d.name for d in self.stack[1:len(self.stack) if upto is None else upto + 1]]
         if name is not None:
             parts.append(name)
         return os.path.join(self.top, *parts) if parts else self.top
@@ -319,11 +321,14 @@ class TreeWalker:
         d.items = [(n, st, prev.get(n)) for n, st in stat_listed(d.fd, names, self._warn_at)]
 
     def _leave(self) -> None:
-        """The top directory is done: close it and make sure its parent is open again."""
+        """The top directory is done: close it; open its parent again if it was closed and
+        still has entries to back up."""
         stack = self.stack
         d = stack[-1]
-        if len(stack) > 1 and stack[-2].fd is None:
-            self._reopen_parent()
+        if len(stack) > 1:
+            parent = stack[-2]
+            if parent.fd is None and parent.i < len(parent.items):
+                self._reopen(len(stack) - 2, d)
         stack.pop()
         self._release(d)
         self.lo = min(self.lo, max(1, len(stack)))
@@ -339,39 +344,41 @@ class TreeWalker:
                 d.fd = None
             self.lo += 1
 
-    def _reopen_parent(self) -> None:
-        """Open again the parent of the top directory (its descriptor was closed by
-        _bound_fds): through ``..`` of the top one, else name by name from the deepest open
-        ancestor; each checked by device and inode. A parent that cannot be found again (moved
-        during the backup) gets a warning, and the rest of it is not backed up."""
-        child, parent = self.stack[-1], self.stack[-2]
-        fd = None
-        if child.fd is not None:
-            fd = _open_checked(child.fd, b"..", parent)
+    def _reopen(self, k: int, child: _Dir) -> None:
+        """Open ``stack[k]`` again (its descriptor was closed by _bound_fds): through ``..`` of
+        its ``child``, else name by name from the deepest open ancestor; each checked by device
+        and inode. When it cannot be reached any more (an ancestor was moved or removed during
+        the backup), one warning names the first one that is gone, and what had not been read
+        below it is not in the point."""
+        stack = self.stack
+        fd = _open_checked(child.fd, b"..", stack[k]) if child.fd is not None else None
+        broken = k + 1
         if fd is None:
-            fd = self._reopen_by_names(len(self.stack) - 2)
+            fd, broken = self._reopen_by_names(k)
         if fd is None:
-            del self.stack[-1]
-            self._warn_at(None, "moved during the backup; the rest of this directory is not backed up")
-            self.stack.append(child)
-            parent.items = parent.items[:parent.i]
+            for m in range(broken, k + 1):
+                del stack[m].items[stack[m].i:]
+            self.warn(self._path(upto=broken), MOVED)
             return
-        parent.fd = fd
-        self.lo = len(self.stack) - 2
+        stack[k].fd = fd
+        self.lo = k
 
-    def _reopen_by_names(self, k: int) -> int | None:
+    def _reopen_by_names(self, k: int) -> tuple[int | None, int]:
+        """(descriptor of stack[k], k + 1), or (None, index of the first directory on the
+        way that is not there any more)."""
+        stack = self.stack
         j = k - 1
-        while self.stack[j].fd is None:
+        while stack[j].fd is None:
             j -= 1
-        fd = self.stack[j].fd
+        fd = stack[j].fd
         for m in range(j + 1, k + 1):
-            nfd = _open_checked(fd, self.stack[m].name, self.stack[m])
-            if fd != self.stack[j].fd:
+            nfd = _open_checked(fd, stack[m].name, stack[m])
+            if fd != stack[j].fd:
                 os.close(fd)
             if nfd is None:
-                return None
+                return None, m
             fd = nfd
-        return fd
+        return fd, k + 1
 
     def _release(self, d: _Dir) -> None:
         """Stop using ``d``: no read-ahead thread may use its descriptor after it is closed."""

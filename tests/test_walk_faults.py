@@ -189,6 +189,78 @@ def test_paths_longer_than_path_max_and_deeper_than_recursion_are_backed_up_whol
         remove_tree(src)
 
 
+def make_chain(src: Path, depth: int) -> Path:
+    """src/d/d/.../d (``depth`` levels), each level also holding an empty file ``zz`` (after
+    ``d``: its turn comes when the walk climbs back), the deepest one an 8 MiB file."""
+    level = src
+    for _ in range(depth):
+        level.mkdir()
+        (level / "zz").write_bytes(b"")      # empty: never read ahead, opened when its turn comes
+        level = level / "d"
+    level.mkdir()
+    (level / "big").write_bytes(os.urandom(8 << 20))
+    return level
+
+
+def zz_levels(safe: Safe, point: dict) -> list[int]:
+    """The levels whose ``zz`` is in the point."""
+    out, e, i = [], root_entry(point), 0
+    while True:
+        names = {c.name: c for c in children(safe, e)}
+        if b"zz" in names:
+            out.append(i)
+        if b"d" not in names:
+            return out
+        e, i = names[b"d"], i + 1
+
+
+def test_a_subtree_removed_under_the_walk_is_vanished_entries(safe, tmp_path, monkeypatch):
+    """``rm -r`` of an ancestor while a file deep below it is read: each entry listed below it
+    and not read yet is "vanished during the backup"; everything above is backed up. The walk
+    keeps only the deepest directories open (here 8) and climbs back through ``..``."""
+    from pointsafe.ingest import walk
+    monkeypatch.setattr(walk, "MAX_DIR_FDS", 8)
+    src = tmp_path / "src"
+    make_chain(src, 30)
+    removed = src.joinpath(*["d"] * 10)
+    gone: list[bool] = []
+
+    def progress(nbytes: int) -> None:
+        if not gone:
+            gone.append(True)
+            remove_tree(removed)
+
+    res = backup_api(safe, str(src), BackupOptions(), progress=progress)
+    assert gone
+    got = sorted((w["path"], w["message"]) for w in res.warnings)
+    assert got == sorted((str(src.joinpath(*["d"] * i, "zz")), VANISHED) for i in range(10, 30))
+    assert zz_levels(safe, res.point) == list(range(10))
+
+
+def test_a_closed_ancestor_moved_away_is_one_warning_and_the_rest_is_backed_up(safe, tmp_path, monkeypatch):
+    """The subtree being walked is moved elsewhere and an ancestor renamed while a file deep
+    below is read: the walk climbs the moved subtree through ``..`` (checked by device and
+    inode) and backs up all of it; the ancestors it had closed cannot be found again by
+    name: one warning names the first, and what it had not read of them is not in the point."""
+    from pointsafe.ingest import walk
+    monkeypatch.setattr(walk, "MAX_DIR_FDS", 8)
+    src = tmp_path / "src"
+    make_chain(src, 30)
+    moved: list[bool] = []
+
+    def progress(nbytes: int) -> None:
+        if not moved:
+            moved.append(True)
+            os.rename(src.joinpath(*["d"] * 10), src / "elsewhere")
+            os.rename(src / "d", src / "renamed")
+
+    res = backup_api(safe, str(src), BackupOptions(), progress=progress)
+    assert moved
+    assert [(w["path"], w["message"].split(";")[0]) for w in res.warnings] == [
+        (str(src / "d"), "moved or removed during the backup")]
+    assert zz_levels(safe, res.point) == [0] + list(range(10, 30))
+
+
 # -- 2. an empty source ----------------------------------------------------------------------
 
 def test_an_empty_source_is_refused_not_the_current_directory(safe_dir, tmp_path):
