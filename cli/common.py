@@ -135,7 +135,7 @@ def progress(args, total: int | None, description: str) -> Iterator[Meter]:
         return
     stop = threading.Event()
     to_stderr = not _has_log() and not getattr(args, "quiet", False)
-    t = threading.Thread(target=_log_lines, args=(meter, interval, stop, to_stderr),
+    t = threading.Thread(target=_log_lines, args=(meter, interval, stop, to_stderr, getattr(args, "command", None)),
                          name="pointsafe-progress", daemon=True)
     t.start()
     try:
@@ -150,12 +150,12 @@ def _has_log() -> bool:
     return any(not isinstance(h, logging.NullHandler) for h in LOGGER.handlers)
 
 
-def _log_lines(meter: Meter, interval: float, stop: threading.Event, to_stderr: bool) -> None:
+def _log_lines(meter: Meter, interval: float, stop: threading.Event, to_stderr: bool, command: str | None) -> None:
     from pointsafe.ops import logs
     while not stop.wait(interval):
         line = meter.line()
-        logs.event(logging.INFO, line, kind="progress", done_bytes=meter.done, total_bytes=meter.total,
-                   files=meter.files, total_files=meter.total_files)
+        logs.event(logging.INFO, line, kind="progress", command=command, done_bytes=meter.done,
+                   total_bytes=meter.total, files=meter.files, total_files=meter.total_files)
         if to_stderr:
             try:
                 print(f"pointsafe: {line}", file=sys.stderr, flush=True)

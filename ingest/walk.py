@@ -301,10 +301,10 @@ class TreeWalker:
         except BaseException:
             os.close(fd)
             raise
-        self.pipe.opendir(e)
         rel = (os.path.join(d.rel, e.name) if d.rel else e.name) if self.opts.excludes else b""
         child = _Dir(e.name, fd, fst.st_dev, fst.st_ino, rel)
-        self.stack.append(child)
+        self.stack.append(child)   # from here on, _release_all closes fd whatever happens
+        self.pipe.opendir(e)
         self._bound_fds()
         self._fill(child, d.sub_prev.pop(e.name, None))
 

@@ -43,7 +43,7 @@ def test_a_backup_without_a_terminal_logs_progress_lines(safe_dir, tmp_path):
     first = progress_lines(log1)
     assert first, "no progress line in the log"
     assert all(x["total_bytes"] is None for x in first)     # a first backup: nothing to go by
-    assert all(x["message"].startswith(f"backing up {src}: ") for x in first)
+    assert all(x["message"].startswith(f"backing up {src}: ") and x["command"] == "backup" for x in first)
 
     fill(src)
     log2 = tmp_path / "second.log"
