@@ -57,6 +57,20 @@ def test_a_backup_without_a_terminal_logs_progress_lines(safe_dir, tmp_path):
     assert done == sorted(done) and done[-1] <= FILES * FILE_SIZE
 
 
+def test_a_volume_backup_knows_its_total_from_the_start(safe_dir, tmp_path):
+    """A disk image: the total is what will be read (its data, not its holes), first time too."""
+    img = tmp_path / "disk.img"
+    with open(img, "wb") as f:
+        f.write(os.urandom(32 * MIB))
+        f.truncate(64 * MIB)                  # a 32 MiB hole at the end
+    log = tmp_path / "volume.log"
+    backup(safe_dir, img, "--volume", "-q", "--log-file", log, env=FAST)
+    lines = progress_lines(log)
+    assert lines, "no progress line in the log"
+    assert {x["total_bytes"] for x in lines} == {32 * MIB}
+    assert "of about 32.0 MiB" in lines[-1]["message"], lines[-1]["message"]
+
+
 def test_restore_and_verify_without_a_terminal_log_progress_lines(safe_dir, tmp_path):
     src = tmp_path / "src"
     fill(src)
