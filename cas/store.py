@@ -43,7 +43,7 @@ from .point import Point, oldest_first
 from .refcount import RefChange
 from .timefmt import utc_now_iso
 
-__all__ = ["Safe", "Writer", "PackFiles", "take_lock", "release_lock", "utc_now_iso", "set_space_check"]
+__all__ = ["Safe", "Writer", "PackFiles", "take_lock", "release_lock", "utc_now_iso"]
 
 PACKS_DIR = "packs"
 INDEX_DIR = "index"
@@ -53,18 +53,6 @@ INIT_MIN_FREE = 1 << 20   # free bytes a new safe needs (LMDB's files, header, f
 SPACE_CHECK_EVERY = 4 * 1024 * 1024  # a writer's space guard runs at most once per this many bytes
 
 SpaceCheck = Callable[[Path, int], None]
-
-# Deprecated process-wide default for ``Safe.writer(space_check=...)``; kept only until every
-# caller hands its guard to the writer it opens.
-_space_check: SpaceCheck | None = None
-
-
-def set_space_check(guard: Callable[[Path, int], None] | None) -> None:
-    """Install (or, with None, remove) the disk-space guard of writers created afterwards."""
-    global _space_check
-    _space_check = guard
-
-
 
 
 def _undo_init(p: Path, created: bool) -> None:
@@ -201,7 +189,7 @@ class Safe:
     def writer(self, command: str = "", space_check: SpaceCheck | None = None) -> "Writer":
         """Take the writer lock (or raise SafeLocked) and return the writer; ``space_check``
         guards the free space while it writes (see ``Writer``)."""
-        return Writer(self, command, space_check if space_check is not None else _space_check)
+        return Writer(self, command, space_check)
 
     def pack_path(self, pack_id: int) -> Path:
         """The file of pack ``pack_id`` (local packs)."""

@@ -22,6 +22,11 @@ Problems while reading (unreadable files, I/O errors, files that keep changing) 
 on the point; the backup goes on and exits with code 3. A failing --pre-hook aborts the backup
 before anything is read and creates no point; --post-hook always runs afterwards, with
 POINTSAFE_STATUS set to ok, warning or error.
+
+Progress: on a terminal, a bar shows what is done of what the previous point of the same NAME
+held (a first backup of a tree shows bytes and files done). Without a terminal (cron,
+systemd), a progress line goes to the log (--log-file, --syslog; else stderr, unless -q)
+every 30 seconds, or every $POINTSAFE_PROGRESS_INTERVAL seconds.
 """
 
 
@@ -38,7 +43,7 @@ def register(sub) -> None:
     p.add_argument("--pre-hook", metavar="CMD", help="shell command run before reading; failure aborts")
     p.add_argument("--post-hook", metavar="CMD", help="shell command always run after the backup")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="a label stored on the point")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no progress lines on stderr")
     from pointsafe.ingest.db import add_arguments as add_db_arguments
     add_db_arguments(p)  # --mysql, --postgres, --sqlite, --allow-inconsistent
     p.set_defaults(func=cmd_backup, task_kind="backup")
@@ -61,7 +66,8 @@ def cmd_backup(args) -> int:
     opts = BackupOptions(name=args.name, volume=args.volume, pre_hook=args.pre_hook, post_hook=args.post_hook,
                          excludes=args.exclude, one_file_system=args.one_file_system,
                          consistency=consistency_hooks(args),
-                         allow_inconsistent=getattr(args, "allow_inconsistent", False), labels=labels)
+                         allow_inconsistent=getattr(args, "allow_inconsistent", False), labels=labels,
+                         space_check=getattr(args, "space_check", None))
     with open_safe(args) as safe:
         with progress(args, None, f"backing up {args.source}") as advance:
             res = backup(safe, args.source, opts, progress=advance)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from pointsafe.cas import Safe, UsageError
 from pointsafe.ops.quota import human_bytes  # noqa: F401  (re-exported for the commands)
@@ -57,18 +60,134 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 64K, 256M, 1G") from None
 
 
-@contextmanager
-def progress(args, total: int | None, description: str) -> Iterator:
-    """A rich progress bar (bytes, rate, ETA) on a terminal; a no-op otherwise.
+PROGRESS_INTERVAL = 30.0   # seconds between progress lines in the log (no terminal)
 
-    Yields ``advance(nbytes)``.
-    """
-    if getattr(args, "json", False) or not sys.stderr.isatty() or getattr(args, "quiet", False):
-        yield lambda n: None
+
+class Meter:
+    """What a long command has done so far, for the progress bar and the progress log lines.
+
+    Call it with ``(nbytes, files=0)`` as work is done; ``set_total(nbytes, files)`` gives (or
+    corrects) what is expected, as an estimate. Sizes are shown in binary units, as in every
+    summary (``human_bytes``)."""
+
+    def __init__(self, description: str, total: int | None, on_change: Callable[[Meter], None] | None = None):
+        self.description = description
+        self.total = total
+        self.total_files: int | None = None
+        self.estimated = False
+        self.done = 0
+        self.files = 0
+        self.started = time.monotonic()
+        self.on_change = on_change or (lambda m: None)
+
+    def __call__(self, nbytes: int, files: int = 0) -> None:
+        self.done += nbytes
+        self.files += files
+        self.on_change(self)
+
+    def set_total(self, nbytes: int | None, files: int | None = None) -> None:
+        """Expect about ``nbytes`` and ``files`` (None: unknown)."""
+        self.total, self.total_files, self.estimated = nbytes, files, True
+        self.on_change(self)
+
+    def rate(self) -> float:
+        """Bytes per second since the start."""
+        return self.done / max(time.monotonic() - self.started, 1e-6)
+
+    def line(self) -> str:
+        """One line for a log: ``backing up /src: 1.2 GiB of about 3.4 GiB (35%), ...``."""
+        about = "about " if self.estimated else ""
+        text = f"{self.description}: {human_bytes(self.done)}"
+        if self.total:
+            text += f" of {about}{human_bytes(self.total)} ({min(100.0, 100.0 * self.done / self.total):.0f}%)"
+        if self.files or self.total_files:
+            text += f", {self.files} files" + (f" of {about}{self.total_files}" if self.total_files else "")
+        return text + f", {human_bytes(self.rate())}/s"
+
+
+def progress_interval() -> float:
+    """Seconds between progress lines in the log: $POINTSAFE_PROGRESS_INTERVAL, else 30 (0: none)."""
+    try:
+        return max(0.0, float(os.environ.get("POINTSAFE_PROGRESS_INTERVAL", PROGRESS_INTERVAL)))
+    except ValueError:
+        return PROGRESS_INTERVAL
+
+
+@contextmanager
+def progress(args, total: int | None, description: str) -> Iterator[Meter]:
+    """Progress of a long command. Yields a :class:`Meter` (call it with bytes done).
+
+    On a terminal: a progress bar (bytes done of the total, files, rate, time left), unless
+    --json or --quiet. Without a terminal (cron, systemd): every 30 s
+    ($POINTSAFE_PROGRESS_INTERVAL) a progress line in the log (--log-file, --syslog), or on
+    stderr when there is no log and no --quiet."""
+    if sys.stderr.isatty():
+        if getattr(args, "json", False) or getattr(args, "quiet", False):
+            yield Meter(description, total)
+            return
+        with _bar(description, total) as meter:
+            yield meter
         return
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeRemainingColumn(), transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+    meter = Meter(description, total)
+    interval = progress_interval()
+    if not interval:
+        yield meter
+        return
+    stop = threading.Event()
+    to_stderr = not _has_log() and not getattr(args, "quiet", False)
+    t = threading.Thread(target=_log_lines, args=(meter, interval, stop, to_stderr, getattr(args, "command", None)),
+                         name="pointsafe-progress", daemon=True)
+    t.start()
+    try:
+        yield meter
+    finally:
+        stop.set()
+        t.join(timeout=5)
+
+
+def _has_log() -> bool:
+    from pointsafe.ops.logs import LOGGER
+    return any(not isinstance(h, logging.NullHandler) for h in LOGGER.handlers)
+
+
+def _log_lines(meter: Meter, interval: float, stop: threading.Event, to_stderr: bool, command: str | None) -> None:
+    from pointsafe.ops import logs
+    while not stop.wait(interval):
+        line = meter.line()
+        logs.event(logging.INFO, line, kind="progress", command=command, done_bytes=meter.done,
+                   total_bytes=meter.total, files=meter.files, total_files=meter.total_files)
+        if to_stderr:
+            try:
+                print(f"pointsafe: {line}", file=sys.stderr, flush=True)
+            except (OSError, ValueError):
+                pass
+
+
+@contextmanager
+def _bar(description: str, total: int | None) -> Iterator[Meter]:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class Amount(ProgressColumn):
+        def render(self, task) -> Text:
+            m: Meter = task.fields["meter"]
+            about = "~" if m.estimated else ""
+            text = human_bytes(m.done) + (f" / {about}{human_bytes(m.total)}" if m.total else "")
+            if m.files or m.total_files:
+                text += f", {m.files}" + (f" / {about}{m.total_files}" if m.total_files else "") + " files"
+            return Text(text, style="progress.download")
+
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("" if speed is None else f"{human_bytes(speed)}/s", style="progress.data.speed")
+
+    def changed(m: Meter) -> None:
+        bar.update(task, completed=m.done, total=m.total)
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), Amount(), Rate(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:   # stdout is for results
+        meter = Meter(description, total, changed)
+        task = bar.add_task(description, total=total, meter=meter)
+        yield meter

@@ -43,9 +43,19 @@ def _clean(name: str) -> bytes:
     return b"_" if b in (b"", b".", b"..") else b
 
 
+# Names that already say "disk image": a volume named ``disk.img`` or ``vm.qcow2`` shows as
+# that file (its bytes are the source's, whatever format it is in), not as ``disk.img.img``.
+IMAGE_SUFFIXES = (b".img", b".raw", b".iso", b".qcow", b".qcow2", b".vmdk", b".vdi", b".vhd", b".vhdx", b".dd")
+
+
 def image_name(record: Point) -> bytes:
-    """The file name of a volume point's image inside its folder."""
-    return _clean(record.name or "volume") + b".img"
+    """The file name of a volume point's image inside its folder (the only name there): the
+    point's name, with ``.img`` added unless it already ends in a disk-image suffix."""
+    name = _clean(record.name or "volume")
+    stem, dot, suffix = name.rpartition(b".")
+    if stem and (dot + suffix).lower() in IMAGE_SUFFIXES:
+        return name
+    return name + b".img"
 
 
 @dataclass

@@ -24,15 +24,15 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 from pointsafe.cas import (BlobBuilder, Entry, Kind, Point, Safe, SafeError, UsageError, Writer, build_tree,
                            latest, read_tree, utc_now_iso)
 from pointsafe.cas.tree import DIR, REG
 
-from .chunking import Cutter, is_zero
+from .chunking import Cutter, data_extents, is_zero
 from .pipeline import Pipeline
-from .volume import read_volume
+from .volume import read_volume, volume_size
 from .walk import TreeWalker, WalkOptions
 
 
@@ -52,6 +52,22 @@ class BackupOptions:
     allow_inconsistent: bool = False
     workers: int = 2
     labels: dict = field(default_factory=dict)
+    # Called by the writer before it appends (cas.store.Writer): ops' hard quota stops a backup.
+    space_check: Callable[[Path, int], None] | None = None
+
+
+class Progress(Protocol):
+    """What a backup tells about its progress while it runs.
+
+    ``set_total`` is called once the source is known, with the bytes and files the backup is
+    expected to cover (an estimate: the previous point of the same name, or the size of a
+    volume; None when unknown, e.g. the first backup of a tree); ``__call__`` then reports, in
+    steps, bytes covered (read, holes, or unchanged files not read again) and files done. A
+    plain ``callable(nbytes)`` is accepted too."""
+
+    def set_total(self, nbytes: int | None, files: int | None = None) -> None: ...
+
+    def __call__(self, nbytes: int, files: int = 0) -> None: ...
 
 
 @dataclass
@@ -118,7 +134,12 @@ def previous_point(safe: Safe, name: str, kind: str) -> Point | None:
 
 
 def backup(safe: Safe, source: str, opts: BackupOptions,
-           progress: Callable[[int], None] | None = None) -> BackupResult:
+           progress: Progress | Callable[[int], None] | None = None) -> BackupResult:
+    """Back up ``source`` into a new point of ``safe`` (see the module's docstring for the
+    order of work); UsageError, before anything is run or written, on bad input."""
+    if not source:
+        raise UsageError("the source is empty: name a directory, block device or disk image "
+                         "(use '.' for the current directory)")
     # The pre-hook runs before the source is checked: it may create it (a snapshot, a mount).
     name = opts.name or default_name(Path(os.path.abspath(source)))
     if "@" in name or "/" in name or not name.strip():
@@ -136,7 +157,7 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
             run_hook(opts.pre_hook, hook_env, "pre-hook")
         path, st, kind = check_source(safe, source, opts.volume)
         # Take the lock before touching databases, so that a busy safe fails fast.
-        with safe.writer(f"backup {name}") as w:
+        with safe.writer(f"backup {name}", space_check=opts.space_check) as w:
             active = _start_consistency(opts, warn)
             try:
                 record, root, grafted = _read(safe, w, path, st, kind, name, started, opts, warn, progress, active)
@@ -187,10 +208,48 @@ def _start_consistency(opts: BackupOptions, warn) -> list:
     return active
 
 
+def _progress_of(progress) -> tuple[Callable[[int, int], None], Callable[[int | None, int | None], None]]:
+    """(advance(nbytes, files), set_total(nbytes, files)) for a Progress or a plain callable."""
+    if progress is None:
+        return (lambda n, f=0: None), (lambda n, f=None: None)
+    set_total = getattr(progress, "set_total", None)
+    if set_total is None:
+        return (lambda n, f=0: progress(n)), (lambda n, f=None: None)
+    return progress, set_total
+
+
+def estimate(prev: Point | None, path: Path, st: os.stat_result, kind: str, block: int) -> tuple[int | None, int | None]:
+    """(bytes, files) a backup of the source is expected to cover: for a tree, what the
+    previous point of the same name held (None, None for a first backup); for a volume, the
+    bytes that will be read (a disk image's data regions, a device's size)."""
+    if kind == "tree":
+        if prev is None:
+            return None, None
+        return prev.size, prev.stats.get("files")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None, None
+    try:
+        size = volume_size(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return size, 1
+        total = 0
+        for start, length in data_extents(fd, size):   # as read_volume reads: whole blocks
+            total += min(size, -(-(start + length) // block) * block) - (start - start % block)
+        return total, 1
+    except OSError:
+        return None, None
+    finally:
+        os.close(fd)
+
+
 def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: str,
                      opts: BackupOptions, warn, progress, active: list) -> tuple[dict, bytes | None, set[str]]:
     cfg = safe.config
     prev = previous_point(safe, name, kind)
+    progress, set_total = _progress_of(progress)
+    set_total(*estimate(prev, path, st, kind, cfg.block_size))
     pipe = Pipeline(w, cfg.list_fanout, workers=opts.workers)
     record: dict = {"name": name, "kind": kind, "source": str(path), "host": socket.gethostname(),
                     "started": started}

@@ -1,10 +1,20 @@
 """Walking a directory tree into the pipeline, with change detection.
 
 Names are bytes end to end (a name need not be valid UTF-8). Symlinks are never followed.
+
+The walk works relative to directory descriptors (``openat``/``fstatat``/``readlinkat``, as
+``rsync`` and ``tar`` do), never by full path, so that neither the length of a path nor the
+depth of a tree has a limit: the walk is a loop over a stack of directories, not a
+recursion, and at most ``MAX_DIR_FDS`` directory descriptors are open at once (a directory
+whose descriptor was closed to keep that bound is opened again through ``..`` of its child,
+checked by device and inode, when the walk comes back to it).
+
 Change detection walks the previous point's tree alongside the source: a regular file whose
 (st_dev, st_ino, size, mtime, ctime) matches its entry in the previous point of the same name
 keeps that entry's blob without being read again. Problems (unreadable files and directories,
-I/O errors, files that keep changing while read) become warnings; the walk goes on.
+I/O errors, files that keep changing while read) become warnings naming the full path; the
+walk goes on. A name that was listed but is gone when looked at again (stat, open, readlink,
+extended attributes: ENOENT) gives one warning, "vanished during the backup".
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ import fnmatch
 import os
 import stat
 import struct
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,7 +40,21 @@ CHANGE_RETRIES = 3
 PREFETCH_FILES = 64          # files looked at ahead of the one being fed to the pipeline
 PREFETCH_MAX = 1024 * 1024   # files up to this size are read ahead whole
 PREFETCH_THREADS = 4
+MAX_DIR_FDS = 64             # directory descriptors open at once (the deepest levels of the path)
+PROGRESS_BYTES = 4 * 1024 * 1024   # progress is reported in steps of this many bytes ...
+PROGRESS_FILES = 256               # ... or of this many files, whichever comes first
+PATH_MAX = 4096
+VANISHED = "vanished during the backup"
+MOVED = "moved or removed during the backup; what had not been read below it is not in the point"
+
 _O_NOATIME = getattr(os, "O_NOATIME", 0)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_PROC_FD = os.path.isdir("/proc/self/fd")
+
+
+class Vanished(Exception):
+    """A name listed in its directory was gone (ENOENT) when it was looked at again."""
 
 
 @dataclass
@@ -40,24 +64,57 @@ class WalkOptions:
     skip: set[tuple[int, int]] = field(default_factory=set)  # (dev, ino) of dirs never entered (the safe)
 
 
-def read_xattrs(path: bytes, warn: Callable[[bytes, str], None]) -> list[tuple[bytes, bytes]]:
+def open_at(dir_fd: int | None, name: bytes, flags: int) -> int:
+    """``os.open(name, flags, dir_fd=dir_fd)``, with O_NOATIME when the kernel allows it (it
+    needs ownership or CAP_FOWNER): a backup leaves the source's atimes alone."""
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        return os.open(name, flags | _O_NOATIME, dir_fd=dir_fd)
+    except PermissionError:
+        if not _O_NOATIME:
+            raise
+        return os.open(name, flags, dir_fd=dir_fd)
+
+
+def read_xattrs(target: int | bytes, warn: Callable[[str], None]) -> list[tuple[bytes, bytes]]:
+    """The extended attributes of an open file (a descriptor) or of a path (never followed),
+    sorted by name. Problems other than "not supported" become warnings (``warn(message)``);
+    a path that is gone raises :class:`Vanished`."""
+    kw = {} if isinstance(target, int) else {"follow_symlinks": False}
+    try:
+        names = os.listxattr(target, **kw)
     except OSError as e:
+        if e.errno == errno.ENOENT:
+            raise Vanished from None
         if e.errno not in (errno.ENOTSUP, errno.EPERM):
-            warn(path, f"cannot list extended attributes: {e.strerror}")
+            warn(f"cannot list extended attributes: {e.strerror}")
         return []
     out = []
     for n in sorted(names):
         try:
-            out.append((os.fsencode(n), os.getxattr(path, n, follow_symlinks=False)))
+            out.append((os.fsencode(n), os.getxattr(target, n, **kw)))
         except OSError as e:
+            if e.errno == errno.ENOENT:
+                raise Vanished from None
             if e.errno != errno.ENODATA:
-                warn(path, f"cannot read extended attribute {n}: {e.strerror}")
+                warn(f"cannot read extended attribute {n}: {e.strerror}")
+    return out
+
+
+def stat_listed(dir_fd: int, names: list[bytes], warn: Callable[[bytes, str], None]) -> list[tuple[bytes, os.stat_result]]:
+    """(name, lstat) of each name listed in the directory ``dir_fd``; a name that is gone
+    meanwhile gives one warning, "vanished during the backup" (``warn(name, message)``), and
+    other failures a "cannot stat" warning; neither is in the result."""
+    out = []
+    for name in names:
+        try:
+            out.append((name, os.stat(name, dir_fd=dir_fd, follow_symlinks=False)))
+        except OSError as e:
+            warn(name, VANISHED if e.errno == errno.ENOENT else f"cannot stat: {e.strerror}")
     return out
 
 
 def entry_from_stat(name: bytes, st: os.stat_result) -> Entry:
+    """The tree entry describing ``st`` (no content, target or xattrs yet)."""
     return Entry(name=name, type=type_of_mode(st.st_mode) or REG, mode=stat.S_IMODE(st.st_mode),
                  uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns, atime_ns=st.st_atime_ns,
                  ctime_ns=st.st_ctime_ns, size=st.st_size, dev=st.st_dev, ino=st.st_ino,
@@ -65,18 +122,60 @@ def entry_from_stat(name: bytes, st: os.stat_result) -> Entry:
                  rdev=st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0)
 
 
+class _Dir:
+    """One directory on the walk's stack."""
+
+    __slots__ = ("ahead", "dev", "fd", "i", "ino", "items", "j", "name", "rel", "sub_prev")
+
+    def __init__(self, name: bytes, fd: int | None, dev: int, ino: int, rel: bytes):
+        self.name = name
+        self.fd = fd
+        self.dev, self.ino = dev, ino
+        self.rel = rel                                   # relative path (kept only with excludes)
+        self.items: list[tuple[bytes, os.stat_result, Entry | None]] = []
+        self.i = 0                                       # next item to back up
+        self.j = 0                                       # next item to look at for read-ahead
+        self.ahead: dict[bytes, Future] = {}             # small files read ahead (use self.fd)
+        self.sub_prev: dict[bytes, Future] = {}          # previous point's subtrees read ahead
+
+
 class TreeWalker:
     def __init__(self, safe: Safe, pipe: Pipeline, cutter: Cutter, opts: WalkOptions,
-                 warn: Callable[[bytes, str], None], progress: Callable[[int], None] | None = None):
+                 warn: Callable[[bytes, str], None], progress: Callable[[int, int], None] | None = None):
+        """``warn(path, message)`` gets full paths; ``progress(nbytes, files)`` is told, in
+        steps, how many bytes of regular files (read, holes, or unchanged and not read) and
+        how many files the walk has covered."""
         self.safe = safe
         self.pipe = pipe
         self.cutter = cutter
         self.opts = opts
         self.warn = warn
-        self.progress = progress or (lambda n: None)
+        self.progress = progress or (lambda n, f: None)
         self.groups_seen: set[int] = set()
         self.root_dev = 0
+        self.top = b""
+        self.stack: list[_Dir] = []
+        self.lo = 1               # stack[1:lo] have their descriptors closed; stack[lo:] open
+        self.p_bytes = self.p_files = 0
         self.readers = ThreadPoolExecutor(max_workers=PREFETCH_THREADS, thread_name_prefix="pointsafe-read")
+
+    # -- paths, for warnings and excludes ---------------------------------------------------
+
+    def _path(self, name: bytes | None = None, upto: int | None = None) -> bytes:
+        """The full path of ``name`` in the current directory (or of the current directory,
+        or of the directory ``stack[upto]``)."""
+        parts = [d.name for d in self.stack[1:len(self.stack) if upto is None else upto + 1]]
+        if name is not None:
+            parts.append(name)
+        return os.path.join(self.top, *parts) if parts else self.top
+
+    def _warn_at(self, name: bytes | None, message: str) -> None:
+        self.warn(self._path(name), message)
+
+    def _excluded(self, rel: bytes, name: bytes) -> bool:
+        r, n = os.fsdecode(rel), os.fsdecode(name)
+        return any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(r, p) or fnmatch.fnmatchcase("/" + r, p)
+                   for p in self.opts.excludes)
 
     # -- previous point -----------------------------------------------------------------
 
@@ -89,161 +188,320 @@ class TreeWalker:
         except Exception:  # a damaged previous point only costs a full re-read
             return {}
 
+    # -- progress -----------------------------------------------------------------------
+
+    def _covered(self, nbytes: int, files: int = 0) -> None:
+        self.p_bytes += nbytes
+        self.p_files += files
+        if self.p_bytes >= PROGRESS_BYTES or self.p_files >= PROGRESS_FILES:
+            self._flush_progress()
+
+    def _flush_progress(self) -> None:
+        if self.p_bytes or self.p_files:
+            n, f = self.p_bytes, self.p_files
+            self.p_bytes = self.p_files = 0
+            self.progress(n, f)
+
     # -- walking ------------------------------------------------------------------------
 
     def walk_root(self, path: bytes, prev_root: bytes | None) -> Entry:
+        """Back up the tree at ``path`` (its entries feed the pipeline); return its root entry."""
         st = os.lstat(path)
         self.root_dev = st.st_dev
+        self.top = path
         root = entry_from_stat(b"", st)
-        root.xattrs = read_xattrs(path, self.warn)
-        self.pipe.opendir(root)
-        self._walk_dir(path, b"", prev_root)
-        self.pipe.closedir()
+        try:
+            fd = open_at(None, path, _DIR_FLAGS)
+        except OSError as e:
+            root.xattrs = read_xattrs(path, lambda m: self.warn(path, m))
+            self.warn(path, f"cannot read directory: {e.strerror}; stored as empty")
+            self.pipe.opendir(root)
+            self.pipe.closedir()
+            return root
+        self.stack = [_Dir(b"", fd, st.st_dev, st.st_ino, b"")]
+        try:
+            root.xattrs = read_xattrs(fd, lambda m: self.warn(path, m))
+            self.pipe.opendir(root)
+            self._fill(self.stack[0], prev_root)
+            self._run()
+            self._flush_progress()
+        finally:
+            self._release_all()
         return root
 
-    def _excluded(self, rel: bytes, name: bytes) -> bool:
-        if not self.opts.excludes:
-            return False
-        r, n = os.fsdecode(rel), os.fsdecode(name)
-        return any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(r, p) or fnmatch.fnmatchcase("/" + r, p)
-                   for p in self.opts.excludes)
+    def _run(self) -> None:
+        stack = self.stack
+        while stack:
+            d = stack[-1]
+            if d.i >= len(d.items):
+                self._leave()
+                continue
+            name, st, p = d.items[d.i]
+            d.i += 1
+            self._read_ahead(d)
+            try:
+                self._one(d, name, st, p)
+            except Vanished:
+                self._warn_at(name, VANISHED)
 
-    def _walk_dir(self, path: bytes, rel: bytes, prev_tree: bytes | Future | None) -> None:
+    def _read_ahead(self, d: _Dir) -> None:
+        # Small files are read ahead by a few threads: a cold tree of small files is bound
+        # by the latency of one read at a time, not by the disk's bandwidth.
+        items, limit = d.items, min(len(d.items), d.i - 1 + PREFETCH_FILES)
+        while d.j < limit:
+            jn, jst, jp = items[d.j]
+            if (stat.S_ISREG(jst.st_mode) and 0 < jst.st_size <= PREFETCH_MAX and jst.st_nlink == 1
+                    and not _unchanged(jp, jst)):
+                d.ahead[jn] = self.readers.submit(_read_small, d.fd, jn)
+            elif stat.S_ISDIR(jst.st_mode) and jp is not None and jp.type == DIR and jp.ref is not None:
+                # The previous point's subdirectories are read ahead too: on a cold cache,
+                # reading old tree nodes one at a time is most of an unchanged re-backup.
+                d.sub_prev[jn] = self.readers.submit(read_tree, self.safe.get, jp.ref)
+            d.j += 1
+
+    def _one(self, d: _Dir, name: bytes, st: os.stat_result, p: Entry | None) -> None:
+        e = entry_from_stat(name, st)
+        if e.type == REG:
+            self._file(d, e, p, d.ahead.pop(name, None))
+        elif e.type == DIR:
+            self._dir(d, e, st, p)
+        elif e.type == LNK:
+            self._symlink(d, e, st, p)
+        else:
+            e.size = 0
+            e.xattrs = self._xattrs_at(d, e, p)
+            self.pipe.entry(e)
+
+    # -- directories --------------------------------------------------------------------
+
+    def _dir(self, d: _Dir, e: Entry, st: os.stat_result, p: Entry | None) -> None:
+        if (st.st_dev, st.st_ino) in self.opts.skip:
+            return
+        if self.opts.one_file_system and st.st_dev != self.root_dev:
+            e.xattrs = self._xattrs_at(d, e, p)
+            self.pipe.opendir(e)
+            self.pipe.closedir()
+            return
+        try:
+            fd = open_at(d.fd, e.name, _DIR_FLAGS)
+        except OSError as err:
+            if err.errno == errno.ENOENT:
+                raise Vanished from None
+            e.xattrs = self._xattrs_at(d, e, p)
+            self._warn_at(e.name, f"cannot read directory: {err.strerror}; stored as empty")
+            self.pipe.opendir(e)
+            self.pipe.closedir()
+            return
+        try:
+            fst = os.fstat(fd)
+            if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):   # replaced since it was listed
+                e = entry_from_stat(e.name, fst)
+            e.xattrs = (p.xattrs if _same_inode(p, e)
+                        else read_xattrs(fd, lambda m: self._warn_at(e.name, m)))
+        except BaseException:
+            os.close(fd)
+            raise
+        rel = (os.path.join(d.rel, e.name) if d.rel else e.name) if self.opts.excludes else b""
+        child = _Dir(e.name, fd, fst.st_dev, fst.st_ino, rel)
+        self.stack.append(child)   # from here on, _release_all closes fd whatever happens
+        self.pipe.opendir(e)
+        self._bound_fds()
+        self._fill(child, d.sub_prev.pop(e.name, None))
+
+    def _fill(self, d: _Dir, prev_tree: bytes | Future | None) -> None:
+        """List and stat the (new, top) directory ``d``."""
         prev = self._prev_entries(prev_tree)
         try:
-            names = _list_dir(path)
+            names = sorted(os.fsencode(n) for n in os.listdir(d.fd))
         except OSError as e:
-            self.warn(path, f"cannot read directory: {e.strerror}; stored as empty")
+            self._warn_at(None, f"cannot read directory: {e.strerror}; stored as empty")
             return
-        items = []
-        for name in names:
-            child = os.path.join(path, name)
-            crel = os.path.join(rel, name) if rel else name
-            if self._excluded(crel, name):
-                continue
-            try:
-                st = os.lstat(child)
-            except OSError as e:
-                if e.errno != errno.ENOENT:   # vanished since the listing: nothing to warn about
-                    self.warn(child, f"cannot stat: {e.strerror}")
-                continue
-            items.append((name, child, crel, st, prev.get(name)))
-        sub_prev: dict[bytes, Future] = {}
-        ahead: dict[bytes, Future] = {}
-        j = 0
-        for i, (name, child, crel, st, p) in enumerate(items):
-            # Small files are read ahead by a few threads: a cold tree of small files is bound
-            # by the latency of one read at a time, not by the disk's bandwidth.
-            while j < len(items) and j < i + PREFETCH_FILES:
-                jn, jc, _, jst, jp = items[j]
-                if (stat.S_ISREG(jst.st_mode) and 0 < jst.st_size <= PREFETCH_MAX and jst.st_nlink == 1
-                        and not _unchanged(jp, jst)):
-                    ahead[jn] = self.readers.submit(_read_small, jc)
-                elif stat.S_ISDIR(jst.st_mode) and jp is not None and jp.type == DIR and jp.ref is not None:
-                    # The previous point's subdirectories are read ahead too: on a cold cache,
-                    # reading old tree nodes one at a time is most of an unchanged re-backup.
-                    sub_prev[jn] = self.readers.submit(read_tree, self.safe.get, jp.ref)
-                j += 1
-            e = entry_from_stat(name, st)
-            if e.type == DIR:
-                if (st.st_dev, st.st_ino) in self.opts.skip:
-                    continue
-                e.xattrs = self._xattrs(child, e, p)
-                self.pipe.opendir(e)
-                if not (self.opts.one_file_system and st.st_dev != self.root_dev):
-                    self._walk_dir(child, crel, sub_prev.pop(name, None))
-                self.pipe.closedir()
-            elif e.type == REG:
-                self._file(child, e, p, ahead.pop(name, None))
-            elif e.type == LNK:
-                if (p is not None and p.type == LNK and
-                        (p.dev, p.ino, p.size, p.mtime_ns, p.ctime_ns) == (e.dev, e.ino, e.size, e.mtime_ns, e.ctime_ns)):
-                    e.target = p.target   # unchanged: readlink would move its atime again
-                else:
-                    try:
-                        e.target = os.readlink(child)
-                        # readlink has no O_NOATIME: record the atime it leaves (relatime moved
-                        # it at most once), or the next backup would see the link changed.
-                        st2 = os.lstat(child)
-                        if (st2.st_ino, st2.st_ctime_ns) == (st.st_ino, st.st_ctime_ns):
-                            e.atime_ns = st2.st_atime_ns
-                    except OSError as err:
-                        self.warn(child, f"cannot read symlink: {err.strerror}")
-                        continue
-                e.size = len(e.target)
-                e.xattrs = self._xattrs(child, e, p)
-                self.pipe.entry(e)
-            else:
-                e.size = 0
-                e.xattrs = self._xattrs(child, e, p)
-                self.pipe.entry(e)
+        if self.opts.excludes:
+            names = [n for n in names if not self._excluded(os.path.join(d.rel, n) if d.rel else n, n)]
+        d.items = [(n, st, prev.get(n)) for n, st in stat_listed(d.fd, names, self._warn_at)]
 
-    def _xattrs(self, path: bytes, e: Entry, prev: Entry | None) -> list[tuple[bytes, bytes]]:
+    def _leave(self) -> None:
+        """The top directory is done: close it; open its parent again if it was closed and
+        still has entries to back up."""
+        stack = self.stack
+        d = stack[-1]
+        if len(stack) > 1:
+            parent = stack[-2]
+            if parent.fd is None and parent.i < len(parent.items):
+                self._reopen(len(stack) - 2, d)
+        stack.pop()
+        self._release(d)
+        self.lo = min(self.lo, max(1, len(stack)))
+        self.pipe.closedir()
+
+    def _bound_fds(self) -> None:
+        """Close the shallowest open descriptors (never the root's) beyond MAX_DIR_FDS."""
+        while len(self.stack) - self.lo + 1 > MAX_DIR_FDS and self.lo < len(self.stack) - 1:
+            d = self.stack[self.lo]
+            wait(list(d.ahead.values()))   # the read-ahead threads use d.fd: let them finish first
+            if d.fd is not None:
+                os.close(d.fd)
+                d.fd = None
+            self.lo += 1
+
+    def _reopen(self, k: int, child: _Dir) -> None:
+        """Open ``stack[k]`` again (its descriptor was closed by _bound_fds): through ``..`` of
+        its ``child``, else name by name from the deepest open ancestor; each checked by device
+        and inode. When it cannot be reached any more (an ancestor was moved or removed during
+        the backup), one warning names the first one that is gone, and what had not been read
+        below it is not in the point."""
+        stack = self.stack
+        fd = _open_checked(child.fd, b"..", stack[k]) if child.fd is not None else None
+        broken = k + 1
+        if fd is None:
+            fd, broken = self._reopen_by_names(k)
+        if fd is None:
+            for m in range(broken, k + 1):
+                del stack[m].items[stack[m].i:]
+            self.warn(self._path(upto=broken), MOVED)
+            return
+        stack[k].fd = fd
+        self.lo = k
+
+    def _reopen_by_names(self, k: int) -> tuple[int | None, int]:
+        """(descriptor of stack[k], k + 1), or (None, index of the first directory on the
+        way that is not there any more)."""
+        stack = self.stack
+        j = k - 1
+        while stack[j].fd is None:
+            j -= 1
+        fd = stack[j].fd
+        for m in range(j + 1, k + 1):
+            nfd = _open_checked(fd, stack[m].name, stack[m])
+            if fd != stack[j].fd:
+                os.close(fd)
+            if nfd is None:
+                return None, m
+            fd = nfd
+        return fd, k + 1
+
+    def _release(self, d: _Dir) -> None:
+        """Stop using ``d``: no read-ahead thread may use its descriptor after it is closed."""
+        if d.ahead or d.sub_prev:
+            futures = list(d.ahead.values()) + list(d.sub_prev.values())
+            for f in futures:
+                f.cancel()
+            wait(futures)
+            d.ahead.clear()
+            d.sub_prev.clear()
+        if d.fd is not None:
+            os.close(d.fd)
+            d.fd = None
+
+    def _release_all(self) -> None:
+        while self.stack:
+            self._release(self.stack.pop())
+
+    # -- leaves -------------------------------------------------------------------------
+
+    def _xattrs_at(self, d: _Dir, e: Entry, prev: Entry | None) -> list[tuple[bytes, bytes]]:
+        """The xattrs of ``e`` (in ``d``) without opening it: a symlink, a device or a FIFO
+        cannot be opened harmlessly. Through ``/proc/self/fd/N/name`` (short whatever the depth),
+        else by full path when that is short enough."""
         # Changing an xattr changes ctime: an unchanged inode keeps its recorded xattrs.
-        if prev is not None and prev.type == e.type and (prev.dev, prev.ino, prev.ctime_ns) == (e.dev, e.ino, e.ctime_ns):
+        if _same_inode(prev, e):
             return prev.xattrs
-        return read_xattrs(path, self.warn)
+        if _PROC_FD and d.fd is not None:
+            target = b"/proc/self/fd/%d/%s" % (d.fd, e.name)
+        else:
+            target = self._path(e.name)
+            if len(target) >= PATH_MAX:
+                self._warn_at(e.name, "cannot read extended attributes: the path is too long "
+                                      "(and /proc is not mounted)")
+                return []
+        return read_xattrs(target, lambda m: self._warn_at(e.name, m))
 
-    def _file(self, path: bytes, e: Entry, prev: Entry | None, pre: Future | None = None) -> None:
+    def _symlink(self, d: _Dir, e: Entry, st: os.stat_result, p: Entry | None) -> None:
+        if (p is not None and p.type == LNK and
+                (p.dev, p.ino, p.size, p.mtime_ns, p.ctime_ns) == (e.dev, e.ino, e.size, e.mtime_ns, e.ctime_ns)):
+            e.target = p.target   # unchanged: readlink would move its atime again
+        else:
+            try:
+                e.target = os.readlink(e.name, dir_fd=d.fd)
+                # readlink has no O_NOATIME: record the atime it leaves (relatime moved
+                # it at most once), or the next backup would see the link changed.
+                st2 = os.stat(e.name, dir_fd=d.fd, follow_symlinks=False)
+                if (st2.st_ino, st2.st_ctime_ns) == (st.st_ino, st.st_ctime_ns):
+                    e.atime_ns = st2.st_atime_ns
+            except OSError as err:
+                if err.errno == errno.ENOENT:
+                    raise Vanished from None
+                self._warn_at(e.name, f"cannot read symlink: {err.strerror}")
+                return
+        e.size = len(e.target)
+        e.xattrs = self._xattrs_at(d, e, p)
+        self.pipe.entry(e)
+
+    def _file(self, d: _Dir, e: Entry, prev: Entry | None, pre: Future | None = None) -> None:
         if e.nlink > 1:
             e.link_group = _group_of(e)
             if e.link_group in self.groups_seen:
-                e.xattrs = self._xattrs(path, e, prev)
+                e.xattrs = self._xattrs_at(d, e, prev)
                 self.pipe.link(e)
+                self._covered(0, 1)
                 return
         if (prev is not None and prev.type == REG and
                 (prev.dev, prev.ino, prev.size, prev.mtime_ns, prev.ctime_ns) == (e.dev, e.ino, e.size, e.mtime_ns, e.ctime_ns)):
             e.ref = prev.ref
             e.xattrs = prev.xattrs
             self.pipe.entry(e)
+            self._covered(e.size, 1)
         else:
-            e.xattrs = read_xattrs(path, self.warn)
-            done = self._from_prefetch(path, e, pre) if pre is not None else None
+            done = self._from_prefetch(e, pre) if pre is not None else None
             if done is None:
-                done = self.read_file(path, e)
+                done = self.read_file(d.fd, e)
             if not done:
                 # Not in the point: its other names must not become links to nothing (they
                 # would restore as holes); each is tried, and warned about, on its own.
                 return
+            self._covered(0, 1)
         if e.link_group:
             self.groups_seen.add(e.link_group)
 
-    def _from_prefetch(self, path: bytes, e: Entry, pre: Future) -> bool | None:
+    def _from_prefetch(self, e: Entry, pre: Future) -> bool | None:
         """Feed a file read ahead; None when it must be read again the ordinary way."""
         try:
-            st, data, st2 = pre.result()
-        except OSError:
-            return None   # the ordinary path reports the error (or retries a vanished file)
+            st, data, st2, xattrs, problems = pre.result()
+        except (OSError, CancelledError):
+            return None   # the ordinary path reports the error (or the file's vanishing)
         if ((st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (st2.st_size, st2.st_mtime_ns, st2.st_ctime_ns)
                 or len(data) != st.st_size or st.st_ino != e.ino):
             return None
+        for m in problems:
+            self._warn_at(e.name, m)
+        e.xattrs = xattrs
         e.size, e.mtime_ns, e.ctime_ns = st.st_size, st.st_mtime_ns, st.st_ctime_ns
         self.pipe.file(e)
         mv = memoryview(data)
         for c in self.cutter.cdc.cut_buf(mv):
             self.pipe.data(mv[c.offset:c.offset + c.length])
-        self.progress(len(data))
+        self._covered(len(data))
         self.pipe.end()
         return True
 
     def close(self) -> None:
+        """Stop the read-ahead threads (after the walk, or after it failed)."""
+        self._release_all()
         self.readers.shutdown(cancel_futures=True)
 
-    def read_file(self, path: bytes, e: Entry) -> bool:
-        """Read a regular file into the pipeline; False when it could not be read at all."""
+    def read_file(self, dir_fd: int, e: Entry) -> bool:
+        """Read the regular file ``e.name`` of the directory ``dir_fd`` (the walk's current
+        one), with its xattrs, into the pipeline; False when it could not be read at all.
+        Raises :class:`Vanished` when it is gone."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | _O_NOATIME)
-        except PermissionError:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError as err:
-                self.warn(path, f"cannot open: {err.strerror}; not backed up")
-                return False
+            fd = open_at(dir_fd, e.name, _FILE_FLAGS)
         except OSError as err:
-            if err.errno != errno.ENOENT:
-                self.warn(path, f"cannot open: {err.strerror}; not backed up")
+            if err.errno == errno.ENOENT:
+                raise Vanished from None
+            self._warn_at(e.name, f"cannot open: {err.strerror}; not backed up")
             return False
         try:
+            e.xattrs = read_xattrs(fd, lambda m: self._warn_at(e.name, m))
             for attempt in range(CHANGE_RETRIES):
                 st = os.fstat(fd)
                 e.size, e.mtime_ns, e.ctime_ns = st.st_size, st.st_mtime_ns, st.st_ctime_ns
@@ -252,12 +510,13 @@ class TreeWalker:
                     for what, v in self.cutter.chunks(fd, st.st_size):
                         if what == "data":
                             self.pipe.data(v)
-                            self.progress(len(v))
+                            self._covered(len(v))
                         else:
                             self.pipe.hole(v)
+                            self._covered(v)
                 except OSError as err:
                     self.pipe.abort()
-                    self.warn(path, f"read error: {err.strerror}; not backed up")
+                    self._warn_at(e.name, f"read error: {err.strerror}; not backed up")
                     return False
                 st2 = os.fstat(fd)
                 if (st2.st_size, st2.st_mtime_ns, st2.st_ctime_ns) == (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
@@ -267,12 +526,16 @@ class TreeWalker:
                     self.pipe.abort()
                     continue
                 self.pipe.end()
-                self.warn(path, f"file changed while being read ({CHANGE_RETRIES} attempts); "
-                                "the point holds the last read, which may be inconsistent")
+                self._warn_at(e.name, f"file changed while being read ({CHANGE_RETRIES} attempts); "
+                                      "the point holds the last read, which may be inconsistent")
                 return True
         finally:
             os.close(fd)
         return True
+
+
+def _same_inode(prev: Entry | None, e: Entry) -> bool:
+    return prev is not None and prev.type == e.type and (prev.dev, prev.ino, prev.ctime_ns) == (e.dev, e.ino, e.ctime_ns)
 
 
 def _unchanged(prev: Entry | None, st: os.stat_result) -> bool:
@@ -281,13 +544,26 @@ def _unchanged(prev: Entry | None, st: os.stat_result) -> bool:
             == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
 
 
-def _read_small(path: bytes) -> tuple[os.stat_result, bytes, os.stat_result]:
-    """Read a whole small file: (stat before, bytes, stat after); raises OSError."""
+def _open_checked(dir_fd: int, name: bytes, want: _Dir) -> int | None:
+    """Open the directory ``name`` of ``dir_fd`` if it is still ``want`` (device, inode)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | _O_NOATIME)
-    except PermissionError:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = open_at(dir_fd, name, _DIR_FLAGS)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != (want.dev, want.ino):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _read_small(dir_fd: int, name: bytes) -> tuple[os.stat_result, bytes, os.stat_result, list, list[str]]:
+    """Read a whole small file of ``dir_fd``: (stat before, bytes, stat after, xattrs,
+    problems with the xattrs); raises OSError."""
+    fd = open_at(dir_fd, name, _FILE_FLAGS)
     try:
+        problems: list[str] = []
+        xattrs = read_xattrs(fd, problems.append)
         st = os.fstat(fd)
         data = os.read(fd, st.st_size + 1)
         while len(data) < st.st_size:
@@ -295,22 +571,7 @@ def _read_small(path: bytes) -> tuple[os.stat_result, bytes, os.stat_result]:
             if not more:
                 break
             data += more
-        return st, data, os.fstat(fd)
-    finally:
-        os.close(fd)
-
-
-def _list_dir(path: bytes) -> list[bytes]:
-    """The names in a directory, sorted. Listed through an O_NOATIME descriptor: under relatime
-    a listing moves the directory's atime (once a day), and the next backup would then see every
-    directory changed and rewrite every tree node, whatever changed."""
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags | _O_NOATIME)
-    except PermissionError:   # O_NOATIME needs ownership or CAP_FOWNER
-        fd = os.open(path, flags)
-    try:
-        return sorted(os.fsencode(n) for n in os.listdir(fd))
+        return st, data, os.fstat(fd), xattrs, problems
     finally:
         os.close(fd)
 

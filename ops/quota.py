@@ -2,7 +2,7 @@
 
 The soft quota raises an alert (and warns on the terminal); the hard quota refuses to start a
 backup and stops a running one: the CLI installs :func:`guard` as the writers' space check
-(``pointsafe.cas.store.set_space_check``), which the writer calls before appending, at most
+(``Safe.writer(space_check=...)``), which the writer calls before appending, at most
 once per few MiB. Free space is what an unprivileged user could still write (``f_bavail``),
 so the filesystem's root reserve counts as used.
 """
@@ -83,7 +83,7 @@ def preflight(safe_dir: str | Path, settings: dict[str, str]) -> None:
 
 
 def guard(settings: dict[str, str]) -> Callable[[Path, int], None]:
-    """A writer space check enforcing the hard quota (see cas.store.set_space_check)."""
+    """A writer space check enforcing the hard quota (``Safe.writer(space_check=...)``)."""
     setting = settings["quota.hard"]
 
     def check(safe_dir: Path, about_to_write: int) -> None:

@@ -49,7 +49,7 @@ from typing import Any
 import lmdb
 
 from pointsafe.cas import Point, SafeError
-from pointsafe.cas.store import INDEX_DIR, set_space_check
+from pointsafe.cas.store import INDEX_DIR
 
 from . import alerts, config, logs, quota, tasks
 from .db import opened
@@ -130,7 +130,7 @@ class _Recorder:
             msg = quota.describe(sp, settings, "soft")
             print(f"pointsafe: warning: {msg}", file=sys.stderr)
             logs.event(logging.WARNING, msg, kind="quota")
-        set_space_check(quota.guard(settings))
+        self.args.space_check = quota.guard(settings)   # handed to the backup's writer (cli/cmd_backup.py)
 
     # -- after ----------------------------------------------------------------------------------
 
@@ -269,7 +269,6 @@ def run_recorded(args, argv: list[str] | None = None) -> int:
     else:
         rec.finish(code, None, active)
     finally:
-        set_space_check(None)
         tasks.deactivate()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
