@@ -19,7 +19,7 @@ import pytest
 
 from _backup_util import one_error_line
 from conftest import Result, run_cli
-from pointsafe.cas import BlobReader, Safe, resolve_point
+from pointsafe.cas import BlobReader, Point, Safe, resolve_point
 from pointsafe.cas.tree import DIR, LNK, REG, TYPE_NAMES
 from pointsafe.fusefs.layout import image_name
 from pointsafe.ingest import BackupOptions
@@ -338,5 +338,5 @@ def test_a_name_gone_between_listing_and_stat_is_vanished(tmp_path):
     ("sda", b"sda.img"), ("img", b"img.img"), (".img", b".img.img"), ("a.b", b"a.b.img"), ("", b"volume.img"),
 ])
 def test_a_volume_image_keeps_a_name_that_already_says_image(name, shown):
-    assert image_name({"id": "aa", "name": name, "kind": "volume"}) == shown
+    assert image_name(Point.from_record({"id": "aa", "name": name, "kind": "volume"})) == shown
 
