@@ -53,20 +53,30 @@ class AuditReport:
     dead: int = 0
     mismatches: int = 0
     errors: list[str] = field(default_factory=list)
+    sizes: list[str] = field(default_factory=list)   # size findings, by point and path
+    size_errors: int = 0
 
     @property
     def ok(self) -> bool:
         return self.mismatches == 0
 
     def problem(self, message: str) -> None:
+        """Record a finding (the first MAX_FINDINGS in full, the rest counted)."""
         self.mismatches += 1
         if len(self.errors) < MAX_FINDINGS:
             self.errors.append(message)
 
+    def size_problem(self, message: str) -> None:
+        """Record a blob whose length differs from what its referrer declares."""
+        self.mismatches += 1
+        self.size_errors += 1
+        if len(self.sizes) < MAX_FINDINGS:
+            self.sizes.append(message)
+
     def as_dict(self) -> dict:
         return {"ok": self.ok, "objects": self.objects, "nodes_read": self.nodes_read,
                 "orphans": self.orphans, "dead": self.dead, "problems": self.mismatches,
-                "errors": self.errors}
+                "errors": self.errors, "sizes": self.sizes}
 
 
 NOLEN = (1 << 64) - 1       # no length declared for the object (or no span known)
@@ -270,7 +280,7 @@ def _compare(idx, txn, counts: _Counts, r: AuditReport) -> dict[bytes, int | Non
                     if len(bad_sizes) < MAX_FINDINGS:
                         bad_sizes[bytes(key)] = actual
                     else:
-                        r.problem(f"object {short}: a referrer declares {declared} bytes, it holds {actual}")
+                        r.size_problem(f"object {short}: a referrer declares {declared} bytes, it holds {actual}")
             in_zero = txn.get(key, db=idx.db["zero"]) is not None
             if in_zero != (e.refcount == 0 and not e.flags & FLAG_PINNED):
                 r.problem(f"object {short}: the zero table {'lists' if in_zero else 'misses'} it "
@@ -398,7 +408,7 @@ def _name_size_problems(safe, txn, bad_keys: dict, bad_nodes: list[bytes], r: Au
                     continue
         with env.begin() as pt:
             for f in findings:
-                r.problem(_size_message(txn, idx, pt, *f))
+                r.size_problem(_size_message(txn, idx, pt, *f))
     finally:
         env.close()
 

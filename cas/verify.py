@@ -219,13 +219,16 @@ def _verify_pack(safe: Safe, txn, pid: int, path, limit: int, data: bool, progre
 
 
 def _audit_into(safe: Safe, r: VerifyReport) -> None:
-    """Add the reference-count audit (recomputed from the points) to the report."""
+    """Add the reference-count and blob-size audit (recomputed from the points) to the report."""
     a = audit(safe)
     r.refcounts = a.as_dict()
     for m in a.errors:
         r.error(f"refcount audit: {m}")
-    if a.mismatches > len(a.errors):
-        r.error(f"refcount audit: {a.mismatches - len(a.errors)} more problems not listed")
+    for m in a.sizes:
+        r.error(f"blob size: {m}")
+    more = a.mismatches - len(a.errors) - len(a.sizes)
+    if more > 0:
+        r.error(f"refcount audit: {more} more problems not listed")
     if a.orphans:
         r.notes.append(f"{a.orphans} objects at count 0 left by an interrupted backup "
                        "('pointsafe gc' reclaims them)")

@@ -252,3 +252,109 @@ def test_version_2_safe_is_read_and_repaired(tmp_path):
         assert s.config.safe_id != safe_id and s.config.compression == "zstd:1"
     _restores(safe, point, files, tmp_path / "out2")
     assert run_cli("verify", safe=safe).code == 0
+
+
+# -- 5. a size that does not match its blob --------------------------------------------------------
+
+
+def _crafted_point(safe_dir: Path, name: str, kind: str = "tree") -> str:
+    """A point whose tree entries (or, for a volume, whose record) declare wrong sizes:
+    sub/short says 100 bytes more than its one-chunk blob, sub/long 7 bytes fewer than its
+    two-chunk LIST blob; 'ok' is right."""
+    with Safe.open(safe_dir) as safe, safe.writer("crafted test") as w:
+        def blob(*parts: bytes) -> bytes:
+            bb = BlobBuilder(w.put_node, 2)
+            for p in parts:
+                bb.add(w.put(Kind.CHUNK, p), len(p))
+            return bb.finish()
+
+        def tree(entries: list[Entry]) -> bytes:
+            children, payload = encode_tree(entries)
+            return w.put_node(Kind.TREE, children, payload)
+
+        one, a, b = os.urandom(5000), os.urandom(3000), os.urandom(4000)
+        if kind == "volume":
+            return _add_point(w, name, kind, blob(a, b), 9999)
+        sub = tree([Entry(b"long", REG, 0o644, size=7000 - 7, ref=blob(a, b, a[:1])),
+                    Entry(b"short", REG, 0o644, size=5100, ref=blob(one))])
+        root = tree([Entry(b"ok", REG, 0o644, size=3000, ref=blob(a)), Entry(b"sub", DIR, 0o755, ref=sub)])
+        return _add_point(w, name, kind, root, 0)
+
+
+def _add_point(w, name: str, kind: str, root: bytes, size: int) -> str:
+    now = utc_now_iso()
+    rec = w.add_point({"name": name, "kind": kind, "source": "/crafted", "host": "h",
+                       "started": now, "finished": now, "size": size, "warnings": [],
+                       "stats": {}, "root_meta": {"mode": 0o755, "uid": 0, "gid": 0,
+                                                  "mtime_ns": 0, "atime_ns": 0, "xattrs": []}}, root)
+    return rec["id"]
+
+
+def test_verify_reports_a_size_that_does_not_match_its_blob(tmp_path):
+    safe = tmp_path / "safe"
+    _init(safe)
+    _source(tmp_path / "src", n=3)
+    backup(safe, tmp_path / "src", name="honest")
+    assert run_cli("verify", "--data", safe=safe).code == 0
+    pid = _crafted_point(safe, "crafted")
+    vid = _crafted_point(safe, "disk", kind="volume")
+    r = run_cli("verify", "--data", safe=safe)
+    assert r.code == 1, r.out
+    errors = [line for line in r.out.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 3, r.out
+    assert any(f"crafted ({pid[:12]})" in e and "/sub/short" in e and "says 5100 bytes" in e
+               and "blob of 5000 bytes" in e for e in errors), errors
+    assert any(f"crafted ({pid[:12]})" in e and "/sub/long" in e and "says 6993 bytes" in e
+               and "blob of 7001 bytes" in e for e in errors), errors
+    assert any(f"disk ({vid[:12]})" in e and "9999 bytes" in e and "holds 7000" in e for e in errors), errors
+
+
+# -- 3. a safe made by root is readable by every local user ----------------------------------------
+
+
+def _cli_with_umask(umask: int, *args) -> subprocess.CompletedProcess:
+    code = f"import os, sys; os.umask({umask:#o}); from pointsafe.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, timeout=300)
+
+
+def _modes(safe: Path) -> dict[str, int]:
+    return {str(p.relative_to(safe)) or ".": p.stat().st_mode & 0o777
+            for p in [safe, *safe.rglob("*")]}
+
+
+def test_a_new_safe_is_private_whatever_the_umask(tmp_path):
+    safe = tmp_path / "safe"
+    r = _cli_with_umask(0o022, "init", safe)
+    assert r.returncode == 0, r.stderr
+    modes = _modes(safe)
+    assert set(modes) == {".", "packs", "index", "index/data.mdb", "index/lock.mdb", "header",
+                          "header.copy", "lock"}
+    assert {n: m for n, m in modes.items()} == {n: 0o700 if n in (".", "packs", "index") else 0o600
+                                                 for n in modes}
+    # An existing empty directory becomes private too.
+    (tmp_path / "empty").mkdir(mode=0o755)
+    assert _cli_with_umask(0o022, "init", tmp_path / "empty").returncode == 0
+    assert (tmp_path / "empty").stat().st_mode & 0o777 == 0o700
+
+    # verify notes a safe that others can read, without failing.
+    r = run_cli("verify", safe=safe)
+    assert r.code == 0 and "group or others" not in r.out, r.out
+    os.chmod(safe, 0o755)
+    os.chmod(safe / "index" / "data.mdb", 0o644)
+    r = run_cli("verify", safe=safe)
+    assert r.code == 0, r.out
+    notes = [line for line in r.out.splitlines() if "group or others may read" in line]
+    assert len(notes) == 1 and "the safe directory" in notes[0] and "index/data.mdb" in notes[0], r.out
+
+
+@pytest.mark.xfail(strict=True, reason="packs are created by Writer._next_pack (the lead's rewrite), "
+                   "which must create them with cas.store.private_open (mode 0600)")
+def test_packs_written_later_are_private(tmp_path):
+    safe = tmp_path / "safe"
+    assert _cli_with_umask(0o022, "init", safe, "--pack-size", "64K").returncode == 0
+    _source(tmp_path / "src", n=4)
+    r = _cli_with_umask(0o022, "backup", tmp_path / "src", "--safe", safe)
+    assert r.returncode == 0, r.stderr
+    packs = list((safe / "packs").iterdir())
+    assert len(packs) >= 2
+    assert {p.stat().st_mode & 0o777 for p in packs} == {0o600}
