@@ -72,7 +72,7 @@ def repair(path: str | os.PathLike) -> RepairReport:
     state = inspect_header(safe_dir)
     if state.good is None:
         err = missing_header_error(safe_dir, state)
-        if isinstance(err, UnsupportedVersion) or not (safe_dir / PACKS_DIR).is_dir():
+        if isinstance(err, UnsupportedVersion) or not _is_dir(safe_dir / PACKS_DIR):
             raise err
     lockf = take_lock(safe_dir, "repair")
     try:
@@ -82,6 +82,13 @@ def repair(path: str | os.PathLike) -> RepairReport:
         return rep
     finally:
         release_lock(lockf)
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def _repair_header(safe_dir: Path, state: HeaderState, rep: RepairReport) -> bytes:
