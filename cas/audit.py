@@ -120,9 +120,9 @@ class _Counts:
             self.flush()
 
     def flush(self) -> None:
-        if not (self.pending or self.spans):
+        if not (self.pending or self.spans or self.declared):
             return
-        keys = sorted(self.pending.keys() | self.spans.keys())
+        keys = sorted(self.pending.keys() | self.spans.keys() | self.declared.keys())
         with self.env.begin(write=True) as txn:
             for k in keys:
                 old = txn.get(k)

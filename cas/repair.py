@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import NotASafe, SafeError, UnsupportedVersion
-from .header import (HeaderState, SafeConfig, decode_header, encode_header, inspect_header,
+from .header import (PRIVATE_FILE_MODE, HeaderState, SafeConfig, decode_header, encode_header, inspect_header,
                      missing_header_error, write_header_bytes)
 from .index import FLAG_PINNED, Index, ObjectEntry, PackEntry
 from .keys import Kind
@@ -76,6 +76,10 @@ def repair(path: str | os.PathLike) -> RepairReport:
             raise err
     lockf = take_lock(safe_dir, "repair")
     try:
+        try:
+            os.fchmod(lockf.fileno(), PRIVATE_FILE_MODE)   # take_lock may have created it
+        except OSError:
+            pass
         rep = RepairReport()
         header = _repair_header(safe_dir, state, rep)
         _repair(safe_dir, rep, header)

@@ -358,3 +358,43 @@ def test_packs_written_later_are_private(tmp_path):
     packs = list((safe / "packs").iterdir())
     assert len(packs) >= 2
     assert {p.stat().st_mode & 0o777 for p in packs} == {0o600}
+
+
+def test_size_check_holds_when_the_audit_spills_to_disk(tmp_path, monkeypatch):
+    """The declared lengths are merged like the counts: spilling after every entry changes nothing."""
+    from pointsafe.cas import audit as audit_mod
+    from pointsafe.cas import verify
+    safe = tmp_path / "safe"
+    Safe.init(safe, pack_size=64 * 1024).close()
+    pid = _crafted_point(safe, "crafted")
+    monkeypatch.setattr(audit_mod, "FLUSH_ENTRIES", 1)
+    with Safe.open(safe, write=False) as s:
+        rep = verify(s)
+    sizes = [e["message"] for e in rep.errors if e["message"].startswith("blob size:")]
+    assert len(sizes) == 2 and all(f"crafted ({pid[:12]})" in m for m in sizes), rep.errors
+    assert rep.refcounts["problems"] == 2
+
+
+# -- 4 (in process). an index without the newer tables opens read-only ----------------------------
+
+
+def test_an_old_index_without_newer_tables_opens_read_only(tmp_path):
+    safe = tmp_path / "safe"
+    _init(safe)
+    _source(tmp_path / "src", n=2)
+    point = backup(safe, tmp_path / "src", name="data")["id"]
+    env = lmdb.open(str(safe / "index"), max_dbs=64)
+    with env.begin(write=True) as t:
+        for name in (b"tombstones", b"files", b"tasks_running", b"alert_latches", b"config"):
+            try:
+                t.drop(env.open_db(name, txn=t, create=False), delete=True)
+            except lmdb.NotFoundError:
+                pass
+    env.close()
+    with Safe.open(safe, write=False) as s:
+        assert s.index.existing("tombstones") is None
+        assert [p["id"] for p in s.points()] == [point]
+    r = run_cli("verify", safe=safe)
+    assert r.code == 0, r.out + r.err
+    r = run_cli("ls", point, safe=safe)
+    assert r.code == 0 and "f00.bin" in r.out, r.err
