@@ -1,9 +1,10 @@
 """Reference-count audit: recompute every object's count from the points and the live nodes,
 and report every difference with the stored counts.
 
-By definition (cas/store.py) an object's count is the number of live (not dead) nodes that
-list it as a child plus one when it is a point that the ``points`` table names, plus the drops
-still waiting in the release queue (cas/release.py). The audit
+By definition (docs/FORMAT.md, "Reference counts and the dead flag") an object's count is the
+number of live (not dead) nodes that list it as a child plus one when it is a point that the
+``points`` table names, plus the drops still waiting in the release queue (cas/release.py).
+The audit
 
 1. walks the ``objects`` table once, reads every live node from its pack and adds one to each
    child's expected count; expected counts are summed in a bounded dict and merged, in key
