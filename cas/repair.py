@@ -24,12 +24,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import NotASafe, SafeError, UnsupportedVersion
-from .header import (PRIVATE_FILE_MODE, HeaderState, SafeConfig, decode_header, encode_header, inspect_header,
-                     missing_header_error, write_header_bytes)
+from .header import (
+    PRIVATE_FILE_MODE,
+    HeaderState,
+    SafeConfig,
+    decode_header,
+    encode_header,
+    inspect_header,
+    missing_header_error,
+    write_header_bytes,
+)
 from .index import FLAG_PINNED, Index, ObjectEntry, PackEntry
 from .keys import Kind
-from .nodes import node_children, decode_node
-from .pack import PACK_HEADER, PACK_MAGIC, decode_record, pack_id_from_name, pack_name, scan_pack
+from .nodes import decode_node, node_children
+from .pack import (
+    PACK_HEADER,
+    PACK_MAGIC,
+    decode_record,
+    pack_id_from_name,
+    pack_name,
+    scan_pack,
+)
 from .store import INDEX_DIR, PACKS_DIR, release_lock, take_lock, utc_now_iso
 
 # Tables that the packs do not hold (task history, alerts, per-safe settings): a rebuilt index

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .audit import audit
 from .errors import SafeError, SafeLocked
 from .header import COPY_NAME, HEADER_NAME, header_version, inspect_header
-from .index import FLAG_DEAD, pack_from_dbkey, PackEntry
+from .index import FLAG_DEAD, PackEntry, pack_from_dbkey
 from .keys import Kind
 from .pack import pack_id_from_name, pack_name, scan_pack
 from .store import INDEX_DIR, LOCK_NAME, PACKS_DIR, Safe, release_lock, take_lock
@@ -80,7 +80,7 @@ def _take_lock(safe: Safe, r: VerifyReport):
         if not safe.readonly:
             raise
     try:
-        f = open(safe.path / LOCK_NAME, "rb")
+        f = open(safe.path / LOCK_NAME, "rb")  # noqa: SIM115 (held as the lock)
     except OSError:
         f = None
     if f is not None:

@@ -7,7 +7,17 @@ import argparse
 from pointsafe.cas import Safe, repair, verify
 from pointsafe.ops import tasks
 
-from .common import parse_size, EXIT_ERROR, EXIT_OK, add_common, emit_json, human_bytes, progress, safe_path, say
+from .common import (
+    EXIT_ERROR,
+    EXIT_OK,
+    add_common,
+    emit_json,
+    human_bytes,
+    parse_size,
+    progress,
+    safe_path,
+    say,
+)
 
 
 def register(sub) -> None:

@@ -15,10 +15,18 @@ from pathlib import Path
 
 import lmdb
 import pytest
-
 from _backup_util import backup, one_error_line
 from conftest import run_cli
-from pointsafe.cas import BlobBuilder, Entry, Kind, Safe, decode_list, encode_tree, read_tree, utc_now_iso
+from pointsafe.cas import (
+    BlobBuilder,
+    Entry,
+    Kind,
+    Safe,
+    decode_list,
+    encode_tree,
+    read_tree,
+    utc_now_iso,
+)
 from pointsafe.cas.pack import PACK_HEADER, REC_HEADER, pack_id_from_name
 from pointsafe.cas.tree import DIR, REG
 
@@ -46,7 +54,7 @@ def _source(root: Path, n: int = 40, seed: int = 7) -> dict[str, bytes]:
 def _objects_of_files(safe_dir: Path, point_id: str) -> dict[str, set[bytes]]:
     """For each file of the point's root directory, every object its content needs."""
     out = {}
-    with Safe.open(safe_dir, write=False) as safe:
+    with Safe.open(safe_dir) as safe:
         root = bytes.fromhex(safe.point(point_id)["root"])
         for e in read_tree(safe.get, root):
             keys: set[bytes] = set()
@@ -158,7 +166,7 @@ def test_repair_still_cuts_a_torn_tail(tmp_path):
     _init(safe)
     _source(tmp_path / "src", n=4)
     backup(safe, tmp_path / "src", name="data")
-    pack = sorted((safe / "packs").glob("*.pack"))[-1]
+    pack = max((safe / "packs").glob("*.pack"))
     size = pack.stat().st_size
     last = _records(pack)[-1]
     data = pack.read_bytes()
@@ -237,7 +245,8 @@ def _as_version_2(safe: Path) -> None:
 def test_version_2_safe_is_read_and_repaired(tmp_path):
     safe, point, files = _small_safe(tmp_path)
     _as_version_2(safe)
-    safe_id = Safe.open(safe, write=False).config.safe_id
+    with Safe.open(safe) as s:
+        safe_id = s.config.safe_id
     _restores(safe, point, files, tmp_path / "out1")
     r = run_cli("verify", safe=safe)
     assert r.code == 0 and "header.copy is missing (a version-2 safe" in r.out, r.out
@@ -248,7 +257,7 @@ def test_version_2_safe_is_read_and_repaired(tmp_path):
     assert r.code == 0, r.err
     assert "default settings and a new safe id" in json.loads(r.out)["header"]
     assert (safe / "header").read_bytes() == (safe / "header.copy").read_bytes()
-    with Safe.open(safe, write=False) as s:
+    with Safe.open(safe) as s:
         assert s.config.safe_id != safe_id and s.config.compression == "zstd:1"
     _restores(safe, point, files, tmp_path / "out2")
     assert run_cli("verify", safe=safe).code == 0
@@ -314,7 +323,8 @@ def test_verify_reports_a_size_that_does_not_match_its_blob(tmp_path):
 
 def _cli_with_umask(umask: int, *args) -> subprocess.CompletedProcess:
     code = f"import os, sys; os.umask({umask:#o}); from pointsafe.cli.main import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, timeout=300,
+                          check=False)
 
 
 def _modes(safe: Path) -> dict[str, int]:
@@ -368,7 +378,7 @@ def test_size_check_holds_when_the_audit_spills_to_disk(tmp_path, monkeypatch):
     Safe.init(safe, pack_size=64 * 1024).close()
     pid = _crafted_point(safe, "crafted")
     monkeypatch.setattr(audit_mod, "FLUSH_ENTRIES", 1)
-    with Safe.open(safe, write=False) as s:
+    with Safe.open(safe) as s:
         rep = verify(s)
     sizes = [e["message"] for e in rep.errors if e["message"].startswith("blob size:")]
     assert len(sizes) == 2 and all(f"crafted ({pid[:12]})" in m for m in sizes), rep.errors

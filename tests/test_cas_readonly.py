@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from _backup_util import backup
 from conftest import ROOT, needs_root, run_cli
 from pointsafe.cas import Safe, SafeError
@@ -23,7 +22,7 @@ def _mount_ro(src: Path, dst: Path) -> None:
     try:
         subprocess.run(["mount", "-o", "remount,bind,ro", str(dst)], check=True, timeout=30)
     except BaseException:
-        subprocess.run(["umount", str(dst)], timeout=30)
+        subprocess.run(["umount", str(dst)], timeout=30, check=False)
         raise
 
 
@@ -70,7 +69,7 @@ def test_a_safe_on_a_read_only_filesystem_can_be_read(safe_with_point, tmp_path)
         errors = [ln for ln in r.err.splitlines() if ln.startswith("pointsafe: error:")]
         assert r.code == 1 and len(errors) == 1 and "Read-only file system" in errors[0], r.err
     finally:
-        subprocess.run(["umount", "-l", str(ro)], timeout=30)
+        subprocess.run(["umount", "-l", str(ro)], timeout=30, check=False)
     # On the writable path the same safe still takes a writer.
     with Safe.open(safe) as s:
         assert not s.readonly
@@ -92,7 +91,7 @@ def test_a_user_without_permission_is_told_so(safe_with_point):
                sys.executable, "-m", "pointsafe.cli", "--safe", str(mine)]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": "/tmp"}
         for args in (["points"], ["ls", point], ["verify"], ["repair"]):
-            p = subprocess.run(cmd + args, capture_output=True, timeout=120, env=env, cwd="/tmp")
+            p = subprocess.run(cmd + args, capture_output=True, timeout=120, env=env, cwd="/tmp", check=False)
             err = p.stderr.decode()
             assert p.returncode == 1, (args, err)
             line = [ln for ln in err.splitlines() if ln.startswith("pointsafe: error:")]
@@ -102,7 +101,8 @@ def test_a_user_without_permission_is_told_so(safe_with_point):
         # Readable but not writable by others (an old 0755 safe): readers still read it,
         # read-only; LMDB's lock file is root's, so a reader that cannot use it says so.
         subprocess.run(["chmod", "-R", "go+rX", str(mine)], check=True)
-        p = subprocess.run(cmd + ["points", "--json"], capture_output=True, timeout=120, env=env, cwd="/tmp")
+        p = subprocess.run(cmd + ["points", "--json"], capture_output=True, timeout=120, env=env, cwd="/tmp",
+                           check=False)
         err = p.stderr.decode()
         assert "Traceback" not in err and "repair" not in err, err
         if p.returncode != 0:
