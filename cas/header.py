@@ -267,6 +267,17 @@ def missing_header_error(safe_dir: Path, state: HeaderState) -> SafeError:
     return NotASafe(f"{safe_dir}: not a pointsafe safe{_foreign_hint(safe_dir)}")
 
 
+def _repairable(safe_dir: Path, err: SafeError) -> bool:
+    """True when ``repair`` can rebuild the header: the directory holds a safe's packs and the
+    header is damaged or missing (not of a newer version, not unreadable for this user)."""
+    if isinstance(err, UnsupportedVersion) or "permission denied" in str(err):
+        return False
+    try:
+        return (safe_dir / "packs").is_dir() and (safe_dir / "index").is_dir()
+    except OSError:
+        return False
+
+
 _warned: set[str] = set()
 
 
@@ -277,7 +288,13 @@ def read_header(safe_dir: Path) -> SafeConfig:
     state = inspect_header(safe_dir)
     good = state.good
     if good is None:
-        raise missing_header_error(safe_dir, state)
+        err = missing_header_error(safe_dir, state)
+        if _repairable(safe_dir, err):
+            if all(hc.data is None and hc.error is None for hc in (state.main, state.copy)):
+                raise NotASafe(f"{safe_dir}: the safe's header is missing (and its copy); "
+                               "'pointsafe repair' rebuilds it")
+            raise NotASafe(f"{err}; if this is a safe, 'pointsafe repair' rebuilds the header")
+        raise err
     if good is state.copy and str(safe_dir) not in _warned:
         _warned.add(str(safe_dir))
         why = state.main.error or f"{safe_dir}: the safe {HEADER_NAME} is missing"
