@@ -8,24 +8,31 @@ Layout of ``<safe>/header`` (see docs/FORMAT.md)::
     16  N  configuration, UTF-8 JSON
     16+N 4 CRC-32 of bytes 0 .. 16+N
 
-The header is written once at ``init`` (atomically: temp file, fsync, rename) and never
-changed afterwards, so readers need no lock to read it.
+The header is written once at ``init`` (atomically: temp file, fsync, rename), together with
+a byte-identical second copy ``<safe>/header.copy`` (since format version 3), and never
+changed afterwards, so readers need no lock to read it. A reader uses the copy when the header
+is damaged or missing; ``repair`` rewrites whichever is damaged (docs/FORMAT.md, "The header").
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
+import sys
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import NotASafe, UnsupportedVersion, UsageError
+from .errors import NotASafe, SafeError, UnsupportedVersion, UsageError
 
 MAGIC = b"PNTSAFE\x00"
-FORMAT_VERSION = 2  # 2: paged directories (docs/FORMAT.md)
+FORMAT_VERSION = 3  # 2: paged directories; 3: header.copy, private modes (docs/FORMAT.md)
 HEADER_NAME = "header"
+COPY_NAME = "header.copy"
+PRIVATE_FILE_MODE = 0o600   # every file of a safe (header, packs, index, lock)
+PRIVATE_DIR_MODE = 0o700    # every directory of a safe
 _FIXED = struct.Struct("<8sII")
 
 
@@ -68,19 +75,42 @@ def parse_compression(text: str) -> str:
 
 
 def encode_header(config: SafeConfig) -> bytes:
+    """The header file's bytes for ``config`` at this pointsafe's format version."""
     body = json.dumps(asdict(config), sort_keys=True).encode()
     head = _FIXED.pack(MAGIC, FORMAT_VERSION, len(body)) + body
     return head + struct.pack("<I", zlib.crc32(head))
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (``path.tmp``, fsync, rename), mode 0600 whatever
+    the umask. The caller fsyncs the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+    try:
+        os.fchmod(fd, PRIVATE_FILE_MODE)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+def write_header_bytes(safe_dir: Path, data: bytes) -> None:
+    """Write the header file and its copy (both the same bytes), then fsync the directory."""
+    for name in (HEADER_NAME, COPY_NAME):
+        write_private(safe_dir / name, data)
+    fd = os.open(safe_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_header(safe_dir: Path, config: SafeConfig) -> None:
-    data = encode_header(config)
-    tmp = safe_dir / (HEADER_NAME + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, safe_dir / HEADER_NAME)
+    """Write ``config`` as the safe's header and header copy (mode 0600)."""
+    write_header_bytes(safe_dir, encode_header(config))
 
 
 def _foreign_hint(path: Path) -> str:
@@ -102,37 +132,173 @@ def _foreign_hint(path: Path) -> str:
     return ""
 
 
-def read_header(safe_dir: Path) -> SafeConfig:
-    """Read and check ``<safe_dir>/header``; raise NotASafe / UnsupportedVersion otherwise."""
-    if not safe_dir.exists():
-        raise NotASafe(f"{safe_dir}: no such safe (create one with 'pointsafe init {safe_dir}')")
-    if not safe_dir.is_dir():
-        raise NotASafe(f"{safe_dir}: not a pointsafe safe (it is not a directory)")
-    try:
-        data = (safe_dir / HEADER_NAME).read_bytes()
-    except FileNotFoundError:
-        raise NotASafe(f"{safe_dir}: not a pointsafe safe{_foreign_hint(safe_dir)}") from None
-    except OSError as e:
-        raise NotASafe(f"{safe_dir}: cannot read the safe header: {e.strerror}") from None
+def decode_header(data: bytes, where: str, name: str = HEADER_NAME) -> SafeConfig:
+    """Check a header file's bytes (docs/FORMAT.md, "The header") and return its configuration.
+
+    Raises NotASafe (bad magic, truncated, corrupt) or UnsupportedVersion (a well-formed header
+    of a newer format). ``where`` starts the messages (the safe's path).
+    """
     if len(data) < _FIXED.size and MAGIC.startswith(data[:8]):
-        raise NotASafe(f"{safe_dir}: the safe header is truncated ({len(data)} bytes)")
+        raise NotASafe(f"{where}: the safe {name} is truncated ({len(data)} bytes)")
     if len(data) < _FIXED.size or data[:8] != MAGIC:
-        raise NotASafe(f"{safe_dir}: not a pointsafe safe (bad magic in {HEADER_NAME})")
+        raise NotASafe(f"{where}: not a pointsafe safe (bad magic in {name})")
     _, version, n = _FIXED.unpack_from(data)
     if version > FORMAT_VERSION:
         raise UnsupportedVersion(
-            f"{safe_dir}: safe format version {version} is newer than this pointsafe supports "
+            f"{where}: safe format version {version} is newer than this pointsafe supports "
             f"({FORMAT_VERSION}); upgrade pointsafe"
         )
     end = _FIXED.size + n
     if len(data) < end + 4:
-        raise NotASafe(f"{safe_dir}: the safe header is truncated ({len(data)} bytes)")
+        raise NotASafe(f"{where}: the safe {name} is truncated ({len(data)} bytes)")
     (crc,) = struct.unpack_from("<I", data, end)
     if zlib.crc32(data[:end]) != crc:
-        raise NotASafe(f"{safe_dir}: the safe header is corrupt (checksum mismatch)")
+        raise NotASafe(f"{where}: the safe {name} is corrupt (checksum mismatch)")
     try:
         fields = json.loads(data[_FIXED.size:end])
         known = {k: v for k, v in fields.items() if k in SafeConfig.__dataclass_fields__}
         return SafeConfig(**known)
     except (ValueError, TypeError) as e:
-        raise NotASafe(f"{safe_dir}: the safe header is corrupt ({e})") from None
+        raise NotASafe(f"{where}: the safe {name} is corrupt ({e})") from None
+
+
+def header_version(data: bytes) -> int:
+    """The format version field of header bytes that decode_header accepted."""
+    return _FIXED.unpack_from(data)[1]
+
+
+def _looks_newer(data: bytes) -> bool:
+    """True when ``data`` is a header of a newer version whose checksum still holds in the
+    layout this version knows: a real newer header, not a flipped bit in the version field."""
+    if len(data) < _FIXED.size or data[:8] != MAGIC:
+        return False
+    _, version, n = _FIXED.unpack_from(data)
+    end = _FIXED.size + n
+    if version <= FORMAT_VERSION or len(data) < end + 4:
+        return False
+    return zlib.crc32(data[:end]) == struct.unpack_from("<I", data, end)[0]
+
+
+@dataclass
+class HeaderCopy:
+    """One of the two header files as found on disk."""
+
+    name: str
+    data: bytes | None = None           # None when the file is missing or unreadable
+    config: SafeConfig | None = None    # None when it does not decode
+    error: SafeError | None = None      # why it does not decode (or cannot be read)
+
+
+@dataclass
+class HeaderState:
+    """Both header files of a safe; see :func:`inspect_header`."""
+
+    main: HeaderCopy
+    copy: HeaderCopy
+
+    @property
+    def good(self) -> HeaderCopy | None:
+        """The copy to use: ``header`` when it is good, else ``header.copy`` when that is."""
+        if self.main.config is not None:
+            return self.main
+        if self.copy.config is not None and not isinstance(self.main.error, UnsupportedVersion):
+            return self.copy
+        return None
+
+    @property
+    def intact(self) -> bool:
+        """Both files are present, good and identical."""
+        return (self.main.config is not None and self.copy.config is not None
+                and self.main.data == self.copy.data)
+
+
+def _check_dir(safe_dir: Path) -> None:
+    try:
+        st = safe_dir.stat()
+    except FileNotFoundError:
+        raise NotASafe(f"{safe_dir}: no such safe (create one with 'pointsafe init {safe_dir}')") from None
+    except PermissionError:
+        raise SafeError(f"{safe_dir}: permission denied") from None
+    except OSError as e:
+        raise NotASafe(f"{safe_dir}: cannot open the safe: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotASafe(f"{safe_dir}: not a pointsafe safe (it is not a directory)")
+
+
+def _load(safe_dir: Path, name: str) -> HeaderCopy:
+    hc = HeaderCopy(name)
+    try:
+        hc.data = (safe_dir / name).read_bytes()
+    except FileNotFoundError:
+        return hc
+    except PermissionError:
+        hc.error = SafeError(f"{safe_dir}: permission denied (cannot read the safe {name})")
+        return hc
+    except OSError as e:
+        hc.error = NotASafe(f"{safe_dir}: cannot read the safe {name}: {e.strerror}")
+        return hc
+    try:
+        hc.config = decode_header(hc.data, str(safe_dir), name)
+    except SafeError as e:
+        hc.error = e
+    if isinstance(hc.error, UnsupportedVersion) and not _looks_newer(hc.data):
+        # A version field out of range and a checksum that fails: damage, not a newer
+        # pointsafe's header (the other file may still hold the real one).
+        hc.error = NotASafe(f"{safe_dir}: the safe {name} is corrupt (checksum mismatch)")
+    return hc
+
+
+def inspect_header(safe_dir: Path) -> HeaderState:
+    """Read both header files; never raises for their content (only for the directory)."""
+    _check_dir(safe_dir)
+    return HeaderState(_load(safe_dir, HEADER_NAME), _load(safe_dir, COPY_NAME))
+
+
+def missing_header_error(safe_dir: Path, state: HeaderState) -> SafeError:
+    """The error to raise when no header file can be used."""
+    for hc in (state.main, state.copy):
+        if isinstance(hc.error, (UnsupportedVersion,)) or (
+                hc.error is not None and str(hc.error).startswith(f"{safe_dir}: permission denied")):
+            return hc.error
+    if state.main.error is not None:
+        return state.main.error
+    if state.copy.error is not None:
+        return state.copy.error
+    return NotASafe(f"{safe_dir}: not a pointsafe safe{_foreign_hint(safe_dir)}")
+
+
+def _repairable(safe_dir: Path, err: SafeError) -> bool:
+    """True when ``repair`` can rebuild the header: the directory holds a safe's packs and the
+    header is damaged or missing (not of a newer version, not unreadable for this user)."""
+    if isinstance(err, UnsupportedVersion) or "permission denied" in str(err):
+        return False
+    try:
+        return (safe_dir / "packs").is_dir() and (safe_dir / "index").is_dir()
+    except OSError:
+        return False
+
+
+_warned: set[str] = set()
+
+
+def read_header(safe_dir: Path) -> SafeConfig:
+    """The safe's configuration, from ``header`` or, when that is damaged or missing, from
+    ``header.copy`` (saying so on stderr, once per process and safe). Raises NotASafe /
+    UnsupportedVersion / SafeError (permission denied) when neither can be used."""
+    state = inspect_header(safe_dir)
+    good = state.good
+    if good is None:
+        err = missing_header_error(safe_dir, state)
+        if _repairable(safe_dir, err):
+            if all(hc.data is None and hc.error is None for hc in (state.main, state.copy)):
+                raise NotASafe(f"{safe_dir}: the safe's header is missing (and its copy); "
+                               "'pointsafe repair' rebuilds it")
+            raise NotASafe(f"{err}; if this is a safe, 'pointsafe repair' rebuilds the header")
+        raise err
+    if good is state.copy and str(safe_dir) not in _warned:
+        _warned.add(str(safe_dir))
+        why = state.main.error or f"{safe_dir}: the safe {HEADER_NAME} is missing"
+        print(f"pointsafe: warning: {why}; using {COPY_NAME} ('pointsafe repair' rewrites the header)",
+              file=sys.stderr)
+    assert good.config is not None
+    return good.config

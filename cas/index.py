@@ -6,19 +6,23 @@ Tables (LMDB named databases; see docs/FORMAT.md):
 ``packs``    pack id (u64 big-endian, so that LMDB order is numeric) -> PackEntry (40 bytes)
 ``zero``     key -> b"" : every object whose refcount is 0 (dead or not yet linked)
 ``points``   point key (32 bytes) -> point record, UTF-8 JSON
-``meta``     ascii name -> value (``next_pack`` u64 LE, ...)
+``meta``     ascii name -> value (``next_pack`` u64 LE, ``header``: the header file's bytes, ...)
 ``tasks``, ``alerts``, ``files``: for the other rooms (task history, alerts, change detection)
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lmdb
 
 from .counters import CounterDelta
+from .errors import SafeError
+from .header import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE
 
 TABLES = ("objects", "packs", "zero", "points", "meta", "tasks", "alerts", "files", "tombstones")
 MAP_SIZE = 1 << 40  # address space only; the file grows as needed
@@ -84,48 +88,76 @@ def pack_from_dbkey(b: bytes) -> int:
 
 
 class Index:
-    """The LMDB environment and its tables. Safe for many threads and processes."""
+    """The LMDB environment and its tables. Safe for many threads and processes.
 
-    def __init__(self, path: Path, readonly: bool = False, create: bool = False):
+    ``readonly`` opens the environment read-only: no write transaction is ever begun (so a
+    safe on a read-only filesystem, or one the user may read but not write, can be read), and
+    tables that do not exist yet are simply absent (see :meth:`existing`). ``lock=False``
+    skips LMDB's lock file: only for a read-only filesystem, where no writer can exist.
+    ``create`` makes a new environment, directory 0700 and files 0600 whatever the umask.
+    """
+
+    def __init__(self, path: Path, readonly: bool = False, create: bool = False, lock: bool = True):
         self.path = path
+        self.readonly = readonly and not create
         if create:
-            path.mkdir(parents=True, exist_ok=True)
+            path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+            os.chmod(path, PRIVATE_DIR_MODE)
         self.env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=len(TABLES) + 8,
-                             subdir=True, create=create, readonly=False,
-                             max_readers=1024, metasync=True, sync=True, lock=True)
-        self.db = {}
-        with self.env.begin(write=True) as txn:
+                             subdir=True, create=create, readonly=self.readonly,
+                             max_readers=1024, metasync=True, sync=True, lock=lock or not self.readonly,
+                             mode=PRIVATE_FILE_MODE)
+        self.db: dict[str, Any] = {}
+        if self.readonly:
             for name in TABLES:
-                self.db[name] = self.env.open_db(name.encode(), txn=txn, create=True)
+                self.existing(name)
+        else:
+            with self.env.begin(write=True) as txn:
+                for name in TABLES:
+                    self.db[name] = self.env.open_db(name.encode(), txn=txn, create=True)
+        if create:
+            for f in path.iterdir():
+                os.chmod(f, PRIVATE_FILE_MODE)
 
     def close(self) -> None:
+        """Close the environment (every handle and transaction of it becomes unusable)."""
         self.env.close()
 
     def read(self) -> lmdb.Transaction:
+        """A read transaction: a consistent snapshot of every table."""
         return self.env.begin(write=False, buffers=False)
 
     def write(self) -> lmdb.Transaction:
+        """A write transaction; SafeError when the index was opened read-only."""
+        if self.readonly:
+            raise SafeError(f"{self.path.parent}: the safe is open read-only (a read-only filesystem "
+                            "or no write permission); this needs to write to it")
         return self.env.begin(write=True)
 
     def table(self, name: str):
-        try:
-            return self.db[name]
-        except KeyError:
-            with self.env.begin(write=True) as txn:
-                self.db[name] = self.env.open_db(name.encode(), txn=txn, create=True)
-            return self.db[name]
+        """The table ``name``, created when missing (SafeError on a read-only index)."""
+        db = self.existing(name)
+        if db is not None:
+            return db
+        with self.write() as txn:
+            self.db[name] = self.env.open_db(name.encode(), txn=txn, create=True)
+        return self.db[name]
 
     def existing(self, name: str):
         """The table ``name`` if it exists, else None. Unlike ``table`` it never writes, so
-        read-only work (verify, status) still runs on a full disk."""
+        read-only work (verify, status) still runs on a full disk or a read-only index."""
         db = self.db.get(name)
         if db is not None:
             return db
         try:
-            # A write transaction (a handle opened in a read one dies with it) that changes
-            # nothing, so its commit writes nothing.
-            with self.env.begin(write=True) as txn:
-                db = self.env.open_db(name.encode(), txn=txn, create=False)
+            if self.readonly:
+                # A read-only environment opens handles in a read transaction that it keeps.
+                db = self.env.open_db(name.encode(), create=False)
+            else:
+                # A write transaction (a handle opened in a read one dies with it) that changes
+                # nothing, so its commit writes nothing.
+                with self.env.begin(write=True) as txn:
+                    db = self.env.open_db(name.encode(), txn=txn, create=False)
         except lmdb.NotFoundError:
             return None
         self.db[name] = db

@@ -231,17 +231,87 @@ def check_pack_header(buf: bytes, pack_id: int) -> None:
 
 @dataclass(frozen=True, slots=True)
 class ScanItem:
+    """One step of :func:`scan_pack`.
+
+    A record: ``header`` is set; ``error`` tells why its stored bytes are unusable (or, with
+    ``torn``, that it runs past the end of the pack). A damaged region: ``header`` is None and
+    ``length`` bytes from ``offset`` could not be read as records (a damaged pack header is the
+    region 0..16); the walk goes on after it. ``torn`` marks the end of the pack: from ``offset``
+    on, an unfinished last record (a crashed writer's tail) that holds nothing readable.
+    """
+
     offset: int
-    header: RecordHeader | None     # None when the record could not be parsed
+    header: RecordHeader | None     # None for a damaged region
     error: IntegrityError | None
+    length: int = 0                 # bytes of a damaged region (header None)
+    torn: bool = False
+
+
+RESYNC_WINDOW = 1 << 20
+
+
+def _valid_record_at(f, off: int, size: int, pack_id: int) -> RecordHeader | None:
+    """The header of an intact record at ``off`` (header CRC and stored-bytes check hold and
+    it ends within ``size``), else None."""
+    f.seek(off)
+    hb = f.read(REC_HEADER_SIZE)
+    try:
+        h = parse_record_header(hb, pack_id, off)
+    except IntegrityError:
+        return None
+    if off + h.total > size:
+        return None
+    try:
+        check_record(hb + f.read(h.stored_len), pack_id, off)
+    except IntegrityError:
+        return None
+    return h
+
+
+def _resync(f, start: int, size: int, pack_id: int) -> int | None:
+    """The offset of the next intact record after ``start`` (scanning for the record magic),
+    or None when there is none before ``size``."""
+    pos = start + 1
+    while pos + REC_HEADER_SIZE <= size:
+        f.seek(pos)
+        window = f.read(min(RESYNC_WINDOW + len(REC_MAGIC) - 1, size - pos))
+        i = window.find(REC_MAGIC)
+        while i >= 0:
+            if _valid_record_at(f, pos + i, size, pack_id) is not None:
+                return pos + i
+            i = window.find(REC_MAGIC, i + 1)
+        pos += RESYNC_WINDOW
+    return None
+
+
+def _zeros(f, start: int, end: int) -> bool:
+    """True when bytes ``start..end`` of ``f`` are all zero."""
+    f.seek(start)
+    while start < end:
+        block = f.read(min(RESYNC_WINDOW, end - start))
+        if not block or block.count(0) != len(block):
+            return not block
+        start += len(block)
+    return True
+
+
+def _damaged(pack_id: int, off: int, end: int, why: IntegrityError) -> ScanItem:
+    msg = (f"pack {pack_name(pack_id)} bytes {off}..{end} ({end - off} bytes) cannot be read: "
+           f"{why}")
+    return ScanItem(off, None, IntegrityError(msg, pack_id, off), length=end - off)
 
 
 def scan_pack(path: Path, pack_id: int, limit: int | None = None,
               read_data: bool = True, rehash: bool = False) -> Iterator[ScanItem]:
-    """Walk the records of a pack file in order, up to ``limit`` bytes.
+    """Walk the records of a pack file in order, up to ``limit`` bytes (docs/FORMAT.md,
+    "Walking a pack").
 
-    Framing errors stop the walk (the rest of the pack cannot be located) after yielding the
-    error. Data checksum errors are yielded per record and the walk goes on.
+    A record whose stored bytes fail their checks is yielded with its error and the walk goes
+    on (its length is known from its checked header). A header that does not parse (or a
+    damaged pack header) is yielded as a damaged region, and the walk resynchronises at the
+    next intact record, found by scanning for the record magic; records start at 16 whatever
+    the pack header holds. Only the end can be ``torn``: fewer than 64 bytes, or a checked
+    header whose record runs past the end, after the last intact record.
     """
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size if limit is None else limit
@@ -249,21 +319,44 @@ def scan_pack(path: Path, pack_id: int, limit: int | None = None,
         try:
             check_pack_header(head, pack_id)
         except IntegrityError as e:
-            yield ScanItem(0, None, e)
-            return
+            if len(head) < PACK_HEADER.size:
+                yield ScanItem(0, None, e, length=len(head), torn=True)
+                return
+            yield ScanItem(0, None, e, length=PACK_HEADER.size)
         off = PACK_HEADER.size
         while off < size:
+            if size - off < REC_HEADER_SIZE:
+                yield ScanItem(off, None, IntegrityError(
+                    f"pack {pack_name(pack_id)} offset {off}: truncated record header", pack_id, off),
+                    length=size - off, torn=True)
+                return
             f.seek(off)
             hb = f.read(REC_HEADER_SIZE)
             try:
                 h = parse_record_header(hb, pack_id, off)
             except IntegrityError as e:
-                yield ScanItem(off, None, e)
-                return
+                nxt = _resync(f, off, size, pack_id)
+                if nxt is None and _zeros(f, off, size):
+                    # A crash can leave the tail's blocks allocated but never written.
+                    yield ScanItem(off, None, e, length=size - off, torn=True)
+                    return
+                yield _damaged(pack_id, off, size if nxt is None else nxt, e)
+                if nxt is None:
+                    return
+                off = nxt
+                continue
             if off + h.total > size:
-                yield ScanItem(off, h, IntegrityError(
+                nxt = _resync(f, off, size, pack_id)
+                if nxt is None:
+                    yield ScanItem(off, h, IntegrityError(
+                        f"pack {pack_name(pack_id)} offset {off}: record runs past the end of the pack",
+                        pack_id, off), length=size - off, torn=True)
+                    return
+                # A checked header with a length that does not fit, yet intact records follow.
+                yield _damaged(pack_id, off, nxt, IntegrityError(
                     f"pack {pack_name(pack_id)} offset {off}: record runs past the end of the pack", pack_id, off))
-                return
+                off = nxt
+                continue
             err = None
             if read_data:
                 body = f.read(h.stored_len)

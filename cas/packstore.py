@@ -30,9 +30,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import IO, Iterator, Protocol
 
+from .header import PRIVATE_FILE_MODE   # a safe is private to its owner: packs are 0600
 from .pack import pack_id_from_name, pack_name
-
-PRIVATE_FILE_MODE = 0o600   # a safe is private to its owner: packs are created 0600
 
 
 class PackSink(Protocol):
@@ -190,6 +189,7 @@ class LocalPackStore:
         path = self.path(pack_id)
         path.unlink(missing_ok=True)   # an uncommitted leftover of a crashed writer
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+        os.fchmod(fd, PRIVATE_FILE_MODE)   # whatever the umask
         return _LocalSink(self, pack_id, os.fdopen(fd, "wb", buffering=1 << 20), new=True)
 
     def reopen(self, pack_id: int, length: int) -> PackSink | None:

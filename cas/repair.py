@@ -4,6 +4,12 @@ Every intact record becomes an object (the first copy of a key wins; later copie
 dead bytes). Reference counts are recomputed from the nodes' children; points are the POINT
 objects that no TOMBSTONE names. The new index is built beside the old one and swapped in
 by rename, so a crash during repair leaves the old index (or none) and repair can rerun.
+
+A damaged pack header or record header is damage, not the end of the pack: the walk
+(``pack.scan_pack``) resumes at the next intact record and the unreadable region is reported;
+only a torn tail is truncated. A damaged or missing ``header`` is rebuilt from ``header.copy``,
+from the copy in the old index's ``meta`` table, or with default settings (docs/FORMAT.md,
+"Repair").
 """
 
 from __future__ import annotations
@@ -13,15 +19,33 @@ import os
 import shutil
 import struct
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .header import read_header
+from .errors import NotASafe, SafeError, UnsupportedVersion
+from .header import (
+    PRIVATE_FILE_MODE,
+    HeaderState,
+    SafeConfig,
+    decode_header,
+    encode_header,
+    inspect_header,
+    missing_header_error,
+    write_header_bytes,
+)
 from .index import FLAG_PINNED, Index, ObjectEntry, PackEntry
 from .keys import Kind
-from .nodes import node_children, decode_node
-from .pack import decode_record, pack_id_from_name, pack_name, scan_pack
-from .store import INDEX_DIR, PACKS_DIR, release_lock, take_lock
+from .nodes import decode_node, node_children
+from .pack import (
+    PACK_HEADER,
+    PACK_MAGIC,
+    decode_record,
+    pack_id_from_name,
+    pack_name,
+    scan_pack,
+)
+from .store import INDEX_DIR, PACKS_DIR, release_lock, take_lock, utc_now_iso
 
 # Tables that the packs do not hold (task history, alerts, per-safe settings): a rebuilt index
 # takes them over from the old one when it can still be read.
@@ -33,26 +57,148 @@ class RepairReport:
     packs: int = 0
     objects: int = 0
     points: int = 0
-    damaged: list[dict] = field(default_factory=list)
+    damaged: list[dict] = field(default_factory=list)   # what could not be read: pack, offset, bytes
     missing_children: int = 0
+    truncated: list[dict] = field(default_factory=list)  # torn tails cut off: pack, offset, bytes
+    header: str | None = None                            # what was done to the header files
+
+    @property
+    def unreadable_bytes(self) -> int:
+        """Bytes of the packs that repair could not read as intact records."""
+        return sum(d.get("bytes", 0) for d in self.damaged)
 
     def as_dict(self) -> dict:
+        """The report as JSON-ready data."""
         return {"packs": self.packs, "objects": self.objects, "points": self.points,
-                "damaged": self.damaged, "missing_children": self.missing_children}
+                "damaged": self.damaged, "missing_children": self.missing_children,
+                "truncated": self.truncated, "header": self.header,
+                "unreadable_bytes": self.unreadable_bytes}
 
 
 def repair(path: str | os.PathLike) -> RepairReport:
+    """Rebuild the safe's index from its packs (and its header files when damaged or missing).
+
+    Nothing readable is ever cut off: a damaged pack header or record header in the middle of a
+    pack is reported (pack, offset range, bytes) and the walk resumes at the next intact record;
+    only a torn tail after the last intact record is truncated. Raises NotASafe /
+    UnsupportedVersion / SafeLocked when it cannot start.
+    """
     safe_dir = Path(path)
-    read_header(safe_dir)
+    state = inspect_header(safe_dir)
+    if state.good is None:
+        err = missing_header_error(safe_dir, state)
+        if isinstance(err, UnsupportedVersion) or not _is_dir(safe_dir / PACKS_DIR):
+            raise err
     lockf = take_lock(safe_dir, "repair")
     try:
-        return _repair(safe_dir)
+        try:
+            os.fchmod(lockf.fileno(), PRIVATE_FILE_MODE)   # take_lock may have created it
+        except OSError:
+            pass
+        rep = RepairReport()
+        header = _repair_header(safe_dir, state, rep)
+        _repair(safe_dir, rep, header)
+        return rep
     finally:
         release_lock(lockf)
 
 
-def _repair(safe_dir: Path) -> RepairReport:
-    rep = RepairReport()
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _repair_header(safe_dir: Path, state: HeaderState, rep: RepairReport) -> bytes:
+    """Make ``header`` and ``header.copy`` good and identical; return their bytes.
+
+    From the good file when one is; else from the copy kept in the index's ``meta`` table;
+    else (a version-2 safe, or every copy lost) default settings and a new safe id.
+    """
+    good = state.good
+    if good is not None and state.intact:
+        return good.data
+    if good is not None:
+        data = good.data
+        bad = [hc.name for hc in (state.main, state.copy) if hc.data != data or hc.config is None]
+        rep.header = f"rewrote {' and '.join(bad)} from {good.name}"
+    else:
+        data = _old_meta(safe_dir / INDEX_DIR, b"header")
+        try:
+            if data is None:
+                raise NotASafe("no copy in the index")
+            decode_header(data, str(safe_dir))
+            rep.header = "rebuilt header and header.copy from the copy kept in the index"
+        except SafeError:
+            config = SafeConfig(safe_id=uuid.uuid4().hex, created=utc_now_iso())
+            data = encode_header(config)
+            rep.header = ("rebuilt header and header.copy with default settings and a new safe id "
+                          f"({config.safe_id}): no good copy was left")
+    assert data is not None
+    write_header_bytes(safe_dir, data)
+    return data
+
+
+def _scan_one(path: Path, pid: int, idx: Index, txn, rep: RepairReport) -> PackEntry | None:
+    """Index the intact records of one pack; report its damage; cut only a torn tail."""
+    name = pack_name(pid)
+    size = path.stat().st_size
+    if size < PACK_HEADER.size:
+        rep.damaged.append({"pack": name, "offset": 0, "end": size, "bytes": size,
+                            "message": f"pack {name} is shorter than a pack header; left out"})
+        return None
+    pe = PackEntry(0, 0, 0, time.time_ns(), 0, 1)
+    end = PACK_HEADER.size
+    torn_at = None
+    head_damaged = False
+    for item in scan_pack(path, pid, read_data=True):
+        h = item.header
+        if item.torn:
+            torn_at = item.offset
+            break
+        if h is None:
+            head_damaged = head_damaged or item.offset == 0
+            rep.damaged.append({"pack": name, "offset": item.offset, "end": item.offset + item.length,
+                                "bytes": item.length, "message": str(item.error)})
+            pe.dead_bytes += item.length
+            end = max(end, item.offset + item.length)
+            continue
+        end = item.offset + h.total
+        if item.error is not None:
+            rep.damaged.append({"pack": name, "offset": item.offset, "end": end, "bytes": h.total,
+                                "object": h.key.hex(), "message": str(item.error)})
+            pe.dead_bytes += h.total
+            continue
+        if idx.get_object(txn, h.key) is not None:
+            pe.dead_bytes += h.total
+            continue
+        flags = FLAG_PINNED if h.kind == Kind.TOMBSTONE else 0
+        txn.put(h.key, ObjectEntry(pid, item.offset, h.stored_len, h.raw_len, h.kind, h.codec,
+                                   flags, 0).encode(), db=idx.db["objects"])
+        pe.live_bytes += h.total
+        pe.objects += 1
+        rep.objects += 1
+    pe.committed_len = end
+    if torn_at is not None and torn_at < size:
+        os.truncate(path, torn_at)   # a torn tail: an unfinished last record, never committed
+        rep.truncated.append({"pack": name, "offset": torn_at, "bytes": size - torn_at})
+    if head_damaged and pe.objects:
+        _rewrite_pack_header(path, pid)
+    return pe
+
+
+def _rewrite_pack_header(path: Path, pid: int) -> None:
+    """Write the 16-byte pack header again: it holds only the magic and the id of the name."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.pwrite(fd, PACK_HEADER.pack(PACK_MAGIC, pid), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _repair(safe_dir: Path, rep: RepairReport, header: bytes) -> None:
     packs_dir = safe_dir / PACKS_DIR
     new_dir = safe_dir / (INDEX_DIR + ".rebuild")
     shutil.rmtree(new_dir, ignore_errors=True)
@@ -60,71 +206,16 @@ def _repair(safe_dir: Path) -> RepairReport:
     ids = sorted(p for p in (pack_id_from_name(n) for n in os.listdir(packs_dir)) if p is not None)
     with idx.write() as txn:
         for pid in ids:
+            pe = _scan_one(packs_dir / pack_name(pid), pid, idx, txn, rep)
+            if pe is None:
+                continue
             rep.packs += 1
-            pe = PackEntry(0, 0, 0, time.time_ns(), 0, 1)
-            end = 16
-            for item in scan_pack(packs_dir / pack_name(pid), pid, read_data=True):
-                h = item.header
-                if item.error is not None:
-                    rep.damaged.append({"pack": pack_name(pid), "offset": item.offset, "message": str(item.error)})
-                    if h is None or "past the end" in str(item.error):
-                        break
-                    pe.dead_bytes += h.total
-                    end = item.offset + h.total
-                    continue
-                end = item.offset + h.total
-                if idx.get_object(txn, h.key) is not None:
-                    pe.dead_bytes += h.total
-                    continue
-                flags = FLAG_PINNED if h.kind == Kind.TOMBSTONE else 0
-                txn.put(h.key, ObjectEntry(pid, item.offset, h.stored_len, h.raw_len, h.kind, h.codec,
-                                           flags, 0).encode(), db=idx.db["objects"])
-                pe.live_bytes += h.total
-                pe.objects += 1
-                rep.objects += 1
-            pe.committed_len = end
             idx.put_pack(txn, pid, pe)
-            if end < (packs_dir / pack_name(pid)).stat().st_size:
-                os.truncate(packs_dir / pack_name(pid), end)   # a torn tail, never committed
         # Pack ids are never reused: past every pack file, and past what the old index had
         # handed out (gc may have deleted the newest packs).
         idx.put_meta_int(txn, "next_pack", max((ids[-1] + 1) if ids else 1, _old_next_pack(safe_dir / INDEX_DIR)))
-
-        # Tombstones name forgotten points.
-        forgotten = set()
-        objects = idx.db["objects"]
-        cur = txn.cursor(db=objects)
-        nodes = []
-        for key, val in cur:
-            e = ObjectEntry.decode(val)
-            if e.kind != Kind.CHUNK:
-                nodes.append((key, e))
-        for key, e in nodes:
-            raw = _read(packs_dir, key, e)
-            if e.kind == Kind.TOMBSTONE:
-                pk = bytes(decode_node(raw)[1])
-                forgotten.add(pk)
-                txn.put(pk, key, db=idx.db["tombstones"])
-            for c in node_children(raw):
-                ce = idx.get_object(txn, c)
-                if ce is None:
-                    rep.missing_children += 1
-                    continue
-                ce.refcount += 1
-                txn.put(c, ce.encode(), db=objects)
-        for key, e in nodes:
-            if e.kind == Kind.POINT and key not in forgotten:
-                rec = json.loads(bytes(decode_node(_read(packs_dir, key, e))[1]))
-                rec["id"] = key.hex()
-                txn.put(key, json.dumps(rec, sort_keys=True).encode(), db=idx.db["points"])
-                pe_ = idx.get_object(txn, key)
-                pe_.refcount += 1
-                txn.put(key, pe_.encode(), db=objects)
-                rep.points += 1
-        for key, val in txn.cursor(db=objects):
-            e = ObjectEntry.decode(val)
-            if e.refcount == 0 and not e.flags & FLAG_PINNED:
-                txn.put(key, b"", db=idx.db["zero"])
+        txn.put(b"header", header, db=idx.db["meta"])
+        _count(packs_dir, idx, txn, rep)
     _keep_tables(safe_dir / INDEX_DIR, idx)
     idx.env.sync(True)
     idx.close()
@@ -135,7 +226,43 @@ def _repair(safe_dir: Path) -> RepairReport:
         os.rename(old, trash)
     os.rename(new_dir, old)
     shutil.rmtree(trash, ignore_errors=True)
-    return rep
+
+
+def _count(packs_dir: Path, idx: Index, txn, rep: RepairReport) -> None:
+    """Tombstones, reference counts and points of the rebuilt index."""
+    forgotten = set()
+    objects = idx.db["objects"]
+    nodes = []
+    for key, val in txn.cursor(db=objects):
+        e = ObjectEntry.decode(val)
+        if e.kind != Kind.CHUNK:
+            nodes.append((key, e))
+    for key, e in nodes:
+        raw = _read(packs_dir, key, e)
+        if e.kind == Kind.TOMBSTONE:
+            pk = bytes(decode_node(raw)[1])
+            forgotten.add(pk)
+            txn.put(pk, key, db=idx.db["tombstones"])
+        for c in node_children(raw):
+            ce = idx.get_object(txn, c)
+            if ce is None:
+                rep.missing_children += 1
+                continue
+            ce.refcount += 1
+            txn.put(c, ce.encode(), db=objects)
+    for key, e in nodes:
+        if e.kind == Kind.POINT and key not in forgotten:
+            rec = json.loads(bytes(decode_node(_read(packs_dir, key, e))[1]))
+            rec["id"] = key.hex()
+            txn.put(key, json.dumps(rec, sort_keys=True).encode(), db=idx.db["points"])
+            pe_ = idx.get_object(txn, key)
+            pe_.refcount += 1
+            txn.put(key, pe_.encode(), db=objects)
+            rep.points += 1
+    for key, val in txn.cursor(db=objects):
+        e = ObjectEntry.decode(val)
+        if e.refcount == 0 and not e.flags & FLAG_PINNED:
+            txn.put(key, b"", db=idx.db["zero"])
 
 
 def _read(packs_dir: Path, key: bytes, e: ObjectEntry) -> bytes:
@@ -145,23 +272,29 @@ def _read(packs_dir: Path, key: bytes, e: ObjectEntry) -> bytes:
     return decode_record(buf, e.pack, e.offset, rehash=False, expect_key=key)[1]
 
 
-def _old_next_pack(old_dir: Path) -> int:
-    """``meta.next_pack`` of the old index, or 1 when it is missing or unreadable."""
+def _old_meta(old_dir: Path, name: bytes) -> bytes | None:
+    """The value of ``name`` in the old index's ``meta`` table, or None when it is missing or
+    unreadable."""
     import lmdb
     if not (old_dir / "data.mdb").exists():
-        return 1
+        return None
     try:
         env = lmdb.open(str(old_dir), readonly=True, max_dbs=64, lock=False, subdir=True)
     except lmdb.Error:
-        return 1
+        return None
     try:
         with env.begin() as rt:
-            v = rt.get(b"next_pack", db=env.open_db(b"meta", txn=rt, create=False))
-            return struct.unpack("<Q", v)[0] if v is not None and len(v) == 8 else 1
+            return rt.get(name, db=env.open_db(b"meta", txn=rt, create=False))
     except lmdb.Error:
-        return 1
+        return None
     finally:
         env.close()
+
+
+def _old_next_pack(old_dir: Path) -> int:
+    """``meta.next_pack`` of the old index, or 1 when it is missing or unreadable."""
+    v = _old_meta(old_dir, b"next_pack")
+    return struct.unpack("<Q", v)[0] if v is not None and len(v) == 8 else 1
 
 
 def _keep_tables(old_dir: Path, new: Index) -> None:

@@ -32,7 +32,8 @@ from . import counters
 from .counters import SafeCounters
 from .errors import (DiskFull, IntegrityError, NotASafe, ObjectMissing, QuotaExceeded, SafeError, SafeLocked,
                      UsageError)
-from .header import HEADER_NAME, SafeConfig, parse_compression, read_header, write_header
+from .header import (COPY_NAME, HEADER_NAME, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, SafeConfig, encode_header,
+                     parse_compression, read_header, write_header_bytes)
 from .index import FLAG_PINNED, Index, ObjectEntry, PackEntry, pack_from_dbkey
 from .keys import Kind, object_key
 from .nodes import encode_node, node_children
@@ -57,7 +58,7 @@ SpaceCheck = Callable[[Path, int], None]
 
 def _undo_init(p: Path, created: bool) -> None:
     """Remove what a failed ``Safe.init`` made inside ``p`` (which was new or empty)."""
-    for name in (HEADER_NAME + ".tmp", HEADER_NAME, LOCK_NAME):
+    for name in (HEADER_NAME + ".tmp", HEADER_NAME, COPY_NAME + ".tmp", COPY_NAME, LOCK_NAME):
         try:
             (p / name).unlink()
         except OSError:
@@ -69,6 +70,46 @@ def _undo_init(p: Path, created: bool) -> None:
             p.rmdir()
         except OSError:
             pass
+
+
+def private_open(path: Path, flags: int = os.O_WRONLY | os.O_CREAT | os.O_EXCL) -> int:
+    """``os.open`` a file of the safe with mode 0600 whatever the umask (a new pack, a lock);
+    returns the descriptor. Every file a writer creates inside a safe is made this way."""
+    fd = os.open(path, flags | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+    if flags & os.O_CREAT:
+        try:
+            os.fchmod(fd, PRIVATE_FILE_MODE)
+        except OSError:
+            os.close(fd)
+            raise
+    return fd
+
+
+def _readonly_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _may_write(index_dir: Path) -> bool:
+    """True when this process may write the index (its directory and both LMDB files)."""
+    names = [index_dir, index_dir / "data.mdb", index_dir / "lock.mdb"]
+    return all(os.access(n, os.W_OK) for n in names if n == index_dir or n.exists())
+
+
+def _open_error(p: Path, e: lmdb.Error, write: bool) -> SafeError:
+    text = str(e)
+    if "already open in this process" in text:
+        # py-lmdb allows one environment per path and process: a program error, not damage.
+        return SafeError(f"{p}: the safe is already open in this process; reuse that Safe "
+                         "or close it first")
+    if "Permission denied" in text:
+        return SafeError(f"{p}: permission denied (cannot open the safe's index"
+                         f"{' for writing' if write else ''})")
+    if "Read-only file system" in text:
+        return SafeError(f"{p}: the safe is on a read-only filesystem; this command needs to write to it")
+    return NotASafe(f"{p}: cannot open the safe's index ({e}); try 'pointsafe repair'")
 
 
 def take_lock(safe_dir: Path, command: str = ""):
@@ -145,10 +186,15 @@ class Safe:
             if st.f_bavail * st.f_frsize < INIT_MIN_FREE:
                 raise DiskFull(f"disk full: cannot create a safe at {p} "
                                f"({st.f_bavail * st.f_frsize} bytes free, it needs at least 1 MiB)")
-            (p / PACKS_DIR).mkdir()
+            os.chmod(p, PRIVATE_DIR_MODE)
+            (p / PACKS_DIR).mkdir(mode=PRIVATE_DIR_MODE)
+            os.chmod(p / PACKS_DIR, PRIVATE_DIR_MODE)
             index = Index(p / INDEX_DIR, create=True)
-            (p / LOCK_NAME).touch()
-            write_header(p, config)
+            os.close(private_open(p / LOCK_NAME))
+            header = encode_header(config)
+            with index.write() as txn:
+                txn.put(b"header", header, db=index.db["meta"])   # a third copy, for repair
+            write_header_bytes(p, header)
             _fsync_dir(p)
         except (OSError, lmdb.Error, DiskFull) as e:
             _undo_init(p, created)   # so that the user can simply run init again
@@ -160,20 +206,44 @@ class Safe:
         return cls(p, config, index)
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "Safe":
+    def open(cls, path: str | os.PathLike, write: bool | None = None) -> "Safe":
+        """Open the safe at ``path``.
+
+        ``write=None`` (the default) opens the index for writing when this process may write it
+        and read-only otherwise (a read-only filesystem, a user without write permission), so
+        that readers always can read; ``write=False`` always opens it read-only (no LMDB write
+        transaction is ever begun, and writing raises SafeError); ``write=True`` fails with
+        "permission denied" or "read-only filesystem" when the index cannot be written.
+        Raises NotASafe when ``path`` is not a safe or its index is missing or unreadable.
+        """
         p = Path(path)
         config = read_header(p)
-        if not (p / INDEX_DIR / "data.mdb").exists():
-            raise NotASafe(f"{p}: the safe's index is missing; rebuild it from the packs with 'pointsafe repair'")
+        index_dir = p / INDEX_DIR
         try:
-            index = Index(p / INDEX_DIR)
+            present = (index_dir / "data.mdb").exists()
+        except PermissionError:
+            raise SafeError(f"{p}: permission denied (cannot read the safe's index)") from None
+        if not present:
+            raise NotASafe(f"{p}: the safe's index is missing; rebuild it from the packs with 'pointsafe repair'")
+        ro_fs = _readonly_fs(index_dir)
+        if write and ro_fs:
+            raise SafeError(f"{p}: the safe is on a read-only filesystem; this command needs to write to it")
+        if write is None:
+            write = not ro_fs and _may_write(index_dir)
+        if not write and not os.access(index_dir / "data.mdb", os.R_OK):
+            raise SafeError(f"{p}: permission denied (cannot read the safe's index)")
+        try:
+            # No writer can exist on a read-only filesystem, so LMDB's lock file (which it
+            # could not write there) is not needed.
+            index = Index(index_dir, readonly=not write, lock=not ro_fs)
         except lmdb.Error as e:
-            if "already open in this process" in str(e):
-                # py-lmdb allows one environment per path and process: a program error, not damage.
-                raise SafeError(f"{p}: the safe is already open in this process; reuse that Safe "
-                                "or close it first") from None
-            raise NotASafe(f"{p}: cannot open the safe's index ({e}); try 'pointsafe repair'") from None
+            raise _open_error(p, e, write) from None
         return cls(p, config, index)
+
+    @property
+    def readonly(self) -> bool:
+        """True when the safe was opened read-only (see :meth:`open`)."""
+        return self.index.readonly
 
     def close(self) -> None:
         """Close the index and the cached pack descriptors."""

@@ -6,15 +6,18 @@ so a safe of millions of objects verifies in the memory of one pack's bookkeepin
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .audit import audit
-from .index import FLAG_DEAD, pack_from_dbkey, PackEntry
+from .errors import SafeError, SafeLocked
+from .header import COPY_NAME, HEADER_NAME, header_version, inspect_header
+from .index import FLAG_DEAD, PackEntry, pack_from_dbkey
 from .keys import Kind
 from .pack import pack_id_from_name, pack_name, scan_pack
-from .store import Safe, release_lock, take_lock
+from .store import INDEX_DIR, LOCK_NAME, PACKS_DIR, Safe, release_lock, take_lock
 
 
 @dataclass
@@ -48,21 +51,105 @@ class VerifyReport:
 
 def verify(safe: Safe, data: bool = False, progress: Callable[[int], None] | None = None,
            lock: bool = True) -> VerifyReport:
-    """Check every pack record's framing and checksum (``data``: also re-hash every object
-    against its key) and that the index and the packs agree. Holds the writer lock so that a
-    concurrent gc cannot delete packs mid-check."""
-    lockf = take_lock(safe.path, "verify") if lock else None
+    """Check the header files, every pack record's framing and checksum (``data``: also re-hash
+    every object against its key), that the index and the packs agree, the reference counts and
+    the sizes that trees and points declare for their blobs; note a safe that others can read.
+    Holds the writer lock so that a concurrent gc cannot delete packs mid-check (on a safe
+    opened read-only, a shared view of the lock when it can be had)."""
+    r = VerifyReport()
+    lockf = _take_lock(safe, r) if lock else None
     try:
-        rep = _verify(safe, data, progress)
-        _audit_into(safe, rep)
-        return rep
+        _check_header(safe, r)
+        _check_modes(safe, r)
+        _verify(safe, data, progress, r)
+        _audit_into(safe, r)
+        return r
     finally:
         if lockf is not None:
             release_lock(lockf)
 
 
-def _verify(safe: Safe, data: bool, progress) -> VerifyReport:
-    r = VerifyReport()
+def _take_lock(safe: Safe, r: VerifyReport):
+    """The writer lock; on a safe opened read-only, flock on the lock file opened for reading
+    (flock needs no write permission), or no lock with a note."""
+    try:
+        return take_lock(safe.path, "verify")
+    except SafeLocked:
+        raise
+    except SafeError:
+        if not safe.readonly:
+            raise
+    try:
+        f = open(safe.path / LOCK_NAME, "rb")  # noqa: SIM115 (held as the lock)
+    except OSError:
+        f = None
+    if f is not None:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return f
+        except BlockingIOError:
+            f.close()
+            raise SafeLocked("the safe is busy: another process holds its writer lock; wait for it "
+                             "to finish") from None
+        except OSError:
+            f.close()
+    r.notes.append("the safe is read-only for this process and its writer lock cannot be taken: "
+                   "a writer running meanwhile could make verify report errors that are not there")
+    return None
+
+
+def _check_header(safe: Safe, r: VerifyReport) -> None:
+    """Both header files: present, good and identical (docs/FORMAT.md, "The header")."""
+    state = inspect_header(safe.path)
+    good = state.good
+    if good is None:      # Safe.open read one; it has gone since
+        r.error(f"{safe.path}: no usable header file")
+        return
+    for hc in (state.main, state.copy):
+        if hc.config is not None and hc.data == good.data:
+            continue
+        if hc.data is None and hc.error is None:
+            if hc.name == COPY_NAME and header_version(good.data) < 3:
+                r.notes.append(f"{COPY_NAME} is missing (a version-2 safe; 'pointsafe repair' writes it)")
+                continue
+            r.error(f"{safe.path}: the safe {hc.name} is missing ('pointsafe repair' rewrites it)")
+        elif hc.error is not None:
+            r.error(f"{hc.error} ('pointsafe repair' rewrites it from {good.name})")
+        else:
+            r.error(f"{safe.path}: {hc.name} differs from {good.name} ('pointsafe repair' rewrites it)")
+
+
+def _check_modes(safe: Safe, r: VerifyReport) -> None:
+    """A note naming the safe's files and directories that group or others may read."""
+    p = safe.path
+    names = [p, p / PACKS_DIR, p / INDEX_DIR, p / HEADER_NAME, p / COPY_NAME, p / LOCK_NAME,
+             p / INDEX_DIR / "data.mdb", p / INDEX_DIR / "lock.mdb"]
+    open_to_others = []
+    for n in names:
+        try:
+            if os.stat(n).st_mode & 0o077:
+                open_to_others.append(n)
+        except OSError:
+            pass
+    packs = 0
+    try:
+        with os.scandir(p / PACKS_DIR) as it:
+            for de in it:
+                try:
+                    packs += bool(de.stat(follow_symlinks=False).st_mode & 0o077)
+                except OSError:
+                    pass
+    except OSError:
+        pass
+    if open_to_others or packs:
+        what = ", ".join(str(n.relative_to(p)) if n != p else "the safe directory" for n in open_to_others)
+        if packs:
+            what += f"{', ' if what else ''}{packs} pack file(s)"
+        r.notes.append(f"group or others may read this safe ({what}): anyone who can read it can "
+                       f"restore every file in it; run 'chmod -R go= {p}'")
+
+
+def _verify(safe: Safe, data: bool, progress, r: VerifyReport) -> None:
     idx = safe.index
     with idx.read() as txn:
         packs = {pack_from_dbkey(k): PackEntry.decode(v) for k, v in txn.cursor(db=idx.db["packs"])}
@@ -87,28 +174,7 @@ def _verify(safe: Safe, data: bool, progress) -> VerifyReport:
             elif size > pe.committed_len:
                 r.notes.append(f"pack {pack_name(pid)} has {size - pe.committed_len} uncommitted bytes "
                                "at its end (a crashed writer's; the next writer truncates them)")
-            found = 0
-            for item in scan_pack(path, pid, limit=min(size, pe.committed_len), read_data=True, rehash=data):
-                h = item.header
-                if item.error is not None and h is None:
-                    r.error(str(item.error), pid, item.offset)
-                    break
-                e = idx.get_object(txn, h.key)
-                here = e is not None and e.pack == pid and e.offset == item.offset
-                if item.error is not None:
-                    if here or e is None:
-                        r.error(str(item.error), pid, item.offset, object=h.key.hex())
-                    if "past the end" in str(item.error):
-                        break
-                if here:
-                    found += 1
-                    if (e.kind, e.codec, e.stored_len, e.raw_len) != (h.kind, h.codec, h.stored_len, h.raw_len):
-                        r.error(f"pack {pack_name(pid)} offset {item.offset}: index entry of object "
-                                f"{h.key.hex()[:12]} disagrees with its record", pid, item.offset)
-                r.objects += 1
-                r.bytes_checked += h.total
-                if progress:
-                    progress(h.total)
+            found = _verify_pack(safe, txn, pid, path, min(size, pe.committed_len), data, progress, r)
             if found != pe.objects:
                 r.error(f"pack {pack_name(pid)}: the index names {pe.objects} objects in it, "
                         f"{found} were found at their recorded offsets", pid)
@@ -121,17 +187,48 @@ def _verify(safe: Safe, data: bool, progress) -> VerifyReport:
             e = idx.get_object(txn, k)
             if e is None or e.kind != Kind.POINT or e.flags & FLAG_DEAD:
                 r.error(f"point {k.hex()[:12]}: its record object is missing from the index")
-    return r
+
+
+def _verify_pack(safe: Safe, txn, pid: int, path, limit: int, data: bool, progress,
+                 r: VerifyReport) -> int:
+    """Walk one pack up to ``limit``; report damage and disagreement with the index; return
+    how many indexed objects were found at their recorded offsets."""
+    idx = safe.index
+    found = 0
+    for item in scan_pack(path, pid, limit=limit, read_data=True, rehash=data):
+        h = item.header
+        if h is None or item.torn:
+            # A damaged region (the walk goes on after it) or, inside the committed length,
+            # an unfinished record: both are damage here.
+            r.error(str(item.error), pid, item.offset, bytes=item.length or (h.total if h else 0))
+            continue
+        e = idx.get_object(txn, h.key)
+        here = e is not None and e.pack == pid and e.offset == item.offset
+        if item.error is not None and (here or e is None):
+            r.error(str(item.error), pid, item.offset, object=h.key.hex())
+        if here:
+            found += 1
+            if (e.kind, e.codec, e.stored_len, e.raw_len) != (h.kind, h.codec, h.stored_len, h.raw_len):
+                r.error(f"pack {pack_name(pid)} offset {item.offset}: index entry of object "
+                        f"{h.key.hex()[:12]} disagrees with its record", pid, item.offset)
+        r.objects += 1
+        r.bytes_checked += h.total
+        if progress:
+            progress(h.total)
+    return found
 
 
 def _audit_into(safe: Safe, r: VerifyReport) -> None:
-    """Add the reference-count audit (recomputed from the points) to the report."""
+    """Add the reference-count and blob-size audit (recomputed from the points) to the report."""
     a = audit(safe)
     r.refcounts = a.as_dict()
     for m in a.errors:
         r.error(f"refcount audit: {m}")
-    if a.mismatches > len(a.errors):
-        r.error(f"refcount audit: {a.mismatches - len(a.errors)} more problems not listed")
+    for m in a.sizes:
+        r.error(f"blob size: {m}")
+    more = a.mismatches - len(a.errors) - len(a.sizes)
+    if more > 0:
+        r.error(f"refcount audit: {more} more problems not listed")
     if a.orphans:
         r.notes.append(f"{a.orphans} objects at count 0 left by an interrupted backup "
                        "('pointsafe gc' reclaims them)")

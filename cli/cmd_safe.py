@@ -7,7 +7,17 @@ import argparse
 from pointsafe.cas import Safe, repair, verify
 from pointsafe.ops import tasks
 
-from .common import parse_size, EXIT_ERROR, EXIT_OK, add_common, emit_json, human_bytes, open_safe, progress, safe_path, say
+from .common import (
+    EXIT_ERROR,
+    EXIT_OK,
+    add_common,
+    emit_json,
+    human_bytes,
+    parse_size,
+    progress,
+    safe_path,
+    say,
+)
 
 
 def register(sub) -> None:
@@ -31,8 +41,10 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_verify, task_kind="verify")
 
     p = sub.add_parser("repair", help="rebuild the index from the packs",
-                       description="Rebuild the LMDB index from the pack files alone. Damaged records "
-                                   "are reported and left out; forgotten points stay forgotten.")
+                       description="Rebuild the LMDB index from the pack files alone, and a damaged or "
+                                   "missing header from its copy. Damaged records and regions are "
+                                   "reported (pack, offset, bytes) and left out, never cut off; only "
+                                   "a torn tail is truncated. Forgotten points stay forgotten.")
     add_common(p)
     p.set_defaults(func=cmd_repair, task_kind="repair")
 
@@ -54,7 +66,8 @@ def cmd_init(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    with open_safe(args) as safe:
+    """Check the safe; exit 1 when anything is wrong. Opens the index read-only."""
+    with Safe.open(safe_path(args), write=False) as safe:
         total = sum(pe.committed_len for pe in safe.pack_entries().values())
         with progress(args, total, "verifying") as advance:
             rep = verify(safe, data=args.data, progress=advance)
@@ -78,20 +91,28 @@ def cmd_verify(args) -> int:
 
 
 def cmd_repair(args) -> int:
+    """Rebuild the index (and a damaged header); exit 1 when something could not be read."""
     rep = repair(safe_path(args))
     tasks.report(packs=rep.packs, objects=rep.objects, points=rep.points, damaged=len(rep.damaged),
+                 unreadable_bytes=rep.unreadable_bytes, truncated=len(rep.truncated),
                  missing_children=rep.missing_children)
     for d in rep.damaged:
         tasks.add_warning(d.get("pack"), d["message"])
     if rep.damaged or rep.missing_children:
-        tasks.report(error=f"{len(rep.damaged)} damaged record(s) left out, "
+        tasks.report(error=f"{len(rep.damaged)} damaged region(s) or record(s) left out "
+                           f"({human_bytes(rep.unreadable_bytes)}), "
                            f"{rep.missing_children} reference(s) to missing objects")
     if args.json:
         emit_json(rep.as_dict())
     else:
+        if rep.header:
+            say(args, f"header: {rep.header}")
         for d in rep.damaged:
             say(args, f"damaged: {d['message']}")
+        for t in rep.truncated:
+            say(args, f"truncated: pack {t['pack']} at offset {t['offset']}: a torn tail of {t['bytes']} bytes "
+                      "(an unfinished last record)")
         say(args, f"rebuilt the index from {rep.packs} packs: {rep.objects} objects, {rep.points} points"
-                  f"{f', {len(rep.damaged)} damaged records left out' if rep.damaged else ''}"
+                  f"{f', {len(rep.damaged)} damaged regions or records left out ({human_bytes(rep.unreadable_bytes)} unreadable, kept in their packs)' if rep.damaged else ''}"
                   f"{f', {rep.missing_children} references to missing objects' if rep.missing_children else ''}")
     return EXIT_ERROR if rep.damaged or rep.missing_children else EXIT_OK

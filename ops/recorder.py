@@ -69,7 +69,10 @@ def safe_dir_of(args) -> Path | None:
     if not p:
         return None
     p = Path(p)
-    return p if (p / "header").is_file() and (p / INDEX_DIR / "data.mdb").is_file() else None
+    try:
+        return p if (p / "header").is_file() and (p / INDEX_DIR / "data.mdb").is_file() else None
+    except OSError:   # e.g. permission denied: the command itself says so
+        return None
 
 
 class _Recorder:

@@ -99,7 +99,8 @@ def test_a_second_reader_from_the_format_doc(safe_dir):
             forget_points(w, [bytes.fromhex(gone["id"])])
 
     version, config = read_header(safe_dir)
-    assert version == 2 and config["pack_size"] == 256 * 1024 and len(config["safe_id"]) == 32
+    assert (safe_dir / "header.copy").read_bytes() == (safe_dir / "header").read_bytes()
+    assert version == 3 and config["pack_size"] == 256 * 1024 and len(config["safe_id"]) == 32
 
     objects, kinds, places = {}, {}, {}
     for path in sorted((safe_dir / "packs").iterdir()):
