@@ -7,7 +7,12 @@ Tables (LMDB named databases; see docs/FORMAT.md):
 ``zero``     key -> b"" : every object whose refcount is 0 (dead or not yet linked)
 ``points``   point key (32 bytes) -> point record, UTF-8 JSON
 ``meta``     ascii name -> value (``next_pack`` u64 LE, ``header``: the header file's bytes, ...)
-``tasks``, ``alerts``, ``files``: for the other rooms (task history, alerts, change detection)
+``tombstones`` point key -> key of its TOMBSTONE object
+``release``  object key -> u32 LE queued count drops (cas/release.py)
+
+Any other named table belongs to another room (ops keeps its task history, alerts and
+settings here): cas never reads them, and ``repair`` carries every one of them over from the
+old index without knowing their names (``room_tables``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from .counters import CounterDelta
 from .errors import SafeError
 from .header import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE
 
-TABLES = ("objects", "packs", "zero", "points", "meta", "tasks", "alerts", "files", "tombstones")
+TABLES = ("objects", "packs", "zero", "points", "meta", "tombstones", "release")   # cas's own
+RESERVED = ("files",)   # cas's too: change detection, unused so far (docs/FORMAT.md)
+MAX_TABLES = 64
 MAP_SIZE = 1 << 40  # address space only; the file grows as needed
 
 OBJ = struct.Struct("<QQIIBBHI")
@@ -79,6 +86,17 @@ class PackEntry:
         return cls(*PACK.unpack(b))
 
 
+def room_tables(env: lmdb.Environment, txn: lmdb.Transaction) -> list[str]:
+    """Names of the named tables in ``env`` that belong to other rooms (not cas's own)."""
+    own = set(TABLES) | set(RESERVED)
+    names = []
+    for k in txn.cursor().iternext(values=False):
+        name = bytes(k).decode("utf-8", "replace")
+        if name not in own:
+            names.append(name)
+    return names
+
+
 def pack_dbkey(pack_id: int) -> bytes:
     return struct.pack(">Q", pack_id)
 
@@ -103,7 +121,7 @@ class Index:
         if create:
             path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
             os.chmod(path, PRIVATE_DIR_MODE)
-        self.env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=len(TABLES) + 8,
+        self.env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=MAX_TABLES,
                              subdir=True, create=create, readonly=self.readonly,
                              max_readers=1024, metasync=True, sync=True, lock=lock or not self.readonly,
                              mode=PRIVATE_FILE_MODE)

@@ -34,7 +34,7 @@ from .header import (
     missing_header_error,
     write_header_bytes,
 )
-from .index import FLAG_PINNED, Index, ObjectEntry, PackEntry
+from .index import FLAG_PINNED, MAX_TABLES, Index, ObjectEntry, PackEntry, room_tables
 from .keys import Kind
 from .nodes import decode_node, node_children
 from .pack import (
@@ -46,10 +46,6 @@ from .pack import (
     scan_pack,
 )
 from .store import INDEX_DIR, PACKS_DIR, release_lock, take_lock, utc_now_iso
-
-# Tables that the packs do not hold (task history, alerts, per-safe settings): a rebuilt index
-# takes them over from the old one when it can still be read.
-KEPT_TABLES = ("tasks", "tasks_running", "alerts", "alert_latches", "config")
 
 
 @dataclass
@@ -279,7 +275,7 @@ def _old_meta(old_dir: Path, name: bytes) -> bytes | None:
     if not (old_dir / "data.mdb").exists():
         return None
     try:
-        env = lmdb.open(str(old_dir), readonly=True, max_dbs=64, lock=False, subdir=True)
+        env = lmdb.open(str(old_dir), readonly=True, max_dbs=MAX_TABLES, lock=False, subdir=True)
     except lmdb.Error:
         return None
     try:
@@ -298,17 +294,18 @@ def _old_next_pack(old_dir: Path) -> int:
 
 
 def _keep_tables(old_dir: Path, new: Index) -> None:
-    """Copy KEPT_TABLES from the old index, if it opens; a damaged one is left behind."""
+    """Copy every other room's table (``index.room_tables``: whatever is not cas's own) from
+    the old index, if it opens; a damaged one is left behind."""
     import lmdb
     if not (old_dir / "data.mdb").exists():
         return
     try:
-        env = lmdb.open(str(old_dir), readonly=True, max_dbs=64, lock=False, subdir=True)
+        env = lmdb.open(str(old_dir), readonly=True, max_dbs=MAX_TABLES, lock=False, subdir=True)
     except lmdb.Error:
         return
     try:
         with env.begin() as rt:
-            for name in KEPT_TABLES:
+            for name in room_tables(env, rt):
                 try:
                     db = env.open_db(name.encode(), txn=rt, create=False)
                 except lmdb.Error:
