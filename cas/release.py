@@ -33,6 +33,7 @@ from pathlib import Path
 import lmdb
 
 from .errors import DiskFull, SafeError
+from .header import PRIVATE_FILE_MODE
 from .keys import Kind
 from .store import Writer
 
@@ -159,8 +160,9 @@ def keep_reserve(safe) -> bool:
         return False
     tmp = path.with_name(RESERVE_NAME + ".tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, PRIVATE_FILE_MODE)
         try:
+            os.fchmod(fd, PRIVATE_FILE_MODE)
             os.posix_fallocate(fd, 0, RESERVE_BYTES)   # real blocks, not a sparse file
             os.fsync(fd)
         finally:

@@ -203,7 +203,10 @@ class Safe:
             if isinstance(e, lmdb.Error):
                 e = OSError(errno.ENOSPC if "space" in str(e).lower() else errno.EIO, str(e))
             raise _disk_error(e, f"creating the safe at {p}") from None
-        return cls(p, config, index)
+        safe = cls(p, config, index)
+        from .release import keep_reserve   # (release imports this module)
+        keep_reserve(safe)                  # room for gc's commits if the disk ever fills
+        return safe
 
     @classmethod
     def open(cls, path: str | os.PathLike, write: bool | None = None) -> "Safe":

@@ -338,7 +338,7 @@ def test_a_new_safe_is_private_whatever_the_umask(tmp_path):
     assert r.returncode == 0, r.stderr
     modes = _modes(safe)
     assert set(modes) == {".", "packs", "index", "index/data.mdb", "index/lock.mdb", "header",
-                          "header.copy", "lock"}
+                          "header.copy", "lock", "reserve"}
     assert {n: m for n, m in modes.items()} == {n: 0o700 if n in (".", "packs", "index") else 0o600
                                                  for n in modes}
     # An existing empty directory becomes private too.
