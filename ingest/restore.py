@@ -19,8 +19,8 @@ not written: a warning names it (exit 3) and everything else is restored.
 Holes are skipped with ``pwrite`` past them and a final ``ftruncate``, so sparse files stay
 sparse. Chunks are fetched and decompressed ahead of the writer by a small thread pool.
 Metadata order per entry: content, owner, xattrs (after chown, which drops security.capability),
-mode (after chown, which clears setuid), times; directories get their metadata after everything
-below them is written, deepest first.
+mode (after chown, which clears setuid), times; directories get theirs once everything is
+written, children before their parents.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ TMP_PREFIX = ".pointsafe-restore."
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_PROC_FD = os.path.isdir("/proc/self/fd")
 _NODE_KIND = {FIFO: stat.S_IFIFO, CHR: stat.S_IFCHR, BLK: stat.S_IFBLK, SOCK: stat.S_IFSOCK}
 
 
@@ -492,9 +493,7 @@ class Restorer:
                 with self.lock:
                     self.linked.add(e.link_group)
             self._count(files=1)
-        except BadContent as err:
-            self.warn(rel, f"not restored: {err}")
-        except SafeError as err:
+        except SafeError as err:   # missing or damaged in the safe, or not the size recorded
             self.warn(rel, f"not restored: {err}")
         except OSError as err:
             self.warn(rel, f"cannot restore: {_reason(err)}")
@@ -586,66 +585,72 @@ class Restorer:
         except OSError as err:
             self.warn(rel, f"cannot restore hardlink: {_reason(err)}")
 
-    def _apply_meta(self, fd: int, rel: bytes, e: Entry) -> None:
-        """Set owner, xattrs, mode and times on an open file or directory."""
+    def _apply_meta(self, target: int | str, rel: bytes, e: Entry, owner: tuple[int, int] | None = None) -> None:
+        """Set owner (unless ``owner``, the current one, already matches), xattrs, mode and
+        times on an open file or directory, or on a /proc/self/fd path naming one inode."""
         # Owner first: the kernel drops file capabilities (security.capability) on chown.
-        if self.is_root:
+        if self.is_root and owner != (e.uid, e.gid):
             try:
-                os.chown(fd, e.uid, e.gid)
+                os.chown(target, e.uid, e.gid)
             except OSError as err:
                 self.warn(rel, f"cannot set owner {e.uid}:{e.gid}: {err.strerror}")
         for n, v in e.xattrs:
             try:
-                os.setxattr(fd, n, v)
+                os.setxattr(target, n, v)
             except OSError as err:
                 self.warn(rel, f"cannot set extended attribute {display_name(n)}: {err.strerror}")
+        if e.type != LNK:
+            try:
+                os.chmod(target, e.mode)
+            except OSError as err:
+                self.warn(rel, f"cannot set mode: {err.strerror}")
         try:
-            os.chmod(fd, e.mode)
-        except OSError as err:
-            self.warn(rel, f"cannot set mode: {err.strerror}")
-        try:
-            os.utime(fd, ns=(e.atime_ns, e.mtime_ns))
+            os.utime(target, ns=(e.atime_ns, e.mtime_ns))
         except OSError as err:
             self.warn(rel, f"cannot set times: {err.strerror}")
 
     def _apply_meta_at(self, dir_fd: int, name: bytes, rel: bytes, e: Entry) -> None:
-        """Set owner, xattrs, mode and times on ``name`` in ``dir_fd``, never following it
-        (symlinks, devices, FIFOs and sockets cannot be opened for this)."""
+        """Set the metadata of the symlink, device, FIFO or socket ``name`` in ``dir_fd``
+        (none of which can be opened for it). An O_PATH descriptor of the entry itself (not
+        followed), reached through /proc/self/fd, names that inode and nothing else, so that
+        an entry swapped for a hardlink of someone else's file meanwhile is left alone."""
+        if not _PROC_FD:
+            self._apply_meta_by_name(dir_fd, name, rel, e)
+            return
+        try:
+            pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError as err:
+            self.warn(rel, f"cannot set its metadata: {_reason(err)}")
+            return
+        try:
+            st = os.fstat(pfd)
+            if stat.S_IFMT(st.st_mode) != stat.S_IFMT(e.st_mode) or st.st_nlink != 1:
+                self.warn(rel, "cannot set its metadata: it was replaced while the restore ran")
+                return
+            self._apply_meta(f"/proc/self/fd/{pfd}", rel, e, owner=(st.st_uid, st.st_gid))
+        finally:
+            os.close(pfd)
+
+    def _apply_meta_by_name(self, dir_fd: int, name: bytes, rel: bytes, e: Entry) -> None:
+        # Without /proc: the *at calls, never following ``name`` (xattrs need /proc).
         if self.is_root:
             try:
                 os.chown(name, e.uid, e.gid, dir_fd=dir_fd, follow_symlinks=False)
             except OSError as err:
                 self.warn(rel, f"cannot set owner {e.uid}:{e.gid}: {err.strerror}")
         if e.xattrs:
-            self._set_xattrs_at(dir_fd, name, rel, e)
+            self.warn(rel, "cannot set extended attributes: /proc is not mounted")
         if e.type != LNK:
             try:
                 os.chmod(name, e.mode, dir_fd=dir_fd, follow_symlinks=False)
             except OSError as err:
                 self.warn(rel, f"cannot set mode: {err.strerror}")
-            except (NotImplementedError, ValueError):   # no fchmodat(AT_SYMLINK_NOFOLLOW) here
-                self.warn(rel, "cannot set mode: not supported without following links")
+            except (NotImplementedError, ValueError):   # fchmodat(AT_SYMLINK_NOFOLLOW) needs /proc too
+                self.warn(rel, "cannot set mode: not supported without /proc")
         try:
             os.utime(name, ns=(e.atime_ns, e.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
         except OSError as err:
             self.warn(rel, f"cannot set times: {err.strerror}")
-
-    def _set_xattrs_at(self, dir_fd: int, name: bytes, rel: bytes, e: Entry) -> None:
-        # No setxattrat(2) in Python: an O_PATH descriptor of the entry itself (not followed),
-        # reached through /proc/self/fd, names that inode and nothing else.
-        try:
-            pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        except OSError as err:
-            self.warn(rel, f"cannot set extended attributes: {err.strerror}")
-            return
-        try:
-            for n, v in e.xattrs:
-                try:
-                    os.setxattr(f"/proc/self/fd/{pfd}", n, v)
-                except OSError as err:
-                    self.warn(rel, f"cannot set extended attribute {display_name(n)}: {err.strerror}")
-        finally:
-            os.close(pfd)
 
     # -- volumes ------------------------------------------------------------------------
 

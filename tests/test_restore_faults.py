@@ -489,3 +489,24 @@ def test_volume_with_missing_objects_is_a_clear_error(safe_dir, tmp_path):
     r = run_cli("restore", p["id"], out / "restored.img", safe=safe_dir)
     assert os.listdir(out) == []
     one_error_line(r, "cannot restore the volume", "object", "safe", "nothing was written")
+
+
+def test_force_over_an_earlier_restore_keeps_hardlinks(safe_dir, tmp_path):
+    """Restoring twice into the same target with --force: files and their hardlinks are
+    replaced through temporary names, and stay one inode."""
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "h1").write_text("linked\n")
+    os.link(src / "a" / "h1", src / "h2")
+    (src / "a" / "l").symlink_to("h1")
+    os.mkfifo(src / "a" / "p")
+    p = backup(safe_dir, src, "-q")
+    out = tmp_path / "out"
+    restore(safe_dir, p["id"], out)
+    (out / "h2").unlink()
+    (out / "h2").write_text("stale copy\n")
+    restore(safe_dir, p["id"], out, "--force")
+    assert os.stat(out / "a" / "h1").st_ino == os.stat(out / "h2").st_ino
+    assert (out / "h2").read_text() == "linked\n"
+    assert os.readlink(out / "a" / "l") == "h1" and stat.S_ISFIFO(os.lstat(out / "a" / "p").st_mode)
+    assert _temp_files(out) == []
