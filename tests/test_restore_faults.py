@@ -510,3 +510,36 @@ def test_force_over_an_earlier_restore_keeps_hardlinks(safe_dir, tmp_path):
     assert (out / "h2").read_text() == "linked\n"
     assert os.readlink(out / "a" / "l") == "h1" and stat.S_ISFIFO(os.lstat(out / "a" / "p").st_mode)
     assert _temp_files(out) == []
+
+
+def test_damaged_chunk_leaves_no_file_behind(safe_dir, tmp_path):
+    """One flipped byte in a file's stored chunk: that file is a warning and is not left
+    behind empty or half-written (not under its name, not under a temporary one)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(11)
+    for n in ("a", "b", "c"):
+        (src / n).write_bytes(rng.randbytes(20_000))
+    (src / "big").write_bytes(rng.randbytes(3_000_000))
+    p = backup(safe_dir, src, "-q")
+    with Safe.open(safe_dir) as safe:
+        victims = []
+        for name in ("b", "big"):
+            e = lookup(safe, p, name)
+            key = e.ref if safe.entry(e.ref).kind == Kind.CHUNK else sorted(_file_keys(safe, e) - {e.ref})[1]
+            oe = safe.entry(key)
+            victims.append((safe.pack_path(oe.pack), oe.offset + 64 + oe.stored_len // 2))
+    for path, off in victims:
+        with open(path, "r+b") as f:
+            f.seek(off)
+            byte = f.read(1)
+            f.seek(off)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    out = tmp_path / "out"
+    r = run_cli("restore", p["id"], out, "--json", safe=safe_dir)
+    assert "Traceback" not in r.err, r.err
+    assert r.code == 3, (r.code, r.err)
+    assert set(_warnings(r)) == {"b", "big"}, _warnings(r)
+    assert sorted(os.listdir(out)) == ["a", "c"]
+    for n in ("a", "c"):
+        assert (out / n).read_bytes() == (src / n).read_bytes()
