@@ -54,7 +54,11 @@ def register(sub) -> None:
                                    "directory), a volume point into an image file TARGET (or, with "
                                    "--force, a block device). Every stored field is restored: "
                                    "contents (sparse where the source was), hardlinks, symlinks, "
-                                   "devices, FIFOs, owner, mode, times and xattrs. " + POINT_HELP)
+                                   "devices, FIFOs, owner, mode, times and xattrs. Each file is "
+                                   "written under a temporary name (.pointsafe-restore.*) and "
+                                   "renamed into place when complete; a file whose content is "
+                                   "missing or damaged in the safe is not written and is named in a "
+                                   "warning (exit 3). " + POINT_HELP)
     add_common(p)
     p.add_argument("point", metavar="POINT")
     p.add_argument("target", metavar="TARGET")

@@ -6,11 +6,20 @@ same in both points, so comparing two points costs what changed between them.
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import struct
+from collections.abc import Iterator
 
-from pointsafe.cas import Entry, IntegrityError, Kind, Point, Safe, UsageError, find_entry, read_tree
+from pointsafe.cas import (
+    Entry,
+    IntegrityError,
+    Kind,
+    ObjectMissing,
+    Point,
+    Safe,
+    UsageError,
+    find_entry,
+    read_tree,
+)
 from pointsafe.cas.tree import DIR
 
 
@@ -20,6 +29,7 @@ def root_entry(point: Point) -> Entry:
 
 
 def split_path(path: bytes | str) -> list[bytes]:
+    """The components of a path inside a point (empty ones and '.' dropped; '..' refused)."""
     b = path if isinstance(path, bytes) else path.encode("utf-8", "surrogateescape")
     parts = [p for p in b.split(b"/") if p and p != b"."]
     if b".." in parts:
@@ -27,25 +37,42 @@ def split_path(path: bytes | str) -> list[bytes]:
     return parts
 
 
-def lookup(safe: Safe, point: Point, path: bytes | str) -> Entry:
-    """The entry at ``path`` inside a tree point (the root entry for "" or "/")."""
+def lookup_chain(safe: Safe, point: Point, path: bytes | str) -> list[Entry]:
+    """The entries along ``path`` inside a tree point, outermost first (empty for "" or "/");
+    UsageError naming the path when it is not in the point."""
     e = root_entry(point)
-    for i, part in enumerate(split_path(path)):
+    out: list[Entry] = []
+    for part in split_path(path):
         if e.type != DIR or e.ref is None:
-            raise UsageError(f"{path!r}: not found in point {point.id[:12]}")
-        found = find_entry(safe.get, e.ref, part)
+            raise UsageError(f"{_show(path)}: not found in point {point.id[:12]}")
+        try:
+            found = find_entry(safe.get, e.ref, part)
+        except (ValueError, struct.error, IndexError) as err:
+            raise IntegrityError(f"{_show(path)}: a tree node on the way is malformed ({err})") from None
         if found is None:
             raise UsageError(f"{_show(path)}: not found in point {point.id[:12]}")
         e = found
-    return e
+        out.append(e)
+    return out
+
+
+def lookup(safe: Safe, point: Point, path: bytes | str) -> Entry:
+    """The entry at ``path`` inside a tree point (the root entry for "" or "/")."""
+    chain = lookup_chain(safe, point, path)
+    return chain[-1] if chain else root_entry(point)
 
 
 def children(safe: Safe, e: Entry) -> list[Entry]:
-    """The entries of directory ``e``; IntegrityError (one line) when its node is not a tree
-    node or does not decode (a damaged or hostile safe), never a traceback."""
+    """The entries of directory ``e``; ObjectMissing when its node is not in the safe and
+    IntegrityError when it is not a tree node or does not decode (a damaged or hostile safe),
+    each one line, never a traceback."""
     if e.type != DIR or e.ref is None:
         return []
-    if safe.entry(e.ref).kind != Kind.TREE:
+    oe = safe.entry(e.ref)
+    if oe is None:
+        raise ObjectMissing(f"directory {display_name(e.name)!r}: its tree node {e.ref.hex()[:12]} "
+                            "is missing from the safe")
+    if oe.kind != Kind.TREE:
         raise IntegrityError(f"directory {display_name(e.name)!r}: object {e.ref.hex()[:12]} is not a tree node")
     try:
         return read_tree(safe.get, e.ref)

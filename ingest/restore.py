@@ -1,38 +1,74 @@
 """Writing a point back out: a tree into a directory, a volume into an image or a device.
 
-Names are checked before use (no ``/``, ``.``, ``..``, NUL, duplicates), every directory is
-opened with O_NOFOLLOW before anything is written below it, and files are created with
-O_EXCL|O_NOFOLLOW, so a hostile safe (names like ``..`` or ``a/b``, a symlink and a directory
-of the same name) cannot make restore write outside the target: such entries are refused
-with a warning. A target inside the safe is refused.
+Everything is created relative to directory descriptors, never by a full path (as ``rsync``
+and ``tar`` do): every directory is opened with O_NOFOLLOW|O_DIRECTORY from its parent's
+descriptor, and files, symlinks, devices, hardlinks and renames go through ``*at`` calls on
+those descriptors. So neither a hostile safe (names like ``..`` or ``a/b``, a symlink and a
+directory of the same name: refused with a warning) nor the owner of the target swapping a
+directory for a symlink while the restore runs can make it write outside the target, and paths
+have no length limit. A target inside the safe is refused.
+Directory descriptors are bounded: the walk keeps the innermost ``KEEP_OPEN`` directories of its
+stack (and every ``KEEP_OPEN``-th above them) open and reopens the others by name from the
+nearest open ancestor when it comes back to them; the final pass (hardlinks, directory
+metadata) opens directories by name from the target through a small LRU.
+Each regular file is written under a temporary name in its directory (``.pointsafe-restore.*``,
+created O_EXCL|O_NOFOLLOW) and renamed over its real name once its content and metadata are
+complete, so an aborted restore never leaves a partial file under a real name. A file whose
+content is missing or damaged in the safe, or does not match the size its entry records, is
+not written: a warning names it (exit 3) and everything else is restored.
 Holes are skipped with ``pwrite`` past them and a final ``ftruncate``, so sparse files stay
 sparse. Chunks are fetched and decompressed ahead of the writer by a small thread pool.
 Metadata order per entry: content, owner, xattrs (after chown, which drops security.capability),
-mode (after chown, which clears setuid), times; directories get their times after their children
-are written.
+mode (after chown, which clears setuid), times; directories get theirs once everything is
+written, children before their parents.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
 import os
+import secrets
 import stat
 import struct
-from collections import deque
 import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from pointsafe.cas import BlobReader, Entry, IntegrityError, Kind, NodeCache, Point, Safe, SafeError, UsageError
+from pointsafe.cas import (
+    BlobReader,
+    Entry,
+    IntegrityError,
+    Kind,
+    NodeCache,
+    ObjectMissing,
+    Point,
+    Safe,
+    SafeError,
+    UsageError,
+    decode_list,
+)
 from pointsafe.cas.tree import BLK, CHR, DIR, FIFO, LNK, REG, SOCK
 
-from .browse import children, lookup, root_entry, split_path
+from .browse import children, display_name, lookup_chain, root_entry, split_path
 
 PREFETCH = 16
 FETCH_GROUP = 8           # chunks per fetch job
 SMALL_FILE = 256 * 1024   # files up to this size are usually one chunk
+BATCH_FILES = 64          # files per job of the writer pool
+BATCH_BYTES = 4 << 20
+BATCH_DIRS = 16           # distinct directories per job (each holds a descriptor open)
+KEEP_OPEN = 32            # directory descriptors kept open at the inner end of the walk's stack
+OPENER_CACHE = 64         # directory descriptors cached by the final pass
+TMP_PREFIX = ".pointsafe-restore."
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_PROC_FD = os.path.isdir("/proc/self/fd")
+_NODE_KIND = {FIFO: stat.S_IFIFO, CHR: stat.S_IFCHR, BLK: stat.S_IFBLK, SOCK: stat.S_IFSOCK}
 
 
 @dataclass
@@ -44,11 +80,89 @@ class RestoreStats:
     warnings: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
+        """The counters and warnings, for JSON output."""
         return dict(self.__dict__)
+
+
+class BadContent(IntegrityError):
+    """A file's blob does not match its entry (size) or is inconsistent in itself."""
 
 
 def _safe_name(name: bytes) -> bool:
     return bool(name) and b"/" not in name and name not in (b".", b"..") and b"\0" not in name
+
+
+def _reason(err: OSError) -> str:
+    """An OSError as words for a warning (never a bytes repr of a path)."""
+    if err.errno in (errno.EISDIR, errno.ENOTEMPTY):
+        return "a directory is in the way"
+    if err.errno == errno.ELOOP:
+        return "a symbolic link is in the way (not followed)"
+    return err.strerror or str(err)
+
+
+def _join(rel: bytes, name: bytes) -> bytes:
+    return rel + b"/" + name if rel else name
+
+
+class _Dir:
+    """An open directory of the target, shared by the walk and the queued file jobs; closed
+    when the last holder drops it (see ``Restorer.hold``/``drop``)."""
+
+    __slots__ = ("fd", "refs")
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.refs = 1
+
+
+@dataclass(slots=True)
+class _Frame:
+    """One directory on the walk's stack."""
+    entry: Entry
+    rel: bytes                 # its path below the target (= in the point), b"" for the top
+    items: Iterator[Entry]
+    dir: _Dir | None           # None while its descriptor is closed (deep stacks)
+    meta: bool = True          # gets its stored metadata at the end
+    seen: set[bytes] = field(default_factory=set)
+
+
+class _Opener:
+    """Opens directories of the target by their relative path, one O_NOFOLLOW component at a
+    time from the nearest cached ancestor (an LRU of descriptors; the top is never closed).
+    A returned descriptor stays valid until the next call."""
+
+    def __init__(self, top: int, limit: int = OPENER_CACHE):
+        self.top = top
+        self.limit = limit
+        self.cache: OrderedDict[bytes, int] = OrderedDict()
+
+    def open(self, rel: bytes) -> int:
+        """The descriptor of directory ``rel`` (b"" is the top); OSError if it is not one."""
+        names: list[bytes] = []
+        base = rel
+        fd = self.top
+        while base:
+            cached = self.cache.get(base)
+            if cached is not None:
+                self.cache.move_to_end(base)
+                fd = cached
+                break
+            base, _, name = base.rpartition(b"/")
+            names.append(name)
+        for name in reversed(names):
+            fd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            base = _join(base, name)
+            self.cache[base] = fd
+            while len(self.cache) > self.limit:
+                os.close(self.cache.popitem(last=False)[1])
+        return fd
+
+    def close(self) -> None:
+        """Close every cached descriptor."""
+        for fd in self.cache.values():
+            os.close(fd)
+        self.cache.clear()
 
 
 class Restorer:
@@ -65,335 +179,612 @@ class Restorer:
         self.fetch = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pointsafe-fetch")
         self.jobs = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pointsafe-restore")
         self.slots = threading.Semaphore(workers * 4)    # bounds the queued batches of files
-        self.batch: list[tuple[bytes, Entry]] = []
+        self.batch: list[tuple[_Dir, bytes, Entry]] = []
+        self.batch_dirs: set[_Dir] = set()
         self.batch_bytes = 0
         self.pending: list[Future] = []
         self.lock = threading.Lock()
         self.nodes = NodeCache(1024)
         self.first_link: dict[int, bytes] = {}          # link group -> path of the first copy
+        self.linked: set[int] = set()                   # link groups whose first copy is in place
         self.links: list[tuple[bytes, Entry]] = []      # (path, entry) of later copies
-        self.dirs: list[tuple[bytes, Entry]] = []       # directories, in creation order
+        self.dirs: list[tuple[bytes, Entry]] = []       # directories, in post-order
         self.is_root = os.geteuid() == 0
+        self._tmp_token = secrets.token_hex(4)
+        self._tmp_count = itertools.count()
 
     def warn(self, path: bytes, message: str) -> None:
+        """Record a warning about ``path`` (relative to the point)."""
         with self.lock:
-            self.stats.warnings.append({"path": path.decode("utf-8", "backslashreplace"), "message": message})
+            self.stats.warnings.append({"path": display_name(path or b"."), "message": message})
 
     def _count(self, **kw) -> None:
         with self.lock:
             for k, v in kw.items():
                 setattr(self.stats, k, getattr(self.stats, k) + v)
 
+    def hold(self, d: _Dir) -> None:
+        """Take one more reference on an open directory."""
+        with self.lock:
+            d.refs += 1
+
+    def drop(self, d: _Dir) -> None:
+        """Drop a reference; the last one closes the descriptor."""
+        with self.lock:
+            d.refs -= 1
+            last = d.refs == 0
+        if last:
+            os.close(d.fd)
+
     # -- blobs --------------------------------------------------------------------------
 
-    def reader(self, e: Entry) -> BlobReader:
-        return BlobReader(e.ref, e.size, self.safe.get, lambda k: self.safe.entry(k).kind, self.nodes)
+    def _kind(self, key: bytes) -> int:
+        oe = self.safe.entry(key)
+        if oe is None:
+            raise ObjectMissing(f"its content (object {key.hex()[:12]}) is missing from the safe")
+        return oe.kind
+
+    def reader(self, ref: bytes | None, size: int) -> BlobReader:
+        """A reader of the blob ``ref`` recorded as ``size`` bytes; BadContent when the blob's
+        real length differs, ObjectMissing when its root is not in the safe."""
+        r = BlobReader(ref, size, self.safe.get, self._kind, self.nodes)
+        if ref is None and size:
+            raise _mismatch(size, 0)
+        if ref is not None and not r.root_is_chunk:
+            real = self.nodes.get(ref, lambda k: decode_list(self.safe.get(k))).size
+            if real != size:
+                raise _mismatch(size, real)
+        return r
 
     def write_small(self, fd: int, e: Entry) -> None:
         """A file of one chunk (most small files): one index lookup, one read, one write."""
         oe = self.safe.entry(e.ref)
-        if oe is None or oe.kind != Kind.CHUNK:
-            self.write_blob(fd, self.reader(e), prefetch=False)
+        if oe is None:
+            raise ObjectMissing(f"its content (object {e.ref.hex()[:12]}) is missing from the safe")
+        if oe.kind != Kind.CHUNK:
+            self.write_blob(fd, self.reader(e.ref, e.size), prefetch=False)
             return
         try:
             data = self.safe.read_entry(e.ref, oe)
         except (FileNotFoundError, IntegrityError):
             data = self.safe.get(e.ref)   # moved by a concurrent gc, or really damaged
-        os.pwrite(fd, data, 0)
         if len(data) != e.size:
-            os.ftruncate(fd, e.size)
+            raise _mismatch(e.size, len(data))
+        os.pwrite(fd, data, 0)
         self._count(bytes_written=len(data))
         self.progress(len(data))
 
     def write_blob(self, fd: int, r: BlobReader, prefetch: bool = True) -> None:
-        """Write a blob into ``fd`` from offset 0, skipping holes; chunks fetched ahead."""
+        """Write a blob into ``fd`` from offset 0, skipping holes; chunks fetched ahead.
+        BadContent when its pieces do not add up to ``r.size`` bytes."""
         window: deque = deque()
         written = 0
+        expect = 0
 
-        def put(off: int, data: bytes) -> None:
+        def put(off: int, length: int, data: bytes) -> None:
             nonlocal written
+            if len(data) != length:
+                raise BadContent(f"its content in the safe is malformed (a piece at offset {off} "
+                                 f"holds {len(data)} bytes, its list says {length})")
             os.pwrite(fd, data, off)
             written += len(data)
             self.progress(len(data))
 
-        def fetch(group: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
-            return [(o, self.safe.get(k)) for o, k in group]
+        def fetch(group: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+            return [(o, n, self.safe.get(k)) for o, n, k in group]
 
-        group: list[tuple[int, bytes]] = []
+        group: list[tuple[int, int, bytes]] = []
         for off, length, key in r.extents():
+            if off != expect:
+                raise BadContent(f"its content in the safe is malformed (a gap or overlap at offset {off})")
+            expect = off + length
             if key is None:
                 continue
             if not prefetch:
-                put(off, self.safe.get(key))
+                put(off, length, self.safe.get(key))
                 continue
             # Chunks travel to the fetch threads in groups: one future per group, not per
             # chunk, keeps thread hand-offs (and GIL handovers) off the hot path.
-            group.append((off, key))
+            group.append((off, length, key))
             if len(group) >= FETCH_GROUP:
                 window.append(self.fetch.submit(fetch, group))
                 group = []
                 if len(window) >= PREFETCH // 2:
-                    for o, data in window.popleft().result():
-                        put(o, data)
+                    for item in window.popleft().result():
+                        put(*item)
         if group:
             window.append(self.fetch.submit(fetch, group))
         while window:
-            for o, data in window.popleft().result():
-                put(o, data)
+            for item in window.popleft().result():
+                put(*item)
+        if expect != r.size:
+            raise _mismatch(r.size, expect)
         os.ftruncate(fd, r.size)
         self._count(bytes_written=written)
 
     # -- trees --------------------------------------------------------------------------
 
     def restore_tree(self, point: Point, target: Path, subpath: str | None = None) -> RestoreStats:
-        _prepare_target(target, self.force, want_dir=True)
-        top = os.fsencode(str(target.resolve()))
+        """Restore the tree point (or the part at ``subpath``, kept at its place) into
+        ``target``, a new or empty directory (any directory with ``force``)."""
+        parts = split_path(subpath) if subpath else []
+        # Everything the user named is checked before anything is created.
+        chain = lookup_chain(self.safe, point, b"/".join(parts)) if parts else []
+        root = root_entry(point)
+        top = _open_target(target, self.force)
+        stack = [_Frame(root, b"", iter(()), top, meta=not parts)]
         try:
-            if not subpath or not split_path(subpath):
-                root = root_entry(point)
-                self._restore_dir_contents(top, root, b"")
-                self.dirs.append((top, root))
+            if not parts:
+                try:
+                    stack[0].items = iter(children(self.safe, root))
+                except SafeError as err:   # a damaged root node: nothing below can be restored
+                    self.warn(b"", f"cannot read this directory from the safe: {err}")
             else:
-                parts = split_path(subpath)
-                path = top
-                # Intermediate directories get their stored metadata too.
-                for i in range(len(parts) - 1):
-                    d = lookup(self.safe, point, b"/".join(parts[:i + 1]))
-                    if d.type != DIR:
-                        raise UsageError(f"{subpath}: {parts[i].decode(errors='replace')} is not a directory")
-                    path = self._mkdir(path, d, b"/".join(parts[:i + 1]))
-                    self.dirs.append((path, d))
-                e = lookup(self.safe, point, subpath)
-                self._restore_entry(path, e, b"/".join(parts))
-            self._finish()
+                for i, d in enumerate(chain[:-1]):   # the directories on the way
+                    rel = b"/".join(parts[:i + 1])
+                    try:
+                        fd = self._open_subdir(self._dir_of(stack), d)
+                    except (OSError, SafeError) as err:
+                        why = _reason(err) if isinstance(err, OSError) else str(err)
+                        raise SafeError(f"{display_name(rel)}: cannot restore into it: {why}") from None
+                    self._push(stack, _Frame(d, rel, iter(()), _Dir(fd)))
+                stack[-1].items = iter(chain[-1:])
+            self.hold(top)               # the final pass needs the top after the walk drops it
+            self._walk(stack)
+            self._finish(top.fd)
         finally:
             self.jobs.shutdown(cancel_futures=True)
             self.fetch.shutdown(cancel_futures=True)
+            for f in stack:
+                if f.dir is not None:
+                    self.drop(f.dir)
+            if top.refs:
+                self.drop(top)
         return self.stats
+
+    def _walk(self, stack: list[_Frame]) -> None:
+        """Depth-first over the stack's directories, without recursion (depth is unbounded)."""
+        while stack:
+            f = stack[-1]
+            c = next(f.items, None)
+            if c is None:
+                stack.pop()
+                if f.dir is not None:
+                    self.drop(f.dir)
+                    f.dir = None
+                if f.meta:
+                    self.dirs.append((f.rel, f.entry))
+                continue
+            rel = _join(f.rel, c.name)
+            if not _safe_name(c.name):
+                self.warn(rel, "refused an entry whose name would escape the target")
+                continue
+            if c.name in f.seen:
+                self.warn(rel, "refused a second entry with the same name")
+                continue
+            f.seen.add(c.name)
+            try:
+                d = self._dir_of(stack)
+                if c.type == DIR:
+                    self._enter(stack, d, c, rel)
+                elif c.type == REG:
+                    self._queue_file(d, c, rel)
+                else:
+                    self._make_other(d, c, rel)
+            except OSError as err:
+                self.warn(rel, f"cannot restore: {_reason(err)}")
+            except SafeError as err:
+                self.warn(rel, f"cannot restore: {err}")
+
+    def _push(self, stack: list[_Frame], frame: _Frame) -> None:
+        """Push a directory; close the descriptor of one far up the stack (every KEEP_OPEN-th
+        stays open, so that reopening one never walks more than KEEP_OPEN names)."""
+        stack.append(frame)
+        i = len(stack) - 1 - KEEP_OPEN
+        if i > 0 and i % KEEP_OPEN and stack[i].dir is not None:
+            self.drop(stack[i].dir)
+            stack[i].dir = None
+
+    def _dir_of(self, stack: list[_Frame]) -> _Dir:
+        """The open directory of the stack's innermost frame, reopened by name (O_NOFOLLOW,
+        from the nearest open ancestor, never through '..') when it was closed."""
+        if stack[-1].dir is not None:
+            return stack[-1].dir
+        j = len(stack) - 1
+        while stack[j].dir is None:
+            j -= 1
+        for k in range(j + 1, len(stack)):
+            fd = os.open(stack[k].entry.name, _DIR_FLAGS, dir_fd=stack[k - 1].dir.fd)
+            stack[k].dir = _Dir(fd)
+        return stack[-1].dir
+
+    def _open_subdir(self, parent: _Dir, e: Entry) -> int:
+        """Create directory ``e`` in ``parent`` (or, with --force, take the one there) and open it."""
+        try:
+            os.mkdir(e.name, 0o700, dir_fd=parent.fd)
+        except FileExistsError:
+            if not self.force:
+                raise SafeError("already exists in the target (add --force to restore into it)") from None
+        try:
+            return os.open(e.name, _DIR_FLAGS, dir_fd=parent.fd)
+        except NotADirectoryError:
+            st = os.stat(e.name, dir_fd=parent.fd, follow_symlinks=False)
+            what = "a symbolic link (not followed)" if stat.S_ISLNK(st.st_mode) else "a file that is not a directory"
+            raise SafeError(f"{what} is in the way") from None
+
+    def _enter(self, stack: list[_Frame], parent: _Dir, e: Entry, rel: bytes) -> None:
+        fd = self._open_subdir(parent, e)
+        self._count(dirs=1)
+        try:
+            items = children(self.safe, e)
+        except SafeError as err:   # a damaged, missing or hostile tree node: restore the rest
+            os.close(fd)
+            self.warn(rel, f"cannot read this directory from the safe: {err}")
+            self.dirs.append((rel, e))
+            return
+        self._push(stack, _Frame(e, rel, iter(items), _Dir(fd)))
+
+    def _queue_file(self, d: _Dir, e: Entry, rel: bytes) -> None:
+        if e.link_group:
+            if e.link_group in self.first_link:
+                self.links.append((rel, e))
+                return
+            self.first_link[e.link_group] = rel
+        self.batch.append((d, rel, e))
+        if d not in self.batch_dirs:
+            self.hold(d)
+            self.batch_dirs.add(d)
+        self.batch_bytes += e.size
+        if len(self.batch) >= BATCH_FILES or self.batch_bytes >= BATCH_BYTES or len(self.batch_dirs) >= BATCH_DIRS:
+            self._submit_batch()
 
     def _submit_batch(self) -> None:
         """Hand a batch of files to the pool: one job per batch keeps the per-file overhead of
         futures and thread hand-offs off the small files."""
         if not self.batch:
             return
-        batch, self.batch, self.batch_bytes = self.batch, [], 0
+        batch, dirs = self.batch, self.batch_dirs
+        self.batch, self.batch_dirs, self.batch_bytes = [], set(), 0
         self.slots.acquire()
-        fut = self.jobs.submit(lambda: [self._file_job(p, e) for p, e in batch])
+
+        def job() -> None:
+            try:
+                for d, rel, e in batch:
+                    self._file_job(d, rel, e)
+            finally:
+                for d in dirs:
+                    self.drop(d)
+
+        fut = self.jobs.submit(job)
         fut.add_done_callback(lambda f: self.slots.release())
         self.pending.append(fut)
         if len(self.pending) > 4096:
             self.pending = [f for f in self.pending if not f.done()]
 
-    def _finish(self) -> None:
+    def _temp(self, dir_fd: int, make: Callable[[bytes], int | None]) -> tuple[bytes, int | None]:
+        """Create a fresh temporary name in ``dir_fd`` with ``make(name)`` (which must fail
+        with EEXIST on an existing name); return the name and what ``make`` returned."""
+        for attempt in range(8):
+            if attempt:   # someone took the name: pick an unpredictable one
+                self._tmp_token = secrets.token_hex(4)
+            name = f"{TMP_PREFIX}{self._tmp_token}.{next(self._tmp_count):x}".encode()
+            try:
+                return name, make(name)
+            except FileExistsError:
+                continue
+        raise OSError(errno.EEXIST, "cannot find a free temporary name")
+
+    def _file_job(self, d: _Dir, rel: bytes, e: Entry) -> None:
+        """Write one file under a temporary name and rename it into place when complete."""
+        try:
+            tmp, fd = self._temp(d.fd, lambda n: os.open(n, _TMP_FLAGS, 0o600, dir_fd=d.fd))
+        except OSError as err:
+            self.warn(rel, f"cannot restore: {_reason(err)}")
+            return
+        done = False
+        try:
+            if e.size <= SMALL_FILE and e.ref is not None:
+                self.write_small(fd, e)
+            elif e.ref is not None or e.size:
+                self.write_blob(fd, self.reader(e.ref, e.size), prefetch=e.size > (1 << 20))
+            self._apply_meta(fd, rel, e)
+            os.rename(tmp, e.name, src_dir_fd=d.fd, dst_dir_fd=d.fd)
+            done = True
+            if e.link_group:
+                with self.lock:
+                    self.linked.add(e.link_group)
+            self._count(files=1)
+        except SafeError as err:   # missing or damaged in the safe, or not the size recorded
+            self.warn(rel, f"not restored: {err}")
+        except OSError as err:
+            self.warn(rel, f"cannot restore: {_reason(err)}")
+        except (ValueError, struct.error, IndexError) as err:   # a damaged or hostile blob
+            self.warn(rel, f"not restored: its content in the safe is malformed ({err})")
+        finally:
+            os.close(fd)
+            if not done:
+                try:
+                    os.unlink(tmp, dir_fd=d.fd)
+                except OSError:
+                    pass
+
+    def _make_other(self, d: _Dir, e: Entry, rel: bytes) -> None:
+        """A symlink, FIFO, device or socket. With --force it is made under a temporary name
+        and renamed over whatever is there (a directory in the way is a warning)."""
+        if e.type == LNK:
+            def make(n: bytes) -> None:
+                os.symlink(e.target, n, dir_fd=d.fd)
+        elif e.type in _NODE_KIND:
+            def make(n: bytes) -> None:
+                os.mknod(n, _NODE_KIND[e.type] | 0o600, e.rdev, dir_fd=d.fd)
+        else:
+            self.warn(rel, f"not restored: unknown entry type {e.type}")
+            return
+        if not self.force:
+            make(e.name)
+            self._apply_meta_at(d.fd, e.name, rel, e)
+        else:
+            tmp, _ = self._temp(d.fd, make)
+            try:
+                self._apply_meta_at(d.fd, tmp, rel, e)
+                os.rename(tmp, e.name, src_dir_fd=d.fd, dst_dir_fd=d.fd)
+            except OSError:
+                os.unlink(tmp, dir_fd=d.fd)
+                raise
+        self._count(other=1)
+
+    def _finish(self, top: int) -> None:
         self._submit_batch()
         for f in self.pending:
             f.result()
         self.pending.clear()
-        for path, e in self.links:
-            try:
-                first = self.first_link.get(e.link_group)
-                if first is None:
-                    raise OSError(errno.ENOENT, "the first copy of this hardlink was not restored")
-                os.link(first, path, follow_symlinks=False)
-                self._count(files=1)
-            except OSError as err:
-                self.warn(path, f"cannot restore hardlink: {err.strerror}")
-        # Deepest first (self.dirs is in post-order, after the --path directories on the way):
-        # a parent made unsearchable (mode 0000, 0600) would otherwise shut the children out
-        # for a restore without CAP_DAC_OVERRIDE.
-        for path, e in sorted(self.dirs, key=lambda pe: pe[0].count(b"/"), reverse=True):
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError as err:
-                self.warn(path, f"cannot set directory metadata: {err.strerror}")
-                continue
-            try:
-                self._apply_meta(fd, path, e)
-            finally:
-                os.close(fd)
-
-    def _mkdir(self, parent: bytes, e: Entry, rel: bytes) -> bytes:
-        path = parent + b"/" + e.name
+        opener = _Opener(top)
         try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            if not self.force:
-                raise SafeError(f"{rel.decode(errors='replace')}: already exists in the target")
-        # Refuse to descend through anything but a real directory (never a symlink).
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        os.close(fd)
-        return path
-
-    def _restore_dir_contents(self, dirpath: bytes, d: Entry, rel: bytes) -> None:
-        seen: set[bytes] = set()
-        try:
-            entries = children(self.safe, d)
-        except SafeError as err:   # a damaged or hostile tree node: restore the rest
-            self.warn(rel or b".", f"cannot read this directory from the safe: {err}")
-            return
-        for c in entries:
-            p = rel + b"/" + c.name if rel else c.name
-            if not _safe_name(c.name):
-                self.warn(p, "refused an entry whose name would escape the target")
-                continue
-            if c.name in seen:
-                self.warn(p, "refused a second entry with the same name")
-                continue
-            seen.add(c.name)
-            self._restore_entry(dirpath, c, p)
-
-    def _restore_entry(self, dirpath: bytes, e: Entry, rel: bytes) -> None:
-        path = dirpath + b"/" + e.name
-        try:
-            if e.type == DIR:
-                self._mkdir(dirpath, e, rel)
-                self._restore_dir_contents(path, e, rel)
-                self.dirs.append((path, e))
-                self._count(dirs=1)
-                return
-            if self.force:
-                _remove_existing(path)
-            if e.type == REG:
-                if e.link_group and e.link_group in self.first_link:
-                    self.links.append((path, e))
-                    return
-                if e.link_group:
-                    self.first_link[e.link_group] = path
-                self.batch.append((path, e))
-                self.batch_bytes += e.size
-                if len(self.batch) >= 64 or self.batch_bytes >= (4 << 20):
-                    self._submit_batch()
-                return
-            if e.type == LNK:
-                os.symlink(e.target, path)
-            elif e.type in (FIFO, CHR, BLK, SOCK):
-                kind = {FIFO: stat.S_IFIFO, CHR: stat.S_IFCHR, BLK: stat.S_IFBLK, SOCK: stat.S_IFSOCK}[e.type]
-                os.mknod(path, kind | 0o600, e.rdev)
-            self._apply_meta(None, path, e)
-            self._count(other=1)
-        except OSError as err:
-            self.warn(rel, f"cannot restore: {err.strerror}")
-
-    def _file_job(self, path: bytes, e: Entry) -> None:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as err:
-            self.warn(path, f"cannot restore: {err.strerror}")
-            return
-        try:
-            if e.size and e.size <= SMALL_FILE:
-                self.write_small(fd, e)
-            elif e.size:
-                self.write_blob(fd, self.reader(e), prefetch=e.size > (1 << 20))
-            self._apply_meta(fd, path, e)
-            self._count(files=1)
-        except SafeError as err:
-            self.warn(path, f"cannot restore: {err}")
-        except OSError as err:
-            self.warn(path, f"cannot restore: {err.strerror}")
-        except (ValueError, struct.error, IndexError) as err:   # a damaged or hostile blob
-            self.warn(path, f"cannot restore: its content in the safe is malformed ({err})")
+            for rel, e in self.links:
+                self._link(opener, rel, e)
+            # Post-order (children before their parent; the --path directories on the way come
+            # last): a parent made unsearchable (mode 0000, 0600) would otherwise shut the
+            # children out for a restore without CAP_DAC_OVERRIDE.
+            for rel, e in self.dirs:
+                try:
+                    fd = opener.open(rel)
+                except OSError as err:
+                    self.warn(rel, f"cannot set directory metadata: {_reason(err)}")
+                    continue
+                self._apply_meta(fd, rel, e)
         finally:
-            os.close(fd)
+            opener.close()
 
-    def _apply_meta(self, fd: int | None, path: bytes, e: Entry) -> None:
-        """Set owner, xattrs, mode and times, on ``fd`` or on ``path`` (never following it)."""
-        target = fd if fd is not None else path
-        nofollow = {} if fd is not None else {"follow_symlinks": False}
-        # Owner first: the kernel drops file capabilities (security.capability) on chown.
-        if self.is_root:
+    def _link(self, opener: _Opener, rel: bytes, e: Entry) -> None:
+        """Make a later copy of a hardlink group from the first copy's final name."""
+        first = self.first_link[e.link_group]
+        if e.link_group not in self.linked:
+            self.warn(rel, "cannot restore hardlink: the first copy of this hardlink "
+                           f"({display_name(first)}) was not restored")
+            return
+        src_dir, _, src_name = first.rpartition(b"/")
+        dst_dir, _, name = rel.rpartition(b"/")
+        try:
+            sfd = os.dup(opener.open(src_dir))
             try:
-                os.chown(target, e.uid, e.gid, **nofollow)
+                dfd = opener.open(dst_dir)
+                try:
+                    os.link(src_name, name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+                except FileExistsError:
+                    if not self.force:
+                        raise
+                    tmp, _ = self._temp(dfd, lambda n: os.link(src_name, n, src_dir_fd=sfd, dst_dir_fd=dfd,
+                                                                follow_symlinks=False))
+                    try:
+                        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+                    except OSError:
+                        os.unlink(tmp, dir_fd=dfd)
+                        raise
+            finally:
+                os.close(sfd)
+            self._count(files=1)
+        except OSError as err:
+            self.warn(rel, f"cannot restore hardlink: {_reason(err)}")
+
+    def _apply_meta(self, target: int | str, rel: bytes, e: Entry, owner: tuple[int, int] | None = None) -> None:
+        """Set owner (unless ``owner``, the current one, already matches), xattrs, mode and
+        times on an open file or directory, or on a /proc/self/fd path naming one inode."""
+        # Owner first: the kernel drops file capabilities (security.capability) on chown.
+        if self.is_root and owner != (e.uid, e.gid):
+            try:
+                os.chown(target, e.uid, e.gid)
             except OSError as err:
-                self.warn(path, f"cannot set owner {e.uid}:{e.gid}: {err.strerror}")
+                self.warn(rel, f"cannot set owner {e.uid}:{e.gid}: {err.strerror}")
         for n, v in e.xattrs:
             try:
-                os.setxattr(target, n, v, **nofollow)
+                os.setxattr(target, n, v)
             except OSError as err:
-                self.warn(path, f"cannot set extended attribute {n.decode(errors='replace')}: {err.strerror}")
+                self.warn(rel, f"cannot set extended attribute {display_name(n)}: {err.strerror}")
         if e.type != LNK:
             try:
                 os.chmod(target, e.mode)
             except OSError as err:
-                self.warn(path, f"cannot set mode: {err.strerror}")
+                self.warn(rel, f"cannot set mode: {err.strerror}")
         try:
-            os.utime(target, ns=(e.atime_ns, e.mtime_ns), **nofollow)
+            os.utime(target, ns=(e.atime_ns, e.mtime_ns))
         except OSError as err:
-            self.warn(path, f"cannot set times: {err.strerror}")
+            self.warn(rel, f"cannot set times: {err.strerror}")
+
+    def _apply_meta_at(self, dir_fd: int, name: bytes, rel: bytes, e: Entry) -> None:
+        """Set the metadata of the symlink, device, FIFO or socket ``name`` in ``dir_fd``
+        (none of which can be opened for it). An O_PATH descriptor of the entry itself (not
+        followed), reached through /proc/self/fd, names that inode and nothing else, so that
+        an entry swapped for a hardlink of someone else's file meanwhile is left alone."""
+        if not _PROC_FD:
+            self._apply_meta_by_name(dir_fd, name, rel, e)
+            return
+        try:
+            pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError as err:
+            self.warn(rel, f"cannot set its metadata: {_reason(err)}")
+            return
+        try:
+            st = os.fstat(pfd)
+            if stat.S_IFMT(st.st_mode) != stat.S_IFMT(e.st_mode) or st.st_nlink != 1:
+                self.warn(rel, "cannot set its metadata: it was replaced while the restore ran")
+                return
+            self._apply_meta(f"/proc/self/fd/{pfd}", rel, e, owner=(st.st_uid, st.st_gid))
+        finally:
+            os.close(pfd)
+
+    def _apply_meta_by_name(self, dir_fd: int, name: bytes, rel: bytes, e: Entry) -> None:
+        # Without /proc: the *at calls, never following ``name`` (xattrs need /proc).
+        if self.is_root:
+            try:
+                os.chown(name, e.uid, e.gid, dir_fd=dir_fd, follow_symlinks=False)
+            except OSError as err:
+                self.warn(rel, f"cannot set owner {e.uid}:{e.gid}: {err.strerror}")
+        if e.xattrs:
+            self.warn(rel, "cannot set extended attributes: /proc is not mounted")
+        if e.type != LNK:
+            try:
+                os.chmod(name, e.mode, dir_fd=dir_fd, follow_symlinks=False)
+            except OSError as err:
+                self.warn(rel, f"cannot set mode: {err.strerror}")
+            except (NotImplementedError, ValueError):   # fchmodat(AT_SYMLINK_NOFOLLOW) needs /proc too
+                self.warn(rel, "cannot set mode: not supported without /proc")
+        try:
+            os.utime(name, ns=(e.atime_ns, e.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+        except OSError as err:
+            self.warn(rel, f"cannot set times: {err.strerror}")
 
     # -- volumes ------------------------------------------------------------------------
 
     def restore_volume(self, point: Point, target: Path) -> RestoreStats:
+        """Write a volume point into an image file (written under a temporary name and renamed
+        into place when complete) or, with --force, onto a block device."""
         size = point.size
         root = point.root
-        r = BlobReader(root, size, self.safe.get, lambda k: self.safe.entry(k).kind, self.nodes)
         try:
-            st = os.stat(target)
-        except FileNotFoundError:
-            st = None
-        if st is not None and stat.S_ISBLK(st.st_mode):
-            if not self.force:
-                raise UsageError(f"{target}: is a block device; add --force to overwrite it")
-            fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
             try:
-                dev_size = os.lseek(fd, 0, os.SEEK_END)
-                if dev_size < size:
-                    raise UsageError(f"{target}: device holds {dev_size} bytes, the volume needs {size}")
-                # A device has no holes: write zeros where the point has them.
-                for off, length, key in r.extents():
-                    data = self.safe.get(key) if key else bytes(length)
-                    os.pwrite(fd, data, off)
-                    self.progress(length)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            return self.stats
-        if st is not None:
-            if stat.S_ISDIR(st.st_mode):
-                target = target / f"{point.name}.img"
-                if target.exists() and not self.force:
+                r = self.reader(root, size)
+            except (SafeError, ValueError, struct.error, IndexError) as err:
+                raise SafeError(f"cannot restore the volume: {_blob_error(err)}; nothing was written") from None
+            try:
+                st = os.stat(target)
+            except FileNotFoundError:
+                st = None
+            if st is not None and stat.S_ISBLK(st.st_mode):
+                self._volume_to_device(r, target)
+            else:
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    target = target / f"{point.name}.img"
+                    if target.exists() and not self.force:
+                        raise UsageError(f"{target}: exists; add --force to overwrite it")
+                elif st is not None and not self.force:
                     raise UsageError(f"{target}: exists; add --force to overwrite it")
-            elif not self.force:
-                raise UsageError(f"{target}: exists; add --force to overwrite it")
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            self.write_blob(fd, r)
-            os.fsync(fd)
+                self._volume_to_image(r, Path(os.path.realpath(target)))
         finally:
-            os.close(fd)
-            self.fetch.shutdown()
-            self.jobs.shutdown()
+            self.fetch.shutdown(cancel_futures=True)
+            self.jobs.shutdown(cancel_futures=True)
         self.stats.files = 1
         return self.stats
 
+    def _volume_to_device(self, r: BlobReader, target: Path) -> None:
+        if not self.force:
+            raise UsageError(f"{target}: is a block device; add --force to overwrite it")
+        fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
+        done = 0
+        try:
+            dev_size = os.lseek(fd, 0, os.SEEK_END)
+            if dev_size < r.size:
+                raise UsageError(f"{target}: device holds {dev_size} bytes, the volume needs {r.size}")
+            # A device has no holes: write zeros where the point has them.
+            for off, length, key in r.extents():
+                data = self.safe.get(key) if key else bytes(length)
+                if len(data) != length:
+                    raise BadContent(f"its content in the safe is malformed (a piece at offset {off} "
+                                     f"holds {len(data)} bytes, its list says {length})")
+                os.pwrite(fd, data, off)
+                done = off + length
+                self.progress(length)
+            os.fsync(fd)
+        except (SafeError, ValueError, struct.error, IndexError) as err:
+            if isinstance(err, UsageError):
+                raise
+            raise SafeError(f"cannot restore the volume: {_blob_error(err)}; {target} holds only "
+                            f"its first {done} bytes") from None
+        except OSError as err:
+            raise SafeError(f"cannot restore the volume to {target}: {_reason(err)}") from None
+        finally:
+            os.close(fd)
+        self._count(bytes_written=r.size)
 
-def _prepare_target(target: Path, force: bool, want_dir: bool) -> None:
+    def _volume_to_image(self, r: BlobReader, target: Path) -> None:
+        try:
+            dfd = os.open(target.parent, _DIR_FLAGS & ~os.O_NOFOLLOW)
+        except OSError as err:
+            raise SafeError(f"{target.parent}: cannot write the image there: {_reason(err)}") from None
+        name = os.fsencode(target.name)
+        tmp = None
+        try:
+            tmp, fd = self._temp(dfd, lambda n: os.open(n, _TMP_FLAGS, 0o600, dir_fd=dfd))
+            try:
+                self.write_blob(fd, r)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            tmp = None
+        except (SafeError, ValueError, struct.error, IndexError) as err:
+            raise SafeError(f"cannot restore the volume: {_blob_error(err)}; nothing was written") from None
+        except OSError as err:
+            raise SafeError(f"cannot write the image {target}: {_reason(err)}") from None
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp, dir_fd=dfd)
+                except OSError:
+                    pass
+            os.close(dfd)
+
+
+def _mismatch(recorded: int, real: int) -> BadContent:
+    return BadContent(f"its size in the point ({recorded} bytes) does not match its content in the safe "
+                      f"({real} bytes)")
+
+
+def _blob_error(err: Exception) -> str:
+    if isinstance(err, SafeError):
+        return str(err)
+    return f"its content in the safe is malformed ({err})"
+
+
+def _open_target(target: Path, force: bool) -> _Dir:
+    """Create or check the restore target and open it (never through a symlink)."""
     try:
         st = os.lstat(target)
     except FileNotFoundError:
+        st = None
         try:
             target.mkdir(parents=True)
         except OSError as e:
             raise UsageError(f"{target}: cannot create the restore target: {e.strerror}") from None
-        return
-    if not stat.S_ISDIR(st.st_mode):
+    if st is not None and not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{target}: exists and is not a directory")
-    if any(os.scandir(target)) and not force:
-        raise UsageError(f"{target}: is not empty; restore into a new or empty directory, or add --force")
-
-
-def _remove_existing(path: bytes) -> None:
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        raise SafeError(f"{path.decode(errors='replace')}: a directory is in the way")
-    os.unlink(path)
+        fd = os.open(target, _DIR_FLAGS)
+    except OSError as e:
+        raise UsageError(f"{target}: cannot open the restore target: {_reason(e)}") from None
+    if st is not None and not force:
+        with os.scandir(fd) as it:
+            busy = any(True for _ in it)
+        if busy:
+            os.close(fd)
+            raise UsageError(f"{target}: is not empty; restore into a new or empty directory, or add --force")
+    return _Dir(fd)
 
 
 def restore(safe: Safe, point: Point, target: str, subpath: str | None = None, force: bool = False,
             progress: Callable[[int], None] | None = None) -> RestoreStats:
+    """Restore ``point`` (a tree, or the part of it at ``subpath``; or a volume) to ``target``.
+    Entries that cannot be restored are warnings in the returned stats; nothing is written
+    outside ``target``."""
     t, sp = Path(target).resolve(), safe.path.resolve()
     if t == sp or sp in t.parents:   # with --force, a point's files could overwrite the safe's own
         raise UsageError(f"{target}: is inside the safe {safe.path}; restore somewhere else")
