@@ -27,6 +27,7 @@ from pointsafe.cas import (
     BlobReader,
     Entry,
     Kind,
+    Point,
     Safe,
     encode_tree,
     utc_now_iso,
@@ -291,7 +292,7 @@ def test_missing_objects_fail_only_their_files(safe_dir, tmp_path):
     with Safe.open(safe_dir) as safe:
         files = {}
         tree_packs = set()
-        stack = [(b"", lookup(safe, p, ""))]
+        stack = [(b"", lookup(safe, Point.from_record(p), ""))]
         while stack:
             rel, d = stack.pop()
             tree_packs.add(safe.entry(d.ref).pack)
@@ -525,7 +526,7 @@ def test_damaged_chunk_leaves_no_file_behind(safe_dir, tmp_path):
     with Safe.open(safe_dir) as safe:
         victims = []
         for name in ("b", "big"):
-            e = lookup(safe, p, name)
+            e = lookup(safe, Point.from_record(p), name)
             key = e.ref if safe.entry(e.ref).kind == Kind.CHUNK else sorted(_file_keys(safe, e) - {e.ref})[1]
             oe = safe.entry(key)
             victims.append((safe.pack_path(oe.pack), oe.offset + 64 + oe.stored_len // 2))
