@@ -310,7 +310,7 @@ def test_missing_objects_fail_only_their_files(safe_dir, tmp_path):
         lost_pack = candidates[len(candidates) // 2]
         gone = {k for k, pk in packs.items() if pk == lost_pack}
         small_keys = files["keep/gone.txt"] | files["keep/h1"]
-        lost_tree = lookup(safe, p, "lost").ref
+        lost_tree = lookup(safe, Point.from_record(p), "lost").ref
         pack_path = safe.pack_path(lost_pack)
     failed = {path for path, keys in files.items() if keys & (gone | small_keys)}
     assert any(f.startswith("big/") for f in failed) and {"keep/gone.txt", "keep/h1", "keep/h2"} <= failed
