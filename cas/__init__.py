@@ -24,6 +24,7 @@ __all__ = [
     "SafeLocked", "UnsupportedVersion", "UsageError", "FORMAT_VERSION", "SafeConfig",
     "parse_compression", "KEY_SIZE", "Kind", "object_key", "decode_node", "encode_node",
     "node_children", "Frozen", "Point", "latest", "latest_per", "newest_first", "oldest_first",
-    "EPOCH", "format_utc", "format_utc_seconds", "parse_utc", "parse_utc_ns", "parse_time", "resolve_point", "Prepared", "prepare", "repair", "Safe", "Writer", "take_lock",
-    "release_lock", "utc_now_iso", "Entry", "decode_tree", "encode_tree", "verify", "build_tree", "read_tree", "find_entry", "tree_pages",
+    "EPOCH", "format_utc", "format_utc_seconds", "parse_utc", "parse_utc_ns", "parse_time", "resolve_point",
+    "Prepared", "prepare", "repair", "Safe", "Writer", "take_lock", "release_lock", "utc_now_iso", "Entry",
+    "decode_tree", "encode_tree", "verify", "build_tree", "read_tree", "find_entry", "tree_pages",
 ]

@@ -168,7 +168,8 @@ def check_record(buf: bytes | memoryview, pack: int, offset: int,
     h = parse_record_header(buf, pack, offset)
     where = _Where(pack, offset)
     if expect_key is not None and h.key != expect_key:
-        raise IntegrityError(f"{where}: record holds object {h.key.hex()[:12]}, index expected {expect_key.hex()[:12]}", pack, offset)
+        raise IntegrityError(f"{where}: record holds object {h.key.hex()[:12]}, "
+                             f"index expected {expect_key.hex()[:12]}", pack, offset)
     stored = memoryview(buf)[REC_HEADER_SIZE:REC_HEADER_SIZE + h.stored_len]
     if len(stored) != h.stored_len:
         raise IntegrityError(f"{where}: record truncated ({len(stored)} of {h.stored_len} bytes)", pack, offset)

@@ -5,10 +5,11 @@ This is the one forget path: ``forget_points`` (tombstones, queue, drain) is wha
 ``forget`` (gc/forget.py), the tests and every other caller use. Dropping points and cascading in
 one LMDB transaction would hold dirty pages (in memory until the commit) that grow with what
 dies: forgetting points that alone hold a million objects would hold most of the index in
-memory. ``forget_points_queued`` instead commits the points' removal (tombstones written, ``points`` entries deleted) together with one entry per
-point in the ``release`` table, then ``drain`` works the queue off in transactions of bounded
-size: each takes a batch of keys, drops one count per queued drop, marks dead what reaches zero
-(adjusting its pack's live/dead bytes) and queues the dead object's children.
+memory. ``forget_points_queued`` instead commits the points' removal (tombstones written,
+``points`` entries deleted) together with one entry per point in the ``release`` table, then
+``drain`` works the queue off in transactions of bounded size: each takes a batch of keys,
+drops one count per queued drop, marks dead what reaches zero (adjusting its pack's live/dead
+bytes) and queues the dead object's children.
 
 The queue is durable (``release``: key -> u32 LE pending drops), so a crash between batches
 leaves the rest of the work recorded and the next ``drain`` (forget and gc both run it) finishes

@@ -6,9 +6,6 @@ import argparse
 
 from pointsafe.gc.retention import RULES, Policy
 
-# The gc jobs are imported when a command runs, not when the CLI starts.
-DEFAULT_THRESHOLD = 0.20   # pointsafe.gc.collect.DEFAULT_THRESHOLD (checked by a test)
-
 from .common import (
     EXIT_OK,
     EXIT_WARNINGS,
@@ -18,6 +15,9 @@ from .common import (
     open_safe,
     say,
 )
+
+# The gc jobs are imported when a command runs, not when the CLI starts.
+DEFAULT_THRESHOLD = 0.20   # pointsafe.gc.collect.DEFAULT_THRESHOLD (checked by a test)
 
 FORGET_DESC = """\
 Forget recovery points: name them (POINT is an id prefix, latest, NAME@latest or NAME@TIME),

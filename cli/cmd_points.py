@@ -110,7 +110,8 @@ def cmd_show(args) -> int:
     for k, v in rows:
         say(args, f"{k:16} {v}")
     for name, info in (p.consistency or {}).items():
-        say(args, f"{name:16} " + ", ".join(f"{k}={v}" for k, v in info.items()) if isinstance(info, Mapping) else f"{name:16} {info}")
+        shown = ", ".join(f"{k}={v}" for k, v in info.items()) if isinstance(info, Mapping) else info
+        say(args, f"{name:16} {shown}")
     if "fragmentation" in rec:
         f = rec["fragmentation"]
         say(args, f"{'fragmentation':16} {f['seeks_per_gib']} seeks/GiB (floor {f['minimum_per_gib']}; "
@@ -176,7 +177,7 @@ def cmd_diff(args) -> int:
     if args.json:
         emit_json([{"change": c, **_entry_json(path, new or old)} for c, path, old, new in changes])
     else:
-        for c, path, old, new in changes:
+        for c, path, _old, _new in changes:
             print(f"{c} {display_name(path)}")
         say(args, f"{len(changes)} changes") if not changes else None
     return EXIT_OK

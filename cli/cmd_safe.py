@@ -112,7 +112,9 @@ def cmd_repair(args) -> int:
         for t in rep.truncated:
             say(args, f"truncated: pack {t['pack']} at offset {t['offset']}: a torn tail of {t['bytes']} bytes "
                       "(an unfinished last record)")
+        damaged = (f", {len(rep.damaged)} damaged regions or records left out "
+                   f"({human_bytes(rep.unreadable_bytes)} unreadable, kept in their packs)" if rep.damaged else "")
+        missing = f", {rep.missing_children} references to missing objects" if rep.missing_children else ""
         say(args, f"rebuilt the index from {rep.packs} packs: {rep.objects} objects, {rep.points} points"
-                  f"{f', {len(rep.damaged)} damaged regions or records left out ({human_bytes(rep.unreadable_bytes)} unreadable, kept in their packs)' if rep.damaged else ''}"
-                  f"{f', {rep.missing_children} references to missing objects' if rep.missing_children else ''}")
+                  f"{damaged}{missing}")
     return EXIT_ERROR if rep.damaged or rep.missing_children else EXIT_OK

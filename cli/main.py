@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     except lmdb.Error as e:
         if os.environ.get("POINTSAFE_DEBUG"):
             raise
-        hint = "the disk is full" if "No space" in str(e) or "MAP_FULL" in str(e) else "the index may be damaged; try 'pointsafe verify'"
+        full = "No space" in str(e) or "MAP_FULL" in str(e)
+        hint = "the disk is full" if full else "the index may be damaged; try 'pointsafe verify'"
         print(f"pointsafe: error: the safe's index: {e} ({hint})", file=sys.stderr)
         return EXIT_ERROR
     except Exception as e:   # anything else is a bug (ops.logs.is_bug)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pointsafe.cas import Kind, Safe, SafeLocked, object_key
+from pointsafe.cas import Kind, Safe, SafeLocked
 
 from _cas_util import TESTS, check_point, make_point
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from pointsafe.cas import Kind, Safe, object_key, verify
+from pointsafe.cas import Kind, Safe, verify
 
 from _cas_util import TESTS, check_object, check_point
 
@@ -114,7 +113,7 @@ def test_sigkill_during_repair_leaves_a_safe_that_repair_finishes(safe_dir):
     t = time.monotonic()
     repair(safe_dir)
     took = time.monotonic() - t
-    for trial in range(6):
+    for _trial in range(6):
         proc = subprocess.Popen([sys.executable, "-c", "import sys; from pointsafe.cas import repair; "
                                  "print('go', flush=True); repair(sys.argv[1])", str(safe_dir)],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)

@@ -14,7 +14,6 @@ import zlib
 from pathlib import Path
 
 import lmdb
-import pytest
 from _backup_util import backup, one_error_line
 from conftest import run_cli
 from pointsafe.cas import (

@@ -126,10 +126,10 @@ def test_a_second_reader_from_the_format_doc(safe_dir):
         env.close()
 
     assert set(index) == set(objects)
-    for key, (pack, off, stored_len, raw_len, kind, codec, flags, refcount) in index.items():
+    for key, (pack, off, _stored_len, raw_len, kind, _codec, _flags, _refcount) in index.items():
         assert (pack, off) == places[key] and kind == kinds[key] and raw_len == len(objects[key])
     assert next_pack > max(packs)
-    for pid, (committed, live, dead, created, n, sealed) in packs.items():
+    for pid, (committed, _live, _dead, _created, n, _sealed) in packs.items():
         assert (safe_dir / "packs" / f"{pid:016x}.pack").stat().st_size == committed
         assert n == sum(1 for e in index.values() if e[0] == pid)
 

@@ -112,7 +112,7 @@ def test_points_under_a_writer_start_and_hold_a_prefix(server, safe_dir, cli):
             w.wait_rows(high + 200)
     finally:
         total = w.stop()
-    for point, low, high in taken:
+    for point, _low, _high in taken:
         info = point["consistency"]["mysql"]
         assert info["binlog_file"].startswith("binlog.") and info["lock_held_seconds"] >= 0
     live_binlog = server.datadir / taken[0][0]["consistency"]["mysql"]["binlog_file"]

@@ -322,7 +322,7 @@ def test_reads_stay_correct_during_backup_forget_gc_defrag(safe_dir, tmp_path):
         if i % 2:
             files[n] = os.urandom(150_000)
             (src / n).write_bytes(files[n])
-    kept = backup(safe_dir, src, "s")
+    backup(safe_dir, src, "s")
     other = tmp_path / "other"
     other.mkdir()
     (other / "x.bin").write_bytes(os.urandom(400_000))

@@ -7,7 +7,6 @@ import json
 import random
 from pathlib import Path
 
-import pytest
 
 from pointsafe.cas import Kind, Safe, verify
 from pointsafe.cas.audit import audit

@@ -3,7 +3,6 @@ audit), every remaining point reads back byte-identical, and a rerun finishes th
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import signal

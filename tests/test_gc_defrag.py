@@ -9,16 +9,13 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from pointsafe.cas import Safe, verify
-from pointsafe.cas.audit import audit
 from pointsafe.gc.collect import run_gc
 from pointsafe.gc.defrag import defrag
 from pointsafe.gc.forget import forget, plan_forget
 from pointsafe.gc.fragmentation import fragmentation, measure
 
-from _gc_util import point_digests
 from test_gc import _assert_clean, _assert_points, _history
 
 TESTS = Path(__file__).resolve().parent

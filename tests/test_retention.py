@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta, timezone
 
-import pytest
 
-from pointsafe.cas import Point, Safe, utc_now_iso
+from pointsafe.cas import Point, Safe
 from pointsafe.gc.retention import Policy, bucket, plan, select
 
 

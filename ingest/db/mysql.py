@@ -294,7 +294,8 @@ class MySQL:
         try:
             cap_max = max(int(self._saved_flushing["innodb_io_capacity_max"]), FLUSH_IO_CAPACITY)
             c.execute(f"SET GLOBAL innodb_io_capacity_max = {cap_max}")
-            c.execute(f"SET GLOBAL innodb_io_capacity = {max(int(self._saved_flushing['innodb_io_capacity']), FLUSH_IO_CAPACITY)}")
+            capacity = max(int(self._saved_flushing["innodb_io_capacity"]), FLUSH_IO_CAPACITY)
+            c.execute(f"SET GLOBAL innodb_io_capacity = {capacity}")
         except Exception:
             pass  # slower, still correct
 
@@ -362,7 +363,7 @@ class MySQL:
         """Every InnoDB file under the data directory and the InnoDB directories."""
         found: set[str] = set()
         for top in {os.path.realpath(self._datadir), *self._innodb_dirs}:
-            for dirpath, dirnames, filenames in os.walk(top):
+            for dirpath, _dirnames, filenames in os.walk(top):
                 for f in filenames:
                     if any(fnmatch.fnmatch(f, p) for p in INNODB_PATTERNS):
                         found.add(os.path.join(dirpath, f))

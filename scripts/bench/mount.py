@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data as dataset  # noqa: E402
-from _common import human_bytes, log, machine_info, markdown_table, tool_version, write_json  # noqa: E402
+from _common import log, machine_info, markdown_table, tool_version, write_json  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCH = Path("/work/bench-data")
