@@ -28,7 +28,7 @@ import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import blake3
 import zstandard
@@ -91,7 +91,8 @@ _local = threading.local()
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
-    """One compressor per thread and level: a shared one serialises threads (FACTS.md)."""
+    """One compressor per thread and level: a shared one serialises threads (measured
+    on 2 threads: x1.04 with one shared compressor, x1.98 with one per thread)."""
     cache = getattr(_local, "c", None)
     if cache is None:
         cache = _local.c = {}
@@ -216,11 +217,14 @@ def decode_record(buf: bytes | memoryview, pack: int, offset: int, rehash: bool 
     return h, raw if isinstance(raw, bytes) else bytes(raw)
 
 
-def write_pack_header(f, pack_id: int) -> None:
+def write_pack_header(f: BinaryIO, pack_id: int) -> None:
+    """Write the 16-byte pack header of ``pack_id`` at ``f``'s position (no flush, no sync)."""
     f.write(PACK_HEADER.pack(PACK_MAGIC, pack_id))
 
 
 def check_pack_header(buf: bytes, pack_id: int) -> None:
+    """Return when ``buf`` starts with the pack header of ``pack_id``; IntegrityError (offset 0)
+    when it is short, has the wrong magic or names another pack."""
     if len(buf) < PACK_HEADER.size:
         raise IntegrityError(f"pack {pack_name(pack_id)}: truncated pack header", pack_id, 0)
     magic, pid = PACK_HEADER.unpack_from(buf)
@@ -251,7 +255,7 @@ class ScanItem:
 RESYNC_WINDOW = 1 << 20
 
 
-def _valid_record_at(f, off: int, size: int, pack_id: int) -> RecordHeader | None:
+def _valid_record_at(f: BinaryIO, off: int, size: int, pack_id: int) -> RecordHeader | None:
     """The header of an intact record at ``off`` (header CRC and stored-bytes check hold and
     it ends within ``size``), else None."""
     f.seek(off)
@@ -269,7 +273,7 @@ def _valid_record_at(f, off: int, size: int, pack_id: int) -> RecordHeader | Non
     return h
 
 
-def _resync(f, start: int, size: int, pack_id: int) -> int | None:
+def _resync(f: BinaryIO, start: int, size: int, pack_id: int) -> int | None:
     """The offset of the next intact record after ``start`` (scanning for the record magic),
     or None when there is none before ``size``."""
     pos = start + 1
@@ -285,7 +289,7 @@ def _resync(f, start: int, size: int, pack_id: int) -> int | None:
     return None
 
 
-def _zeros(f, start: int, end: int) -> bool:
+def _zeros(f: BinaryIO, start: int, end: int) -> bool:
     """True when bytes ``start..end`` of ``f`` are all zero."""
     f.seek(start)
     while start < end:
@@ -305,7 +309,7 @@ def _damaged(pack_id: int, off: int, end: int, why: IntegrityError) -> ScanItem:
 def scan_pack(path: Path, pack_id: int, limit: int | None = None,
               read_data: bool = True, rehash: bool = False) -> Iterator[ScanItem]:
     """Walk the records of a pack file in order, up to ``limit`` bytes (docs/FORMAT.md,
-    "Walking a pack").
+    "Pack files", paragraph "Walking a pack").
 
     A record whose stored bytes fail their checks is yielded with its error and the walk goes
     on (its length is known from its checked header). A header that does not parse (or a

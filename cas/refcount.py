@@ -9,13 +9,16 @@ their transaction, call its methods, and ``finish()`` it before the transaction 
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from .counters import CounterDelta
 from .errors import SafeError
 from .index import FLAG_DEAD, FLAG_PINNED, Index, ObjectEntry, PackEntry
 from .keys import Kind
 from .nodes import node_children
+
+if TYPE_CHECKING:
+    from .index import Txn
 
 ReadNode = Callable[[bytes, ObjectEntry], bytes]   # the raw bytes of an indexed node
 
@@ -27,7 +30,7 @@ class RefChange:
     it when it dies or comes back to life). Not thread-safe.
     """
 
-    def __init__(self, index: Index, txn, read_node: ReadNode):
+    def __init__(self, index: Index, txn: Txn, read_node: ReadNode):
         self.index = index
         self.txn = txn
         self.read_node = read_node

@@ -1,7 +1,7 @@
 """Primitives for gc and defrag: bury orphans, drop dead objects from the index, move live
 records into new packs, delete packs that hold nothing the index names.
 
-Ordering rules (docs/FORMAT.md, "Collection and relocation"):
+Ordering rules (docs/FORMAT.md, "Read and write ordering", rules 7 to 9):
 
 - a relocated record is copied byte for byte (checked against its checksum first) into a new
   pack, and that pack is fsynced *before* the LMDB transaction that repoints the object commits;

@@ -6,7 +6,7 @@ read their records from the pack files with ``pread``. The one writer (guarded b
 pack bytes are fsynced *before* the LMDB transaction that references them commits, so a
 crash at any instant leaves an index that only names bytes that are on disk.
 
-Reference counts are hierarchical (docs/FORMAT.md, "Reference counts"): an object's count is
+Reference counts are hierarchical (docs/FORMAT.md, "Reference counts and the dead flag"): an object's count is
 the number of live indexed nodes that list it as a child, plus one per point that names it.
 Writing a *new* node increments its children; reusing an existing node changes nothing
 below it. When a count drops to zero the object is marked dead and its children are released
