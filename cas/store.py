@@ -25,7 +25,7 @@ import time
 import uuid
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Callable, Iterable, TextIO
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterable, TextIO
 
 import lmdb
 
@@ -144,9 +144,9 @@ def take_lock(safe_dir: Path, command: str = "") -> TextIO:
     return f
 
 
-def release_lock(f: TextIO) -> None:
-    """Clear the holder note and close ``f`` (from ``take_lock``), which drops the lock.
-    Never raises OSError."""
+def release_lock(f: IO[Any]) -> None:
+    """Clear the holder note and close ``f`` (from ``take_lock``, or any file that holds the
+    flock), which drops the lock. Never raises OSError."""
     try:
         f.seek(0)
         f.truncate()
@@ -395,7 +395,7 @@ class Writer:
         self.safe = safe
         self.index = safe.index
         self.level = safe.config.zstd_level
-        self._lockf: TextIO | None = take_lock(safe.path, command)
+        self._lockf: IO[Any] | None = take_lock(safe.path, command)
         self.pending: dict[bytes, ObjectEntry] = {}
         self.deltas: dict[bytes, int] = {}
         self.pending_points: list[tuple[bytes, dict[str, Any]]] = []
