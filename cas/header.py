@@ -39,6 +39,8 @@ _FIXED = struct.Struct("<8sII")
 
 @dataclass(frozen=True)
 class SafeConfig:
+    """A safe's settings, fixed at ``init`` and stored in its header (immutable)."""
+
     safe_id: str
     created: str
     compression: str = "zstd:1"        # "none" or "zstd:LEVEL" (1..22)

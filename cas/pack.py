@@ -46,10 +46,12 @@ CODEC_ZSTD = 1
 
 
 def pack_name(pack_id: int) -> str:
+    """The file name of pack ``pack_id``: 16 lowercase hex digits and ``.pack``."""
     return f"{pack_id:016x}.pack"
 
 
 def pack_id_from_name(name: str) -> int | None:
+    """The pack id a file name spells (as :func:`pack_name` makes it), or None for any other name."""
     if len(name) == 21 and name.endswith(".pack"):
         try:
             return int(name[:16], 16)
@@ -80,10 +82,13 @@ class Prepared:
             object.__setattr__(self, "header", head[:60] + struct.pack("<I", zlib.crc32(head[:60])))
 
     def record(self) -> bytes:
+        """The whole record (header and stored bytes): one copy; ``Writer.put_prepared``
+        appends the two parts instead when it can."""
         return self.header + self.stored
 
     @property
     def record_len(self) -> int:
+        """Bytes of the record in the pack: 64 of header plus the stored bytes."""
         return REC_HEADER_SIZE + len(self.stored)
 
 
@@ -125,6 +130,8 @@ def prepare(kind: int, data: bytes, level: int | None, key: bytes | None = None)
 
 @dataclass(frozen=True, slots=True)
 class RecordHeader:
+    """The parsed 64-byte header of a pack record (its CRC already checked)."""
+
     kind: int
     codec: int
     key: bytes
@@ -134,10 +141,14 @@ class RecordHeader:
 
     @property
     def total(self) -> int:
+        """Bytes of the whole record: header and stored bytes."""
         return REC_HEADER_SIZE + self.stored_len
 
 
 def parse_record_header(buf: bytes | memoryview, pack: int, offset: int) -> RecordHeader:
+    """The record header at the start of ``buf``; IntegrityError (naming pack and offset) when
+    it is short, has the wrong magic, fails its CRC or names an unknown codec. The stored
+    bytes are not checked here (``check_record``)."""
     if len(buf) < REC_HEADER_SIZE:
         raise IntegrityError(f"pack {pack_name(pack)} offset {offset}: truncated record header", pack, offset)
     magic, kind, codec, _res, key, raw_len, stored_len, check, crc = REC_HEADER.unpack_from(buf)
