@@ -27,7 +27,9 @@ class RefChange:
     """Count changes of one write transaction ``txn`` of ``index``.
 
     ``read_node(key, entry)`` returns an indexed node's raw bytes (its children are read from
-    it when it dies or comes back to life). Not thread-safe.
+    it when it dies or comes back to life). ``txn`` is a write transaction whose caller holds
+    the writer lock. Not thread-safe. Call ``finish()`` before ``txn`` commits, or the packs'
+    live/dead bytes and the totals fall out of step with the counts.
     """
 
     def __init__(self, index: Index, txn: Txn, read_node: ReadNode):

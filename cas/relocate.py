@@ -216,7 +216,8 @@ class Relocator:
 
     ``move(key, entry, record)`` appends a record; ``release_pack(pid)`` says every live
     record of old pack ``pid`` has been handed over, so the pack is deleted by the commit that
-    leaves it naming no object. ``close()`` commits what is pending.
+    leaves it naming no object. ``close()`` commits what is pending. ``w`` is the Writer that
+    holds the lock; not thread-safe.
     """
 
     def __init__(self, w: Writer, seal_last: bool = False):
@@ -246,7 +247,9 @@ class Relocator:
 
     def move(self, key: bytes, e: ObjectEntry, record: bytes) -> None:
         """Copy ``record`` (checked by the caller) into a new pack; the object is repointed
-        by the commit that follows."""
+        by the commit that follows (one runs by itself every BATCH_OBJECTS moves or
+        BATCH_BYTES). A key already moved in this batch is skipped. Raises SafeError (DiskFull)
+        when writing or committing fails."""
         if key in self.pending_keys:
             return
         if self.packs.full:
@@ -261,7 +264,8 @@ class Relocator:
             self.commit()
 
     def move_entry(self, key: bytes, e: ObjectEntry) -> None:
-        """Move one object, reading its record from where the index says it is."""
+        """Move one object, reading its record from where the index says it is; IntegrityError
+        when that record is damaged (nothing is moved), OSError from the pack store."""
         rec = self.safe.store.read(e.pack, e.offset, e.record_len)
         check_record(rec, e.pack, e.offset, key)   # cas.pack: framing and checksum, no decompression
         self.move(key, e, rec)
@@ -272,7 +276,8 @@ class Relocator:
 
     def commit(self, seal: bool = False) -> None:
         """Make the moved records durable, then repoint their objects in one transaction and
-        delete the released packs left naming nothing (after that commit)."""
+        delete the released packs left naming nothing (after that commit). Raises SafeError
+        (DiskFull) when either step fails; nothing is then committed."""
         idx = self.idx
         doomed: list[tuple[int, int]] = []
 

@@ -311,7 +311,8 @@ class Safe:
 
         Raises ObjectMissing when the index does not hold it and IntegrityError (naming pack
         and offset) when its stored bytes are damaged. A pack rewritten by a concurrent gc
-        is handled by looking the object up again.
+        is handled by looking the object up again. Needs no lock; any thread. Cost: one index
+        lookup, one pread and a checksum (and a decompression for a compressed object).
         """
         for attempt in range(4):
             e = self.entry(key)
@@ -354,7 +355,8 @@ class Safe:
     # -- points -------------------------------------------------------------------------
 
     def points(self) -> list[Point]:
-        """Every committed point, oldest first (the one order, ``Point.order_key``)."""
+        """Every committed point, oldest first (the one order, ``Point.order_key``); one
+        snapshot, O(points)."""
         with self.index.read() as t:
             out = [Point.from_json(v) for _, v in t.cursor(db=self.index.db["points"])]
         return oldest_first(out)
@@ -438,7 +440,9 @@ class Writer:
         For node kinds, pass the node's *distinct* children: a new node increments each of
         them. ``data`` must already be the full node encoding (see ``nodes.encode_node``).
         A stored object is reused as it is (a dead one comes back to life when a reference
-        to it commits).
+        to it commits). The object is committed with the batch (``flush``, which runs by
+        itself every BATCH_BYTES). Raises SafeError (DiskFull) on a write error and
+        QuotaExceeded from the space check; the writer is then closed and the batch dropped.
         """
         if key is None:
             key = object_key(kind, data)
@@ -456,7 +460,10 @@ class Writer:
         """Append a prepared object unless it is already stored; True when it was new.
 
         ``record`` is ``p.record()`` when the caller already built it (in a worker thread,
-        see cas/parallel.py), so that this thread does not checksum the bytes again.
+        see cas/parallel.py), so that this thread does not checksum the bytes again;
+        ``checked=True`` says the caller already looked the key up. ``children`` are counted
+        once each at the commit. Raises as :meth:`put`. The hot path of every backup: it copies
+        nothing and reads the index only when ``checked`` is False.
         """
         if not checked and self.lookup(p.key) is not None:
             return False
@@ -494,7 +501,8 @@ class Writer:
         return True
 
     def incref(self, key: bytes, n: int = 1) -> None:
-        """Count ``n`` more references to ``key`` at the next commit."""
+        """Count ``n`` more references to ``key`` at the next commit (the commit refuses a key
+        that is neither indexed nor in the batch)."""
         self.deltas[key] = self.deltas.get(key, 0) + n
 
     def add_point(self, record: dict[str, Any] | Point, root: bytes | None) -> Point:
@@ -560,6 +568,7 @@ class Writer:
     def release(self, txn: Txn, keys: Iterable[bytes]) -> int:
         """Drop one reference from each of ``keys`` inside ``txn``, cascading at zero.
 
+        ``txn`` is a write transaction begun by the holder of this writer (which holds the lock).
         Returns the number of objects that died. Cost follows what dies, not the safe's size.
         """
         rc = self.refs(txn)
@@ -579,7 +588,8 @@ class Writer:
         self._release_lock()
 
     def close(self) -> None:
-        """Commit what is pending and release the lock."""
+        """Commit what is pending and release the lock (also when the commit fails: its error
+        is raised). Closing twice does nothing."""
         if self._closed:
             return
         try:
@@ -590,7 +600,7 @@ class Writer:
             self._release_lock()
 
     def abort(self) -> None:
-        """Abandon what is not committed and release the lock."""
+        """Abandon what is not committed and release the lock; never raises for the batch."""
         if self._closed:
             return
         self._fail()
