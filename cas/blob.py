@@ -52,8 +52,8 @@ class ListNode:
 
 
 def decode_list(raw: bytes) -> ListNode:
-    """The LIST node whose raw object bytes are ``raw`` (envelope included); struct.error or
-    IndexError on bytes that are not a LIST node (checked objects always are)."""
+    """The LIST node whose raw object bytes are ``raw`` (envelope included); ValueError,
+    struct.error or IndexError on bytes that are not a LIST node."""
     children, payload = decode_node(raw)
     level, m = _HEAD.unpack_from(payload)
     keys: list[bytes | None] = []

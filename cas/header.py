@@ -61,7 +61,8 @@ class SafeConfig:
 
 
 def parse_compression(text: str) -> str:
-    """Normalise a user's --compression value ("none", "zstd", "zstd:5", "5")."""
+    """Normalise a user's --compression value ("none", "zstd", "zstd:5", "5") to "none" or
+    "zstd:LEVEL"; UsageError (one line) for anything else or a level outside 1..22."""
     t = text.strip().lower()
     if t in ("none", "off", "0"):
         return "none"

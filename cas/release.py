@@ -75,8 +75,8 @@ def queued(idx: Index) -> int:
 
 def forget_points_queued(w: Writer, point_keys: list[bytes]) -> None:
     """Forget points (tombstones, ``points`` entries removed) and queue their release, in one
-    commit; call ``drain`` afterwards to cascade. ``w`` holds the writer lock. SafeError (and
-    nothing committed) when a point is not in the safe."""
+    commit; call ``drain`` afterwards to cascade. ``w`` holds the writer lock. SafeError when a
+    point is not in the safe: nothing is committed and the writer is closed."""
     q = queue_db(w.index)
     tombs = [w.put_node(Kind.TOMBSTONE, [], pk) for pk in point_keys]
     idx = w.index
