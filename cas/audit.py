@@ -31,6 +31,7 @@ import struct
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import lmdb
 
@@ -41,6 +42,10 @@ from .nodes import decode_node
 from .pack import decode_record
 from .release import QUEUE
 
+if TYPE_CHECKING:
+    from .index import Index, Txn
+    from .store import Safe
+
 _U32 = struct.Struct("<I")
 FLUSH_ENTRIES = 200_000     # expected counts kept in memory before a merge into the temp db
 MAX_FINDINGS = 100          # reported in full; the rest are counted
@@ -48,6 +53,8 @@ MAX_FINDINGS = 100          # reported in full; the rest are counted
 
 @dataclass
 class AuditReport:
+    """What ``audit`` found: objects and nodes seen, orphans, dead objects and the problems."""
+
     objects: int = 0
     nodes_read: int = 0
     orphans: int = 0
@@ -59,6 +66,7 @@ class AuditReport:
 
     @property
     def ok(self) -> bool:
+        """True when no problem was found (orphans are not problems)."""
         return self.mismatches == 0
 
     def problem(self, message: str) -> None:
@@ -74,7 +82,8 @@ class AuditReport:
         if len(self.sizes) < MAX_FINDINGS:
             self.sizes.append(message)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data."""
         return {"ok": self.ok, "objects": self.objects, "nodes_read": self.nodes_read,
                 "orphans": self.orphans, "dead": self.dead, "problems": self.mismatches,
                 "errors": self.errors, "sizes": self.sizes}
@@ -90,6 +99,12 @@ _LIST_ENT = struct.Struct("<IQ")
 _NONE = 0xFFFFFFFF
 _REG = 1
 
+# A file entry without content that declares a size (name, size), or (None, None): a node
+# that does not decode.
+_Bad = list[tuple[bytes | None, int | None]]
+# Per wrong length a node declares: (child or None, entry name or None, declared, actual).
+_Finding = tuple[bytes | None, bytes | None, int | None, int | None]
+
 
 class _Counts:
     """Expected counts, declared lengths and LIST spans: in-memory dicts merged into a temp
@@ -103,6 +118,7 @@ class _Counts:
         self.spans: dict[bytes, int] = {}
 
     def add(self, key: bytes, n: int = 1) -> None:
+        """``n`` more expected references to ``key``."""
         p = self.pending
         p[key] = p.get(key, 0) + n
         if len(p) >= FLUSH_ENTRIES:
@@ -121,6 +137,7 @@ class _Counts:
             self.flush()
 
     def flush(self) -> None:
+        """Merge what is in memory into the temporary database, in key order."""
         if not (self.pending or self.spans or self.declared):
             return
         keys = sorted(self.pending.keys() | self.spans.keys() | self.declared.keys())
@@ -142,7 +159,7 @@ class _Counts:
         self.env.close()
 
 
-def _declare_tree(raw: bytes, children: list[bytes], counts: _Counts, bad: list) -> None:
+def _declare_tree(raw: bytes | memoryview, children: list[bytes], counts: _Counts, bad: _Bad) -> None:
     """Declared sizes of the regular files of a leaf TREE node (a paged index has none)."""
     p = bytes(raw)
     (count,) = _U32.unpack_from(p)
@@ -165,7 +182,7 @@ def _declare_tree(raw: bytes, children: list[bytes], counts: _Counts, bad: list)
             off += _XA.size + xn + xv
 
 
-def _declare_list(key: bytes, payload, children: list[bytes], counts: _Counts) -> None:
+def _declare_list(key: bytes, payload: memoryview, children: list[bytes], counts: _Counts) -> None:
     """Declared lengths of a LIST node's entries, and the node's own span."""
     _, m = _LIST_HEAD.unpack_from(payload)
     total = 0
@@ -176,7 +193,7 @@ def _declare_list(key: bytes, payload, children: list[bytes], counts: _Counts) -
     counts.span(key, total)
 
 
-def _declare_point(payload, children: list[bytes], counts: _Counts) -> None:
+def _declare_point(payload: memoryview, children: list[bytes], counts: _Counts) -> None:
     """A volume point declares its blob's size."""
     try:
         rec = json.loads(bytes(payload))
@@ -186,7 +203,7 @@ def _declare_point(payload, children: list[bytes], counts: _Counts) -> None:
         counts.declare(children[0], rec["size"])
 
 
-def _declare(key: bytes, kind: int, raw: bytes, counts: _Counts, bad: list) -> list[bytes]:
+def _declare(key: bytes, kind: int, raw: bytes, counts: _Counts, bad: _Bad) -> list[bytes]:
     """Count a node's children and note the lengths it declares; return its children."""
     children, payload = decode_node(raw)
     for c in children:
@@ -203,9 +220,14 @@ def _declare(key: bytes, kind: int, raw: bytes, counts: _Counts, bad: list) -> l
     return children
 
 
-def audit(safe) -> AuditReport:
+def audit(safe: Safe) -> AuditReport:
     """Recompute every reference count and check every declared blob size (see the module
-    docstring); read-only."""
+    docstring); read-only, and it never writes the index (it runs on a full disk).
+
+    The caller holds the writer lock, so that packs do not move meanwhile. Cost: one pass over
+    ``objects`` reading every live node from its pack, a temporary LMDB database (in a
+    temporary directory) of one entry per referenced object, and a second pass over the
+    nodes only when sizes are wrong."""
     r = AuditReport()
     idx = safe.index
     tmp = tempfile.mkdtemp(prefix="pointsafe-audit-")
@@ -226,7 +248,7 @@ def audit(safe) -> AuditReport:
                     try:
                         buf = safe.store.read(e.pack, e.offset, e.record_len)
                         _, raw = decode_record(buf, e.pack, e.offset, rehash=False, expect_key=key)
-                        bad: list = []
+                        bad: _Bad = []
                         _declare(key, e.kind, raw, counts, bad)
                     except (IntegrityError, OSError, ValueError) as err:
                         r.problem(f"node {key.hex()[:12]} cannot be read to count its children: {err}")
@@ -254,7 +276,7 @@ def _actual_length(e: ObjectEntry, span: int) -> int | None:
     return None
 
 
-def _compare(idx, txn, counts: _Counts, r: AuditReport) -> dict[bytes, int | None]:
+def _compare(idx: Index, txn: Txn, counts: _Counts, r: AuditReport) -> dict[bytes, int | None]:
     """Merge-join the objects table with the expected counts, both in key order; return the
     objects whose declared length differs from what they hold (key -> actual length)."""
     bad_sizes: dict[bytes, int | None] = {}
@@ -308,7 +330,8 @@ def _compare(idx, txn, counts: _Counts, r: AuditReport) -> dict[bytes, int | Non
 _MAX_DEPTH = 100_000
 
 
-def _referrer_findings(key: bytes, kind: int, raw: bytes, bad_keys: dict, broken: bool) -> Iterator[tuple]:
+def _referrer_findings(key: bytes, kind: int, raw: bytes, bad_keys: dict[bytes, int | None],
+                       broken: bool) -> Iterator[_Finding]:
     """(child or None, name or None, declared, actual) for each wrong length ``key`` declares;
     ``broken``: the node itself had a file entry without content or did not decode."""
     children, payload = decode_node(raw)
@@ -338,7 +361,7 @@ def _referrer_findings(key: bytes, kind: int, raw: bytes, bad_keys: dict, broken
             yield children[0], None, rec.get("size"), bad_keys[children[0]]
 
 
-def _tree_files(payload, children: list[bytes]) -> Iterator[tuple[bytes, bytes | None, int]]:
+def _tree_files(payload: memoryview, children: list[bytes]) -> Iterator[tuple[bytes, bytes | None, int]]:
     """(name, blob key or None, size) of a leaf TREE node's regular files."""
     p = bytes(payload)
     (count,) = _U32.unpack_from(p)
@@ -357,7 +380,7 @@ def _tree_files(payload, children: list[bytes]) -> Iterator[tuple[bytes, bytes |
             off += _XA.size + xn + xv
 
 
-def _links(payload, kind: int, children: list[bytes]) -> Iterator[tuple[bytes, bytes]]:
+def _links(payload: memoryview, kind: int, children: list[bytes]) -> Iterator[tuple[bytes, bytes]]:
     """(child, name) for each child of a node: the entry name for a directory's entries,
     b"" for pages, LIST parts and a point's root."""
     named: dict[bytes, bytes] = {}
@@ -380,8 +403,8 @@ def _links(payload, kind: int, children: list[bytes]) -> Iterator[tuple[bytes, b
         yield c, named.get(c, b"")
 
 
-def _name_size_problems(safe, txn, bad_keys: dict, bad_nodes: list[bytes], r: AuditReport,
-                        tmpdir: str) -> None:
+def _name_size_problems(safe: Safe, txn: Txn, bad_keys: dict[bytes, int | None], bad_nodes: list[bytes],
+                        r: AuditReport, tmpdir: str) -> None:
     """Report each wrong declared length, naming the point and the path that lead to it.
 
     A second pass over the live nodes records, in a temporary LMDB database, one parent of
@@ -390,7 +413,7 @@ def _name_size_problems(safe, txn, bad_keys: dict, bad_nodes: list[bytes], r: Au
     env = lmdb.open(tmpdir, map_size=1 << 40, sync=False, metasync=False, writemap=True,
                     lock=False, max_dbs=0)
     broken = set(bad_nodes)
-    findings: list[tuple] = []
+    findings: list[tuple[bytes, int, bytes | None, bytes | None, int | None, int | None]] = []
     try:
         with env.begin(write=True) as pt:
             for key, val in txn.cursor(db=idx.db["objects"]):
@@ -408,13 +431,13 @@ def _name_size_problems(safe, txn, bad_keys: dict, bad_nodes: list[bytes], r: Au
                 except (IntegrityError, OSError, ValueError, struct.error, IndexError):
                     continue
         with env.begin() as pt:
-            for f in findings:
-                r.size_problem(_size_message(txn, idx, pt, *f))
+            for found in findings:
+                r.size_problem(_size_message(txn, idx, pt, *found))
     finally:
         env.close()
 
 
-def _climb(pt, key: bytes) -> tuple[bytes | None, list[bytes]]:
+def _climb(pt: Txn, key: bytes) -> tuple[bytes | None, list[bytes]]:
     """(point key or None, names from the point's root down to ``key``)."""
     names: list[bytes] = []
     cur = key
@@ -431,7 +454,11 @@ def _climb(pt, key: bytes) -> tuple[bytes | None, list[bytes]]:
     return None, names
 
 
-def _size_message(txn, idx, pt, node: bytes, kind: int, child, name, declared, actual) -> str:
+def _size_message(txn: Txn, idx: Index, pt: Txn, node: bytes, kind: int, child: bytes | None,
+                  name: bytes | None, declared: int | None, actual: int | None) -> str:
+    """The one-line finding for a wrong length ``node`` declares, naming point and path."""
+    point: bytes | None
+    names: list[bytes]
     if kind == Kind.POINT:
         point, names = node, []
     else:

@@ -18,7 +18,7 @@ import struct
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from .keys import Kind
 from .nodes import ChildTable, decode_node
@@ -39,16 +39,21 @@ def encode_list(level: int, entries: list[tuple[bytes | None, int]]) -> tuple[li
 
 @dataclass(frozen=True, slots=True)
 class ListNode:
+    """A decoded LIST node: its level and, per entry, the child key and cumulative end."""
+
     level: int
     keys: list[bytes | None]   # per entry: child key, or None for a hole
     ends: list[int]            # cumulative end offset of each entry
 
     @property
     def size(self) -> int:
+        """Bytes the node covers (its last cumulative end; 0 when it has no entries)."""
         return self.ends[-1] if self.ends else 0
 
 
 def decode_list(raw: bytes) -> ListNode:
+    """The LIST node whose raw object bytes are ``raw`` (envelope included); ValueError,
+    struct.error or IndexError on bytes that are not a LIST node."""
     children, payload = decode_node(raw)
     level, m = _HEAD.unpack_from(payload)
     keys: list[bytes | None] = []
@@ -71,10 +76,13 @@ class BlobBuilder:
     def __init__(self, put_node: Callable[[int, list[bytes], bytes], bytes], fanout: int = 256):
         self.put_node = put_node
         self.fanout = fanout
-        self.levels: list[list[list]] = [[]]   # per level: entries [key|None, length]
+        # per level: entries [key | None, length], lists so that a run of holes grows in place
+        self.levels: list[list[list[Any]]] = [[]]
         self.size = 0
 
     def add(self, key: bytes | None, length: int) -> None:
+        """Append ``length`` bytes: the chunk ``key``, or a hole when ``key`` is None. Lengths
+        of 0 or less are ignored; a full node (``fanout`` entries) is stored at once."""
         if length <= 0:
             return
         self.size += length
@@ -92,7 +100,7 @@ class BlobBuilder:
             self.levels[level] = [keep]
             self._emit(level, node)
 
-    def _emit(self, level: int, entries: list[list]) -> None:
+    def _emit(self, level: int, entries: list[list[Any]]) -> None:
         if all(k is None for k, _ in entries):
             key, length = None, sum(n for _, n in entries)
         else:
@@ -103,9 +111,10 @@ class BlobBuilder:
         self._add(level + 1, key, length)
 
     def finish(self) -> bytes | None:
-        """Store the remaining nodes; return the blob's root key (None when empty or all holes... see below).
+        """Store the remaining nodes; return the blob's root key, None when nothing was added.
 
-        A blob made only of holes still gets a LIST root so that its size is recorded.
+        A blob made only of holes still gets a LIST root so that its size is recorded. Call it
+        once, after the last ``add``.
         """
         if self.size == 0:
             return None
@@ -114,10 +123,10 @@ class BlobBuilder:
             entries = self.levels[level]
             top = level == len(self.levels) - 1
             if top:
-                if len(entries) == 1 and entries[0][0] is not None and level == 0:
-                    return entries[0][0]               # one chunk: the chunk is the blob
-                if len(entries) == 1 and entries[0][0] is not None and level > 0:
-                    return entries[0][0]               # a single LIST node below
+                only: bytes | None = entries[0][0] if len(entries) == 1 else None
+                if only is not None:
+                    # level 0: one chunk, the chunk is the blob; above: a single LIST node below
+                    return only
                 children, payload = encode_list(level, [(k, n) for k, n in entries])
                 return self.put_node(Kind.LIST, children, payload)
             if entries:
@@ -135,6 +144,8 @@ class NodeCache:
         self.lock = threading.Lock()
 
     def get(self, key: bytes, load: Callable[[bytes], ListNode]) -> ListNode:
+        """The node ``key``, from the cache or else ``load(key)`` (called without the lock, so two
+        threads may load the same node once each); evicts the least recently used."""
         with self.lock:
             node = self.items.get(key)
             if node is not None:
@@ -178,7 +189,7 @@ class BlobReader:
             return
         yield from self._walk(self.root, 0, start, end)
 
-    def _walk(self, key: bytes, base: int, start: int, end: int):
+    def _walk(self, key: bytes, base: int, start: int, end: int) -> Iterator[tuple[int, int, bytes | None]]:
         node = self._node(key)
         i = bisect.bisect_right(node.ends, start - base)
         while i < len(node.ends):

@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 from .keys import Kind
+
+if TYPE_CHECKING:
+    from .index import Index, PackEntry, Table, Txn
 
 META_KEY = b"counters"
 _LAYOUT = struct.Struct("<8q")
@@ -41,10 +45,12 @@ class SafeCounters:
     dead_bytes: int = 0         # record bytes gc can reclaim
 
     def encode(self) -> bytes:
+        """The 64-byte ``meta`` value (eight i64 LE, in field order)."""
         return _LAYOUT.pack(*(getattr(self, f.name) for f in fields(self)))
 
     @classmethod
     def decode(cls, b: bytes) -> "SafeCounters":
+        """The totals a 64-byte ``meta`` value holds; struct.error on any other length."""
         return cls(*_LAYOUT.unpack(b))
 
 
@@ -65,7 +71,7 @@ class CounterDelta:
         if kind == Kind.CHUNK:
             d[3] += sign * raw_len
 
-    def pack(self, old, new) -> None:
+    def pack(self, old: PackEntry | None, new: PackEntry | None) -> None:
         """A pack entry changed from ``old`` to ``new`` (either may be None)."""
         d = self.d
         for pe, sign in ((old, -1), (new, 1)):
@@ -75,9 +81,10 @@ class CounterDelta:
                 d[6] += sign * pe.live_bytes
                 d[7] += sign * pe.dead_bytes
 
-    def apply(self, txn, meta_db) -> None:
+    def apply(self, txn: Txn, meta_db: Table) -> None:
         """Add the gathered changes to the stored totals (nothing when they are missing: the
-        next ``ensure`` computes them whole)."""
+        next ``ensure`` computes them whole), then start again from zero. ``txn`` is the write
+        transaction whose changes these are."""
         if not any(self.d):
             return
         v = txn.get(META_KEY, db=meta_db)
@@ -88,8 +95,9 @@ class CounterDelta:
         self.d = [0] * 8
 
 
-def compute(index, txn) -> SafeCounters:
-    """The totals by one scan of the ``objects`` and ``packs`` tables."""
+def compute(index: Index, txn: Txn) -> SafeCounters:
+    """The totals by one scan of the ``objects`` and ``packs`` tables (O(objects): seconds for
+    millions of objects)."""
     from .index import FLAG_DEAD, OBJ, PackEntry
     d = CounterDelta()
     for _, v in txn.cursor(db=index.db["objects"]):
@@ -101,8 +109,9 @@ def compute(index, txn) -> SafeCounters:
     return SafeCounters(*d.d)
 
 
-def read(index) -> SafeCounters:
-    """The totals: stored ones in O(1), or a scan when the index has none yet."""
+def read(index: Index) -> SafeCounters:
+    """The totals: stored ones in O(1), or a scan (``compute``) when the index has none yet.
+    Needs no lock; it reads one snapshot."""
     with index.read() as txn:
         v = txn.get(META_KEY, db=index.db["meta"])
         if v is not None:
@@ -110,8 +119,9 @@ def read(index) -> SafeCounters:
         return compute(index, txn)
 
 
-def ensure(index) -> None:
-    """Store the totals if the index has none (a writer calls this when it starts)."""
+def ensure(index: Index) -> None:
+    """Store the totals if the index has none (a writer calls this when it starts, holding the
+    writer lock); SafeError on a read-only index that lacks them."""
     with index.read() as txn:
         if txn.get(META_KEY, db=index.db["meta"]) is not None:
             return

@@ -24,6 +24,7 @@ import sys
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import NotASafe, SafeError, UnsupportedVersion, UsageError
 
@@ -38,6 +39,8 @@ _FIXED = struct.Struct("<8sII")
 
 @dataclass(frozen=True)
 class SafeConfig:
+    """A safe's settings, fixed at ``init`` and stored in its header (immutable)."""
+
     safe_id: str
     created: str
     compression: str = "zstd:1"        # "none" or "zstd:LEVEL" (1..22)
@@ -47,7 +50,7 @@ class SafeConfig:
     chunk_max: int = 256 * 1024
     list_fanout: int = 256             # entries per Merkle list node
     pack_size: int = 64 * 1024 * 1024  # a pack is closed once it passes this size
-    quota: dict = field(default_factory=dict)
+    quota: dict[str, Any] = field(default_factory=dict)   # ops' settings, JSON values
 
     @property
     def zstd_level(self) -> int | None:
@@ -58,7 +61,8 @@ class SafeConfig:
 
 
 def parse_compression(text: str) -> str:
-    """Normalise a user's --compression value ("none", "zstd", "zstd:5", "5")."""
+    """Normalise a user's --compression value ("none", "zstd", "zstd:5", "5") to "none" or
+    "zstd:LEVEL"; UsageError (one line) for anything else or a level outside 1..22."""
     t = text.strip().lower()
     if t in ("none", "off", "0"):
         return "none"
@@ -164,7 +168,8 @@ def decode_header(data: bytes, where: str, name: str = HEADER_NAME) -> SafeConfi
 
 def header_version(data: bytes) -> int:
     """The format version field of header bytes that decode_header accepted."""
-    return _FIXED.unpack_from(data)[1]
+    version: int = _FIXED.unpack_from(data)[1]
+    return version
 
 
 def _looks_newer(data: bytes) -> bool:
@@ -176,7 +181,8 @@ def _looks_newer(data: bytes) -> bool:
     end = _FIXED.size + n
     if version <= FORMAT_VERSION or len(data) < end + 4:
         return False
-    return zlib.crc32(data[:end]) == struct.unpack_from("<I", data, end)[0]
+    stored: int = struct.unpack_from("<I", data, end)[0]
+    return zlib.crc32(data[:end]) == stored
 
 
 @dataclass

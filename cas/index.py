@@ -21,13 +21,21 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import lmdb
 
 from .counters import CounterDelta
 from .errors import SafeError
 from .header import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    # Index.read and Index.write begin their transactions with buffers=False, so every value
+    # they read is ``bytes``.
+    Txn: TypeAlias = lmdb.Transaction[bytes]
+    Table: TypeAlias = lmdb._Database
 
 TABLES = ("objects", "packs", "zero", "points", "meta", "tombstones", "release")   # cas's own
 RESERVED = ("files",)   # cas's too: change detection, unused so far (docs/FORMAT.md)
@@ -42,6 +50,8 @@ FLAG_PINNED = 2  # held by the safe itself (tombstones)
 
 @dataclass(slots=True)
 class ObjectEntry:
+    """One ``objects`` value: where an object's record lies, what it is, and its count."""
+
     pack: int
     offset: int
     stored_len: int
@@ -52,24 +62,30 @@ class ObjectEntry:
     refcount: int
 
     def encode(self) -> bytes:
+        """The 32-byte table value (``OBJ`` layout)."""
         return OBJ.pack(self.pack, self.offset, self.stored_len, self.raw_len,
                         self.kind, self.codec, self.flags, self.refcount)
 
     @classmethod
     def decode(cls, b: bytes) -> "ObjectEntry":
+        """The entry a 32-byte value holds; struct.error on any other length."""
         return cls(*OBJ.unpack(b))
 
     @property
     def record_len(self) -> int:
+        """Bytes of its pack record: the 64-byte record header plus the stored bytes."""
         return 64 + self.stored_len
 
     @property
     def dead(self) -> bool:
+        """True once its count reached 0 and its children's counts were dropped."""
         return bool(self.flags & FLAG_DEAD)
 
 
 @dataclass(slots=True)
 class PackEntry:
+    """One ``packs`` value: a pack's committed length, byte totals and state."""
+
     committed_len: int  # bytes of the pack file covered by committed index transactions
     live_bytes: int     # record bytes of indexed objects with refcount > 0 or not yet dead
     dead_bytes: int     # record bytes of objects removed from the index or marked dead
@@ -78,16 +94,21 @@ class PackEntry:
     sealed: int         # 1 once no writer will append to it again
 
     def encode(self) -> bytes:
+        """The 40-byte table value (``PACK`` layout)."""
         return PACK.pack(self.committed_len, self.live_bytes, self.dead_bytes,
                          self.created_ns, self.objects, self.sealed)
 
     @classmethod
     def decode(cls, b: bytes) -> "PackEntry":
+        """The entry a 40-byte value holds; struct.error on any other length."""
         return cls(*PACK.unpack(b))
 
 
-def room_tables(env: lmdb.Environment, txn: lmdb.Transaction) -> list[str]:
-    """Names of the named tables in ``env`` that belong to other rooms (not cas's own)."""
+def room_tables(env: lmdb.Environment, txn: Txn) -> list[str]:
+    """Names of the named tables in ``env`` that belong to other rooms (not cas's own).
+
+    ``txn`` is any transaction of ``env``; it walks the main table, so the cost is one step
+    per named table."""
     own = set(TABLES) | set(RESERVED)
     names = []
     for k in txn.cursor().iternext(values=False):
@@ -98,11 +119,14 @@ def room_tables(env: lmdb.Environment, txn: lmdb.Transaction) -> list[str]:
 
 
 def pack_dbkey(pack_id: int) -> bytes:
+    """The ``packs`` key of ``pack_id``: u64 big-endian, so LMDB order is numeric order."""
     return struct.pack(">Q", pack_id)
 
 
 def pack_from_dbkey(b: bytes) -> int:
-    return struct.unpack(">Q", b)[0]
+    """The pack id an 8-byte ``packs`` key holds; struct.error on any other length."""
+    n: int = struct.unpack(">Q", b)[0]
+    return n
 
 
 class Index:
@@ -125,7 +149,7 @@ class Index:
                              subdir=True, create=create, readonly=self.readonly,
                              max_readers=1024, metasync=True, sync=True, lock=lock or not self.readonly,
                              mode=PRIVATE_FILE_MODE)
-        self.db: dict[str, Any] = {}
+        self.db: dict[str, Table] = {}
         if self.readonly:
             for name in TABLES:
                 self.existing(name)
@@ -141,18 +165,25 @@ class Index:
         """Close the environment (every handle and transaction of it becomes unusable)."""
         self.env.close()
 
-    def read(self) -> lmdb.Transaction:
-        """A read transaction: a consistent snapshot of every table."""
+    def read(self) -> Txn:
+        """A read transaction (values are ``bytes``): a consistent snapshot of every table.
+
+        Any thread may begin one; it holds no lock, but keeps the pages of its snapshot from
+        being reused until it ends, so end it soon (``with``)."""
         return self.env.begin(write=False, buffers=False)
 
-    def write(self) -> lmdb.Transaction:
-        """A write transaction; SafeError when the index was opened read-only."""
+    def write(self) -> Txn:
+        """A write transaction (values are ``bytes``); SafeError when the index was opened
+        read-only.
+
+        Changes to cas's tables need the safe's writer lock (``Writer``); LMDB itself lets one
+        write transaction run at a time and blocks the others until it ends."""
         if self.readonly:
             raise SafeError(f"{self.path.parent}: the safe is open read-only (a read-only filesystem "
                             "or no write permission); this needs to write to it")
         return self.env.begin(write=True)
 
-    def table(self, name: str):
+    def table(self, name: str) -> Table:
         """The table ``name``, created when missing (SafeError on a read-only index)."""
         db = self.existing(name)
         if db is not None:
@@ -161,7 +192,7 @@ class Index:
             self.db[name] = self.env.open_db(name.encode(), txn=txn, create=True)
         return self.db[name]
 
-    def existing(self, name: str):
+    def existing(self, name: str) -> Table | None:
         """The table ``name`` if it exists, else None. Unlike ``table`` it never writes, so
         read-only work (verify, status) still runs on a full disk or a read-only index."""
         db = self.db.get(name)
@@ -183,23 +214,28 @@ class Index:
 
     # small helpers -------------------------------------------------------------------
 
-    def get_object(self, txn, key: bytes) -> ObjectEntry | None:
+    def get_object(self, txn: Txn, key: bytes) -> ObjectEntry | None:
+        """The ``objects`` entry of ``key`` in ``txn``, or None when it is not indexed."""
         v = txn.get(key, db=self.db["objects"])
         return ObjectEntry.decode(v) if v is not None else None
 
-    def put_object(self, txn, key: bytes, e: ObjectEntry) -> None:
+    def put_object(self, txn: Txn, key: bytes, e: ObjectEntry) -> None:
+        """Write the entry of ``key`` and keep the ``zero`` table in step (an unpinned count
+        of 0 is listed there). ``txn`` is a write transaction under the writer lock."""
         txn.put(key, e.encode(), db=self.db["objects"])
         if e.refcount == 0 and not e.flags & FLAG_PINNED:
             txn.put(key, b"", db=self.db["zero"])
         else:
             txn.delete(key, db=self.db["zero"])
 
-    def get_pack(self, txn, pack_id: int) -> PackEntry | None:
+    def get_pack(self, txn: Txn, pack_id: int) -> PackEntry | None:
+        """The ``packs`` entry of ``pack_id`` in ``txn``, or None when it is not indexed."""
         v = txn.get(pack_dbkey(pack_id), db=self.db["packs"])
         return PackEntry.decode(v) if v is not None else None
 
-    def put_pack(self, txn, pack_id: int, e: PackEntry) -> None:
-        """Write a pack entry, keeping the pack totals (cas/counters.py) in step."""
+    def put_pack(self, txn: Txn, pack_id: int, e: PackEntry) -> None:
+        """Write a pack entry, keeping the pack totals (cas/counters.py) in step. ``txn`` is a
+        write transaction under the writer lock."""
         k = pack_dbkey(pack_id)
         old = txn.get(k, db=self.db["packs"])
         txn.put(k, e.encode(), db=self.db["packs"])
@@ -207,8 +243,9 @@ class Index:
         d.pack(PackEntry.decode(old) if old is not None else None, e)
         d.apply(txn, self.db["meta"])
 
-    def delete_pack(self, txn, pack_id: int) -> PackEntry | None:
-        """Remove a pack entry (and its share of the totals); returns the entry it removed."""
+    def delete_pack(self, txn: Txn, pack_id: int) -> PackEntry | None:
+        """Remove a pack entry (and its share of the totals); returns the entry it removed, or
+        None when there was none. ``txn`` is a write transaction under the writer lock."""
         k = pack_dbkey(pack_id)
         old = txn.get(k, db=self.db["packs"])
         if old is None:
@@ -220,9 +257,14 @@ class Index:
         d.apply(txn, self.db["meta"])
         return pe
 
-    def get_meta_int(self, txn, name: str, default: int = 0) -> int:
+    def get_meta_int(self, txn: Txn, name: str, default: int = 0) -> int:
+        """The u64 LE ``meta`` value ``name``, or ``default`` when it is absent."""
         v = txn.get(name.encode(), db=self.db["meta"])
-        return struct.unpack("<Q", v)[0] if v is not None else default
+        if v is None:
+            return default
+        n: int = struct.unpack("<Q", v)[0]
+        return n
 
-    def put_meta_int(self, txn, name: str, value: int) -> None:
+    def put_meta_int(self, txn: Txn, name: str, value: int) -> None:
+        """Set the ``meta`` value ``name`` to ``value`` as u64 LE (a write transaction)."""
         txn.put(name.encode(), struct.pack("<Q", value), db=self.db["meta"])

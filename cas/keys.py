@@ -14,6 +14,8 @@ KEY_SIZE = 32
 
 
 class Kind(enum.IntEnum):
+    """An object's kind: part of its key (the first byte hashed) and of its record header."""
+
     CHUNK = 1       # file or volume data, no children
     LIST = 2        # a Merkle list node of a blob
     TREE = 3        # a directory
@@ -22,6 +24,7 @@ class Kind(enum.IntEnum):
 
     @property
     def has_children(self) -> bool:
+        """True for node kinds (everything but CHUNK), whose bytes start with the node envelope."""
         return self is not Kind.CHUNK
 
 
@@ -33,4 +36,5 @@ def object_key(kind: int, data: bytes | memoryview) -> bytes:
 
 
 def short(key: bytes, n: int = 12) -> str:
+    """The first ``n`` hex digits of ``key``, for messages."""
     return key.hex()[:n]

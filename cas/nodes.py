@@ -20,11 +20,14 @@ _U32 = struct.Struct("<I")
 
 
 def encode_node(children: list[bytes], payload: bytes) -> bytes:
+    """The raw bytes of a node: u32 LE child count, the 32-byte child keys, then ``payload``.
+    ``children`` should be distinct (a node counts each child once)."""
     return b"".join((_U32.pack(len(children)), *children, payload))
 
 
 def decode_node(raw: bytes) -> tuple[list[bytes], memoryview]:
-    """Split a node into (children, payload)."""
+    """Split a node into (children, payload); the payload is a view of ``raw``, not a copy.
+    ValueError (or struct.error) when ``raw`` is too short for the children it claims."""
     (n,) = _U32.unpack_from(raw)
     end = 4 + n * KEY_SIZE
     if end > len(raw):
@@ -34,6 +37,7 @@ def decode_node(raw: bytes) -> tuple[list[bytes], memoryview]:
 
 
 def node_children(raw: bytes) -> list[bytes]:
+    """The child keys of a node's raw bytes (errors as :func:`decode_node`)."""
     return decode_node(raw)[0]
 
 
@@ -47,6 +51,7 @@ class ChildTable:
         self._pos: dict[bytes, int] = {}
 
     def index(self, key: bytes) -> int:
+        """The index of ``key`` among the children, adding it when it is new."""
         i = self._pos.get(key)
         if i is None:
             i = self._pos[key] = len(self.keys)

@@ -28,7 +28,7 @@ import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import blake3
 import zstandard
@@ -46,10 +46,12 @@ CODEC_ZSTD = 1
 
 
 def pack_name(pack_id: int) -> str:
+    """The file name of pack ``pack_id``: 16 lowercase hex digits and ``.pack``."""
     return f"{pack_id:016x}.pack"
 
 
 def pack_id_from_name(name: str) -> int | None:
+    """The pack id a file name spells (as :func:`pack_name` makes it), or None for any other name."""
     if len(name) == 21 and name.endswith(".pack"):
         try:
             return int(name[:16], 16)
@@ -80,10 +82,13 @@ class Prepared:
             object.__setattr__(self, "header", head[:60] + struct.pack("<I", zlib.crc32(head[:60])))
 
     def record(self) -> bytes:
+        """The whole record (header and stored bytes): one copy; ``Writer.put_prepared``
+        appends the two parts instead when it can."""
         return self.header + self.stored
 
     @property
     def record_len(self) -> int:
+        """Bytes of the record in the pack: 64 of header plus the stored bytes."""
         return REC_HEADER_SIZE + len(self.stored)
 
 
@@ -91,7 +96,8 @@ _local = threading.local()
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
-    """One compressor per thread and level: a shared one serialises threads (FACTS.md)."""
+    """One compressor per thread and level: a shared one serialises threads (measured
+    on 2 threads: x1.04 with one shared compressor, x1.98 with one per thread)."""
     cache = getattr(_local, "c", None)
     if cache is None:
         cache = _local.c = {}
@@ -124,6 +130,8 @@ def prepare(kind: int, data: bytes, level: int | None, key: bytes | None = None)
 
 @dataclass(frozen=True, slots=True)
 class RecordHeader:
+    """The parsed 64-byte header of a pack record (its CRC already checked)."""
+
     kind: int
     codec: int
     key: bytes
@@ -133,10 +141,14 @@ class RecordHeader:
 
     @property
     def total(self) -> int:
+        """Bytes of the whole record: header and stored bytes."""
         return REC_HEADER_SIZE + self.stored_len
 
 
 def parse_record_header(buf: bytes | memoryview, pack: int, offset: int) -> RecordHeader:
+    """The record header at the start of ``buf``; IntegrityError (naming pack and offset) when
+    it is short, has the wrong magic, fails its CRC or names an unknown codec. The stored
+    bytes are not checked here (``check_record``)."""
     if len(buf) < REC_HEADER_SIZE:
         raise IntegrityError(f"pack {pack_name(pack)} offset {offset}: truncated record header", pack, offset)
     magic, kind, codec, _res, key, raw_len, stored_len, check, crc = REC_HEADER.unpack_from(buf)
@@ -216,11 +228,14 @@ def decode_record(buf: bytes | memoryview, pack: int, offset: int, rehash: bool 
     return h, raw if isinstance(raw, bytes) else bytes(raw)
 
 
-def write_pack_header(f, pack_id: int) -> None:
+def write_pack_header(f: BinaryIO, pack_id: int) -> None:
+    """Write the 16-byte pack header of ``pack_id`` at ``f``'s position (no flush, no sync)."""
     f.write(PACK_HEADER.pack(PACK_MAGIC, pack_id))
 
 
 def check_pack_header(buf: bytes, pack_id: int) -> None:
+    """Return when ``buf`` starts with the pack header of ``pack_id``; IntegrityError (offset 0)
+    when it is short, has the wrong magic or names another pack."""
     if len(buf) < PACK_HEADER.size:
         raise IntegrityError(f"pack {pack_name(pack_id)}: truncated pack header", pack_id, 0)
     magic, pid = PACK_HEADER.unpack_from(buf)
@@ -251,7 +266,7 @@ class ScanItem:
 RESYNC_WINDOW = 1 << 20
 
 
-def _valid_record_at(f, off: int, size: int, pack_id: int) -> RecordHeader | None:
+def _valid_record_at(f: BinaryIO, off: int, size: int, pack_id: int) -> RecordHeader | None:
     """The header of an intact record at ``off`` (header CRC and stored-bytes check hold and
     it ends within ``size``), else None."""
     f.seek(off)
@@ -269,7 +284,7 @@ def _valid_record_at(f, off: int, size: int, pack_id: int) -> RecordHeader | Non
     return h
 
 
-def _resync(f, start: int, size: int, pack_id: int) -> int | None:
+def _resync(f: BinaryIO, start: int, size: int, pack_id: int) -> int | None:
     """The offset of the next intact record after ``start`` (scanning for the record magic),
     or None when there is none before ``size``."""
     pos = start + 1
@@ -285,7 +300,7 @@ def _resync(f, start: int, size: int, pack_id: int) -> int | None:
     return None
 
 
-def _zeros(f, start: int, end: int) -> bool:
+def _zeros(f: BinaryIO, start: int, end: int) -> bool:
     """True when bytes ``start..end`` of ``f`` are all zero."""
     f.seek(start)
     while start < end:
@@ -305,7 +320,7 @@ def _damaged(pack_id: int, off: int, end: int, why: IntegrityError) -> ScanItem:
 def scan_pack(path: Path, pack_id: int, limit: int | None = None,
               read_data: bool = True, rehash: bool = False) -> Iterator[ScanItem]:
     """Walk the records of a pack file in order, up to ``limit`` bytes (docs/FORMAT.md,
-    "Walking a pack").
+    "Pack files", paragraph "Walking a pack").
 
     A record whose stored bytes fail their checks is yielded with its error and the walk goes
     on (its length is known from its checked header). A header that does not parse (or a

@@ -186,6 +186,8 @@ class LocalPackStore:
         return self.dir / pack_name(pack_id)
 
     def create(self, pack_id: int) -> PackSink:
+        """A new, empty pack file (mode 0600; a leftover of that id is removed first);
+        OSError on failure. The name is durable after the sink's first ``commit``."""
         path = self.path(pack_id)
         path.unlink(missing_ok=True)   # an uncommitted leftover of a crashed writer
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE_MODE)
@@ -193,6 +195,8 @@ class LocalPackStore:
         return _LocalSink(self, pack_id, os.fdopen(fd, "wb", buffering=1 << 20), new=True)
 
     def reopen(self, pack_id: int, length: int) -> PackSink | None:
+        """Append to pack ``pack_id`` after its first ``length`` bytes, or None when the file is
+        gone or not exactly ``length`` bytes long."""
         path = self.path(pack_id)
         try:
             f = open(path, "r+b", buffering=1 << 20)
@@ -205,24 +209,31 @@ class LocalPackStore:
         return _LocalSink(self, pack_id, f, new=False)
 
     def read(self, pack_id: int, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset`` (fewer at the end of the file) through the shared
+        descriptor cache; FileNotFoundError when the pack is gone. Thread-safe."""
         return self.files.pread(pack_id, length, offset)
 
     def size(self, pack_id: int) -> int | None:
+        """The pack file's size in bytes, or None when it does not exist."""
         try:
             return self.path(pack_id).stat().st_size
         except FileNotFoundError:
             return None
 
     def pack_ids(self) -> Iterator[int]:
+        """The id of every pack file in the directory, in no particular order."""
         for name in os.listdir(self.dir):
             pid = pack_id_from_name(name)
             if pid is not None:
                 yield pid
 
     def truncate(self, pack_id: int, length: int) -> None:
+        """Cut the pack file back to ``length`` bytes (writer lock held; OSError on failure)."""
         os.truncate(self.path(pack_id), length)
 
     def delete(self, pack_ids: list[int]) -> None:
+        """Unlink the packs (missing ones are fine) and fsync the directory once, so that the
+        removal is durable when this returns."""
         for pid in pack_ids:
             self.path(pid).unlink(missing_ok=True)
             self.files.forget(pid)
@@ -230,12 +241,15 @@ class LocalPackStore:
             fsync_dir(self.dir)
 
     def discard_temporaries(self) -> None:
+        """Remove every ``*.tmp`` file of the packs directory."""
         for name in os.listdir(self.dir):
             if name.endswith(".tmp"):
                 (self.dir / name).unlink(missing_ok=True)
 
     def forget(self, pack_id: int) -> None:
+        """Close the cached read descriptor of ``pack_id``, if any."""
         self.files.forget(pack_id)
 
     def close(self) -> None:
+        """Close every cached read descriptor."""
         self.files.close()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import errno
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import lmdb
 
@@ -30,7 +30,12 @@ from .index import Index, PackEntry, pack_from_dbkey
 from .pack import PACK_HEADER, PACK_MAGIC, pack_name
 from .packstore import PackSink, PackStore
 
-Apply = Callable[[object, "PackEntry | None"], None]
+if TYPE_CHECKING:
+    from .index import Txn
+
+# What a commit changes besides the pack entry: called with the write transaction and the open
+# pack's entry (None when no pack is open).
+Apply = Callable[["Txn", "PackEntry | None"], None]
 
 
 def disk_error(e: OSError, what: str) -> SafeError:
@@ -50,7 +55,10 @@ def index_error(e: lmdb.Error) -> SafeError:
 
 
 def recover(store: PackStore, index: Index) -> None:
-    """Undo what a crashed writer left: uncommitted tails, unindexed packs, temporaries."""
+    """Undo what a crashed writer left: uncommitted tails, unindexed packs, temporaries.
+
+    The caller holds the writer lock (no other writer may be appending). Cost: one pass over
+    the ``packs`` table and one stat per pack file. OSError from the store propagates."""
     with index.read() as t:
         committed = {pack_from_dbkey(k): PackEntry.decode(v).committed_len
                      for k, v in t.cursor(db=index.db["packs"])}
@@ -148,16 +156,19 @@ class PackWriter:
         try:
             with self.index.write() as txn:
                 pe = None
+                pid = 0
                 if self.sink is not None:
-                    pe = self.index.get_pack(txn, self.pack_id) or PackEntry(0, 0, 0, time.time_ns(), 0, 0)
+                    assert self.pack_id is not None   # set together with the sink
+                    pid = self.pack_id
+                    pe = self.index.get_pack(txn, pid) or PackEntry(0, 0, 0, time.time_ns(), 0, 0)
                     pe.committed_len = self.pos
                     pe.sealed = 1 if seal else 0
                     if self.new:
-                        self.index.put_meta_int(txn, "next_pack", self.pack_id + 1)
+                        self.index.put_meta_int(txn, "next_pack", pid + 1)
                 if apply is not None:
                     apply(txn, pe)
                 if pe is not None:
-                    self.index.put_pack(txn, self.pack_id, pe)
+                    self.index.put_pack(txn, pid, pe)
         except lmdb.Error as e:
             raise index_error(e) from None
         self.new = False

@@ -15,17 +15,24 @@ not hash; a process pool would copy every object twice between processes.
 from __future__ import annotations
 
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from .keys import object_key
 from .pack import Prepared, prepare
 
+if TYPE_CHECKING:
+    from .store import Writer
 
-def put_many(writer, kind: int, datas: Iterable[bytes], threads: int = 2,
+_Prepared = list[tuple[bytes, Prepared | None]]   # per object of a group: key, record or None
+
+
+def put_many(writer: Writer, kind: int, datas: Iterable[bytes], threads: int = 2,
              group_bytes: int = 1 << 20) -> list[bytes]:
     """Store every object of ``datas`` as ``kind`` (childless kinds: chunks); return their keys
-    in input order. Duplicates, in the input or in the safe, are stored once.
+    in input order. Duplicates, in the input or in the safe, are stored once. The objects are
+    appended, not committed: call ``writer.flush()`` to commit. The caller holds the writer
+    lock (it has a ``Writer``); errors of the workers are raised here.
 
     Args:
         writer: a ``Writer`` (called from this thread only).
@@ -37,7 +44,7 @@ def put_many(writer, kind: int, datas: Iterable[bytes], threads: int = 2,
     return list(iter_put_many(writer, kind, datas, threads, group_bytes))
 
 
-def iter_put_many(writer, kind: int, datas: Iterable[bytes], threads: int = 2,
+def iter_put_many(writer: Writer, kind: int, datas: Iterable[bytes], threads: int = 2,
                   group_bytes: int = 1 << 20) -> Iterator[bytes]:
     """Like ``put_many`` but yields each key once its object is appended (not yet committed:
     call ``writer.flush()`` to commit)."""
@@ -46,8 +53,8 @@ def iter_put_many(writer, kind: int, datas: Iterable[bytes], threads: int = 2,
     objects = index.db["objects"]
     pending = writer.pending
 
-    def work(group: list[bytes]) -> list[tuple[bytes, Prepared | None]]:
-        out = []
+    def work(group: list[bytes]) -> _Prepared:
+        out: _Prepared = []
         keys = [object_key(kind, d) for d in group]
         with index.read() as txn:            # one snapshot for the whole group
             known = [k in pending or txn.get(k, db=objects) is not None for k in keys]
@@ -68,7 +75,7 @@ def iter_put_many(writer, kind: int, datas: Iterable[bytes], threads: int = 2,
             yield group
 
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="put") as pool:
-        inflight: deque = deque()
+        inflight: deque[tuple[list[bytes], Future[_Prepared]]] = deque()
         for group in groups():
             inflight.append((group, pool.submit(work, group)))
             if len(inflight) > 8 * threads:
@@ -77,7 +84,7 @@ def iter_put_many(writer, kind: int, datas: Iterable[bytes], threads: int = 2,
             yield from _append(writer, kind, *inflight.popleft())
 
 
-def _append(writer, kind: int, group: list[bytes], fut) -> Iterator[bytes]:
+def _append(writer: Writer, kind: int, group: list[bytes], fut: Future[_Prepared]) -> Iterator[bytes]:
     for data, (key, p) in zip(group, fut.result()):
         if p is None:
             writer.put(kind, data, key=key)      # already stored: only the writer's bookkeeping

@@ -45,6 +45,7 @@ class Frozen(Mapping[str, Any]):
         self._d: dict[str, Any] = {k: v if type(v) in _SCALARS else freeze(v) for k, v in d.items()}
 
     def __getitem__(self, key: str) -> Any:
+        """The frozen value of ``key``; KeyError when absent."""
         return self._d[key]
 
     def __iter__(self) -> Iterator[str]:
@@ -241,6 +242,7 @@ class Point:
     # as stored (``root`` in hex). Prefer the attributes. A point is not iterable.
     __iter__ = None
     def __getitem__(self, key: str) -> Any:
+        """The stored record's ``key`` (as :meth:`to_record`); KeyError when absent."""
         return self.to_record()[key]
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -248,6 +250,7 @@ class Point:
         return self.to_record().get(key, default)
 
     def __contains__(self, key: object) -> bool:
+        """True when the stored record (as :meth:`to_record`) has ``key``."""
         return key in self.to_record()
 
     # -- times and order --------------------------------------------------------------------

@@ -9,13 +9,16 @@ their transaction, call its methods, and ``finish()`` it before the transaction 
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from .counters import CounterDelta
 from .errors import SafeError
 from .index import FLAG_DEAD, FLAG_PINNED, Index, ObjectEntry, PackEntry
 from .keys import Kind
 from .nodes import node_children
+
+if TYPE_CHECKING:
+    from .index import Txn
 
 ReadNode = Callable[[bytes, ObjectEntry], bytes]   # the raw bytes of an indexed node
 
@@ -24,10 +27,12 @@ class RefChange:
     """Count changes of one write transaction ``txn`` of ``index``.
 
     ``read_node(key, entry)`` returns an indexed node's raw bytes (its children are read from
-    it when it dies or comes back to life). Not thread-safe.
+    it when it dies or comes back to life). ``txn`` is a write transaction whose caller holds
+    the writer lock. Not thread-safe. Call ``finish()`` before ``txn`` commits, or the packs'
+    live/dead bytes and the totals fall out of step with the counts.
     """
 
-    def __init__(self, index: Index, txn, read_node: ReadNode):
+    def __init__(self, index: Index, txn: Txn, read_node: ReadNode):
         self.index = index
         self.txn = txn
         self.read_node = read_node

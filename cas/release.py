@@ -30,13 +30,17 @@ import errno
 import os
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lmdb
 
 from .errors import DiskFull, SafeError
 from .header import PRIVATE_FILE_MODE
 from .keys import Kind
-from .store import Writer
+from .store import Safe, Writer
+
+if TYPE_CHECKING:
+    from .index import Index, Table, Txn
 
 QUEUE = "release"
 DRAIN_BATCH = 32768
@@ -49,32 +53,35 @@ TIGHT_BATCH = 1024                  # keys per transaction when space is low (fe
 NO_ROOM = 256 * 1024                # with less free (reserve included), forget and gc do not start
 
 
-def queue_db(idx):
+def queue_db(idx: Index) -> Table:
+    """The ``release`` table, created when missing (SafeError on a read-only index)."""
     return idx.table(QUEUE)
 
 
-def _enqueue(txn, q, key: bytes, n: int = 1) -> None:
+def _enqueue(txn: Txn, q: Table, key: bytes, n: int = 1) -> None:
     old = txn.get(key, db=q)
     txn.put(key, _U32.pack(n + (_U32.unpack(old)[0] if old is not None else 0)), db=q)
 
 
-def queued(idx) -> int:
-    """How many keys wait in the queue."""
+def queued(idx: Index) -> int:
+    """How many keys wait in the queue (0 when there is no queue); O(1), never writes."""
     q = idx.existing(QUEUE)   # before the read transaction; never created here (full disk)
     if q is None:
         return 0
     with idx.read() as txn:
-        return txn.stat(q)["entries"]
+        n: int = txn.stat(q)["entries"]
+        return n
 
 
 def forget_points_queued(w: Writer, point_keys: list[bytes]) -> None:
     """Forget points (tombstones, ``points`` entries removed) and queue their release, in one
-    commit; call ``drain`` afterwards to cascade."""
+    commit; call ``drain`` afterwards to cascade. ``w`` holds the writer lock. SafeError when a
+    point is not in the safe: nothing is committed and the writer is closed."""
     q = queue_db(w.index)
     tombs = [w.put_node(Kind.TOMBSTONE, [], pk) for pk in point_keys]
     idx = w.index
 
-    def apply(txn):
+    def apply(txn: Txn) -> None:
         for pk, tk in zip(point_keys, tombs):
             if txn.get(pk, db=idx.db["points"]) is None:
                 raise SafeError(f"point {pk.hex()[:12]} is not in the safe")
@@ -126,17 +133,18 @@ def forget_points(w: Writer, point_keys: list[bytes], batch: int = DRAIN_BATCH) 
 
 # -- space ---------------------------------------------------------------------------------
 
-def free_bytes(safe) -> int:
+def free_bytes(safe: Safe) -> int:
     """Bytes an unprivileged writer could still use on the safe's filesystem."""
     st = os.statvfs(safe.path)
     return st.f_bavail * st.f_frsize
 
 
-def reserve_path(safe) -> Path:
+def reserve_path(safe: Safe) -> Path:
+    """Where the reserve lives: ``<safe>/reserve``."""
     return Path(safe.path) / RESERVE_NAME
 
 
-def reserve_size(safe) -> int:
+def reserve_size(safe: Safe) -> int:
     """Bytes the reserve holds now (0 when there is none)."""
     try:
         return reserve_path(safe).stat().st_size
@@ -144,14 +152,15 @@ def reserve_size(safe) -> int:
         return 0
 
 
-def release_reserve(safe) -> int:
-    """Delete the reserve so that index commits find room; returns the bytes given back."""
+def release_reserve(safe: Safe) -> int:
+    """Delete the reserve so that index commits find room; returns the bytes given back (0
+    when there was none)."""
     n = reserve_size(safe)
     reserve_path(safe).unlink(missing_ok=True)
     return n
 
 
-def keep_reserve(safe) -> bool:
+def keep_reserve(safe: Safe) -> bool:
     """Create the reserve unless it exists or the filesystem lacks room for it and as much
     again; True when a reserve is in place afterwards. Never raises for a full disk."""
     path = reserve_path(safe)
@@ -175,12 +184,12 @@ def keep_reserve(safe) -> bool:
     return True
 
 
-def low_space(safe) -> bool:
+def low_space(safe: Safe) -> bool:
     """True when the filesystem is so full that forget and gc should use the reserve."""
     return free_bytes(safe) < LOW_SPACE
 
 
-def disk_full_error(safe, what: str, done: str = "") -> DiskFull:
+def disk_full_error(safe: Safe, what: str, done: str = "") -> DiskFull:
     """The one line that says what to do when ``what`` found no room for an index commit;
     ``done``: what was committed before (it stays), else nothing was changed."""
     free = free_bytes(safe)
@@ -190,14 +199,14 @@ def disk_full_error(safe, what: str, done: str = "") -> DiskFull:
                     f"(move or delete any file on it) and run the command again")
 
 
-def check_room(safe, what: str) -> None:
+def check_room(safe: Safe, what: str) -> None:
     """Refuse to start ``what`` (raise DiskFull, nothing changed) when the filesystem has no
     room at all for index commits, the reserve included."""
     if free_bytes(safe) + reserve_size(safe) < NO_ROOM:
         raise disk_full_error(safe, what)
 
 
-def is_disk_full(e: BaseException, safe) -> bool:
+def is_disk_full(e: BaseException, safe: Safe) -> bool:
     """True for the errors a full filesystem gives: DiskFull, OSError ENOSPC/EDQUOT, and an
     LMDB error on a nearly full filesystem (a commit cut short surfaces as a short write, EIO)."""
     if isinstance(e, DiskFull):

@@ -1,7 +1,7 @@
 """Primitives for gc and defrag: bury orphans, drop dead objects from the index, move live
 records into new packs, delete packs that hold nothing the index names.
 
-Ordering rules (docs/FORMAT.md, "Collection and relocation"):
+Ordering rules (docs/FORMAT.md, "Read and write ordering", rules 7 to 9):
 
 - a relocated record is copied byte for byte (checked against its checksum first) into a new
   pack, and that pack is fsynced *before* the LMDB transaction that repoints the object commits;
@@ -22,13 +22,16 @@ most ``BATCH_OBJECTS`` moves before it commits.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-
-from .index import FLAG_DEAD, FLAG_PINNED, ObjectEntry, PackEntry, pack_from_dbkey
+from .index import FLAG_DEAD, FLAG_PINNED, Index, ObjectEntry, PackEntry, pack_from_dbkey
 from .pack import (check_record, PACK_HEADER, REC_HEADER_SIZE, check_pack_header, parse_record_header)
 from .packwriter import PackWriter
 from .store import Writer
+
+if TYPE_CHECKING:
+    from .index import Txn
+    from .packstore import PackStore
 
 ZERO_BATCH = 65536     # keys per transaction (in key order, so they share index pages)
 BATCH_OBJECTS = 8192   # moves per commit: random keys, each may dirty an index page held in memory
@@ -38,7 +41,7 @@ LAYOUT_GEN = "layout_gen"   # meta counter bumped whenever objects move (fragmen
 
 # -- dead objects --------------------------------------------------------------------------
 
-def _zero_batches(idx, batch: int = ZERO_BATCH) -> Iterator[list[bytes]]:
+def _zero_batches(idx: Index, batch: int = ZERO_BATCH) -> Iterator[list[bytes]]:
     """The keys of the ``zero`` table in batches, each read in its own short transaction."""
     after: bytes | None = None
     while True:
@@ -79,6 +82,8 @@ def bury_orphans(w: Writer, batch: int = ZERO_BATCH) -> int:
 
 @dataclass
 class DropStats:
+    """What dropping dead objects and empty packs removed and gave back."""
+
     objects: int = 0          # dead objects removed from the index
     bytes: int = 0            # their record bytes
     packs_deleted: list[int] = field(default_factory=list)
@@ -87,7 +92,9 @@ class DropStats:
 
 def drop_dead(w: Writer, batch: int = ZERO_BATCH) -> DropStats:
     """Remove every dead object (count 0, FLAG_DEAD) from the index; delete the packs left
-    naming no object. An object with a non-zero count is never removed, whatever its flags."""
+    naming no object. An object with a non-zero count is never removed, whatever its flags.
+    ``w`` holds the writer lock; the packs are unlinked only after the commit that stops the
+    index naming them. Cost: one pass over the ``zero`` table, in bounded transactions."""
     idx = w.index
     st = DropStats()
     for keys in _zero_batches(idx, batch):
@@ -120,7 +127,8 @@ def drop_dead(w: Writer, batch: int = ZERO_BATCH) -> DropStats:
 
 
 def drop_empty_packs(w: Writer) -> DropStats:
-    """Delete packs the index names but that hold no indexed object (one pass over ``packs``)."""
+    """Delete packs the index names but that hold no indexed object (one pass over ``packs``);
+    ``w`` holds the writer lock; files are unlinked after the commit."""
     idx = w.index
     st = DropStats()
     doomed: list[tuple[int, int]] = []
@@ -151,7 +159,7 @@ class _SequentialReader:
 
     WINDOW = 1 << 20
 
-    def __init__(self, store, pack_id: int, end: int):
+    def __init__(self, store: PackStore, pack_id: int, end: int):
         self.store, self.pack_id, self.end = store, pack_id, end
         self.buf = b""
         self.start = 0
@@ -169,7 +177,9 @@ class _SequentialReader:
 def live_records(w: Writer, pack_id: int) -> Iterator[tuple[bytes, ObjectEntry, bytes]]:
     """(key, entry, record bytes) of every record of ``pack_id`` that the index still names
     at that offset, in pack order. Reads the pack sequentially once; each record's stored
-    bytes are checked against their checksum before they are handed out."""
+    bytes are checked against their checksum before they are handed out (IntegrityError when
+    they do not match, or when a record header does not parse). ``w`` holds the writer lock,
+    so that the pack cannot change meanwhile."""
     safe = w.safe
     idx = w.index
     objects = idx.db["objects"]
@@ -206,7 +216,8 @@ class Relocator:
 
     ``move(key, entry, record)`` appends a record; ``release_pack(pid)`` says every live
     record of old pack ``pid`` has been handed over, so the pack is deleted by the commit that
-    leaves it naming no object. ``close()`` commits what is pending.
+    leaves it naming no object. ``close()`` commits what is pending. ``w`` is the Writer that
+    holds the lock; not thread-safe.
     """
 
     def __init__(self, w: Writer, seal_last: bool = False):
@@ -236,7 +247,9 @@ class Relocator:
 
     def move(self, key: bytes, e: ObjectEntry, record: bytes) -> None:
         """Copy ``record`` (checked by the caller) into a new pack; the object is repointed
-        by the commit that follows."""
+        by the commit that follows (one runs by itself every BATCH_OBJECTS moves or
+        BATCH_BYTES). A key already moved in this batch is skipped. Raises SafeError (DiskFull)
+        when writing or committing fails."""
         if key in self.pending_keys:
             return
         if self.packs.full:
@@ -251,7 +264,8 @@ class Relocator:
             self.commit()
 
     def move_entry(self, key: bytes, e: ObjectEntry) -> None:
-        """Move one object, reading its record from where the index says it is."""
+        """Move one object, reading its record from where the index says it is; IntegrityError
+        when that record is damaged (nothing is moved), OSError from the pack store."""
         rec = self.safe.store.read(e.pack, e.offset, e.record_len)
         check_record(rec, e.pack, e.offset, key)   # cas.pack: framing and checksum, no decompression
         self.move(key, e, rec)
@@ -262,11 +276,12 @@ class Relocator:
 
     def commit(self, seal: bool = False) -> None:
         """Make the moved records durable, then repoint their objects in one transaction and
-        delete the released packs left naming nothing (after that commit)."""
+        delete the released packs left naming nothing (after that commit). Raises SafeError
+        (DiskFull) when either step fails; nothing is then committed."""
         idx = self.idx
         doomed: list[tuple[int, int]] = []
 
-        def apply(txn, npe: PackEntry | None) -> None:
+        def apply(txn: Txn, npe: PackEntry | None) -> None:
             packs: dict[int, PackEntry] = {}
             for key, old_pack, old_off, new_pack, new_off, length in self.moves:
                 assert npe is not None and new_pack == self.packs.pack_id
@@ -276,6 +291,7 @@ class Relocator:
                     npe.dead_bytes += length
                     continue
                 ope = packs.get(old_pack) or idx.get_pack(txn, old_pack)
+                assert ope is not None      # an indexed object's pack is indexed
                 ope.objects -= 1
                 if not e.flags & FLAG_DEAD:   # a dead one's bytes were already counted dead
                     ope.live_bytes -= length

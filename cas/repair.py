@@ -22,6 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .errors import NotASafe, SafeError, UnsupportedVersion
 from .header import (
@@ -47,23 +48,29 @@ from .pack import (
 )
 from .store import INDEX_DIR, PACKS_DIR, release_lock, take_lock, utc_now_iso
 
+if TYPE_CHECKING:
+    from .index import Txn
+
 
 @dataclass
 class RepairReport:
+    """What ``repair`` did: packs and objects indexed, points kept, damage met, tails cut."""
+
     packs: int = 0
     objects: int = 0
     points: int = 0
-    damaged: list[dict] = field(default_factory=list)   # what could not be read: pack, offset, bytes
+    damaged: list[dict[str, Any]] = field(default_factory=list)   # what could not be read: pack, offset, bytes
     missing_children: int = 0
-    truncated: list[dict] = field(default_factory=list)  # torn tails cut off: pack, offset, bytes
+    truncated: list[dict[str, Any]] = field(default_factory=list)  # torn tails cut off: pack, offset, bytes
     header: str | None = None                            # what was done to the header files
 
     @property
     def unreadable_bytes(self) -> int:
         """Bytes of the packs that repair could not read as intact records."""
-        return sum(d.get("bytes", 0) for d in self.damaged)
+        n: int = sum(d.get("bytes", 0) for d in self.damaged)
+        return n
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data."""
         return {"packs": self.packs, "objects": self.objects, "points": self.points,
                 "damaged": self.damaged, "missing_children": self.missing_children,
@@ -71,13 +78,14 @@ class RepairReport:
                 "unreadable_bytes": self.unreadable_bytes}
 
 
-def repair(path: str | os.PathLike) -> RepairReport:
+def repair(path: str | os.PathLike[str]) -> RepairReport:
     """Rebuild the safe's index from its packs (and its header files when damaged or missing).
 
     Nothing readable is ever cut off: a damaged pack header or record header in the middle of a
     pack is reported (pack, offset range, bytes) and the walk resumes at the next intact record;
     only a torn tail after the last intact record is truncated. Raises NotASafe /
-    UnsupportedVersion / SafeLocked when it cannot start.
+    UnsupportedVersion / SafeLocked when it cannot start. Takes the writer lock itself (the
+    caller must not hold it). Cost: reads every pack once, plus every node once more.
     """
     safe_dir = Path(path)
     state = inspect_header(safe_dir)
@@ -113,8 +121,10 @@ def _repair_header(safe_dir: Path, state: HeaderState, rep: RepairReport) -> byt
     else (a version-2 safe, or every copy lost) default settings and a new safe id.
     """
     good = state.good
-    if good is not None and state.intact:
-        return good.data
+    if good is not None:
+        assert good.data is not None    # a copy that decodes was read
+        if state.intact:
+            return good.data
     if good is not None:
         data = good.data
         bad = [hc.name for hc in (state.main, state.copy) if hc.data != data or hc.config is None]
@@ -136,7 +146,7 @@ def _repair_header(safe_dir: Path, state: HeaderState, rep: RepairReport) -> byt
     return data
 
 
-def _scan_one(path: Path, pid: int, idx: Index, txn, rep: RepairReport) -> PackEntry | None:
+def _scan_one(path: Path, pid: int, idx: Index, txn: Txn, rep: RepairReport) -> PackEntry | None:
     """Index the intact records of one pack; report its damage; cut only a torn tail."""
     name = pack_name(pid)
     size = path.stat().st_size
@@ -224,7 +234,7 @@ def _repair(safe_dir: Path, rep: RepairReport, header: bytes) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _count(packs_dir: Path, idx: Index, txn, rep: RepairReport) -> None:
+def _count(packs_dir: Path, idx: Index, txn: Txn, rep: RepairReport) -> None:
     """Tombstones, reference counts and points of the rebuilt index."""
     forgotten = set()
     objects = idx.db["objects"]
@@ -252,6 +262,7 @@ def _count(packs_dir: Path, idx: Index, txn, rep: RepairReport) -> None:
             rec["id"] = key.hex()
             txn.put(key, json.dumps(rec, sort_keys=True).encode(), db=idx.db["points"])
             pe_ = idx.get_object(txn, key)
+            assert pe_ is not None      # key was read from ``objects`` in this transaction
             pe_.refcount += 1
             txn.put(key, pe_.encode(), db=objects)
             rep.points += 1

@@ -6,7 +6,7 @@ read their records from the pack files with ``pread``. The one writer (guarded b
 pack bytes are fsynced *before* the LMDB transaction that references them commits, so a
 crash at any instant leaves an index that only names bytes that are on disk.
 
-Reference counts are hierarchical (docs/FORMAT.md, "Reference counts"): an object's count is
+Reference counts are hierarchical (docs/FORMAT.md, "Reference counts and the dead flag"): an object's count is
 the number of live indexed nodes that list it as a child, plus one per point that names it.
 Writing a *new* node increments its children; reusing an existing node changes nothing
 below it. When a count drops to zero the object is marked dead and its children are released
@@ -24,7 +24,8 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterable
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterable, TextIO
 
 import lmdb
 
@@ -43,6 +44,9 @@ from .packwriter import PackWriter, disk_error as _disk_error, recover
 from .point import Point, oldest_first
 from .refcount import RefChange
 from .timefmt import utc_now_iso
+
+if TYPE_CHECKING:
+    from .index import Txn
 
 __all__ = ["Safe", "Writer", "PackFiles", "take_lock", "release_lock", "utc_now_iso"]
 
@@ -86,6 +90,7 @@ def private_open(path: Path, flags: int = os.O_WRONLY | os.O_CREAT | os.O_EXCL) 
 
 
 def _readonly_fs(path: Path) -> bool:
+    """True when ``path`` is on a filesystem mounted read-only (False when it cannot tell)."""
     try:
         return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
     except OSError:
@@ -112,8 +117,11 @@ def _open_error(p: Path, e: lmdb.Error, write: bool) -> SafeError:
     return NotASafe(f"{p}: cannot open the safe's index ({e}); try 'pointsafe repair'")
 
 
-def take_lock(safe_dir: Path, command: str = ""):
-    """Take the safe's exclusive writer lock (flock) or raise SafeLocked naming the holder."""
+def take_lock(safe_dir: Path, command: str = "") -> TextIO:
+    """Take the safe's exclusive writer lock (flock) or raise SafeLocked naming the holder.
+
+    Never waits. Returns the open lock file, which holds the lock until ``release_lock``
+    closes it (or the process dies); SafeError when the lock file cannot be opened."""
     path = safe_dir / LOCK_NAME
     try:
         f = open(path, "a+")
@@ -136,7 +144,9 @@ def take_lock(safe_dir: Path, command: str = ""):
     return f
 
 
-def release_lock(f) -> None:
+def release_lock(f: IO[Any]) -> None:
+    """Clear the holder note and close ``f`` (from ``take_lock``, or any file that holds the
+    flock), which drops the lock. Never raises OSError."""
     try:
         f.seek(0)
         f.truncate()
@@ -163,9 +173,14 @@ class Safe:
     # -- lifecycle ----------------------------------------------------------------------
 
     @classmethod
-    def init(cls, path: str | os.PathLike, compression: str = "zstd:1",
-             block_size: int = 64 * 1024, pack_size: int = 64 * 1024 * 1024, **extra) -> "Safe":
-        """Create a new safe at ``path`` (a missing or empty directory)."""
+    def init(cls, path: str | os.PathLike[str], compression: str = "zstd:1",
+             block_size: int = 64 * 1024, pack_size: int = 64 * 1024 * 1024, **extra: Any) -> "Safe":
+        """Create a new safe at ``path`` (a missing or empty directory) and return it open for
+        writing; ``extra`` are further SafeConfig fields.
+
+        Raises UsageError for a path that is not a new or empty directory or a bad setting,
+        DiskFull when the disk has less than 1 MiB free, SafeError on other I/O errors; a
+        failed init removes what it made, so it can simply run again."""
         p = Path(path)
         if p.exists():
             if not p.is_dir():
@@ -209,7 +224,7 @@ class Safe:
         return safe
 
     @classmethod
-    def open(cls, path: str | os.PathLike, write: bool | None = None) -> "Safe":
+    def open(cls, path: str | os.PathLike[str], write: bool | None = None) -> "Safe":
         """Open the safe at ``path``.
 
         ``write=None`` (the default) opens the index for writing when this process may write it
@@ -256,7 +271,7 @@ class Safe:
     def __enter__(self) -> "Safe":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def writer(self, command: str = "", space_check: SpaceCheck | None = None) -> "Writer":
@@ -274,17 +289,20 @@ class Safe:
 
     @property
     def zstd_level(self) -> int | None:
+        """The safe's zstd level, or None when it stores objects uncompressed."""
         return self.config.zstd_level
 
     # -- reading ------------------------------------------------------------------------
 
-    def entry(self, key: bytes, txn=None) -> ObjectEntry | None:
+    def entry(self, key: bytes, txn: Txn | None = None) -> ObjectEntry | None:
+        """The index entry of ``key`` (in ``txn``, else in a new read snapshot), or None."""
         if txn is not None:
             return self.index.get_object(txn, key)
         with self.index.read() as t:
             return self.index.get_object(t, key)
 
     def has(self, key: bytes) -> bool:
+        """True when the index holds ``key`` (committed; dead objects too, until gc)."""
         with self.index.read() as t:
             return t.get(key, db=self.index.db["objects"]) is not None
 
@@ -293,7 +311,8 @@ class Safe:
 
         Raises ObjectMissing when the index does not hold it and IntegrityError (naming pack
         and offset) when its stored bytes are damaged. A pack rewritten by a concurrent gc
-        is handled by looking the object up again.
+        is handled by looking the object up again. Needs no lock; any thread. Cost: one index
+        lookup, one pread and a checksum (and a decompression for a compressed object).
         """
         for attempt in range(4):
             e = self.entry(key)
@@ -315,12 +334,17 @@ class Safe:
         raise err
 
     def read_entry(self, key: bytes, e: ObjectEntry, rehash: bool = False) -> bytes:
+        """The raw bytes of the record ``e`` locates, checked against its checksum (and with
+        ``rehash`` against ``key``). IntegrityError when they do not match; OSError
+        (FileNotFoundError for a pack gc removed) from the pack store. No retry: see ``get``."""
         buf = self.store.read(e.pack, e.offset, e.record_len)
         self.objects_read += 1
         _, raw = decode_record(buf, e.pack, e.offset, rehash=rehash, expect_key=key)
         return raw
 
     def children(self, key: bytes) -> list[bytes]:
+        """The distinct children of object ``key`` ([] for a chunk); ObjectMissing when it is
+        not in the safe, IntegrityError when its bytes are damaged."""
         e = self.entry(key)
         if e is None:
             raise ObjectMissing(f"object {key.hex()[:12]} is not in the safe")
@@ -331,7 +355,8 @@ class Safe:
     # -- points -------------------------------------------------------------------------
 
     def points(self) -> list[Point]:
-        """Every committed point, oldest first (the one order, ``Point.order_key``)."""
+        """Every committed point, oldest first (the one order, ``Point.order_key``); one
+        snapshot, O(points)."""
         with self.index.read() as t:
             out = [Point.from_json(v) for _, v in t.cursor(db=self.index.db["points"])]
         return oldest_first(out)
@@ -349,6 +374,7 @@ class Safe:
     # -- statistics ---------------------------------------------------------------------
 
     def pack_entries(self) -> dict[int, PackEntry]:
+        """Every pack entry by pack id, from one snapshot (O(packs))."""
         with self.index.read() as t:
             return {pack_from_dbkey(k): PackEntry.decode(v) for k, v in t.cursor(db=self.index.db["packs"])}
 
@@ -371,10 +397,10 @@ class Writer:
         self.safe = safe
         self.index = safe.index
         self.level = safe.config.zstd_level
-        self._lockf = take_lock(safe.path, command)
+        self._lockf: IO[Any] | None = take_lock(safe.path, command)
         self.pending: dict[bytes, ObjectEntry] = {}
         self.deltas: dict[bytes, int] = {}
-        self.pending_points: list[tuple[bytes, dict]] = []
+        self.pending_points: list[tuple[bytes, dict[str, Any]]] = []
         self.pending_bytes = 0
         self.bytes_written = 0      # record bytes appended, this writer
         self.objects_written = 0
@@ -414,7 +440,9 @@ class Writer:
         For node kinds, pass the node's *distinct* children: a new node increments each of
         them. ``data`` must already be the full node encoding (see ``nodes.encode_node``).
         A stored object is reused as it is (a dead one comes back to life when a reference
-        to it commits).
+        to it commits). The object is committed with the batch (``flush``, which runs by
+        itself every BATCH_BYTES). Raises SafeError (DiskFull) on a write error and
+        QuotaExceeded from the space check; the writer is then closed and the batch dropped.
         """
         if key is None:
             key = object_key(kind, data)
@@ -432,7 +460,10 @@ class Writer:
         """Append a prepared object unless it is already stored; True when it was new.
 
         ``record`` is ``p.record()`` when the caller already built it (in a worker thread,
-        see cas/parallel.py), so that this thread does not checksum the bytes again.
+        see cas/parallel.py), so that this thread does not checksum the bytes again;
+        ``checked=True`` says the caller already looked the key up. ``children`` are counted
+        once each at the commit. Raises as :meth:`put`. The hot path of every backup: it copies
+        nothing and reads the index only when ``checked`` is False.
         """
         if not checked and self.lookup(p.key) is not None:
             return False
@@ -470,12 +501,14 @@ class Writer:
         return True
 
     def incref(self, key: bytes, n: int = 1) -> None:
-        """Count ``n`` more references to ``key`` at the next commit."""
+        """Count ``n`` more references to ``key`` at the next commit (the commit refuses a key
+        that is neither indexed nor in the batch)."""
         self.deltas[key] = self.deltas.get(key, 0) + n
 
-    def add_point(self, record: dict | Point, root: bytes | None) -> Point:
+    def add_point(self, record: dict[str, Any] | Point, root: bytes | None) -> Point:
         """Commit a point naming ``root`` (the record's own ``root`` and ``id`` are replaced);
-        returns the committed Point. The stored JSON is the record's, as given."""
+        returns the committed Point. The stored JSON is the record's, as given. Commits the
+        whole batch (``flush``) before it returns."""
         rec = record.to_record() if isinstance(record, Point) else dict(record)
         rec.pop("id", None)     # the payload never holds its own key (docs/FORMAT.md)
         rec["root"] = root.hex() if root else None
@@ -487,17 +520,20 @@ class Writer:
         self.flush()
         return Point.from_record(rec)
 
-    def refs(self, txn) -> RefChange:
-        """Count changes inside a write transaction of this writer (cas/refcount.py)."""
+    def refs(self, txn: Txn) -> RefChange:
+        """Count changes inside a write transaction of this writer (cas/refcount.py); the
+        caller calls its ``finish()`` before the transaction commits."""
         return RefChange(self.index, txn, self.safe.read_entry)
 
-    def flush(self, seal: bool = False, extra: Callable | None = None) -> None:
+    def flush(self, seal: bool = False, extra: Callable[[Txn], None] | None = None) -> None:
         """Make the batch durable: the pack bytes, then one index transaction with the new
-        objects, the count changes, the points and ``extra(txn)``."""
+        objects, the count changes, the points and ``extra(txn)``. ``seal`` closes the open
+        pack for good. On failure (SafeError, DiskFull) nothing of the batch is committed and
+        the writer is closed; SafeError too when it was already closed."""
         if self._closed:
             raise SafeError("the writer is closed")
 
-        def apply(txn, pe: PackEntry | None) -> None:
+        def apply(txn: Txn, pe: PackEntry | None) -> None:
             self._commit(txn, pe)
             if extra is not None:
                 extra(txn)
@@ -511,7 +547,7 @@ class Writer:
         self.pending_points.clear()
         self.pending_bytes = 0
 
-    def _commit(self, txn, pe: PackEntry | None) -> None:
+    def _commit(self, txn: Txn, pe: PackEntry | None) -> None:
         idx = self.index
         rc = self.refs(txn)
         if pe is not None:
@@ -529,9 +565,10 @@ class Writer:
 
     # -- releasing ----------------------------------------------------------------------
 
-    def release(self, txn, keys: Iterable[bytes]) -> int:
+    def release(self, txn: Txn, keys: Iterable[bytes]) -> int:
         """Drop one reference from each of ``keys`` inside ``txn``, cascading at zero.
 
+        ``txn`` is a write transaction begun by the holder of this writer (which holds the lock).
         Returns the number of objects that died. Cost follows what dies, not the safe's size.
         """
         rc = self.refs(txn)
@@ -551,7 +588,8 @@ class Writer:
         self._release_lock()
 
     def close(self) -> None:
-        """Commit what is pending and release the lock."""
+        """Commit what is pending and release the lock (also when the commit fails: its error
+        is raised). Closing twice does nothing."""
         if self._closed:
             return
         try:
@@ -562,7 +600,7 @@ class Writer:
             self._release_lock()
 
     def abort(self) -> None:
-        """Abandon what is not committed and release the lock."""
+        """Abandon what is not committed and release the lock; never raises for the batch."""
         if self._closed:
             return
         self._fail()
@@ -570,7 +608,9 @@ class Writer:
     def __enter__(self) -> "Writer":
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        """Commit and close when the block ended normally; abandon the batch on an exception."""
         if exc_type is None:
             self.close()
         else:

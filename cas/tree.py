@@ -51,6 +51,7 @@ _S_IFMT = {REG: stat.S_IFREG, DIR: stat.S_IFDIR, LNK: stat.S_IFLNK, FIFO: stat.S
 
 
 def type_of_mode(st_mode: int) -> int | None:
+    """The entry type of a file's ``st_mode`` (REG, DIR, ...), or None for a type trees do not hold."""
     fmt = stat.S_IFMT(st_mode)
     for t, f in _S_IFMT.items():
         if f == fmt:
@@ -60,6 +61,8 @@ def type_of_mode(st_mode: int) -> int | None:
 
 @dataclass(slots=True)
 class Entry:
+    """One directory entry of a TREE node: name, type, metadata and its content's key."""
+
     name: bytes
     type: int
     mode: int = 0o644          # permission bits only (st_mode & 0o7777)
@@ -80,6 +83,7 @@ class Entry:
 
     @property
     def st_mode(self) -> int:
+        """The full ``st_mode``: file type bits and permission bits."""
         return _S_IFMT[self.type] | self.mode
 
 

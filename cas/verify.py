@@ -10,6 +10,8 @@ import fcntl
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
 from .audit import audit
 from .errors import SafeError, SafeLocked
@@ -19,23 +21,30 @@ from .keys import Kind
 from .pack import pack_id_from_name, pack_name, scan_pack
 from .store import INDEX_DIR, LOCK_NAME, PACKS_DIR, Safe, release_lock, take_lock
 
+if TYPE_CHECKING:
+    from .index import Txn
+
 
 @dataclass
 class VerifyReport:
+    """What ``verify`` found: what it checked, the errors (JSON-ready dicts) and the notes."""
+
     packs: int = 0
     objects: int = 0
     bytes_checked: int = 0
     points: int = 0
-    errors: list[dict] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    refcounts: dict | None = None   # the refcount audit's summary (cas/audit.py)
+    refcounts: dict[str, Any] | None = None   # the refcount audit's summary (cas/audit.py)
 
     @property
     def ok(self) -> bool:
+        """True when no error was found (notes do not count)."""
         return not self.errors
 
-    def error(self, message: str, pack: int | None = None, offset: int | None = None, **extra) -> None:
-        d = {"message": message}
+    def error(self, message: str, pack: int | None = None, offset: int | None = None, **extra: Any) -> None:
+        """Record an error: ``message``, the pack's name and the offset when given, and ``extra``."""
+        d: dict[str, Any] = {"message": message}
         if pack is not None:
             d["pack"] = pack_name(pack)
         if offset is not None:
@@ -43,7 +52,8 @@ class VerifyReport:
         d.update(extra)
         self.errors.append(d)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data."""
         return {"ok": self.ok, "packs": self.packs, "objects": self.objects, "points": self.points,
                 "bytes_checked": self.bytes_checked, "errors": self.errors, "notes": self.notes,
                 "refcounts": self.refcounts}
@@ -55,7 +65,9 @@ def verify(safe: Safe, data: bool = False, progress: Callable[[int], None] | Non
     every object against its key), that the index and the packs agree, the reference counts and
     the sizes that trees and points declare for their blobs; note a safe that others can read.
     Holds the writer lock so that a concurrent gc cannot delete packs mid-check (on a safe
-    opened read-only, a shared view of the lock when it can be had)."""
+    opened read-only, a shared view of the lock when it can be had); ``lock=False`` when the
+    caller holds it. Raises SafeLocked when another process holds it. Never writes the index.
+    Cost: reads every committed pack byte once, plus the audit (cas/audit.py)."""
     r = VerifyReport()
     lockf = _take_lock(safe, r) if lock else None
     try:
@@ -69,7 +81,7 @@ def verify(safe: Safe, data: bool = False, progress: Callable[[int], None] | Non
             release_lock(lockf)
 
 
-def _take_lock(safe: Safe, r: VerifyReport):
+def _take_lock(safe: Safe, r: VerifyReport) -> IO[Any] | None:
     """The writer lock; on a safe opened read-only, flock on the lock file opened for reading
     (flock needs no write permission), or no lock with a note."""
     try:
@@ -105,6 +117,7 @@ def _check_header(safe: Safe, r: VerifyReport) -> None:
     if good is None:      # Safe.open read one; it has gone since
         r.error(f"{safe.path}: no usable header file")
         return
+    assert good.data is not None    # a copy that decodes was read
     for hc in (state.main, state.copy):
         if hc.config is not None and hc.data == good.data:
             continue
@@ -149,11 +162,12 @@ def _check_modes(safe: Safe, r: VerifyReport) -> None:
                        f"restore every file in it; run 'chmod -R go= {p}'")
 
 
-def _verify(safe: Safe, data: bool, progress, r: VerifyReport) -> None:
+def _verify(safe: Safe, data: bool, progress: Callable[[int], None] | None, r: VerifyReport) -> None:
+    """Check every indexed pack against the index, and every point's record object."""
     idx = safe.index
     with idx.read() as txn:
         packs = {pack_from_dbkey(k): PackEntry.decode(v) for k, v in txn.cursor(db=idx.db["packs"])}
-        on_disk = {pack_id_from_name(n) for n in os.listdir(safe.packs_dir)} - {None}
+        on_disk = {p for p in (pack_id_from_name(n) for n in os.listdir(safe.packs_dir)) if p is not None}
         for pid in sorted(on_disk - set(packs)):
             r.notes.append(f"pack {pack_name(pid)} is not in the index (left by a crashed writer or gc; "
                            "the next writer removes it)")
@@ -189,8 +203,8 @@ def _verify(safe: Safe, data: bool, progress, r: VerifyReport) -> None:
                 r.error(f"point {k.hex()[:12]}: its record object is missing from the index")
 
 
-def _verify_pack(safe: Safe, txn, pid: int, path, limit: int, data: bool, progress,
-                 r: VerifyReport) -> int:
+def _verify_pack(safe: Safe, txn: Txn, pid: int, path: Path, limit: int, data: bool,
+                 progress: Callable[[int], None] | None, r: VerifyReport) -> int:
     """Walk one pack up to ``limit``; report damage and disagreement with the index; return
     how many indexed objects were found at their recorded offsets."""
     idx = safe.index
@@ -207,6 +221,7 @@ def _verify_pack(safe: Safe, txn, pid: int, path, limit: int, data: bool, progre
         if item.error is not None and (here or e is None):
             r.error(str(item.error), pid, item.offset, object=h.key.hex())
         if here:
+            assert e is not None
             found += 1
             if (e.kind, e.codec, e.stored_len, e.raw_len) != (h.kind, h.codec, h.stored_len, h.raw_len):
                 r.error(f"pack {pack_name(pid)} offset {item.offset}: index entry of object "
