@@ -238,20 +238,9 @@ class Point:
         rec.pop("id", None)
         return json.dumps(rec, sort_keys=True).encode()
 
-    # Read-only record access for code that still says p["id"] / p.get("name"): the value
-    # as stored (``root`` in hex). Prefer the attributes. A point is not iterable.
+    # A point is a value, not a mapping: ``p["id"]`` is a TypeError (use the attributes, or
+    # ``to_record()`` for the stored JSON).
     __iter__ = None
-    def __getitem__(self, key: str) -> Any:
-        """The stored record's ``key`` (as :meth:`to_record`); KeyError when absent."""
-        return self.to_record()[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """The stored record's ``key`` (as :meth:`to_record`), or ``default``."""
-        return self.to_record().get(key, default)
-
-    def __contains__(self, key: object) -> bool:
-        """True when the stored record (as :meth:`to_record`) has ``key``."""
-        return key in self.to_record()
 
     # -- times and order --------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from pointsafe.cas import (BlobBuilder, Entry, Kind, Safe, decode_tree, encode_tree, object_key,
+from pointsafe.cas import (BlobBuilder, Entry, Kind, Point, Safe, decode_tree, encode_tree, object_key,
                            utc_now_iso)
 from pointsafe.cas.index import ObjectEntry
 from pointsafe.cas.pack import REC_HEADER_SIZE
@@ -48,7 +48,7 @@ def blob_bytes(parts: list[bytes | int]) -> bytes:
 
 
 def make_point(w, name: str, files: dict[bytes, list[bytes | int]], fanout: int = 4,
-               subdir: dict[bytes, list[bytes | int]] | None = None) -> dict:
+               subdir: dict[bytes, list[bytes | int]] | None = None) -> Point:
     """Commit a tree point holding ``files`` (and optionally a sub-directory ``sub``)."""
     entries = []
     total = 0
@@ -94,9 +94,9 @@ def check_object(safe: Safe, key: bytes) -> bytes:
     return raw
 
 
-def check_point(safe: Safe, point: dict) -> int:
+def check_point(safe: Safe, point: Point) -> int:
     """Read every object a point reaches; return how many."""
-    pk = bytes.fromhex(point["id"])
+    pk = bytes.fromhex(point.id)
     n = 0
     for k in reachable(safe, pk):
         check_object(safe, k)

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pointsafe.cas import Safe  # noqa: E402
 
-from _gc_util import point_digests  # noqa: E402
+from _gc_util import tree_digests  # noqa: E402
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
         while not os.path.exists(stop) and len(errors) < 20:
             for pid, digests in expected.items():
                 try:
-                    got = point_digests(safe, {"root": digests["__root__"]})
+                    got = tree_digests(safe, bytes.fromhex(digests["__root__"]))
                     got["__root__"] = digests["__root__"]
                     if got != digests:
                         errors.append(f"point {pid[:12]}: wrong data")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import blake3
 
-from pointsafe.cas import BlobReader, NodeCache, Safe, read_tree
+from pointsafe.cas import BlobReader, NodeCache, Point, Safe, read_tree
 from pointsafe.cas.tree import DIR, REG
 
 
@@ -35,8 +35,8 @@ def mutate(src: Path, rng: random.Random, fraction: float = 0.05, new_file: int 
         (src / f"new{rng.randrange(1 << 30):08x}").write_bytes(rng.randbytes(new_file))
 
 
-def backup(safe: Safe, src: Path, name: str) -> dict:
-    """One real backup (the ingest pipeline, in this process); returns the point record."""
+def backup(safe: Safe, src: Path, name: str) -> Point:
+    """One real backup (the ingest pipeline, in this process); returns its point."""
     from pointsafe.ingest.backup import BackupOptions, backup as run
     return run(safe, str(src), BackupOptions(name=name)).point
 
@@ -46,13 +46,20 @@ def source_digests(src: Path) -> dict[str, str]:
             for p in sorted(src.rglob("*")) if p.is_file()}
 
 
-def point_digests(safe: Safe, rec: dict) -> dict[str, str]:
+def point_digests(safe: Safe, point: Point) -> dict[str, str]:
     """{relative path: blake3 of content} of every regular file of a tree point, read back
     through the safe (every chunk's checksum is checked on the way)."""
+    assert point.root is not None, f"point {point.id[:12]} has no root"
+    return tree_digests(safe, point.root)
+
+
+def tree_digests(safe: Safe, root: bytes) -> dict[str, str]:
+    """{relative path: blake3 of content} of every regular file under the tree ``root``,
+    read back through the safe (every chunk's checksum is checked on the way)."""
     out: dict[str, str] = {}
     nodes = NodeCache(256)
     kind = lambda k: safe.entry(k).kind  # noqa: E731
-    stack = [("", bytes.fromhex(rec["root"]))]
+    stack = [("", root)]
     while stack:
         prefix, key = stack.pop()
         for e in read_tree(safe.get, key):

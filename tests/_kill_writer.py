@@ -43,7 +43,7 @@ def main() -> None:
     recent: list[bytes] = []
     live: list[str] = []
     safe = Safe.open(safe_path)
-    live = [p["id"] for p in safe.points()]
+    live = [p.id for p in safe.points()]
     say("ready")
     n = 0
     while until is None or time.monotonic() < until:
@@ -68,8 +68,8 @@ def main() -> None:
                     files = {f"f{i}".encode(): [d, rng.randint(1, 100_000)] for i, d in enumerate(datas[:6])}
                     p = make_point(w, f"job{n % 3}", files, fanout=3,
                                    subdir={b"s": datas[6:9]} if len(datas) > 6 else None)
-                    live.append(p["id"])
-                    say(*(f"chunk {k.hex()}" for k in keys), f"point {p['id']}")
+                    live.append(p.id)
+                    say(*(f"chunk {k.hex()}" for k in keys), f"point {p.id}")
                 elif r < 0.45 and len(live) > 3:
                     victim = live.pop(0)
                     say(f"forgetting {victim}")

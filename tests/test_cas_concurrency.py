@@ -105,7 +105,7 @@ def test_reader_sees_a_consistent_view_while_a_writer_commits(safe_dir):
                     reader = Safe.open(safe_dir)
                 pts = reader.points()
                 assert pts, "the reader saw no points"
-                seen.update(p["id"] for p in pts)
+                seen.update(p.id for p in pts)
                 for p in pts[-3:]:
                     # Every point a reader can list reaches only objects it can read.
                     objects += check_point(reader, p)

@@ -35,7 +35,7 @@ def test_totals_follow_every_job(tmp_path):
         with safe.writer("test") as w:       # an orphan: written, never linked
             w.put(Kind.CHUNK, rng.randbytes(5000))
         assert safe.counters() == _recount(safe)
-        forget(safe, plan_forget(safe, [r["id"] for r in recs[:3]]))
+        forget(safe, plan_forget(safe, [r.id for r in recs[:3]]))
         assert safe.counters() == _recount(safe)
         assert safe.counters().dead_bytes > 0
         run_gc(safe, threshold=0.0)

@@ -75,7 +75,7 @@ def test_sigkill_at_random_moments_keeps_every_commit(safe_dir, cli):
             assert rep.ok, f"trial {trial}: {rep.errors}"
             for k in committed:
                 check_object(safe, k)
-            present = {p["id"] for p in safe.points()}
+            present = {p.id for p in safe.points()}
             for pid, state in points.items():
                 if state == "live":
                     assert pid in present, f"trial {trial}: committed point {pid[:12]} is gone"
@@ -128,6 +128,6 @@ def test_sigkill_during_repair_leaves_a_safe_that_repair_finishes(safe_dir):
             assert "repair" in str(e)          # ... and then the message says what to do
         repair(safe_dir)
         with Safe.open(safe_dir) as safe:
-            assert {p["id"] for p in safe.points()} == {p["id"] for p in pts}
+            assert {p.id for p in safe.points()} == {p.id for p in pts}
             assert verify(safe, data=True).ok
         assert not (safe_dir / "index.rebuild").exists() and not (safe_dir / "index.old").exists()

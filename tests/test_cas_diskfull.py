@@ -69,12 +69,12 @@ def test_full_disk_while_writing_packs(tmp_path, cli):
         r = cli("verify", "--data", safe=safe_dir)
         assert r.code == 0, r.out + r.err
         with Safe.open(safe_dir) as safe:
-            assert [p["name"] for p in safe.points()] == ["before", "after"]
+            assert [p.name for p in safe.points()] == ["before", "after"]
             for p in safe.points():
                 check_point(safe, p)
             for k in committed:
                 check_object(safe, k)
-        assert p1["id"]
+        assert p1.id
 
 
 def test_full_disk_while_committing_the_index(tmp_path, cli):

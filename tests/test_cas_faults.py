@@ -54,7 +54,7 @@ def _objects_of_files(safe_dir: Path, point_id: str) -> dict[str, set[bytes]]:
     """For each file of the point's root directory, every object its content needs."""
     out = {}
     with Safe.open(safe_dir) as safe:
-        root = bytes.fromhex(safe.point(point_id)["root"])
+        root = safe.point(point_id).root
         for e in read_tree(safe.get, root):
             keys: set[bytes] = set()
             todo = [e.ref] if e.ref else []
@@ -295,7 +295,7 @@ def _add_point(w, name: str, kind: str, root: bytes, size: int) -> str:
                        "started": now, "finished": now, "size": size, "warnings": [],
                        "stats": {}, "root_meta": {"mode": 0o755, "uid": 0, "gid": 0,
                                                   "mtime_ns": 0, "atime_ns": 0, "xattrs": []}}, root)
-    return rec["id"]
+    return rec.id
 
 
 def test_verify_reports_a_size_that_does_not_match_its_blob(tmp_path):
@@ -400,7 +400,7 @@ def test_an_old_index_without_newer_tables_opens_read_only(tmp_path):
     env.close()
     with Safe.open(safe, write=False) as s:
         assert s.index.existing("tombstones") is None
-        assert [p["id"] for p in s.points()] == [point]
+        assert [p.id for p in s.points()] == [point]
     r = run_cli("verify", safe=safe)
     assert r.code == 0, r.out + r.err
     r = run_cli("ls", point, safe=safe)

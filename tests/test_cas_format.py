@@ -96,7 +96,7 @@ def test_a_second_reader_from_the_format_doc(safe_dir):
             p = make_point(w, "doc", {b"a": [a, 300_000, b], b"empty": []}, fanout=2,
                            subdir={b"inner": [b]})
             gone = make_point(w, "doc", {b"x": [b"bye"]})
-            forget_points(w, [bytes.fromhex(gone["id"])])
+            forget_points(w, [bytes.fromhex(gone.id)])
 
     version, config = read_header(safe_dir)
     assert (safe_dir / "header.copy").read_bytes() == (safe_dir / "header").read_bytes()
@@ -134,15 +134,15 @@ def test_a_second_reader_from_the_format_doc(safe_dir):
         assert n == sum(1 for e in index.values() if e[0] == pid)
 
     # The forgotten point is a tombstone naming it; the live one reads back in full.
-    gone_key = bytes.fromhex(gone["id"])
-    assert list(points) == [bytes.fromhex(p["id"])] and gone_key in tombs
+    gone_key = bytes.fromhex(gone.id)
+    assert list(points) == [bytes.fromhex(p.id)] and gone_key in tombs
     assert kinds[tombs[gone_key]] == 5 and split_node(objects[tombs[gone_key]]) == ([], gone_key)
     assert index[gone_key][6] & 1 and index[gone_key][7] == 0          # dead, count 0
-    pkey = bytes.fromhex(p["id"])
+    pkey = bytes.fromhex(p.id)
     children, payload = split_node(objects[pkey])
     record = json.loads(payload)
-    assert "id" not in record and record["root"] == p["root"] and children == [bytes.fromhex(p["root"])]
-    assert points[pkey] == {**record, "id": p["id"]}
+    assert "id" not in record and record["root"] == p.root.hex() and children == [p.root]
+    assert points[pkey] == {**record, "id": p.id}
     top = tree_entries(objects[children[0]])
     assert blob_bytes(objects, kinds, top[b"a"][2], top[b"a"][1]) == a + bytes(300_000) + b
     assert top[b"empty"][2] is None and top[b"empty"][1] == 0

@@ -29,7 +29,7 @@ def filled(safe_dir):
             p2 = make_point(w, "web", {b"a": chunks[:4], b"d": chunks[8:10]})
             gone = make_point(w, "db", {b"x": chunks[10:12]})
             loose = w.put(Kind.CHUNK, b"loose chunk")
-            forget_points(w, [bytes.fromhex(gone["id"])])
+            forget_points(w, [bytes.fromhex(gone.id)])
     return safe_dir, {"p1": p1, "p2": p2, "gone": gone, "loose": loose, "chunks": chunks}
 
 
@@ -130,13 +130,13 @@ def test_deleted_index_is_rebuilt_by_repair(filled, cli):
             assert (e.pack, e.offset, e.kind, e.raw_len) == (b.pack, b.offset, b.kind, b.raw_len)
         # Points intact, the forgotten one stays forgotten.
         pts = safe.points()
-        assert [p["id"] for p in pts] == [p["id"] for p in points_before]
+        assert [p.id for p in pts] == [p.id for p in points_before]
         assert pts == points_before
-        assert f["gone"]["id"] not in {p["id"] for p in pts}
+        assert f["gone"].id not in {p.id for p in pts}
         for p in pts:
             check_point(safe, p)
         # Reference counts of live objects agree with the index the writer kept.
-        p1_root = bytes.fromhex(f["p1"]["root"])
+        p1_root = f["p1"].root
         assert after[p1_root].refcount == before[p1_root].refcount
     r = cli("verify", "--data", safe=safe_dir)
     assert r.code == 0, r.out + r.err

@@ -26,7 +26,7 @@ def test_a_drop_queued_for_a_key_of_the_same_batch_is_applied(safe_dir):
                     continue   # the batch goes in key order: we need A before B
                 pa = w.add_point({"name": "a", "kind": "tree", "started": f"t{salt}"}, a)
                 pb = w.add_point({"name": "b", "kind": "tree", "started": f"t{salt}"}, b)
-                forget_points_queued(w, [bytes.fromhex(pa["id"]), bytes.fromhex(pb["id"])])
+                forget_points_queued(w, [bytes.fromhex(pa.id), bytes.fromhex(pb.id)])
                 drain(w)
                 drain(w)
                 assert w.lookup(b).refcount == 0 and w.lookup(b).dead

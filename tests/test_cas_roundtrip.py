@@ -162,15 +162,15 @@ def test_point_round_trip_and_refcounts(safe_dir):
         with safe.writer() as w:
             p1 = make_point(w, "a", {b"f1": [shared, 5000, b"tail"], b"f2": [shared]})
             p2 = make_point(w, "a", {b"f1": [shared, 5000, b"tail"], b"f3": [b"new"]})
-        assert [p["id"] for p in safe.points()] == [p1["id"], p2["id"]]
+        assert [p.id for p in safe.points()] == [p1.id, p2.id]
         assert check_point(safe, p1) > 3 and check_point(safe, p2) > 3
         # Counts are hierarchical: the shared chunk has two parents (f1's list node and the
         # first tree, where it is f2's whole blob); the second point reuses f1's list node,
         # which adds one count to that node and none below it.
         k = object_key(Kind.CHUNK, shared)
         assert safe.entry(k).refcount == 2
-        t1, t2 = (safe.children(bytes.fromhex(p["id"]))[0] for p in (p1, p2))
+        t1, t2 = (safe.children(bytes.fromhex(p.id))[0] for p in (p1, p2))
         f1_list = tree_files(safe, t1)[b"f1"].ref
         assert tree_files(safe, t2)[b"f1"].ref == f1_list
         assert safe.entry(f1_list).refcount == 2
-        assert [safe.entry(bytes.fromhex(p["id"])).refcount for p in (p1, p2)] == [1, 1]
+        assert [safe.entry(bytes.fromhex(p.id)).refcount for p in (p1, p2)] == [1, 1]

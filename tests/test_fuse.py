@@ -197,7 +197,7 @@ def _chunk_keys_of(safe_path: Path, point: dict, name: bytes) -> list[bytes]:
     from pointsafe.cas import BlobReader, Safe, decode_tree
     with Safe.open(safe_path) as s:
         p = s.point(point_id(point))
-        entries = {e.name: e for e in decode_tree(s.get(bytes.fromhex(p["root"])))}
+        entries = {e.name: e for e in decode_tree(s.get(p.root))}
         e = entries[name]
         r = BlobReader(e.ref, e.size, s.get, lambda k: s.entry(k).kind)
         return [k for _, _, k in r.extents() if k is not None]
@@ -261,7 +261,7 @@ def test_root_listing_is_lazy_on_200k_files(safe_dir, tmp_path):
                            "root_meta": {"mode": 0o755, "uid": 0, "gid": 0, "mtime_ns": 0, "atime_ns": 0,
                                          "xattrs": []}}, root)
     mp = tmp_path / "mnt"
-    with mounted(safe_dir, mp, big["id"], "--dir-cache-size", "1M"):
+    with mounted(safe_dir, mp, big.id, "--dir-cache-size", "1M"):
         before = stats(mp)["objects_read"]
         names = os.listdir(mp)
         assert len(names) == dirs

@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 
-from pointsafe.cas import Kind, Safe, verify
+from pointsafe.cas import Kind, Point, Safe, verify
 from pointsafe.cas.audit import audit
 from pointsafe.cas.index import FLAG_DEAD, ObjectEntry
 from pointsafe.gc.collect import run_gc
@@ -20,7 +20,7 @@ PACK = 1 << 20
 
 
 def _history(tmp_path: Path, points: int, seed: int = 1, files: int = 10, size: int = 256 * 1024,
-             fraction: float = 0.05) -> tuple[Path, list[tuple[dict, dict]]]:
+             fraction: float = 0.05) -> tuple[Path, list[tuple[Point, dict]]]:
     """A safe with ``points`` real backups of one source, each after changing ``fraction``
     of it (and adding a file); returns the safe's path and (point, expected digests) pairs."""
     rng = random.Random(seed)
@@ -43,21 +43,21 @@ def _assert_clean(safe: Safe) -> None:
     assert a.orphans == 0
 
 
-def _assert_points(safe: Safe, history: list[tuple[dict, dict]]) -> None:
-    live = {p["id"] for p in safe.points()}
+def _assert_points(safe: Safe, history: list[tuple[Point, dict]]) -> None:
+    live = {p.id for p in safe.points()}
     for rec, digests in history:
-        if rec["id"] in live:
-            assert point_digests(safe, rec) == digests, f"point {rec['id'][:12]} reads back wrong data"
+        if rec.id in live:
+            assert point_digests(safe, rec) == digests, f"point {rec.id[:12]} reads back wrong data"
 
 
 def test_forget_kills_exactly_what_no_other_point_reaches(tmp_path):
     path, hist = _history(tmp_path, 4)
     with Safe.open(path) as safe:
-        keys = [bytes.fromhex(r["id"]) for r, _ in hist]
+        keys = [bytes.fromhex(r.id) for r, _ in hist]
         others = reachable(safe, keys[1:])
         unique = reachable(safe, keys[:1]) - others
         assert len(unique) > 5   # the first point has data of its own
-        rep = forget(safe, plan_forget(safe, [hist[0][0]["id"][:10]]))
+        rep = forget(safe, plan_forget(safe, [hist[0][0].id[:10]]))
         assert rep.points_dropped == 1
         assert rep.objects_freed == len(unique)
         with safe.index.read() as t:
@@ -74,10 +74,10 @@ def test_forget_kills_exactly_what_no_other_point_reaches(tmp_path):
 def test_gc_reclaims_exactly_the_unique_bytes(tmp_path):
     path, hist = _history(tmp_path, 4)
     with Safe.open(path) as safe:
-        keys = [bytes.fromhex(r["id"]) for r, _ in hist]
+        keys = [bytes.fromhex(r.id) for r, _ in hist]
         unique = reachable(safe, keys[:2]) - reachable(safe, keys[2:])
         unique_bytes = sum(safe.entry(k).record_len for k in unique)
-        forget(safe, plan_forget(safe, [hist[0][0]["id"], hist[1][0]["id"]]))
+        forget(safe, plan_forget(safe, [hist[0][0].id, hist[1][0].id]))
         before = pack_bytes(path)
         r = run_gc(safe, threshold=0.0)   # rewrite every pack with any dead byte
         after = pack_bytes(path)
@@ -105,7 +105,7 @@ def test_history_forgotten_point_by_point_with_audit_after_every_step(tmp_path):
     with Safe.open(path) as safe:
         start = pack_bytes(path)
         for i in order[:-1]:
-            forget(safe, plan_forget(safe, [hist[i][0]["id"]]))
+            forget(safe, plan_forget(safe, [hist[i][0].id]))
             a = audit(safe)
             assert a.ok, a.errors
             r = run_gc(safe)
@@ -113,7 +113,7 @@ def test_history_forgotten_point_by_point_with_audit_after_every_step(tmp_path):
             _assert_clean(safe)
             _assert_points(safe, hist)
         # One point is left: the safe holds about that point's data, not the history's.
-        last = bytes.fromhex(hist[order[-1]][0]["id"])
+        last = bytes.fromhex(hist[order[-1]][0].id)
         live = sum(safe.entry(k).record_len for k in reachable(safe, [last]))
         r = run_gc(safe, threshold=0.0)
         assert pack_bytes(path) < live * 1.05 + 64 * 1024
@@ -132,7 +132,7 @@ def test_backup_after_forget_revives_dead_data_and_gc_keeps_it(tmp_path):
     with Safe.open(path) as safe:
         first = backup(safe, src, "a")
         digests = source_digests(src)
-        forget(safe, plan_forget(safe, [first["id"]]))
+        forget(safe, plan_forget(safe, [first.id]))
         assert audit(safe).dead > 0
         again = backup(safe, src, "a")      # the same bytes, all of them dead right now
         _assert_clean(safe)
@@ -182,7 +182,7 @@ def test_cli_forget_gc_report_and_dry_runs(tmp_path, cli):
     r = cli("gc", "--dry-run", "--json", safe=path)
     assert r.code == 0, r.err
     assert json.loads(r.out)["objects_freed"] == 0
-    oldest = hist[0][0]["id"]
+    oldest = hist[0][0].id
     r = cli("forget", oldest[:8], "--dry-run", safe=path)
     assert r.code == 0, r.err
     assert f"would forget {oldest[:12]}" in r.out and "named on the command line" in r.out
@@ -224,7 +224,7 @@ def test_forget_prune_with_policy_through_real_backups(tmp_path, cli):
     assert out["points_dropped"] == 3 and out["points_kept"] == 2
     assert out["gc"]["objects_freed"] == out["objects_freed"]
     with Safe.open(path) as safe:
-        assert [p["id"] for p in safe.points()] == [h[0]["id"] for h in hist[3:]]
+        assert [p.id for p in safe.points()] == [h[0].id for h in hist[3:]]
         _assert_clean(safe)
         _assert_points(safe, hist)
 
@@ -233,10 +233,10 @@ def test_a_forget_interrupted_before_its_cascade_verifies_and_gc_finishes_it(tmp
     from pointsafe.cas.release import forget_points_queued, queued
     path, hist = _history(tmp_path, 3, files=4)
     with Safe.open(path) as safe:
-        unique = reachable(safe, [bytes.fromhex(hist[0][0]["id"])]) - reachable(
-            safe, [bytes.fromhex(r["id"]) for r, _ in hist[1:]])
+        unique = reachable(safe, [bytes.fromhex(hist[0][0].id)]) - reachable(
+            safe, [bytes.fromhex(r.id) for r, _ in hist[1:]])
         with safe.writer("forget") as w:
-            forget_points_queued(w, [bytes.fromhex(hist[0][0]["id"])])   # committed, not drained
+            forget_points_queued(w, [bytes.fromhex(hist[0][0].id)])   # committed, not drained
         assert queued(safe.index) == 1
         rep = verify(safe)
         assert rep.ok, rep.errors      # the audit counts the queued drop
@@ -264,7 +264,7 @@ def _cost_of_forgetting(tmp_path: Path, extra_sources: int) -> tuple[int, int]:
         mutate(src, rng, 0.2)
         backup(safe, src, "victim")
     with Safe.open(path) as safe:     # a fresh process-like view: count only what forget+gc read
-        forget(safe, plan_forget(safe, [first["id"]]))
+        forget(safe, plan_forget(safe, [first.id]))
         r = run_gc(safe, threshold=1.0)   # no pack is partly dead enough to rewrite
         assert not r.packs_rewritten
         return safe.objects_read, r.objects_freed

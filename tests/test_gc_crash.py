@@ -38,7 +38,7 @@ def crash_base(tmp_path_factory):
             rec = backup(safe, src, "src")
             hist.append((rec, source_digests(src)))
             mutate(src, rng, 0.05, new_file=40_000)
-        forget(safe, plan_forget(safe, [hist[i][0]["id"] for i in range(4)]))
+        forget(safe, plan_forget(safe, [hist[i][0].id for i in range(4)]))
     return small, hist
 
 
@@ -57,9 +57,9 @@ def _check(path: Path, hist) -> None:
         rep = verify(safe)
         assert rep.ok, rep.errors
         assert rep.refcounts["ok"]
-        live = {p["id"] for p in safe.points()}
+        live = {p.id for p in safe.points()}
         for rec, digests in hist:
-            if rec["id"] in live:
+            if rec.id in live:
                 assert point_digests(safe, rec) == digests
 
 

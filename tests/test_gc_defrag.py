@@ -43,9 +43,9 @@ def test_fragmentation_is_cached_until_the_layout_or_the_newest_point_changes(tm
     path, hist = _history(tmp_path, 3, files=4)
     with Safe.open(path) as safe:
         first = fragmentation(safe)
-        assert not first["cached"] and first["points"] == [hist[-1][0]["id"]]
+        assert not first["cached"] and first["points"] == [hist[-1][0].id]
         assert fragmentation(safe)["cached"]
-        forget(safe, plan_forget(safe, [hist[0][0]["id"]]))
+        forget(safe, plan_forget(safe, [hist[0][0].id]))
         assert fragmentation(safe)["cached"]          # the newest point did not change
         r = run_gc(safe, threshold=0.0)               # objects moved: the figure is measured again
         assert r.objects_moved and r.fragmentation_after["cached"] is False
@@ -57,7 +57,7 @@ def test_fragmentation_is_cached_until_the_layout_or_the_newest_point_changes(tm
         from _gc_util import backup
         rec = backup(safe, tmp_path / "src", "src")   # a new newest point
         f = fragmentation(safe)
-        assert not f["cached"] and f["points"] == [rec["id"]]
+        assert not f["cached"] and f["points"] == [rec.id]
 
 
 def test_cli_defrag_reports(tmp_path, cli):
@@ -77,14 +77,14 @@ def test_cli_defrag_reports(tmp_path, cli):
 
 
 def _expected(hist, safe) -> dict:
-    live = {p["id"] for p in safe.points()}
-    return {rec["id"]: {**d, "__root__": rec["root"]} for rec, d in hist if rec["id"] in live}
+    live = {p.id for p in safe.points()}
+    return {rec.id: {**d, "__root__": rec.root.hex()} for rec, d in hist if rec.id in live}
 
 
 def test_readers_in_another_process_see_correct_bytes_during_gc_and_defrag(tmp_path):
     path, hist = _history(tmp_path, 8, files=10, size=256 * 1024)
     with Safe.open(path) as safe:
-        forget(safe, plan_forget(safe, [hist[i][0]["id"] for i in range(4)]))
+        forget(safe, plan_forget(safe, [hist[i][0].id for i in range(4)]))
         exp = tmp_path / "expected.json"
         exp.write_text(json.dumps(_expected(hist, safe)))
     stop, out = tmp_path / "stop", tmp_path / "reader.json"
@@ -112,7 +112,7 @@ def test_readers_in_another_process_see_correct_bytes_during_gc_and_defrag(tmp_p
 def test_a_backup_during_gc_is_told_to_wait(tmp_path, cli):
     path, hist = _history(tmp_path, 4, files=6)
     with Safe.open(path) as safe:
-        forget(safe, plan_forget(safe, [hist[0][0]["id"]]))
+        forget(safe, plan_forget(safe, [hist[0][0].id]))
         # gc, defrag and forget hold the writer lock exactly like this (safe.writer("gc")).
         with safe.writer("gc"):
             r = cli("backup", tmp_path / "src", "--name", "src", safe=path)

@@ -31,12 +31,12 @@ def test_a_mount_reads_correct_bytes_while_gc_and_defrag_move_its_packs(tmp_path
     path, hist = _history(tmp_path, 8, files=10, size=256 * 1024)
     newest, digests = hist[-1]
     with Safe.open(path) as safe:
-        forget(safe, plan_forget(safe, [hist[i][0]["id"] for i in range(4)]))
+        forget(safe, plan_forget(safe, [hist[i][0].id for i in range(4)]))
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     log = open(tmp_path / "mount.log", "w+")
     fs = subprocess.Popen([sys.executable, "-m", "pointsafe.cli", "--safe", str(path), "mount", "--foreground",
-                           str(mnt), newest["id"][:12], "--cache-size", "1M"], stdout=log, stderr=log)
+                           str(mnt), newest.id[:12], "--cache-size", "1M"], stdout=log, stderr=log)
     deadline = time.time() + 60
     while not os.path.ismount(mnt):
         if fs.poll() is not None or time.time() > deadline:

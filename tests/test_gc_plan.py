@@ -38,8 +38,8 @@ def _messy_safe(tmp_path: Path) -> tuple[Path, dict, list[bytes]]:
             keep = make_point(w, "web", {b"a": shared + _chunks(rng, 4)})
             gone = make_point(w, "web", {b"old": _chunks(rng, 12), b"a": shared[:1]})
             mixed = make_point(w, "db", {b"x": _chunks(rng, 3)})
-            forget_points(w, [bytes.fromhex(mixed["id"])])           # drained: dead already
-            forget_points_queued(w, [bytes.fromhex(gone["id"])])     # committed, never drained
+            forget_points(w, [bytes.fromhex(mixed.id)])           # drained: dead already
+            forget_points_queued(w, [bytes.fromhex(gone.id)])     # committed, never drained
         w = safe.writer("backup")                                    # a backup that was killed:
         make_point_like_orphan(w, _chunks(rng, 10) + shared[1:2])   # a committed tree, no point
         w.flush()
@@ -95,7 +95,7 @@ def test_the_dry_run_says_what_the_run_does_with_orphans_and_a_queued_forget(tmp
         assert a.orphans == 0 and a.dead == 0
         assert queued(safe.index) == 0
         assert verify(safe, data=True).ok
-        assert [p["id"] for p in safe.points()] == [keep["id"]]
+        assert [p.id for p in safe.points()] == [keep.id]
         point_digests(safe, keep)          # every chunk of the live point reads back
         # Nothing is left to do, and the plan says so.
         again = plan_gc(safe, 0.3)
@@ -151,12 +151,12 @@ def test_forget_points_is_one_commit_then_a_drain(tmp_path):
             gone = make_point(w, "a", {b"f": shared + _chunks(rng, 3)})
             loose = w.put(Kind.CHUNK, b"pending in the writer's batch")
             w.flush()
-            unique = reachable(safe, [bytes.fromhex(gone["id"])]) - reachable(safe, [bytes.fromhex(keep["id"])])
+            unique = reachable(safe, [bytes.fromhex(gone.id)]) - reachable(safe, [bytes.fromhex(keep.id)])
             loose2 = w.put(Kind.CHUNK, b"pending in the writer's batch, too")
-            died = forget_points(w, [bytes.fromhex(gone["id"])])
+            died = forget_points(w, [bytes.fromhex(gone.id)])
         assert died == len(unique) and len(unique) >= 5
         assert safe.has(loose) and safe.has(loose2) and queued(safe.index) == 0
-        assert [p["id"] for p in safe.points()] == [keep["id"]]
+        assert [p.id for p in safe.points()] == [keep.id]
         a = audit(safe)
         assert a.ok, a.errors
         assert a.dead == died
@@ -178,7 +178,7 @@ def test_forget_drops_every_count_when_a_chunk_and_its_other_parent_die_in_one_b
                 files[f"two{i}".encode()] = [c, rng.randbytes(3000)]  # and so does a list node
             gone = make_point(w, "x", files, fanout=4)
         with safe.writer("test") as w:
-            died = forget_points(w, [bytes.fromhex(gone["id"])])
+            died = forget_points(w, [bytes.fromhex(gone.id)])
         a = audit(safe)
         assert a.ok, a.errors
         assert died == a.dead and died == 1 + 1 + 8 + 16        # point, tree, lists, chunks

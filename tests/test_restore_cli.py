@@ -265,7 +265,7 @@ def _hostile_point(safe_dir: Path, outside: Path, symlink_first: bool) -> str:
                            "stats": {"files": 0, "bytes_read": 0, "bytes_new": 0, "bytes_stored": 0},
                            "root_meta": {"mode": 0o755, "uid": 0, "gid": 0, "mtime_ns": 0,
                                          "atime_ns": 0, "xattrs": []}}, root)
-        return rec["id"]
+        return rec.id
 
 
 @pytest.mark.parametrize("symlink_first", [True, False])
@@ -357,7 +357,7 @@ def test_malformed_tree_is_a_clear_error_not_a_traceback(safe_dir, tmp_path):
         root = w.put_node(Kind.TREE, ch, pl)
         now = utc_now_iso()
         pid = w.add_point({"name": "bad", "kind": "tree", "source": "/x", "host": "h", "started": now,
-                           "finished": now, "warnings": [], "stats": {}}, root)["id"]
+                           "finished": now, "warnings": [], "stats": {}}, root).id
     one_error_line(run_cli("ls", pid, "d", safe=safe_dir), "not a tree")
     one_error_line(run_cli("ls", pid, "-R", safe=safe_dir), "not a tree")
     r = run_cli("restore", pid, tmp_path / "out", "--json", safe=safe_dir)

@@ -80,7 +80,7 @@ class _Points:
                                 "stats": {"files": 0, "bytes_read": 0, "bytes_new": 0, "bytes_stored": 0},
                                 "root_meta": {"mode": 0o755, "uid": 0, "gid": 0, "mtime_ns": 0,
                                               "atime_ns": 0, "xattrs": []}}, root)
-        return rec["id"]
+        return rec.id
 
 
 def _warnings(r) -> dict[str, str]:

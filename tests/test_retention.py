@@ -22,24 +22,24 @@ T0 = datetime(2025, 1, 1, 0, 30, tzinfo=timezone.utc)   # a Wednesday
 
 
 def _kept(points, policy):
-    return {d.point["id"] for d in select(points, policy) if d.keep}
+    return {d.point.id for d in select(points, policy) if d.keep}
 
 
 def test_keep_last_keeps_the_newest_n():
     pts = _hourly_points(10, T0, timedelta(hours=1))
-    assert _kept(pts, Policy(last=3)) == {p["id"] for p in pts[-3:]}
-    assert _kept(pts, Policy(last=50)) == {p["id"] for p in pts}
+    assert _kept(pts, Policy(last=3)) == {p.id for p in pts[-3:]}
+    assert _kept(pts, Policy(last=50)) == {p.id for p in pts}
 
 
 def test_keep_hourly_takes_the_newest_point_of_each_hour():
     pts = _hourly_points(12, T0.replace(minute=0), timedelta(minutes=20))   # 3 an hour, hours 0..3
     kept = [d.point for d in select(pts, Policy(hourly=2)) if d.keep]
-    assert [p["id"] for p in kept] == [pts[11]["id"], pts[8]["id"]]   # newest of hour 3, hour 2
+    assert [p.id for p in kept] == [pts[11].id, pts[8].id]   # newest of hour 3, hour 2
 
 
 def test_keep_daily_weekly_monthly_yearly_buckets():
     pts = _hourly_points(800, T0, timedelta(hours=13))      # ≈ 433 days, about 2 points a day
-    newest = max(pts, key=lambda p: p["started"])
+    newest = max(pts, key=lambda p: p.started)
     for rule, n in (("daily", 7), ("weekly", 4), ("monthly", 6), ("yearly", 2)):
         ds = select(pts, Policy(**{rule: n}))
         kept = [d for d in ds if d.keep]
@@ -49,8 +49,8 @@ def test_keep_daily_weekly_monthly_yearly_buckets():
         assert kept[0].point is newest                          # the newest period first
         # each kept point is the newest of its period
         for d, label in zip(kept, labels):
-            same = [p for p in pts if bucket(rule, datetime.fromisoformat(p["started"][:-1] + "+00:00")) == label]
-            assert d.point is max(same, key=lambda p: p["started"]), rule
+            same = [p for p in pts if bucket(rule, datetime.fromisoformat(p.started[:-1] + "+00:00")) == label]
+            assert d.point is max(same, key=lambda p: p.started), rule
 
 
 def test_weekly_uses_iso_weeks():
@@ -58,8 +58,8 @@ def test_weekly_uses_iso_weeks():
     sun = datetime(2025, 1, 5, 12, tzinfo=timezone.utc)   # Sunday of ISO week 1
     assert bucket("weekly", mon) == "2025-W02" and bucket("weekly", sun) == "2025-W01"
     pts = [_pt(1, sun), _pt(2, mon)]
-    assert _kept(pts, Policy(weekly=2)) == {pts[0]["id"], pts[1]["id"]}
-    assert _kept(pts, Policy(weekly=1)) == {pts[1]["id"]}
+    assert _kept(pts, Policy(weekly=2)) == {pts[0].id, pts[1].id}
+    assert _kept(pts, Policy(weekly=1)) == {pts[1].id}
 
 
 def test_rules_union_and_reasons():
@@ -67,7 +67,7 @@ def test_rules_union_and_reasons():
     last = _kept(pts, Policy(last=5))
     daily = _kept(pts, Policy(daily=10))
     both = select(pts, Policy(last=5, daily=10))
-    assert {d.point["id"] for d in both if d.keep} == last | daily
+    assert {d.point.id for d in both if d.keep} == last | daily
     assert len(last & daily) > 0 and len(last | daily) < len(last) + len(daily)
     newest = both[0]
     assert newest.keep and newest.reasons[0] == "last 1" and newest.reasons[1].startswith("daily ")
@@ -79,10 +79,10 @@ def test_each_source_on_its_own_and_name_filter():
     web = _hourly_points(5, T0, timedelta(hours=1), "web")
     db = _hourly_points(5, T0 + timedelta(minutes=5), timedelta(hours=1), "db")
     ds = plan(web + db, Policy(last=2))
-    kept = {d.point["id"] for d in ds if d.keep}
-    assert kept == {p["id"] for p in web[-2:] + db[-2:]}
+    kept = {d.point.id for d in ds if d.keep}
+    assert kept == {p.id for p in web[-2:] + db[-2:]}
     only_db = plan(web + db, Policy(last=2), name="db")
-    assert {d.point["name"] for d in only_db} == {"db"}
+    assert {d.point.name for d in only_db} == {"db"}
     assert len([d for d in only_db if not d.keep]) == 3
 
 
@@ -123,7 +123,7 @@ def test_cli_policy_dry_run_lists_why_then_forgets(safe_dir, cli):
     assert r.code == 0, r.err
     assert json.loads(r.out)["points_dropped"] == 17
     with Safe.open(safe_dir) as safe:
-        left = {p["id"] for p in safe.points()}
+        left = {p.id for p in safe.points()}
     assert left == {web[0]["id"], web[2]["id"], web[4]["id"]} | {p["id"] for p in pts["db"]}
     r = cli("forget", "--keep-last", "1", "--name", "nosuch", safe=safe_dir)
     assert r.code == 1 and "no points named 'nosuch'" in r.err

@@ -221,7 +221,7 @@ def test_root_of_a_point_with_a_missing_root_is_damage(safe_dir):
     point, _ = _crafted(safe_dir)
     with open_view(safe_dir, point) as v:
         with v.safe.index.write() as t:
-            t.delete(bytes.fromhex(point["root"]), db=v.safe.index.db["objects"])
+            t.delete(point.root, db=v.safe.index.db["objects"])
         with pytest.raises(Damaged):
             v.lookup(ROOT_INO, b"exact")
         assert v.getattr(ROOT_INO).mode == 0o40755         # its attributes come from the point record
