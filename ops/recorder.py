@@ -52,7 +52,7 @@ from pointsafe.cas import Point, SafeError
 from pointsafe.cas.store import INDEX_DIR
 
 from . import alerts, config, logs, quota, tasks
-from .db import opened
+from .db import opened, writable
 
 ARG_FIELDS = ("source", "name", "point", "target", "path")
 # Commands recorded even if their parser does not declare task_kind (the kinds of the issue).
@@ -97,7 +97,11 @@ class _Recorder:
     # -- before ---------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.safe_dir is None:
+        """Sweep abandoned tasks and record this command's task (a note if that fails).
+
+        A safe this process may not write (a read-only filesystem, no write permission on the
+        index) cannot hold a task history: nothing is recorded and nothing is said."""
+        if self.safe_dir is None or not writable(self.safe_dir):
             return
         try:
             with opened(self.safe_dir) as idx:
