@@ -359,7 +359,7 @@ def cmd_config(args) -> int:
             if args.value is None:
                 raise UsageError(f"'config set {key}' needs a VALUE")
             v = config.set_value(safe.index, key, args.value)
-            out = {key: v}
+            out: dict[str, str | None] = {key: v}
         else:
             if args.value is not None:
                 raise UsageError("'config unset' takes only a KEY")

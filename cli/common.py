@@ -21,7 +21,7 @@ EXIT_OK, EXIT_ERROR, EXIT_WARNINGS = 0, 1, 3
 
 def add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
     """--safe and --json, accepted before or after the command name."""
-    d = {} if top else {"default": argparse.SUPPRESS}
+    d: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
     p.add_argument("--safe", metavar="PATH", help="the safe (default: $POINTSAFE_SAFE)", **d)
     p.add_argument("--json", action="store_true", help="print a machine-readable result on stdout", **d)
     p.add_argument("--log-file", metavar="PATH", help="append what happens, as JSON lines, to PATH", **d)

@@ -78,6 +78,11 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.view = view
         self.limiter = trio.CapacityLimiter(threads)
+        self.on_init: Callable[[], None] = lambda: None
+
+    def init(self) -> None:
+        """Called by pyfuse3 once the kernel's INIT is handled (the mount is live): ``on_init``."""
+        self.on_init()
 
     async def _thread(self, fn: Callable, *args):
         try:

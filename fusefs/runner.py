@@ -235,7 +235,7 @@ def _serve(o: MountOptions, ready_fd: int | None) -> int:
     view = View(safe, point, chunk_cache_bytes=o.chunk_cache_bytes, dir_cache_bytes=o.dir_cache_bytes)
     ops = Operations(view, threads=o.threads)
     inited = []
-    ops.init = lambda: inited.append(True)          # called when the kernel's INIT is handled
+    ops.on_init = lambda: inited.append(True)       # called when the kernel's INIT is handled
     try:
         pyfuse3.init(ops, str(o.mountpoint), fuse_options(o))
     except RuntimeError as e:

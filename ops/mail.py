@@ -73,6 +73,7 @@ def send(msg: EmailMessage, settings: dict[str, str], timeout: float = 30) -> li
     port = int(settings["smtp.port"])
     security = settings.get("smtp.security", "none")
     try:
+        conn: smtplib.SMTP
         if security == "ssl":
             conn = smtplib.SMTP_SSL(host, port, timeout=timeout, context=ssl.create_default_context())
         else:
