@@ -60,6 +60,7 @@ data fills. Crash-safe at any instant; a rerun finishes the job."""
 
 
 def register(sub) -> None:
+    """Add the ``forget``, ``gc`` and ``defrag`` commands to the subparsers ``sub``."""
     p = sub.add_parser("forget", help="forget points (by id or by a retention policy)",
                        description=FORGET_DESC, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common(p)
@@ -114,6 +115,8 @@ def _frag(d: dict | None) -> str:
 
 
 def cmd_forget(args) -> int:
+    """``pointsafe forget``: forget the named points or those the --keep-* policy lets go (with
+    --dry-run, only say which), then gc with --prune."""
     from pointsafe.gc.collect import run_gc
     from pointsafe.gc.forget import forget, plan_forget
     policy = Policy(**{r: getattr(args, f"keep_{r}") for r in RULES})

@@ -30,6 +30,7 @@ def add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
 
 
 def safe_path(args) -> Path:
+    """The safe given by --safe or $POINTSAFE_SAFE; UsageError when neither is."""
     path = getattr(args, "safe", None) or os.environ.get("POINTSAFE_SAFE")
     if not path:
         raise UsageError("no safe given: use --safe PATH or set POINTSAFE_SAFE")
@@ -37,10 +38,12 @@ def safe_path(args) -> Path:
 
 
 def open_safe(args) -> Safe:
+    """The safe of :func:`safe_path`, opened (read-only when its filesystem is)."""
     return Safe.open(safe_path(args))
 
 
 def emit_json(obj: Any) -> None:
+    """Print ``obj`` on stdout as indented JSON with sorted keys (values JSON cannot hold as their str())."""
     json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=str)
     sys.stdout.write("\n")
 

@@ -57,6 +57,7 @@ def clear(index, key: str) -> None:
 
 
 def list_alerts(index, include_acked: bool = False) -> list[dict]:
+    """Alerts, oldest first: the open ones, or every one with ``include_acked``."""
     dbs = ensure_tables(index)
     with index.read() as t:
         out = [json.loads(v) for _, v in t.cursor(db=dbs["alerts"])]
@@ -64,6 +65,7 @@ def list_alerts(index, include_acked: bool = False) -> list[dict]:
 
 
 def get(index, alert_id: int) -> dict | None:
+    """Alert ``alert_id``'s record, or None when there is no such alert."""
     dbs = ensure_tables(index)
     with index.read() as t:
         return get_json(t, dbs["alerts"], id_key(alert_id))

@@ -18,6 +18,7 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
 
 
 def real_now() -> datetime:
+    """The wall-clock time now, in UTC (never the test override of :func:`now`)."""
     return datetime.now(timezone.utc)
 
 
