@@ -31,6 +31,7 @@ every 30 seconds, or every $POINTSAFE_PROGRESS_INTERVAL seconds.
 
 
 def register(sub) -> None:
+    """Add the ``backup`` command to the subparsers ``sub``."""
     p = sub.add_parser("backup", help="back up a directory, block device or disk image",
                        description=HELP, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     add_common(p)
@@ -59,6 +60,7 @@ def consistency_hooks(args) -> list:
 
 
 def cmd_backup(args) -> int:
+    """``pointsafe backup``: make a point of SOURCE and print it (exit 3 when it has warnings)."""
     labels = {}
     for kv in args.label:
         k, _, v = kv.partition("=")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+from typing import TYPE_CHECKING, Callable
 
+from pointsafe.cas import Safe
 from pointsafe.gc.retention import RULES, Policy
 
 from .common import (
@@ -11,10 +14,15 @@ from .common import (
     EXIT_WARNINGS,
     add_common,
     emit_json,
+    Meter,
     human_bytes,
     open_safe,
+    progress,
     say,
 )
+
+if TYPE_CHECKING:
+    from pointsafe.gc.collect import GcReport
 
 # The gc jobs are imported when a command runs, not when the CLI starts.
 DEFAULT_THRESHOLD = 0.20   # pointsafe.gc.collect.DEFAULT_THRESHOLD (checked by a test)
@@ -52,6 +60,7 @@ data fills. Crash-safe at any instant; a rerun finishes the job."""
 
 
 def register(sub) -> None:
+    """Add the ``forget``, ``gc`` and ``defrag`` commands to the subparsers ``sub``."""
     p = sub.add_parser("forget", help="forget points (by id or by a retention policy)",
                        description=FORGET_DESC, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common(p)
@@ -106,6 +115,8 @@ def _frag(d: dict | None) -> str:
 
 
 def cmd_forget(args) -> int:
+    """``pointsafe forget``: forget the named points or those the --keep-* policy lets go (with
+    --dry-run, only say which), then gc with --prune."""
     from pointsafe.gc.collect import run_gc
     from pointsafe.gc.forget import forget, plan_forget
     policy = Policy(**{r: getattr(args, f"keep_{r}") for r in RULES})
@@ -169,10 +180,60 @@ def _say_gc(args, r) -> None:
         say(args, f"warning: {w}")
 
 
-def cmd_gc(args) -> int:
-    from pointsafe.gc.collect import run_gc
+def new_pack_bytes(safe: Safe) -> Callable[[], int]:
+    """A probe for :func:`progress`: the bytes of the pack files made since this call, which
+    is what gc's compaction and defrag have moved so far (gc/ reports no progress itself)."""
+    def names() -> set[str]:
+        try:
+            with os.scandir(safe.packs_dir) as it:
+                return {d.name for d in it if d.name.endswith(".pack")}
+        except OSError:
+            return set()
+
+    before = names()
+
+    def probe() -> int:
+        n = 0
+        try:
+            with os.scandir(safe.packs_dir) as it:
+                for d in it:
+                    if d.name.endswith(".pack") and d.name not in before:
+                        try:
+                            n += d.stat().st_size
+                        except FileNotFoundError:    # deleted meanwhile
+                            pass
+        except OSError:
+            pass
+        return n
+    return probe
+
+
+def _run_gc(args: argparse.Namespace, safe: Safe, meter: Meter) -> GcReport:
+    """What ``run_gc`` does (plan; unless --dry-run, execute the plan under the writer lock),
+    with a progress phase for the plan and one for its execution."""
+    from pointsafe.gc.collect import execute, plan_gc, report_plan
+    threshold = args.threshold / 100
+    meter.phase("gc: planning")
+    if args.dry_run:
+        return report_plan(safe, plan_gc(safe, threshold))
+    with safe.writer("gc") as w:
+        plan = plan_gc(w.safe, threshold)
+        moving = plan.compact and bool(plan.rewrite)
+        meter.phase(f"gc: freeing {plan.objects_dropped} dead objects, deleting {len(plan.delete)} packs, "
+                    f"{f'rewriting {len(plan.rewrite)}' if moving else 'rewriting none'}; moved into new packs",
+                    plan.bytes_moved if moving else None)
+        return execute(w, plan)
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """``pointsafe gc``: give back dead space (see GC_DESC); exit 3 when it warns.
+
+    Without a terminal it logs a progress line per phase and every 30 s (bytes moved into new
+    packs so far), as backup does."""
     with open_safe(args) as safe:
-        r = run_gc(safe, threshold=args.threshold / 100, dry_run=args.dry_run)
+        with progress(args, None, "gc", poll=new_pack_bytes(safe)) as meter:
+            r = _run_gc(args, safe, meter)
+            meter.phase("gc: finished; moved into new packs", meter.total)
     if args.json:
         emit_json(r.as_dict())
     else:
@@ -180,10 +241,18 @@ def cmd_gc(args) -> int:
     return EXIT_WARNINGS if r.warnings else EXIT_OK
 
 
-def cmd_defrag(args) -> int:
+def cmd_defrag(args: argparse.Namespace) -> int:
+    """``pointsafe defrag``: rewrite the newest points to read sequentially (see DEFRAG_DESC);
+    exit 3 when it warns.
+
+    Without a terminal it logs a progress line when it starts, every 30 s and when it ends
+    (bytes written into new packs so far), as backup does."""
     from pointsafe.gc.defrag import defrag
     with open_safe(args) as safe:
-        r = defrag(safe, dry_run=args.dry_run)
+        with progress(args, None, "defrag", poll=new_pack_bytes(safe)) as meter:
+            meter.phase("defrag: measuring" if args.dry_run else "defrag: moved into new packs")
+            r = defrag(safe, dry_run=args.dry_run)
+            meter.phase("defrag: finished; moved into new packs")
     if args.json:
         emit_json(r.as_dict())
         return EXIT_WARNINGS if r.warnings else EXIT_OK

@@ -28,6 +28,7 @@ The mount's counters are readable as: getfattr -n user.pointsafe.stats MOUNTPOIN
 
 
 def register(sub) -> None:
+    """Add the ``mount`` and ``umount`` commands to the subparsers ``sub``."""
     p = sub.add_parser("mount", help="mount points read-only (FUSE)", description=MOUNT_DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common(p)
@@ -65,6 +66,8 @@ def register(sub) -> None:
 
 
 def cmd_mount(args) -> int:
+    """``pointsafe mount``: mount the safe (or one point) read-only; returns once the mount answers,
+    or when it ends with --foreground."""
     from pointsafe.fusefs.runner import MountOptions, mount
 
     o = MountOptions(safe=safe_path(args), mountpoint=Path(args.mountpoint), point=args.point,
@@ -86,6 +89,7 @@ def cmd_mount(args) -> int:
 
 
 def cmd_umount(args) -> int:
+    """``pointsafe umount``: unmount a pointsafe mount (refusing any other mount)."""
     from pointsafe.fusefs.runner import umount
 
     umount(Path(args.mountpoint), lazy=args.lazy)

@@ -15,6 +15,7 @@ EXIT_ALERTS = 2   # status: open alerts (Nagios CRITICAL); 0 = all clear, 1 = er
 
 
 def register(sub) -> None:
+    """Add the ``tasks``, ``status``, ``alerts``, ``report`` and ``config`` commands to the subparsers ``sub``."""
     p = sub.add_parser("tasks", help="the task history",
                        description="List recorded tasks (backup, restore, forget, gc, defrag, verify, repair, "
                                    "report), oldest first. A task is running, ok, warning, error, abandoned "
@@ -126,6 +127,7 @@ def _detail(t: dict) -> str:
 
 
 def cmd_tasks(args) -> int:
+    """``pointsafe tasks``: the recorded tasks, oldest first, filtered as asked (abandoned ones marked first)."""
     since = parse_since(args.since) if args.since else None
     with open_safe(args) as safe:
         alerts.sweep_abandoned(safe.index)
@@ -146,6 +148,7 @@ def cmd_tasks(args) -> int:
 
 
 def cmd_task_show(args) -> int:
+    """``pointsafe tasks show ID``: one task with its details and warnings (UsageError when there is none)."""
     with open_safe(args) as safe:
         alerts.sweep_abandoned(safe.index)
         t = tasks.get(safe.index, args.id)
@@ -215,6 +218,8 @@ def cmd_check(args) -> int:
 
 
 def cmd_status(args) -> int:
+    """``pointsafe status``: the safe, its space, its sources and open alerts; exit 2 when alerts are open
+    (``--check``: the short form for monitoring)."""
     if args.check:
         return cmd_check(args)
     with open_safe(args) as safe:
@@ -259,6 +264,7 @@ def cmd_status(args) -> int:
 # -- alerts --------------------------------------------------------------------------------------
 
 def cmd_alerts(args) -> int:
+    """``pointsafe alerts``: the open alerts (every one with --history), after updating the standing conditions."""
     with open_safe(args) as safe:
         try:
             alerts.sweep_abandoned(safe.index)
@@ -279,6 +285,7 @@ def cmd_alerts(args) -> int:
 
 
 def cmd_alerts_ack(args) -> int:
+    """``pointsafe alerts ack``: acknowledge the given alerts, or all with --all (UsageError for an unknown id)."""
     if bool(args.ids) == bool(args.all):
         raise UsageError("give alert ids or --all (not both)")
     with open_safe(args) as safe:
@@ -297,6 +304,8 @@ def cmd_alerts_ack(args) -> int:
 # -- report --------------------------------------------------------------------------------------
 
 def cmd_report(args) -> int:
+    """``pointsafe report``: mail the open alerts and the task problems since the last report (unless
+    there is nothing to say and no --always); --print-only prints the mail instead."""
     from pointsafe.ops import mail   # smtplib and ssl: only when a report is made
     since = parse_since(args.since) if args.since else None
     with open_safe(args) as safe:
@@ -329,6 +338,7 @@ def cmd_report(args) -> int:
 # -- config --------------------------------------------------------------------------------------
 
 def cmd_config(args) -> int:
+    """``pointsafe config [get|set|unset KEY [VALUE]]``: show or change the safe's settings."""
     with open_safe(args) as safe:
         if args.action is None:
             stored = {k: v for k, v in config.load(safe.index).items() if not k.startswith("state.")}
@@ -359,7 +369,7 @@ def cmd_config(args) -> int:
             if args.value is None:
                 raise UsageError(f"'config set {key}' needs a VALUE")
             v = config.set_value(safe.index, key, args.value)
-            out = {key: v}
+            out: dict[str, str | None] = {key: v}
         else:
             if args.value is not None:
                 raise UsageError("'config unset' takes only a KEY")

@@ -19,6 +19,7 @@ POINT_HELP = "POINT is an id prefix (4+ hex digits), 'latest', NAME@latest or NA
 
 
 def register(sub) -> None:
+    """Add the ``points``, ``show``, ``ls``, ``diff`` and ``restore`` commands to the subparsers ``sub``."""
     p = sub.add_parser("points", help="list recovery points", description="List the safe's points, oldest first.")
     add_common(p)
     p.add_argument("--name", help="only points of this source name")
@@ -69,6 +70,7 @@ def register(sub) -> None:
 
 
 def cmd_points(args) -> int:
+    """``pointsafe points``: the safe's points, oldest first (only --name's with it)."""
     with open_safe(args) as safe:
         pts = safe.points()
     if args.name:
@@ -89,6 +91,7 @@ def cmd_points(args) -> int:
 
 
 def cmd_show(args) -> int:
+    """``pointsafe show POINT``: one point's record (and its fragmentation with --fragmentation)."""
     with open_safe(args) as safe:
         p = resolve_point(safe, args.point)
         rec = p.to_record()
@@ -144,6 +147,7 @@ def _ls_line(path: bytes, e) -> str:
 
 
 def cmd_ls(args) -> int:
+    """``pointsafe ls POINT [PATH]``: the entries of a directory in a tree point (recursive with -R)."""
     from pointsafe.cas import UsageError
     from pointsafe.ingest.browse import walk
     with open_safe(args) as safe:
@@ -167,6 +171,7 @@ def cmd_ls(args) -> int:
 
 
 def cmd_diff(args) -> int:
+    """``pointsafe diff A B``: the paths added, removed or changed from point A to point B."""
     from pointsafe.cas import UsageError
     with open_safe(args) as safe:
         a = resolve_point(safe, args.a)
@@ -184,6 +189,8 @@ def cmd_diff(args) -> int:
 
 
 def cmd_restore(args) -> int:
+    """``pointsafe restore POINT TARGET``: write the point (or --path in it) to TARGET, with progress;
+    exit 3 when some files could not be restored."""
     with open_safe(args) as safe:
         p = resolve_point(safe, args.point)
         with progress(args, p.size, f"restoring {p.id[:12]}") as advance:

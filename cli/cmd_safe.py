@@ -21,6 +21,7 @@ from .common import (
 
 
 def register(sub) -> None:
+    """Add the ``init``, ``verify`` and ``repair`` commands to the subparsers ``sub``."""
     p = sub.add_parser("init", help="create a new safe",
                        description="Create a new, empty safe at PATH (or --safe / $POINTSAFE_SAFE).")
     add_common(p)
@@ -50,6 +51,7 @@ def register(sub) -> None:
 
 
 def cmd_init(args) -> int:
+    """``pointsafe init [PATH]``: create a new, empty safe and print its settings."""
     if args.path:
         args.safe = args.path
     path = safe_path(args)

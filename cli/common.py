@@ -21,7 +21,7 @@ EXIT_OK, EXIT_ERROR, EXIT_WARNINGS = 0, 1, 3
 
 def add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
     """--safe and --json, accepted before or after the command name."""
-    d = {} if top else {"default": argparse.SUPPRESS}
+    d: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
     p.add_argument("--safe", metavar="PATH", help="the safe (default: $POINTSAFE_SAFE)", **d)
     p.add_argument("--json", action="store_true", help="print a machine-readable result on stdout", **d)
     p.add_argument("--log-file", metavar="PATH", help="append what happens, as JSON lines, to PATH", **d)
@@ -30,6 +30,7 @@ def add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
 
 
 def safe_path(args) -> Path:
+    """The safe given by --safe or $POINTSAFE_SAFE; UsageError when neither is."""
     path = getattr(args, "safe", None) or os.environ.get("POINTSAFE_SAFE")
     if not path:
         raise UsageError("no safe given: use --safe PATH or set POINTSAFE_SAFE")
@@ -37,10 +38,12 @@ def safe_path(args) -> Path:
 
 
 def open_safe(args) -> Safe:
+    """The safe of :func:`safe_path`, opened (read-only when its filesystem is)."""
     return Safe.open(safe_path(args))
 
 
 def emit_json(obj: Any) -> None:
+    """Print ``obj`` on stdout as indented JSON with sorted keys (values JSON cannot hold as their str())."""
     json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=str)
     sys.stdout.write("\n")
 
@@ -70,7 +73,8 @@ class Meter:
     corrects) what is expected, as an estimate. Sizes are shown in binary units, as in every
     summary (``human_bytes``)."""
 
-    def __init__(self, description: str, total: int | None, on_change: Callable[[Meter], None] | None = None):
+    def __init__(self, description: str, total: int | None, on_change: Callable[[Meter], None] | None = None,
+                 poll: Callable[[], int] | None = None):
         self.description = description
         self.total = total
         self.total_files: int | None = None
@@ -79,6 +83,8 @@ class Meter:
         self.files = 0
         self.started = time.monotonic()
         self.on_change = on_change or (lambda m: None)
+        self.poll = poll
+        self.on_phase: Callable[[Meter], None] = lambda m: None
 
     def __call__(self, nbytes: int, files: int = 0) -> None:
         self.done += nbytes
@@ -89,6 +95,19 @@ class Meter:
         """Expect about ``nbytes`` and ``files`` (None: unknown)."""
         self.total, self.total_files, self.estimated = nbytes, files, True
         self.on_change(self)
+
+    def phase(self, description: str, total: int | None = None) -> None:
+        """A new phase of the job: ``description`` (and ``total``, None: unknown) from now on;
+        without a terminal the log gets a progress line for it at once."""
+        self.description, self.total, self.estimated = description, total, False
+        self.sample()
+        self.on_phase(self)
+
+    def sample(self) -> None:
+        """Bring ``done`` up to date from the ``poll`` probe, for jobs that report nothing
+        themselves (gc, defrag); ``done`` never goes back."""
+        if self.poll is not None:
+            self.done = max(self.done, self.poll())
 
     def rate(self) -> float:
         """Bytes per second since the start."""
@@ -114,28 +133,35 @@ def progress_interval() -> float:
 
 
 @contextmanager
-def progress(args, total: int | None, description: str) -> Iterator[Meter]:
+def progress(args: argparse.Namespace, total: int | None, description: str,
+             poll: Callable[[], int] | None = None) -> Iterator[Meter]:
     """Progress of a long command. Yields a :class:`Meter` (call it with bytes done).
 
     On a terminal: a progress bar (bytes done of the total, files, rate, time left), unless
     --json or --quiet. Without a terminal (cron, systemd): every 30 s
     ($POINTSAFE_PROGRESS_INTERVAL) a progress line in the log (--log-file, --syslog), or on
-    stderr when there is no log and no --quiet."""
+    stderr when there is no log and no --quiet; and a line in the log at each
+    :meth:`Meter.phase`.
+
+    A job that reports nothing itself gives ``poll`` instead, a probe of the bytes done so
+    far, read before each line; it gets the log lines but no bar."""
     if sys.stderr.isatty():
-        if getattr(args, "json", False) or getattr(args, "quiet", False):
+        if poll is not None or getattr(args, "json", False) or getattr(args, "quiet", False):
             yield Meter(description, total)
             return
         with _bar(description, total) as meter:
             yield meter
         return
-    meter = Meter(description, total)
+    meter = Meter(description, total, poll=poll)
     interval = progress_interval()
     if not interval:
         yield meter
         return
     stop = threading.Event()
     to_stderr = not _has_log() and not getattr(args, "quiet", False)
-    t = threading.Thread(target=_log_lines, args=(meter, interval, stop, to_stderr, getattr(args, "command", None)),
+    command = getattr(args, "command", None)
+    meter.on_phase = lambda m: _log_line(m, False, command)
+    t = threading.Thread(target=_log_lines, args=(meter, interval, stop, to_stderr, command),
                          name="pointsafe-progress", daemon=True)
     t.start()
     try:
@@ -151,16 +177,22 @@ def _has_log() -> bool:
 
 
 def _log_lines(meter: Meter, interval: float, stop: threading.Event, to_stderr: bool, command: str | None) -> None:
-    from pointsafe.ops import logs
     while not stop.wait(interval):
-        line = meter.line()
-        logs.event(logging.INFO, line, kind="progress", command=command, done_bytes=meter.done,
-                   total_bytes=meter.total, files=meter.files, total_files=meter.total_files)
-        if to_stderr:
-            try:
-                print(f"pointsafe: {line}", file=sys.stderr, flush=True)
-            except (OSError, ValueError):
-                pass
+        meter.sample()
+        _log_line(meter, to_stderr, command)
+
+
+def _log_line(meter: Meter, to_stderr: bool, command: str | None) -> None:
+    """One progress line in the log (and on stderr with ``to_stderr``)."""
+    from pointsafe.ops import logs
+    line = meter.line()
+    logs.event(logging.INFO, line, kind="progress", command=command, done_bytes=meter.done,
+               total_bytes=meter.total, files=meter.files, total_files=meter.total_files)
+    if to_stderr:
+        try:
+            print(f"pointsafe: {line}", file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
 
 
 @contextmanager

@@ -22,6 +22,7 @@ import importlib
 import os
 import sys
 import traceback
+from typing import NoReturn
 
 import lmdb
 
@@ -87,7 +88,7 @@ def _version() -> str:
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors on one line (the usage is one --help away)."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 

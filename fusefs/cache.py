@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Callable, Generic, Hashable, TypeVar
+from typing import Callable, Generic, Hashable, Iterable, TypeVar, cast
 
 V = TypeVar("V")
 
 
 class _Flight:
+    """One load under way: waiters wait on ``done``, then read ``value`` or ``error``."""
+
     __slots__ = ("done", "value", "error")
 
     def __init__(self) -> None:
         self.done = threading.Event()
-        self.value = None
+        self.value: object = None
         self.error: BaseException | None = None
 
 
@@ -53,6 +55,7 @@ class ByteLRU(Generic[V]):
             return item[0]
 
     def __contains__(self, key: Hashable) -> bool:
+        """Whether ``key`` is cached or being loaded."""
         with self.lock:
             return key in self.items or key in self.flights
 
@@ -93,14 +96,14 @@ class ByteLRU(Generic[V]):
                 return item[0]
             flight = self.flights.get(key)
             owner = flight is None
-            if owner:
+            if flight is None:
                 flight = self.flights[key] = _Flight()
                 self.misses += 1
         if not owner:
             flight.done.wait()
             if flight.error is not None:
                 raise flight.error
-            return flight.value  # type: ignore[return-value]
+            return cast(V, flight.value)   # the owner stored a V (or an error, raised above)
         try:
             value = load()
         except BaseException as e:
@@ -119,7 +122,7 @@ class ByteLRU(Generic[V]):
 
     # -- batch form of get(), for callers that load many keys at once ---------------------
 
-    def claim(self, keys) -> tuple[dict, list, list]:
+    def claim(self, keys: Iterable[Hashable]) -> tuple[dict, list, list]:
         """Split ``keys`` into (cached {key: value}, keys this caller must load, flights to wait on).
 
         Every key returned in the second list must be settled with :meth:`settle`.
@@ -146,16 +149,16 @@ class ByteLRU(Generic[V]):
 
     def settle(self, key: Hashable, value: V | None = None, error: BaseException | None = None) -> None:
         """Finish a load claimed with :meth:`claim`: cache the value (or pass on the error)."""
-        n = self.sizeof(value) if error is None else 0
+        n = self.sizeof(cast(V, value)) if error is None else 0   # without an error, a value
         with self.lock:
             f = self.flights.pop(key)
             if error is None:
-                self._put_locked(key, value, n)
+                self._put_locked(key, cast(V, value), n)
         f.value, f.error = value, error
         f.done.set()
 
     @staticmethod
-    def wait(flight) -> object:
+    def wait(flight: _Flight) -> object:
         """The value another thread's load of a claimed key produced (or its error, raised)."""
         flight.done.wait()
         if flight.error is not None:

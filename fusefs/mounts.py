@@ -20,6 +20,7 @@ def _unescape(field: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class MountInfo:
+    """One line of /proc/self/mountinfo: the mount's id, device (major:minor), mount point, type and source."""
     mount_id: int
     device: str         # "major:minor"
     mountpoint: str
@@ -28,6 +29,7 @@ class MountInfo:
 
 
 def mounts() -> list[MountInfo]:
+    """Every mount this process sees, in /proc/self/mountinfo order (later ones on top)."""
     out = []
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:

@@ -17,6 +17,8 @@ up again and raises ``IntegrityError``/``ObjectMissing`` when it really is damag
 
 from __future__ import annotations
 
+from typing import cast
+
 from pointsafe.cas import IntegrityError, Safe
 from pointsafe.cas.pack import decode_record_view
 from pointsafe.cas.store import PackFiles
@@ -26,9 +28,13 @@ from .cache import ByteLRU
 MAX_RUN = 4 * 1024 * 1024      # bytes of adjacent records read with one pread
 
 
-def _held(value: bytes | memoryview) -> int:
+Chunk = bytes | memoryview    # a chunk's bytes: a view of its record buffer when read alone, raw
+
+
+def _held(value: Chunk) -> int:
     """Bytes a cached value keeps alive: a raw chunk is a view of its whole record buffer."""
-    return len(value.obj) if isinstance(value, memoryview) else len(value)
+    # (the buffer under a view is the bytes object one pread returned)
+    return len(cast(bytes, value.obj)) if isinstance(value, memoryview) else len(value)
 
 
 class ChunkSource:
@@ -36,10 +42,10 @@ class ChunkSource:
 
     def __init__(self, safe: Safe, cache_bytes: int):
         self.safe = safe
-        self.cache: ByteLRU[bytes] = ByteLRU(cache_bytes, sizeof=_held)
+        self.cache: ByteLRU[Chunk] = ByteLRU(cache_bytes, sizeof=_held)
         self.fds = PackFiles(safe.packs_dir, limit=32)
 
-    def peek_many(self, keys: list[bytes]) -> dict[bytes, bytes] | None:
+    def peek_many(self, keys: list[bytes]) -> dict[bytes, Chunk] | None:
         """Every chunk in ``keys`` if all are cached, else None (nothing is loaded)."""
         out = {}
         for k in keys:
@@ -49,7 +55,7 @@ class ChunkSource:
             out[k] = v
         return out
 
-    def get_many(self, keys: list[bytes]) -> dict[bytes, bytes]:
+    def get_many(self, keys: list[bytes]) -> dict[bytes, Chunk]:
         """The raw bytes of every chunk in ``keys`` (IntegrityError/ObjectMissing on damage)."""
         found, mine, waits = self.cache.claim(keys)
         if mine:
@@ -74,12 +80,14 @@ class ChunkSource:
             found[k] = ByteLRU.wait(f)
         return found
 
-    def _load(self, keys: list[bytes]) -> dict[bytes, bytes | BaseException]:
+    def _load(self, keys: list[bytes]) -> dict[bytes, Chunk | BaseException]:
+        """The chunks of ``keys`` read in pack order, each checked; a chunk that cannot be
+        had is its exception (for the caller to raise)."""
         safe = self.safe
         idx = safe.index
         with idx.read() as txn:
             entries = [(k, idx.get_object(txn, k)) for k in keys]
-        out: dict[bytes, bytes | BaseException] = {}
+        out: dict[bytes, Chunk | BaseException] = {}
         located = []
         for k, e in entries:
             if e is None:

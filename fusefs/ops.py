@@ -78,6 +78,11 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.view = view
         self.limiter = trio.CapacityLimiter(threads)
+        self.on_init: Callable[[], None] = lambda: None
+
+    def init(self) -> None:
+        """Called by pyfuse3 once the kernel's INIT is handled (the mount is live): ``on_init``."""
+        self.on_init()
 
     async def _thread(self, fn: Callable, *args):
         try:
@@ -96,24 +101,31 @@ class Operations(pyfuse3.Operations):
     # -- names and attributes ---------------------------------------------------------------
 
     async def lookup(self, parent_inode, name, ctx=None):
+        """The attributes of ``name`` in directory ``parent_inode`` (ENOENT when absent); counts a lookup."""
         node = await self._thread(self.view.lookup, parent_inode, bytes(name))
         return _attrs(self.view, node)
 
     async def forget(self, inode_list):
+        """Drop the kernel's lookup counts of the inodes in ``inode_list``."""
         for ino, n in inode_list:
             self.view.forget(ino, n)
 
     async def getattr(self, inode, ctx=None):
+        """The attributes of ``inode`` (answered at once, not in a worker thread)."""
         self.view.getattrs += 1
         return _attrs(self.view, self._here(self.view.node, inode))
 
     async def readlink(self, inode, ctx):
+        """The target of the symlink ``inode`` (EINVAL when it is not one)."""
         return self._here(self.view.readlink, inode)
 
     async def opendir(self, inode, ctx):
+        """A handle for listing directory ``inode`` (ENOTDIR when it is not one)."""
         return await self._thread(self.view.opendir, inode)
 
     async def readdir(self, fh, start_id, token):
+        """Reply the entries of ``fh`` from ``start_id`` on until the kernel's buffer is full;
+        the entries handed over count as looked up."""
         view = self.view
         given = []
         reply = pyfuse3.readdir_reply
@@ -129,9 +141,11 @@ class Operations(pyfuse3.Operations):
             view.remember_many(given)       # no await above: no forget() can come in between
 
     async def releasedir(self, fh):
+        """Forget the directory handle ``fh``."""
         self.view.releasedir(fh)
 
     async def statfs(self, ctx):
+        """Sizes for ``df`` (see ``View.statfs``): the safe's packs as used, its filesystem's free space."""
         d = await self._thread(self.view.statfs)
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = d["bsize"]
@@ -141,6 +155,8 @@ class Operations(pyfuse3.Operations):
         return s
 
     async def access(self, inode, mode, ctx):
+        """False when ``mode`` asks for writing (the mount is read-only), else True (the stored
+        permissions are the kernel's to check, with default_permissions)."""
         if mode & os.W_OK:
             return False
         return True
@@ -148,30 +164,39 @@ class Operations(pyfuse3.Operations):
     # -- extended attributes ----------------------------------------------------------------
 
     async def getxattr(self, inode, name, ctx):
+        """The stored extended attribute ``name`` of ``inode`` (ENODATA when absent)."""
         return self._here(self.view.getxattr, inode, bytes(name))
 
     async def listxattr(self, inode, ctx):
+        """The names of the stored extended attributes of ``inode``."""
         return [n for n, _ in self._here(self.view.xattrs, inode)]
 
     # -- file contents ----------------------------------------------------------------------
 
     async def open(self, inode, flags, ctx):
+        """A handle for reading file ``inode``; the kernel may keep its page cache (the data never changes).
+        Opening for writing is EROFS."""
         fh = await self._thread(self.view.open, inode, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh, off, size):
+        """Up to ``size`` bytes of ``fh`` at ``off``: from the cache at once when all there, else
+        loaded in a worker thread (EIO for damaged data)."""
         data = self._here(self.view.read, fh, off, size, True)     # cached: answer right here
         if data is None:
             data = await self._thread(self.view.read, fh, off, size)
         return data
 
     async def flush(self, fh):
+        """Nothing to flush on a read-only mount."""
         return None
 
     async def release(self, fh):
+        """Forget the file handle ``fh``."""
         self.view.release(fh)
 
     async def fsync(self, fh, datasync):
+        """Nothing to sync on a read-only mount."""
         return None
 
     # -- everything that would write: read-only -----------------------------------------------

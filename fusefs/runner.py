@@ -40,6 +40,8 @@ class MountError(SafeError):
 
 @dataclass
 class MountOptions:
+    """How to mount: the safe, the mount point, one point or all, the daemon's caches, threads,
+    read-ahead, log and permissions (see ``pointsafe mount --help``)."""
     safe: Path
     mountpoint: Path
     point: str | None = None
@@ -55,11 +57,13 @@ class MountOptions:
 
 
 def default_log_file() -> Path:
+    """Where a background mount logs: $XDG_STATE_HOME/pointsafe/mount.log (or ~/.local/state/...)."""
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(base) / "pointsafe" / "mount.log"
 
 
 def check_fuse() -> None:
+    """Raise MountError with what to install or load unless /dev/fuse and fusermount3 are there."""
     if not os.path.exists("/dev/fuse"):
         raise MountError("FUSE is not available: /dev/fuse is missing (load the fuse module, or run "
                          "the container with --device /dev/fuse)")
@@ -68,6 +72,7 @@ def check_fuse() -> None:
 
 
 def check_mountpoint(mp: Path) -> None:
+    """Raise MountError unless ``mp`` is an existing, readable, empty directory with nothing mounted on it."""
     m = mount_at(str(mp))
     if m is not None:
         hint = f"pointsafe umount {mp}" if m.fstype == FSTYPE else f"umount {mp}"
@@ -84,6 +89,8 @@ def check_mountpoint(mp: Path) -> None:
 
 
 def fuse_options(o: MountOptions) -> set[str]:
+    """The FUSE mount options for ``o``: read-only, nodev, nosuid, named pointsafe, with the
+    permission options it asks for."""
     opts = {"fsname=pointsafe", "subtype=pointsafe", "ro", "nodev", "nosuid"}
     if o.default_permissions:
         opts.add("default_permissions")
@@ -94,6 +101,7 @@ def fuse_options(o: MountOptions) -> set[str]:
 
 @dataclass
 class Mounted:
+    """A mount made: the serving daemon's pid (0 after a foreground run) and the point shown (None: all)."""
     pid: int                # the daemon serving the mount (0 after a foreground run)
     point_id: str | None    # the point shown, None for the whole safe
 
@@ -235,7 +243,7 @@ def _serve(o: MountOptions, ready_fd: int | None) -> int:
     view = View(safe, point, chunk_cache_bytes=o.chunk_cache_bytes, dir_cache_bytes=o.dir_cache_bytes)
     ops = Operations(view, threads=o.threads)
     inited = []
-    ops.init = lambda: inited.append(True)          # called when the kernel's INIT is handled
+    ops.on_init = lambda: inited.append(True)       # called when the kernel's INIT is handled
     try:
         pyfuse3.init(ops, str(o.mountpoint), fuse_options(o))
     except RuntimeError as e:

@@ -34,11 +34,12 @@ def raise_alert(index, kind: str, severity: str, message: str, *, key: str | Non
     with index.write() as t:
         if key is not None and t.get(key.encode(), db=dbs["alert_latches"]) is not None:
             return None
-        rec = {"id": next_id(t, dbs["alerts"]), "kind": kind, "severity": severity, "message": message,
+        aid = next_id(t, dbs["alerts"])
+        rec = {"id": aid, "kind": kind, "severity": severity, "message": message,
                "raised": iso(real_now()), "key": key, "task": task, "source": source, "acked": None}
-        put_json(t, dbs["alerts"], id_key(rec["id"]), rec)
+        put_json(t, dbs["alerts"], id_key(aid), rec)
         if key is not None:
-            t.put(key.encode(), id_key(rec["id"]), db=dbs["alert_latches"])
+            t.put(key.encode(), id_key(aid), db=dbs["alert_latches"])
     event(logging.ERROR if severity == "critical" else logging.WARNING,
           f"alert #{rec['id']} ({severity}): {message}", alert=rec["id"], alert_kind=kind, severity=severity,
           task=task, source=source)
@@ -56,6 +57,7 @@ def clear(index, key: str) -> None:
 
 
 def list_alerts(index, include_acked: bool = False) -> list[dict]:
+    """Alerts, oldest first: the open ones, or every one with ``include_acked``."""
     dbs = ensure_tables(index)
     with index.read() as t:
         out = [json.loads(v) for _, v in t.cursor(db=dbs["alerts"])]
@@ -63,6 +65,7 @@ def list_alerts(index, include_acked: bool = False) -> list[dict]:
 
 
 def get(index, alert_id: int) -> dict | None:
+    """Alert ``alert_id``'s record, or None when there is no such alert."""
     dbs = ensure_tables(index)
     with index.read() as t:
         return get_json(t, dbs["alerts"], id_key(alert_id))

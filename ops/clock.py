@@ -18,6 +18,7 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
 
 
 def real_now() -> datetime:
+    """The wall-clock time now, in UTC (never the test override of :func:`now`)."""
     return datetime.now(timezone.utc)
 
 
@@ -56,7 +57,7 @@ def parse_duration(text: str) -> float:
 def human_duration(seconds: float) -> str:
     """``3d 4h``, ``5h 12m``, ``42s``: two units at most."""
     s = int(max(0, seconds))
-    parts = []
+    parts: list[str] = []
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         if s >= size or (unit == "s" and not parts):
             parts.append(f"{s // size}{unit}")

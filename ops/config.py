@@ -44,6 +44,7 @@ _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", re.I)
 
 
 def check_key(name: str) -> str:
+    """``name`` without surrounding blanks, if it is a known setting (or interval.NAME); else UsageError."""
     name = name.strip()
     if name not in _SIMPLE and not (name.startswith("interval.") and len(name) > len("interval.")):
         raise UsageError(f"unknown setting {name!r}: known are {', '.join(_SIMPLE)} and interval.NAME")
@@ -113,6 +114,7 @@ def interval_for(settings: dict[str, str], name: str) -> float | None:
 
 
 def set_value(index, name: str, value: str) -> str:
+    """Store setting ``name`` as ``value`` once checked (UsageError when invalid); returns the value stored."""
     value = check(name, value)
     db = ensure_tables(index)["config"]
     with index.write() as t:
@@ -121,6 +123,7 @@ def set_value(index, name: str, value: str) -> str:
 
 
 def unset(index, name: str) -> bool:
+    """Remove setting ``name`` (back to its default); True if it was set."""
     db = ensure_tables(index)["config"]
     with index.write() as t:
         return t.delete(name.strip().encode(), db=db)

@@ -19,10 +19,11 @@ their tasks while a backup runs.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from pointsafe.cas.index import Index
 from pointsafe.cas.store import INDEX_DIR
@@ -33,6 +34,24 @@ OPS_TABLES = ("tasks", "tasks_running", "alerts", "alert_latches", "config")
 def ensure_tables(index: Index) -> dict:
     """Open (creating when needed) the ops tables; returns name -> LMDB database."""
     return {name: index.table(name) for name in OPS_TABLES}
+
+
+def writable(safe_dir: str | Path) -> bool:
+    """Whether this process may write the safe's index: False when the index lies on a
+    read-only filesystem or the process lacks write permission on the index folder or its
+    files (a safe on a read-only mount, another user's safe). Such a safe can be read but can
+    hold no task history. Anything this cannot tell (a missing index) counts as writable, so
+    that opening it reports the real trouble."""
+    index = Path(safe_dir) / INDEX_DIR
+    try:
+        if os.statvfs(index).f_flag & os.ST_RDONLY:
+            return False
+    except OSError:
+        return True
+    for p in (index, index / "data.mdb", index / "lock.mdb"):
+        if p.exists() and not os.access(p, os.W_OK):
+            return False
+    return True
 
 
 @contextmanager
@@ -51,22 +70,27 @@ def opened(safe_dir: str | Path) -> Iterator[Index]:
 
 
 def id_key(n: int) -> bytes:
+    """The table key of id ``n``: 8 bytes, big-endian (so keys sort as the ids)."""
     return struct.pack(">Q", n)
 
 
 def key_id(b: bytes) -> int:
+    """The id a table key of :func:`id_key` holds."""
     return struct.unpack(">Q", b)[0]
 
 
-def next_id(txn, db) -> int:
+def next_id(txn: Any, db: Any) -> int:
+    """One more than the highest id in table ``db`` (1 for an empty table)."""
     cur = txn.cursor(db=db)
     return key_id(cur.key()) + 1 if cur.last() else 1
 
 
-def get_json(txn, db, key: bytes) -> dict | None:
+def get_json(txn: Any, db: Any, key: bytes) -> dict | None:
+    """The JSON record under ``key`` in ``db``, or None when there is none."""
     v = txn.get(key, db=db)
     return json.loads(v) if v is not None else None
 
 
-def put_json(txn, db, key: bytes, value: dict) -> None:
+def put_json(txn: Any, db: Any, key: bytes, value: dict) -> None:
+    """Store ``value`` as UTF-8 JSON (sorted keys) under ``key`` in ``db``."""
     txn.put(key, json.dumps(value, sort_keys=True).encode(), db=db)

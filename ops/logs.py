@@ -40,7 +40,9 @@ LOGGER = logging.getLogger("pointsafe")
 
 
 class JsonLines(logging.Formatter):
+    """A log formatter writing one JSON object a line: time, level, message, pid, host and the record's fields."""
     def format(self, record: logging.LogRecord) -> str:
+        """``record`` as one line of JSON (sorted keys; values JSON cannot hold as their str())."""
         d = {"time": iso(real_now()), "level": record.levelname.lower(), "message": record.getMessage(),
              "pid": os.getpid(), "host": socket.gethostname()}
         d.update(getattr(record, "fields", {}) or {})

@@ -32,6 +32,8 @@ def gather(index, since: str | None = None) -> dict:
 
 
 def compose(content: dict, safe_path: str, settings: dict[str, str]) -> EmailMessage:
+    """The report mail for ``content`` (from :func:`gather`): a subject counting open alerts and
+    task problems, and a plain-text body listing them, from the configured sender."""
     bad, open_alerts = content["tasks"], content["alerts"]
     host = socket.gethostname()
     msg = EmailMessage()
@@ -73,6 +75,7 @@ def send(msg: EmailMessage, settings: dict[str, str], timeout: float = 30) -> li
     port = int(settings["smtp.port"])
     security = settings.get("smtp.security", "none")
     try:
+        conn: smtplib.SMTP
         if security == "ssl":
             conn = smtplib.SMTP_SSL(host, port, timeout=timeout, context=ssl.create_default_context())
         else:
@@ -89,6 +92,7 @@ def send(msg: EmailMessage, settings: dict[str, str], timeout: float = 30) -> li
 
 
 def mark_sent(index) -> str:
+    """Remember now as the time of the last report sent (the default --since of the next one); returns that time."""
     stamp = iso(real_now())
     db = index.table("config")
     with index.write() as t:

@@ -14,6 +14,7 @@ import socket
 
 
 def boot_id() -> str:
+    """This boot's id (/proc/sys/kernel/random/boot_id), or "" when it cannot be read."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             return f.read().strip()
@@ -35,6 +36,7 @@ def start_token(pid: int) -> str | None:
 
 
 def identity() -> dict:
+    """What identifies this process for the abandoned-task sweep: pid, host, boot id, start time."""
     pid = os.getpid()
     return {"pid": pid, "host": socket.gethostname(), "boot_id": boot_id(), "proc_start": start_token(pid)}
 

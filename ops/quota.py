@@ -21,15 +21,18 @@ from .config import parse_quota
 
 @dataclass(frozen=True)
 class Space:
+    """A filesystem's size and the bytes still free for an unprivileged writer."""
     total: int   # bytes of the filesystem usable for data
     free: int    # bytes an unprivileged writer could still use
 
     @property
     def free_pct(self) -> float:
+        """Free space as a percentage of the total (0 for a filesystem of no size)."""
         return 100.0 * self.free / self.total if self.total else 0.0
 
 
 def space(path: str | Path) -> Space:
+    """The size and free space of the filesystem holding ``path``."""
     st = os.statvfs(path)
     return Space(total=st.f_blocks * st.f_frsize, free=st.f_bavail * st.f_frsize)
 

@@ -44,15 +44,16 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lmdb
 
 from pointsafe.cas import Point, SafeError
+from pointsafe.cas.index import Index
 from pointsafe.cas.store import INDEX_DIR
 
 from . import alerts, config, logs, quota, tasks
-from .db import opened
+from .db import opened, writable
 
 ARG_FIELDS = ("source", "name", "point", "target", "path")
 # Commands recorded even if their parser does not declare task_kind (the kinds of the issue).
@@ -97,7 +98,11 @@ class _Recorder:
     # -- before ---------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.safe_dir is None:
+        """Sweep abandoned tasks and record this command's task (a note if that fails).
+
+        A safe this process may not write (a read-only filesystem, no write permission on the
+        index) cannot hold a task history: nothing is recorded and nothing is said."""
+        if self.safe_dir is None or not writable(self.safe_dir):
             return
         try:
             with opened(self.safe_dir) as idx:
@@ -143,14 +148,16 @@ class _Recorder:
         fields.pop("error", None)
         if state == "error" and exc is not None and logs.is_bug(exc):
             fields["bug"] = type(exc).__name__
-        if self.task is None:
+        safe_dir = self.safe_dir
+        if self.task is None or safe_dir is None:    # (a task is only ever made in a safe)
             return
+        started = self.task["started"]
         rec = None
         for attempt in range(2):
             try:
-                with opened(self.safe_dir) as idx:
+                with opened(safe_dir) as idx:
                     if self.kind == "backup" and state in ("ok", "warning") and "point" not in fields:
-                        p = self._new_point(idx)
+                        p = self._new_point(idx, started)
                         if p:
                             fields.setdefault("point", p.id)
                             fields.setdefault("name", p.name)
@@ -159,7 +166,7 @@ class _Recorder:
                                        exit_code=code if exc is None else _exit_code_of(exc))
                     if rec is not None:
                         self._task_alerts(idx, rec)
-                    alerts.evaluate(idx, self.safe_dir)
+                    alerts.evaluate(idx, safe_dir)
                 break
             except Exception as e:
                 if attempt == 0 and "already open" in str(e):
@@ -205,14 +212,16 @@ class _Recorder:
             return "warning", None
         return "error", reported or f"the command exited with code {code}"
 
-    def _new_point(self, idx) -> Point | None:
-        started = self.task["started"]
-        best = None
+    def _new_point(self, idx: Index, started: str) -> Point | None:
+        """The point that finished last, at or after ``started`` (the backup's own), or None."""
+        best: Point | None = None
+        best_finished = ""
         with idx.read() as t:
             for _, v in t.cursor(db=idx.db["points"]):
-                p = Point.from_json(v)
-                if (p.finished or "") >= started and (best is None or p.finished > best.finished):
-                    best = p
+                p = Point.from_json(cast(bytes, v))    # (Index.read: buffers=False, values are bytes)
+                finished = p.finished or ""
+                if finished >= started and (best is None or finished > best_finished):
+                    best, best_finished = p, finished
         return best
 
     def _task_alerts(self, idx, rec: dict) -> None:

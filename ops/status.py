@@ -69,6 +69,8 @@ def safe_summary(safe) -> dict:
 
 
 def space_summary(safe_dir, settings: dict[str, str]) -> dict:
+    """The safe's filesystem space, the quota settings, the free bytes they ask for, and the
+    quota state (ok, soft or hard)."""
     sp = quota.space(safe_dir)
     return {"total": sp.total, "free": sp.free, "free_pct": round(sp.free_pct, 2),
             "quota_soft": settings["quota.soft"], "quota_hard": settings["quota.hard"],

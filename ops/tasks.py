@@ -38,12 +38,14 @@ _active: ActiveTask | None = None
 
 
 def activate(kind: str) -> ActiveTask:
+    """Make a new :class:`ActiveTask` of ``kind`` the running one (what :func:`report` adds to); returns it."""
     global _active
     _active = ActiveTask(kind)
     return _active
 
 
 def deactivate() -> None:
+    """No running task any more: :func:`report` does nothing until the next :func:`activate`."""
     global _active
     _active = None
 
@@ -126,6 +128,7 @@ def sweep_abandoned(index) -> list[dict]:
 
 
 def get(index, task_id: int) -> dict | None:
+    """Task ``task_id``'s record, or None when there is no such task."""
     dbs = ensure_tables(index)
     with index.read() as t:
         return get_json(t, dbs["tasks"], id_key(task_id))
