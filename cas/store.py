@@ -39,7 +39,7 @@ from .index import FLAG_PINNED, Index, ObjectEntry, PackEntry, pack_from_dbkey
 from .keys import Kind, object_key
 from .nodes import encode_node, node_children
 from .pack import Prepared, decode_record, pack_name, prepare
-from .packstore import LocalPackStore, PackFiles, fsync_dir as _fsync_dir
+from .packstore import LocalPackStore, fsync_dir as _fsync_dir
 from .packwriter import PackWriter, disk_error as _disk_error, recover
 from .point import Point, oldest_first
 from .refcount import RefChange
@@ -48,7 +48,7 @@ from .timefmt import utc_now_iso
 if TYPE_CHECKING:
     from .index import Txn
 
-__all__ = ["Safe", "Writer", "PackFiles", "take_lock", "release_lock", "utc_now_iso"]
+__all__ = ["Safe", "Writer", "take_lock", "release_lock", "utc_now_iso"]
 
 PACKS_DIR = "packs"
 INDEX_DIR = "index"

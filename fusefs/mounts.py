@@ -58,7 +58,12 @@ def mount_at(path: str, resolve: bool = True) -> MountInfo | None:
 
 
 def raise_read_ahead(mountpoint: str, kb: int) -> bool:
-    """Raise the mount's read-ahead so the kernel sends 1 MiB+ reads (FACTS.md). True if done.
+    """Raise the mount's read-ahead so the kernel sends 1 MiB+ reads. True if done.
+
+    By default the kernel reads a FUSE file in 128 KiB requests, which caps even a trivial
+    in-memory pyfuse3 filesystem near 1.6 GB/s here; with 1024-4096 in the mount's
+    ``/sys/class/bdi/<major:minor>/read_ahead_kb`` it reached about 4.2 GB/s (docs/BENCHMARKS.md,
+    Mount).
 
     ``mountpoint`` must be resolved already (see ``mount_at``).
     """

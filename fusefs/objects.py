@@ -21,7 +21,6 @@ from typing import cast
 
 from pointsafe.cas import IntegrityError, Safe
 from pointsafe.cas.pack import decode_record_view
-from pointsafe.cas.store import PackFiles
 
 from .cache import ByteLRU
 
@@ -43,7 +42,7 @@ class ChunkSource:
     def __init__(self, safe: Safe, cache_bytes: int):
         self.safe = safe
         self.cache: ByteLRU[Chunk] = ByteLRU(cache_bytes, sizeof=_held)
-        self.fds = PackFiles(safe.packs_dir, limit=32)
+        self.packs = safe.store   # every pack byte comes through the safe's pack store
 
     def peek_many(self, keys: list[bytes]) -> dict[bytes, Chunk] | None:
         """Every chunk in ``keys`` if all are cached, else None (nothing is loaded)."""
@@ -107,10 +106,10 @@ class ChunkSource:
                 end += located[j][3].record_len
                 j += 1
             try:
-                buf = memoryview(self.fds.pread(pack, end - start, start))
+                buf = memoryview(self.packs.read(pack, start, end - start))
             except OSError:
                 # The pack is gone or unreadable: gc/defrag moved these objects, or real trouble.
-                self.fds.forget(pack)
+                self.packs.forget(pack)
                 for _, _, k, _ in located[i:j]:
                     out[k] = self._single(k)
                 i = j
@@ -137,6 +136,5 @@ class ChunkSource:
             return e
 
     def close(self) -> None:
-        """Close the pack files this source opened."""
-        self.fds.close()
+        """Nothing of its own to close: pack handles belong to the safe's store."""
 
