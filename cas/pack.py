@@ -22,12 +22,10 @@ Because each record names its key and kind, the LMDB index can be rebuilt from t
 
 from __future__ import annotations
 
-import os
 import struct
 import threading
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import blake3
@@ -317,10 +315,10 @@ def _damaged(pack_id: int, off: int, end: int, why: IntegrityError) -> ScanItem:
     return ScanItem(off, None, IntegrityError(msg, pack_id, off), length=end - off)
 
 
-def scan_pack(path: Path, pack_id: int, limit: int | None = None,
+def scan_pack(f: BinaryIO, pack_id: int, size: int,
               read_data: bool = True, rehash: bool = False) -> Iterator[ScanItem]:
-    """Walk the records of a pack file in order, up to ``limit`` bytes (docs/FORMAT.md,
-    "Pack files", paragraph "Walking a pack").
+    """Walk the records of a pack in order, up to ``size`` bytes, reading it through ``f``
+    (``PackStore.open_reader``) (docs/FORMAT.md, "Walking a pack").
 
     A record whose stored bytes fail their checks is yielded with its error and the walk goes
     on (its length is known from its checked header). A header that does not parse (or a
@@ -329,56 +327,55 @@ def scan_pack(path: Path, pack_id: int, limit: int | None = None,
     the pack header holds. Only the end can be ``torn``: fewer than 64 bytes, or a checked
     header whose record runs past the end, after the last intact record.
     """
-    with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size if limit is None else limit
-        head = f.read(PACK_HEADER.size)
+    f.seek(0)
+    head = f.read(PACK_HEADER.size)
+    try:
+        check_pack_header(head, pack_id)
+    except IntegrityError as e:
+        if len(head) < PACK_HEADER.size:
+            yield ScanItem(0, None, e, length=len(head), torn=True)
+            return
+        yield ScanItem(0, None, e, length=PACK_HEADER.size)
+    off = PACK_HEADER.size
+    while off < size:
+        if size - off < REC_HEADER_SIZE:
+            yield ScanItem(off, None, IntegrityError(
+                f"pack {pack_name(pack_id)} offset {off}: truncated record header", pack_id, off),
+                length=size - off, torn=True)
+            return
+        f.seek(off)
+        hb = f.read(REC_HEADER_SIZE)
         try:
-            check_pack_header(head, pack_id)
+            h = parse_record_header(hb, pack_id, off)
         except IntegrityError as e:
-            if len(head) < PACK_HEADER.size:
-                yield ScanItem(0, None, e, length=len(head), torn=True)
+            nxt = _resync(f, off, size, pack_id)
+            if nxt is None and _zeros(f, off, size):
+                # A crash can leave the tail's blocks allocated but never written.
+                yield ScanItem(off, None, e, length=size - off, torn=True)
                 return
-            yield ScanItem(0, None, e, length=PACK_HEADER.size)
-        off = PACK_HEADER.size
-        while off < size:
-            if size - off < REC_HEADER_SIZE:
-                yield ScanItem(off, None, IntegrityError(
-                    f"pack {pack_name(pack_id)} offset {off}: truncated record header", pack_id, off),
-                    length=size - off, torn=True)
+            yield _damaged(pack_id, off, size if nxt is None else nxt, e)
+            if nxt is None:
                 return
-            f.seek(off)
-            hb = f.read(REC_HEADER_SIZE)
+            off = nxt
+            continue
+        if off + h.total > size:
+            nxt = _resync(f, off, size, pack_id)
+            if nxt is None:
+                yield ScanItem(off, h, IntegrityError(
+                    f"pack {pack_name(pack_id)} offset {off}: record runs past the end of the pack",
+                    pack_id, off), length=size - off, torn=True)
+                return
+            # A checked header with a length that does not fit, yet intact records follow.
+            yield _damaged(pack_id, off, nxt, IntegrityError(
+                f"pack {pack_name(pack_id)} offset {off}: record runs past the end of the pack", pack_id, off))
+            off = nxt
+            continue
+        err = None
+        if read_data:
+            body = f.read(h.stored_len)
             try:
-                h = parse_record_header(hb, pack_id, off)
+                decode_record(hb + body, pack_id, off, rehash=rehash)
             except IntegrityError as e:
-                nxt = _resync(f, off, size, pack_id)
-                if nxt is None and _zeros(f, off, size):
-                    # A crash can leave the tail's blocks allocated but never written.
-                    yield ScanItem(off, None, e, length=size - off, torn=True)
-                    return
-                yield _damaged(pack_id, off, size if nxt is None else nxt, e)
-                if nxt is None:
-                    return
-                off = nxt
-                continue
-            if off + h.total > size:
-                nxt = _resync(f, off, size, pack_id)
-                if nxt is None:
-                    yield ScanItem(off, h, IntegrityError(
-                        f"pack {pack_name(pack_id)} offset {off}: record runs past the end of the pack",
-                        pack_id, off), length=size - off, torn=True)
-                    return
-                # A checked header with a length that does not fit, yet intact records follow.
-                yield _damaged(pack_id, off, nxt, IntegrityError(
-                    f"pack {pack_name(pack_id)} offset {off}: record runs past the end of the pack", pack_id, off))
-                off = nxt
-                continue
-            err = None
-            if read_data:
-                body = f.read(h.stored_len)
-                try:
-                    decode_record(hb + body, pack_id, off, rehash=rehash)
-                except IntegrityError as e:
-                    err = e
-            yield ScanItem(off, h, err)
-            off += h.total
+                err = e
+        yield ScanItem(off, h, err)
+        off += h.total

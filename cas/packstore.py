@@ -28,7 +28,7 @@ import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import IO, Iterator, Protocol
+from typing import IO, BinaryIO, Iterator, Protocol
 
 from .header import PRIVATE_FILE_MODE   # a safe is private to its owner: packs are 0600
 from .pack import pack_id_from_name, pack_name
@@ -69,6 +69,14 @@ class PackStore(Protocol):
 
     def size(self, pack_id: int) -> int | None:
         """The pack's size in bytes, or None when it does not exist."""
+
+    def open_reader(self, pack_id: int) -> BinaryIO:
+        """A seekable reader of the whole pack, for walking it front to back (verify, repair);
+        FileNotFoundError when the pack is gone."""
+
+    def replace_header(self, pack_id: int, header: bytes) -> None:
+        """Repair only: write the pack's 16-byte header again (it follows from the pack id),
+        durably."""
 
     def pack_ids(self) -> Iterator[int]:
         """Every pack present, in no particular order."""
@@ -226,6 +234,19 @@ class LocalPackStore:
             pid = pack_id_from_name(name)
             if pid is not None:
                 yield pid
+
+    def open_reader(self, pack_id: int) -> BinaryIO:
+        """The pack file opened for reading, unbuffered (FileNotFoundError when gone)."""
+        return open(self.path(pack_id), "rb", buffering=0)
+
+    def replace_header(self, pack_id: int, header: bytes) -> None:
+        """Write the first bytes of the pack file again and fsync it (repair only)."""
+        fd = os.open(self.path(pack_id), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, header, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def truncate(self, pack_id: int, length: int) -> None:
         """Cut the pack file back to ``length`` bytes (writer lock held; OSError on failure)."""

@@ -22,7 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .errors import NotASafe, SafeError, UnsupportedVersion
 from .header import (
@@ -42,10 +42,10 @@ from .pack import (
     PACK_HEADER,
     PACK_MAGIC,
     decode_record,
-    pack_id_from_name,
     pack_name,
     scan_pack,
 )
+from .packstore import LocalPackStore, PackStore
 from .store import INDEX_DIR, PACKS_DIR, release_lock, take_lock, utc_now_iso
 
 if TYPE_CHECKING:
@@ -146,19 +146,35 @@ def _repair_header(safe_dir: Path, state: HeaderState, rep: RepairReport) -> byt
     return data
 
 
-def _scan_one(path: Path, pid: int, idx: Index, txn: Txn, rep: RepairReport) -> PackEntry | None:
+def _scan_one(store: PackStore, pid: int, idx: Index, txn: Txn, rep: RepairReport) -> PackEntry | None:
     """Index the intact records of one pack; report its damage; cut only a torn tail."""
     name = pack_name(pid)
-    size = path.stat().st_size
+    size = store.size(pid) or 0
     if size < PACK_HEADER.size:
         rep.damaged.append({"pack": name, "offset": 0, "end": size, "bytes": size,
                             "message": f"pack {name} is shorter than a pack header; left out"})
         return None
+    with store.open_reader(pid) as f:
+        pe, end, torn_at, head_damaged = _index_records(f, pid, size, idx, txn, rep)
+    pe.committed_len = end
+    if torn_at is not None and torn_at < size:
+        store.truncate(pid, torn_at)   # a torn tail: an unfinished last record, never committed
+        rep.truncated.append({"pack": name, "offset": torn_at, "bytes": size - torn_at})
+    if head_damaged and pe.objects:
+        store.replace_header(pid, PACK_HEADER.pack(PACK_MAGIC, pid))   # it follows from the id
+    return pe
+
+
+def _index_records(f: BinaryIO, pid: int, size: int, idx: Index, txn: Txn,
+                   rep: RepairReport) -> tuple[PackEntry, int, int | None, bool]:
+    """Index the intact records found walking ``f``; returns the pack's entry, the end of its
+    last record, where a torn tail starts (or None) and whether the pack header is damaged."""
+    name = pack_name(pid)
     pe = PackEntry(0, 0, 0, time.time_ns(), 0, 1)
     end = PACK_HEADER.size
     torn_at = None
     head_damaged = False
-    for item in scan_pack(path, pid, read_data=True):
+    for item in scan_pack(f, pid, size, read_data=True):
         h = item.header
         if item.torn:
             torn_at = item.offset
@@ -185,23 +201,7 @@ def _scan_one(path: Path, pid: int, idx: Index, txn: Txn, rep: RepairReport) -> 
         pe.live_bytes += h.total
         pe.objects += 1
         rep.objects += 1
-    pe.committed_len = end
-    if torn_at is not None and torn_at < size:
-        os.truncate(path, torn_at)   # a torn tail: an unfinished last record, never committed
-        rep.truncated.append({"pack": name, "offset": torn_at, "bytes": size - torn_at})
-    if head_damaged and pe.objects:
-        _rewrite_pack_header(path, pid)
-    return pe
-
-
-def _rewrite_pack_header(path: Path, pid: int) -> None:
-    """Write the 16-byte pack header again: it holds only the magic and the id of the name."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.pwrite(fd, PACK_HEADER.pack(PACK_MAGIC, pid), 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return pe, end, torn_at, head_damaged
 
 
 def _repair(safe_dir: Path, rep: RepairReport, header: bytes) -> None:
@@ -209,10 +209,11 @@ def _repair(safe_dir: Path, rep: RepairReport, header: bytes) -> None:
     new_dir = safe_dir / (INDEX_DIR + ".rebuild")
     shutil.rmtree(new_dir, ignore_errors=True)
     idx = Index(new_dir, create=True)
-    ids = sorted(p for p in (pack_id_from_name(n) for n in os.listdir(packs_dir)) if p is not None)
+    store = LocalPackStore(packs_dir)
+    ids = sorted(store.pack_ids())
     with idx.write() as txn:
         for pid in ids:
-            pe = _scan_one(packs_dir / pack_name(pid), pid, idx, txn, rep)
+            pe = _scan_one(store, pid, idx, txn, rep)
             if pe is None:
                 continue
             rep.packs += 1
@@ -221,7 +222,7 @@ def _repair(safe_dir: Path, rep: RepairReport, header: bytes) -> None:
         # handed out (gc may have deleted the newest packs).
         idx.put_meta_int(txn, "next_pack", max((ids[-1] + 1) if ids else 1, _old_next_pack(safe_dir / INDEX_DIR)))
         txn.put(b"header", header, db=idx.db["meta"])
-        _count(packs_dir, idx, txn, rep)
+        _count(store, idx, txn, rep)
     _keep_tables(safe_dir / INDEX_DIR, idx)
     idx.env.sync(True)
     idx.close()
@@ -234,7 +235,7 @@ def _repair(safe_dir: Path, rep: RepairReport, header: bytes) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _count(packs_dir: Path, idx: Index, txn: Txn, rep: RepairReport) -> None:
+def _count(store: PackStore, idx: Index, txn: Txn, rep: RepairReport) -> None:
     """Tombstones, reference counts and points of the rebuilt index."""
     forgotten = set()
     objects = idx.db["objects"]
@@ -244,7 +245,7 @@ def _count(packs_dir: Path, idx: Index, txn: Txn, rep: RepairReport) -> None:
         if e.kind != Kind.CHUNK:
             nodes.append((key, e))
     for key, e in nodes:
-        raw = _read(packs_dir, key, e)
+        raw = _read(store, key, e)
         if e.kind == Kind.TOMBSTONE:
             pk = bytes(decode_node(raw)[1])
             forgotten.add(pk)
@@ -258,7 +259,7 @@ def _count(packs_dir: Path, idx: Index, txn: Txn, rep: RepairReport) -> None:
             txn.put(c, ce.encode(), db=objects)
     for key, e in nodes:
         if e.kind == Kind.POINT and key not in forgotten:
-            rec = json.loads(bytes(decode_node(_read(packs_dir, key, e))[1]))
+            rec = json.loads(bytes(decode_node(_read(store, key, e))[1]))
             rec["id"] = key.hex()
             txn.put(key, json.dumps(rec, sort_keys=True).encode(), db=idx.db["points"])
             pe_ = idx.get_object(txn, key)
@@ -272,10 +273,8 @@ def _count(packs_dir: Path, idx: Index, txn: Txn, rep: RepairReport) -> None:
             txn.put(key, b"", db=idx.db["zero"])
 
 
-def _read(packs_dir: Path, key: bytes, e: ObjectEntry) -> bytes:
-    with open(packs_dir / pack_name(e.pack), "rb") as f:
-        f.seek(e.offset)
-        buf = f.read(e.record_len)
+def _read(store: PackStore, key: bytes, e: ObjectEntry) -> bytes:
+    buf = store.read(e.pack, e.offset, e.record_len)
     return decode_record(buf, e.pack, e.offset, rehash=False, expect_key=key)[1]
 
 

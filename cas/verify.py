@@ -10,15 +10,14 @@ import fcntl
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 from .audit import audit
 from .errors import SafeError, SafeLocked
 from .header import COPY_NAME, HEADER_NAME, header_version, inspect_header
 from .index import FLAG_DEAD, PackEntry, pack_from_dbkey
 from .keys import Kind
-from .pack import pack_id_from_name, pack_name, scan_pack
+from .pack import pack_name, scan_pack
 from .store import INDEX_DIR, LOCK_NAME, PACKS_DIR, Safe, release_lock, take_lock
 
 if TYPE_CHECKING:
@@ -167,7 +166,7 @@ def _verify(safe: Safe, data: bool, progress: Callable[[int], None] | None, r: V
     idx = safe.index
     with idx.read() as txn:
         packs = {pack_from_dbkey(k): PackEntry.decode(v) for k, v in txn.cursor(db=idx.db["packs"])}
-        on_disk = {p for p in (pack_id_from_name(n) for n in os.listdir(safe.packs_dir)) if p is not None}
+        on_disk = set(safe.store.pack_ids())
         for pid in sorted(on_disk - set(packs)):
             r.notes.append(f"pack {pack_name(pid)} is not in the index (left by a crashed writer or gc; "
                            "the next writer removes it)")
@@ -175,10 +174,8 @@ def _verify(safe: Safe, data: bool, progress: Callable[[int], None] | None, r: V
         for pid in sorted(packs):
             pe = packs[pid]
             r.packs += 1
-            path = safe.pack_path(pid)
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
+            size = safe.store.size(pid)
+            if size is None:
                 r.error(f"pack {pack_name(pid)} is missing ({pe.objects} objects lost)", pid)
                 indexed_total += pe.objects
                 continue
@@ -188,7 +185,7 @@ def _verify(safe: Safe, data: bool, progress: Callable[[int], None] | None, r: V
             elif size > pe.committed_len:
                 r.notes.append(f"pack {pack_name(pid)} has {size - pe.committed_len} uncommitted bytes "
                                "at its end (a crashed writer's; the next writer truncates them)")
-            found = _verify_pack(safe, txn, pid, path, min(size, pe.committed_len), data, progress, r)
+            found = _verify_pack(safe, txn, pid, min(size, pe.committed_len), data, progress, r)
             if found != pe.objects:
                 r.error(f"pack {pack_name(pid)}: the index names {pe.objects} objects in it, "
                         f"{found} were found at their recorded offsets", pid)
@@ -203,13 +200,19 @@ def _verify(safe: Safe, data: bool, progress: Callable[[int], None] | None, r: V
                 r.error(f"point {k.hex()[:12]}: its record object is missing from the index")
 
 
-def _verify_pack(safe: Safe, txn: Txn, pid: int, path: Path, limit: int, data: bool,
+def _verify_pack(safe: Safe, txn: Txn, pid: int, limit: int, data: bool,
                  progress: Callable[[int], None] | None, r: VerifyReport) -> int:
     """Walk one pack up to ``limit``; report damage and disagreement with the index; return
     how many indexed objects were found at their recorded offsets."""
+    with safe.store.open_reader(pid) as f:
+        return _walk_pack(safe, txn, pid, f, limit, data, progress, r)
+
+
+def _walk_pack(safe: Safe, txn: Txn, pid: int, f: BinaryIO, limit: int, data: bool,
+               progress: Callable[[int], None] | None, r: VerifyReport) -> int:
     idx = safe.index
     found = 0
-    for item in scan_pack(path, pid, limit=limit, read_data=True, rehash=data):
+    for item in scan_pack(f, pid, limit, read_data=True, rehash=data):
         h = item.header
         if h is None or item.torn:
             # A damaged region (the walk goes on after it) or, inside the committed length,
