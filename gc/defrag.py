@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from pointsafe.cas.index import ObjectEntry
 from pointsafe.cas.pack import PACK_HEADER
 from pointsafe.cas.relocate import Relocator
 
@@ -52,14 +53,14 @@ class _Runs:
         self.keep_bytes = keep_bytes
         self.move = move
         self.pack_ends = pack_ends or {}
-        self.buf: list[bytes] = []
+        self.buf: list[tuple[bytes, ObjectEntry | None]] = []
         self.pack = -1
         self.end = 0
         self.size = 0
         self.keeping = False
         self.kept = 0
 
-    def add(self, key: bytes, pack: int, offset: int, length: int, entry=None) -> None:
+    def add(self, key: bytes, pack: int, offset: int, length: int, entry: ObjectEntry | None = None) -> None:
         seq = pack == self.pack and self.end <= offset <= self.end + GAP
         if not seq and offset == PACK_HEADER.size and self.pack >= 0:
             # From the end of one pack to the start of another: a run may go on across packs.

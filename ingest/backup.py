@@ -312,7 +312,7 @@ def commit_point(w: Writer, record: dict, root: bytes | None, warnings: list[dic
     return w.add_point(record, root)
 
 
-def graft(safe: Safe, w: Writer, root: bytes | None, relpath: bytes, data: bytes | str | os.PathLike) -> bytes:
+def graft(safe: Safe, w: Writer, root: bytes | None, relpath: bytes, data: bytes | str | os.PathLike[str]) -> bytes:
     """Return a new root tree in which ``relpath`` is a regular file holding ``data`` (bytes,
     or the path of a file to read in chunks).
 
@@ -325,7 +325,7 @@ def graft(safe: Safe, w: Writer, root: bytes | None, relpath: bytes, data: bytes
     return _graft(safe, w, root, parts, data, None)
 
 
-def _graft(safe: Safe, w: Writer, tree: bytes | None, parts: list[bytes], data: bytes,
+def _graft(safe: Safe, w: Writer, tree: bytes | None, parts: list[bytes], data: bytes | str | os.PathLike[str],
            parent_meta: Entry | None) -> bytes:
     entries = read_tree(safe.get, tree) if tree is not None else []
     byname = {e.name: e for e in entries}
@@ -350,7 +350,7 @@ def _graft(safe: Safe, w: Writer, tree: bytes | None, parts: list[bytes], data: 
     return build_tree(w.put_node, list(byname.values()))
 
 
-def _store_content(safe: Safe, w: Writer, data: bytes | str | os.PathLike) -> tuple[bytes | None, int]:
+def _store_content(safe: Safe, w: Writer, data: bytes | str | os.PathLike[str]) -> tuple[bytes | None, int]:
     """Store bytes or a file's content as a blob, with the safe's content-defined chunks (so a
     consistent copy of a database dedups against the live file read just before)."""
     cfg = safe.config
@@ -366,7 +366,7 @@ def _store_content(safe: Safe, w: Writer, data: bytes | str | os.PathLike) -> tu
 
     if isinstance(data, (bytes, bytearray, memoryview)):
         mv = memoryview(data)
-        add(("data", mv[c.offset:c.offset + c.length]) for c in cutter.cdc.cut_buf(mv)) if len(mv) else None
+        add(("data", mv[c.offset:c.offset + c.length]) for c in cutter.content_defined().cut_buf(mv)) if len(mv) else None
     else:
         fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
         try:

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-from pointsafe.cas import BlobBuilder, Entry, Kind, Writer, build_tree, object_key, prepare
+from pointsafe.cas import BlobBuilder, Entry, Kind, Prepared, Writer, build_tree, object_key, prepare
 
 from .chunking import is_zero
 
@@ -55,9 +55,10 @@ class Batch:
         self.future: Future | None = None
 
 
-def _hash_batch(chunks: list[memoryview], known: Callable[[bytes], bool], level: int | None):
+def _hash_batch(chunks: list[memoryview], known: Callable[[bytes], bool],
+                level: int | None) -> list[tuple[bytes, Prepared | None] | None]:
     """Worker: (key, Prepared or None when already stored) per chunk; None for zero chunks."""
-    out = []
+    out: list[tuple[bytes, Prepared | None] | None] = []
     for mv in chunks:
         if is_zero(mv):
             out.append(None)
@@ -66,7 +67,8 @@ def _hash_batch(chunks: list[memoryview], known: Callable[[bytes], bool], level:
         if known(key):
             out.append((key, None))
         else:
-            out.append((key, prepare(Kind.CHUNK, mv, level, key=key)))
+            # prepare reads any buffer (hashing, zstd, raw copy); cas declares it for bytes only.
+            out.append((key, prepare(Kind.CHUNK, mv, level, key=key)))  # type: ignore[arg-type]
     return out
 
 
@@ -214,6 +216,16 @@ class _Assembler:
         else:
             self.p.root = (e.ref, e.size)
 
+    def _blob(self) -> BlobBuilder:
+        """The blob of the file being stored (events of a file come between "file" and "end")."""
+        assert self.blob is not None, "file data outside a file"
+        return self.blob
+
+    def _file(self) -> Entry:
+        """The entry of the file being stored."""
+        assert self.cur_file is not None, "end of a file that was not begun"
+        return self.cur_file
+
     def handle(self, b: Batch, results) -> None:
         w = self.w
         st = self.stats
@@ -223,7 +235,7 @@ class _Assembler:
                 r = results[ev[1]]
                 n = len(b.chunks[ev[1]])
                 if r is None:
-                    self.blob.add(None, n)
+                    self._blob().add(None, n)
                     continue
                 key, prep = r
                 if prep is not None:
@@ -232,16 +244,16 @@ class _Assembler:
                         st.bytes_new += n
                         st.objects_new += 1
                         st.bytes_stored += w.bytes_written - before
-                self.blob.add(key, n)
+                self._blob().add(key, n)
             elif t == "hole":
-                self.blob.add(None, ev[1])
+                self._blob().add(None, ev[1])
             elif t == "file":
                 self.cur_file = ev[1]
                 self.blob = BlobBuilder(self._put_node, self.p.fanout)
             elif t == "end":
-                e = self.cur_file
-                e.ref = self.blob.finish()
-                e.size = self.blob.size
+                e, blob = self._file(), self._blob()
+                e.ref = blob.finish()
+                e.size = blob.size
                 st.files += 1
                 st.size += e.size
                 if e.link_group:
