@@ -409,6 +409,7 @@ class GcReport:
     plan: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
+        """The report as a new dict (JSON-able)."""
         return asdict(self)
 
 

@@ -18,18 +18,21 @@ from pointsafe.cas.relocate import Relocator, live_records
 
 @dataclass(frozen=True)
 class PackCandidate:
+    """A pack that compaction may rewrite, with its live and dead record bytes."""
     pack: int
     live_bytes: int
     dead_bytes: int
 
     @property
     def dead_share(self) -> float:
+        """Dead bytes over all bytes (0..1); 1.0 for a pack with none at all."""
         total = self.live_bytes + self.dead_bytes
         return self.dead_bytes / total if total else 1.0
 
 
 @dataclass
 class CompactResult:
+    """What a compaction did: the packs rewritten, objects and bytes moved, warnings."""
     rewritten: list[int] = field(default_factory=list)
     objects_moved: int = 0
     bytes_moved: int = 0

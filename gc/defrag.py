@@ -27,6 +27,9 @@ from .walk import newest_chunks, with_entries
 
 @dataclass
 class DefragReport:
+    """What defrag did (or, in a dry run, would do): chunks walked, runs kept, objects and bytes
+    moved, packs written / compacted / deleted, sizes and the fragmentation before and after.
+    """
     dry_run: bool = False
     chunks_walked: int = 0
     runs_kept: int = 0
@@ -43,6 +46,7 @@ class DefragReport:
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
+        """The report as a new dict (JSON-able)."""
         return asdict(self)
 
 

@@ -38,6 +38,9 @@ GROUP = 64   # points per index transaction
 
 @dataclass
 class ForgetReport:
+    """What forget did (or, in a dry run, would do): points dropped and kept, objects that died
+    and their bytes (reclaimable by gc), and the policy's decision for each point.
+    """
     dry_run: bool = False
     policy: str | None = None
     points_dropped: int = 0
@@ -47,6 +50,7 @@ class ForgetReport:
     decisions: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
+        """The report as a new dict (JSON-able)."""
         return asdict(self)
 
 

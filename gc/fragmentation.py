@@ -44,6 +44,9 @@ class Cursor:
     end: int = 0
 
     def step(self, pack: int, offset: int, record_len: int) -> bool:
+        """Move the reader to a record of ``record_len`` bytes at (pack, offset); True when that is a
+        seek (not within GAP after the previous record in the same pack).
+        """
         seq = pack == self.pack and self.end <= offset <= self.end + GAP
         self.pack, self.end = pack, offset + record_len
         return not seq

@@ -42,6 +42,9 @@ class HookFailed(SafeError):
 
 @dataclass
 class BackupOptions:
+    """How ``backup`` runs: point name (default: the source's), tree or volume, hooks, exclude
+    patterns, one file system, database integrations, worker threads, labels, space check.
+    """
     name: str | None = None
     volume: bool = False
     pre_hook: str | None = None
@@ -65,18 +68,22 @@ class Progress(Protocol):
     steps, bytes covered (read, holes, or unchanged files not read again) and files done. A
     plain ``callable(nbytes)`` is accepted too."""
 
-    def set_total(self, nbytes: int | None, files: int | None = None) -> None: ...
+    def set_total(self, nbytes: int | None, files: int | None = None) -> None:
+        """Announce the expected totals (bytes, files; None when unknown), once, before steps."""
+        ...
 
     def __call__(self, nbytes: int, files: int = 0) -> None: ...
 
 
 @dataclass
 class BackupResult:
+    """The committed point and the warnings of the run (each a dict with ``path`` and ``message``)."""
     point: Point
     warnings: list[dict]
 
 
 def default_name(source: Path) -> str:
+    """The point name a source gets when none is given: its last component, "root" for /."""
     return source.name or "root"
 
 
@@ -307,6 +314,9 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
 
 
 def commit_point(w: Writer, record: dict, root: bytes | None, warnings: list[dict]) -> Point:
+    """Commit ``record`` with ``root`` and ``warnings`` through ``w`` (a Writer, which holds the
+    safe's write lock); returns the committed Point. ``record`` itself is not changed.
+    """
     record = dict(record)
     record["warnings"] = list(warnings)
     return w.add_point(record, root)

@@ -96,6 +96,12 @@ class Cutter:
         return self.cdc
 
     def chunks(self, fd: int, size: int, sparse: bool = True) -> Iterator[tuple[str, object]]:
+        """("data", memoryview) and ("hole", length) items covering ``size`` bytes of ``fd`` in
+        file order (holes found with SEEK_DATA/SEEK_HOLE when ``sparse``; fixed blocks stay aligned
+        to the file). Each read fills a buffer of its own that is never reused, so a memoryview
+        stays valid after later items. Reads READ_SIZE at a time with preadv (the offset of
+        ``fd`` is not used); OSError from a read as is.
+        """
         pos = 0
         extents = data_extents(fd, size) if sparse else iter([(0, size)])
         for start, length in extents:

@@ -31,6 +31,7 @@ _KIND_CHUNK = bytes((Kind.CHUNK,))
 
 @dataclass
 class Stats:
+    """Counters of one backup (see the field comments); ``as_dict`` is what a point records."""
     files: int = 0
     dirs: int = 0
     other: int = 0
@@ -42,10 +43,12 @@ class Stats:
     size: int = 0              # logical bytes of the regular files / the volume
 
     def as_dict(self) -> dict:
+        """The counters as a new dict (JSON-able)."""
         return dict(self.__dict__)
 
 
 class Batch:
+    """Events and chunk data gathered for one hashing job of the worker threads."""
     __slots__ = ("chunks", "events", "nbytes", "future")
 
     def __init__(self) -> None:
@@ -98,6 +101,10 @@ class Pipeline:
         self._event(("file", entry))
 
     def data(self, mv: memoryview) -> None:
+        """Data of the current file, in order. The pipeline keeps ``mv`` until its batch is
+        handled: the caller must not reuse or change the buffer behind it. Hands a full batch
+        to the worker threads.
+        """
         b = self.batch
         b.events.append(("data", len(b.chunks)))
         b.chunks.append(mv)
@@ -107,9 +114,11 @@ class Pipeline:
             self._submit()
 
     def hole(self, length: int) -> None:
+        """``length`` bytes of zeros (a hole) in the current file, stored as no chunk."""
         self._event(("hole", length))
 
     def end(self) -> None:
+        """The current file is complete: its blob is finished and its entry added."""
         self._event(("end",))
 
     def abort(self) -> None:
@@ -125,9 +134,13 @@ class Pipeline:
         self._event(("link", entry))
 
     def opendir(self, entry: Entry) -> None:
+        """Begin directory ``entry``: the entries that follow, until ``closedir``, are its own."""
         self._event(("dir", entry))
 
     def closedir(self) -> None:
+        """End the innermost open directory: its tree node is built and its entry added to its
+        parent.
+        """
         self._event(("enddir",))
 
     def _event(self, ev: tuple) -> None:

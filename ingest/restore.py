@@ -76,6 +76,9 @@ _NODE_KIND = {FIFO: stat.S_IFIFO, CHR: stat.S_IFCHR, BLK: stat.S_IFBLK, SOCK: st
 
 @dataclass
 class RestoreStats:
+    """What a restore did: files, directories and other entries made, bytes written, and the
+    warnings (one dict per entry not restored or restored without some metadata).
+    """
     files: int = 0
     dirs: int = 0
     other: int = 0

@@ -59,6 +59,9 @@ class Vanished(Exception):
 
 @dataclass
 class WalkOptions:
+    """What a tree walk leaves out: other file systems (``one_file_system``), names or relative
+    paths matching ``excludes`` (fnmatch), and the directories in ``skip`` by (dev, ino).
+    """
     one_file_system: bool = False
     excludes: list[str] = field(default_factory=list)   # fnmatch patterns on names and relative paths
     skip: set[tuple[int, int]] = field(default_factory=set)  # (dev, ino) of dirs never entered (the safe)
@@ -140,6 +143,12 @@ class _Dir:
 
 
 class TreeWalker:
+    """Walks a source tree into a Pipeline, iteratively and fd-relative (any depth, any path
+    length, at most MAX_DIR_FDS directory descriptors open), reusing the previous point's
+    entries for files whose inode, size, mtime and ctime are unchanged. Problems with single
+    entries (unreadable, vanished, changed while read, moved away) become warnings through
+    ``warn`` and the walk goes on.
+    """
     def __init__(self, safe: Safe, pipe: Pipeline, cutter: Cutter, opts: WalkOptions,
                  warn: Callable[[bytes, str], None], progress: Callable[[int, int], None] | None = None):
         """``warn(path, message)`` gets full paths; ``progress(nbytes, files)`` is told, in

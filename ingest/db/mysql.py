@@ -119,6 +119,7 @@ class MySQL:
     # ------------------------------------------------------------------ protocol
 
     def start(self) -> None:
+        """See ``Consistency.start``; on failure ``close`` has already run."""
         try:
             self._start()
         except BaseException:
@@ -153,6 +154,7 @@ class MySQL:
         self._info["rest_seconds"] = round(time.monotonic() - self._locked_at, 4)
 
     def files_read(self) -> None:
+        """See ``Consistency.files_read``."""
         if self.con is None or self._locked_at is None:
             return
         try:
@@ -178,12 +180,15 @@ class MySQL:
                                    f"{one_line(e)}") from None
 
     def extra_files(self) -> list[tuple[str, bytes | str]]:
+        """See ``Consistency.extra_files``."""
         return list(self._extra)
 
     def info(self) -> dict:
+        """See ``Consistency.info`` (a copy)."""
         return dict(self._info)
 
     def close(self) -> None:
+        """See ``Consistency.close``."""
         if self.con is not None:
             try:
                 c = self.con.cursor()

@@ -35,15 +35,20 @@ if TYPE_CHECKING:
 
 
 def wal_file_name(tli: int, lsn: int, seg_size: int) -> str:
+    """The name of the WAL segment file holding ``lsn`` on timeline ``tli``, for segments of
+    ``seg_size`` bytes (as PostgreSQL's XLogFileName).
+    """
     segno = lsn // seg_size
     per_id = 0x100000000 // seg_size
     return f"{tli:08X}{segno // per_id:08X}{segno % per_id:08X}"
 
 
 def parse_lsn(text: str) -> int:
+    """An LSN written as PostgreSQL shows it ("16/B374D848") as an integer; ValueError when
+    malformed.
+    """
     hi, lo = text.split("/")
     return (int(hi, 16) << 32) | int(lo, 16)
-
 
 
 def _row(cur: psycopg.Cursor[Any], sql: str, params: tuple[object, ...] | None = None) -> Any:
@@ -77,6 +82,7 @@ class Postgres:
     # ------------------------------------------------------------------ protocol
 
     def start(self) -> None:
+        """See ``Consistency.start``; on failure ``close`` has already run."""
         try:
             self._start()
         except BaseException:
@@ -113,6 +119,7 @@ class Postgres:
                       "wal_segment_size": self._seg_size, "wal_held_by_slot": self._slot is not None}
 
     def files_read(self) -> None:
+        """See ``Consistency.files_read``."""
         if not self._in_backup:
             return
         assert self.con is not None, "in backup mode only while connected"
@@ -136,12 +143,15 @@ class Postgres:
         self._copy_wal(label, parse_lsn(stop_lsn), prefix)
 
     def extra_files(self) -> list[tuple[str, bytes | str]]:
+        """See ``Consistency.extra_files``."""
         return list(self._extra)
 
     def info(self) -> dict:
+        """See ``Consistency.info`` (a copy)."""
         return dict(self._info)
 
     def close(self) -> None:
+        """See ``Consistency.close``."""
         if self.con is not None:
             try:
                 self.con.close()  # ends backup mode if still on; the temporary slot goes with it
