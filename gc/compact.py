@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pointsafe.cas import IntegrityError
+from pointsafe.cas import IntegrityError, Safe, Writer
 from pointsafe.cas.index import PackEntry
 from pointsafe.cas.relocate import Relocator, live_records
 
@@ -39,7 +39,7 @@ class CompactResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def plan_compaction(safe, threshold: float, below: int | None = None) -> list[PackCandidate]:
+def plan_compaction(safe: Safe, threshold: float, below: int | None = None) -> list[PackCandidate]:
     """Packs with live bytes whose dead share is >= ``threshold`` (0..1); ``below``: only
     packs with a smaller id (e.g. not the ones this run just wrote)."""
     entries = safe.pack_entries()
@@ -59,7 +59,7 @@ def candidates(entries: dict[int, PackEntry], threshold: float) -> list[PackCand
     return out
 
 
-def compact(w, rel: Relocator, packs: list[int]) -> CompactResult:
+def compact(w: Writer, rel: Relocator, packs: list[int]) -> CompactResult:
     """Move the live records of ``packs`` through ``rel`` and release each pack once all of
     its records are handed over; a damaged or missing pack is left as it is, with a warning.
     The caller closes ``rel`` (its commit deletes the released packs)."""

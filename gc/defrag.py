@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from pointsafe.cas import Safe
 from pointsafe.cas.index import ObjectEntry
 from pointsafe.cas.pack import PACK_HEADER
 from pointsafe.cas.relocate import Relocator
@@ -91,7 +92,7 @@ class _Runs:
         self.pack, self.end, self.size, self.keeping = -1, 0, 0, False
 
 
-def _plan(safe, keep_bytes: int, threshold: float) -> tuple[set[int], int, int, int, int]:
+def _plan(safe: Safe, keep_bytes: int, threshold: float) -> tuple[set[int], int, int, int, int]:
     """Walk once without writing: which old packs the moves will leave at or above the
     threshold (those get compacted afterwards, so runs in them are moved now, in walk
     order, rather than kept and then scattered by the compaction). Returns (doomed packs,
@@ -123,7 +124,7 @@ def _plan(safe, keep_bytes: int, threshold: float) -> tuple[set[int], int, int, 
     return doomed, walked, runs.kept, n, b
 
 
-def defrag(safe, dry_run: bool = False, threshold: float = DEFAULT_THRESHOLD) -> DefragReport:
+def defrag(safe: Safe, dry_run: bool = False, threshold: float = DEFAULT_THRESHOLD) -> DefragReport:
     """Defragment ``safe`` (or, with ``dry_run``, say how much would move)."""
     r = DefragReport(dry_run=dry_run)
     keep_bytes = max(safe.config.pack_size // 2, 64 * 1024)

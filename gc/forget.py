@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from pointsafe.cas import UsageError, resolve_point
+from pointsafe.cas import Safe, UsageError, resolve_point
 from pointsafe.cas.release import (
     DRAIN_BATCH,
     TIGHT_BATCH,
@@ -54,7 +54,7 @@ class ForgetReport:
         return asdict(self)
 
 
-def plan_forget(safe, specs: list[str] | None = None, policy: Policy | None = None,
+def plan_forget(safe: Safe, specs: list[str] | None = None, policy: Policy | None = None,
                 name: str | None = None) -> list[Decision]:
     """Decisions (reads only): named points (``specs``) are dropped; otherwise the policy
     decides. Raises UsageError for names that match nothing or an empty request."""
@@ -76,7 +76,7 @@ def plan_forget(safe, specs: list[str] | None = None, policy: Policy | None = No
     return retention.plan(points, policy, name)
 
 
-def forget(safe, decisions: list[Decision], dry_run: bool = False,
+def forget(safe: Safe, decisions: list[Decision], dry_run: bool = False,
            policy: Policy | None = None) -> ForgetReport:
     """Drop the points ``decisions`` do not keep (or, with ``dry_run``, only count them); a
     queue an interrupted forget left is finished first. Objects no remaining point reaches are
@@ -113,11 +113,11 @@ def forget(safe, decisions: list[Decision], dry_run: bool = False,
     return r
 
 
-def _dead_bytes(safe) -> int:
+def _dead_bytes(safe: Safe) -> int:
     return safe.counters().dead_bytes
 
 
-def _drop_points(safe, w, drop: list[bytes], r: ForgetReport) -> None:
+def _drop_points(safe: Safe, w, drop: list[bytes], r: ForgetReport) -> None:
     """Commit the points' removal and queue their release, GROUP points per commit (the
     cascade is drained afterwards)."""
     live = {p.id for p in safe.points()}

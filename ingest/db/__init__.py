@@ -107,7 +107,7 @@ def _source(args) -> str | None:
     return None
 
 
-def from_args(args) -> list[Consistency]:
+def from_args(args: argparse.Namespace) -> list[Consistency]:
     """The integrations named on the command line, in the order mysql, postgres, sqlite.
 
     Nothing is contacted here; ``start()`` does that. Raises UsageError for a malformed DSN.
