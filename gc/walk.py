@@ -9,9 +9,9 @@ and a bounded cache of list nodes.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
-from pointsafe.cas import BlobReader, NodeCache, Point, Safe, latest_per, read_tree
+from pointsafe.cas import BlobReader, NodeCache, ObjectMissing, Point, Safe, latest_per, read_tree
 from pointsafe.cas.tree import DIR, REG
 
 
@@ -21,9 +21,13 @@ def newest_points(safe: Safe, points: list[Point] | None = None) -> list[Point]:
     return [best[n] for n in sorted(best)]
 
 
-def _kind_of(safe):   # a missing object: AttributeError (left as is, see the report)
+def _kind_of(safe: Safe) -> Callable[[bytes], int]:
     def kind(key: bytes) -> int:
-        return safe.entry(key).kind
+        oe = safe.entry(key)
+        if oe is None:   # a damaged safe: one error line, not a crash
+            raise ObjectMissing(f"object {key.hex()[:12]} is missing from the safe "
+                                "(run pointsafe verify)")
+        return oe.kind
     return kind
 
 

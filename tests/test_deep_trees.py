@@ -103,3 +103,25 @@ def test_deep_tree_ls_diff_gc_defrag_and_fragmentation(safe_dir: Path, tmp_path:
         assert r.code == 0, r.err + r.out
     finally:
         remove_tree(src)
+
+
+def test_fragmentation_and_defrag_of_a_point_missing_an_object_are_one_error_line(safe_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    """A file's content missing from the index (a damaged safe): the walk in file order that
+    ``show --fragmentation`` and ``defrag`` make says so in one line, no internal error."""
+    from pointsafe.cas import Safe, resolve_point
+    from pointsafe.ingest.browse import lookup
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(500_000))
+    p = cli_json("backup", src, safe=safe_dir)
+    with Safe.open(safe_dir) as safe:
+        ref = lookup(safe, resolve_point(safe, p["id"]), "f").ref
+        assert ref is not None
+        with safe.index.write() as t:
+            assert t.delete(ref, db=safe.index.db["objects"])
+    for args in (("show", p["id"], "--fragmentation"), ("defrag",)):
+        r = run_cli(*args, safe=safe_dir)
+        assert r.code == 1, (args, r.err)
+        assert r.err.startswith("pointsafe: error: ") and len(r.err.strip().splitlines()) == 1, r.err
+        assert ref.hex()[:12] in r.err and "missing" in r.err, r.err
