@@ -57,7 +57,9 @@ def lookup_chain(safe: Safe, point: Point, path: bytes | str) -> list[Entry]:
 
 
 def lookup(safe: Safe, point: Point, path: bytes | str) -> Entry:
-    """The entry at ``path`` inside a tree point (the root entry for "" or "/")."""
+    """The entry at ``path`` inside a tree point (the root entry for "" or "/"); UsageError
+    naming the path when it is not in the point, IntegrityError when a node on the way is
+    malformed. Reads one tree node per component."""
     chain = lookup_chain(safe, point, path)
     return chain[-1] if chain else root_entry(point)
 
