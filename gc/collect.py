@@ -34,7 +34,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
-from pointsafe.cas import Kind, SafeError, node_children
+from pointsafe.cas import Kind, Safe, SafeError, Writer, node_children
 from pointsafe.cas.index import FLAG_DEAD, FLAG_PINNED, OBJ, ObjectEntry, PackEntry
 from pointsafe.cas.pack import PACK_HEADER, REC_HEADER_SIZE
 from pointsafe.cas.release import (
@@ -69,7 +69,7 @@ READ_BATCH = 65536      # keys per read transaction while planning
 SPILL = 100_000         # overlay entries kept in memory before they move to SQLite
 
 
-def packs_on_disk(safe) -> tuple[int, int]:
+def packs_on_disk(safe: Safe) -> tuple[int, int]:
     """(pack files, their bytes) in the safe's packs directory."""
     n = size = 0
     with os.scandir(safe.packs_dir) as it:
@@ -326,7 +326,7 @@ def _queue(sim: _Simulation) -> Iterator[tuple[bytes, int]]:
             yield key, int.from_bytes(v[:4], "little")
 
 
-def plan_gc(safe, threshold: float = DEFAULT_THRESHOLD) -> GcPlan:
+def plan_gc(safe: Safe, threshold: float = DEFAULT_THRESHOLD) -> GcPlan:
     """What gc would do to the safe now (reads only; pass the writer's safe under the lock for
     a plan nothing can change before it runs). Cost follows the ``zero`` table and what the
     release queue and the orphans kill, not the safe's size."""
@@ -345,7 +345,7 @@ def plan_gc(safe, threshold: float = DEFAULT_THRESHOLD) -> GcPlan:
     return _plan_packs(safe, threshold, sim, queued, released, orphans, buried)
 
 
-def _after_drop(safe, sim: _Simulation) -> dict[int, PackEntry]:
+def _after_drop(safe: Safe, sim: _Simulation) -> dict[int, PackEntry]:
     """The pack entries as steps 0-2 leave them (packs with no object left included)."""
     out = {}
     for pid, pe in safe.pack_entries().items():
@@ -355,7 +355,7 @@ def _after_drop(safe, sim: _Simulation) -> dict[int, PackEntry]:
     return out
 
 
-def _plan_packs(safe, threshold: float, sim: _Simulation, queued: int, released: int,
+def _plan_packs(safe: Safe, threshold: float, sim: _Simulation, queued: int, released: int,
                 orphans: int, buried: int) -> GcPlan:
     entries = _after_drop(safe, sim)
     delete = tuple(pid for pid, pe in sorted(entries.items()) if pe.objects <= 0)
@@ -409,10 +409,11 @@ class GcReport:
     plan: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
+        """The report as a new dict (JSON-able)."""
         return asdict(self)
 
 
-def report_plan(safe, plan: GcPlan) -> GcReport:
+def report_plan(safe: Safe, plan: GcPlan) -> GcReport:
     """The dry-run report: what executing ``plan`` would do."""
     skipped = plan.skipped_message
     compacting = plan.compact and bool(plan.rewrite)
@@ -431,7 +432,7 @@ def report_plan(safe, plan: GcPlan) -> GcReport:
 
 # -- execution -----------------------------------------------------------------------------
 
-def execute(w, plan: GcPlan, measure: bool = True) -> GcReport:
+def execute(w: Writer, plan: GcPlan, measure: bool = True) -> GcReport:
     """Carry out ``plan`` (made under ``w``'s lock) with writer ``w``; see the module
     docstring. The report says what happened, and warns where it differs from the plan."""
     safe = w.safe
@@ -485,7 +486,7 @@ def execute(w, plan: GcPlan, measure: bool = True) -> GcReport:
     return r
 
 
-def _packs_to_compact(safe, plan: GcPlan, r: GcReport) -> list[int]:
+def _packs_to_compact(safe: Safe, plan: GcPlan, r: GcReport) -> list[int]:
     """The plan's packs, unless the plan or the free space now says there is no room."""
     if not plan.rewrite:
         return []
@@ -502,12 +503,12 @@ def _packs_to_compact(safe, plan: GcPlan, r: GcReport) -> list[int]:
     return list(plan.rewrite)
 
 
-def collect(w, threshold: float = DEFAULT_THRESHOLD, measure: bool = True) -> GcReport:
+def collect(w: Writer, threshold: float = DEFAULT_THRESHOLD, measure: bool = True) -> GcReport:
     """Plan and run gc with writer ``w`` (which holds the lock, so the plan cannot go stale)."""
     return execute(w, plan_gc(w.safe, threshold), measure)
 
 
-def run_gc(safe, threshold: float = DEFAULT_THRESHOLD, dry_run: bool = False) -> GcReport:
+def run_gc(safe: Safe, threshold: float = DEFAULT_THRESHOLD, dry_run: bool = False) -> GcReport:
     """gc of ``safe``: with ``dry_run`` the report of the plan (reads only, no lock), else
     the report of the plan executed under the writer lock."""
     if dry_run:

@@ -11,32 +11,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pointsafe.cas import IntegrityError
+from pointsafe.cas import IntegrityError, Safe, Writer
 from pointsafe.cas.index import PackEntry
 from pointsafe.cas.relocate import Relocator, live_records
 
 
 @dataclass(frozen=True)
 class PackCandidate:
+    """A pack that compaction may rewrite, with its live and dead record bytes."""
     pack: int
     live_bytes: int
     dead_bytes: int
 
     @property
     def dead_share(self) -> float:
+        """Dead bytes over all bytes (0..1); 1.0 for a pack with none at all."""
         total = self.live_bytes + self.dead_bytes
         return self.dead_bytes / total if total else 1.0
 
 
 @dataclass
 class CompactResult:
+    """What a compaction did: the packs rewritten, objects and bytes moved, warnings."""
     rewritten: list[int] = field(default_factory=list)
     objects_moved: int = 0
     bytes_moved: int = 0
     warnings: list[str] = field(default_factory=list)
 
 
-def plan_compaction(safe, threshold: float, below: int | None = None) -> list[PackCandidate]:
+def plan_compaction(safe: Safe, threshold: float, below: int | None = None) -> list[PackCandidate]:
     """Packs with live bytes whose dead share is >= ``threshold`` (0..1); ``below``: only
     packs with a smaller id (e.g. not the ones this run just wrote)."""
     entries = safe.pack_entries()
@@ -56,7 +59,7 @@ def candidates(entries: dict[int, PackEntry], threshold: float) -> list[PackCand
     return out
 
 
-def compact(w, rel: Relocator, packs: list[int]) -> CompactResult:
+def compact(w: Writer, rel: Relocator, packs: list[int]) -> CompactResult:
     """Move the live records of ``packs`` through ``rel`` and release each pack once all of
     its records are handed over; a damaged or missing pack is left as it is, with a warning.
     The caller closes ``rel`` (its commit deletes the released packs)."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from pointsafe.cas import Safe
+from pointsafe.cas.index import ObjectEntry
 from pointsafe.cas.pack import PACK_HEADER
 from pointsafe.cas.relocate import Relocator
 
@@ -26,6 +28,9 @@ from .walk import newest_chunks, with_entries
 
 @dataclass
 class DefragReport:
+    """What defrag did (or, in a dry run, would do): chunks walked, runs kept, objects and bytes
+    moved, packs written / compacted / deleted, sizes and the fragmentation before and after.
+    """
     dry_run: bool = False
     chunks_walked: int = 0
     runs_kept: int = 0
@@ -42,6 +47,7 @@ class DefragReport:
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
+        """The report as a new dict (JSON-able)."""
         return asdict(self)
 
 
@@ -52,14 +58,14 @@ class _Runs:
         self.keep_bytes = keep_bytes
         self.move = move
         self.pack_ends = pack_ends or {}
-        self.buf: list[bytes] = []
+        self.buf: list[tuple[bytes, ObjectEntry | None]] = []
         self.pack = -1
         self.end = 0
         self.size = 0
         self.keeping = False
         self.kept = 0
 
-    def add(self, key: bytes, pack: int, offset: int, length: int, entry=None) -> None:
+    def add(self, key: bytes, pack: int, offset: int, length: int, entry: ObjectEntry | None = None) -> None:
         seq = pack == self.pack and self.end <= offset <= self.end + GAP
         if not seq and offset == PACK_HEADER.size and self.pack >= 0:
             # From the end of one pack to the start of another: a run may go on across packs.
@@ -86,7 +92,7 @@ class _Runs:
         self.pack, self.end, self.size, self.keeping = -1, 0, 0, False
 
 
-def _plan(safe, keep_bytes: int, threshold: float) -> tuple[set[int], int, int, int, int]:
+def _plan(safe: Safe, keep_bytes: int, threshold: float) -> tuple[set[int], int, int, int, int]:
     """Walk once without writing: which old packs the moves will leave at or above the
     threshold (those get compacted afterwards, so runs in them are moved now, in walk
     order, rather than kept and then scattered by the compaction). Returns (doomed packs,
@@ -118,7 +124,7 @@ def _plan(safe, keep_bytes: int, threshold: float) -> tuple[set[int], int, int, 
     return doomed, walked, runs.kept, n, b
 
 
-def defrag(safe, dry_run: bool = False, threshold: float = DEFAULT_THRESHOLD) -> DefragReport:
+def defrag(safe: Safe, dry_run: bool = False, threshold: float = DEFAULT_THRESHOLD) -> DefragReport:
     """Defragment ``safe`` (or, with ``dry_run``, say how much would move)."""
     r = DefragReport(dry_run=dry_run)
     keep_bytes = max(safe.config.pack_size // 2, 64 * 1024)

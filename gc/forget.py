@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from pointsafe.cas import UsageError, resolve_point
+from pointsafe.cas import Safe, UsageError, resolve_point
 from pointsafe.cas.release import (
     DRAIN_BATCH,
     TIGHT_BATCH,
@@ -38,6 +38,9 @@ GROUP = 64   # points per index transaction
 
 @dataclass
 class ForgetReport:
+    """What forget did (or, in a dry run, would do): points dropped and kept, objects that died
+    and their bytes (reclaimable by gc), and the policy's decision for each point.
+    """
     dry_run: bool = False
     policy: str | None = None
     points_dropped: int = 0
@@ -47,10 +50,11 @@ class ForgetReport:
     decisions: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
+        """The report as a new dict (JSON-able)."""
         return asdict(self)
 
 
-def plan_forget(safe, specs: list[str] | None = None, policy: Policy | None = None,
+def plan_forget(safe: Safe, specs: list[str] | None = None, policy: Policy | None = None,
                 name: str | None = None) -> list[Decision]:
     """Decisions (reads only): named points (``specs``) are dropped; otherwise the policy
     decides. Raises UsageError for names that match nothing or an empty request."""
@@ -72,7 +76,7 @@ def plan_forget(safe, specs: list[str] | None = None, policy: Policy | None = No
     return retention.plan(points, policy, name)
 
 
-def forget(safe, decisions: list[Decision], dry_run: bool = False,
+def forget(safe: Safe, decisions: list[Decision], dry_run: bool = False,
            policy: Policy | None = None) -> ForgetReport:
     """Drop the points ``decisions`` do not keep (or, with ``dry_run``, only count them); a
     queue an interrupted forget left is finished first. Objects no remaining point reaches are
@@ -109,11 +113,11 @@ def forget(safe, decisions: list[Decision], dry_run: bool = False,
     return r
 
 
-def _dead_bytes(safe) -> int:
+def _dead_bytes(safe: Safe) -> int:
     return safe.counters().dead_bytes
 
 
-def _drop_points(safe, w, drop: list[bytes], r: ForgetReport) -> None:
+def _drop_points(safe: Safe, w, drop: list[bytes], r: ForgetReport) -> None:
     """Commit the points' removal and queue their release, GROUP points per commit (the
     cascade is drained afterwards)."""
     live = {p.id for p in safe.points()}

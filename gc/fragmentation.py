@@ -23,10 +23,11 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import lmdb
 
-from pointsafe.cas import Point
+from pointsafe.cas import Point, Safe
 from pointsafe.cas.relocate import LAYOUT_GEN
 
 from .walk import newest_chunks, newest_points, with_entries
@@ -44,12 +45,15 @@ class Cursor:
     end: int = 0
 
     def step(self, pack: int, offset: int, record_len: int) -> bool:
+        """Move the reader to a record of ``record_len`` bytes at (pack, offset); True when that is a
+        seek (not within GAP after the previous record in the same pack).
+        """
         seq = pack == self.pack and self.end <= offset <= self.end + GAP
         self.pack, self.end = pack, offset + record_len
         return not seq
 
 
-def measure(safe, points: list[Point] | None = None) -> dict:
+def measure(safe: Safe, points: list[Point] | None = None) -> dict:
     """Walk the newest points now and compute the figure (no cache)."""
     pts = newest_points(safe, points)
     cur = Cursor()
@@ -81,7 +85,7 @@ def measure(safe, points: list[Point] | None = None) -> dict:
     }
 
 
-def _signature(safe, pts: list[Point]) -> str:
+def _signature(safe: Safe, pts: list[Point]) -> str:
     with safe.index.read() as t:
         gen = safe.index.get_meta_int(t, LAYOUT_GEN, 0)
     h = hashlib.sha256(str(gen).encode())
@@ -90,7 +94,7 @@ def _signature(safe, pts: list[Point]) -> str:
     return h.hexdigest()
 
 
-def fragmentation(safe, use_cache: bool = True) -> dict:
+def fragmentation(safe: Safe, use_cache: bool = True) -> dict:
     """The fragmentation figure of ``safe`` (see the module docstring), cached in the index.
 
     Returns a dict: seeks, seeks_per_gib, minimum_seeks, minimum_per_gib, excess (seeks over
@@ -99,8 +103,7 @@ def fragmentation(safe, use_cache: bool = True) -> dict:
     pts = newest_points(safe)
     sig = _signature(safe, pts)
     if use_cache:
-        with safe.index.read() as t:
-            v = t.get(CACHE_KEY, db=safe.index.db["meta"])
+        v = _cache_value(safe)
         if v is not None:
             try:
                 c = json.loads(v)
@@ -117,12 +120,18 @@ def fragmentation(safe, use_cache: bool = True) -> dict:
     return dict(value, cached=False)
 
 
-def last_fragmentation(safe) -> dict | None:
+def _cache_value(safe: Safe) -> bytes | None:
+    """The cached figure's JSON as stored, or None."""
+    with safe.index.read() as t:
+        # the index's read transactions are made with buffers=False: values are bytes
+        return cast("bytes | None", t.get(CACHE_KEY, db=safe.index.db["meta"]))
+
+
+def last_fragmentation(safe: Safe) -> dict | None:
     """The figure last measured, without walking anything: ``stale`` is True when points or
     the layout changed since (``status`` shows it; gc, defrag and ``show --fragmentation``
     measure anew). None when it was never measured."""
-    with safe.index.read() as t:
-        v = t.get(CACHE_KEY, db=safe.index.db["meta"])
+    v = _cache_value(safe)
     if v is None:
         return None
     try:
@@ -132,11 +141,10 @@ def last_fragmentation(safe) -> dict | None:
         return None
 
 
-def cached_fragmentation(safe) -> dict | None:
+def cached_fragmentation(safe: Safe) -> dict | None:
     """The cached figure when it is still valid, else None (never walks)."""
     pts = newest_points(safe)
-    with safe.index.read() as t:
-        v = t.get(CACHE_KEY, db=safe.index.db["meta"])
+    v = _cache_value(safe)
     if v is None:
         return None
     try:

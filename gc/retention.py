@@ -30,6 +30,10 @@ _BUCKET = {
 
 @dataclass(frozen=True)
 class Policy:
+    """A retention policy: keep the ``last`` N points and the newest point of each of the N
+    most recent hours, days, ISO weeks, months and years that have points (per source, UTC;
+    0 turns a rule off; a point is kept when any rule keeps it).
+    """
     last: int = 0
     hourly: int = 0
     daily: int = 0
@@ -39,19 +43,23 @@ class Policy:
 
     @property
     def empty(self) -> bool:
+        """True when no rule is set (it would keep nothing; forget refuses it)."""
         return not any(getattr(self, r) for r in RULES)
 
     def describe(self) -> str:
+        """The policy in words, e.g. "keep-last 3, keep-daily 7" ("nothing" when empty)."""
         return ", ".join(f"keep-{r} {getattr(self, r)}" for r in RULES if getattr(self, r)) or "nothing"
 
 
 @dataclass
 class Decision:
+    """Whether a policy keeps ``point``, and why (the rules that keep it)."""
     point: Point
     keep: bool
     reasons: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
+        """The decision as a dict (point id, name, start time, keep, reasons), JSON-able."""
         p = self.point
         return {"id": p.id, "name": p.name, "started": p.started,
                 "keep": self.keep, "reasons": self.reasons}

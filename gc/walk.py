@@ -9,25 +9,29 @@ and a bounded cache of list nodes.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
-from pointsafe.cas import BlobReader, NodeCache, Point, latest_per, read_tree
+from pointsafe.cas import BlobReader, NodeCache, ObjectMissing, Point, Safe, latest_per, read_tree
 from pointsafe.cas.tree import DIR, REG
 
 
-def newest_points(safe, points: list[Point] | None = None) -> list[Point]:
+def newest_points(safe: Safe, points: list[Point] | None = None) -> list[Point]:
     """The newest point of each source (by ``name``), sorted by name."""
     best = latest_per(safe.points() if points is None else points, lambda p: p.name)
     return [best[n] for n in sorted(best)]
 
 
-def _kind_of(safe):
+def _kind_of(safe: Safe) -> Callable[[bytes], int]:
     def kind(key: bytes) -> int:
-        return safe.entry(key).kind
+        oe = safe.entry(key)
+        if oe is None:   # a damaged safe: one error line, not a crash
+            raise ObjectMissing(f"object {key.hex()[:12]} is missing from the safe "
+                                "(run pointsafe verify)")
+        return oe.kind
     return kind
 
 
-def blob_chunks(safe, root: bytes | None, size: int, nodes: NodeCache) -> Iterator[tuple[bytes, int]]:
+def blob_chunks(safe: Safe, root: bytes | None, size: int, nodes: NodeCache) -> Iterator[tuple[bytes, int]]:
     """(chunk key, length) of a blob in offset order, holes skipped."""
     if root is None or size <= 0:
         return
@@ -37,7 +41,7 @@ def blob_chunks(safe, root: bytes | None, size: int, nodes: NodeCache) -> Iterat
             yield key, length
 
 
-def point_chunks(safe, rec: Point, nodes: NodeCache | None = None) -> Iterator[tuple[bytes, int]]:
+def point_chunks(safe: Safe, rec: Point, nodes: NodeCache | None = None) -> Iterator[tuple[bytes, int]]:
     """(chunk key, length) of every chunk a restore of point ``rec`` reads, in file order."""
     nodes = nodes or NodeCache(64)
     root = rec.root
@@ -58,14 +62,14 @@ def point_chunks(safe, rec: Point, nodes: NodeCache | None = None) -> Iterator[t
             stack.append(iter(read_tree(safe.get, e.ref)))
 
 
-def newest_chunks(safe, points: list[Point] | None = None) -> Iterator[tuple[bytes, int]]:
+def newest_chunks(safe: Safe, points: list[Point] | None = None) -> Iterator[tuple[bytes, int]]:
     """The chunks of the newest point of every source, source after source."""
     nodes = NodeCache(64)   # a sequential walk needs about one node per level
     for rec in newest_points(safe, points):
         yield from point_chunks(safe, rec, nodes)
 
 
-def with_entries(safe, pairs: Iterator[tuple[bytes, int]], batch: int = 65536):
+def with_entries(safe: Safe, pairs: Iterator[tuple[bytes, int]], batch: int = 65536):
     """(key, length, ObjectEntry or None) for each (key, length), in the same order, looked up
     ``batch`` at a time in key order: the index is keyed by hash, so lookups in walk order hit
     random pages, sorted ones sweep the index once (much faster from a cold cache).

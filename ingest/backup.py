@@ -42,6 +42,9 @@ class HookFailed(SafeError):
 
 @dataclass
 class BackupOptions:
+    """How ``backup`` runs: point name (default: the source's), tree or volume, hooks, exclude
+    patterns, one file system, database integrations, worker threads, labels, space check.
+    """
     name: str | None = None
     volume: bool = False
     pre_hook: str | None = None
@@ -65,18 +68,22 @@ class Progress(Protocol):
     steps, bytes covered (read, holes, or unchanged files not read again) and files done. A
     plain ``callable(nbytes)`` is accepted too."""
 
-    def set_total(self, nbytes: int | None, files: int | None = None) -> None: ...
+    def set_total(self, nbytes: int | None, files: int | None = None) -> None:
+        """Announce the expected totals (bytes, files; None when unknown), once, before steps."""
+        ...
 
     def __call__(self, nbytes: int, files: int = 0) -> None: ...
 
 
 @dataclass
 class BackupResult:
+    """The committed point and the warnings of the run (each a dict with ``path`` and ``message``)."""
     point: Point
     warnings: list[dict]
 
 
 def default_name(source: Path) -> str:
+    """The point name a source gets when none is given: its last component, "root" for /."""
     return source.name or "root"
 
 
@@ -307,12 +314,15 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
 
 
 def commit_point(w: Writer, record: dict, root: bytes | None, warnings: list[dict]) -> Point:
+    """Commit ``record`` with ``root`` and ``warnings`` through ``w`` (a Writer, which holds the
+    safe's write lock); returns the committed Point. ``record`` itself is not changed.
+    """
     record = dict(record)
     record["warnings"] = list(warnings)
     return w.add_point(record, root)
 
 
-def graft(safe: Safe, w: Writer, root: bytes | None, relpath: bytes, data: bytes | str | os.PathLike) -> bytes:
+def graft(safe: Safe, w: Writer, root: bytes | None, relpath: bytes, data: bytes | str | os.PathLike[str]) -> bytes:
     """Return a new root tree in which ``relpath`` is a regular file holding ``data`` (bytes,
     or the path of a file to read in chunks).
 
@@ -325,7 +335,7 @@ def graft(safe: Safe, w: Writer, root: bytes | None, relpath: bytes, data: bytes
     return _graft(safe, w, root, parts, data, None)
 
 
-def _graft(safe: Safe, w: Writer, tree: bytes | None, parts: list[bytes], data: bytes,
+def _graft(safe: Safe, w: Writer, tree: bytes | None, parts: list[bytes], data: bytes | str | os.PathLike[str],
            parent_meta: Entry | None) -> bytes:
     entries = read_tree(safe.get, tree) if tree is not None else []
     byname = {e.name: e for e in entries}
@@ -350,7 +360,7 @@ def _graft(safe: Safe, w: Writer, tree: bytes | None, parts: list[bytes], data: 
     return build_tree(w.put_node, list(byname.values()))
 
 
-def _store_content(safe: Safe, w: Writer, data: bytes | str | os.PathLike) -> tuple[bytes | None, int]:
+def _store_content(safe: Safe, w: Writer, data: bytes | str | os.PathLike[str]) -> tuple[bytes | None, int]:
     """Store bytes or a file's content as a blob, with the safe's content-defined chunks (so a
     consistent copy of a database dedups against the live file read just before)."""
     cfg = safe.config
@@ -366,7 +376,7 @@ def _store_content(safe: Safe, w: Writer, data: bytes | str | os.PathLike) -> tu
 
     if isinstance(data, (bytes, bytearray, memoryview)):
         mv = memoryview(data)
-        add(("data", mv[c.offset:c.offset + c.length]) for c in cutter.cdc.cut_buf(mv)) if len(mv) else None
+        add(("data", mv[c.offset:c.offset + c.length]) for c in cutter.content_defined().cut_buf(mv)) if len(mv) else None
     else:
         fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
         try:

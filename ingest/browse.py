@@ -57,7 +57,9 @@ def lookup_chain(safe: Safe, point: Point, path: bytes | str) -> list[Entry]:
 
 
 def lookup(safe: Safe, point: Point, path: bytes | str) -> Entry:
-    """The entry at ``path`` inside a tree point (the root entry for "" or "/")."""
+    """The entry at ``path`` inside a tree point (the root entry for "" or "/"); UsageError
+    naming the path when it is not in the point, IntegrityError when a node on the way is
+    malformed. Reads one tree node per component."""
     chain = lookup_chain(safe, point, path)
     return chain[-1] if chain else root_entry(point)
 
@@ -81,30 +83,59 @@ def children(safe: Safe, e: Entry) -> list[Entry]:
                              f"is malformed ({err})") from None
 
 
+def _join(prefix: bytes, name: bytes) -> bytes:
+    return prefix + b"/" + name if prefix else name
+
+
 def walk(safe: Safe, e: Entry, prefix: bytes = b"") -> Iterator[tuple[bytes, Entry]]:
-    """Depth-first (path, entry) for everything below directory entry ``e``."""
-    for c in children(safe, e):
-        p = prefix + b"/" + c.name if prefix else c.name
+    """Depth-first, pre-order (path, entry) for everything below directory entry ``e``, each
+    directory's entries in stored (name) order, paths joined onto ``prefix``.
+
+    Iterative (an explicit stack of listings), so any depth works; memory is one listing per
+    level. A listing is read only when the walk reaches it; ObjectMissing / IntegrityError as
+    for ``children`` when a node on the way is missing or damaged.
+    """
+    stack: list[tuple[Iterator[Entry], bytes]] = [(iter(children(safe, e)), prefix)]
+    while stack:
+        it, pre = stack[-1]
+        c = next(it, None)
+        if c is None:
+            stack.pop()
+            continue
+        p = _join(pre, c.name)
         yield p, c
         if c.type == DIR:
-            yield from walk(safe, c, p)
+            stack.append((iter(children(safe, c)), p))
 
 
-def _meta(e: Entry) -> tuple:
+def _meta(e: Entry) -> tuple[object, ...]:
     return (e.type, e.mode, e.uid, e.gid, e.mtime_ns, e.target, e.rdev, e.xattrs)
 
 
-def diff(safe: Safe, a: Entry, b: Entry, prefix: bytes = b"") -> Iterator[tuple[str, bytes, Entry | None, Entry | None]]:
-    """Yield (change, path, old, new) with change in '+' (added), '-' (removed), 'M' (content
-    changed), 'm' (metadata only), 'T' (type changed). Identical subtrees are skipped unread."""
+Change = tuple[str, bytes, Entry | None, Entry | None]
+
+
+class _Descend:
+    """A marker one level of a diff hands its driver: compare directories ``a`` and ``b`` here."""
+
+    __slots__ = ("a", "b", "prefix")
+
+    def __init__(self, a: Entry, b: Entry, prefix: bytes) -> None:
+        self.a, self.b, self.prefix = a, b, prefix
+
+
+def _diff_level(safe: Safe, a: Entry, b: Entry, prefix: bytes) -> Iterator[Change | _Descend]:
+    """The changes of one directory pair, in name order; a pair of subdirectories comes out as a
+    ``_Descend`` at the place its changes belong."""
     if a.ref == b.ref and a.type == b.type == DIR:
         return
     ca = {e.name: e for e in children(safe, a)}
     cb = {e.name: e for e in children(safe, b)}
     for name in sorted(ca.keys() | cb.keys()):
-        p = prefix + b"/" + name if prefix else name
+        p = _join(prefix, name)
         x, y = ca.get(name), cb.get(name)
         if x is None:
+            assert y is not None  # the name came from one of the two listings
             yield "+", p, None, y
             if y.type == DIR:
                 for q, e in walk(safe, y, p):
@@ -119,14 +150,35 @@ def diff(safe: Safe, a: Entry, b: Entry, prefix: bytes = b"") -> Iterator[tuple[
         elif x.type == DIR:
             if _meta(x) != _meta(y):
                 yield "m", p, x, y
-            yield from diff(safe, x, y, p)
+            yield _Descend(x, y, p)
         elif x.ref != y.ref or x.size != y.size:
             yield "M", p, x, y
         elif _meta(x) != _meta(y):
             yield "m", p, x, y
 
 
-def _show(path) -> str:
+def diff(safe: Safe, a: Entry, b: Entry, prefix: bytes = b"") -> Iterator[Change]:
+    """Yield (change, path, old, new) with change in '+' (added), '-' (removed), 'M' (content
+    changed), 'm' (metadata only), 'T' (type changed), depth first in name order (a directory's
+    own line before the changes inside it). Identical subtrees (same key) are skipped unread, so
+    the cost is what changed between the two trees.
+
+    Iterative (an explicit stack, one pair of listings per level), so any depth works.
+    ObjectMissing / IntegrityError as for ``children`` when a node that must be read is missing
+    or damaged.
+    """
+    stack: list[Iterator[Change | _Descend]] = [_diff_level(safe, a, b, prefix)]
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+        elif isinstance(item, _Descend):
+            stack.append(_diff_level(safe, item.a, item.b, item.prefix))
+        else:
+            yield item
+
+
+def _show(path: bytes | str) -> str:
     return path.decode("utf-8", "backslashreplace") if isinstance(path, bytes) else path
 
 

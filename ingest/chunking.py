@@ -89,7 +89,19 @@ class Cutter:
         self.fixed = fixed
         self.cdc = None if fixed else FastCDC(avg_size, min_size=min_size, max_size=max_size)
 
+    def content_defined(self) -> FastCDC:
+        """The content-defined cutter; only for a Cutter made without ``fixed`` (the caller's
+        duty: a fixed-block Cutter has none)."""
+        assert self.cdc is not None, "a fixed-block Cutter has no content-defined cutter"
+        return self.cdc
+
     def chunks(self, fd: int, size: int, sparse: bool = True) -> Iterator[tuple[str, object]]:
+        """("data", memoryview) and ("hole", length) items covering ``size`` bytes of ``fd`` in
+        file order (holes found with SEEK_DATA/SEEK_HOLE when ``sparse``; fixed blocks stay aligned
+        to the file). Each read fills a buffer of its own that is never reused, so a memoryview
+        stays valid after later items. Reads READ_SIZE at a time with preadv (the offset of
+        ``fd`` is not used); OSError from a read as is.
+        """
         pos = 0
         extents = data_extents(fd, size) if sparse else iter([(0, size)])
         for start, length in extents:
@@ -134,7 +146,7 @@ class Cutter:
                 carry = bytes(mv[n:]) if not eof else b""
             else:
                 last = None
-                for c in self.cdc.cut_buf(mv):
+                for c in self.content_defined().cut_buf(mv):
                     if last is not None:
                         yield "data", mv[last.offset:last.offset + last.length]
                     last = c

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-from pointsafe.cas import BlobBuilder, Entry, Kind, Writer, build_tree, object_key, prepare
+from pointsafe.cas import BlobBuilder, Entry, Kind, Prepared, Writer, build_tree, object_key, prepare
 
 from .chunking import is_zero
 
@@ -31,6 +31,7 @@ _KIND_CHUNK = bytes((Kind.CHUNK,))
 
 @dataclass
 class Stats:
+    """Counters of one backup (see the field comments); ``as_dict`` is what a point records."""
     files: int = 0
     dirs: int = 0
     other: int = 0
@@ -42,10 +43,12 @@ class Stats:
     size: int = 0              # logical bytes of the regular files / the volume
 
     def as_dict(self) -> dict:
+        """The counters as a new dict (JSON-able)."""
         return dict(self.__dict__)
 
 
 class Batch:
+    """Events and chunk data gathered for one hashing job of the worker threads."""
     __slots__ = ("chunks", "events", "nbytes", "future")
 
     def __init__(self) -> None:
@@ -55,9 +58,10 @@ class Batch:
         self.future: Future | None = None
 
 
-def _hash_batch(chunks: list[memoryview], known: Callable[[bytes], bool], level: int | None):
+def _hash_batch(chunks: list[memoryview], known: Callable[[bytes], bool],
+                level: int | None) -> list[tuple[bytes, Prepared | None] | None]:
     """Worker: (key, Prepared or None when already stored) per chunk; None for zero chunks."""
-    out = []
+    out: list[tuple[bytes, Prepared | None] | None] = []
     for mv in chunks:
         if is_zero(mv):
             out.append(None)
@@ -66,7 +70,8 @@ def _hash_batch(chunks: list[memoryview], known: Callable[[bytes], bool], level:
         if known(key):
             out.append((key, None))
         else:
-            out.append((key, prepare(Kind.CHUNK, mv, level, key=key)))
+            # prepare reads any buffer (hashing, zstd, raw copy); cas declares it for bytes only.
+            out.append((key, prepare(Kind.CHUNK, mv, level, key=key)))  # type: ignore[arg-type]
     return out
 
 
@@ -96,6 +101,10 @@ class Pipeline:
         self._event(("file", entry))
 
     def data(self, mv: memoryview) -> None:
+        """Data of the current file, in order. The pipeline keeps ``mv`` until its batch is
+        handled: the caller must not reuse or change the buffer behind it. Hands a full batch
+        to the worker threads.
+        """
         b = self.batch
         b.events.append(("data", len(b.chunks)))
         b.chunks.append(mv)
@@ -105,9 +114,11 @@ class Pipeline:
             self._submit()
 
     def hole(self, length: int) -> None:
+        """``length`` bytes of zeros (a hole) in the current file, stored as no chunk."""
         self._event(("hole", length))
 
     def end(self) -> None:
+        """The current file is complete: its blob is finished and its entry added."""
         self._event(("end",))
 
     def abort(self) -> None:
@@ -123,9 +134,13 @@ class Pipeline:
         self._event(("link", entry))
 
     def opendir(self, entry: Entry) -> None:
+        """Begin directory ``entry``: the entries that follow, until ``closedir``, are its own."""
         self._event(("dir", entry))
 
     def closedir(self) -> None:
+        """End the innermost open directory: its tree node is built and its entry added to its
+        parent.
+        """
         self._event(("enddir",))
 
     def _event(self, ev: tuple) -> None:
@@ -214,6 +229,16 @@ class _Assembler:
         else:
             self.p.root = (e.ref, e.size)
 
+    def _blob(self) -> BlobBuilder:
+        """The blob of the file being stored (events of a file come between "file" and "end")."""
+        assert self.blob is not None, "file data outside a file"
+        return self.blob
+
+    def _file(self) -> Entry:
+        """The entry of the file being stored."""
+        assert self.cur_file is not None, "end of a file that was not begun"
+        return self.cur_file
+
     def handle(self, b: Batch, results) -> None:
         w = self.w
         st = self.stats
@@ -223,7 +248,7 @@ class _Assembler:
                 r = results[ev[1]]
                 n = len(b.chunks[ev[1]])
                 if r is None:
-                    self.blob.add(None, n)
+                    self._blob().add(None, n)
                     continue
                 key, prep = r
                 if prep is not None:
@@ -232,16 +257,16 @@ class _Assembler:
                         st.bytes_new += n
                         st.objects_new += 1
                         st.bytes_stored += w.bytes_written - before
-                self.blob.add(key, n)
+                self._blob().add(key, n)
             elif t == "hole":
-                self.blob.add(None, ev[1])
+                self._blob().add(None, ev[1])
             elif t == "file":
                 self.cur_file = ev[1]
                 self.blob = BlobBuilder(self._put_node, self.p.fanout)
             elif t == "end":
-                e = self.cur_file
-                e.ref = self.blob.finish()
-                e.size = self.blob.size
+                e, blob = self._file(), self._blob()
+                e.ref = blob.finish()
+                e.size = blob.size
                 st.files += 1
                 st.size += e.size
                 if e.link_group:

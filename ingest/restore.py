@@ -34,6 +34,7 @@ import struct
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,8 @@ from pointsafe.cas.tree import BLK, CHR, DIR, FIFO, LNK, REG, SOCK
 
 from .browse import children, display_name, lookup_chain, root_entry, split_path
 
+_T = TypeVar("_T")
+
 PREFETCH = 16
 FETCH_GROUP = 8           # chunks per fetch job
 SMALL_FILE = 256 * 1024   # files up to this size are usually one chunk
@@ -73,6 +76,9 @@ _NODE_KIND = {FIFO: stat.S_IFIFO, CHR: stat.S_IFCHR, BLK: stat.S_IFBLK, SOCK: st
 
 @dataclass
 class RestoreStats:
+    """What a restore did: files, directories and other entries made, bytes written, and the
+    warnings (one dict per entry not restored or restored without some metadata).
+    """
     files: int = 0
     dirs: int = 0
     other: int = 0
@@ -237,17 +243,20 @@ class Restorer:
         return r
 
     def write_small(self, fd: int, e: Entry) -> None:
-        """A file of one chunk (most small files): one index lookup, one read, one write."""
-        oe = self.safe.entry(e.ref)
+        """A file of one chunk (most small files): one index lookup, one read, one write.
+        The caller holds ``e.ref`` not None; ObjectMissing when the object is not in the safe."""
+        ref = e.ref
+        assert ref is not None, "write_small of a file without content"
+        oe = self.safe.entry(ref)
         if oe is None:
-            raise ObjectMissing(f"its content (object {e.ref.hex()[:12]}) is missing from the safe")
+            raise ObjectMissing(f"its content (object {ref.hex()[:12]}) is missing from the safe")
         if oe.kind != Kind.CHUNK:
-            self.write_blob(fd, self.reader(e.ref, e.size), prefetch=False)
+            self.write_blob(fd, self.reader(ref, e.size), prefetch=False)
             return
         try:
-            data = self.safe.read_entry(e.ref, oe)
+            data = self.safe.read_entry(ref, oe)
         except (FileNotFoundError, IntegrityError):
-            data = self.safe.get(e.ref)   # moved by a concurrent gc, or really damaged
+            data = self.safe.get(ref)   # moved by a concurrent gc, or really damaged
         if len(data) != e.size:
             raise _mismatch(e.size, len(data))
         os.pwrite(fd, data, 0)
@@ -381,22 +390,25 @@ class Restorer:
         stays open, so that reopening one never walks more than KEEP_OPEN names)."""
         stack.append(frame)
         i = len(stack) - 1 - KEEP_OPEN
-        if i > 0 and i % KEEP_OPEN and stack[i].dir is not None:
-            self.drop(stack[i].dir)
-            stack[i].dir = None
+        if i > 0 and i % KEEP_OPEN:
+            d = stack[i].dir
+            if d is not None:
+                self.drop(d)
+                stack[i].dir = None
 
     def _dir_of(self, stack: list[_Frame]) -> _Dir:
         """The open directory of the stack's innermost frame, reopened by name (O_NOFOLLOW,
         from the nearest open ancestor, never through '..') when it was closed."""
-        if stack[-1].dir is not None:
-            return stack[-1].dir
         j = len(stack) - 1
-        while stack[j].dir is None:
+        d = stack[j].dir
+        while d is None:
             j -= 1
+            d = stack[j].dir
         for k in range(j + 1, len(stack)):
-            fd = os.open(stack[k].entry.name, _DIR_FLAGS, dir_fd=stack[k - 1].dir.fd)
-            stack[k].dir = _Dir(fd)
-        return stack[-1].dir
+            fd = os.open(stack[k].entry.name, _DIR_FLAGS, dir_fd=d.fd)
+            d = _Dir(fd)
+            stack[k].dir = d
+        return d
 
     def _open_subdir(self, parent: _Dir, e: Entry) -> int:
         """Create directory ``e`` in ``parent`` (or, with --force, take the one there) and open it."""
@@ -461,7 +473,7 @@ class Restorer:
         if len(self.pending) > 4096:
             self.pending = [f for f in self.pending if not f.done()]
 
-    def _temp(self, dir_fd: int, make: Callable[[bytes], int | None]) -> tuple[bytes, int | None]:
+    def _temp(self, dir_fd: int, make: Callable[[bytes], _T]) -> tuple[bytes, _T]:
         """Create a fresh temporary name in ``dir_fd`` with ``make(name)`` (which must fail
         with EEXIST on an existing name); return the name and what ``make`` returned."""
         for attempt in range(8):

@@ -20,6 +20,9 @@ from .pipeline import Pipeline
 
 
 def volume_size(fd: int) -> int:
+    """The size in bytes of an open file or block device (fstat for files, seek to the end for
+    devices); OSError from the kernel as is.
+    """
     st = os.fstat(fd)
     if stat.S_ISREG(st.st_mode):
         return st.st_size

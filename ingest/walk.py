@@ -26,7 +26,7 @@ import stat
 import struct
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeGuard, cast
 
 import blake3
 
@@ -59,6 +59,9 @@ class Vanished(Exception):
 
 @dataclass
 class WalkOptions:
+    """What a tree walk leaves out: other file systems (``one_file_system``), names or relative
+    paths matching ``excludes`` (fnmatch), and the directories in ``skip`` by (dev, ino).
+    """
     one_file_system: bool = False
     excludes: list[str] = field(default_factory=list)   # fnmatch patterns on names and relative paths
     skip: set[tuple[int, int]] = field(default_factory=set)  # (dev, ino) of dirs never entered (the safe)
@@ -140,6 +143,12 @@ class _Dir:
 
 
 class TreeWalker:
+    """Walks a source tree into a Pipeline, iteratively and fd-relative (any depth, any path
+    length, at most MAX_DIR_FDS directory descriptors open), reusing the previous point's
+    entries for files whose inode, size, mtime and ctime are unchanged. Problems with single
+    entries (unreadable, vanished, changed while read, moved away) become warnings through
+    ``warn`` and the walk goes on.
+    """
     def __init__(self, safe: Safe, pipe: Pipeline, cutter: Cutter, opts: WalkOptions,
                  warn: Callable[[bytes, str], None], progress: Callable[[int, int], None] | None = None):
         """``warn(path, message)`` gets full paths; ``progress(nbytes, files)`` is told, in
@@ -252,7 +261,7 @@ class TreeWalker:
             jn, jst, jp = items[d.j]
             if (stat.S_ISREG(jst.st_mode) and 0 < jst.st_size <= PREFETCH_MAX and jst.st_nlink == 1
                     and not _unchanged(jp, jst)):
-                d.ahead[jn] = self.readers.submit(_read_small, d.fd, jn)
+                d.ahead[jn] = self.readers.submit(_read_small, _fd(d), jn)
             elif stat.S_ISDIR(jst.st_mode) and jp is not None and jp.type == DIR and jp.ref is not None:
                 # The previous point's subdirectories are read ahead too: on a cold cache,
                 # reading old tree nodes one at a time is most of an unchanged re-backup.
@@ -312,13 +321,13 @@ class TreeWalker:
         """List and stat the (new, top) directory ``d``."""
         prev = self._prev_entries(prev_tree)
         try:
-            names = sorted(os.fsencode(n) for n in os.listdir(d.fd))
+            names = sorted(os.fsencode(n) for n in os.listdir(_fd(d)))
         except OSError as e:
             self._warn_at(None, f"cannot read directory: {e.strerror}; stored as empty")
             return
         if self.opts.excludes:
             names = [n for n in names if not self._excluded(os.path.join(d.rel, n) if d.rel else n, n)]
-        d.items = [(n, st, prev.get(n)) for n, st in stat_listed(d.fd, names, self._warn_at)]
+        d.items = [(n, st, prev.get(n)) for n, st in stat_listed(_fd(d), names, self._warn_at)]
 
     def _leave(self) -> None:
         """The top directory is done: close it; open its parent again if it was closed and
@@ -368,9 +377,10 @@ class TreeWalker:
         way that is not there any more)."""
         stack = self.stack
         j = k - 1
-        while stack[j].fd is None:
-            j -= 1
         fd = stack[j].fd
+        while fd is None:
+            j -= 1
+            fd = stack[j].fd
         for m in range(j + 1, k + 1):
             nfd = _open_checked(fd, stack[m].name, stack[m])
             if fd != stack[j].fd:
@@ -454,7 +464,7 @@ class TreeWalker:
         else:
             done = self._from_prefetch(e, pre) if pre is not None else None
             if done is None:
-                done = self.read_file(d.fd, e)
+                done = self.read_file(_fd(d), e)
             if not done:
                 # Not in the point: its other names must not become links to nothing (they
                 # would restore as holes); each is tried, and warned about, on its own.
@@ -478,7 +488,7 @@ class TreeWalker:
         e.size, e.mtime_ns, e.ctime_ns = st.st_size, st.st_mtime_ns, st.st_ctime_ns
         self.pipe.file(e)
         mv = memoryview(data)
-        for c in self.cutter.cdc.cut_buf(mv):
+        for c in self.cutter.content_defined().cut_buf(mv):
             self.pipe.data(mv[c.offset:c.offset + c.length])
         self._covered(len(data))
         self.pipe.end()
@@ -509,11 +519,13 @@ class TreeWalker:
                 try:
                     for what, v in self.cutter.chunks(fd, st.st_size):
                         if what == "data":
-                            self.pipe.data(v)
-                            self._covered(len(v))
+                            mv = cast(memoryview, v)      # Cutter.chunks: ("data", memoryview)
+                            self.pipe.data(mv)
+                            self._covered(len(mv))
                         else:
-                            self.pipe.hole(v)
-                            self._covered(v)
+                            n = cast(int, v)              # ... and ("hole", length)
+                            self.pipe.hole(n)
+                            self._covered(n)
                 except OSError as err:
                     self.pipe.abort()
                     self._warn_at(e.name, f"read error: {err.strerror}; not backed up")
@@ -534,7 +546,14 @@ class TreeWalker:
         return True
 
 
-def _same_inode(prev: Entry | None, e: Entry) -> bool:
+def _fd(d: _Dir) -> int:
+    """The descriptor of ``d``, which the walk keeps open while it works in ``d`` (the top of
+    its stack; only directories further up may have theirs closed by _bound_fds)."""
+    assert d.fd is not None, "a directory being read has its descriptor open"
+    return d.fd
+
+
+def _same_inode(prev: Entry | None, e: Entry) -> TypeGuard[Entry]:
     return prev is not None and prev.type == e.type and (prev.dev, prev.ino, prev.ctime_ns) == (e.dev, e.ino, e.ctime_ns)
 
 

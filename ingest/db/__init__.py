@@ -40,17 +40,35 @@ __all__ = ["Consistency", "ConsistencyError", "add_arguments", "from_args", "rel
 
 @runtime_checkable
 class Consistency(Protocol):
+    """A database integration: what a backup calls around reading SOURCE so that the database
+    files in the point are a consistent copy. The order is ``start``, (SOURCE is read),
+    ``files_read``, ``extra_files``, ``info``; ``close`` always, last, even after a failure."""
+
     name: str
 
-    def start(self) -> None: ...
+    def start(self) -> None:
+        """Connect and bring the database to a state its files can be copied in (backup mode,
+        a lock, a snapshot); ConsistencyError, one line, when it cannot."""
+        ...
 
-    def files_read(self) -> None: ...
+    def files_read(self) -> None:
+        """SOURCE has been read: end the state ``start`` began (unlock, leave backup mode);
+        ConsistencyError when the copy turned out not to be consistent."""
+        ...
 
-    def extra_files(self) -> list[tuple[str, bytes | str]]: ...
+    def extra_files(self) -> list[tuple[str, bytes | str]]:
+        """Files to add to the point after the walk, as (path relative to SOURCE, bytes or
+        the path of a local file to read); only valid after ``files_read``."""
+        ...
 
-    def info(self) -> dict: ...
+    def info(self) -> dict:
+        """What to record in the point about the copy (versions, positions, timings); JSON-able."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release everything (connections, locks, settings changed, temporary files); never
+        raises; safe to call more than once and after a failed ``start``."""
+        ...
 
 
 from .errors import ConsistencyError  # noqa: E402  (after the Protocol, which it does not need)
@@ -89,7 +107,7 @@ def _source(args) -> str | None:
     return None
 
 
-def from_args(args) -> list[Consistency]:
+def from_args(args: argparse.Namespace) -> list[Consistency]:
     """The integrations named on the command line, in the order mysql, postgres, sqlite.
 
     Nothing is contacted here; ``start()`` does that. Raises UsageError for a malformed DSN.

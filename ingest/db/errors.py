@@ -11,7 +11,7 @@ class ConsistencyError(SafeError):
 
 def one_line(e: BaseException) -> str:
     """A driver exception as one short line (drivers like to add newlines and error codes)."""
-    args = getattr(e, "args", ())
+    args: tuple[object, ...] = getattr(e, "args", ())
     if len(args) >= 2 and isinstance(args[0], int) and isinstance(args[1], str):
         text = args[1]  # PyMySQL: (errno, message)
     else:

@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 import time
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pointsafe.cas import UsageError
@@ -108,9 +109,9 @@ class MySQL:
         self.lock_timeout = self.opts.pop("lock_timeout")
         self.source = source
         self.rest_timeout = rest_timeout
-        self.con = None
+        self.con: Any = None    # a PyMySQL connection (the driver is optional and untyped)
         self._locked_at: float | None = None
-        self._saved_flushing = None
+        self._saved_flushing: dict[str, Any] | None = None
         self._tmpdir: str | None = None
         self._extra: list[tuple[str, bytes | str]] = []
         self._info: dict = {}
@@ -118,6 +119,7 @@ class MySQL:
     # ------------------------------------------------------------------ protocol
 
     def start(self) -> None:
+        """See ``Consistency.start``; on failure ``close`` has already run."""
         try:
             self._start()
         except BaseException:
@@ -125,8 +127,7 @@ class MySQL:
             raise
 
     def _start(self) -> None:
-        self._connect()
-        c = self.con.cursor()
+        c = self._connect().cursor()
         datadir, version, dirs = self._layout(c)
         self._datadir = datadir
         self._rel = relative_to_source(datadir, self.source, f"mysql {self.dsn}: data directory")
@@ -153,6 +154,7 @@ class MySQL:
         self._info["rest_seconds"] = round(time.monotonic() - self._locked_at, 4)
 
     def files_read(self) -> None:
+        """See ``Consistency.files_read``."""
         if self.con is None or self._locked_at is None:
             return
         try:
@@ -178,12 +180,15 @@ class MySQL:
                                    f"{one_line(e)}") from None
 
     def extra_files(self) -> list[tuple[str, bytes | str]]:
+        """See ``Consistency.extra_files``."""
         return list(self._extra)
 
     def info(self) -> dict:
+        """See ``Consistency.info`` (a copy)."""
         return dict(self._info)
 
     def close(self) -> None:
+        """See ``Consistency.close``."""
         if self.con is not None:
             try:
                 c = self.con.cursor()
@@ -200,8 +205,7 @@ class MySQL:
         if self._saved_flushing:
             # Global settings outlive the session: put them back over a new connection.
             try:
-                self._connect()
-                self._restore_dirty_pct(self.con.cursor())
+                self._restore_dirty_pct(self._connect().cursor())
             except Exception:
                 pass
             finally:
@@ -214,14 +218,16 @@ class MySQL:
 
     # ------------------------------------------------------------------ steps
 
-    def _connect(self) -> None:
+    def _connect(self) -> Any:
+        """Connect (``self.con``) and return the connection; ConsistencyError, one line, when
+        PyMySQL is missing, the login fails or the server cannot be reached."""
         try:
             import pymysql
         except ImportError:
             raise ConsistencyError("--mysql needs PyMySQL: pip install 'pointsafe[db]'") from None
         where = self.opts.get("unix_socket") or f"{self.opts.get('host')}:{self.opts.get('port', 3306)}"
         try:
-            self.con = pymysql.connect(autocommit=True, connect_timeout=10, **self.opts)
+            self.con = con = pymysql.connect(autocommit=True, connect_timeout=10, **self.opts)
         except pymysql.err.MySQLError as e:
             code = e.args[0] if e.args and isinstance(e.args[0], int) else None
             if code in ER_ACCESS_DENIED:
@@ -230,6 +236,7 @@ class MySQL:
             raise ConsistencyError(f"mysql {self.dsn}: cannot connect to {where}: {one_line(e)}") from None
         except OSError as e:
             raise ConsistencyError(f"mysql {self.dsn}: cannot connect to {where}: {one_line(e)}") from None
+        return con
 
     def _run(self, c, sql: str, what: str, timeout_ok: bool = False) -> None:
         import pymysql

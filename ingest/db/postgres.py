@@ -25,21 +25,39 @@ import re
 import shutil
 import tempfile
 import time
+from typing import TYPE_CHECKING, Any
 
 from . import relative_to_source
 from .errors import ConsistencyError, one_line
 
+if TYPE_CHECKING:
+    import psycopg
+
 
 def wal_file_name(tli: int, lsn: int, seg_size: int) -> str:
+    """The name of the WAL segment file holding ``lsn`` on timeline ``tli``, for segments of
+    ``seg_size`` bytes (as PostgreSQL's XLogFileName).
+    """
     segno = lsn // seg_size
     per_id = 0x100000000 // seg_size
     return f"{tli:08X}{segno // per_id:08X}{segno % per_id:08X}"
 
 
 def parse_lsn(text: str) -> int:
+    """An LSN written as PostgreSQL shows it ("16/B374D848") as an integer; ValueError when
+    malformed.
+    """
     hi, lo = text.split("/")
     return (int(hi, 16) << 32) | int(lo, 16)
 
+
+def _row(cur: psycopg.Cursor[Any], sql: str, params: tuple[object, ...] | None = None) -> Any:
+    """The first row of ``sql``; LookupError when it returns none (callers turn any failure
+    of a query into one ConsistencyError line)."""
+    row = cur.execute(sql, params).fetchone()
+    if row is None:
+        raise LookupError(f"no row from {sql.split()[1]}")
+    return row
 
 
 class Postgres:
@@ -49,7 +67,7 @@ class Postgres:
         self.name = name
         self.dsn = dsn
         self.source = source
-        self.con = None
+        self.con: psycopg.Connection[Any] | None = None
         self._in_backup = False
         self._tmpdir: str | None = None
         self._extra: list[tuple[str, bytes | str]] = []
@@ -64,6 +82,7 @@ class Postgres:
     # ------------------------------------------------------------------ protocol
 
     def start(self) -> None:
+        """See ``Consistency.start``; on failure ``close`` has already run."""
         try:
             self._start()
         except BaseException:
@@ -71,11 +90,10 @@ class Postgres:
             raise
 
     def _start(self) -> None:
-        self._connect()
-        cur = self.con.cursor()
+        cur = self._connect().cursor()
         try:
-            version = int(cur.execute("SHOW server_version_num").fetchone()[0])
-            datadir = cur.execute("SHOW data_directory").fetchone()[0]
+            version = int(_row(cur, "SHOW server_version_num")[0])
+            datadir = _row(cur, "SHOW data_directory")[0]
             seg = cur.execute("SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'").fetchone()
         except Exception as e:
             raise ConsistencyError(f"{self._what}: cannot read the server's settings "
@@ -91,9 +109,9 @@ class Postgres:
         self._t0 = time.monotonic()
         try:
             if version >= 150000:
-                lsn = cur.execute("SELECT pg_backup_start(%s, true)::text", (label,)).fetchone()[0]
+                lsn = _row(cur, "SELECT pg_backup_start(%s, true)::text", (label,))[0]
             else:
-                lsn = cur.execute("SELECT pg_start_backup(%s, true, false)::text", (label,)).fetchone()[0]
+                lsn = _row(cur, "SELECT pg_start_backup(%s, true, false)::text", (label,))[0]
         except Exception as e:
             raise ConsistencyError(f"{self._what}: cannot enter backup mode: {one_line(e)}") from None
         self._in_backup = True
@@ -101,14 +119,16 @@ class Postgres:
                       "wal_segment_size": self._seg_size, "wal_held_by_slot": self._slot is not None}
 
     def files_read(self) -> None:
+        """See ``Consistency.files_read``."""
         if not self._in_backup:
             return
+        assert self.con is not None, "in backup mode only while connected"
         cur = self.con.cursor()
         try:
             if self._version >= 150000:
-                row = cur.execute("SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)").fetchone()
+                row = _row(cur, "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)")
             else:
-                row = cur.execute("SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, false)").fetchone()
+                row = _row(cur, "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, false)")
         except Exception as e:
             raise ConsistencyError(f"{self._what}: leaving backup mode failed (the session may have "
                                    f"ended; the copy would not be consistent): {one_line(e)}") from None
@@ -123,12 +143,15 @@ class Postgres:
         self._copy_wal(label, parse_lsn(stop_lsn), prefix)
 
     def extra_files(self) -> list[tuple[str, bytes | str]]:
+        """See ``Consistency.extra_files``."""
         return list(self._extra)
 
     def info(self) -> dict:
+        """See ``Consistency.info`` (a copy)."""
         return dict(self._info)
 
     def close(self) -> None:
+        """See ``Consistency.close``."""
         if self.con is not None:
             try:
                 self.con.close()  # ends backup mode if still on; the temporary slot goes with it
@@ -142,14 +165,16 @@ class Postgres:
 
     # ------------------------------------------------------------------ steps
 
-    def _connect(self) -> None:
+    def _connect(self) -> psycopg.Connection[Any]:
+        """Connect (``self.con``) and return the connection; ConsistencyError, one line, when
+        psycopg is missing, the DSN is bad, the login fails or the server cannot be reached."""
         try:
             import psycopg
         except ImportError:
             raise ConsistencyError("--postgres needs psycopg: pip install 'pointsafe[db]'") from None
         try:
-            self.con = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10,
-                                       application_name="pointsafe backup")
+            self.con = con = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10,
+                                             application_name="pointsafe backup")
         except psycopg.ProgrammingError as e:
             raise ConsistencyError(f"{self._what}: bad connection string: {one_line(e)}") from None
         except psycopg.Error as e:
@@ -157,6 +182,7 @@ class Postgres:
             if "authentication failed" in msg or "password" in msg or "no pg_hba.conf entry" in msg:
                 raise ConsistencyError(f"{self._what}: login failed: {_last_clause(msg)}") from None
             raise ConsistencyError(f"{self._what}: cannot connect: {_last_clause(msg)}") from None
+        return con
 
     def _reserve_wal(self, cur) -> None:
         """Keep the WAL from here on until the session ends, when the role may (best effort)."""

@@ -46,6 +46,7 @@ class SQLite:
         self._info: dict = {}
 
     def start(self) -> None:
+        """See ``Consistency.start``; on failure ``close`` has already run."""
         try:
             self._start()
         except BaseException:
@@ -98,9 +99,11 @@ class SQLite:
         self._mode = mode
 
     def files_read(self) -> None:
+        """See ``Consistency.files_read``."""
         pass  # the copy was taken in start(); nothing is held
 
     def extra_files(self) -> list[tuple[str, bytes | str]]:
+        """See ``Consistency.extra_files``."""
         if self._copy is None:
             return []
         out: list[tuple[str, bytes | str]] = [(self._rel, self._copy)]
@@ -111,9 +114,11 @@ class SQLite:
         return out
 
     def info(self) -> dict:
+        """See ``Consistency.info`` (a copy)."""
         return dict(self._info)
 
     def close(self) -> None:
+        """See ``Consistency.close``."""
         if self._tmpdir:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
