@@ -112,7 +112,7 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-def prepare(kind: int, data: bytes, level: int | None, key: bytes | None = None) -> Prepared:
+def prepare(kind: int, data: bytes | memoryview, level: int | None, key: bytes | None = None) -> Prepared:
     """Hash and compress ``data``; safe to call from many threads at once.
 
     The object is stored raw when compression is off or does not make it smaller.

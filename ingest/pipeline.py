@@ -71,7 +71,7 @@ def _hash_batch(chunks: list[memoryview], known: Callable[[bytes], bool],
             out.append((key, None))
         else:
             # prepare reads any buffer (hashing, zstd, raw copy); cas declares it for bytes only.
-            out.append((key, prepare(Kind.CHUNK, mv, level, key=key)))  # type: ignore[arg-type]
+            out.append((key, prepare(Kind.CHUNK, mv, level, key=key)))
     return out
 
 

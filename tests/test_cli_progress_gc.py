@@ -20,7 +20,7 @@ def progress_lines(log: Path, command: str) -> list[dict]:
 
 def test_gc_without_a_terminal_logs_its_phases_and_the_bytes_moved(tmp_path):
     path, hist = _history(tmp_path, 3, files=6)
-    run_cli("forget", hist[0][0]["id"], safe=path, check=True)
+    run_cli("forget", hist[0][0].id, safe=path, check=True)
     log = tmp_path / "gc.log"
     r = run_cli("gc", "--threshold", "0", "--json", "--log-file", log, safe=path, env=FAST)
     assert r.code == 0, r.err
@@ -54,7 +54,7 @@ def test_defrag_without_a_terminal_logs_progress_lines(tmp_path):
 
 def test_gc_progress_lines_only_when_asked_and_phase_lines_only_in_the_log(tmp_path):
     path, hist = _history(tmp_path, 2, files=4)
-    run_cli("forget", hist[0][0]["id"], safe=path, check=True)
+    run_cli("forget", hist[0][0].id, safe=path, check=True)
     log = tmp_path / "off.log"
     r = run_cli("gc", "--dry-run", "--log-file", log, safe=path, env={"POINTSAFE_PROGRESS_INTERVAL": "0"})
     assert r.code == 0 and r.err == "", r.err            # 0: no progress at all
