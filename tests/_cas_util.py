@@ -141,6 +141,18 @@ def tmpfs(mountpoint: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
+@contextmanager
+def read_only_bind(src: Path, dst: Path) -> Iterator[Path]:
+    """``src`` bind-mounted read-only at ``dst`` (root only), always unmounted."""
+    dst.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "--bind", str(src), str(dst)], check=True, timeout=30)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(dst)], check=True, timeout=30)
+        yield dst
+    finally:
+        subprocess.run(["umount", "-l", str(dst)], timeout=30, check=False)
+
+
 def fill_disk(path: Path, leave: int = 0) -> None:
     """Write a file that takes the free space of ``path``'s filesystem, leaving ``leave`` bytes."""
     st = os.statvfs(path)

@@ -13,17 +13,9 @@ from pathlib import Path
 
 import pytest
 from _backup_util import backup
+from _cas_util import read_only_bind
 from conftest import ROOT, needs_root, run_cli
 from pointsafe.cas import Safe, SafeError
-
-
-def _mount_ro(src: Path, dst: Path) -> None:
-    subprocess.run(["mount", "--bind", str(src), str(dst)], check=True, timeout=30)
-    try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(dst)], check=True, timeout=30)
-    except BaseException:
-        subprocess.run(["umount", str(dst)], timeout=30, check=False)
-        raise
 
 
 @pytest.fixture
@@ -41,10 +33,7 @@ def safe_with_point(tmp_path) -> tuple[Path, str, Path]:
 @needs_root
 def test_a_safe_on_a_read_only_filesystem_can_be_read(safe_with_point, tmp_path):
     safe, point, src = safe_with_point
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    _mount_ro(safe, ro)
-    try:
+    with read_only_bind(safe, tmp_path / "ro") as ro:
         assert os.statvfs(ro).f_flag & os.ST_RDONLY
         r = run_cli("points", "--json", safe=ro)
         assert r.code == 0, r.err
@@ -68,8 +57,6 @@ def test_a_safe_on_a_read_only_filesystem_can_be_read(safe_with_point, tmp_path)
         r = run_cli("backup", src, safe=ro)     # (ops notes that it cannot record the task)
         errors = [ln for ln in r.err.splitlines() if ln.startswith("pointsafe: error:")]
         assert r.code == 1 and len(errors) == 1 and "Read-only file system" in errors[0], r.err
-    finally:
-        subprocess.run(["umount", "-l", str(ro)], timeout=30, check=False)
     # On the writable path the same safe still takes a writer.
     with Safe.open(safe) as s:
         assert not s.readonly

@@ -15,17 +15,9 @@ from pathlib import Path
 
 import pytest
 from _backup_util import backup
+from _cas_util import read_only_bind
 from conftest import ROOT, needs_root, run_cli
 from pointsafe.cas import Safe
-
-
-def _mount_ro(src: Path, dst: Path) -> None:
-    subprocess.run(["mount", "--bind", str(src), str(dst)], check=True, timeout=30)
-    try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(dst)], check=True, timeout=30)
-    except BaseException:
-        subprocess.run(["umount", str(dst)], timeout=30, check=False)
-        raise
 
 
 @pytest.fixture
@@ -47,10 +39,7 @@ def _tasks(safe: Path) -> list[dict]:
 def test_commands_on_a_read_only_filesystem_print_no_recording_note(safe_with_point, tmp_path):
     safe, point, src = safe_with_point
     before = _tasks(safe)
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    _mount_ro(safe, ro)
-    try:
+    with read_only_bind(safe, tmp_path / "ro") as ro:
         assert os.statvfs(ro).f_flag & os.ST_RDONLY
         for args in (["points"], ["ls", point, "d"], ["restore", point, str(tmp_path / "out")]):
             r = run_cli(*args, safe=ro)
@@ -60,8 +49,6 @@ def test_commands_on_a_read_only_filesystem_print_no_recording_note(safe_with_po
         # A write still fails with its one error line, and no recording note beside it.
         r = run_cli("backup", src, safe=ro)
         assert r.code == 1 and "could not record" not in r.err, r.err
-    finally:
-        subprocess.run(["umount", "-l", str(ro)], timeout=30, check=False)
     # Nothing was recorded on the read-only safe; on the writable path recording goes on.
     assert len(_tasks(safe)) == len(before)
     run_cli("restore", point, tmp_path / "out2", safe=safe, check=True)
