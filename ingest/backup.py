@@ -83,8 +83,17 @@ class BackupResult:
 
 
 def default_name(source: Path) -> str:
-    """The point name a source gets when none is given: its last component, "root" for /."""
-    return source.name or "root"
+    """The point name a source gets when none is given: its last component, "root" for /.
+    Bytes of the name that are not UTF-8 become U+FFFD, so that the name can be stored."""
+    return os.fsencode(source.name).decode("utf-8", "replace") or "root"
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_source(safe: Safe, source: str, volume: bool) -> tuple[Path, os.stat_result, str]:
@@ -151,6 +160,8 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
     name = opts.name or default_name(Path(os.path.abspath(source)))
     if "@" in name or "/" in name or not name.strip():
         raise UsageError(f"bad point name {name!r}: it must not be empty or contain '@' or '/'")
+    if not _is_utf8(name):
+        raise UsageError(f"bad point name {name!r}: it must be valid UTF-8")
     warnings: list[dict] = []
 
     def warn(p: bytes | str, message: str) -> None:

@@ -1,0 +1,33 @@
+"""Hostile use of the CLI: bad input must give one clear error line, never an internal error."""
+
+from __future__ import annotations
+
+import os
+
+from conftest import run_cli
+
+
+def _no_bug(r) -> None:
+    assert "internal error" not in r.err and "Traceback" not in r.err, r.err
+
+
+def test_backup_source_with_non_utf8_base_name_gets_a_storable_name(tmp_path, safe_dir):
+    src = os.path.join(os.fsencode(tmp_path), b"\xff\xfe dir")
+    os.mkdir(src)
+    with open(os.path.join(src, b"f"), "wb") as f:
+        f.write(b"data")
+    r = run_cli("backup", os.fsdecode(src), safe=safe_dir)
+    _no_bug(r)
+    assert r.code == 0, r.err
+    out = tmp_path / "out"
+    run_cli("restore", "latest", out, safe=safe_dir, check=True)
+    assert (out / "f").read_bytes() == b"data"
+
+
+def test_backup_name_that_is_not_utf8_is_a_usage_error(tmp_path, safe_dir):
+    (tmp_path / "src").mkdir()
+    r = run_cli("backup", "--name", os.fsdecode(b"x\xff"), tmp_path / "src", safe=safe_dir)
+    _no_bug(r)
+    assert r.code == 1
+    assert r.err.count("\n") == 1 and r.err.startswith("pointsafe: error: bad point name")
+    assert "usage" in run_cli("tasks", safe=safe_dir, check=True).out
