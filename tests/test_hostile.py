@@ -31,3 +31,23 @@ def test_backup_name_that_is_not_utf8_is_a_usage_error(tmp_path, safe_dir):
     assert r.code == 1
     assert r.err.count("\n") == 1 and r.err.startswith("pointsafe: error: bad point name")
     assert "usage" in run_cli("tasks", safe=safe_dir, check=True).out
+
+
+def test_header_copy_and_index_all_deleted_points_to_repair(tmp_path):
+    import shutil
+    safe_dir = tmp_path / "safe"
+    run_cli("init", safe_dir, check=True)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(100_000))
+    run_cli("backup", src, safe=safe_dir, check=True)
+    (safe_dir / "header").unlink()
+    (safe_dir / "header.copy").unlink()
+    shutil.rmtree(safe_dir / "index")
+    r = run_cli("verify", safe=safe_dir)
+    _no_bug(r)
+    assert r.code == 1 and "'pointsafe repair'" in r.err, r.err
+    run_cli("repair", safe=safe_dir, check=True)
+    out = tmp_path / "out"
+    run_cli("restore", "latest", out, safe=safe_dir, check=True)
+    assert (out / "f").read_bytes() == (src / "f").read_bytes()
