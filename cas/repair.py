@@ -35,7 +35,7 @@ from .header import (
     missing_header_error,
     write_header_bytes,
 )
-from .index import FLAG_PINNED, MAX_TABLES, Index, ObjectEntry, PackEntry, room_tables
+from .index import FLAG_DEAD, FLAG_PINNED, MAX_TABLES, Index, ObjectEntry, PackEntry, room_tables
 from .keys import Kind
 from .nodes import decode_node, node_children
 from .pack import (
@@ -244,6 +244,7 @@ def _count(store: PackStore, idx: Index, txn: Txn, rep: RepairReport) -> None:
         e = ObjectEntry.decode(val)
         if e.kind != Kind.CHUNK:
             nodes.append((key, e))
+    missing: dict[bytes, int] = {}      # node -> how many of its children are not indexed
     for key, e in nodes:
         raw = _read(store, key, e)
         if e.kind == Kind.TOMBSTONE:
@@ -253,7 +254,7 @@ def _count(store: PackStore, idx: Index, txn: Txn, rep: RepairReport) -> None:
         for c in node_children(raw):
             ce = idx.get_object(txn, c)
             if ce is None:
-                rep.missing_children += 1
+                missing[key] = missing.get(key, 0) + 1
                 continue
             ce.refcount += 1
             txn.put(c, ce.encode(), db=objects)
@@ -267,10 +268,50 @@ def _count(store: PackStore, idx: Index, txn: Txn, rep: RepairReport) -> None:
             pe_.refcount += 1
             txn.put(key, pe_.encode(), db=objects)
             rep.points += 1
+    _kill_unreferenced(store, idx, txn, [key for key, _ in nodes], missing)
+    rep.missing_children = sum(missing.values())
     for key, val in txn.cursor(db=objects):
         e = ObjectEntry.decode(val)
         if e.refcount == 0 and not e.flags & FLAG_PINNED:
             txn.put(key, b"", db=idx.db["zero"])
+
+
+def _kill_unreferenced(store: PackStore, idx: Index, txn: Txn, node_keys: list[bytes],
+                       missing: dict[bytes, int]) -> None:
+    """Mark dead every node no point reaches, cascading, as forget and gc would have.
+
+    A dead node's record may outlive gc in a pack that was not compacted while its children
+    were collected; counted as live, it would reference missing objects (and a backup reusing
+    it would link them). Dead nodes count no children (FORMAT.md, "Reference counts"), so
+    their missing children are no damage: they are taken out of ``missing``.
+    """
+    packs: dict[int, PackEntry] = {}
+    stack = list(node_keys)
+    while stack:
+        key = stack.pop()
+        e = idx.get_object(txn, key)
+        if e is None or e.refcount or e.flags & (FLAG_DEAD | FLAG_PINNED):
+            continue
+        e.flags |= FLAG_DEAD
+        txn.put(key, e.encode(), db=idx.db["objects"])
+        pe = packs.get(e.pack) or idx.get_pack(txn, e.pack)
+        if pe is not None:
+            pe.live_bytes -= e.record_len
+            pe.dead_bytes += e.record_len
+            packs[e.pack] = pe
+        missing.pop(key, None)
+        if e.kind == Kind.CHUNK:
+            continue
+        for c in node_children(_read(store, key, e)):
+            ce = idx.get_object(txn, c)
+            if ce is None:
+                continue
+            ce.refcount -= 1
+            txn.put(c, ce.encode(), db=idx.db["objects"])
+            if ce.refcount == 0:
+                stack.append(c)
+    for pid, pe in packs.items():
+        idx.put_pack(txn, pid, pe)
 
 
 def _read(store: PackStore, key: bytes, e: ObjectEntry) -> bytes:
