@@ -35,7 +35,7 @@ from .header import (
     missing_header_error,
     write_header_bytes,
 )
-from .index import FLAG_DEAD, FLAG_PINNED, MAX_TABLES, Index, ObjectEntry, PackEntry, room_tables
+from .index import FLAG_DEAD, FLAG_PINNED, MAX_TABLES, Index, data_file_problem, ObjectEntry, PackEntry, room_tables
 from .keys import Kind
 from .nodes import decode_node, node_children
 from .pack import (
@@ -323,7 +323,7 @@ def _old_meta(old_dir: Path, name: bytes) -> bytes | None:
     """The value of ``name`` in the old index's ``meta`` table, or None when it is missing or
     unreadable."""
     import lmdb
-    if not (old_dir / "data.mdb").exists():
+    if not (old_dir / "data.mdb").exists() or data_file_problem(old_dir) is not None:
         return None
     try:
         env = lmdb.open(str(old_dir), readonly=True, max_dbs=MAX_TABLES, lock=False, subdir=True)
@@ -348,7 +348,7 @@ def _keep_tables(old_dir: Path, new: Index) -> None:
     """Copy every other room's table (``index.room_tables``: whatever is not cas's own) from
     the old index, if it opens; a damaged one is left behind."""
     import lmdb
-    if not (old_dir / "data.mdb").exists():
+    if not (old_dir / "data.mdb").exists() or data_file_problem(old_dir) is not None:
         return
     try:
         env = lmdb.open(str(old_dir), readonly=True, max_dbs=MAX_TABLES, lock=False, subdir=True)
