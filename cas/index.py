@@ -167,7 +167,9 @@ class Index:
     ``readonly`` opens the environment read-only: no write transaction is ever begun (so a
     safe on a read-only filesystem, or one the user may read but not write, can be read), and
     tables that do not exist yet are simply absent (see :meth:`existing`). ``lock=False``
-    skips LMDB's lock file: only for a read-only filesystem, where no writer can exist.
+    skips LMDB's lock file: only for a read-only filesystem, where no writer can exist, or for
+    a new environment (``create``) that no other process opens (repair's rebuild, under the
+    writer lock): LMDB maps its lock file, and on a full disk touching it kills with SIGBUS.
     ``create`` makes a new environment, directory 0700 and files 0600 whatever the umask.
     """
 
@@ -184,7 +186,7 @@ class Index:
             os.chmod(path, PRIVATE_DIR_MODE)
         self.env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=MAX_TABLES,
                              subdir=True, create=create, readonly=self.readonly,
-                             max_readers=1024, metasync=True, sync=True, lock=lock or not self.readonly,
+                             max_readers=1024, metasync=True, sync=True, lock=lock or (not self.readonly and not create),
                              mode=PRIVATE_FILE_MODE)
         self.db: dict[str, Table] = {}
         if self.readonly:

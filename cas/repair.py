@@ -14,6 +14,7 @@ from the copy in the old index's ``meta`` table, or with default settings (docs/
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -24,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from .errors import NotASafe, SafeError, UnsupportedVersion
+import lmdb
+
+from .errors import DiskFull, NotASafe, SafeError, UnsupportedVersion
 from .header import (
     PRIVATE_FILE_MODE,
     HeaderState,
@@ -205,11 +208,43 @@ def _index_records(f: BinaryIO, pid: int, size: int, idx: Index, txn: Txn,
 
 
 def _repair(safe_dir: Path, rep: RepairReport, header: bytes) -> None:
-    packs_dir = safe_dir / PACKS_DIR
     new_dir = safe_dir / (INDEX_DIR + ".rebuild")
     shutil.rmtree(new_dir, ignore_errors=True)
-    idx = Index(new_dir, create=True)
-    store = LocalPackStore(packs_dir)
+    try:
+        _rebuild(safe_dir, new_dir, rep, header)
+    except (lmdb.Error, OSError) as e:
+        shutil.rmtree(new_dir, ignore_errors=True)
+        if not _no_space(e):
+            raise
+        raise DiskFull("disk full: repair needs room for a new index next to the old one "
+                       "(about the size of the old index); free some space and run "
+                       "'pointsafe repair' again (the old index is left as it was)") from None
+    old = safe_dir / INDEX_DIR
+    trash = safe_dir / (INDEX_DIR + ".old")
+    shutil.rmtree(trash, ignore_errors=True)
+    if old.exists():
+        os.rename(old, trash)
+    os.rename(new_dir, old)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _no_space(e: Exception) -> bool:
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOSPC
+    return "No space left on device" in str(e)
+
+
+def _rebuild(safe_dir: Path, new_dir: Path, rep: RepairReport, header: bytes) -> None:
+    """Build the new index in ``new_dir`` from the packs (invariant 13) and sync it."""
+    idx = Index(new_dir, create=True, lock=False)
+    try:
+        _fill(safe_dir, idx, rep, header)
+    finally:
+        idx.close()
+
+
+def _fill(safe_dir: Path, idx: Index, rep: RepairReport, header: bytes) -> None:
+    store = LocalPackStore(safe_dir / PACKS_DIR)
     ids = sorted(store.pack_ids())
     with idx.write() as txn:
         for pid in ids:
@@ -225,14 +260,6 @@ def _repair(safe_dir: Path, rep: RepairReport, header: bytes) -> None:
         _count(store, idx, txn, rep)
     _keep_tables(safe_dir / INDEX_DIR, idx)
     idx.env.sync(True)
-    idx.close()
-    old = safe_dir / INDEX_DIR
-    trash = safe_dir / (INDEX_DIR + ".old")
-    shutil.rmtree(trash, ignore_errors=True)
-    if old.exists():
-        os.rename(old, trash)
-    os.rename(new_dir, old)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _count(store: PackStore, idx: Index, txn: Txn, rep: RepairReport) -> None:
