@@ -796,7 +796,11 @@ def restore(safe: Safe, point: Point, target: str, subpath: str | None = None, f
             progress: Callable[[int], None] | None = None) -> RestoreStats:
     """Restore ``point`` (a tree, or the part of it at ``subpath``; or a volume) to ``target``.
     Entries that cannot be restored are warnings in the returned stats; nothing is written
-    outside ``target``."""
+    outside ``target``. An empty ``target`` is a UsageError (an unset variable in a script
+    must not mean the current directory)."""
+    if not target:
+        raise UsageError("the target is empty: name a directory or image "
+                         "(use '.' for the current directory)")
     t, sp = Path(target).resolve(), safe.path.resolve()
     if t == sp or sp in t.parents:   # with --force, a point's files could overwrite the safe's own
         raise UsageError(f"{target}: is inside the safe {safe.path}; restore somewhere else")

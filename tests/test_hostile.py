@@ -51,3 +51,20 @@ def test_header_copy_and_index_all_deleted_points_to_repair(tmp_path):
     out = tmp_path / "out"
     run_cli("restore", "latest", out, safe=safe_dir, check=True)
     assert (out / "f").read_bytes() == (src / "f").read_bytes()
+
+
+def test_restore_to_an_empty_target_is_refused_not_the_current_directory(tmp_path, safe_dir):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "keep").write_bytes(b"from the point")
+    run_cli("backup", src, safe=safe_dir, check=True)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "keep").write_bytes(b"the user's file")
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "pointsafe.cli", "--safe", str(safe_dir), "restore",
+                        "--force", "latest", ""], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.startswith("pointsafe: error: the target is empty"), p.stderr
+    assert (cwd / "keep").read_bytes() == b"the user's file"
