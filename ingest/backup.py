@@ -84,8 +84,14 @@ class BackupResult:
 
 def default_name(source: Path) -> str:
     """The point name a source gets when none is given: its last component, "root" for /.
-    Bytes of the name that are not UTF-8 become U+FFFD, so that the name can be stored."""
-    return os.fsencode(source.name).decode("utf-8", "replace") or "root"
+    Bytes of the name that are not UTF-8 become U+FFFD, so that the name can be stored, and
+    control characters become '?', so that it prints on one line."""
+    name = os.fsencode(source.name).decode("utf-8", "replace")
+    return "".join("?" if _is_control(c) else c for c in name) or "root"
+
+
+def _is_control(c: str) -> bool:
+    return ord(c) < 32 or 127 <= ord(c) < 160
 
 
 def _is_utf8(text: str) -> bool:
@@ -162,6 +168,8 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
         raise UsageError(f"bad point name {name!r}: it must not be empty or contain '@' or '/'")
     if not _is_utf8(name):
         raise UsageError(f"bad point name {name!r}: it must be valid UTF-8")
+    if any(_is_control(c) for c in name):
+        raise UsageError(f"bad point name {name!r}: it must not contain control characters")
     warnings: list[dict] = []
 
     def warn(p: bytes | str, message: str) -> None:

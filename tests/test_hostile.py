@@ -68,3 +68,16 @@ def test_restore_to_an_empty_target_is_refused_not_the_current_directory(tmp_pat
     assert p.returncode == 1, p.stderr
     assert p.stderr.startswith("pointsafe: error: the target is empty"), p.stderr
     assert (cwd / "keep").read_bytes() == b"the user's file"
+
+
+def test_point_names_print_on_one_line(tmp_path, safe_dir):
+    src = tmp_path / "a\nb"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    r = run_cli("backup", "--name", "x\ny", src, safe=safe_dir)
+    _no_bug(r)
+    assert r.code == 1 and r.err.startswith("pointsafe: error: bad point name"), r.err
+    run_cli("backup", src, safe=safe_dir, check=True)           # the default name is cleaned
+    out = run_cli("points", safe=safe_dir, check=True).out
+    assert len(out.strip().splitlines()) == 2, out               # the heading and one point
+    assert "a?b" in out
