@@ -81,3 +81,14 @@ def test_point_names_print_on_one_line(tmp_path, safe_dir):
     out = run_cli("points", safe=safe_dir, check=True).out
     assert len(out.strip().splitlines()) == 2, out               # the heading and one point
     assert "a?b" in out
+
+
+def test_ls_escapes_terminal_control_characters_in_file_names(tmp_path, safe_dir):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "esc\x1b[2Jx").write_bytes(b"")
+    (src / "del\x7fy").write_bytes(b"")
+    run_cli("backup", src, safe=safe_dir, check=True)
+    out = run_cli("ls", "latest", safe=safe_dir, check=True).out
+    assert "\x1b" not in out and "\x7f" not in out, repr(out)
+    assert "esc\\x1b[2Jx" in out and "del\\x7fy" in out, out
