@@ -418,11 +418,14 @@ class Restorer:
             if not self.force:
                 raise SafeError("already exists in the target (add --force to restore into it)") from None
         try:
-            return os.open(e.name, _DIR_FLAGS, dir_fd=parent.fd)
+            fd = os.open(e.name, _DIR_FLAGS, dir_fd=parent.fd)
         except NotADirectoryError:
             st = os.stat(e.name, dir_fd=parent.fd, follow_symlinks=False)
             what = "a symbolic link (not followed)" if stat.S_ISLNK(st.st_mode) else "a file that is not a directory"
             raise SafeError(f"{what} is in the way") from None
+        if self.force:
+            drop_stale_temps(fd)
+        return fd
 
     def _enter(self, stack: list[_Frame], parent: _Dir, e: Entry, rel: bytes) -> None:
         fd = self._open_subdir(parent, e)
@@ -767,6 +770,18 @@ def _blob_error(err: Exception) -> str:
     return f"its content in the safe is malformed ({err})"
 
 
+def drop_stale_temps(dir_fd: int) -> None:
+    """Remove the temporary files (``.pointsafe-restore.*``, regular files) that a killed
+    restore left in the directory ``dir_fd``; errors are ignored (the restore reports its own)."""
+    try:
+        with os.scandir(dir_fd) as it:
+            stale = [e.name for e in it if e.name.startswith(TMP_PREFIX) and e.is_file(follow_symlinks=False)]
+        for name in stale:
+            os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
+
+
 def _open_target(target: Path, force: bool) -> _Dir:
     """Create or check the restore target and open it (never through a symlink)."""
     try:
@@ -783,6 +798,8 @@ def _open_target(target: Path, force: bool) -> _Dir:
         fd = os.open(target, _DIR_FLAGS)
     except OSError as e:
         raise UsageError(f"{target}: cannot open the restore target: {_reason(e)}") from None
+    if st is not None:
+        drop_stale_temps(fd)
     if st is not None and not force:
         with os.scandir(fd) as it:
             busy = any(True for _ in it)

@@ -92,3 +92,20 @@ def test_ls_escapes_terminal_control_characters_in_file_names(tmp_path, safe_dir
     out = run_cli("ls", "latest", safe=safe_dir, check=True).out
     assert "\x1b" not in out and "\x7f" not in out, repr(out)
     assert "esc\\x1b[2Jx" in out and "del\\x7fy" in out, out
+
+
+def test_restore_again_after_a_killed_restore_removes_its_temporary_files(tmp_path, safe_dir):
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"content")
+    run_cli("backup", src, safe=safe_dir, check=True)
+    out = tmp_path / "out"
+    (out / "d").mkdir(parents=True)
+    # What a SIGKILLed restore leaves: half-written files under temporary names.
+    (out / ".pointsafe-restore.0badf00d.1").write_bytes(b"half")
+    (out / "d" / ".pointsafe-restore.0badf00d.2").write_bytes(b"half")
+    (out / "d" / ".pointsafe-restore-not-ours").write_bytes(b"user")
+    run_cli("restore", "--force", "latest", out, safe=safe_dir, check=True)
+    assert sorted(p.name for p in out.iterdir()) == ["d"]
+    assert sorted(p.name for p in (out / "d").iterdir()) == [".pointsafe-restore-not-ours", "f"]
+    assert (out / "d" / "f").read_bytes() == b"content"
