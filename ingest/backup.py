@@ -28,6 +28,7 @@ from typing import Callable, Protocol
 
 from pointsafe.cas import (BlobBuilder, Entry, Kind, Point, Safe, SafeError, UsageError, Writer, build_tree,
                            latest, read_tree, utc_now_iso)
+from pointsafe.cas.pack import pack_name
 from pointsafe.cas.tree import DIR, REG
 
 from .chunking import Cutter, data_extents, is_zero
@@ -92,6 +93,18 @@ def default_name(source: Path) -> str:
 
 def _is_control(c: str) -> bool:
     return ord(c) < 32 or 127 <= ord(c) < 160
+
+
+def check_packs_present(safe: Safe) -> None:
+    """Raise SafeError when a pack the index names (with objects in it) has no file: a backup
+    would reuse its objects as if they were stored and make points that cannot be restored.
+    Cost: one listing of the packs directory and of the packs table."""
+    present = set(safe.store.pack_ids())
+    lost = sorted(pid for pid, pe in safe.pack_entries().items() if pe.objects > 0 and pid not in present)
+    if lost:
+        more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
+        raise SafeError(f"pack {pack_name(lost[0])}{more} is missing: a backup now would reuse the "
+                        "objects that were in it; run 'pointsafe repair' first")
 
 
 def _is_utf8(text: str) -> bool:
@@ -184,6 +197,7 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
         path, st, kind = check_source(safe, source, opts.volume)
         # Take the lock before touching databases, so that a busy safe fails fast.
         with safe.writer(f"backup {name}", space_check=opts.space_check) as w:
+            check_packs_present(safe)
             active = _start_consistency(opts, warn)
             try:
                 record, root, grafted = _read(safe, w, path, st, kind, name, started, opts, warn, progress, active)
