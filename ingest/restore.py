@@ -693,6 +693,7 @@ class Restorer:
                         raise UsageError(f"{target}: exists; add --force to overwrite it")
                 elif st is not None and not self.force:
                     raise UsageError(f"{target}: exists; add --force to overwrite it")
+                _check_image_target(target)
                 self._volume_to_image(r, Path(os.path.realpath(target)))
         finally:
             self.fetch.shutdown(cancel_futures=True)
@@ -757,6 +758,18 @@ class Restorer:
                 except OSError:
                     pass
             os.close(dfd)
+
+
+def _check_image_target(target: Path) -> None:
+    """UsageError when ``target`` exists and is not a regular file: the image is renamed into
+    place, which would replace a character device, a FIFO or a socket (``/dev/null``)."""
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{target}: is not a regular file, a directory or a block device; "
+                         "restore a volume to an image file or a block device")
 
 
 def _mismatch(recorded: int, real: int) -> BadContent:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import stat
 
-from conftest import run_cli
+from conftest import needs_root, run_cli
 
 
 def _no_bug(r) -> None:
@@ -109,3 +110,18 @@ def test_restore_again_after_a_killed_restore_removes_its_temporary_files(tmp_pa
     assert sorted(p.name for p in out.iterdir()) == ["d"]
     assert sorted(p.name for p in (out / "d").iterdir()) == [".pointsafe-restore-not-ours", "f"]
     assert (out / "d" / "f").read_bytes() == b"content"
+
+
+@needs_root
+def test_volume_restore_with_force_never_replaces_a_character_device_or_fifo(tmp_path, safe_dir):
+    img = tmp_path / "disk.img"
+    img.write_bytes(os.urandom(200_000))
+    run_cli("backup", "--volume", img, safe=safe_dir, check=True)
+    dev = tmp_path / "null"
+    os.mknod(dev, 0o600 | stat.S_IFCHR, os.makedev(1, 3))     # a private /dev/null node
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for target in (dev, fifo):
+        r = run_cli("restore", "--force", "latest", target, safe=safe_dir, timeout=60)
+        assert r.code == 1 and "is not a regular file" in r.err, r.err
+    assert stat.S_ISCHR(os.lstat(dev).st_mode) and stat.S_ISFIFO(os.lstat(fifo).st_mode)
