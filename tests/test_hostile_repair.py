@@ -56,3 +56,30 @@ def test_backup_refuses_a_safe_with_a_missing_pack_and_heals_after_repair(tmp_pa
     run_cli("restore", "again@latest", out, safe=safe_dir, check=True)
     for i in range(3):
         assert (out / f"f{i}").read_bytes() == (src / f"f{i}").read_bytes()
+
+
+def test_gc_after_a_killed_backup_says_the_same_numbers_as_its_dry_run(tmp_path, safe_dir):
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        _write(src, f"f{i:02}", 250_000)
+    p = subprocess.Popen([sys.executable, "-m", "pointsafe.cli", "--safe", str(safe_dir), "backup", str(src)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list((safe_dir / "packs").iterdir())) < 8 and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)
+    dry = run_cli("gc", "--dry-run", safe=safe_dir, check=True).out
+    m = re.search(r"bury \d+ orphans of an interrupted backup \((\d+) objects die", dry)
+    if m is None:
+        import pytest
+        pytest.skip("the backup committed nothing before it was killed")
+    done = run_cli("gc", safe=safe_dir, check=True).out
+    assert f"({m.group(1)} objects died" in done, (dry, done)
+    run_cli("verify", safe=safe_dir, check=True)
