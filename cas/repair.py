@@ -30,6 +30,7 @@ import lmdb
 from .errors import DiskFull, NotASafe, SafeError, UnsupportedVersion
 from .header import (
     PRIVATE_FILE_MODE,
+    HeaderCopy,
     HeaderState,
     SafeConfig,
     decode_header,
@@ -117,6 +118,18 @@ def _is_dir(path: Path) -> bool:
         return False
 
 
+def _agreed(safe_dir: Path, state: HeaderState, good: HeaderCopy) -> HeaderCopy:
+    """Of two good header files that differ (one copied from another safe, say), the one the
+    copy in the old index's ``meta`` table agrees with; ``good`` when neither or both do."""
+    if state.main.config is None or state.copy.config is None or state.main.data == state.copy.data:
+        return good
+    kept = _old_meta(safe_dir / INDEX_DIR, b"header")
+    for hc in (state.main, state.copy):
+        if kept is not None and hc.data == kept:
+            return hc
+    return good
+
+
 def _repair_header(safe_dir: Path, state: HeaderState, rep: RepairReport) -> bytes:
     """Make ``header`` and ``header.copy`` good and identical; return their bytes.
 
@@ -129,6 +142,7 @@ def _repair_header(safe_dir: Path, state: HeaderState, rep: RepairReport) -> byt
         if state.intact:
             return good.data
     if good is not None:
+        good = _agreed(safe_dir, state, good)
         data = good.data
         bad = [hc.name for hc in (state.main, state.copy) if hc.data != data or hc.config is None]
         rep.header = f"rewrote {' and '.join(bad)} from {good.name}"

@@ -125,3 +125,16 @@ def test_volume_restore_with_force_never_replaces_a_character_device_or_fifo(tmp
         r = run_cli("restore", "--force", "latest", target, safe=safe_dir, timeout=60)
         assert r.code == 1 and "is not a regular file" in r.err, r.err
     assert stat.S_ISCHR(os.lstat(dev).st_mode) and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_repair_keeps_the_header_the_index_agrees_with_when_header_files_differ(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_cli("init", "--compression", "zstd:7", a, check=True)
+    run_cli("init", b, check=True)
+    own = (a / "header").read_bytes()
+    (a / "header").write_bytes((b / "header").read_bytes())   # a header from another safe
+    r = run_cli("verify", safe=a)
+    assert r.code == 1 and "differs" in r.out + r.err
+    run_cli("repair", safe=a, check=True)
+    assert (a / "header").read_bytes() == own and (a / "header.copy").read_bytes() == own
+    run_cli("verify", safe=a, check=True)
