@@ -58,8 +58,8 @@ def test_backup_refuses_a_safe_with_a_missing_pack_and_heals_after_repair(tmp_pa
         assert (out / f"f{i}").read_bytes() == (src / f"f{i}").read_bytes()
 
 
-def test_gc_after_a_killed_backup_says_the_same_numbers_as_its_dry_run(tmp_path, safe_dir):
-    import re
+def _killed_backup(tmp_path, safe_dir) -> None:
+    """A backup SIGKILLed once it has committed a few packs (orphans are left)."""
     import signal
     import subprocess
     import sys
@@ -75,11 +75,32 @@ def test_gc_after_a_killed_backup_says_the_same_numbers_as_its_dry_run(tmp_path,
         time.sleep(0.02)
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=60)
+
+
+def _dry_run_orphans(safe_dir):
+    import re
     dry = run_cli("gc", "--dry-run", safe=safe_dir, check=True).out
-    m = re.search(r"bury \d+ orphans of an interrupted backup \((\d+) objects die", dry)
+    m = re.search(r"bury (\d+) orphans of an interrupted backup \((\d+) objects die", dry)
     if m is None:
         import pytest
         pytest.skip("the backup committed nothing before it was killed")
+    return int(m.group(1)), int(m.group(2))
+
+
+def test_gc_after_a_killed_backup_says_the_same_numbers_as_its_dry_run(tmp_path, safe_dir):
+    _killed_backup(tmp_path, safe_dir)
+    _, dying = _dry_run_orphans(safe_dir)
     done = run_cli("gc", safe=safe_dir, check=True).out
-    assert f"({m.group(1)} objects died" in done, (dry, done)
+    assert f"({dying} objects died" in done, done
     run_cli("verify", safe=safe_dir, check=True)
+
+
+def test_status_counts_the_orphans_of_a_killed_backup(tmp_path, safe_dir):
+    import json
+    _killed_backup(tmp_path, safe_dir)
+    orphans, _ = _dry_run_orphans(safe_dir)
+    st = json.loads(run_cli("--json", "status", safe=safe_dir).out)["safe"]
+    assert st["orphans"] == orphans
+    assert f"{orphans} orphans" in run_cli("status", safe=safe_dir).out
+    run_cli("gc", safe=safe_dir, check=True)
+    assert json.loads(run_cli("--json", "status", safe=safe_dir).out)["safe"]["orphans"] == 0
