@@ -109,22 +109,43 @@ def compute(index: Index, txn: Txn) -> SafeCounters:
     return SafeCounters(*d.d)
 
 
+def _stored(index: Index, txn: Txn) -> SafeCounters | None:
+    """The stored totals, or None when there are none or they cannot be right.
+
+    A version-2 safe stays writable by an older pointsafe, which changes objects and packs
+    without keeping the totals. The O(1) table sizes catch that: the packs table must hold
+    ``packs`` entries, and ``objects`` (the objects that are not dead) lies between the objects
+    table's entries less the ``zero`` table's (dead ones and orphans) and its entries."""
+    v = txn.get(META_KEY, db=index.db["meta"])
+    if v is None:
+        return None
+    c = SafeCounters.decode(v)
+    try:
+        objects = txn.stat(index.db["objects"])["entries"]
+        zero = txn.stat(index.db["zero"])["entries"]
+        packs = txn.stat(index.db["packs"])["entries"]
+    except KeyError:      # a read-only index without some table: nothing to compare with
+        return c
+    if c.packs != packs or not objects - zero <= c.objects <= objects:
+        return None
+    return c
+
+
 def read(index: Index) -> SafeCounters:
-    """The totals: stored ones in O(1), or a scan (``compute``) when the index has none yet.
-    Needs no lock; it reads one snapshot."""
+    """The totals: stored ones in O(1), or a scan (``compute``) when the index has none yet
+    (or an older pointsafe wrote to it since, see ``_stored``). Needs no lock; it reads one
+    snapshot."""
     with index.read() as txn:
-        v = txn.get(META_KEY, db=index.db["meta"])
-        if v is not None:
-            return SafeCounters.decode(v)
-        return compute(index, txn)
+        c = _stored(index, txn)
+        return c if c is not None else compute(index, txn)
 
 
 def ensure(index: Index) -> None:
-    """Store the totals if the index has none (a writer calls this when it starts, holding the
-    writer lock); SafeError on a read-only index that lacks them."""
+    """Store the totals if the index has none or has wrong ones (a writer calls this when it
+    starts, holding the writer lock); SafeError on a read-only index that lacks them."""
     with index.read() as txn:
-        if txn.get(META_KEY, db=index.db["meta"]) is not None:
+        if _stored(index, txn) is not None:
             return
     with index.write() as txn:
-        if txn.get(META_KEY, db=index.db["meta"]) is None:
+        if _stored(index, txn) is None:
             txn.put(META_KEY, compute(index, txn).encode(), db=index.db["meta"])

@@ -275,11 +275,13 @@ def missing_header_error(safe_dir: Path, state: HeaderState) -> SafeError:
 
 def _repairable(safe_dir: Path, err: SafeError) -> bool:
     """True when ``repair`` can rebuild the header: the directory holds a safe's packs and the
-    header is damaged or missing (not of a newer version, not unreadable for this user)."""
+    header is damaged or missing (not of a newer version, not unreadable for this user). The
+    index may be gone too when the packs are there: repair rebuilds both."""
     if isinstance(err, UnsupportedVersion) or "permission denied" in str(err):
         return False
     try:
-        return (safe_dir / "packs").is_dir() and (safe_dir / "index").is_dir()
+        packs = safe_dir / "packs"
+        return packs.is_dir() and ((safe_dir / "index").is_dir() or any(packs.glob("*.pack")))
     except OSError:
         return False
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import lmdb
 
 from .counters import CounterDelta
-from .errors import SafeError
+from .errors import NotASafe, SafeError
 from .header import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE
 
 if TYPE_CHECKING:
@@ -129,25 +129,64 @@ def pack_from_dbkey(b: bytes) -> int:
     return n
 
 
+_LMDB_MAGIC = 0xBEEFC0DE
+
+
+def data_file_problem(path: Path) -> str | None:
+    """Why the LMDB file ``path/data.mdb`` cannot be an intact index, or None when it can (or
+    is absent: LMDB reports that itself). Checked before LMDB maps the file: LMDB takes an
+    empty file for a new environment (an index that silently lost every object) and dies of
+    SIGBUS on a file shorter than its meta pages say."""
+    try:
+        with open(path / "data.mdb", "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(4096)
+            psize = struct.unpack_from("<I", head, 40)[0] if len(head) >= 48 else 0
+            f.seek(psize)
+            second = f.read(160) if 4096 <= psize <= 65536 else b""
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"data.mdb cannot be read: {e.strerror}"
+    metas = []
+    for page in (head, second):
+        if len(page) >= 152 and struct.unpack_from("<I", page, 16)[0] == _LMDB_MAGIC:
+            last_pg, txnid = struct.unpack_from("<QQ", page, 136)
+            metas.append((txnid, last_pg))
+    if not metas:
+        return f"data.mdb has no valid meta page ({size} bytes)"
+    need = (max(metas)[1] + 1) * psize
+    if size < need:
+        return f"data.mdb is truncated: {size} bytes, its pages reach {need}"
+    return None
+
+
 class Index:
     """The LMDB environment and its tables. Safe for many threads and processes.
 
     ``readonly`` opens the environment read-only: no write transaction is ever begun (so a
     safe on a read-only filesystem, or one the user may read but not write, can be read), and
     tables that do not exist yet are simply absent (see :meth:`existing`). ``lock=False``
-    skips LMDB's lock file: only for a read-only filesystem, where no writer can exist.
+    skips LMDB's lock file: only for a read-only filesystem, where no writer can exist, or for
+    a new environment (``create``) that no other process opens (repair's rebuild, under the
+    writer lock): LMDB maps its lock file, and on a full disk touching it kills with SIGBUS.
     ``create`` makes a new environment, directory 0700 and files 0600 whatever the umask.
     """
 
     def __init__(self, path: Path, readonly: bool = False, create: bool = False, lock: bool = True):
         self.path = path
         self.readonly = readonly and not create
+        if not create:
+            why = data_file_problem(path)
+            if why is not None:
+                raise NotASafe(f"{path}: the safe's index is damaged ({why}); "
+                               "rebuild it from the packs with 'pointsafe repair'")
         if create:
             path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
             os.chmod(path, PRIVATE_DIR_MODE)
         self.env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=MAX_TABLES,
                              subdir=True, create=create, readonly=self.readonly,
-                             max_readers=1024, metasync=True, sync=True, lock=lock or not self.readonly,
+                             max_readers=1024, metasync=True, sync=True, lock=lock or (not self.readonly and not create),
                              mode=PRIVATE_FILE_MODE)
         self.db: dict[str, Table] = {}
         if self.readonly:

@@ -14,6 +14,7 @@ from the copy in the old index's ``meta`` table, or with default settings (docs/
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -24,9 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from .errors import NotASafe, SafeError, UnsupportedVersion
+import lmdb
+
+from .errors import DiskFull, NotASafe, SafeError, UnsupportedVersion
 from .header import (
     PRIVATE_FILE_MODE,
+    HeaderCopy,
     HeaderState,
     SafeConfig,
     decode_header,
@@ -35,7 +39,7 @@ from .header import (
     missing_header_error,
     write_header_bytes,
 )
-from .index import FLAG_PINNED, MAX_TABLES, Index, ObjectEntry, PackEntry, room_tables
+from .index import FLAG_DEAD, FLAG_PINNED, MAX_TABLES, Index, data_file_problem, ObjectEntry, PackEntry, room_tables
 from .keys import Kind
 from .nodes import decode_node, node_children
 from .pack import (
@@ -114,6 +118,18 @@ def _is_dir(path: Path) -> bool:
         return False
 
 
+def _agreed(safe_dir: Path, state: HeaderState, good: HeaderCopy) -> HeaderCopy:
+    """Of two good header files that differ (one copied from another safe, say), the one the
+    copy in the old index's ``meta`` table agrees with; ``good`` when neither or both do."""
+    if state.main.config is None or state.copy.config is None or state.main.data == state.copy.data:
+        return good
+    kept = _old_meta(safe_dir / INDEX_DIR, b"header")
+    for hc in (state.main, state.copy):
+        if kept is not None and hc.data == kept:
+            return hc
+    return good
+
+
 def _repair_header(safe_dir: Path, state: HeaderState, rep: RepairReport) -> bytes:
     """Make ``header`` and ``header.copy`` good and identical; return their bytes.
 
@@ -126,6 +142,7 @@ def _repair_header(safe_dir: Path, state: HeaderState, rep: RepairReport) -> byt
         if state.intact:
             return good.data
     if good is not None:
+        good = _agreed(safe_dir, state, good)
         data = good.data
         bad = [hc.name for hc in (state.main, state.copy) if hc.data != data or hc.config is None]
         rep.header = f"rewrote {' and '.join(bad)} from {good.name}"
@@ -205,11 +222,43 @@ def _index_records(f: BinaryIO, pid: int, size: int, idx: Index, txn: Txn,
 
 
 def _repair(safe_dir: Path, rep: RepairReport, header: bytes) -> None:
-    packs_dir = safe_dir / PACKS_DIR
     new_dir = safe_dir / (INDEX_DIR + ".rebuild")
     shutil.rmtree(new_dir, ignore_errors=True)
-    idx = Index(new_dir, create=True)
-    store = LocalPackStore(packs_dir)
+    try:
+        _rebuild(safe_dir, new_dir, rep, header)
+    except (lmdb.Error, OSError) as e:
+        shutil.rmtree(new_dir, ignore_errors=True)
+        if not _no_space(e):
+            raise
+        raise DiskFull("disk full: repair needs room for a new index next to the old one "
+                       "(about the size of the old index); free some space and run "
+                       "'pointsafe repair' again (the old index is left as it was)") from None
+    old = safe_dir / INDEX_DIR
+    trash = safe_dir / (INDEX_DIR + ".old")
+    shutil.rmtree(trash, ignore_errors=True)
+    if old.exists():
+        os.rename(old, trash)
+    os.rename(new_dir, old)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _no_space(e: Exception) -> bool:
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOSPC
+    return "No space left on device" in str(e)
+
+
+def _rebuild(safe_dir: Path, new_dir: Path, rep: RepairReport, header: bytes) -> None:
+    """Build the new index in ``new_dir`` from the packs (invariant 13) and sync it."""
+    idx = Index(new_dir, create=True, lock=False)
+    try:
+        _fill(safe_dir, idx, rep, header)
+    finally:
+        idx.close()
+
+
+def _fill(safe_dir: Path, idx: Index, rep: RepairReport, header: bytes) -> None:
+    store = LocalPackStore(safe_dir / PACKS_DIR)
     ids = sorted(store.pack_ids())
     with idx.write() as txn:
         for pid in ids:
@@ -225,14 +274,6 @@ def _repair(safe_dir: Path, rep: RepairReport, header: bytes) -> None:
         _count(store, idx, txn, rep)
     _keep_tables(safe_dir / INDEX_DIR, idx)
     idx.env.sync(True)
-    idx.close()
-    old = safe_dir / INDEX_DIR
-    trash = safe_dir / (INDEX_DIR + ".old")
-    shutil.rmtree(trash, ignore_errors=True)
-    if old.exists():
-        os.rename(old, trash)
-    os.rename(new_dir, old)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _count(store: PackStore, idx: Index, txn: Txn, rep: RepairReport) -> None:
@@ -244,6 +285,7 @@ def _count(store: PackStore, idx: Index, txn: Txn, rep: RepairReport) -> None:
         e = ObjectEntry.decode(val)
         if e.kind != Kind.CHUNK:
             nodes.append((key, e))
+    missing: dict[bytes, int] = {}      # node -> how many of its children are not indexed
     for key, e in nodes:
         raw = _read(store, key, e)
         if e.kind == Kind.TOMBSTONE:
@@ -253,7 +295,7 @@ def _count(store: PackStore, idx: Index, txn: Txn, rep: RepairReport) -> None:
         for c in node_children(raw):
             ce = idx.get_object(txn, c)
             if ce is None:
-                rep.missing_children += 1
+                missing[key] = missing.get(key, 0) + 1
                 continue
             ce.refcount += 1
             txn.put(c, ce.encode(), db=objects)
@@ -267,10 +309,50 @@ def _count(store: PackStore, idx: Index, txn: Txn, rep: RepairReport) -> None:
             pe_.refcount += 1
             txn.put(key, pe_.encode(), db=objects)
             rep.points += 1
+    _kill_unreferenced(store, idx, txn, [key for key, _ in nodes], missing)
+    rep.missing_children = sum(missing.values())
     for key, val in txn.cursor(db=objects):
         e = ObjectEntry.decode(val)
         if e.refcount == 0 and not e.flags & FLAG_PINNED:
             txn.put(key, b"", db=idx.db["zero"])
+
+
+def _kill_unreferenced(store: PackStore, idx: Index, txn: Txn, node_keys: list[bytes],
+                       missing: dict[bytes, int]) -> None:
+    """Mark dead every node no point reaches, cascading, as forget and gc would have.
+
+    A dead node's record may outlive gc in a pack that was not compacted while its children
+    were collected; counted as live, it would reference missing objects (and a backup reusing
+    it would link them). Dead nodes count no children (FORMAT.md, "Reference counts"), so
+    their missing children are no damage: they are taken out of ``missing``.
+    """
+    packs: dict[int, PackEntry] = {}
+    stack = list(node_keys)
+    while stack:
+        key = stack.pop()
+        e = idx.get_object(txn, key)
+        if e is None or e.refcount or e.flags & (FLAG_DEAD | FLAG_PINNED):
+            continue
+        e.flags |= FLAG_DEAD
+        txn.put(key, e.encode(), db=idx.db["objects"])
+        pe = packs.get(e.pack) or idx.get_pack(txn, e.pack)
+        if pe is not None:
+            pe.live_bytes -= e.record_len
+            pe.dead_bytes += e.record_len
+            packs[e.pack] = pe
+        missing.pop(key, None)
+        if e.kind == Kind.CHUNK:
+            continue
+        for c in node_children(_read(store, key, e)):
+            ce = idx.get_object(txn, c)
+            if ce is None:
+                continue
+            ce.refcount -= 1
+            txn.put(c, ce.encode(), db=idx.db["objects"])
+            if ce.refcount == 0:
+                stack.append(c)
+    for pid, pe in packs.items():
+        idx.put_pack(txn, pid, pe)
 
 
 def _read(store: PackStore, key: bytes, e: ObjectEntry) -> bytes:
@@ -282,7 +364,7 @@ def _old_meta(old_dir: Path, name: bytes) -> bytes | None:
     """The value of ``name`` in the old index's ``meta`` table, or None when it is missing or
     unreadable."""
     import lmdb
-    if not (old_dir / "data.mdb").exists():
+    if not (old_dir / "data.mdb").exists() or data_file_problem(old_dir) is not None:
         return None
     try:
         env = lmdb.open(str(old_dir), readonly=True, max_dbs=MAX_TABLES, lock=False, subdir=True)
@@ -307,7 +389,7 @@ def _keep_tables(old_dir: Path, new: Index) -> None:
     """Copy every other room's table (``index.room_tables``: whatever is not cas's own) from
     the old index, if it opens; a damaged one is left behind."""
     import lmdb
-    if not (old_dir / "data.mdb").exists():
+    if not (old_dir / "data.mdb").exists() or data_file_problem(old_dir) is not None:
         return
     try:
         env = lmdb.open(str(old_dir), readonly=True, max_dbs=MAX_TABLES, lock=False, subdir=True)

@@ -168,7 +168,8 @@ def _say_gc(args, r) -> None:
         say(args, f"fragmentation now: {_frag(r.fragmentation_before)}")
     else:
         _say_plan(args, r.plan, "plan: ")
-        buried = f"; buried {r.orphans_buried} orphans and what only they reached" if r.orphans_buried else ""
+        buried = (f"; buried the orphans of an interrupted backup ({r.orphans_buried} objects died "
+                  "with what only they reached)") if r.orphans_buried else ""
         say(args, f"done: freed {r.objects_freed} dead objects ({human_bytes(r.dead_bytes_freed)}){buried}")
         say(args, f"done: deleted {len(r.packs_deleted)} packs, rewrote {len(r.packs_rewritten)} packs "
                   f"(moving {r.objects_moved} objects, {human_bytes(r.bytes_moved)}, "

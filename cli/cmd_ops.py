@@ -233,6 +233,8 @@ def cmd_status(args) -> int:
     say(args, f"  dedup {_ratio(s['dedup_ratio'])} ({human_bytes(s['logical_bytes'])} in points, "
               f"{human_bytes(s['unique_bytes'])} unique), compression {_ratio(s['compression_ratio'])}, "
               f"reclaimable {human_bytes(s['reclaimable_bytes'])}"
+              + (f" (and {s['orphans']} orphans of an interrupted backup: 'pointsafe gc' buries them)"
+                 if s.get("orphans") else "")
               + _frag_text(s["fragmentation"]))
     say(args, f"  filesystem: {human_bytes(sp['free'])} free of {human_bytes(sp['total'])} "
               f"({sp['free_pct']:.1f}%); quotas: soft {sp['quota_soft']}, hard {sp['quota_hard']}"

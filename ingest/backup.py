@@ -28,6 +28,7 @@ from typing import Callable, Protocol
 
 from pointsafe.cas import (BlobBuilder, Entry, Kind, Point, Safe, SafeError, UsageError, Writer, build_tree,
                            latest, read_tree, utc_now_iso)
+from pointsafe.cas.pack import pack_name
 from pointsafe.cas.tree import DIR, REG
 
 from .chunking import Cutter, data_extents, is_zero
@@ -83,8 +84,35 @@ class BackupResult:
 
 
 def default_name(source: Path) -> str:
-    """The point name a source gets when none is given: its last component, "root" for /."""
-    return source.name or "root"
+    """The point name a source gets when none is given: its last component, "root" for /.
+    Bytes of the name that are not UTF-8 become U+FFFD, so that the name can be stored, and
+    control characters become '?', so that it prints on one line."""
+    name = os.fsencode(source.name).decode("utf-8", "replace")
+    return "".join("?" if _is_control(c) else c for c in name) or "root"
+
+
+def _is_control(c: str) -> bool:
+    return ord(c) < 32 or 127 <= ord(c) < 160
+
+
+def check_packs_present(safe: Safe) -> None:
+    """Raise SafeError when a pack the index names (with objects in it) has no file: a backup
+    would reuse its objects as if they were stored and make points that cannot be restored.
+    Cost: one listing of the packs directory and of the packs table."""
+    present = set(safe.store.pack_ids())
+    lost = sorted(pid for pid, pe in safe.pack_entries().items() if pe.objects > 0 and pid not in present)
+    if lost:
+        more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
+        raise SafeError(f"pack {pack_name(lost[0])}{more} is missing: a backup now would reuse the "
+                        "objects that were in it; run 'pointsafe repair' first")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_source(safe: Safe, source: str, volume: bool) -> tuple[Path, os.stat_result, str]:
@@ -151,6 +179,10 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
     name = opts.name or default_name(Path(os.path.abspath(source)))
     if "@" in name or "/" in name or not name.strip():
         raise UsageError(f"bad point name {name!r}: it must not be empty or contain '@' or '/'")
+    if not _is_utf8(name):
+        raise UsageError(f"bad point name {name!r}: it must be valid UTF-8")
+    if any(_is_control(c) for c in name):
+        raise UsageError(f"bad point name {name!r}: it must not contain control characters")
     warnings: list[dict] = []
 
     def warn(p: bytes | str, message: str) -> None:
@@ -165,6 +197,7 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
         path, st, kind = check_source(safe, source, opts.volume)
         # Take the lock before touching databases, so that a busy safe fails fast.
         with safe.writer(f"backup {name}", space_check=opts.space_check) as w:
+            check_packs_present(safe)
             active = _start_consistency(opts, warn)
             try:
                 record, root, grafted = _read(safe, w, path, st, kind, name, started, opts, warn, progress, active)

@@ -185,4 +185,5 @@ def _show(path: bytes | str) -> str:
 def display_name(b: bytes) -> str:
     """A name for people: UTF-8 where it is, backslash escapes for other bytes and controls."""
     s = b.decode("utf-8", "backslashreplace")
-    return s.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    s = s.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    return "".join(f"\\x{ord(c):02x}" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in s)

@@ -418,11 +418,14 @@ class Restorer:
             if not self.force:
                 raise SafeError("already exists in the target (add --force to restore into it)") from None
         try:
-            return os.open(e.name, _DIR_FLAGS, dir_fd=parent.fd)
+            fd = os.open(e.name, _DIR_FLAGS, dir_fd=parent.fd)
         except NotADirectoryError:
             st = os.stat(e.name, dir_fd=parent.fd, follow_symlinks=False)
             what = "a symbolic link (not followed)" if stat.S_ISLNK(st.st_mode) else "a file that is not a directory"
             raise SafeError(f"{what} is in the way") from None
+        if self.force:
+            drop_stale_temps(fd)
+        return fd
 
     def _enter(self, stack: list[_Frame], parent: _Dir, e: Entry, rel: bytes) -> None:
         fd = self._open_subdir(parent, e)
@@ -690,6 +693,7 @@ class Restorer:
                         raise UsageError(f"{target}: exists; add --force to overwrite it")
                 elif st is not None and not self.force:
                     raise UsageError(f"{target}: exists; add --force to overwrite it")
+                _check_image_target(target)
                 self._volume_to_image(r, Path(os.path.realpath(target)))
         finally:
             self.fetch.shutdown(cancel_futures=True)
@@ -756,6 +760,18 @@ class Restorer:
             os.close(dfd)
 
 
+def _check_image_target(target: Path) -> None:
+    """UsageError when ``target`` exists and is not a regular file: the image is renamed into
+    place, which would replace a character device, a FIFO or a socket (``/dev/null``)."""
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{target}: is not a regular file, a directory or a block device; "
+                         "restore a volume to an image file or a block device")
+
+
 def _mismatch(recorded: int, real: int) -> BadContent:
     return BadContent(f"its size in the point ({recorded} bytes) does not match its content in the safe "
                       f"({real} bytes)")
@@ -765,6 +781,18 @@ def _blob_error(err: Exception) -> str:
     if isinstance(err, SafeError):
         return str(err)
     return f"its content in the safe is malformed ({err})"
+
+
+def drop_stale_temps(dir_fd: int) -> None:
+    """Remove the temporary files (``.pointsafe-restore.*``, regular files) that a killed
+    restore left in the directory ``dir_fd``; errors are ignored (the restore reports its own)."""
+    try:
+        with os.scandir(dir_fd) as it:
+            stale = [e.name for e in it if e.name.startswith(TMP_PREFIX) and e.is_file(follow_symlinks=False)]
+        for name in stale:
+            os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
 
 
 def _open_target(target: Path, force: bool) -> _Dir:
@@ -783,6 +811,8 @@ def _open_target(target: Path, force: bool) -> _Dir:
         fd = os.open(target, _DIR_FLAGS)
     except OSError as e:
         raise UsageError(f"{target}: cannot open the restore target: {_reason(e)}") from None
+    if st is not None:
+        drop_stale_temps(fd)
     if st is not None and not force:
         with os.scandir(fd) as it:
             busy = any(True for _ in it)
@@ -796,7 +826,11 @@ def restore(safe: Safe, point: Point, target: str, subpath: str | None = None, f
             progress: Callable[[int], None] | None = None) -> RestoreStats:
     """Restore ``point`` (a tree, or the part of it at ``subpath``; or a volume) to ``target``.
     Entries that cannot be restored are warnings in the returned stats; nothing is written
-    outside ``target``."""
+    outside ``target``. An empty ``target`` is a UsageError (an unset variable in a script
+    must not mean the current directory)."""
+    if not target:
+        raise UsageError("the target is empty: name a directory or image "
+                         "(use '.' for the current directory)")
     t, sp = Path(target).resolve(), safe.path.resolve()
     if t == sp or sp in t.parents:   # with --force, a point's files could overwrite the safe's own
         raise UsageError(f"{target}: is inside the safe {safe.path}; restore somewhere else")

@@ -49,7 +49,7 @@ from typing import Any, cast
 import lmdb
 
 from pointsafe.cas import Point, SafeError
-from pointsafe.cas.index import Index
+from pointsafe.cas.index import Index, data_file_problem
 from pointsafe.cas.store import INDEX_DIR
 
 from . import alerts, config, logs, quota, tasks
@@ -65,13 +65,16 @@ class Terminated(KeyboardInterrupt):
 
 
 def safe_dir_of(args) -> Path | None:
-    """The safe the command works on, if it is there (a header and an index)."""
+    """The safe the command works on, if it is there (a header and an index that is not
+    visibly damaged: the command itself reports a damaged one)."""
     p = getattr(args, "safe", None) or os.environ.get("POINTSAFE_SAFE")
     if not p:
         return None
     p = Path(p)
     try:
-        return p if (p / "header").is_file() and (p / INDEX_DIR / "data.mdb").is_file() else None
+        if not ((p / "header").is_file() and (p / INDEX_DIR / "data.mdb").is_file()):
+            return None
+        return p if data_file_problem(p / INDEX_DIR) is None else None
     except OSError:   # e.g. permission denied: the command itself says so
         return None
 

@@ -10,6 +10,8 @@ Ratios, defined so that they can be checked by hand:
   would write) / unique bytes (raw size of the live data chunks). Holes count as logical bytes.
 - ``compression_ratio`` = raw bytes of live objects / their stored (compressed) bytes.
 - ``reclaimable_bytes`` = dead record bytes in packs (what gc can give back).
+- ``orphans`` = objects at count 0 not yet dead (a running or killed backup's): gc buries
+  them, and then their bytes are reclaimable too.
 
 They come from the totals that cas keeps up to date with every commit (cas/counters.py), so
 ``status`` costs the same at 5 million objects as at 5: monitoring runs it every minute.
@@ -64,8 +66,22 @@ def safe_summary(safe) -> dict:
         "compression_ratio": round(c.raw_bytes / c.stored_bytes, 3) if c.stored_bytes else None,
         "live_bytes": c.live_bytes,
         "reclaimable_bytes": c.dead_bytes,
+        "orphans": _orphans(safe, c.objects),
         "fragmentation": _fragmentation(safe),
     }
+
+
+def _orphans(safe, live_objects: int) -> int:
+    """Objects at count 0 that are not dead (a running or killed backup's, which gc buries;
+    their bytes are not in ``reclaimable_bytes``), from the O(1) table sizes: the ``zero``
+    table holds them and the dead ones, and the dead are the objects the totals leave out."""
+    try:
+        with safe.index.read() as t:
+            objects = t.stat(safe.index.db["objects"])["entries"]
+            zero = t.stat(safe.index.db["zero"])["entries"]
+    except KeyError:      # a read-only index without the table: none
+        return 0
+    return max(0, zero - (objects - live_objects))
 
 
 def space_summary(safe_dir, settings: dict[str, str]) -> dict:
