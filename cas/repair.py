@@ -111,6 +111,14 @@ def repair(path: str | os.PathLike[str]) -> RepairReport:
         release_lock(lockf)
 
 
+def _decodes(data: bytes, safe_dir: Path) -> bool:
+    try:
+        decode_header(data, str(safe_dir))
+    except SafeError:
+        return False
+    return True
+
+
 def _is_dir(path: Path) -> bool:
     try:
         return path.is_dir()
@@ -140,7 +148,14 @@ def _repair_header(safe_dir: Path, state: HeaderState, rep: RepairReport) -> byt
     if good is not None:
         assert good.data is not None    # a copy that decodes was read
         if state.intact:
-            return good.data
+            kept = _old_meta(safe_dir / INDEX_DIR, b"header")
+            if kept is None or kept == good.data or not _decodes(kept, safe_dir):
+                return good.data
+            # Both files good and alike but not this safe's (another safe's copied over):
+            # the header never changes after init, so the index's copy is the safe's own.
+            write_header_bytes(safe_dir, kept)
+            rep.header = "rewrote header and header.copy from the copy kept in the index (they held another header)"
+            return kept
     if good is not None:
         good = _agreed(safe_dir, state, good)
         data = good.data

@@ -129,6 +129,12 @@ def _check_header(safe: Safe, r: VerifyReport) -> None:
             r.error(f"{hc.error} ('pointsafe repair' rewrites it from {good.name})")
         else:
             r.error(f"{safe.path}: {hc.name} differs from {good.name} ('pointsafe repair' rewrites it)")
+    with safe.index.read() as txn:
+        kept = txn.get(b"header", db=safe.index.db["meta"])
+    if kept is not None and kept != good.data:
+        # Both files good and alike, yet not this safe's: copied from another safe, say.
+        r.error(f"{safe.path}: the header files differ from the copy kept in the index (another "
+                "safe's header?); 'pointsafe repair' restores the index's copy")
 
 
 def _check_modes(safe: Safe, r: VerifyReport) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
@@ -405,3 +406,19 @@ def test_an_old_index_without_newer_tables_opens_read_only(tmp_path):
     assert r.code == 0, r.out + r.err
     r = run_cli("ls", point, safe=safe)
     assert r.code == 0 and "f00.bin" in r.out, r.err
+
+
+def test_header_files_of_another_safe_are_found_by_verify_and_undone_by_repair(tmp_path):
+    """Both header files replaced by another safe's (good and alike): verify compares them
+    with the copy in the index, and repair puts the safe's own header back."""
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    for s in (mine, other):
+        assert run_cli("init", s).code == 0
+    own = (mine / "header").read_bytes()
+    for name in ("header", "header.copy"):
+        shutil.copy(other / name, mine / name)
+    r = run_cli("verify", safe=mine)
+    assert r.code == 1 and "differ from the copy kept in the index" in r.out + r.err, r.out + r.err
+    assert run_cli("repair", safe=mine).code == 0
+    assert (mine / "header").read_bytes() == own and (mine / "header.copy").read_bytes() == own
+    assert run_cli("verify", safe=mine).code == 0
