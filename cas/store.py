@@ -1,13 +1,15 @@
 """The safe: open/create, read objects, and the single writer.
 
 Readers (any number, in any process) look objects up in short LMDB read transactions and
-read their records from the pack files with ``pread``. The one writer (guarded by an
-``flock`` on ``<safe>/lock``) appends records to a pack, and commits them in batches:
-pack bytes are fsynced *before* the LMDB transaction that references them commits, so a
-crash at any instant leaves an index that only names bytes that are on disk.
+read their records through the safe's pack store (cas/packstore.py: local pack files read
+with ``pread``). The one writer (guarded by an ``flock`` on ``<safe>/lock``) appends records
+through the one pack writer (cas/packwriter.py) and commits them in batches: pack bytes are
+durable *before* the LMDB transaction that references them commits, so a crash at any instant
+leaves an index that only names bytes that are on disk. Count changes go through
+cas/refcount.py.
 
-Reference counts are hierarchical (docs/FORMAT.md, "Reference counts and the dead flag"): an object's count is
-the number of live indexed nodes that list it as a child, plus one per point that names it.
+Reference counts are hierarchical (docs/FORMAT.md, "Reference counts and the dead flag"): an
+object's count is the number of live indexed nodes that list it as a child, plus one per point that names it.
 Writing a *new* node increments its children; reusing an existing node changes nothing
 below it. When a count drops to zero the object is marked dead and its children are released
 in turn; ``gc`` later removes dead objects and reclaims their bytes.
