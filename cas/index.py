@@ -9,6 +9,8 @@ Tables (LMDB named databases; see docs/FORMAT.md):
 ``meta``     ascii name -> value (``next_pack`` u64 LE, ``header``: the header file's bytes, ...)
 ``tombstones`` point key -> key of its TOMBSTONE object
 ``release``  object key -> u32 LE queued count drops (cas/release.py)
+``missing``  object key -> u32 LE: an object ``repair`` found referenced but lost, and how many
+             live nodes reference it (its count once a backup stores it again)
 
 Any other named table belongs to another room (ops keeps its task history, alerts and
 settings here): cas never reads them, and ``repair`` carries every one of them over from the
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
     Txn: TypeAlias = lmdb.Transaction[bytes]
     Table: TypeAlias = lmdb._Database
 
-TABLES = ("objects", "packs", "zero", "points", "meta", "tombstones", "release")   # cas's own
+TABLES = ("objects", "packs", "zero", "points", "meta", "tombstones", "release", "missing")   # cas's own
 RESERVED = ("files",)   # cas's too: change detection, unused so far (docs/FORMAT.md)
 MAX_TABLES = 64
 MAP_SIZE = 1 << 40  # address space only; the file grows as needed

@@ -9,6 +9,8 @@ their transaction, call its methods, and ``finish()`` it before the transaction 
 
 from __future__ import annotations
 
+import struct
+
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from .counters import CounterDelta
@@ -97,12 +99,39 @@ class RefChange:
                                 "reused; run 'pointsafe gc' to finish collecting, then retry")
             stack.extend(self.increase(key))
 
+    def found(self, key: bytes) -> int:
+        """For an object being indexed: how many live nodes already name it because ``repair``
+        found it lost (the ``missing`` table); the entry goes, the caller adds the count."""
+        db = self.index.db["missing"]
+        v = self.txn.get(key, db=db)
+        if v is None:
+            return 0
+        self.txn.delete(key, db=db)
+        n: int = struct.unpack("<I", v)[0]
+        return n
+
+    def _drop_lost(self, key: bytes, n: int) -> bool:
+        """A drop of an object ``repair`` found lost: counted in ``missing``. False when
+        ``key`` is not one."""
+        db = self.index.db["missing"]
+        v = self.txn.get(key, db=db)
+        if v is None:
+            return False
+        left = struct.unpack("<I", v)[0] - n
+        if left > 0:
+            self.txn.put(key, struct.pack("<I", left), db=db)
+        else:
+            self.txn.delete(key, db=db)
+        return True
+
     def drop(self, key: bytes, n: int = 1) -> list[bytes] | None:
         """Take ``n`` from the count of ``key``; when it reaches 0 the object dies and its
         children are returned (the caller releases them, now or through a queue); None when
-        it did not die."""
+        it did not die. An object ``repair`` found lost only loses a parent."""
         e = self.index.get_object(self.txn, key)
         if e is None:
+            if self._drop_lost(key, n):
+                return None
             raise SafeError(f"internal error: release of unknown object {key.hex()[:12]}")
         e.refcount = max(0, e.refcount - n)
         out: list[bytes] | None = None

@@ -301,6 +301,7 @@ def _count(store: PackStore, idx: Index, txn: Txn, rep: RepairReport) -> None:
         if e.kind != Kind.CHUNK:
             nodes.append((key, e))
     missing: dict[bytes, int] = {}      # node -> how many of its children are not indexed
+    absent: dict[bytes, list[bytes]] = {}   # a child that is not indexed -> the nodes naming it
     for key, e in nodes:
         raw = _read(store, key, e)
         if e.kind == Kind.TOMBSTONE:
@@ -311,6 +312,7 @@ def _count(store: PackStore, idx: Index, txn: Txn, rep: RepairReport) -> None:
             ce = idx.get_object(txn, c)
             if ce is None:
                 missing[key] = missing.get(key, 0) + 1
+                absent.setdefault(c, []).append(key)
                 continue
             ce.refcount += 1
             txn.put(c, ce.encode(), db=objects)
@@ -326,10 +328,25 @@ def _count(store: PackStore, idx: Index, txn: Txn, rep: RepairReport) -> None:
             rep.points += 1
     _kill_unreferenced(store, idx, txn, [key for key, _ in nodes], missing)
     rep.missing_children = sum(missing.values())
+    _record_lost(idx, txn, absent, missing)
     for key, val in txn.cursor(db=objects):
         e = ObjectEntry.decode(val)
         if e.refcount == 0 and not e.flags & FLAG_PINNED:
             txn.put(key, b"", db=idx.db["zero"])
+
+
+def _record_lost(idx: Index, txn: Txn, absent: dict[bytes, list[bytes]], missing: dict[bytes, int]) -> None:
+    """Remember every lost object that live nodes still name, with how many do (their count
+    once it is stored again; cas/refcount.py), and when objects were lost (``meta.lost_at``:
+    the next backup of every source reads it whole, so that it stores them again)."""
+    lost = 0
+    for child, parents in absent.items():
+        n = sum(1 for p in parents if p in missing)   # parents that stayed live
+        if n:
+            txn.put(child, struct.pack("<I", n), db=idx.db["missing"])
+            lost += 1
+    if lost:
+        txn.put(b"lost_at", utc_now_iso().encode(), db=idx.db["meta"])
 
 
 def _kill_unreferenced(store: PackStore, idx: Index, txn: Txn, node_keys: list[bytes],

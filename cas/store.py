@@ -556,8 +556,12 @@ class Writer:
             pe.live_bytes += sum(e.record_len for e in self.pending.values())
             pe.objects += len(self.pending)
         deltas = self.deltas
+        lost = idx.db["missing"]
+        relinking = txn.stat(lost)["entries"] > 0   # objects repair found lost (rare)
         for key, e in self.pending.items():
             e.refcount = deltas.pop(key, 0)
+            if relinking:
+                e.refcount += rc.found(key)   # stored again: the nodes that name it count again
             idx.put_object(txn, key, e)
             rc.added(e)
         rc.count_up(deltas.items())

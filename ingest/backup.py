@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from pointsafe.cas import (BlobBuilder, Entry, Kind, Point, Safe, SafeError, UsageError, Writer, build_tree,
-                           latest, read_tree, utc_now_iso)
+                           latest, parse_utc, read_tree, utc_now_iso)
 from pointsafe.cas.pack import pack_name
 from pointsafe.cas.tree import DIR, REG
 
@@ -258,6 +258,20 @@ def _progress_of(progress) -> tuple[Callable[[int, int], None], Callable[[int | 
     return progress, set_total
 
 
+def _before_loss(safe: Safe, prev: Point) -> bool:
+    """True when ``repair`` found objects lost after ``prev`` was taken (``meta.lost_at``)."""
+    with safe.index.read() as t:
+        v = t.get(b"lost_at", db=safe.index.db["meta"])
+    if v is None:
+        return False
+    try:
+        lost = parse_utc(v.decode())
+    except ValueError:
+        return True     # a damaged mark: reading the source whole is always correct
+    taken = prev.started_at
+    return taken is None or taken <= lost
+
+
 def estimate(prev: Point | None, path: Path, st: os.stat_result, kind: str, block: int) -> tuple[int | None, int | None]:
     """(bytes, files) a backup of the source is expected to cover: for a tree, what the
     previous point of the same name held (None, None for a first backup); for a volume, the
@@ -290,6 +304,10 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
     prev = previous_point(safe, name, kind)
     progress, set_total = _progress_of(progress)
     set_total(*estimate(prev, path, st, kind, cfg.block_size))
+    if prev is not None and _before_loss(safe, prev):
+        # repair found objects lost since that point: read the source whole, so that whatever
+        # of it the safe lost is stored again (and counted again, cas/refcount.py)
+        prev = None
     pipe = Pipeline(w, cfg.list_fanout, workers=opts.workers)
     record: dict = {"name": name, "kind": kind, "source": str(path), "host": socket.gethostname(),
                     "started": started}
