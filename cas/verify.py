@@ -254,5 +254,8 @@ def _audit_into(safe: Safe, r: VerifyReport) -> None:
     if more > 0:
         r.error(f"refcount audit: {more} more problems not listed")
     if a.orphans:
-        r.notes.append(f"{a.orphans} objects at count 0 left by an interrupted backup "
-                       "('pointsafe gc' reclaims them)")
+        with safe.index.read() as txn:
+            lost = txn.get(b"lost_at", db=safe.index.db["meta"]) is not None
+        why = ("left by an interrupted backup, or no longer reachable under objects that "
+               "'pointsafe repair' found lost" if lost else "left by an interrupted backup")
+        r.notes.append(f"{a.orphans} objects at count 0 {why} ('pointsafe gc' reclaims them)")
