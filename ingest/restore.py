@@ -805,6 +805,10 @@ def _open_target(target: Path, force: bool) -> _Dir:
             target.mkdir(parents=True)
         except OSError as e:
             raise UsageError(f"{target}: cannot create the restore target: {e.strerror}") from None
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        # Never followed: whoever owns the link could point it anywhere meanwhile.
+        raise UsageError(f"{target}: is a symbolic link; give the directory itself "
+                         f"({os.path.realpath(target)})")
     if st is not None and not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{target}: exists and is not a directory")
     try:

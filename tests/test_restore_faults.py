@@ -544,3 +544,17 @@ def test_damaged_chunk_leaves_no_file_behind(safe_dir, tmp_path):
     assert sorted(os.listdir(out)) == ["a", "c"]
     for n in ("a", "c"):
         assert (out / n).read_bytes() == (src / n).read_bytes()
+
+
+def test_a_target_that_is_a_symlink_is_refused_with_its_reason(safe_dir, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x\n")
+    p = backup(safe_dir, src, "-q")
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    r = run_cli("restore", p["id"], link, safe=safe_dir)
+    assert r.code == 1 and "is a symbolic link" in r.err and str(real) in r.err, r.err
+    assert list(real.iterdir()) == []
