@@ -45,7 +45,9 @@ def register(sub) -> None:
                        description="Rebuild the LMDB index from the pack files alone, and a damaged or "
                                    "missing header from its copy. Damaged records and regions are "
                                    "reported (pack, offset, bytes) and left out, never cut off; only "
-                                   "a torn tail is truncated. Forgotten points stay forgotten.")
+                                   "a torn tail is truncated. Forgotten points stay forgotten. Objects "
+                                   "found lost are remembered: the next backup of each source reads it "
+                                   "whole and stores them again, so older points naming them restore again.")
     add_common(p)
     p.set_defaults(func=cmd_repair, task_kind="repair")
 
