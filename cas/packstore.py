@@ -70,9 +70,9 @@ class PackStore(Protocol):
     def size(self, pack_id: int) -> int | None:
         """The pack's size in bytes, or None when it does not exist."""
 
-    def open_reader(self, pack_id: int) -> BinaryIO:
-        """A seekable reader of the whole pack, for walking it front to back (verify, repair);
-        FileNotFoundError when the pack is gone."""
+    def open_reader(self, pack_id: int, buffer: int = 0) -> BinaryIO:
+        """A seekable reader of the whole pack, for walking it front to back (verify, repair,
+        compaction), with ``buffer`` bytes of read-ahead (0: none); FileNotFoundError when gone."""
 
     def replace_header(self, pack_id: int, header: bytes) -> None:
         """Repair only: write the pack's 16-byte header again (it follows from the pack id),
@@ -235,9 +235,10 @@ class LocalPackStore:
             if pid is not None:
                 yield pid
 
-    def open_reader(self, pack_id: int) -> BinaryIO:
-        """The pack file opened for reading, unbuffered (FileNotFoundError when gone)."""
-        return open(self.path(pack_id), "rb", buffering=0)
+    def open_reader(self, pack_id: int, buffer: int = 0) -> BinaryIO:
+        """The pack file opened for reading, with ``buffer`` bytes of read buffer (0: none);
+        FileNotFoundError when gone."""
+        return open(self.path(pack_id), "rb", buffering=buffer)
 
     def replace_header(self, pack_id: int, header: bytes) -> None:
         """Write the first bytes of the pack file again and fsync it (repair only)."""

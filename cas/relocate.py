@@ -21,6 +21,7 @@ most ``BATCH_OBJECTS`` moves before it commits.
 
 from __future__ import annotations
 
+
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
@@ -31,7 +32,6 @@ from .store import Writer
 
 if TYPE_CHECKING:
     from .index import Txn
-    from .packstore import PackStore
 
 ZERO_BATCH = 65536     # keys per transaction (in key order, so they share index pages)
 BATCH_OBJECTS = 8192   # moves per commit: random keys, each may dirty an index page held in memory
@@ -154,61 +154,43 @@ def _unlink_packs(w: Writer, doomed: list[tuple[int, int]], st: DropStats) -> No
 
 # -- relocation ----------------------------------------------------------------------------
 
-class _SequentialReader:
-    """Reads a pack front to back through its store, in large windows."""
-
-    WINDOW = 1 << 20
-
-    def __init__(self, store: PackStore, pack_id: int, end: int):
-        self.store, self.pack_id, self.end = store, pack_id, end
-        self.buf = b""
-        self.start = 0
-
-    def read(self, off: int, n: int) -> bytes:
-        """``n`` bytes at ``off`` (fewer at the end of the pack)."""
-        rel = off - self.start
-        if rel < 0 or rel + n > len(self.buf):
-            want = min(max(n, self.WINDOW), max(self.end - off, 0))
-            self.buf = self.store.read(self.pack_id, off, want) if want else b""
-            self.start, rel = off, 0
-        return self.buf[rel:rel + n]
-
-
 def live_records(w: Writer, pack_id: int) -> Iterator[tuple[bytes, ObjectEntry, bytes]]:
     """(key, entry, record bytes) of every record of ``pack_id`` that the index still names
     at that offset, in pack order. Reads the pack sequentially once; each record's stored
     bytes are checked against their checksum before they are handed out (IntegrityError when
     they do not match, or when a record header does not parse). ``w`` holds the writer lock,
     so that the pack cannot change meanwhile."""
-    safe = w.safe
     idx = w.index
     objects = idx.db["objects"]
-    pe = safe.pack_entries().get(pack_id)
+    with idx.read() as t:
+        pe = idx.get_pack(t, pack_id)
     if pe is None:
         return
-    f = _SequentialReader(safe.store, pack_id, pe.committed_len)
-    check_pack_header(f.read(0, PACK_HEADER.size), pack_id)
-    off = PACK_HEADER.size
     end = pe.committed_len
-    txn = idx.read()
-    n = 0
-    try:
-        while off < end:
-            hb = f.read(off, REC_HEADER_SIZE)
-            h = parse_record_header(hb, pack_id, off)
-            n += 1
-            if n % 4096 == 0:       # a fresh snapshot now and then: LMDB reuses pages
-                txn.abort()
-                txn = idx.read()
-            v = txn.get(h.key, db=objects)
-            e = ObjectEntry.decode(v) if v is not None else None
-            if e is not None and e.pack == pack_id and e.offset == off:
-                rec = f.read(off, h.total)
-                check_record(rec, pack_id, off, h.key)
-                yield h.key, e, rec
-            off += h.total
-    finally:
-        txn.abort()
+    # The store's reader, buffered: records are read (or skipped) front to back, once.
+    with w.safe.store.open_reader(pack_id, buffer=1 << 20) as f:
+        check_pack_header(f.read(PACK_HEADER.size), pack_id)
+        off = PACK_HEADER.size
+        txn = idx.read()
+        n = 0
+        try:
+            while off < end:
+                f.seek(off)
+                hb = f.read(REC_HEADER_SIZE)
+                h = parse_record_header(hb, pack_id, off)
+                n += 1
+                if n % 4096 == 0:       # a fresh snapshot now and then: LMDB reuses pages
+                    txn.abort()
+                    txn = idx.read()
+                v = txn.get(h.key, db=objects)
+                e = ObjectEntry.decode(v) if v is not None else None
+                if e is not None and e.pack == pack_id and e.offset == off:
+                    rec = hb + f.read(h.stored_len)
+                    check_record(rec, pack_id, off, h.key)
+                    yield h.key, e, rec
+                off += h.total
+        finally:
+            txn.abort()
 
 
 class Relocator:
