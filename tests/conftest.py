@@ -78,3 +78,18 @@ def fuse_skip_reason() -> str | None:
 
 needs_fuse = pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or "")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop mounts, chown, device nodes)")
+
+
+@pytest.fixture
+def safe_with_point(tmp_path) -> tuple[Path, str, Path]:
+    """A safe (tiny packs) holding one point of ``src`` (``d/f``, 200 kB random; ``g``): (safe,
+    point id, source)."""
+    import json
+    safe = tmp_path / "safe"
+    Safe.init(safe, pack_size=64 * 1024).close()
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(os.urandom(200_000))
+    (src / "g").write_text("hello\n")
+    r = run_cli("backup", src, "--name", "data", "--json", safe=safe, check=True)
+    return safe, json.loads(r.out)["id"], src

@@ -13,22 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pytest
-from _backup_util import backup
 from _cas_util import read_only_bind
 from conftest import ROOT, needs_root, run_cli
-from pointsafe.cas import Safe
-
-
-@pytest.fixture
-def safe_with_point(tmp_path) -> tuple[Path, str, Path]:
-    safe = tmp_path / "safe"
-    Safe.init(safe, pack_size=64 * 1024).close()
-    src = tmp_path / "src"
-    (src / "d").mkdir(parents=True)
-    (src / "d" / "f").write_bytes(os.urandom(100_000))
-    point = backup(safe, src, name="data")["id"]
-    return safe, point, src
 
 
 def _tasks(safe: Path) -> list[dict]:
