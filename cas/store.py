@@ -380,6 +380,12 @@ class Safe:
         with self.index.read() as t:
             return {pack_from_dbkey(k): PackEntry.decode(v) for k, v in t.cursor(db=self.index.db["packs"])}
 
+    def lost_packs(self) -> list[int]:
+        """Packs the index names, with objects in them, that the pack store does not hold
+        (deleted or lost by hand; ``repair`` takes them out of the index). O(packs)."""
+        present = set(self.store.pack_ids())
+        return sorted(pid for pid, pe in self.pack_entries().items() if pe.objects > 0 and pid not in present)
+
 
 class Writer:
     """The one writer of a safe. Not thread-safe: call it from one thread.

@@ -96,11 +96,9 @@ def _is_control(c: str) -> bool:
 
 
 def check_packs_present(safe: Safe) -> None:
-    """Raise SafeError when a pack the index names (with objects in it) has no file: a backup
-    would reuse its objects as if they were stored and make points that cannot be restored.
-    Cost: one listing of the packs directory and of the packs table."""
-    present = set(safe.store.pack_ids())
-    lost = sorted(pid for pid, pe in safe.pack_entries().items() if pe.objects > 0 and pid not in present)
+    """Raise SafeError when a pack the index names has no file (``Safe.lost_packs``): a backup
+    would reuse its objects as if they were stored and make points that cannot be restored."""
+    lost = safe.lost_packs()
     if lost:
         more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
         raise SafeError(f"pack {pack_name(lost[0])}{more} is missing: a backup now would reuse the "
