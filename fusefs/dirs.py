@@ -20,8 +20,8 @@ from pointsafe.cas.tree import DIR
 from .cache import ByteLRU
 from .errors import DamageLog, NotADir, NotFound
 from .folders import Folders, is_volume, volume_listing
-from .inodes import (INO_MASK, K_ENTRY, K_GROUP, K_POINT, K_ROOT, ROOT_INO, Handles, Inodes, Listing, Node,
-                     child)
+from .inodes import (INO_MASK, K_ENTRY, K_GROUP, K_POINT, K_ROOT, ROOT_INO, DirRef, Handles, Inodes, Listing,
+                     Node, child)
 
 
 def _listing_size(raw_len: int, count: int) -> int:
@@ -67,9 +67,13 @@ class Directories:
         if key is None:
             return Listing([], [])
         try:
-            return self.cache.get(key, lambda: self._load_tree(key))
+            return self._tree_listing(key)
         except (IntegrityError, ObjectMissing, ValueError) as e:
             raise self.damage.damaged(node, e, "directory cannot be read") from None
+
+    def _tree_listing(self, key: bytes) -> Listing:
+        """The listing of the point directory whose TREE key is ``key``, through the cache."""
+        return self.cache.get(key, lambda: self._load_tree(key))
 
     def _load_tree(self, key: bytes) -> Listing:
         raw = self.safe.get(key)
@@ -77,7 +81,8 @@ class Directories:
             entries = decode_tree(raw)
         except ValueError:  # a paged directory (cas/tree.py): read its pages
             entries = read_tree(lambda k: raw if k == key else self.safe.get(k), key)
-        return Listing([e.name for e in entries], entries, size=_listing_size(len(raw), len(entries)))
+        return Listing([e.name for e in entries], entries, size=_listing_size(len(raw), len(entries)),
+                       dref=DirRef(key, self._tree_listing))
 
     def lookup(self, parent: Node, name: bytes) -> Node:
         """The child ``name`` of directory ``parent`` (not counted; NotFound when there is none)."""
@@ -113,7 +118,7 @@ class Directories:
                 yield lst.names[i], child(node, lst, i), i + 3, True
             return
         # The hot loop of `find` and `ls -R`: child() inlined for a point's directories.
-        names, entries = lst.names, lst.entries
+        names, entries, dref = lst.names, lst.entries, lst.dref
         pino, scope, point = node.ino, node.scope, node.point
         for i in range(start - 2, len(names)):
             e = entries[i]
@@ -121,7 +126,7 @@ class Directories:
                        else (pino, e.name)) & INO_MASK
             if ino <= ROOT_INO:
                 ino += 2
-            yield names[i], Node(ino, pino, e.name, K_ENTRY, e, point, scope), i + 3, True
+            yield names[i], Node(ino, pino, K_ENTRY, e, point, scope, b"", dref, i), i + 3, True
 
     def releasedir(self, fh: int) -> None:
         """Close directory handle ``fh``."""

@@ -57,7 +57,9 @@ class Files:
         self.handles = handles
         self.damage = damage
         self.chunks = ChunkSource(safe, chunk_cache_bytes)
-        self.nodes = NodeCache(1024)   # decoded LIST nodes of open files: ≤ ~20 KiB each, ≤ ~20 MiB
+        # Decoded LIST nodes of open files: a full node (256 entries) costs ≈ 28 KiB decoded,
+        # so ≤ 7 MiB; one node maps 256 chunks, so 256 nodes map 4 GiB of a volume at 64 KiB.
+        self.nodes = NodeCache(256)
         self.readahead_bytes = readahead_bytes
         self.reads = 0              # read requests served, and their bytes (for benchmarks)
         self.read_bytes = 0

@@ -41,7 +41,7 @@ def point_entry(p: Point, name: bytes) -> Entry:
 
 def point_root(p: Point) -> Node:
     """The root node of a mount of the single point ``p``."""
-    return Node(ROOT_INO, ROOT_INO, b"", K_POINT, point_entry(p, b""), p, ROOT_INO)
+    return Node(ROOT_INO, ROOT_INO, K_POINT, point_entry(p, b""), p, ROOT_INO)
 
 
 def volume_listing(folder: Node) -> Listing:
@@ -69,7 +69,7 @@ class Folders:
         """The root node of a whole-safe mount."""
         t = self.mounted_ns
         e = Entry(b"", DIR, 0o555, os.getuid(), os.getgid(), t, t, t, nlink=2)
-        return Node(ROOT_INO, ROOT_INO, b"", K_ROOT, e, None, 0)
+        return Node(ROOT_INO, ROOT_INO, K_ROOT, e, None, 0)
 
     def layout(self) -> Layout:
         """The whole-safe layout, re-read at most every ``refresh_seconds`` (new backups appear).

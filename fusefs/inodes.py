@@ -3,7 +3,9 @@
 Inode numbers are computed, not stored: ``hash(parent inode, name)``, or for a hardlinked
 file ``hash(point folder inode, link group)`` so that every name of one hardlink group has
 the same inode number. Only the nodes the kernel currently knows (lookup count > 0) are kept
-in the inode table; ``forget`` drops them. A number therefore stays the same for the life of
+in the inode table; ``forget`` drops them. A node of a point's file is small (its attributes
+stay in the directory cache, see :class:`DirRef`), so a kernel that holds every inode of a
+100,000-file point costs the mount a few MiB, not the attributes of every file again. A number therefore stays the same for the life of
 the mount even when the kernel forgets and looks a node up again.
 
 Threads: every method may be called from any thread; each table has its own lock.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import itertools
 import threading
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from pointsafe.cas import Entry, Point
 from pointsafe.cas.tree import DIR, LNK
@@ -31,19 +33,66 @@ INO_MASK = (1 << 63) - 1
 _new_tuple = tuple.__new__
 
 
-@dataclass(slots=True, eq=False)
-class Node:
-    """One file, directory or link of the mount, with the attributes the kernel is shown."""
+class DirRef:
+    """Where a point directory's entries are: its TREE key and the directory cache that loads it.
 
-    ino: int
-    parent: int
-    name: bytes
-    kind: int
-    entry: Entry            # attributes (made up for virtual nodes)
-    point: Point | None     # the point this node belongs to
-    scope: int              # inode of the point's folder (hardlink scope); 0 outside points
-    group: bytes = b""      # K_GROUP: the group's name
-    nlookup: int = 0
+    Nodes of a point's files keep this (shared by all children of one directory) and their
+    index in the listing instead of their own copy of the attributes, so that a node the kernel
+    holds costs a few dozen bytes and the attributes live once, in the byte-bounded directory
+    cache (reloaded if it evicted them)."""
+
+    __slots__ = ("key", "load")
+
+    def __init__(self, key: bytes, load: "Callable[[bytes], Listing]"):
+        self.key = key
+        self.load = load
+
+    def entry(self, i: int) -> Entry:
+        """Entry ``i`` of the directory's listing (loads the listing if it is not cached)."""
+        return self.load(self.key).entries[i]
+
+
+class Node:
+    """One file, directory or link of the mount, with the attributes the kernel is shown.
+
+    A node made outside a point's directories (the root, groups, point folders, links, a
+    volume's image) holds its ``Entry``. A node of a point's directory holds it only until it
+    enters the inode table (:meth:`compact`); from then on ``entry`` is read through its
+    directory's :class:`DirRef`."""
+
+    __slots__ = ("ino", "parent", "kind", "point", "scope", "group", "nlookup", "_entry", "dref", "idx")
+
+    def __init__(self, ino: int, parent: int, kind: int, entry: Entry | None, point: Point | None,
+                 scope: int, group: bytes = b"", dref: DirRef | None = None, idx: int = 0):
+        self.ino = ino
+        self.parent = parent
+        self.kind = kind
+        self._entry = entry
+        self.point = point      # the point this node belongs to
+        self.scope = scope      # inode of the point's folder (hardlink scope); 0 outside points
+        self.group = group      # K_GROUP: the group's name
+        self.dref = dref
+        self.idx = idx
+        self.nlookup = 0
+
+    @property
+    def entry(self) -> Entry:
+        """The node's attributes (name, type, mode, times, size, content key, xattrs)."""
+        e = self._entry
+        if e is not None:
+            return e
+        assert self.dref is not None   # compact() keeps the entry of nodes without one
+        return self.dref.entry(self.idx)
+
+    @property
+    def name(self) -> bytes:
+        """The node's name in its directory."""
+        return self.entry.name
+
+    def compact(self) -> None:
+        """Drop the node's own copy of its attributes when its directory can give them again."""
+        if self.dref is not None:
+            self._entry = None
 
 
 class Stat(NamedTuple):
@@ -73,6 +122,7 @@ class Listing:
     points: list[Point | None] | None = None
     groups: list[bytes] | None = None
     size: int = 0           # estimated memory, for the directory cache's byte bound
+    dref: DirRef | None = None   # a point directory's: where its children's nodes find their entries
 
 
 def make_listing(items: list[tuple[bytes, Entry, int, Point | None, bytes]]) -> Listing:
@@ -100,8 +150,8 @@ def child(parent: Node, lst: Listing, i: int) -> Node:
     else:
         ino = hash_ino(parent.ino, e.name)
     scope = ino if kind == K_POINT else parent.scope
-    return Node(ino, parent.ino, e.name, kind, e, point, scope,
-                lst.groups[i] if lst.groups is not None else b"")
+    return Node(ino, parent.ino, kind, e, point, scope, lst.groups[i] if lst.groups is not None else b"",
+                lst.dref, i)
 
 
 def stat(node: Node) -> Stat:
@@ -180,6 +230,7 @@ class Inodes:
             have = self.table.get(node.ino)
             if have is None:
                 self.table[node.ino] = have = node
+                node.compact()
             have.nlookup += 1
             return have
 
@@ -191,6 +242,7 @@ class Inodes:
                 have = table.get(node.ino)
                 if have is None:
                     table[node.ino] = have = node
+                    node.compact()
                 have.nlookup += 1
 
     def forget(self, ino: int, n: int) -> None:

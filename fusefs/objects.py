@@ -30,10 +30,15 @@ MAX_RUN = 4 * 1024 * 1024      # bytes of adjacent records read with one pread
 Chunk = bytes | memoryview    # a chunk's bytes: a view of its record buffer when read alone, raw
 
 
+ENTRY_OVERHEAD = 256           # bytes a cached chunk costs besides its data (objects, key, LRU slot)
+
+
 def _held(value: Chunk) -> int:
-    """Bytes a cached value keeps alive: a raw chunk is a view of its whole record buffer."""
+    """Bytes a cached value keeps alive: a raw chunk is a view of its whole record buffer;
+    with the cache's own per-entry cost, so that 100,000 tiny files stay within the bound too."""
     # (the buffer under a view is the bytes object one pread returned)
-    return len(cast(bytes, value.obj)) if isinstance(value, memoryview) else len(value)
+    n = len(cast(bytes, value.obj)) if isinstance(value, memoryview) else len(value)
+    return n + ENTRY_OVERHEAD
 
 
 class ChunkSource:

@@ -223,8 +223,11 @@ def _serve(o: MountOptions, ready_fd: int | None) -> int:
 
     from pointsafe.cas import Safe, resolve_point
 
+    from .memory import give_back, limit_arenas
     from .ops import Operations
     from .view import View
+
+    limit_arenas()
 
     try:
         safe = Safe.open(o.safe)
@@ -282,6 +285,7 @@ def _serve(o: MountOptions, ready_fd: int | None) -> int:
             await trio.sleep(2)
             rounds += 1
             gc.collect(2 if rounds % 30 == 0 else 1)
+            give_back()      # freed chunk buffers back to the system (fusefs/memory.py)
 
     async def main() -> None:
         async with trio.open_nursery() as n:
