@@ -32,6 +32,7 @@ from pointsafe.cas.pack import pack_name
 from pointsafe.cas.tree import DIR, REG
 
 from .chunking import Cutter, data_extents, is_zero
+from .db import covered_roots, is_covered_warning, walk_excludes
 from .pipeline import Pipeline
 from .volume import read_volume, volume_size
 from .walk import TreeWalker, WalkOptions
@@ -202,7 +203,11 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
                 # The point holds the integrations' consistent copies of these files: their read
                 # warnings (a live WAL segment or database file changing under the reader) no
                 # longer apply.
-                warnings[:] = [x for x in warnings if x.get("path") not in grafted]
+                # ... nor do read warnings in the directories a database integration covers (its
+                # recovery repairs them), and what the integrations found is said.
+                covered = covered_roots(active, path)
+                warnings[:] = [x for x in warnings if x.get("path") not in grafted and not is_covered_warning(x, covered)]
+                warnings += [{"path": c.name, "message": m} for c in active for m in getattr(c, "warnings", list)()]
                 point = commit_point(w, record, root, warnings)
             finally:
                 for c in active:
@@ -313,7 +318,7 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
         if kind == "tree":
             cutter = Cutter(None, cfg.chunk_min, cfg.chunk_avg, cfg.chunk_max)
             sst = os.stat(safe.path)
-            wo = WalkOptions(one_file_system=opts.one_file_system, excludes=list(opts.excludes),
+            wo = WalkOptions(one_file_system=opts.one_file_system, excludes=list(opts.excludes) + walk_excludes(active),
                              skip={(sst.st_dev, sst.st_ino)})
             walker = TreeWalker(safe, pipe, cutter, wo, warn, progress)
             prev_root = prev.root if prev else None

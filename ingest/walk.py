@@ -34,6 +34,7 @@ from pointsafe.cas import Entry, Safe, read_tree
 from pointsafe.cas.tree import DIR, LNK, REG, type_of_mode
 
 from .chunking import Cutter
+from .db.detect import live_database
 from .pipeline import Pipeline
 
 CHANGE_RETRIES = 3
@@ -325,6 +326,9 @@ class TreeWalker:
         except OSError as e:
             self._warn_at(None, f"cannot read directory: {e.strerror}; stored as empty")
             return
+        live = live_database(names, self._path)   # a running database's data directory?
+        if live is not None:
+            self._warn_at(None, live.message())
         if self.opts.excludes:
             names = [n for n in names if not self._excluded(os.path.join(d.rel, n) if d.rel else n, n)]
         d.items = [(n, st, prev.get(n)) for n, st in stat_listed(_fd(d), names, self._warn_at)]
