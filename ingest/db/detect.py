@@ -11,7 +11,8 @@ all (a few membership tests); only then are a pid file and /proc looked at.
 
 - PostgreSQL: ``PG_VERSION``, ``base`` and ``global`` are there, and ``postmaster.pid`` names a
   live process called postgres (or postmaster) whose data directory (line 2 of the pid file, or
-  the process's working directory) is this one. A server shut down cleanly removes the pid file;
+  the process's working directory) is this one -- or this one is a snapshot of it (the walk may
+  read a btrfs snapshot of SOURCE, which keeps inode numbers; a copy does not). A server shut down cleanly removes the pid file;
   a stale one (crash) names a dead process or another program.
 - MariaDB/MySQL: ``mysql`` (the system schema) and one of ``ibdata1``, ``aria_log_control``,
   ``mysql.ibd`` are there, and a live mariadbd/mysqld either is named by a ``*.pid`` file in the
@@ -80,9 +81,8 @@ def _postgres(path: bytes, has_pid_file: bool) -> LiveDatabase | None:
         return None
     if _program(pid) not in _PG_PROGRAMS:
         return None
-    here = os.path.realpath(path)
-    named = os.path.realpath(lines[1].strip()).encode() if len(lines) > 1 and lines[1].strip() else b""
-    if named != here and _cwd(pid) != here:
+    named = os.fsencode(lines[1].strip()) if len(lines) > 1 and lines[1].strip() else b""
+    if not (_same_dir(path, named, b"global") or _same_dir(path, _cwd(pid), b"global")):
         return None   # a copy of another server's data directory
     return LiveDatabase("PostgreSQL", "--postgres", pid)
 
@@ -96,11 +96,29 @@ def _mysql(path: bytes, pid_files: list[bytes]) -> LiveDatabase | None:
             continue
         if _program(pid) in _MY_PROGRAMS:
             return LiveDatabase("MariaDB/MySQL", "--mysql", pid)
-    here = os.path.realpath(path)
     for pid in _pids():
-        if _program(pid) in _MY_PROGRAMS and (_cwd(pid) == here or _datadir_arg(pid) == here):
+        if _program(pid) in _MY_PROGRAMS and (_same_dir(path, _cwd(pid), b"mysql")
+                                             or _same_dir(path, _datadir_arg(pid), b"mysql")):
             return LiveDatabase("MariaDB/MySQL", "--mysql", pid)
     return None
+
+
+def _same_dir(here: bytes, live: bytes | None, marker: bytes) -> bool:
+    """Whether the directory ``here`` is the live data directory ``live``: the same path, or a
+    snapshot of it (btrfs keeps inode numbers in a snapshot: the directory and its ``marker``
+    entry have the same inodes; a copy has new ones)."""
+    if not live:
+        return False
+    if os.path.realpath(here) == os.path.realpath(live):
+        return True
+    try:
+        a, b = os.stat(here), os.stat(live)
+        if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) or a.st_ino != b.st_ino:
+            return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+        return (os.stat(os.path.join(here, marker), follow_symlinks=False).st_ino
+                == os.stat(os.path.join(live, marker), follow_symlinks=False).st_ino)
+    except OSError:
+        return False
 
 
 def _pids() -> list[int]:
@@ -127,7 +145,7 @@ def _program(pid: int) -> str | None:
 
 def _cwd(pid: int) -> bytes | None:
     try:
-        return os.path.realpath(os.readlink(f"/proc/{pid}/cwd".encode()))
+        return os.readlink(f"/proc/{pid}/cwd".encode())
     except OSError:
         return None
 
@@ -140,5 +158,5 @@ def _datadir_arg(pid: int) -> bytes | None:
         return None
     for a in args:
         if a.startswith(b"--datadir="):
-            return os.path.realpath(a[len(b"--datadir="):])
+            return a[len(b"--datadir="):]
     return None
