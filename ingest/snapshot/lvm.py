@@ -30,6 +30,7 @@ from .fs import mount_of, mounts
 
 Runner = Callable[[list[str]], subprocess.CompletedProcess]
 DM_CONTROL = "/dev/mapper/control"
+DM_MISC = "/sys/class/misc/device-mapper"    # the kernel's device-mapper (lvm2 makes DM_CONTROL itself)
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -56,12 +57,23 @@ def size_args(size: str) -> list[str]:
     return ["-l", size] if "%" in size else ["-L", size]
 
 
+def dm_available() -> bool:
+    """True when the kernel has device-mapper (its misc device is registered)."""
+    if os.path.exists(DM_MISC):
+        return True
+    try:
+        with open("/proc/misc") as f:
+            return any(line.split()[-1:] == ["device-mapper"] for line in f)
+    except OSError:
+        return False
+
+
 def available() -> str | None:
     """None when LVM snapshots can be taken here, else why not."""
     if shutil.which("lvcreate") is None:
         return "lvm2 is not installed (no lvcreate command); install lvm2 or choose another --snapshot"
-    if not os.path.exists(DM_CONTROL):
-        return f"device-mapper is not available on this machine ({DM_CONTROL} is missing)"
+    if not dm_available():
+        return "device-mapper is not available on this machine (the kernel has no device-mapper driver)"
     return None
 
 
