@@ -181,6 +181,11 @@ def test_mariadb_points_from_btrfs_snapshots_start_and_keep_the_total(safe_dir, 
             assert len(watch.seen) == 1, watch.seen       # no InnoDB setting changed, ever
             for point in taken:
                 check_mariadb_point(cli, safe_dir, point)
+            # Read from a snapshot too, a live data directory backed up without --mysql is named.
+            code, point, err = backup(cli, safe_dir, sub, "--snapshot", "btrfs")
+            assert code == 3 and point["snapshot"]["method"] == "btrfs", err
+            live = [w for w in point["warnings"] if "data directory of a running" in w["message"]]
+            assert [w["path"] for w in live] == [str(server.datadir)] and "--mysql" in live[0]["message"], live
         finally:
             server.destroy()
 

@@ -227,7 +227,8 @@ class Guardian:
         OSError when either cannot be done."""
         proc = subprocess.Popen([sys.executable, "-m", "pointsafe.ingest.db.guardian"],
                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+                                stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+                                cwd="/")   # holds no directory of the source (a mount) busy
         try:
             path = state_dir() / f"{server_key(datadir)}-{os.getpid()}.json"
             state = {"datadir": datadir, "dsn": dsn, "saved": saved, "applied": applied,
