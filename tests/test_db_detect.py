@@ -77,3 +77,14 @@ def test_live_postgres_datadir_without_postgres_warns_and_a_stopped_one_does_not
         assert code == 0 and point["warnings"] == [], (err, point and point["warnings"])
     finally:
         pg.destroy()
+
+
+def test_ordinary_directories_cost_only_a_look_at_their_names():
+    """The walk calls the detector for every directory: unless the names look like a data
+    directory it neither asks for the path nor touches the disk."""
+    from pointsafe.ingest.db.detect import live_database
+
+    def no_path() -> bytes:
+        raise AssertionError("the path was asked for")
+    assert live_database([b"src", b"README", b"mysql", b"base"], no_path) is None
+    assert live_database([], no_path) is None

@@ -123,15 +123,19 @@ from .errors import ConsistencyError  # noqa: E402  (after the Protocol, which i
 
 HELP = {
     "mysql": """MariaDB/MySQL server whose data directory lies inside SOURCE: take FLUSH TABLES
-        WITH READ LOCK and bring InnoDB to rest while SOURCE is read; record the binary-log
-        position. DSN: mysql://USER[:PASSWORD]@HOST[:PORT]/[?socket=PATH&lock_timeout=SECONDS]
-        or a socket path; the password may also come from $MYSQL_PWD. Repeatable.""",
-    "postgres": """PostgreSQL server whose data directory lies inside SOURCE: run the backup in
-        non-exclusive backup mode and store backup_label, tablespace_map and the WAL needed
-        to start the copy. DSN: a libpq connection string or URI ("host=/run/postgresql
-        user=postgres", "postgresql://..."); $PGPASSWORD and ~/.pgpass work. Repeatable.""",
+        WITH READ LOCK and record the binary-log position; with a snapshot the lock is held
+        while the snapshot is taken only, else InnoDB is also brought to rest while SOURCE is
+        read (the settings that takes are put back even if the backup is killed).
+        DSN: mysql://USER[:PASSWORD]@HOST[:PORT]/[?socket=PATH&lock_timeout=SECONDS] or a socket path;
+        the password may also come from $MYSQL_PWD. Repeatable.""",
+    "postgres": """PostgreSQL server whose data directory lies inside SOURCE: run the backup (or,
+        with a snapshot, the snapshot) in non-exclusive backup mode and store backup_label,
+        tablespace_map and the WAL from its start to its stop, which the copy starts from.
+        DSN: a libpq connection string or URI ("host=/run/postgresql user=postgres",
+        "postgresql://..."); $PGPASSWORD and ~/.pgpass work. Repeatable.""",
     "sqlite": """SQLite database file inside SOURCE: copy it with SQLite's online backup API and
-        store that consistent copy in place of the live file. Repeatable.""",
+        store that consistent copy in place of the live file (inside a snapshot the snapshot's
+        file is stored as it is). Repeatable.""",
     "allow_inconsistent": """when a database named by --mysql/--postgres/--sqlite cannot be
         reached or locked, back up anyway: the point carries a warning and the command exits 3
         (without this option such a backup fails and creates no point).""",
