@@ -327,7 +327,7 @@ def test_btrfs_points_are_consistent_under_a_writer(tmp_path, safe):
 def _start_stuck_backup(tmp_path: Path, safe_dir: Path, vol: Path) -> tuple[subprocess.Popen, Path]:
     """A CLI backup that stops in its --post-thaw hook (the snapshot taken, nothing read yet)."""
     ready = tmp_path / "ready"
-    hook = f"touch {ready}; sleep 60"
+    hook = f"echo $$ > {tmp_path}/hook.pid; touch {ready}; exec sleep 60"
     cmd = [sys.executable, "-m", "pointsafe.cli", "--safe", str(safe_dir), "backup", str(vol),
            "--snapshot", "btrfs", "--post-thaw", hook]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -339,8 +339,12 @@ def _start_stuck_backup(tmp_path: Path, safe_dir: Path, vol: Path) -> tuple[subp
     return proc, ready
 
 
-def _kill_hook():
-    subprocess.run(["pkill", "-f", "-x", "sleep 60"], capture_output=True)
+def _kill_hook(tmp_path: Path) -> None:
+    """End the hook's process (it outlives a SIGKILLed backup), by the pid it wrote."""
+    try:
+        os.kill(int((tmp_path / "hook.pid").read_text()), signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
 
 
 def test_sigkilled_backup_leaves_a_stale_snapshot_the_next_removes(tmp_path, safe_dir):
@@ -354,7 +358,7 @@ def test_sigkilled_backup_leaves_a_stale_snapshot_the_next_removes(tmp_path, saf
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
         finally:
-            _kill_hook()
+            _kill_hook(tmp_path)
         left = snaps(vol)
         assert len(left) == 2 and any(n.endswith(".partial") for n in left), left
         r = run_cli("snapshots", "--json", safe=safe_dir, check=True)
@@ -377,7 +381,7 @@ def test_sigterm_during_backup_removes_its_snapshot(tmp_path, safe_dir):
             proc.send_signal(signal.SIGTERM)
             out, err = proc.communicate(timeout=60)
         finally:
-            _kill_hook()
+            _kill_hook(tmp_path)
         assert proc.returncode == 130, err
         assert snaps(vol) == [Path(kept["snapshot"]["path"]).name]
         assert not [m for m in open("/proc/self/mountinfo") if SNAPDIR in m]
