@@ -52,7 +52,7 @@ def test_snapshots_lists_and_prunes(tmp_path, safe_dir):
         assert items[str(killed)] == "stale" and items[str(older)] == "stale"
         assert items[a["snapshot"]["path"]] == "retained"
         text = run_cli("snapshots", safe=safe_dir, check=True).out
-        assert f"stale    btrfs    data  " in text and str(killed) in text
+        assert "stale    btrfs    data  " in text and str(killed) in text
         r = run_cli("snapshots", "--prune", "--json", safe=safe_dir, check=True)
         out = json.loads(r.out)
         assert sorted(x["path"] for x in out["removed"]) == sorted([str(killed), str(older)])

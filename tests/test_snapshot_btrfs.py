@@ -22,7 +22,6 @@ from _backup_util import one_error_line, restore as cli_restore
 from _tree_util import assert_trees_equal, snapshot as tree_snapshot
 from btrfs_util import btrfs_volume, make_subvolume, subvolumes
 from conftest import run_cli
-from pointsafe.cas import Safe
 from pointsafe.ingest import BackupOptions, backup
 from pointsafe.ingest.restore import restore
 
@@ -317,7 +316,7 @@ def test_btrfs_points_are_consistent_under_a_writer(tmp_path, safe):
         live = _points_under_writer(tmp_path, safe, make_subvolume(mnt, "live"), "none", n=400, tries=15,
                                     stop_at_first=True)
         if not any(live):
-            warnings.warn(f"negative control: no inconsistency seen in {len(live)} live points")
+            warnings.warn(f"negative control: no inconsistency seen in {len(live)} live points", stacklevel=1)
         else:
             print(f"live read: inconsistent point after {len(live)} tries: {live[-1][:3]}")
 
