@@ -409,3 +409,20 @@ def test_sigterm_while_reading_a_snapshot_removes_it(tmp_path, safe_dir):
         assert proc.returncode == 130, err
         assert snaps(vol) == []
         assert json.loads(run_cli("points", "--json", safe=safe_dir, check=True).out) == []
+
+
+def test_disk_image_on_btrfs_is_read_from_a_snapshot_and_change_detection_holds(tmp_path, safe_dir):
+    with btrfs_volume(tmp_path) as mnt:
+        vol = make_subvolume(mnt, "vm")
+        (vol / "disk.img").write_bytes(os.urandom(3 << 20))
+        first = cli_backup(safe_dir, vol / "disk.img", "--volume")            # auto: btrfs first
+        assert first["snapshot"]["method"] == "btrfs" and first["stats"]["bytes_read"] == 3 << 20
+        assert first["source"] == str(vol / "disk.img")
+        # the snapshot's file is the live inode on another device; a clone is another inode;
+        # the live file is unchanged, so none of them reads it again
+        for mode in ("btrfs", "reflink", "none"):
+            p = cli_backup(safe_dir, vol / "disk.img", "--volume", "--snapshot", mode)
+            assert p["stats"]["bytes_read"] == 0, (mode, p["stats"])
+        out = tmp_path / "restored.img"
+        cli_restore(safe_dir, first["id"], out)
+        assert out.read_bytes() == (vol / "disk.img").read_bytes()
