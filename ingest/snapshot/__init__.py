@@ -103,6 +103,10 @@ def plan(req: Request) -> tuple[Provider | None, str | None]:
     not apply raises SnapshotError with the reason."""
     from . import btrfs, lvm, reflink
     check_mode(req.mode)
+    try:
+        lvm.size_args(req.cow_size)       # a bad --snapshot-size is refused whatever the mode
+    except SnapshotError as e:
+        raise UsageError(str(e)) from None
     if req.mode == "none":
         return None, None
     kinds: dict[str, Callable[[Request, bool], tuple[Provider | None, str]]] = {
