@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pointsafe.ingest.snapshot.retained import list_snapshots, prune
+from pointsafe.ingest.snapshot.retained import Listed, list_snapshots, prune
 
 from .common import EXIT_OK, EXIT_WARNINGS, add_common, emit_json, open_safe, say
 
@@ -30,7 +30,7 @@ def cmd_snapshots(args) -> int:
     """``pointsafe snapshots [--prune]``: the snapshots, one a line (or JSON); exit 3 when some
     stale snapshot could not be removed."""
     problems: list[str] = []
-    removed = []
+    removed: list[Listed] = []
     with open_safe(args) as safe:
         if args.prune:
             with safe.writer("snapshots --prune"):

@@ -22,7 +22,6 @@ from _backup_util import one_error_line, restore as cli_restore
 from _tree_util import assert_trees_equal, snapshot as tree_snapshot
 from btrfs_util import btrfs_volume, make_subvolume, subvolumes
 from conftest import run_cli
-from pointsafe.cas import Safe
 from pointsafe.ingest import BackupOptions, backup
 from pointsafe.ingest.restore import restore
 
@@ -317,7 +316,7 @@ def test_btrfs_points_are_consistent_under_a_writer(tmp_path, safe):
         live = _points_under_writer(tmp_path, safe, make_subvolume(mnt, "live"), "none", n=400, tries=15,
                                     stop_at_first=True)
         if not any(live):
-            warnings.warn(f"negative control: no inconsistency seen in {len(live)} live points")
+            warnings.warn(f"negative control: no inconsistency seen in {len(live)} live points", stacklevel=1)
         else:
             print(f"live read: inconsistent point after {len(live)} tries: {live[-1][:3]}")
 
@@ -327,7 +326,7 @@ def test_btrfs_points_are_consistent_under_a_writer(tmp_path, safe):
 def _start_stuck_backup(tmp_path: Path, safe_dir: Path, vol: Path) -> tuple[subprocess.Popen, Path]:
     """A CLI backup that stops in its --post-thaw hook (the snapshot taken, nothing read yet)."""
     ready = tmp_path / "ready"
-    hook = f"touch {ready}; sleep 60"
+    hook = f"echo $$ > {tmp_path}/hook.pid; touch {ready}; exec sleep 60"
     cmd = [sys.executable, "-m", "pointsafe.cli", "--safe", str(safe_dir), "backup", str(vol),
            "--snapshot", "btrfs", "--post-thaw", hook]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -339,8 +338,12 @@ def _start_stuck_backup(tmp_path: Path, safe_dir: Path, vol: Path) -> tuple[subp
     return proc, ready
 
 
-def _kill_hook():
-    subprocess.run(["pkill", "-f", "-x", "sleep 60"], capture_output=True)
+def _kill_hook(tmp_path: Path) -> None:
+    """End the hook's process (it outlives a SIGKILLed backup), by the pid it wrote."""
+    try:
+        os.kill(int((tmp_path / "hook.pid").read_text()), signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
 
 
 def test_sigkilled_backup_leaves_a_stale_snapshot_the_next_removes(tmp_path, safe_dir):
@@ -354,7 +357,7 @@ def test_sigkilled_backup_leaves_a_stale_snapshot_the_next_removes(tmp_path, saf
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
         finally:
-            _kill_hook()
+            _kill_hook(tmp_path)
         left = snaps(vol)
         assert len(left) == 2 and any(n.endswith(".partial") for n in left), left
         r = run_cli("snapshots", "--json", safe=safe_dir, check=True)
@@ -377,7 +380,7 @@ def test_sigterm_during_backup_removes_its_snapshot(tmp_path, safe_dir):
             proc.send_signal(signal.SIGTERM)
             out, err = proc.communicate(timeout=60)
         finally:
-            _kill_hook()
+            _kill_hook(tmp_path)
         assert proc.returncode == 130, err
         assert snaps(vol) == [Path(kept["snapshot"]["path"]).name]
         assert not [m for m in open("/proc/self/mountinfo") if SNAPDIR in m]
@@ -406,3 +409,20 @@ def test_sigterm_while_reading_a_snapshot_removes_it(tmp_path, safe_dir):
         assert proc.returncode == 130, err
         assert snaps(vol) == []
         assert json.loads(run_cli("points", "--json", safe=safe_dir, check=True).out) == []
+
+
+def test_disk_image_on_btrfs_is_read_from_a_snapshot_and_change_detection_holds(tmp_path, safe_dir):
+    with btrfs_volume(tmp_path) as mnt:
+        vol = make_subvolume(mnt, "vm")
+        (vol / "disk.img").write_bytes(os.urandom(3 << 20))
+        first = cli_backup(safe_dir, vol / "disk.img", "--volume")            # auto: btrfs first
+        assert first["snapshot"]["method"] == "btrfs" and first["stats"]["bytes_read"] == 3 << 20
+        assert first["source"] == str(vol / "disk.img")
+        # the snapshot's file is the live inode on another device; a clone is another inode;
+        # the live file is unchanged, so none of them reads it again
+        for mode in ("btrfs", "reflink", "none"):
+            p = cli_backup(safe_dir, vol / "disk.img", "--volume", "--snapshot", mode)
+            assert p["stats"]["bytes_read"] == 0, (mode, p["stats"])
+        out = tmp_path / "restored.img"
+        cli_restore(safe_dir, first["id"], out)
+        assert out.read_bytes() == (vol / "disk.img").read_bytes()

@@ -152,3 +152,9 @@ def test_real_lvm_snapshot_of_a_mounted_volume(tmp_path):
         pytest.skip("device-mapper is not available on this machine (no device-mapper driver in the kernel): "
                     "no logical volume can be made or snapshotted")
     pytest.skip("a real LVM test needs a volume group to spare; not set up on this machine")
+
+
+def test_bad_snapshot_size_is_refused_before_anything_runs(tmp_path, safe_dir):
+    src = tmp_path / "src"
+    src.mkdir()
+    one_error_line(run_cli("backup", src, "--snapshot-size", "lots", safe=safe_dir), "--snapshot-size", "lots")

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 from _backup_util import backup as cli_backup
 from _backup_util import one_error_line, restore as cli_restore

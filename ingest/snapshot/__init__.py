@@ -22,7 +22,7 @@ import signal
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 from pointsafe.cas import SafeError, UsageError
 
@@ -103,17 +103,22 @@ def plan(req: Request) -> tuple[Provider | None, str | None]:
     not apply raises SnapshotError with the reason."""
     from . import btrfs, lvm, reflink
     check_mode(req.mode)
+    try:
+        lvm.size_args(req.cow_size)       # a bad --snapshot-size is refused whatever the mode
+    except SnapshotError as e:
+        raise UsageError(str(e)) from None
     if req.mode == "none":
         return None, None
-    kinds = {"btrfs": btrfs.plan, "lvm": lvm.plan, "reflink": reflink.plan}
+    kinds: dict[str, Callable[[Request, bool], tuple[Provider | None, str]]] = {
+        "btrfs": btrfs.plan, "lvm": lvm.plan, "reflink": reflink.plan}
     if req.mode != "auto":
-        prov, why = kinds[req.mode](req, explicit=True)
+        prov, why = kinds[req.mode](req, True)
         if prov is None:
             raise SnapshotError(f"--snapshot {req.mode}: {why}")
         return prov, None
     reasons = []
     for mode, fn in kinds.items():
-        prov, why = fn(req, explicit=False)
+        prov, why = fn(req, False)
         if prov is not None:
             return prov, None
         reasons.append(f"{mode}: {why}")

@@ -147,6 +147,10 @@ class LvmProvider:
         for m in mounts():
             if m.device in (self.device, f"/dev/mapper/{self.vg.replace('-', '--')}-{self.snap.replace('-', '--')}"):
                 self._must(["umount", m.mountpoint], f"unmounting the stale snapshot at {m.mountpoint}")
+                try:
+                    os.rmdir(m.mountpoint)
+                except OSError:
+                    pass
         self._must(self.remove_cmd(), f"removing the stale snapshot {self.vg}/{self.snap}")
         return [f"{self.vg}/{self.snap}"]
 
