@@ -6,6 +6,7 @@ import sys
 
 from pointsafe.cas import Point
 from pointsafe.ingest import BackupOptions, backup
+from pointsafe.ingest.snapshot import DEFAULT_COW_SIZE, MODES
 
 from .common import EXIT_OK, EXIT_WARNINGS, add_common, emit_json, human_bytes, open_safe, progress, say
 
@@ -22,6 +23,16 @@ Problems while reading (unreadable files, I/O errors, files that keep changing) 
 on the point; the backup goes on and exits with code 3. A failing --pre-hook aborts the backup
 before anything is read and creates no point; --post-hook always runs afterwards, with
 POINTSAFE_STATUS set to ok, warning or error.
+
+Point in time: by default (--snapshot auto) the backup reads a snapshot of SOURCE, not the
+live files, wherever the machine can take one: a btrfs snapshot when SOURCE is on a btrfs
+subvolume, an LVM snapshot when it is (or lies on) a logical volume, a reflink clone for a
+single file (--volume) on XFS or btrfs; else it reads live. The point records which:
+'snapshot: {method, taken_at, held_s}' or 'snapshot: none' ('pointsafe show'). Database
+integrations (--mysql, --postgres) and the --pre-freeze/--post-thaw hooks then hold the
+source still only for the instant the snapshot is taken, not for the whole read. The newest
+btrfs snapshot of each source is kept in <subvolume>/.pointsafe-snapshots/ (the base of the
+next backup); 'pointsafe snapshots' lists them.
 
 Progress: on a terminal, a bar shows what is done of what the previous point of the same NAME
 held (a first backup of a tree shows bytes and files done). Without a terminal (cron,
@@ -43,6 +54,26 @@ def register(sub) -> None:
     p.add_argument("--one-file-system", action="store_true", help="do not descend into other filesystems")
     p.add_argument("--pre-hook", metavar="CMD", help="shell command run before reading; failure aborts")
     p.add_argument("--post-hook", metavar="CMD", help="shell command always run after the backup")
+    g = p.add_argument_group("point in time")
+    g.add_argument("--snapshot", metavar="MODE", default="auto", choices=MODES,
+                   help="how to freeze SOURCE: auto (default: btrfs, then lvm, then reflink, whichever "
+                        "applies, else read live), btrfs (a read-only snapshot of the subvolume holding "
+                        "SOURCE), lvm (an LVM snapshot of the logical volume SOURCE is or lies on, mounted "
+                        "read-only for a tree), reflink (a clone of a single file, with --volume, on XFS "
+                        "or btrfs), none (read the live source). A MODE named explicitly that cannot be "
+                        "used fails the backup with the reason and makes no point")
+    g.add_argument("--snapshot-size", metavar="SIZE", default=DEFAULT_COW_SIZE,
+                   help="copy-on-write space of an LVM snapshot: a size (2G, 512M) or extents (10%%ORIGIN, "
+                        "20%%FREE); writes to the volume beyond it during the backup invalidate the "
+                        "snapshot (default: %(default)s)")
+    g.add_argument("--pre-freeze", metavar="CMD",
+                   help="shell command run just before the snapshot (quiesce an application, fsfreeze); "
+                        "failure aborts the backup (no point), --post-thaw still runs. Without a snapshot "
+                        "it runs before the source is read")
+    g.add_argument("--post-thaw", metavar="CMD",
+                   help="shell command always run right after the snapshot, also when it failed "
+                        "(POINTSAFE_STATUS ok or error, POINTSAFE_SNAPSHOT the method or none); without a "
+                        "snapshot it runs once the source has been read. Its failure is a warning (exit 3)")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="a label stored on the point")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no progress lines on stderr")
     from pointsafe.ingest.db import add_arguments as add_db_arguments
@@ -69,7 +100,8 @@ def cmd_backup(args) -> int:
                          excludes=args.exclude, one_file_system=args.one_file_system,
                          consistency=consistency_hooks(args),
                          allow_inconsistent=getattr(args, "allow_inconsistent", False), labels=labels,
-                         space_check=getattr(args, "space_check", None))
+                         space_check=getattr(args, "space_check", None), snapshot=args.snapshot,
+                         snapshot_size=args.snapshot_size, pre_freeze=args.pre_freeze, post_thaw=args.post_thaw)
     with open_safe(args) as safe:
         with progress(args, None, f"backing up {args.source}") as advance:
             res = backup(safe, args.source, opts, progress=advance)
@@ -81,6 +113,8 @@ def cmd_backup(args) -> int:
         st = p.stats
         for w in res.warnings:
             print(f"warning: {w['path']}: {w['message']}", file=sys.stderr)
+        for n in res.notes:
+            say(args, f"note: {n}")
         say(args, f"point {p.id[:12]} ({p.name}, {p.kind}): {st['files']} files, "
                   f"{human_bytes(st['bytes_read'])} read, {human_bytes(st['bytes_new'])} new, "
                   f"{human_bytes(st['bytes_stored'])} stored"

@@ -81,13 +81,36 @@ def cmd_points(args) -> int:
     if not pts:
         say(args, "no points")
         return EXIT_OK
-    say(args, f"{'ID':12}  {'TIME (UTC)':20}  {'NAME':16} {'KIND':6} {'SIZE':>10} {'NEW':>10} {'STORED':>10}  WARN")
+    say(args, f"{'ID':12}  {'TIME (UTC)':20}  {'NAME':16} {'KIND':6} {'SIZE':>10} {'NEW':>10} {'STORED':>10}  "
+              f"{'SNAPSHOT':8} WARN")
     for p in pts:
         st = p.stats
         say(args, f"{p.id[:12]}  {p.started[:19]:20}  {p.name[:16]:16} {p.kind:6} "
                   f"{human_bytes(p.size):>10} {human_bytes(st.get('bytes_new', 0)):>10} "
-                  f"{human_bytes(st.get('bytes_stored', 0)):>10}  {len(p.warnings)}")
+                  f"{human_bytes(st.get('bytes_stored', 0)):>10}  {snapshot_method(p):8} {len(p.warnings)}")
     return EXIT_OK
+
+
+def snapshot_method(p) -> str:
+    """How the point's source was frozen: the snapshot method, "none" (read live), or "-" for
+    a point from before snapshots were recorded."""
+    snap = p.snapshot if p.snapshot is not None else p.extra.get("snapshot")
+    if isinstance(snap, Mapping):
+        return str(snap.get("method", "?"))
+    return str(snap) if isinstance(snap, str) else "-"
+
+
+def snapshot_line(p) -> str:
+    """The ``show`` line for the point's snapshot."""
+    snap = p.snapshot if p.snapshot is not None else p.extra.get("snapshot")
+    if isinstance(snap, Mapping):
+        held = snap.get("held_s")
+        held_text = f", held {held:.3f} s" if isinstance(held, (int, float)) else ""
+        where = f", {snap['path']}" if isinstance(snap.get("path"), str) else ""
+        return f"{snap.get('method', '?')} taken {snap.get('taken_at', '?')}{held_text}{where}"
+    if snap == "none":
+        return "none (the live source was read: not a point in time)"
+    return "- (not recorded)"
 
 
 def cmd_show(args) -> int:
@@ -109,7 +132,7 @@ def cmd_show(args) -> int:
             ("size", human_bytes(p.size)), ("files", st.get("files")),
             ("unchanged files", st.get("files_unchanged")), ("read", human_bytes(st.get("bytes_read", 0))),
             ("new", human_bytes(st.get("bytes_new", 0))), ("stored", human_bytes(st.get("bytes_stored", 0))),
-            ("root", p.root.hex() if p.root else None)]
+            ("root", p.root.hex() if p.root else None), ("snapshot", snapshot_line(p))]
     for k, v in rows:
         say(args, f"{k:16} {v}")
     for name, info in (p.consistency or {}).items():

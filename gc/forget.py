@@ -48,6 +48,8 @@ class ForgetReport:
     objects_freed: int = 0          # objects that died (no remaining point reaches them)
     dead_bytes: int = 0             # their record bytes, reclaimable by gc
     decisions: list[dict] = field(default_factory=list)
+    snapshots_removed: list[str] = field(default_factory=list)   # btrfs snapshots no longer needed
+    snapshot_problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         """The report as a new dict (JSON-able)."""
@@ -102,6 +104,8 @@ def forget(safe: Safe, decisions: list[Decision], dry_run: bool = False,
             if drop:
                 _drop_points(safe, w, drop, r)
             r.objects_freed += drain(w, batch)   # cascade (and finish an interrupted forget)
+            if drop:
+                _forget_snapshots(safe, [d.point for d in decisions if not d.keep], r)
     except Exception as e:
         if is_disk_full(e, safe):
             done = (f"the {r.points_dropped} points are forgotten and what they alone held waits in "
@@ -111,6 +115,16 @@ def forget(safe: Safe, decisions: list[Decision], dry_run: bool = False,
     r.dead_bytes = _dead_bytes(safe) - dead_before
     keep_reserve(safe)
     return r
+
+
+def _forget_snapshots(safe: Safe, dropped: list, r: ForgetReport) -> None:
+    """Per source name of the dropped points, keep exactly one btrfs snapshot (the newest) while
+    points of it remain, none once its last point is gone (ingest/snapshot/retained.py)."""
+    try:
+        from pointsafe.ingest.snapshot.retained import after_forget
+    except ImportError:
+        return
+    r.snapshots_removed, r.snapshot_problems = after_forget(safe, dropped)
 
 
 def _dead_bytes(safe: Safe) -> int:

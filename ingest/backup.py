@@ -2,16 +2,24 @@
 
 Order of work, and what happens when something fails:
 
-1. check the source and the safe (bad input: one clear line, nothing written);
-2. run the pre-hook (failure: abort, no point) and start database consistency hooks
-   (failure: abort, no point, unless ``allow_inconsistent``);
-3. take the writer lock and read the source through the pipeline, against the previous point
-   of the same name for change detection;
-4. release the databases, graft the files they hand back (backup_label, WAL, SQLite copies);
-5. commit the point (one record naming the root) -- nothing before this is visible;
-6. run the post-hook, always.
+1. check the source and the safe (bad input: one clear line, nothing written); choose how the
+   source is snapshotted (``--snapshot``, see ingest/snapshot: a snapshot asked for by name
+   that cannot be taken fails here, ``auto`` falls back to reading live);
+2. run the pre-hook (failure: abort, no point); take the writer lock; remove what killed
+   backups of this source left (stale snapshots, clones, mounts);
+3. the freeze -- with a snapshot it lasts an instant: the --pre-freeze hook, every database
+   integration's ``start()`` (told ``snapshot_mode`` first), the snapshot, every
+   ``snapshot_taken()`` (locks released here), the --post-thaw hook (always, also when the
+   snapshot fails). Without a snapshot: --pre-freeze, ``start()``, and --post-thaw after step 4;
+4. read the snapshot (or the live source) through the pipeline, paths as in SOURCE, against the
+   previous point of the same name for change detection;
+5. ``files_read()``, graft the files the databases hand back (backup_label, WAL, SQLite copies);
+6. commit the point (one record naming the root) -- nothing before this is visible; keep the
+   btrfs snapshot as the next backup's base, remove every other snapshot, always (also on
+   failure or SIGTERM);
+7. run the post-hook, always.
 
-A failure after 3 leaves only unreferenced objects, which ``gc`` reclaims.
+A failure after 4 leaves only unreferenced objects, which ``gc`` reclaims.
 """
 
 from __future__ import annotations
@@ -32,7 +40,11 @@ from pointsafe.cas.pack import pack_name
 from pointsafe.cas.tree import DIR, REG
 
 from .chunking import Cutter, data_extents, is_zero
+from .db import covered_roots, is_covered_warning, walk_excludes
 from .pipeline import Pipeline
+from .snapshot import DEFAULT_COW_SIZE, Provider, Request, Taken
+from .snapshot import plan as plan_snapshot
+from .snapshot.btrfs import own_dirs
 from .volume import read_volume, volume_size
 from .walk import TreeWalker, WalkOptions
 
@@ -58,6 +70,10 @@ class BackupOptions:
     labels: dict = field(default_factory=dict)
     # Called by the writer before it appends (cas.store.Writer): ops' hard quota stops a backup.
     space_check: Callable[[Path, int], None] | None = None
+    snapshot: str = "auto"              # auto, btrfs, lvm, reflink, none (ingest/snapshot)
+    snapshot_size: str = DEFAULT_COW_SIZE   # LVM copy-on-write size (lvcreate -L SIZE / -l EXTENTS)
+    pre_freeze: str | None = None       # shell command run just before the freeze
+    post_thaw: str | None = None        # shell command run just after it (always)
 
 
 class Progress(Protocol):
@@ -78,9 +94,12 @@ class Progress(Protocol):
 
 @dataclass
 class BackupResult:
-    """The committed point and the warnings of the run (each a dict with ``path`` and ``message``)."""
+    """The committed point and the warnings of the run (each a dict with ``path`` and
+    ``message``); ``notes``: things worth saying that are not problems (why no snapshot was
+    taken under ``auto``, stale snapshots removed)."""
     point: Point
     warnings: list[dict]
+    notes: list[str] = field(default_factory=list)
 
 
 def default_name(source: Path) -> str:
@@ -182,9 +201,15 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
     if any(_is_control(c) for c in name):
         raise UsageError(f"bad point name {name!r}: it must not contain control characters")
     warnings: list[dict] = []
+    notes: list[str] = []
+    shown_as: list[tuple[str, str]] = []     # (read path, SOURCE path): warnings name SOURCE's paths
 
     def warn(p: bytes | str, message: str) -> None:
-        warnings.append({"path": os.fsdecode(p) if isinstance(p, bytes) else p, "message": message})
+        text = os.fsdecode(p) if isinstance(p, bytes) else p
+        for read, live in shown_as:
+            if text == read or text.startswith(read.rstrip("/") + "/"):
+                text = live + text[len(read):]
+        warnings.append({"path": text, "message": message})
 
     hook_env = {"POINTSAFE_SOURCE": os.path.abspath(source), "POINTSAFE_NAME": name,
                 "POINTSAFE_SAFE": str(safe.path)}
@@ -193,23 +218,46 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
         if opts.pre_hook:
             run_hook(opts.pre_hook, hook_env, "pre-hook")
         path, st, kind = check_source(safe, source, opts.volume)
+        provider, why_live = plan_snapshot(Request(opts.snapshot, path, st, kind, name, safe.config.safe_id,
+                                                   opts.snapshot_size, opts.one_file_system))
+        if why_live:
+            notes.append(f"no snapshot, reading {path} live: {why_live}")
         # Take the lock before touching databases, so that a busy safe fails fast.
-        with safe.writer(f"backup {name}", space_check=opts.space_check) as w:
+        with safe.writer(f"backup {name}", space_check=opts.space_check) as w, _sigterm_unwinds():
             check_packs_present(safe)
-            active = _start_consistency(opts, warn)
+            if provider is not None:
+                notes.extend(f"removed {x}, left by an interrupted backup" for x in provider.clear_stale())
+            freeze = _Freeze(opts, provider, warn, hook_env)
             try:
-                record, root, grafted = _read(safe, w, path, st, kind, name, started, opts, warn, progress, active)
+                freeze.begin()
+                if freeze.taken is not None:
+                    shown_as.append((str(freeze.taken.read_path), str(path)))
+                record, root, grafted = _read(safe, w, path, st, kind, name, started, opts, warn, progress, freeze)
                 # The point holds the integrations' consistent copies of these files: their read
                 # warnings (a live WAL segment or database file changing under the reader) no
                 # longer apply.
-                warnings[:] = [x for x in warnings if x.get("path") not in grafted]
+                # ... nor do read warnings in the directories a database integration covers (its
+                # recovery repairs them), and what the integrations found is said.
+                covered = covered_roots(freeze.active, path)
+                warnings[:] = [x for x in warnings if x.get("path") not in grafted and not is_covered_warning(x, covered)]
+                warnings += [{"path": c.name, "message": m} for c in freeze.active for m in getattr(c, "warnings", list)()]
                 point = commit_point(w, record, root, warnings)
-            finally:
-                for c in active:
+                if provider is not None:
                     try:
-                        c.close()
-                    except Exception as e:  # noqa: BLE001 - report, never mask the main error
-                        warn(c.name, f"closing the {c.name} connection failed: {e}")
+                        provider.keep()
+                    except SafeError as e:   # the point is committed: a warning on the run
+                        warnings.append({"path": str(path), "message": str(e)})
+            finally:
+                try:
+                    freeze.thaw("error")     # no-op when it already ran
+                finally:
+                    for c in freeze.active:
+                        try:
+                            c.close()
+                        except Exception as e:  # noqa: BLE001 - report, never mask the main error
+                            warn(c.name, f"closing the {c.name} connection failed: {e}")
+                    if provider is not None:
+                        _release(provider, warnings, path)
     except BaseException:
         if opts.post_hook:
             try:
@@ -224,7 +272,98 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
         except HookFailed as e:
             # The point is committed: a failing post-hook is a warning on the run, not an error.
             warnings.append({"path": "post-hook", "message": str(e)})
-    return BackupResult(point, warnings)
+    return BackupResult(point, warnings, notes)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a backup called as a library (the CLI has its own): unwind, clean up."""
+
+
+class _sigterm_unwinds:
+    """While a backup runs in the main thread and nobody handles SIGTERM, SIGTERM unwinds the
+    backup (so that snapshots are removed and unmounted) instead of killing the process."""
+
+    def __enter__(self) -> None:
+        import threading
+        self.old = None
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            def on_term(signum, frame):
+                raise Terminated()
+            self.old = signal.signal(signal.SIGTERM, on_term)
+
+    def __exit__(self, *exc) -> None:
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
+
+
+def _release(provider: Provider, warnings: list[dict], path: Path) -> None:
+    """Remove whatever the snapshot left (never masks the backup's own error)."""
+    try:
+        provider.release()
+    except SafeError as e:
+        warnings.append({"path": str(path), "message": str(e)})
+
+
+class _Freeze:
+    """The freeze around the snapshot (see the module's docstring, step 3): hooks, database
+    integrations, the snapshot. ``held_s`` is how long it was held, from the --pre-freeze hook to
+    the end of the --post-thaw hook."""
+
+    def __init__(self, opts: BackupOptions, provider: Provider | None, warn, env: dict):
+        self.opts, self.provider, self.warn, self.env = opts, provider, warn, env
+        self.active: list = []
+        self.taken: Taken | None = None
+        self.held_s: float | None = None
+        self.t0: float | None = None
+        self.thawed = False
+
+    def begin(self) -> None:
+        """Freeze; with a snapshot, take it and thaw at once."""
+        self.t0 = time.monotonic()
+        if self.opts.pre_freeze:
+            run_hook(self.opts.pre_freeze, self.env, "pre-freeze hook")
+        if self.provider is not None:
+            for c in self.opts.consistency:
+                c.snapshot_mode = True
+        self.active = _start_consistency(self.opts, self.warn)
+        if self.provider is None:
+            return
+        try:
+            self.taken = self.provider.take()
+            for c in self.active:
+                taken = getattr(c, "snapshot_taken", None)
+                if taken is not None:
+                    taken()
+        finally:
+            self.thaw("ok" if self.taken is not None else "error")
+
+    def thaw(self, status: str) -> None:
+        """Run the --post-thaw hook, once (also after a failed freeze); its failure is a
+        warning on the point unless the backup is failing anyway."""
+        if self.thawed or self.t0 is None:
+            return
+        self.thawed = True
+        try:
+            if self.opts.post_thaw:
+                env = {**self.env, "POINTSAFE_STATUS": status,
+                       "POINTSAFE_SNAPSHOT": self.taken.method if self.taken else "none"}
+                try:
+                    run_hook(self.opts.post_thaw, env, "post-thaw hook")
+                except HookFailed as e:
+                    if status == "ok":
+                        self.warn("post-thaw hook", str(e))
+        finally:
+            self.held_s = time.monotonic() - self.t0
+
+    def record(self) -> dict | str:
+        """What the point records under ``snapshot``."""
+        t = self.taken
+        if t is None:
+            return "none"
+        out: dict = {"method": t.method, "taken_at": t.taken_at, "held_s": round(self.held_s or 0.0, 4)}
+        if t.kept:
+            out["path"] = t.kept
+        return out
 
 
 def _start_consistency(opts: BackupOptions, warn) -> list:
@@ -297,8 +436,11 @@ def estimate(prev: Point | None, path: Path, st: os.stat_result, kind: str, bloc
 
 
 def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: str,
-                     opts: BackupOptions, warn, progress, active: list) -> tuple[dict, bytes | None, set[str]]:
+          opts: BackupOptions, warn, progress, freeze: _Freeze) -> tuple[dict, bytes | None, set[str]]:
     cfg = safe.config
+    active = freeze.active
+    taken = freeze.taken
+    read_path = taken.read_path if taken is not None else path
     prev = previous_point(safe, name, kind)
     progress, set_total = _progress_of(progress)
     set_total(*estimate(prev, path, st, kind, cfg.block_size))
@@ -313,12 +455,15 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
         if kind == "tree":
             cutter = Cutter(None, cfg.chunk_min, cfg.chunk_avg, cfg.chunk_max)
             sst = os.stat(safe.path)
-            wo = WalkOptions(one_file_system=opts.one_file_system, excludes=list(opts.excludes),
-                             skip={(sst.st_dev, sst.st_ino)})
+            # Never entered: the safe, and pointsafe's own snapshots (live dev, ino: a snapshot's
+            # device is mapped to the live one).
+            wo = WalkOptions(one_file_system=opts.one_file_system, excludes=list(opts.excludes) + walk_excludes(active),
+                             skip={(sst.st_dev, sst.st_ino)} | own_dirs(path),
+                             dev_map=dict(taken.dev_map) if taken is not None else {})
             walker = TreeWalker(safe, pipe, cutter, wo, warn, progress)
             prev_root = prev.root if prev else None
             try:
-                root_entry = walker.walk_root(os.fsencode(str(path)), prev_root)
+                root_entry = walker.walk_root(os.fsencode(str(read_path)), prev_root)
             finally:
                 walker.close()
             root, _ = pipe.finish()
@@ -326,14 +471,14 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
                                    "mtime_ns": root_entry.mtime_ns, "atime_ns": root_entry.atime_ns,
                                    "xattrs": [[n.hex(), v.hex()] for n, v in root_entry.xattrs]}
         else:
-            sig = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+            sig = _source_stat(st, taken)
             if (prev and stat.S_ISREG(st.st_mode) and prev.extra.get("source_stat") == tuple(sig)):
                 pipe.finish()
                 root, size = prev.root, prev.size
                 pipe.stats.size = size
                 pipe.stats.files_unchanged = 1
             else:
-                size = read_volume(str(path), pipe, cfg.block_size, warn, progress)
+                size = read_volume(str(read_path), pipe, cfg.block_size, warn, progress, name=path.name)
                 root, _ = pipe.finish()
             record["size"] = size
             record["block_size"] = cfg.block_size
@@ -344,6 +489,7 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
         raise
     for c in active:
         c.files_read()
+    freeze.thaw("ok")   # without a snapshot the freeze lasted the whole read (with one: done already)
     grafted: set[str] = set()
     if kind == "tree" and active:
         for c in active:
@@ -355,11 +501,24 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
         record["size"] = pipe.stats.size
     if active:
         record["consistency"] = {c.name: c.info() for c in active}
+    record["snapshot"] = freeze.record()
     record["finished"] = utc_now_iso()
     stats = pipe.stats.as_dict()
     record["stats"] = stats
     record["labels"] = dict(opts.labels)
     return record, root, grafted
+
+
+def _source_stat(st: os.stat_result, taken: Taken | None) -> list[int]:
+    """What volume change detection compares: the live file's (device, inode, size, mtime,
+    ctime) -- a reflink clone's stat is the live file's at the clone, a btrfs snapshot's file
+    is the live inode with the snapshot's device mapped back."""
+    if taken is not None and taken.live_stat is not None:
+        st = taken.live_stat
+    elif taken is not None and stat.S_ISREG(st.st_mode):
+        s2 = os.stat(taken.read_path)
+        return [taken.dev_map.get(s2.st_dev, s2.st_dev), s2.st_ino, s2.st_size, s2.st_mtime_ns, s2.st_ctime_ns]
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def commit_point(w: Writer, record: dict, root: bytes | None, warnings: list[dict]) -> Point:

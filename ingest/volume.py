@@ -30,15 +30,16 @@ def volume_size(fd: int) -> int:
 
 
 def read_volume(path: str, pipe: Pipeline, block: int, warn: Callable[[bytes, str], None],
-                progress: Callable[[int], None] | None = None) -> int:
-    """Feed the volume at ``path`` into ``pipe`` as one blob; return its size."""
+                progress: Callable[[int], None] | None = None, name: str | None = None) -> int:
+    """Feed the volume at ``path`` into ``pipe`` as one blob named ``name`` (default: the
+    base name of ``path``; a snapshot or clone is read under the source's name); return its size."""
     progress = progress or (lambda n: None)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = volume_size(fd)
         st0 = os.fstat(fd)
         is_file = stat.S_ISREG(st0.st_mode)
-        pipe.file(Entry(name=os.fsencode(os.path.basename(path)), type=REG))
+        pipe.file(Entry(name=os.fsencode(name if name is not None else os.path.basename(path)), type=REG))
         pos = 0
         bad: list[tuple[int, int]] = []
         extents = data_extents(fd, size) if is_file else iter([(0, size)])

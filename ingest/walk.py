@@ -34,6 +34,7 @@ from pointsafe.cas import Entry, Safe, read_tree
 from pointsafe.cas.tree import DIR, LNK, REG, type_of_mode
 
 from .chunking import Cutter
+from .db.detect import live_database
 from .pipeline import Pipeline
 
 CHANGE_RETRIES = 3
@@ -44,6 +45,7 @@ MAX_DIR_FDS = 64             # directory descriptors open at once (the deepest l
 PROGRESS_BYTES = 4 * 1024 * 1024   # progress is reported in steps of this many bytes ...
 PROGRESS_FILES = 256               # ... or of this many files, whichever comes first
 PATH_MAX = 4096
+EMPTY_SUBVOL_INO = 2         # btrfs: a subvolume nested in a snapshot shows as an empty directory of this inode
 VANISHED = "vanished during the backup"
 MOVED = "moved or removed during the backup; what had not been read below it is not in the point"
 
@@ -65,6 +67,10 @@ class WalkOptions:
     one_file_system: bool = False
     excludes: list[str] = field(default_factory=list)   # fnmatch patterns on names and relative paths
     skip: set[tuple[int, int]] = field(default_factory=set)  # (dev, ino) of dirs never entered (the safe)
+    # Reading a snapshot: its device number -> the live source's. Inode numbers, sizes and times
+    # in a snapshot are the original's, so with the device mapped an unchanged file is seen as
+    # unchanged (not read again) and the point's entries are the same as from the live source.
+    dev_map: dict[int, int] = field(default_factory=dict)
 
 
 def open_at(dir_fd: int | None, name: bytes, flags: int) -> int:
@@ -116,11 +122,13 @@ def stat_listed(dir_fd: int, names: list[bytes], warn: Callable[[bytes, str], No
     return out
 
 
-def entry_from_stat(name: bytes, st: os.stat_result) -> Entry:
-    """The tree entry describing ``st`` (no content, target or xattrs yet)."""
+def entry_from_stat(name: bytes, st: os.stat_result, dev_map: dict[int, int] | None = None) -> Entry:
+    """The tree entry describing ``st`` (no content, target or xattrs yet); its device number
+    translated through ``dev_map`` (a snapshot's device -> the live source's) when given."""
     return Entry(name=name, type=type_of_mode(st.st_mode) or REG, mode=stat.S_IMODE(st.st_mode),
                  uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns, atime_ns=st.st_atime_ns,
-                 ctime_ns=st.st_ctime_ns, size=st.st_size, dev=st.st_dev, ino=st.st_ino,
+                 ctime_ns=st.st_ctime_ns, size=st.st_size,
+                 dev=dev_map.get(st.st_dev, st.st_dev) if dev_map else st.st_dev, ino=st.st_ino,
                  nlink=st.st_nlink,
                  rdev=st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0)
 
@@ -218,7 +226,7 @@ class TreeWalker:
         st = os.lstat(path)
         self.root_dev = st.st_dev
         self.top = path
-        root = entry_from_stat(b"", st)
+        root = entry_from_stat(b"", st, self.opts.dev_map)
         try:
             fd = open_at(None, path, _DIR_FLAGS)
         except OSError as e:
@@ -260,7 +268,7 @@ class TreeWalker:
         while d.j < limit:
             jn, jst, jp = items[d.j]
             if (stat.S_ISREG(jst.st_mode) and 0 < jst.st_size <= PREFETCH_MAX and jst.st_nlink == 1
-                    and not _unchanged(jp, jst)):
+                    and not _unchanged(jp, jst, self.opts.dev_map)):
                 d.ahead[jn] = self.readers.submit(_read_small, _fd(d), jn)
             elif stat.S_ISDIR(jst.st_mode) and jp is not None and jp.type == DIR and jp.ref is not None:
                 # The previous point's subdirectories are read ahead too: on a cold cache,
@@ -269,7 +277,7 @@ class TreeWalker:
             d.j += 1
 
     def _one(self, d: _Dir, name: bytes, st: os.stat_result, p: Entry | None) -> None:
-        e = entry_from_stat(name, st)
+        e = entry_from_stat(name, st, self.opts.dev_map)
         if e.type == REG:
             self._file(d, e, p, d.ahead.pop(name, None))
         elif e.type == DIR:
@@ -284,9 +292,13 @@ class TreeWalker:
     # -- directories --------------------------------------------------------------------
 
     def _dir(self, d: _Dir, e: Entry, st: os.stat_result, p: Entry | None) -> None:
-        if (st.st_dev, st.st_ino) in self.opts.skip:
+        if (e.dev, st.st_ino) in self.opts.skip:
             return
-        if self.opts.one_file_system and st.st_dev != self.root_dev:
+        nested = self._nested_in_snapshot(st)
+        if nested and not self.opts.one_file_system:
+            self._warn_at(e.name, "a btrfs subvolume nested in the source: a snapshot does not hold it, "
+                                  "stored as an empty directory (back it up as a source of its own)")
+        if nested or self.opts.one_file_system and st.st_dev != self.root_dev:
             e.xattrs = self._xattrs_at(d, e, p)
             self.pipe.opendir(e)
             self.pipe.closedir()
@@ -304,7 +316,7 @@ class TreeWalker:
         try:
             fst = os.fstat(fd)
             if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):   # replaced since it was listed
-                e = entry_from_stat(e.name, fst)
+                e = entry_from_stat(e.name, fst, self.opts.dev_map)
             e.xattrs = (p.xattrs if _same_inode(p, e)
                         else read_xattrs(fd, lambda m: self._warn_at(e.name, m)))
         except BaseException:
@@ -317,6 +329,11 @@ class TreeWalker:
         self._bound_fds()
         self._fill(child, d.sub_prev.pop(e.name, None))
 
+    def _nested_in_snapshot(self, st: os.stat_result) -> bool:
+        """True for the empty stand-in a btrfs snapshot shows for a subvolume nested in it
+        (inode 2 on another device) when reading a snapshot."""
+        return bool(self.opts.dev_map) and st.st_ino == EMPTY_SUBVOL_INO and st.st_dev not in self.opts.dev_map
+
     def _fill(self, d: _Dir, prev_tree: bytes | Future | None) -> None:
         """List and stat the (new, top) directory ``d``."""
         prev = self._prev_entries(prev_tree)
@@ -325,6 +342,9 @@ class TreeWalker:
         except OSError as e:
             self._warn_at(None, f"cannot read directory: {e.strerror}; stored as empty")
             return
+        live = live_database(names, self._path)   # a running database's data directory?
+        if live is not None:
+            self._warn_at(None, live.message())
         if self.opts.excludes:
             names = [n for n in names if not self._excluded(os.path.join(d.rel, n) if d.rel else n, n)]
         d.items = [(n, st, prev.get(n)) for n, st in stat_listed(_fd(d), names, self._warn_at)]
@@ -557,10 +577,11 @@ def _same_inode(prev: Entry | None, e: Entry) -> TypeGuard[Entry]:
     return prev is not None and prev.type == e.type and (prev.dev, prev.ino, prev.ctime_ns) == (e.dev, e.ino, e.ctime_ns)
 
 
-def _unchanged(prev: Entry | None, st: os.stat_result) -> bool:
+def _unchanged(prev: Entry | None, st: os.stat_result, dev_map: dict[int, int] | None = None) -> bool:
+    dev = dev_map.get(st.st_dev, st.st_dev) if dev_map else st.st_dev
     return (prev is not None and prev.type == REG and
             (prev.dev, prev.ino, prev.size, prev.mtime_ns, prev.ctime_ns)
-            == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            == (dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
 
 
 def _open_checked(dir_fd: int, name: bytes, want: _Dir) -> int | None:

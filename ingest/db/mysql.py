@@ -16,6 +16,16 @@ is the lock released. MyISAM and Aria tables are flushed and closed by the lock 
 The binary-log position (and GTID position) under the lock is recorded: it is where a replica
 or a point-in-time recovery from the binary logs starts.
 
+The settings lowered for the flush are global: a guardian process puts them back should the
+backup be killed, and the next backup of the server repairs what a killed backup and guardian
+left (guardian.py).
+
+**With a snapshot** (``snapshot_mode``): the snapshot holds every file as of one instant, which
+InnoDB's crash recovery starts from, and MyISAM/Aria tables are closed by the lock. So
+``start()`` takes FLUSH TABLES WITH READ LOCK and records the binary-log position, and
+``snapshot_taken()`` releases the lock: it is held for the snapshot only. No server setting is
+changed, InnoDB is not waited for, and nothing is copied again.
+
 Costs, measured in docs/BENCHMARKS.md: the lock is held for the flush, the wait for rest, and
 the reading of the source; writers stall for that long.
 """
@@ -33,6 +43,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from pointsafe.cas import UsageError
 
 from . import relative_to_source
+from . import guardian as guard
 from .errors import ConsistencyError, one_line
 
 LOCK_TIMEOUT = 30.0      # seconds FLUSH TABLES WITH READ LOCK may wait (lock_wait_timeout)
@@ -109,12 +120,18 @@ class MySQL:
         self.lock_timeout = self.opts.pop("lock_timeout")
         self.source = source
         self.rest_timeout = rest_timeout
+        self.snapshot_mode = False
         self.con: Any = None    # a PyMySQL connection (the driver is optional and untyped)
         self._locked_at: float | None = None
         self._saved_flushing: dict[str, Any] | None = None
         self._tmpdir: str | None = None
         self._extra: list[tuple[str, bytes | str]] = []
         self._info: dict = {}
+        self._warnings: list[str] = []
+        self._guardian: guard.Guardian | None = None
+        self._datadir: str | None = None
+        self._rel = ""
+        self._innodb_dirs: list[str] = []
 
     # ------------------------------------------------------------------ protocol
 
@@ -134,28 +151,55 @@ class MySQL:
         self._innodb_dirs = sorted({os.path.normpath(os.path.join(datadir, d)) for d in dirs if d})
         for d in self._innodb_dirs:
             relative_to_source(d, self.source, f"mysql {self.dsn}: InnoDB directory")
-        self._info = {"server": version, "datadir": self._rel}
+        self._info = {"server": version, "datadir": self._rel,
+                      "mode": "snapshot" if self.snapshot_mode else "live"}
+        self._repair_left(c)
 
-        # Before the lock: close tables and flush most dirty pages while writers still run, so
-        # that the lock is held for as short a time as possible.
+        # Before the lock: close tables (and, reading live, flush most dirty pages) while
+        # writers still run, so that the lock is held for as short a time as possible.
         c.execute(f"SET SESSION lock_wait_timeout = {max(1, int(round(self.lock_timeout)))}")
         self._run(c, "FLUSH NO_WRITE_TO_BINLOG TABLES", "flush tables", timeout_ok=True)
-        self._lower_dirty_pct(c)
-        t0 = time.monotonic()
-        self._preflush(c)
-        self._info["preflush_seconds"] = round(time.monotonic() - t0, 4)
+        if not self.snapshot_mode:
+            self._lower_dirty_pct(c)
+            t0 = time.monotonic()
+            self._preflush(c)
+            self._info["preflush_seconds"] = round(time.monotonic() - t0, 4)
 
         t0 = time.monotonic()
         self._run(c, "FLUSH TABLES WITH READ LOCK", "FLUSH TABLES WITH READ LOCK")
         self._locked_at = time.monotonic()
         self._info["lock_wait_seconds"] = round(self._locked_at - t0, 4)
         self._info.update(self._binlog_position(c))
-        self._info["lsn"] = self._rest(c)
-        self._info["rest_seconds"] = round(time.monotonic() - self._locked_at, 4)
+        if not self.snapshot_mode:
+            self._info["lsn"] = self._rest(c)
+            self._info["rest_seconds"] = round(time.monotonic() - self._locked_at, 4)
+
+    def _repair_left(self, c) -> None:
+        """Put back what killed backups of this server left changed (guardian.py); say so."""
+        try:
+            self._warnings = guard.repair_left(c, self._datadir or "")
+        except Exception as e:
+            self._warnings = [f"could not check for settings left changed by a killed backup: {one_line(e)}"]
+        if self._warnings:
+            self._info["repaired_settings"] = list(self._warnings)
+
+    def snapshot_taken(self) -> None:
+        """See ``Consistency.snapshot_taken``: UNLOCK TABLES (the lock was held for the
+        snapshot only; ``lock_held_seconds`` in ``info``)."""
+        if self.con is None or self._locked_at is None:
+            return
+        try:
+            self._unlock(self.con.cursor())
+        except Exception as e:
+            raise ConsistencyError(f"mysql {self.dsn}: lost the server while holding the lock for the "
+                                   f"snapshot: {one_line(e)}") from None
 
     def files_read(self) -> None:
         """See ``Consistency.files_read``."""
         if self.con is None or self._locked_at is None:
+            return
+        if self.snapshot_mode:   # snapshot_taken() was not called: the lock ends here at the latest
+            self.snapshot_taken()
             return
         try:
             c = self.con.cursor()
@@ -183,6 +227,26 @@ class MySQL:
         """See ``Consistency.extra_files``."""
         return list(self._extra)
 
+    def covered_paths(self) -> list[str]:
+        """See ``Consistency.covered_paths``: the data directory and the InnoDB directories."""
+        if self._datadir is None:
+            return []
+        out = [self._rel]
+        for d in self._innodb_dirs:
+            try:
+                out.append(relative_to_source(d, self.source, "mysql"))
+            except ConsistencyError:
+                pass
+        return sorted(set(out))
+
+    def excludes(self) -> list[str]:
+        """See ``Consistency.excludes``: none."""
+        return []
+
+    def warnings(self) -> list[str]:
+        """See ``Consistency.warnings``: settings put back that killed backups had left."""
+        return list(self._warnings)
+
     def info(self) -> dict:
         """See ``Consistency.info`` (a copy)."""
         return dict(self._info)
@@ -207,7 +271,7 @@ class MySQL:
             try:
                 self._restore_dirty_pct(self._connect().cursor())
             except Exception:
-                pass
+                pass   # the guardian puts them back when this process ends
             finally:
                 if self.con is not None:
                     self.con.close()
@@ -289,29 +353,50 @@ class MySQL:
         innodb_io_capacity pages a second (default 200, 3 MB/s: half a minute for 100 MB of
         freshly loaded rows), so that is raised too. All three are put back by close().
         """
-        names = ("innodb_max_dirty_pages_pct", "innodb_io_capacity_max", "innodb_io_capacity")
+        names = guard.SETTINGS
         try:
             c.execute("SELECT " + ", ".join(f"@@GLOBAL.{n}" for n in names))
-            self._saved_flushing = dict(zip(names, c.fetchone()))
+            current = dict(zip(names, c.fetchone()))
+            # Another backup of this server running now has lowered them: its originals are ours.
+            saved = guard.running_originals(self._datadir or "") or current
+            applied = {"innodb_max_dirty_pages_pct": 0,
+                       "innodb_io_capacity_max": max(int(saved["innodb_io_capacity_max"]), FLUSH_IO_CAPACITY),
+                       "innodb_io_capacity": max(int(saved["innodb_io_capacity"]), FLUSH_IO_CAPACITY)}
+            self._arm_guardian(c, {k: _jsonable(v) for k, v in saved.items()}, applied)
+            self._saved_flushing = saved
             c.execute("SET GLOBAL innodb_max_dirty_pages_pct = 0")
+        except ConsistencyError:
+            raise
         except Exception as e:
             self._saved_flushing = None
             raise ConsistencyError(f"mysql {self.dsn}: cannot make InnoDB flush its pages "
                                    f"(needs SUPER or SYSTEM_VARIABLES_ADMIN): {one_line(e)}") from None
         try:
-            cap_max = max(int(self._saved_flushing["innodb_io_capacity_max"]), FLUSH_IO_CAPACITY)
-            c.execute(f"SET GLOBAL innodb_io_capacity_max = {cap_max}")
-            capacity = max(int(self._saved_flushing["innodb_io_capacity"]), FLUSH_IO_CAPACITY)
-            c.execute(f"SET GLOBAL innodb_io_capacity = {capacity}")
+            c.execute(f"SET GLOBAL innodb_io_capacity_max = {applied['innodb_io_capacity_max']}")
+            c.execute(f"SET GLOBAL innodb_io_capacity = {applied['innodb_io_capacity']}")
         except Exception:
             pass  # slower, still correct
 
+    def _arm_guardian(self, c, saved: dict, applied: dict) -> None:
+        """Start the guardian and write the state file (guardian.py) before any change."""
+        assert self._datadir is not None, "after _layout"
+        try:
+            self._guardian = guard.Guardian.arm(dict(self.opts), self._datadir, self.dsn, saved, applied,
+                                                guard.server_started(c))
+        except OSError as e:
+            raise ConsistencyError(f"mysql {self.dsn}: cannot start the process that puts InnoDB's "
+                                   f"settings back should the backup be killed: {e}") from None
+
     def _restore_dirty_pct(self, c) -> None:
-        saved, self._saved_flushing = self._saved_flushing, None
+        saved = self._saved_flushing
         if saved:
             c.execute(f"SET GLOBAL innodb_io_capacity = {int(saved['innodb_io_capacity'])}")
             c.execute(f"SET GLOBAL innodb_io_capacity_max = {int(saved['innodb_io_capacity_max'])}")
             c.execute(f"SET GLOBAL innodb_max_dirty_pages_pct = {float(saved['innodb_max_dirty_pages_pct'])}")
+            self._saved_flushing = None
+        if self._guardian is not None and self._saved_flushing is None:
+            self._guardian.disarm()
+            self._guardian = None
 
     def _preflush(self, c) -> None:
         """Before the lock, while writers run: let the page cleaner bring the dirty pages down,
@@ -369,7 +454,7 @@ class MySQL:
     def _innodb_files(self) -> list[str]:
         """Every InnoDB file under the data directory and the InnoDB directories."""
         found: set[str] = set()
-        for top in {os.path.realpath(self._datadir), *self._innodb_dirs}:
+        for top in {os.path.realpath(str(self._datadir)), *self._innodb_dirs}:
             for dirpath, _dirnames, filenames in os.walk(top):
                 for f in filenames:
                     if any(fnmatch.fnmatch(f, p) for p in INNODB_PATTERNS):
@@ -394,3 +479,11 @@ class MySQL:
             self._info["lock_held_seconds"] = round(time.monotonic() - self._locked_at, 4)
             self._locked_at = None
         self._restore_dirty_pct(c)
+
+
+def _jsonable(v: Any) -> Any:
+    """A server value (Decimal, int, str) as JSON can hold it."""
+    try:
+        return int(v) if float(v) == int(float(v)) else float(v)
+    except (TypeError, ValueError):
+        return str(v)

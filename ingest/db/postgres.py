@@ -10,7 +10,16 @@ restored copy, which makes the server start recovery from the backup's checkpoin
 
 ``files_read()`` stops backup mode and copies the WAL segments from the start to the stop LSN out
 of pg_wal at once (the server may recycle them soon); ``extra_files()`` grafts them, backup_label
-and tablespace_map over what the tree read. A temporary physical replication slot, when the role
+and tablespace_map over what the tree read. The live pg_wal's segments are left out of the walk
+(``excludes``): the point holds exactly the segments from the start to the stop LSN, not every
+segment the server happened to keep (timeline history files and archive_status/ are kept).
+
+With a snapshot (``snapshot_mode``), backup mode brackets the snapshot instead of the read:
+``snapshot_taken()`` stops it and copies that WAL, and the snapshot is read afterwards.
+
+Files of the data directory (and of tablespaces inside SOURCE) that change while they are read
+are expected in backup mode -- the full-page images in the WAL repair them -- so no "changed
+while being read" warning is given for them (``covered_paths``). A temporary physical replication slot, when the role
 may create one, keeps the server from removing that WAL during a long backup.
 
 Restoring (docs/RESTORE.md): copy the data directory out, remove postmaster.pid (it names the
@@ -74,6 +83,9 @@ class Postgres:
         self._info: dict = {}
         self._t0 = 0.0
         self._slot: str | None = None
+        self.snapshot_mode = False
+        self._rel: str | None = None
+        self._tablespaces: list[str] = []
 
     @property
     def _what(self) -> str:
@@ -104,6 +116,7 @@ class Postgres:
             self._seg_size *= 8192
         self._datadir = datadir
         self._rel = relative_to_source(datadir, self.source, f"{self._what}: data directory")
+        self._tablespaces = self._tablespaces_inside(cur)
         self._reserve_wal(cur)
         label = "pointsafe " + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self._t0 = time.monotonic()
@@ -116,10 +129,49 @@ class Postgres:
             raise ConsistencyError(f"{self._what}: cannot enter backup mode: {one_line(e)}") from None
         self._in_backup = True
         self._info = {"server_version": version, "datadir": self._rel, "label": label, "start_lsn": lsn,
-                      "wal_segment_size": self._seg_size, "wal_held_by_slot": self._slot is not None}
+                      "wal_segment_size": self._seg_size, "wal_held_by_slot": self._slot is not None,
+                      "mode": "snapshot" if self.snapshot_mode else "live"}
+
+    def snapshot_taken(self) -> None:
+        """See ``Consistency.snapshot_taken``: leave backup mode, copy the WAL it needs."""
+        self._stop()
 
     def files_read(self) -> None:
-        """See ``Consistency.files_read``."""
+        """See ``Consistency.files_read`` (with a snapshot, backup mode has ended already)."""
+        self._stop()
+
+    def covered_paths(self) -> list[str]:
+        """See ``Consistency.covered_paths``: the data directory, the tablespaces in SOURCE."""
+        return [] if self._rel is None else [self._rel, *self._tablespaces]
+
+    def excludes(self) -> list[str]:
+        """See ``Consistency.excludes``: the live WAL segments (``extra_files`` has the ones
+        from the start to the stop LSN)."""
+        if self._rel is None:
+            return []
+        prefix = self._rel + "/" if self._rel else ""
+        return [prefix + "pg_wal/" + "[0-9A-F]" * 24]
+
+    def warnings(self) -> list[str]:
+        """See ``Consistency.warnings``: none."""
+        return []
+
+    def _tablespaces_inside(self, cur) -> list[str]:
+        """The tablespace directories inside SOURCE, relative to it."""
+        try:
+            rows = cur.execute("SELECT pg_tablespace_location(oid) FROM pg_tablespace "
+                               "WHERE spcname NOT IN ('pg_default', 'pg_global')").fetchall()
+        except Exception:
+            return []
+        out = []
+        for (loc,) in rows:
+            try:
+                out.append(relative_to_source(loc, self.source, self._what))
+            except ConsistencyError:
+                pass   # outside SOURCE: not in the point at all
+        return out
+
+    def _stop(self) -> None:
         if not self._in_backup:
             return
         assert self.con is not None, "in backup mode only while connected"

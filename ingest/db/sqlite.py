@@ -14,6 +14,11 @@ timeout decides whether the lock can be had) and copies it, inside that transact
   hot journal would otherwise be "rolled back" into the copy).
 
 The point holds the database as of ``start()``.
+
+Inside a snapshot (``snapshot_mode``) no copy is made: the snapshot holds the database file and
+its journal or WAL as of one instant, a crash-consistent image that SQLite recovers from when
+it opens it (rolling back a hot journal, replaying the WAL). ``start()`` then only checks that
+the file is inside SOURCE and records that the snapshot is the copy.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class SQLite:
         self._copy: str | None = None
         self._rel = ""
         self._info: dict = {}
+        self._mode = ""
+        self.snapshot_mode = False
 
     def start(self) -> None:
         """See ``Consistency.start``; on failure ``close`` has already run."""
@@ -58,6 +65,10 @@ class SQLite:
         if not os.path.isfile(self.path):
             raise ConsistencyError(f"{what}: no such database file")
         self._rel = relative_to_source(self.path, self.source, what)
+        if self.snapshot_mode:
+            self._info = {"path": self._rel, "copy": "snapshot",
+                          "bytes": os.path.getsize(self.path)}
+            return
         try:
             src = sqlite3.connect(self.path, timeout=self.lock_timeout, isolation_level=None)
         except sqlite3.Error as e:
@@ -98,9 +109,24 @@ class SQLite:
         }
         self._mode = mode
 
+    def snapshot_taken(self) -> None:
+        """See ``Consistency.snapshot_taken``: nothing is held."""
+
     def files_read(self) -> None:
         """See ``Consistency.files_read``."""
         pass  # the copy was taken in start(); nothing is held
+
+    def covered_paths(self) -> list[str]:
+        """See ``Consistency.covered_paths``: none (the copy replaces the file in the point)."""
+        return []
+
+    def excludes(self) -> list[str]:
+        """See ``Consistency.excludes``: none."""
+        return []
+
+    def warnings(self) -> list[str]:
+        """See ``Consistency.warnings``: none."""
+        return []
 
     def extra_files(self) -> list[tuple[str, bytes | str]]:
         """See ``Consistency.extra_files``."""
