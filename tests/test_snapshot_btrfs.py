@@ -387,28 +387,55 @@ def test_sigterm_during_backup_removes_its_snapshot(tmp_path, safe_dir):
         assert len(json.loads(run_cli("points", "--json", safe=safe_dir, check=True).out)) == 1
 
 
+def _signal_while_reading(safe_dir: Path, vol: Path, sig: int) -> subprocess.Popen:
+    """Send ``sig`` to a CLI backup of ``vol`` once its snapshot is taken and it is reading."""
+    cmd = [sys.executable, "-m", "pointsafe.cli", "--safe", str(safe_dir), "backup", str(vol),
+           "--snapshot", "btrfs", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not any(n.endswith(".partial") for n in snaps(vol)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    time.sleep(0.3)   # into the read
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the backup finished before the signal arrived")
+    return proc
+
+
+def _big(vol: Path) -> None:
+    with open(vol / "big", "wb") as f:
+        for _ in range(40):
+            f.write(os.urandom(8 << 20))      # 320 MiB: reading it takes a while
+
+
 def test_sigterm_while_reading_a_snapshot_removes_it(tmp_path, safe_dir):
     with btrfs_volume(tmp_path, size="1G") as mnt:
         vol = make_subvolume(mnt, "data")
-        with open(vol / "big", "wb") as f:
-            for _ in range(40):
-                f.write(os.urandom(8 << 20))      # 320 MiB: reading it takes a while
-        cmd = [sys.executable, "-m", "pointsafe.cli", "--safe", str(safe_dir), "backup", str(vol),
-               "--snapshot", "btrfs", "-q"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
-        while not any(n.endswith(".partial") for n in snaps(vol)):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
-        time.sleep(0.3)   # into the read
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-        if proc.returncode == 0:
-            pytest.skip("the backup finished before SIGTERM arrived")
-        assert proc.returncode == 130, err
+        _big(vol)
+        proc = _signal_while_reading(safe_dir, vol, signal.SIGTERM)
+        assert proc.returncode == 130
         assert snaps(vol) == []
         assert json.loads(run_cli("points", "--json", safe=safe_dir, check=True).out) == []
+
+
+def test_sigkill_while_reading_then_the_next_backup_removes_the_stale_snapshot(tmp_path, safe_dir):
+    with btrfs_volume(tmp_path, size="1G") as mnt:
+        vol = make_subvolume(mnt, "data")
+        _big(vol)
+        (vol / "small").write_text("s")
+        before = tree_snapshot(vol)
+        proc = _signal_while_reading(safe_dir, vol, signal.SIGKILL)
+        assert proc.returncode == -signal.SIGKILL
+        stale = snaps(vol)
+        assert len(stale) == 1 and stale[0].endswith(".partial")
+        p = cli_backup(safe_dir, vol, "--snapshot", "btrfs", "--exclude", "big")
+        assert snaps(vol) == [Path(p["snapshot"]["path"]).name]
+        after = {k: v for k, v in tree_snapshot(vol).items() if not k.startswith(SNAPDIR.encode())}
+        # nothing of the source touched (but its top directory, which holds .pointsafe-snapshots now)
+        assert_trees_equal(before, after, check_root=False)
 
 
 def test_disk_image_on_btrfs_is_read_from_a_snapshot_and_change_detection_holds(tmp_path, safe_dir):
