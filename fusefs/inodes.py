@@ -5,8 +5,9 @@ file ``hash(point folder inode, link group)`` so that every name of one hardlink
 the same inode number. Only the nodes the kernel currently knows (lookup count > 0) are kept
 in the inode table; ``forget`` drops them. A node of a point's file is small (its attributes
 stay in the directory cache, see :class:`DirRef`), so a kernel that holds every inode of a
-100,000-file point costs the mount a few MiB, not the attributes of every file again. A number therefore stays the same for the life of
-the mount even when the kernel forgets and looks a node up again.
+100,000-file point costs the mount a few MiB, not the attributes of every file again. A
+number therefore stays the same for the life of the mount even when the kernel forgets and
+looks a node up again.
 
 Threads: every method may be called from any thread; each table has its own lock.
 """
