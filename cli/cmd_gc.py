@@ -232,7 +232,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     Without a terminal it logs a progress line per phase and every 30 s (bytes moved into new
     packs so far), as backup does."""
     with open_safe(args) as safe:
-        with progress(args, None, "gc", poll=new_pack_bytes(safe)) as meter:
+        # "planning" from the start: a progress line may come before the first phase
+        with progress(args, None, "gc: planning", poll=new_pack_bytes(safe)) as meter:
             r = _run_gc(args, safe, meter)
             meter.phase("gc: finished; moved into new packs", meter.total)
     if args.json:
