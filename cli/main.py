@@ -40,6 +40,7 @@ COMMAND_MODULES = [
     "cmd_mount",     # mount, umount
     "cmd_gc",        # forget, gc, defrag
     "cmd_ops",       # tasks, status, alerts, report, config
+    "cmd_web",       # web, web passwd
 ]
 
 DESCRIPTION = """\

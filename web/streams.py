@@ -1,0 +1,194 @@
+"""Downloads as streams: a file's or a volume's bytes, a directory as tar or zip.
+
+Everything is produced piece by piece from the safe (a chunk at a time), so a download of any
+size runs in bounded memory, and the first bytes leave before the last are read. The tar
+stream is POSIX pax (tarfile's headers, ``TarInfo.tobuf``): names as raw bytes (non-UTF-8
+names round-trip), exact mtimes in nanoseconds, owners, modes, symlinks, hard links, devices,
+FIFOs and xattrs. The zip stream (zipfile on an unseekable sink) holds regular files,
+directories and symlinks, with names in UTF-8 (a non-UTF-8 byte becomes U+FFFD there:
+use tar for an exact copy).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tarfile
+import time
+import zipfile
+from collections.abc import Iterator
+
+from pointsafe.cas import BlobReader, Entry, IntegrityError, ObjectMissing, Safe
+from pointsafe.cas.tree import BLK, CHR, DIR, FIFO, LNK, REG
+from pointsafe.ingest.browse import walk
+
+PIECE = 1 << 20
+_ZEROS = bytes(PIECE)
+
+
+def _kind_of(safe: Safe):
+    def kind(key: bytes) -> int:
+        oe = safe.entry(key)
+        if oe is None:
+            raise ObjectMissing(f"object {key.hex()[:12]} is not in the safe")
+        return oe.kind
+    return kind
+
+
+def _zeros(n: int) -> Iterator[bytes]:
+    while n > 0:
+        k = min(n, PIECE)
+        yield _ZEROS[:k]
+        n -= k
+
+
+def blob_pieces(safe: Safe, ref: bytes | None, size: int) -> Iterator[bytes]:
+    """The ``size`` bytes of blob ``ref`` in pieces (holes as zeros); IntegrityError when the
+    stored pieces do not add up to ``size`` (the stream then stops short)."""
+    if ref is None:
+        yield from _zeros(size)
+        return
+    reader = BlobReader(ref, size, safe.get, _kind_of(safe))
+    done = 0
+    for off, length, key in reader.extents():
+        if off != done:
+            raise IntegrityError(f"blob {ref.hex()[:12]}: a gap or overlap at offset {off}")
+        if key is None:
+            yield from _zeros(length)
+        else:
+            data = safe.get(key)
+            if len(data) != length:
+                raise IntegrityError(f"blob {ref.hex()[:12]}: a piece at offset {off} holds {len(data)} bytes, "
+                                     f"its list says {length}")
+            yield data
+        done += length
+    if done != size:
+        raise IntegrityError(f"blob {ref.hex()[:12]}: holds {done} bytes, its entry says {size}")
+
+
+# -- tar ---------------------------------------------------------------------------------------
+
+_TAR_TYPES = {DIR: tarfile.DIRTYPE, REG: tarfile.REGTYPE, LNK: tarfile.SYMTYPE, FIFO: tarfile.FIFOTYPE,
+              CHR: tarfile.CHRTYPE, BLK: tarfile.BLKTYPE}
+_S = "surrogateescape"
+
+
+def _tarinfo(path: bytes, e: Entry, links: dict[int, bytes]) -> tarfile.TarInfo | None:
+    """The header of one entry (None for a type tar cannot hold: sockets)."""
+    typ = _TAR_TYPES.get(e.type)
+    if typ is None:
+        return None
+    ti = tarfile.TarInfo(path.decode("utf-8", _S))
+    ti.mode, ti.uid, ti.gid = e.mode & 0o7777, e.uid, e.gid
+    sec, ns = divmod(e.mtime_ns, 1_000_000_000)
+    ti.mtime = max(0, sec)
+    pax = {"mtime": f"{sec}.{ns:09d}"}
+    for xn, xv in e.xattrs:
+        pax["SCHILY.xattr." + xn.decode("utf-8", _S)] = xv.decode("utf-8", _S)
+    ti.pax_headers = pax
+    ti.type = typ
+    if typ == tarfile.REGTYPE:
+        first = links.get(e.link_group) if e.link_group else None
+        if first is not None:
+            ti.type, ti.linkname = tarfile.LNKTYPE, first.decode("utf-8", _S)
+        else:
+            if e.link_group:
+                links[e.link_group] = path
+            ti.size = e.size
+    elif typ == tarfile.SYMTYPE:
+        ti.linkname = e.target.decode("utf-8", _S)
+    elif typ in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+        ti.devmajor, ti.devminor = os.major(e.rdev), os.minor(e.rdev)
+    return ti
+
+
+def tar_stream(safe: Safe, top: Entry, name: bytes) -> Iterator[bytes]:
+    """The tree below directory ``top`` as a pax tar stream, its members under ``name/``
+    (the directory itself first). Reads each directory and file when the stream reaches it."""
+    links: dict[int, bytes] = {}
+    written = 0
+    items = [(name, top)]
+
+    def members() -> Iterator[tuple[bytes, Entry]]:
+        yield from items
+        yield from walk(safe, top, name)
+
+    for path, e in members():
+        ti = _tarinfo(path, e, links)
+        if ti is None:
+            continue
+        head = ti.tobuf(tarfile.PAX_FORMAT, "utf-8", _S)
+        yield head
+        written += len(head)
+        if ti.type == tarfile.REGTYPE and ti.size:
+            for piece in blob_pieces(safe, e.ref, e.size):
+                yield piece
+                written += len(piece)
+            pad = -ti.size % tarfile.BLOCKSIZE
+            if pad:
+                yield bytes(pad)
+                written += pad
+    end = 2 * tarfile.BLOCKSIZE
+    end += -(written + end) % tarfile.RECORDSIZE
+    yield bytes(end)
+
+
+# -- zip ---------------------------------------------------------------------------------------
+
+class _Sink:
+    """An unseekable file for zipfile: what it writes is taken away by the stream."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, b: bytes) -> int:
+        self.parts.append(bytes(b))
+        return len(b)
+
+    def flush(self) -> None:
+        pass
+
+    def take(self) -> bytes:
+        out = b"".join(self.parts)
+        self.parts.clear()
+        return out
+
+
+def _zip_time(mtime_ns: int) -> tuple[int, int, int, int, int, int]:
+    t = time.gmtime(max(315532800, min(mtime_ns // 1_000_000_000, 4354819199)))   # zip holds 1980..2107
+    return t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec
+
+
+def zip_stream(safe: Safe, top: Entry, name: bytes) -> Iterator[bytes]:
+    """Regular files, directories and symlinks below directory ``top`` as a zip stream
+    (stored, zip64 where needed), under ``name/``."""
+    sink = _Sink()
+    zf = zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED, allowZip64=True)
+    for path, e in [(name, top), *walk(safe, top, name)]:
+        text = path.decode("utf-8", "replace")
+        if e.type == DIR:
+            zi = zipfile.ZipInfo(text + "/", _zip_time(e.mtime_ns))
+            zi.external_attr = (stat.S_IFDIR | e.mode) << 16 | 0x10
+            zf.writestr(zi, b"")
+        elif e.type == LNK:
+            zi = zipfile.ZipInfo(text, _zip_time(e.mtime_ns))
+            zi.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zi.create_system = 3
+            zf.writestr(zi, e.target)
+        elif e.type == REG:
+            zi = zipfile.ZipInfo(text, _zip_time(e.mtime_ns))
+            zi.external_attr = (stat.S_IFREG | e.mode) << 16
+            zi.create_system = 3
+            zi.file_size = e.size
+            with zf.open(zi, "w", force_zip64=e.size >= 1 << 31) as out:
+                for piece in blob_pieces(safe, e.ref, e.size):
+                    out.write(piece)
+                    chunk = sink.take()
+                    if chunk:
+                        yield chunk
+        chunk = sink.take()
+        if chunk:
+            yield chunk
+    zf.close()
+    yield sink.take()
+
