@@ -64,7 +64,7 @@ def cmd_web(args) -> int:
         check_listen(listen, args.tls_cert, args.tls_key, password_hash(safe.index) is not None)
         scheme = "https" if args.tls_cert else "http"
         host = f"[{listen.host}]" if ":" in listen.host else listen.host
-        print(f"pointsafe: serving {safe.path} at {scheme}://{host}:{listen.port}/ (Ctrl-C stops)",
-              file=sys.stderr, flush=True)
-        serve(safe, listen, args.tls_cert, args.tls_key)
+        serve(safe, listen, args.tls_cert, args.tls_key,
+              announce=lambda: print(f"pointsafe: serving {safe.path} at {scheme}://{host}:{listen.port}/ "
+                                     "(Ctrl-C stops)", file=sys.stderr, flush=True))
     return EXIT_OK

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pointsafe.cas import Safe, UsageError
@@ -98,14 +99,18 @@ def bind(listen: Listen) -> socket.socket:
     return s
 
 
-def serve(safe: Safe, listen: Listen, tls_cert: str | None = None, tls_key: str | None = None) -> None:
-    """Serve the dashboard of the open ``safe`` until SIGINT or SIGTERM (uvicorn, one process)."""
+def serve(safe: Safe, listen: Listen, tls_cert: str | None = None, tls_key: str | None = None,
+          announce: Callable[[], None] | None = None) -> None:
+    """Serve the dashboard of the open ``safe`` until SIGINT or SIGTERM (uvicorn, one process);
+    ``announce`` is called once the TLS files loaded and the socket listens."""
     import uvicorn
 
     from .app import create_app
     if tls_cert and tls_key:
         check_tls(tls_cert, tls_key)
     sock = bind(listen)
+    if announce is not None:
+        announce()
     config = uvicorn.Config(create_app(safe, tls=bool(tls_cert)), host=listen.host, port=listen.port,
                             ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_level="warning",
                             access_log=False, lifespan="off", server_header=False, proxy_headers=False)
