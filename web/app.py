@@ -39,7 +39,7 @@ from pointsafe.ops.quota import human_bytes
 from . import auth, data
 from .chart import svg_chart
 from .listing import read_page
-from .paths import BadPath, split_url_path, tail_of, url_path
+from .paths import BadRequest, split_url_path, tail_of, url_path
 from .streams import blob_pieces, tar_stream, zip_stream
 
 HERE = Path(__file__).resolve().parent
@@ -182,7 +182,7 @@ class Web:
             request.scope["pointsafe.session"] = session
             try:
                 return await run_in_threadpool(fn, request)
-            except BadPath as e:
+            except BadRequest as e:
                 return self.error(request, 400, str(e))
             except (UsageError, PointNotFound) as e:
                 return self.error(request, 404, str(e))
@@ -297,9 +297,9 @@ class Web:
         q = request.query_params
         state, kind, source = q.get("state") or None, q.get("kind") or None, q.get("source") or None
         if state and state not in tasks.STATES:
-            raise UsageError(f"unknown state {state!r}: use one of {', '.join(tasks.STATES)}")
+            raise BadRequest(f"unknown state {state!r}: use one of {', '.join(tasks.STATES)}")
         if kind and kind not in tasks.KINDS:
-            raise UsageError(f"unknown kind {kind!r}: use one of {', '.join(tasks.KINDS)}")
+            raise BadRequest(f"unknown kind {kind!r}: use one of {', '.join(tasks.KINDS)}")
         rows = data.filter_tasks(self.safe.index, state, kind, source)
         if wants_json(request):
             last = q.get("last")
@@ -427,7 +427,7 @@ class Web:
         """GET /diff?a=POINT&b=POINT: what changed from a to b (JSON: as ``diff --json``)."""
         q = request.query_params
         if not q.get("a") or not q.get("b"):
-            raise UsageError("diff needs two points: /diff?a=POINT&b=POINT")
+            raise BadRequest("diff needs two points: /diff?a=POINT&b=POINT")
         a = self.safe.point(q["a"]) or resolve_point(self.safe, q["a"])
         b = self.safe.point(q["b"]) or resolve_point(self.safe, q["b"])
         if a.kind != "tree" or b.kind != "tree":

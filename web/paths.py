@@ -14,7 +14,11 @@ from urllib.parse import quote, unquote_to_bytes
 from pointsafe.cas import UsageError
 
 
-class BadPath(UsageError):
+class BadRequest(UsageError):
+    """A request the server cannot make sense of (answered 400)."""
+
+
+class BadPath(BadRequest):
     """A path in a URL that no entry of a point can have (``..``, an encoded slash, NUL)."""
 
 
