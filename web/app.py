@@ -24,6 +24,7 @@ from urllib.parse import quote
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -56,6 +57,21 @@ STATE_CLASS = {"ok": "ok", "warning": "warn", "soft": "warn", "error": "bad", "a
                "critical": "bad", "hard": "bad", "running": "run", "usage": "dim"}
 
 Handler = Callable[..., Awaitable[Response]]
+
+
+class _AnyPath(Convertor[str]):
+    """Starlette's ``path`` convertor is ``.*``, which stops at a newline; a name may hold one."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anypath", _AnyPath())
 
 
 def _fmt_time(text: str | None) -> str:
@@ -466,10 +482,10 @@ class Web:
             Route("/tasks/{tid:int}", g(self.task_page)),
             Route("/points", g(self.points_page)),
             Route("/points/{pid}", g(self.point_page)),
-            Route("/points/{pid}/tree{rest:path}", g(self.tree)),
-            Route("/points/{pid}/raw{rest:path}", g(self.raw)),
-            Route("/points/{pid}/tar{rest:path}", g(self.tar)),
-            Route("/points/{pid}/zip{rest:path}", g(self.zip)),
+            Route("/points/{pid}/tree{rest:anypath}", g(self.tree)),
+            Route("/points/{pid}/raw{rest:anypath}", g(self.raw)),
+            Route("/points/{pid}/tar{rest:anypath}", g(self.tar)),
+            Route("/points/{pid}/zip{rest:anypath}", g(self.zip)),
             Route("/points/{pid}/image", g(self.image)),
             Route("/diff", g(self.diff_page)),
             Route("/static/{name}", self.static),
