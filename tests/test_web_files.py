@@ -120,8 +120,8 @@ def test_point_page_shows_snapshot_and_consistency(big):
     assert "sqlite" in cons and "backup-api" in cons
 
 
-HOSTILE = [b"<img src=x onerror=alert(1)>.html", b"<script>alert(1)<\\script>", b'quote"and&amp;', b"bad\xff\xfename", b"new\nline",
-           b"esc\x1b[31mred", b"pct%2Fslash", b"q?mark#hash", b"sp ace", "ünïcode".encode(), b"dots..", b"-"]
+HOSTILE = [b"<img src=x onerror=alert(1)>.html", b"<script>alert(1)<\\script>", b'quote"and&amp;', b"bad\xff\xfename",
+           b"new\nline", b"esc\x1b[31mred", b"pct%2Fslash", b"q?mark#hash", b"sp ace", "ünïcode".encode(), b"dots..", b"-"]
 
 
 @pytest.fixture(scope="module")
