@@ -489,6 +489,7 @@ class Web:
             Route("/points/{pid}/image", g(self.image)),
             Route("/diff", g(self.diff_page)),
             Route("/static/{name}", self.static),
+            Route("/favicon.ico", lambda request: Response(status_code=204)),
         ]
 
 
