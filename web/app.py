@@ -218,8 +218,9 @@ class Web:
         origin = request.headers.get("origin")
         if origin and origin != "null" and origin.split("://", 1)[-1] != request.headers.get("host"):
             return session, fields, self.error(request, 403, "refused: the request came from another site")
-        token = (fields.get("csrf") or [None])[0]
-        if not auth.csrf_ok(session, token if isinstance(token, str) else None):
+        tokens = fields.get("csrf") or []
+        token = tokens[0] if tokens and isinstance(tokens[0], str) else None
+        if not auth.csrf_ok(session, token):
             return session, fields, self.error(request, 403, "refused: the form's CSRF token is missing or wrong; "
                                                               "reload the page and try again")
         return session, fields, None
@@ -450,7 +451,7 @@ class Web:
             raise UsageError("diff compares tree points; for volumes compare restored images")
         changes = tree_diff(self.safe, a.root_entry(), b.root_entry())
         if wants_json(request):
-            return json_response([{"change": c, **data.entry_json(path, new or old)} for c, path, old, new in changes])
+            return json_response([data.change_json(*change) for change in changes])
         shown = [(c, path, url_path(path.split(b"/")) if new is not None and c != "-" else None)
                  for c, path, old, new in islice(changes, DIFF_LIMIT + 1)]
         return self.page(request, "diff.html", a=a, b=b, changes=shown[:DIFF_LIMIT], more=len(shown) > DIFF_LIMIT,

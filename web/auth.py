@@ -100,7 +100,7 @@ class Sessions:
         if not cookie or not pw_hash:
             return None
         try:
-            sid = self._signer.unsign(cookie, max_age=self.lifetime).decode()
+            sid = self._signer.unsign(cookie, max_age=int(self.lifetime)).decode()
         except (BadSignature, UnicodeDecodeError):
             return None
         with self._lock:

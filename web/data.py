@@ -149,6 +149,14 @@ def entry_json(path: bytes, e: Entry) -> dict[str, Any]:
     return d
 
 
+def change_json(change: str, path: bytes, old: Entry | None, new: Entry | None) -> dict[str, Any]:
+    """One change of a diff as ``pointsafe diff --json`` prints it (the new entry, or the old
+    one for a removal)."""
+    e = new if new is not None else old
+    assert e is not None, "a change has an old or a new entry"
+    return {"change": change, **entry_json(path, e)}
+
+
 def points_by_source(safe: Safe) -> dict[str, list[Point]]:
     """The safe's points per name, each list newest first, names sorted."""
     out: dict[str, list[Point]] = {}
