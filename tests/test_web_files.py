@@ -254,3 +254,20 @@ def test_tar_stream_extracts_to_the_same_tree(tmp_path):
         with zipfile.ZipFile(io.BytesIO(z.content)) as zf:
             assert zf.read("sub/deep.bin") == (src / "sub" / "deep.bin").read_bytes()
             assert "sub/empty/" in zf.namelist()
+
+
+def test_byte_ranges_of_a_file(files):
+    safe, pid, server, src = files
+    c = login(server)
+    want = (src / "big.bin").read_bytes()
+    url = f"/points/{pid}/raw/big.bin"
+    for spec, lo, hi in (("bytes=0-9", 0, 10), ("bytes=1000000-3500000", 1_000_000, 3_500_001),
+                         ("bytes=8388000-", 8_388_000, len(want)), ("bytes=-5", len(want) - 5, len(want))):
+        r = c.get(url, headers={"range": spec})
+        assert r.status_code == 206, spec
+        assert r.content == want[lo:hi], spec
+        assert r.headers["content-range"] == f"bytes {lo}-{hi - 1}/{len(want)}"
+        assert int(r.headers["content-length"]) == hi - lo
+    r = c.get(url, headers={"range": f"bytes={len(want)}-"})
+    assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{len(want)}"
+    assert c.get(url, headers={"range": "bytes=0-1,5-6"}).content == want      # several ranges: all of it

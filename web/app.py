@@ -41,14 +41,14 @@ from . import auth, data
 from .chart import svg_chart
 from .listing import read_page
 from .paths import BadRequest, split_url_path, tail_of, url_path
-from .streams import blob_pieces, tar_stream, zip_stream
+from .streams import blob_pieces, parse_range, tar_stream, zip_stream
 
 HERE = Path(__file__).resolve().parent
 PAGE_LIMIT = 200           # directory entries per page (at most MAX_LIMIT with ?limit=)
 MAX_LIMIT = 1000
 TASKS_PER_PAGE = 100
 DIFF_LIMIT = 5000          # changes a diff page shows (JSON: all)
-LOGIN_DELAY = 1.0          # seconds a wrong password waits before the answer
+LOGIN_DELAY = 1.0          # seconds a wrong password waits before the answer (checks run one at a time)
 
 CSP = ("default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -152,6 +152,7 @@ class Web:
         self.tls = tls
         self.sessions = auth.Sessions()
         self.env = _environment()
+        self.login_lock = asyncio.Lock()
 
     # -- rendering -------------------------------------------------------------------------
 
@@ -241,8 +242,11 @@ class Web:
         if not self.sessions.check_login_token(token):
             return self.login_page(request, 403, "the login form expired; please try again")
         stored = auth.password_hash(self.safe.index)
-        if not await run_in_threadpool(auth.check_password, stored, password):
-            await asyncio.sleep(LOGIN_DELAY)
+        async with self.login_lock:      # one password check at a time: guessing in parallel gains nothing
+            ok = await run_in_threadpool(auth.check_password, stored, password)
+            if not ok:
+                await asyncio.sleep(LOGIN_DELAY)
+        if not ok:
             msg = "wrong password" if stored else "no web password is set: run 'pointsafe web passwd'"
             return self.login_page(request, 401, msg)
         cookie, _ = self.sessions.open(stored or "")
@@ -326,7 +330,7 @@ class Web:
         return self.page(request, "tasks.html", tasks=newest, total=len(rows), offset=offset,
                          per_page=TASKS_PER_PAGE, state=state or "", kind=kind or "", source=source or "",
                          states=tasks.STATES, kinds=tasks.KINDS,
-                         sources=data.task_sources(tasks.list_tasks(self.safe.index, kind="backup")),
+                         sources=sorted(set(data.task_sources(rows)) | set(data.points_by_source(self.safe))),
                          query=f"state={quote(state or '')}&kind={quote(kind or '')}&source={quote(source or '')}")
 
     def task_page(self, request: Request) -> Response:
@@ -407,9 +411,23 @@ class Web:
             raise UsageError(f"{display_name(b'/'.join(parts)) or '/'} is not a regular file")
         name = parts[-1]
         ctype = mimetypes.guess_type(name.decode("utf-8", "replace"))[0] or "application/octet-stream"
-        return StreamingResponse(blob_pieces(self.safe, e.ref, e.size), media_type=ctype,
-                                 headers={"content-length": str(e.size), "content-disposition": _disposition(name),
-                                          "content-security-policy": DOWNLOAD_CSP})
+        return self.send_blob(request, e.ref, e.size, ctype, name)
+
+    def send_blob(self, request: Request, ref: bytes | None, size: int, ctype: str, name: bytes) -> Response:
+        """A blob as a download, streamed: all of it (200), or the one byte range the request
+        asks for (206; 416 when it lies past the end)."""
+        headers = {"accept-ranges": "bytes", "content-disposition": _disposition(name),
+                   "content-security-policy": DOWNLOAD_CSP}
+        rng = parse_range(request.headers.get("range"), size)
+        if rng == "bad":
+            return Response(status_code=416, headers={**headers, "content-range": f"bytes */{size}"})
+        if isinstance(rng, tuple):
+            start, end = rng
+            return StreamingResponse(blob_pieces(self.safe, ref, size, start, end), 206, media_type=ctype,
+                                     headers={**headers, "content-length": str(end - start),
+                                              "content-range": f"bytes {start}-{end - 1}/{size}"})
+        return StreamingResponse(blob_pieces(self.safe, ref, size), media_type=ctype,
+                                 headers={**headers, "content-length": str(size)})
 
     def _archive(self, request: Request, word: str) -> Response:
         p, parts, e = self._target(request, word)
@@ -436,9 +454,7 @@ class Web:
         if p.kind != "volume":
             raise UsageError(f"point {p.id[:12]} is not a volume point")
         name = f"{p.name or 'volume'}-{p.id[:12]}.img".encode()
-        return StreamingResponse(blob_pieces(self.safe, p.root, p.size), media_type="application/octet-stream",
-                                 headers={"content-length": str(p.size), "content-disposition": _disposition(name),
-                                          "content-security-policy": DOWNLOAD_CSP})
+        return self.send_blob(request, p.root, p.size, "application/octet-stream", name)
 
     def diff_page(self, request: Request) -> Response:
         """GET /diff?a=POINT&b=POINT: what changed from a to b (JSON: as ``diff --json``)."""

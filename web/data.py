@@ -76,18 +76,20 @@ def space_trend(points: list[Point], space: dict[str, Any]) -> dict[str, Any]:
 
 
 def recency(index) -> dict[str, Any]:
-    """The last verify and gc task (id, state, started, finished, age in seconds), or None each."""
+    """The last verify and gc task (id, state, started, finished, age in seconds), or None
+    each; one pass over the task history."""
+    last: dict[str, dict | None] = {"verify": None, "gc": None}
+    for t in tasks.list_tasks(index):
+        if t["kind"] in last:
+            last[t["kind"]] = t
     out: dict[str, Any] = {}
     t_now = now()
-    for kind in ("verify", "gc"):
-        rows = tasks.list_tasks(index, kind=kind)
-        last = rows[-1] if rows else None
-        if last is None:
+    for kind, t in last.items():
+        if t is None:
             out[kind] = None
             continue
-        when = last["finished"] or last["started"]
-        out[kind] = {"id": last["id"], "state": last["state"], "started": last["started"],
-                     "finished": last["finished"],
+        when = t["finished"] or t["started"]
+        out[kind] = {"id": t["id"], "state": t["state"], "started": t["started"], "finished": t["finished"],
                      "age_seconds": round((t_now - parse_iso(when)).total_seconds(), 1)}
     return out
 

@@ -42,28 +42,55 @@ def _zeros(n: int) -> Iterator[bytes]:
         n -= k
 
 
-def blob_pieces(safe: Safe, ref: bytes | None, size: int) -> Iterator[bytes]:
-    """The ``size`` bytes of blob ``ref`` in pieces (holes as zeros); IntegrityError when the
-    stored pieces do not add up to ``size`` (the stream then stops short)."""
+def blob_pieces(safe: Safe, ref: bytes | None, size: int, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    """Bytes ``start .. end`` (default: all ``size``) of blob ``ref`` in pieces, holes as
+    zeros; IntegrityError when the stored pieces do not cover them as the list says (the
+    stream then stops short)."""
+    end = size if end is None else min(end, size)
+    if start >= end:
+        return
     if ref is None:
-        yield from _zeros(size)
+        yield from _zeros(end - start)
         return
     reader = BlobReader(ref, size, safe.get, _kind_of(safe))
-    done = 0
-    for off, length, key in reader.extents():
-        if off != done:
+    done = start
+    for off, length, key in reader.extents(start, end):
+        lo, hi = max(off, start), min(off + length, end)
+        if lo != done:
             raise IntegrityError(f"blob {ref.hex()[:12]}: a gap or overlap at offset {off}")
         if key is None:
-            yield from _zeros(length)
+            yield from _zeros(hi - lo)
         else:
             data = safe.get(key)
             if len(data) != length:
                 raise IntegrityError(f"blob {ref.hex()[:12]}: a piece at offset {off} holds {len(data)} bytes, "
                                      f"its list says {length}")
-            yield data
-        done += length
-    if done != size:
+            yield data if (lo, hi) == (off, off + length) else data[lo - off:hi - off]
+        done = hi
+    if done != end:
         raise IntegrityError(f"blob {ref.hex()[:12]}: holds {done} bytes, its entry says {size}")
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
+    """The one byte range ``Range: bytes=A-B`` (or ``A-``, ``-N``) asks for, as (start, end
+    exclusive); None to send everything (no header, several ranges, another unit); ``"bad"``
+    when it cannot be satisfied (answered 416)."""
+    if not header:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    a, sep, b = spec.strip().partition("-")
+    if not sep or not (a.isdigit() or b.isdigit()) or (a and not a.isdigit()) or (b and not b.isdigit()):
+        return None
+    if not a:                                  # the last N bytes
+        n = int(b)
+        return (max(0, size - n), size) if n and size else "bad"
+    first = int(a)
+    last = min(int(b), size - 1) if b else size - 1
+    if first >= size or last < first:
+        return "bad"
+    return first, last + 1
 
 
 # -- tar ---------------------------------------------------------------------------------------
