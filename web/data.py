@@ -84,12 +84,12 @@ def recency(index) -> dict[str, Any]:
             last[t["kind"]] = t
     out: dict[str, Any] = {}
     t_now = now()
-    for kind, t in last.items():
-        if t is None:
+    for kind, rec in last.items():
+        if rec is None:
             out[kind] = None
             continue
-        when = t["finished"] or t["started"]
-        out[kind] = {"id": t["id"], "state": t["state"], "started": t["started"], "finished": t["finished"],
+        when = rec["finished"] or rec["started"]
+        out[kind] = {"id": rec["id"], "state": rec["state"], "started": rec["started"], "finished": rec["finished"],
                      "age_seconds": round((t_now - parse_iso(when)).total_seconds(), 1)}
     return out
 
