@@ -77,11 +77,8 @@ def space_trend(points: list[Point], space: dict[str, Any]) -> dict[str, Any]:
 
 def recency(index) -> dict[str, Any]:
     """The last verify and gc task (id, state, started, finished, age in seconds), or None
-    each; one pass over the task history."""
-    last: dict[str, dict | None] = {"verify": None, "gc": None}
-    for t in tasks.list_tasks(index):
-        if t["kind"] in last:
-            last[t["kind"]] = t
+    each; read backwards from the newest task until both are found."""
+    last = tasks.newest_of_kinds(index, ("verify", "gc"))
     out: dict[str, Any] = {}
     t_now = now()
     for kind, rec in last.items():
