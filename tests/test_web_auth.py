@@ -193,3 +193,12 @@ def _self_signed(tmp_path):
     kp.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                      serialization.NoEncryption()))
     return cp, kp
+
+
+def test_sigterm_stops_the_server_cleanly(safe_with_point):
+    safe = safe_with_point[0]
+    set_password(safe)
+    with running(safe) as server:
+        server.proc.terminate()
+        assert server.proc.wait(timeout=30) == 0
+        assert "Traceback" not in server.log.read_text()

@@ -99,6 +99,22 @@ def bind(listen: Listen) -> socket.socket:
     return s
 
 
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, but a stop asked for by SIGINT or SIGTERM is a clean exit (the
+        command returns 0 after closing the safe) instead of dying by the signal afterwards."""
+
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
+
+    return Server
+
+
 def serve(safe: Safe, listen: Listen, tls_cert: str | None = None, tls_key: str | None = None,
           announce: Callable[[], None] | None = None) -> None:
     """Serve the dashboard of the open ``safe`` until SIGINT or SIGTERM (uvicorn, one process);
@@ -106,6 +122,7 @@ def serve(safe: Safe, listen: Listen, tls_cert: str | None = None, tls_key: str 
     import uvicorn
 
     from .app import create_app
+    _Server = _server_class()
     if tls_cert and tls_key:
         check_tls(tls_cert, tls_key)
     sock = bind(listen)
@@ -114,5 +131,5 @@ def serve(safe: Safe, listen: Listen, tls_cert: str | None = None, tls_key: str 
     config = uvicorn.Config(create_app(safe, tls=bool(tls_cert)), host=listen.host, port=listen.port,
                             ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_level="warning",
                             access_log=False, lifespan="off", server_header=False, proxy_headers=False)
-    server = uvicorn.Server(config)
+    server = _Server(config)
     server.run(sockets=[sock])
