@@ -271,3 +271,44 @@ def test_byte_ranges_of_a_file(files):
     r = c.get(url, headers={"range": f"bytes={len(want)}-"})
     assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{len(want)}"
     assert c.get(url, headers={"range": "bytes=0-1,5-6"}).content == want      # several ranges: all of it
+
+
+def test_damaged_content_is_named_and_the_archive_stays_whole(tmp_path):
+    from _cas_util import flip_bit, record_offset_of, stored_offset
+
+    import httpx
+
+    from pointsafe.cas import BlobReader, Safe
+    from pointsafe.ingest.browse import lookup
+    safe = tmp_path / "safe"
+    Safe.init(safe).close()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "good.txt").write_text("fine\n")
+    (src / "bad.bin").write_bytes(os.urandom(300_000))
+    pid = _backup(src, safe)
+    with Safe.open(safe) as s:
+        e = lookup(s, s.point(pid), "bad.bin")
+        key = next(k for _, _, k in BlobReader(e.ref, e.size, s.get, lambda k: s.entry(k).kind).extents() if k)
+        path, oe = record_offset_of(s, key)
+    flip_bit(path, stored_offset(oe, 100))
+    set_password(safe)
+    with running(safe) as server:
+        c = login(server)
+        r = c.get(f"/points/{pid}/tar/")
+        assert r.status_code == 200
+        out = tmp_path / "out"
+        out.mkdir()
+        subprocess.run(["tar", "-xf", "-", "-C", str(out)], input=r.content, check=True, timeout=60)
+        top = out / f"data-{pid[:12]}"
+        assert (top / "good.txt").read_text() == "fine\n"
+        assert (top / "bad.bin").stat().st_size == 300_000
+        assert "bad.bin" in (top / ".pointsafe-download-errors.txt").read_text()
+        z = zipfile.ZipFile(io.BytesIO(c.get(f"/points/{pid}/zip/").content))
+        assert "bad.bin" in z.read(f"data-{pid[:12]}/.pointsafe-download-errors.txt").decode()
+        with pytest.raises(httpx.HTTPError):        # a single file cannot say so: the transfer breaks off
+            r = c.get(f"/points/{pid}/raw/bad.bin")
+            assert len(r.content) == 300_000 and r.content == (src / "bad.bin").read_bytes()
+        assert c.get(f"/points/{pid}/raw/good.txt").content == b"fine\n"     # still serving
+    log = server.log.read_text()
+    assert "pointsafe web: " in log and "bad.bin" in log and "Traceback" not in log

@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import mimetypes
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from .paths import BadRequest, split_url_path, tail_of, url_path
 from .streams import blob_pieces, parse_range, tar_stream, zip_stream
 
 HERE = Path(__file__).resolve().parent
+log = logging.getLogger("pointsafe.web")
 PAGE_LIMIT = 200           # directory entries per page (at most MAX_LIMIT with ?limit=)
 MAX_LIMIT = 1000
 TASKS_PER_PAGE = 100
@@ -114,6 +116,16 @@ def _disposition(name: bytes) -> str:
     """A Content-Disposition for a download of ``name``: an ASCII fallback and the raw bytes."""
     fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\;' else "_" for c in name.decode("ascii", "replace"))
     return f"attachment; filename=\"{fallback or 'download'}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
+def _logged(pieces: Iterator[bytes], name: bytes) -> Iterator[bytes]:
+    """``pieces``, logging a damaged or missing content (then the transfer breaks off: the
+    status line is long gone, and a short body is how a client learns it)."""
+    try:
+        yield from pieces
+    except (IntegrityError, ObjectMissing) as e:
+        log.warning("download: %s: %s", display_name(name), e)
+        raise
 
 
 class SecurityHeaders:
@@ -306,7 +318,10 @@ class Web:
             return self.error(request, 400, "bad alert id")
         if ids == []:
             return self.error(request, 400, "no alert given")
-        done = await run_in_threadpool(alerts.ack, self.safe.index, ids)
+        try:
+            done = await run_in_threadpool(alerts.ack, self.safe.index, ids)
+        except SafeError as e:      # e.g. a safe opened read-only
+            return self.error(request, 500, f"could not acknowledge: {e}")
         if wants_json(request):
             return json_response({"acknowledged": [a["id"] for a in done]})
         return RedirectResponse(_safe_next((fields.get("back") or ["/"])[0]), 303)
@@ -416,6 +431,8 @@ class Web:
     def send_blob(self, request: Request, ref: bytes | None, size: int, ctype: str, name: bytes) -> Response:
         """A blob as a download, streamed: all of it (200), or the one byte range the request
         asks for (206; 416 when it lies past the end)."""
+        if ref is not None and self.safe.entry(ref) is None:
+            raise ObjectMissing(f"{display_name(name)}: its content (object {ref.hex()[:12]}) is missing from the safe")
         headers = {"accept-ranges": "bytes", "content-disposition": _disposition(name),
                    "content-security-policy": DOWNLOAD_CSP}
         rng = parse_range(request.headers.get("range"), size)
@@ -423,10 +440,10 @@ class Web:
             return Response(status_code=416, headers={**headers, "content-range": f"bytes */{size}"})
         if isinstance(rng, tuple):
             start, end = rng
-            return StreamingResponse(blob_pieces(self.safe, ref, size, start, end), 206, media_type=ctype,
+            return StreamingResponse(_logged(blob_pieces(self.safe, ref, size, start, end), name), 206, media_type=ctype,
                                      headers={**headers, "content-length": str(end - start),
                                               "content-range": f"bytes {start}-{end - 1}/{size}"})
-        return StreamingResponse(blob_pieces(self.safe, ref, size), media_type=ctype,
+        return StreamingResponse(_logged(blob_pieces(self.safe, ref, size), name), media_type=ctype,
                                  headers={**headers, "content-length": str(size)})
 
     def _archive(self, request: Request, word: str) -> Response:

@@ -9,6 +9,7 @@ on the path. Whatever the address, no page is served without a login (``pointsaf
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import ssl
 from collections.abc import Callable
@@ -99,6 +100,38 @@ def bind(listen: Listen) -> socket.socket:
     return s
 
 
+class OneLine(logging.Formatter):
+    """Server log lines on one line, ``pointsafe web: ...``: an error's message without a
+    traceback; a bug (ops.logs.is_bug) names the crash log that holds its traceback, as the
+    CLI does."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from pointsafe.ops import logs
+        msg = " ".join(record.getMessage().split())
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            if logs.is_bug(exc):
+                try:
+                    where = logs.record_bug(exc)
+                except Exception:
+                    where = None
+                msg = f"{msg}: {logs.bug_line(exc, where)}"
+            else:
+                msg = f"{msg}: {' '.join(str(exc).split())}"
+        return f"pointsafe web: {msg}"
+
+
+LOG_CONFIG: dict = {
+    "version": 1, "disable_existing_loggers": False,
+    "formatters": {"one": {"()": OneLine}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "one", "stream": "ext://sys.stderr"}},
+    "loggers": {"uvicorn": {"handlers": ["stderr"], "level": "WARNING", "propagate": False},
+                "uvicorn.error": {"handlers": ["stderr"], "level": "WARNING", "propagate": False},
+                "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
+                "pointsafe.web": {"handlers": ["stderr"], "level": "INFO"}},
+}
+
+
 def _server_class():
     import uvicorn
 
@@ -129,7 +162,7 @@ def serve(safe: Safe, listen: Listen, tls_cert: str | None = None, tls_key: str 
     if announce is not None:
         announce()
     config = uvicorn.Config(create_app(safe, tls=bool(tls_cert)), host=listen.host, port=listen.port,
-                            ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_level="warning",
+                            ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_config=LOG_CONFIG, log_level="warning",
                             access_log=False, lifespan="off", server_header=False, proxy_headers=False)
     server = _Server(config)
     server.run(sockets=[sock])

@@ -11,6 +11,7 @@ use tar for an exact copy).
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import tarfile
@@ -20,7 +21,9 @@ from collections.abc import Iterator
 
 from pointsafe.cas import BlobReader, Entry, IntegrityError, ObjectMissing, Safe
 from pointsafe.cas.tree import BLK, CHR, DIR, FIFO, LNK, REG
-from pointsafe.ingest.browse import walk
+from pointsafe.ingest.browse import display_name, walk
+
+log = logging.getLogger("pointsafe.web")   # stderr of `pointsafe web`, and the --log-file
 
 PIECE = 1 << 20
 _ZEROS = bytes(PIECE)
@@ -129,10 +132,37 @@ def _tarinfo(path: bytes, e: Entry, links: dict[int, bytes]) -> tarfile.TarInfo 
     return ti
 
 
+ERRORS_NAME = b".pointsafe-download-errors.txt"
+
+
+def _errors_text(problems: list[tuple[bytes, str]]) -> bytes:
+    lines = ["These files could not be read from the safe; the archive holds them with zeros (tar)",
+             "or cut short (zip) in place of their content. 'pointsafe verify' tells more.", ""]
+    lines += [f"{display_name(p)}: {msg}" for p, msg in problems]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _content(safe: Safe, path: bytes, e: Entry, problems: list[tuple[bytes, str]]) -> Iterator[bytes]:
+    """A file's bytes for an archive: when its content is missing or damaged, zeros for the
+    rest of its size, and the file is named in ``problems`` (the archive stays well-formed)."""
+    sent = 0
+    try:
+        for piece in blob_pieces(safe, e.ref, e.size):
+            yield piece
+            sent += len(piece)
+    except (IntegrityError, ObjectMissing) as err:
+        problems.append((path, str(err)))
+        log.warning("download: %s: %s", display_name(path), err)
+        yield from _zeros(e.size - sent)
+
+
 def tar_stream(safe: Safe, top: Entry, name: bytes) -> Iterator[bytes]:
     """The tree below directory ``top`` as a pax tar stream, its members under ``name/``
-    (the directory itself first). Reads each directory and file when the stream reaches it."""
+    (the directory itself first). Reads each directory and file when the stream reaches it.
+    A file whose content is damaged is sent as zeros and named in a last member,
+    ``name/.pointsafe-download-errors.txt``."""
     links: dict[int, bytes] = {}
+    problems: list[tuple[bytes, str]] = []
     written = 0
     items = [(name, top)]
 
@@ -148,13 +178,20 @@ def tar_stream(safe: Safe, top: Entry, name: bytes) -> Iterator[bytes]:
         yield head
         written += len(head)
         if ti.type == tarfile.REGTYPE and ti.size:
-            for piece in blob_pieces(safe, e.ref, e.size):
+            for piece in _content(safe, path, e, problems):
                 yield piece
                 written += len(piece)
             pad = -ti.size % tarfile.BLOCKSIZE
             if pad:
                 yield bytes(pad)
                 written += pad
+    if problems:
+        body = _errors_text(problems)
+        ti = tarfile.TarInfo((name + b"/" + ERRORS_NAME).decode("utf-8", _S))
+        ti.size, ti.mode, ti.mtime = len(body), 0o644, int(time.time())
+        for piece in (ti.tobuf(tarfile.PAX_FORMAT, "utf-8", _S), body, bytes(-len(body) % tarfile.BLOCKSIZE)):
+            yield piece
+            written += len(piece)
     end = 2 * tarfile.BLOCKSIZE
     end += -(written + end) % tarfile.RECORDSIZE
     yield bytes(end)
@@ -191,7 +228,9 @@ def _zip_time(mtime_ns: int) -> tuple[int, int, int, int, int, int]:
 
 def zip_stream(safe: Safe, top: Entry, name: bytes) -> Iterator[bytes]:
     """Regular files, directories and symlinks below directory ``top`` as a zip stream
-    (stored, zip64 where needed), under ``name/``."""
+    (stored, zip64 where needed), under ``name/``; a damaged file is cut short and named in
+    ``name/.pointsafe-download-errors.txt``."""
+    problems: list[tuple[bytes, str]] = []
     sink = _Sink()
     zf = zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED, allowZip64=True)
     for path, e in [(name, top), *walk(safe, top, name)]:
@@ -211,14 +250,20 @@ def zip_stream(safe: Safe, top: Entry, name: bytes) -> Iterator[bytes]:
             zi.create_system = 3
             zi.file_size = e.size
             with zf.open(zi, "w", force_zip64=e.size >= 1 << 31) as out:
-                for piece in blob_pieces(safe, e.ref, e.size):
-                    out.write(piece)
-                    chunk = sink.take()
-                    if chunk:
-                        yield chunk
+                try:
+                    for piece in blob_pieces(safe, e.ref, e.size):
+                        out.write(piece)
+                        chunk = sink.take()
+                        if chunk:
+                            yield chunk
+                except (IntegrityError, ObjectMissing) as err:
+                    problems.append((path, str(err)))
+                    log.warning("download: %s: %s", display_name(path), err)
         chunk = sink.take()
         if chunk:
             yield chunk
+    if problems:
+        zf.writestr((name + b"/" + ERRORS_NAME).decode("utf-8", "replace"), _errors_text(problems))
     zf.close()
     yield sink.take()
 
