@@ -202,3 +202,21 @@ def test_sigterm_stops_the_server_cleanly(safe_with_point):
         server.proc.terminate()
         assert server.proc.wait(timeout=30) == 0
         assert "Traceback" not in server.log.read_text()
+
+
+def test_after_a_wrong_password_the_login_still_goes_to_the_page_asked_for(served):
+    server, _, pid, _ = served
+    c = httpx.Client(base_url=server.url, timeout=30)
+    page = c.get(f"/points/{pid}")
+    assert page.status_code == 401
+    nxt = re.search(r'name="next" value="([^"]+)"', page.text).group(1)
+    r = c.post("/login", data={"password": "wrong password", "token": login_token(c), "next": nxt})
+    assert r.status_code == 401
+    nxt2 = re.search(r'name="next" value="([^"]+)"', r.text).group(1)
+    assert nxt2 == nxt == f"/points/{pid}"
+    r = c.post("/login", data={"password": PASSWORD, "token": login_token(c), "next": nxt2})
+    assert r.status_code == 303 and r.headers["location"] == f"/points/{pid}"
+    for evil in ("//evil.example/x", "https://evil.example/", "/\\evil.example"):
+        c2 = httpx.Client(base_url=server.url, timeout=30)
+        r = c2.post("/login", data={"password": PASSWORD, "token": login_token(c2), "next": evil})
+        assert r.status_code == 303 and r.headers["location"] == "/", evil

@@ -183,9 +183,11 @@ class Web:
             return json_response({"error": message}, status_code)
         return self.page(request, "error.html", status_code, message=message, code=status_code)
 
-    def login_page(self, request: Request, status_code: int = 200, message: str = "") -> Response:
-        """The login form (where every unauthenticated request lands)."""
-        nxt = request.query_params.get("next") if request.url.path == "/login" else None
+    def login_page(self, request: Request, status_code: int = 200, message: str = "", nxt: str | None = None) -> Response:
+        """The login form (where every unauthenticated request lands); after it, ``nxt`` or the
+        page asked for."""
+        if nxt is None and request.url.path == "/login":
+            nxt = request.query_params.get("next")
         if nxt is None:
             nxt = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return self.page(request, "login.html", status_code, token=self.sessions.login_token(),
@@ -252,7 +254,7 @@ class Web:
         password, token = str(form.get("password") or ""), str(form.get("token") or "")
         nxt = _safe_next(str(form.get("next") or "/"))
         if not self.sessions.check_login_token(token):
-            return self.login_page(request, 403, "the login form expired; please try again")
+            return self.login_page(request, 403, "the login form expired; please try again", nxt)
         stored = auth.password_hash(self.safe.index)
         async with self.login_lock:      # one password check at a time: guessing in parallel gains nothing
             ok = await run_in_threadpool(auth.check_password, stored, password)
@@ -260,7 +262,7 @@ class Web:
                 await asyncio.sleep(LOGIN_DELAY)
         if not ok:
             msg = "wrong password" if stored else "no web password is set: run 'pointsafe web passwd'"
-            return self.login_page(request, 401, msg)
+            return self.login_page(request, 401, msg, nxt)
         cookie, _ = self.sessions.open(stored or "")
         resp = RedirectResponse(nxt, 303)
         resp.set_cookie(auth.COOKIE, cookie, max_age=int(self.sessions.lifetime), path="/", httponly=True,
