@@ -60,3 +60,15 @@ def test_chart_is_an_escaped_svg_picture():
     bars = svg_chart("x", [1.0], [3.0], str, str, bars=True)
     assert "<rect" in bars and "<polyline" not in bars
     assert "no points yet" in svg_chart("x", [], [], str, str)
+
+
+def test_newest_task_of_each_kind(safe):
+    from pointsafe.ops import tasks
+    ids = {}
+    for kind in ("verify", "backup", "gc", "verify", "backup"):
+        rec = tasks.create(safe.index, kind, [kind])
+        tasks.finish(safe.index, rec["id"], "ok")
+        ids.setdefault(kind, []).append(rec["id"])
+    got = tasks.newest_of_kinds(safe.index, ("verify", "gc", "defrag"))
+    assert got["verify"]["id"] == ids["verify"][-1] and got["gc"]["id"] == ids["gc"][-1]
+    assert got["verify"]["state"] == "ok" and got["defrag"] is None
