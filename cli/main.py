@@ -41,6 +41,7 @@ COMMAND_MODULES = [
     "cmd_gc",        # forget, gc, defrag
     "cmd_ops",       # tasks, status, alerts, report, config
     "cmd_snapshots",  # snapshots
+    "cmd_web",       # web, web passwd
 ]
 
 DESCRIPTION = """\

@@ -150,3 +150,23 @@ def list_tasks(index, state: str | None = None, since: str | None = None, kind: 
                 continue
             out.append(r)
     return out
+
+
+def newest_of_kinds(index, kinds: tuple[str, ...]) -> dict[str, dict | None]:
+    """The newest task of each of ``kinds`` (None for a kind never run), reading the history
+    backwards from the newest task and stopping once every kind is found (the dashboard's
+    "last verify, last gc" without a pass over 100,000 tasks)."""
+    import json
+    dbs = ensure_tables(index)
+    out: dict[str, dict | None] = dict.fromkeys(kinds)
+    with index.read() as t:
+        cur = t.cursor(db=dbs["tasks"])
+        if not cur.last():
+            return out
+        for _, v in cur.iterprev():
+            r = json.loads(v)     # decoded as list_tasks decodes them
+            if r["kind"] in out and out[r["kind"]] is None:
+                out[r["kind"]] = r
+                if all(x is not None for x in out.values()):
+                    break
+    return out
