@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Backup benchmark: pointsafe side by side with restic and borg, in one run.
 
-    python scripts/bench/backup.py [--size 2G] [--tools pointsafe,pointsafe-vol,restic,borg]
+    python scripts/bench/backup.py [--size 2G] [--tools pointsafe,pointsafe-plain,pointsafe-vol,restic,borg]
                                    [--data DIR] [--work DIR] [--keep] [--warm] [--json OUT]
                                    [--markdown OUT]
 
@@ -23,7 +23,8 @@ the change, the bytes stored (repository growth across step 4) against the bytes
 Settings: restic 0.14 repository v2 with ``--compression auto`` (0.14 has no zstd level
 setting; auto is its fastest compressing mode), password-encrypted (it cannot do otherwise);
 borg 1.2 ``-e none``, ``--compression zstd,1``; pointsafe with its defaults (zstd level 1,
-64 KiB volume blocks). Client caches (restic's, borg's) live in the work directory and are not
+64 KiB volume blocks, encrypted: the machine's faster AEAD), and ``pointsafe-plain`` the same
+with ``init --encryption none``. Client caches (restic's, borg's) live in the work directory and are not
 counted in the repository size; pointsafe keeps its change-detection data inside the safe,
 which is counted.
 
@@ -49,7 +50,9 @@ from _common import (Run, disk_usage, drop_caches, human_bytes, human_secs, log,
                      write_json)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-ALL_TOOLS = ["pointsafe", "pointsafe-vol", "restic", "borg"]
+ALL_TOOLS = ["pointsafe", "pointsafe-plain", "pointsafe-vol", "restic", "borg"]
+# An encrypted safe (init's default) needs a password: the benchmark's own, if none is set.
+os.environ.setdefault("POINTSAFE_PASSWORD", "pointsafe-benchmark")
 STEPS = ["init", "backup1", "backup2", "backup3", "restore"]
 STEP_TITLES = {"init": "init", "backup1": "first backup (cold)",
                "backup2": "unchanged re-backup", "backup3": "after 1% change",
@@ -116,6 +119,16 @@ class Pointsafe(Tool):
             return {}
         st = point.get("stats", {}) if isinstance(point, dict) else {}
         return {k: st.get(k) for k in ("files", "bytes_read", "bytes_new", "bytes_stored")}
+
+
+class PointsafePlain(Pointsafe):
+    """pointsafe on a safe made with ``init --encryption none``: beside the encrypted default,
+    what encryption costs (issue 14's goal: within 1.10x)."""
+    name = "pointsafe-plain"
+
+    def commands(self, step, target=None):
+        cmd, cwd = super().commands(step, target)
+        return (cmd + ["--encryption", "none"] if step == "init" else cmd), cwd
 
 
 class PointsafeVolume(Pointsafe):
@@ -208,7 +221,7 @@ class Borg(Tool):
                 "compressed_size": st.get("compressed_size")}
 
 
-TOOL_CLASSES = {c.name: c for c in (Pointsafe, PointsafeVolume, Restic, Borg)}
+TOOL_CLASSES = {c.name: c for c in (Pointsafe, PointsafePlain, PointsafeVolume, Restic, Borg)}
 
 
 # --------------------------------------------------------------------------- verification

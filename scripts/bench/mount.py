@@ -212,11 +212,12 @@ class Tool:
 
 class Pointsafe(Tool):
     name = "pointsafe"
+    init_args: list[str] = []       # init's defaults: an encrypted safe
 
     def prepare(self, sources):
         ps = pointsafe_argv() + ["--safe", str(self.repo)]
         if not (self.repo / "header").exists():
-            sh(ps + ["init"])
+            sh(ps + ["init"] + self.init_args)
         have = {p["name"]: p["id"] for p in json.loads(sh(ps + ["points", "--json"]) or "[]")} \
             if (self.repo / "header").exists() else {}
         for name, src in sources.items():
@@ -232,6 +233,12 @@ class Pointsafe(Tool):
 
     def pid(self):
         return self.daemon
+
+
+class PointsafePlain(Pointsafe):
+    """The same on a safe made with ``init --encryption none`` (what encryption costs)."""
+    name = "pointsafe-plain"
+    init_args = ["--encryption", "none"]
 
 
 class Borg(Tool):
@@ -470,7 +477,9 @@ def benchmark(args) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     mp = work / "mnt"
     mp.mkdir(exist_ok=True)
-    tools = [{"pointsafe": Pointsafe, "borg": Borg, "restic": Restic, "memfs": MemFS}[n](work)
+    os.environ.setdefault("POINTSAFE_PASSWORD", "pointsafe-benchmark")   # for the encrypted safe
+    tools = [{"pointsafe": Pointsafe, "pointsafe-plain": PointsafePlain, "borg": Borg, "restic": Restic,
+              "memfs": MemFS}[n](work)
              for n in args.tools.split(",")]
     result: dict[str, Any] = {"machine": machine_info(), "tools": {}, "versions": {}}
     for tool in tools:
@@ -498,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--memfs", metavar="MOUNTPOINT", help=argparse.SUPPRESS)
     ap.add_argument("--memfs-size", default=1 << 30, type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--tools", default="pointsafe,borg,restic,memfs")
+    ap.add_argument("--tools", default="pointsafe,pointsafe-plain,borg,restic,memfs")
     ap.add_argument("--work", default=str(BENCH / "mount-work"))
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--prepare-only", action="store_true", help="make the data and the backups, measure nothing")
