@@ -128,6 +128,7 @@ def test_points_and_point_pages(site, client):
     assert client.get("/points?name=www&format=json").json()[0]["id"] == site["pw"]
     page = client.get(f"/points/{site['p2']}").text
     assert "bytes_new" in page and '/diff' in page and site["p1"] in page    # compare with the older one
+    assert '<p id="snapshot">none</p>' in page          # a point read live says so (not a table)
     # A POINT as the CLI takes it also names a point.
     assert client.get("/points/data@latest?format=json").json()["id"] == site["p2"]
     assert client.get("/points/ffffffffffff").status_code == 404
