@@ -22,7 +22,7 @@ from _fuse_util import unmount
 from _tree_util import all_types_tree, assert_trees_equal, make_tree, snapshot
 from conftest import needs_fuse, needs_root
 from pointsafe.cas import CIPHERS, IntegrityError, Kind, NeedsPassword, Safe, repair, verify
-from pointsafe.cas.pack import REC_HEADER_SIZE
+from pointsafe.cas.pack import REC_HEADER_SIZE, check_record
 from pointsafe.ingest.backup import BackupOptions, backup
 from pointsafe.ingest.restore import restore
 
@@ -134,7 +134,7 @@ def test_a_flipped_bit_anywhere_in_a_record_is_detected(tmp_path, spot):
                                   for err in rep.errors), rep.errors
 
 
-def test_a_flipped_bit_without_forging_fails_the_framing_checks_already(tmp_path):
+def test_a_flipped_bit_fails_the_framing_checks_without_the_key_too(tmp_path):
     safe_dir = _init(tmp_path / "safe")
     ((key, _),) = _chunks(safe_dir, 1)
     with Safe.open(safe_dir, password=PW) as s:
@@ -142,8 +142,12 @@ def test_a_flipped_bit_without_forging_fails_the_framing_checks_already(tmp_path
         with open(path, "r+b") as f:
             f.seek(off + REC_HEADER_SIZE + 30)
             f.write(bytes([rec[REC_HEADER_SIZE + 30] ^ 1]))
-        with pytest.raises(IntegrityError, match="checksum mismatch"):
+        with pytest.raises(IntegrityError) as e:
             s.get(key)
+        assert e.value.offset == off
+        _, _, now = _record(s, key)
+    with pytest.raises(IntegrityError, match="checksum mismatch"):
+        check_record(bytes(now), 1, off)       # framing: no key needed
 
 
 def test_a_record_copied_over_another_of_the_same_length_is_detected(tmp_path):
