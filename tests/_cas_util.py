@@ -90,7 +90,7 @@ def check_object(safe: Safe, key: bytes) -> bytes:
     e = safe.entry(key)
     assert e is not None, f"object {key.hex()[:12]} is not indexed"
     raw = safe.get(key)
-    assert object_key(e.kind, raw) == key, f"object {key.hex()[:12]} read back wrong bytes"
+    assert safe.object_key(e.kind, raw) == key, f"object {key.hex()[:12]} read back wrong bytes"
     return raw
 
 
