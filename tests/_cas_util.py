@@ -12,8 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from pointsafe.cas import (BlobBuilder, Entry, Kind, Point, Safe, decode_tree, encode_tree, object_key,
-                           utc_now_iso)
+from pointsafe.cas import (BlobBuilder, Entry, Kind, Point, Safe, decode_tree, encode_tree, utc_now_iso)
 from pointsafe.cas.index import ObjectEntry
 from pointsafe.cas.pack import REC_HEADER_SIZE
 from pointsafe.cas.tree import DIR, REG
