@@ -275,3 +275,15 @@ def test_a_header_made_plain_with_the_key_slots_removed_too_gets_no_plaintext_wr
         repair(safe)
     assert {p.name: p.read_bytes() for p in (safe / "packs").iterdir()} == packs_before
     assert (safe / "index" / "data.mdb").exists() and not (safe / "index.rebuild").exists()
+
+
+def test_verify_notes_key_slots_that_others_may_read(tmp_path):
+    from pointsafe.cas import verify
+    safe = tmp_path / "safe"
+    _enc_safe(safe)
+    with Safe.open(safe, password=PW) as s:
+        assert not any("group or others" in n for n in verify(s).notes)
+        (slot,) = (safe / "keys").iterdir()
+        slot.chmod(0o644)
+        notes = [n for n in verify(s).notes if "group or others" in n]
+        assert notes and f"keys/{slot.name}" in notes[0]
