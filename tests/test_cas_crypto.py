@@ -325,3 +325,18 @@ def test_repair_puts_back_the_header_that_authenticates(tmp_path):
     with pytest.raises(IntegrityError, match="every copy of the safe's header fails"):
         repair(safe, password=PW)
     assert (safe / "header").read_bytes() == changed
+
+
+def test_verify_reports_a_header_copy_changed_without_the_key(tmp_path):
+    from pointsafe.cas import verify
+    safe = tmp_path / "safe"
+    _enc_safe(safe)
+
+    def cheaper(fields):
+        fields["chunk_avg"] = 4096
+    _rewrite_header(safe, cheaper, names=("header.copy",))
+    with Safe.open(safe, password=PW) as s:
+        rep = verify(s)
+    assert [e["message"] for e in rep.errors] == [
+        f"{safe}: the safe header.copy was changed without the key (its authentication fails); "
+        "'pointsafe repair' puts back an authentic copy"]
