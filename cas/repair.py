@@ -27,7 +27,10 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import lmdb
 
-from .errors import DiskFull, NotASafe, SafeError, UnsupportedVersion
+from .crypto import Crypto
+from . import keyslots
+from .errors import DiskFull, IntegrityError, NeedsPassword, NotASafe, SafeError, UnsupportedVersion, WrongPassword
+from .keyslots import KEYS_DIR
 from .header import (
     PRIVATE_FILE_MODE,
     HeaderCopy,
@@ -44,13 +47,14 @@ from .keys import Kind
 from .nodes import decode_node, node_children
 from .pack import (
     PACK_HEADER,
+    CIPHER_NONE,
     PACK_MAGIC,
     decode_record,
     pack_name,
     scan_pack,
 )
 from .packstore import LocalPackStore, PackStore
-from .store import INDEX_DIR, PACKS_DIR, release_lock, take_lock, utc_now_iso
+from .store import INDEX_DIR, PACKS_DIR, Password, release_lock, take_lock, unlock_crypto, utc_now_iso
 
 if TYPE_CHECKING:
     from .index import Txn
@@ -82,7 +86,8 @@ class RepairReport:
                 "unreadable_bytes": self.unreadable_bytes}
 
 
-def repair(path: str | os.PathLike[str]) -> RepairReport:
+def repair(path: str | os.PathLike[str], password: Password | None = None,
+           master_key: bytes | None = None) -> RepairReport:
     """Rebuild the safe's index from its packs (and its header files when damaged or missing).
 
     Nothing readable is ever cut off: a damaged pack header or record header in the middle of a
@@ -90,6 +95,11 @@ def repair(path: str | os.PathLike[str]) -> RepairReport:
     only a torn tail after the last intact record is truncated. Raises NotASafe /
     UnsupportedVersion / SafeLocked when it cannot start. Takes the writer lock itself (the
     caller must not hold it). Cost: reads every pack once, plus every node once more.
+
+    An encrypted safe is repaired only with its key (``password`` or ``master_key``, as
+    ``Safe.open`` takes them), unlocked before anything is written: NeedsPassword without one,
+    WrongPassword when it does not open; ``keys/`` is never touched. A header that can only be
+    rebuilt with default settings is refused in a safe that has key slots.
     """
     safe_dir = Path(path)
     state = inspect_header(safe_dir)
@@ -97,6 +107,7 @@ def repair(path: str | os.PathLike[str]) -> RepairReport:
         err = missing_header_error(safe_dir, state)
         if isinstance(err, UnsupportedVersion) or not _is_dir(safe_dir / PACKS_DIR):
             raise err
+    crypto, authentic = _crypto_for(safe_dir, state, password, master_key)
     lockf = take_lock(safe_dir, "repair")
     try:
         try:
@@ -104,11 +115,69 @@ def repair(path: str | os.PathLike[str]) -> RepairReport:
         except OSError:
             pass
         rep = RepairReport()
-        header = _repair_header(safe_dir, state, rep)
-        _repair(safe_dir, rep, header)
+        header = _repair_header(safe_dir, state, rep) if authentic is None else \
+            _authentic_header(safe_dir, state, rep, authentic)
+        _repair(safe_dir, rep, header, crypto)
         return rep
     finally:
         release_lock(lockf)
+
+
+def _crypto_for(safe_dir: Path, state: HeaderState, password: Password | None,
+                master_key: bytes | None) -> tuple[Crypto | None, bytes | None]:
+    """The unlocked keys of the safe being repaired and the header bytes that authenticate
+    under them ((None, None) for a plain safe); nothing is written.
+
+    The candidates are the header files that decode and the index's copy, in the order repair
+    prefers them; the first whose ``auth`` holds wins, so a header changed without the key is
+    replaced by an authentic copy."""
+    kept = _old_meta(safe_dir / INDEX_DIR, b"header")
+    order = [state.good] if state.good is not None else []
+    order += [hc for hc in (state.main, state.copy) if hc is not state.good and hc.config is not None]
+    cands: list[tuple[bytes, SafeConfig]] = [(hc.data, hc.config) for hc in order
+                                             if hc.data is not None and hc.config is not None]
+    if kept is not None and all(kept != d for d, _ in cands):
+        try:
+            cands.append((kept, decode_header(kept, str(safe_dir))))
+        except SafeError:
+            pass
+    encrypted = [(d, c) for d, c in cands if c.encryption is not None]
+    has_keys = _is_dir(safe_dir / KEYS_DIR)
+    if not encrypted:
+        if has_keys and cands:
+            raise IntegrityError(f"{safe_dir}: the safe's header says it is not encrypted, yet the safe has "
+                                 f"key slots ({KEYS_DIR}/): the header was changed without the key; "
+                                 "repair refuses to rebuild it as a plain safe")
+        if has_keys:
+            raise NotASafe(f"{safe_dir}: the header of this encrypted safe is lost (both files and the "
+                           "index's copy): repair cannot rebuild it")
+        return None, None
+    if master_key is None and password is None:
+        raise NeedsPassword(f"{safe_dir} is encrypted: repair needs its password (POINTSAFE_PASSWORD, "
+                            "--password-file, --password-command) to rebuild the index from its packs")
+    master = master_key if master_key is not None else _unlock_any(safe_dir, encrypted, password)
+    for data, config in encrypted:
+        try:
+            return unlock_crypto(safe_dir, config, data, None, master)[0], data
+        except (IntegrityError, WrongPassword):
+            continue
+    raise IntegrityError(f"{safe_dir}: every copy of the safe's header fails its authentication (changed "
+                         "without the key, or the key is not this safe's): repair refuses")
+
+
+def _unlock_any(safe_dir: Path, encrypted: list[tuple[bytes, SafeConfig]], password: Password | None) -> bytes:
+    """The master key from the key slots, trying the safe id of each candidate header (a
+    changed one must not lock the user out); WrongPassword when none opens."""
+    pw = password() if callable(password) else password
+    assert pw is not None
+    err: SafeError | None = None
+    for sid in dict.fromkeys(c.safe_id for _, c in encrypted):
+        try:
+            return keyslots.unlock(safe_dir, pw, sid)
+        except WrongPassword as e:
+            err = e
+    assert err is not None
+    raise err
 
 
 def _decodes(data: bytes, safe_dir: Path) -> bool:
@@ -136,6 +205,15 @@ def _agreed(safe_dir: Path, state: HeaderState, good: HeaderCopy) -> HeaderCopy:
         if kept is not None and hc.data == kept:
             return hc
     return good
+
+
+def _authentic_header(safe_dir: Path, state: HeaderState, rep: RepairReport, data: bytes) -> bytes:
+    """Make both header files the authenticated header ``data`` of an encrypted safe."""
+    bad = [hc.name for hc in (state.main, state.copy) if hc.data != data]
+    if bad:
+        write_header_bytes(safe_dir, data)
+        rep.header = f"rewrote {' and '.join(bad)} with the header that authenticates under the key"
+    return data
 
 
 def _repair_header(safe_dir: Path, state: HeaderState, rep: RepairReport) -> bytes:
@@ -178,7 +256,8 @@ def _repair_header(safe_dir: Path, state: HeaderState, rep: RepairReport) -> byt
     return data
 
 
-def _scan_one(store: PackStore, pid: int, idx: Index, txn: Txn, rep: RepairReport) -> PackEntry | None:
+def _scan_one(store: PackStore, pid: int, idx: Index, txn: Txn, rep: RepairReport,
+              crypto: Crypto | None) -> PackEntry | None:
     """Index the intact records of one pack; report its damage; cut only a torn tail."""
     name = pack_name(pid)
     size = store.size(pid) or 0
@@ -187,7 +266,7 @@ def _scan_one(store: PackStore, pid: int, idx: Index, txn: Txn, rep: RepairRepor
                             "message": f"pack {name} is shorter than a pack header; left out"})
         return None
     with store.open_reader(pid) as f:
-        pe, end, torn_at, head_damaged = _index_records(f, pid, size, idx, txn, rep)
+        pe, end, torn_at, head_damaged = _index_records(f, pid, size, idx, txn, rep, crypto)
     pe.committed_len = end
     if torn_at is not None and torn_at < size:
         store.truncate(pid, torn_at)   # a torn tail: an unfinished last record, never committed
@@ -198,7 +277,7 @@ def _scan_one(store: PackStore, pid: int, idx: Index, txn: Txn, rep: RepairRepor
 
 
 def _index_records(f: BinaryIO, pid: int, size: int, idx: Index, txn: Txn,
-                   rep: RepairReport) -> tuple[PackEntry, int, int | None, bool]:
+                   rep: RepairReport, crypto: Crypto | None) -> tuple[PackEntry, int, int | None, bool]:
     """Index the intact records found walking ``f``; returns the pack's entry, the end of its
     last record, where a torn tail starts (or None) and whether the pack header is damaged."""
     name = pack_name(pid)
@@ -206,7 +285,7 @@ def _index_records(f: BinaryIO, pid: int, size: int, idx: Index, txn: Txn,
     end = PACK_HEADER.size
     torn_at = None
     head_damaged = False
-    for item in scan_pack(f, pid, size, read_data=True):
+    for item in scan_pack(f, pid, size, read_data=True, crypto=crypto):
         h = item.header
         if item.torn:
             torn_at = item.offset
@@ -219,6 +298,12 @@ def _index_records(f: BinaryIO, pid: int, size: int, idx: Index, txn: Txn,
             end = max(end, item.offset + item.length)
             continue
         end = item.offset + h.total
+        if crypto is None and h.cipher != CIPHER_NONE:
+            # Not damage: the header lost its encryption field (and keys/ went too). Indexing
+            # nothing would let gc compact every record away.
+            raise IntegrityError(f"pack {pack_name(pid)} offset {item.offset} holds an encrypted record, yet the "
+                                 "safe's header says it is not encrypted: the header was changed; repair "
+                                 "refuses (restore the header and keys/ from a copy of the safe)", pid, item.offset)
         if item.error is not None:
             rep.damaged.append({"pack": name, "offset": item.offset, "end": end, "bytes": h.total,
                                 "object": h.key.hex(), "message": str(item.error)})
@@ -236,11 +321,14 @@ def _index_records(f: BinaryIO, pid: int, size: int, idx: Index, txn: Txn,
     return pe, end, torn_at, head_damaged
 
 
-def _repair(safe_dir: Path, rep: RepairReport, header: bytes) -> None:
+def _repair(safe_dir: Path, rep: RepairReport, header: bytes, crypto: Crypto | None) -> None:
     new_dir = safe_dir / (INDEX_DIR + ".rebuild")
     shutil.rmtree(new_dir, ignore_errors=True)
     try:
-        _rebuild(safe_dir, new_dir, rep, header)
+        _rebuild(safe_dir, new_dir, rep, header, crypto)
+    except IntegrityError:
+        shutil.rmtree(new_dir, ignore_errors=True)
+        raise
     except (lmdb.Error, OSError) as e:
         shutil.rmtree(new_dir, ignore_errors=True)
         if not _no_space(e):
@@ -263,21 +351,22 @@ def _no_space(e: Exception) -> bool:
     return "No space left on device" in str(e)
 
 
-def _rebuild(safe_dir: Path, new_dir: Path, rep: RepairReport, header: bytes) -> None:
+def _rebuild(safe_dir: Path, new_dir: Path, rep: RepairReport, header: bytes, crypto: Crypto | None) -> None:
     """Build the new index in ``new_dir`` from the packs (invariant 13) and sync it."""
     idx = Index(new_dir, create=True, lock=False)
     try:
-        _fill(safe_dir, idx, rep, header)
+        _fill(safe_dir, idx, rep, header, crypto)
     finally:
         idx.close()
 
 
-def _fill(safe_dir: Path, idx: Index, rep: RepairReport, header: bytes) -> None:
-    store = LocalPackStore(safe_dir / PACKS_DIR)
-    ids = sorted(store.pack_ids())
+def _fill(safe_dir: Path, idx: Index, rep: RepairReport, header: bytes, crypto: Crypto | None) -> None:
+    local = LocalPackStore(safe_dir / PACKS_DIR)
+    store = _Packs(local, crypto)
+    ids = sorted(local.pack_ids())
     with idx.write() as txn:
         for pid in ids:
-            pe = _scan_one(store, pid, idx, txn, rep)
+            pe = _scan_one(local, pid, idx, txn, rep, crypto)
             if pe is None:
                 continue
             rep.packs += 1
@@ -291,7 +380,7 @@ def _fill(safe_dir: Path, idx: Index, rep: RepairReport, header: bytes) -> None:
     idx.env.sync(True)
 
 
-def _count(store: PackStore, idx: Index, txn: Txn, rep: RepairReport) -> None:
+def _count(store: _Packs, idx: Index, txn: Txn, rep: RepairReport) -> None:
     """Tombstones, reference counts and points of the rebuilt index."""
     forgotten = set()
     objects = idx.db["objects"]
@@ -320,7 +409,10 @@ def _count(store: PackStore, idx: Index, txn: Txn, rep: RepairReport) -> None:
         if e.kind == Kind.POINT and key not in forgotten:
             rec = json.loads(bytes(decode_node(_read(store, key, e))[1]))
             rec["id"] = key.hex()
-            txn.put(key, json.dumps(rec, sort_keys=True).encode(), db=idx.db["points"])
+            value = json.dumps(rec, sort_keys=True).encode()
+            if store.crypto is not None:
+                value = store.crypto.seal_value(b"points", key, value)
+            txn.put(key, value, db=idx.db["points"])
             pe_ = idx.get_object(txn, key)
             assert pe_ is not None      # key was read from ``objects`` in this transaction
             pe_.refcount += 1
@@ -349,7 +441,7 @@ def _record_lost(idx: Index, txn: Txn, absent: dict[bytes, list[bytes]], missing
         txn.put(b"lost_at", utc_now_iso().encode(), db=idx.db["meta"])
 
 
-def _kill_unreferenced(store: PackStore, idx: Index, txn: Txn, node_keys: list[bytes],
+def _kill_unreferenced(store: _Packs, idx: Index, txn: Txn, node_keys: list[bytes],
                        missing: dict[bytes, int]) -> None:
     """Mark dead every node no point reaches, cascading, as forget and gc would have.
 
@@ -387,9 +479,17 @@ def _kill_unreferenced(store: PackStore, idx: Index, txn: Txn, node_keys: list[b
         idx.put_pack(txn, pid, pe)
 
 
-def _read(store: PackStore, key: bytes, e: ObjectEntry) -> bytes:
-    buf = store.read(e.pack, e.offset, e.record_len)
-    return decode_record(buf, e.pack, e.offset, rehash=False, expect_key=key)[1]
+class _Packs:
+    """The pack store of the safe being repaired, with its keys (None: a plain safe)."""
+
+    def __init__(self, store: PackStore, crypto: Crypto | None):
+        self.store = store
+        self.crypto = crypto
+
+
+def _read(store: _Packs, key: bytes, e: ObjectEntry) -> bytes:
+    buf = store.store.read(e.pack, e.offset, e.record_len)
+    return decode_record(buf, e.pack, e.offset, rehash=False, expect_key=key, crypto=store.crypto)[1]
 
 
 def _old_meta(old_dir: Path, name: bytes) -> bytes | None:

@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pointsafe.cas import SafeError, UsageError
@@ -54,6 +54,9 @@ class MountOptions:
     read_ahead_kb: int = 4096
     log_file: Path | None = None
     debug: bool = False
+    # The unlocked master key of an encrypted safe (the parent unlocks; the fork copies it, so it
+    # never passes through argv or the environment). None for a plain safe.
+    master_key: bytes | None = field(default=None, repr=False)
 
 
 def default_log_file() -> Path:
@@ -230,7 +233,7 @@ def _serve(o: MountOptions, ready_fd: int | None) -> int:
     limit_arenas()
 
     try:
-        safe = Safe.open(o.safe)
+        safe = Safe.open(o.safe, master_key=o.master_key)
     except SafeError as e:
         return fail(str(e))
     point = None
