@@ -97,8 +97,25 @@ def sweep_abandoned(index) -> list[dict]:
     out = sweep(index)
     for t in out:
         msg = f"{t['kind']} task {t['id']} (started {t['started']}) was abandoned: {t['error']}"
+        msg += _mysql_settings_note(t)
         raise_alert(index, "task", "critical", msg, task=t["id"], source=t["fields"].get("name"))
     return out
+
+
+def _mysql_settings_note(task: dict) -> str:
+    """For an abandoned ``backup --mysql`` read live: whether MariaDB settings it changed may
+    still be changed (its guardian died too) or were put back (ingest/db/guardian.py)."""
+    argv = task.get("argv") or []
+    if task.get("kind") != "backup" or not any(str(a).startswith("--mysql") for a in argv):
+        return ""
+    from pointsafe.ingest.db.guardian import left_behind
+    pid = task.get("pid")
+    left = [s for s in left_behind() if s.get("pid") == pid]
+    if not left:
+        return "; no MariaDB setting it may have changed is left changed"
+    names = sorted({n for s in left for n in (s.get("applied") or {})})
+    return (f"; MariaDB settings it changed may still be changed ({', '.join(names)}): the next "
+            "'pointsafe backup --mysql' of that server puts them back")
 
 
 def source_points(index) -> dict[str, Point]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from _db_servers import MariaDB, backup, mariadb_skip_reason
+from conftest import run_cli
 
 pytestmark = [pytest.mark.db, pytest.mark.skipif(mariadb_skip_reason() is not None,
                                                  reason=mariadb_skip_reason() or "")]
@@ -107,6 +108,13 @@ def kill_group(proc: subprocess.Popen) -> None:
         proc.stderr.close()
 
 
+def abandoned_alerts(safe: Path) -> list[str]:
+    """The messages of the alerts about abandoned tasks (``alerts`` sweeps dead tasks first)."""
+    r = run_cli("alerts", "--json", safe=safe)
+    assert r.code in (0, 3), r.err
+    return [a["message"] for a in json.loads(r.out) if "abandoned" in a["message"]]
+
+
 def writes_go_through(server: MariaDB) -> None:
     con = server.connect(database="app")
     try:
@@ -131,6 +139,9 @@ def test_sigkill_during_the_read_leaves_the_settings_as_they_were(server, safe_d
     assert wait_for(lambda: settings(server) == original, 60), (settings(server), original)
     assert wait_for(lambda: not state_files(state_home), 30), state_files(state_home)
     writes_go_through(server)     # the lock went with the dead connection
+    # The abandoned task's alert says that nothing was left changed.
+    said = abandoned_alerts(safe_dir)
+    assert len(said) == 1 and "no MariaDB setting it may have changed is left changed" in said[0], said
 
 
 def test_killed_with_its_guardian_the_next_backup_puts_the_settings_back_and_says_so(server, safe_dir, state_home, cli):
@@ -147,6 +158,9 @@ def test_killed_with_its_guardian_the_next_backup_puts_the_settings_back_and_say
     assert settings(server) != original          # nobody was left to put them back
     [left] = left_behind()                        # what a status check can list
     assert left["datadir"].rstrip("/") == str(server.datadir) and left["applied"]["innodb_max_dirty_pages_pct"] == 0
+    # The abandoned task's alert names them and what puts them back.
+    said = abandoned_alerts(safe_dir)
+    assert len(said) == 1 and "may still be changed" in said[0] and "innodb_max_dirty_pages_pct" in said[0], said
 
     code, point, err = backup(cli, safe_dir, server.datadir, "--mysql", server.dsn)
     assert code == 3, err
