@@ -35,27 +35,41 @@ def rss(pid: int) -> int:
     return sum(int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssShmem"))
 
 
-def make_many(root: Path, dirs: int = 100, per_dir: int = 1000) -> None:
-    """``dirs * per_dir`` small files of distinct content, and a few large ones."""
-    for d in range(dirs):
-        sub = root / f"d{d:03}"
-        sub.mkdir(parents=True)
-        for i in range(per_dir):
-            (sub / f"file-{i:05}.txt").write_bytes(f"{d}/{i} ".encode() * (1 + i % 40))
-    big = root / "big"
-    big.mkdir()
-    for j in range(3):
-        (big / f"blob{j}.bin").write_bytes(os.urandom(24 * MiB))
+def make_many(safe_dir: Path, dirs: int = 100, per_dir: int = 1000) -> None:
+    """A point "many" of ``dirs * per_dir`` small files of distinct content, made through the
+    safe's API (no source tree to write and read: the mount is what is measured)."""
+    from pointsafe.cas import Entry, Kind, Safe, encode_tree, utc_now_iso
+    from pointsafe.cas.tree import DIR, REG
+    with Safe.init(safe_dir) as s, s.writer("test") as w:
+        top = []
+        for d in range(dirs):
+            files = []
+            for i in range(per_dir):
+                data = f"{d}/{i} ".encode() * (1 + i % 40)
+                files.append(Entry(b"file-%05d.txt" % i, REG, 0o644, size=len(data), ref=w.put(Kind.CHUNK, data),
+                                   mtime_ns=i, atime_ns=i, ctime_ns=i))
+            kids, payload = encode_tree(files)
+            top.append(Entry(b"d%03d" % d, DIR, 0o755, ref=w.put_node(Kind.TREE, kids, payload), nlink=2))
+        kids, payload = encode_tree(top)
+        root = w.put_node(Kind.TREE, kids, payload)
+        now = utc_now_iso()
+        w.add_point({"name": "many", "kind": "tree", "source": "/many", "host": "test", "started": now,
+                     "finished": now, "size": 0,
+                     "root_meta": {"mode": 0o755, "uid": 0, "gid": 0, "mtime_ns": 0, "atime_ns": 0, "xattrs": []}},
+                    root)
 
 
 def test_rss_bounded_after_walking_and_reading_100k_files(tmp_path):
-    src = tmp_path / "src"
-    make_many(src)
     safe = tmp_path / "safe"
-    run_cli("init", safe, check=True)
-    run_cli("backup", src, "--name", "many", safe=safe, check=True, timeout=600)
+    make_many(safe)
+    big = tmp_path / "big"            # and large files, read through the chunk cache
+    big.mkdir()
+    for j in range(3):
+        (big / f"blob{j}.bin").write_bytes(os.urandom(24 * MiB))
+    run_cli("backup", big, "--name", "big", safe=safe, check=True, timeout=600)
     mp = tmp_path / "mnt"
-    with mounted(safe, mp, "latest", "--cache-size", str(CHUNK_CACHE), "--dir-cache-size", str(DIR_CACHE)) as info:
+    # the whole safe: both points, every directory and file of each
+    with mounted(safe, mp, "--cache-size", str(CHUNK_CACHE), "--dir-cache-size", str(DIR_CACHE)) as info:
         pid = info["pid"]
         start = rss(pid)
         out = subprocess.run(["find", str(mp), "-ls"], capture_output=True, timeout=600)
@@ -67,7 +81,7 @@ def test_rss_bounded_after_walking_and_reading_100k_files(tmp_path):
         time.sleep(3)       # the daemon's GC timer runs every 2 s and gives freed pages back
         after = rss(pid)
         # a random file reads back right after all that
-        assert (mp / "d042" / "file-00007.txt").read_bytes() == b"42/7 " * 8
+        assert (mp / "many" / "latest" / "d042" / "file-00007.txt").read_bytes() == b"42/7 " * 8
     bound = CHUNK_CACHE + DIR_CACHE + OVERHEAD
     assert after <= bound, (f"mount RSS {after / MiB:.0f} MiB after walking 100,000 files "
                             f"(at start {start / MiB:.0f} MiB); the bound is {bound / MiB:.0f} MiB")
