@@ -30,11 +30,13 @@ from pointsafe.cas import SafeError
 from pointsafe.ops import logs
 from pointsafe.ops.recorder import run_recorded
 
+from . import password
 from .common import EXIT_ERROR, add_common
 
 # Command modules, in the order their commands appear in --help.
 COMMAND_MODULES = [
     "cmd_safe",      # init, verify, repair
+    "cmd_key",       # key list|add|remove|passwd|export|import
     "cmd_backup",    # backup
     "cmd_points",    # points, show, ls, diff, restore
     "cmd_mount",     # mount, umount
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
-        code = run_recorded(args, argv)   # the command, recorded as a task when it declares task_kind
+        # the command, recorded as a task when it declares task_kind (an encrypted safe is unlocked first)
+        code = run_recorded(args, argv, unlock=password.crypto_for(args))
         sys.stdout.flush()
         return code or 0
     except SafeError as e:

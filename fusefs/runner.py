@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pointsafe.cas import SafeError, UsageError
@@ -54,6 +54,9 @@ class MountOptions:
     read_ahead_kb: int = 4096
     log_file: Path | None = None
     debug: bool = False
+    # an encrypted safe's master key, unlocked by the mounting process; the daemon gets it by
+    # fork (in memory), never through its arguments or environment
+    master_key: bytes | None = field(default=None, repr=False)
 
 
 def default_log_file() -> Path:
@@ -227,7 +230,7 @@ def _serve(o: MountOptions, ready_fd: int | None) -> int:
     from .view import View
 
     try:
-        safe = Safe.open(o.safe)
+        safe = Safe.open(o.safe, master_key=o.master_key) if o.master_key else Safe.open(o.safe)
     except SafeError as e:
         return fail(str(e))
     point = None
