@@ -4,8 +4,9 @@ Public API re-exported here; nothing in this package imports from the other room
 """
 
 from .blob import BlobBuilder, BlobReader, NodeCache, decode_list, encode_list
-from .errors import (DiskFull, IntegrityError, NotASafe, ObjectMissing, PointNotFound, QuotaExceeded,
-                     SafeError, SafeLocked, UnsupportedVersion, UsageError)
+from .crypto import CIPHERS, Crypto, default_cipher
+from .errors import (DiskFull, IntegrityError, NeedsPassword, NotASafe, ObjectMissing, PointNotFound, QuotaExceeded,
+                     SafeError, SafeLocked, UnsupportedVersion, UsageError, WrongPassword)
 from .header import FORMAT_VERSION, SafeConfig, parse_compression
 from .keys import KEY_SIZE, Kind, object_key
 from .nodes import decode_node, encode_node, node_children
@@ -20,6 +21,7 @@ from .verify import verify
 
 __all__ = [
     "BlobBuilder", "BlobReader", "NodeCache", "decode_list", "encode_list",
+    "CIPHERS", "Crypto", "default_cipher", "NeedsPassword", "WrongPassword",
     "DiskFull", "IntegrityError", "NotASafe", "ObjectMissing", "PointNotFound", "QuotaExceeded", "SafeError",
     "SafeLocked", "UnsupportedVersion", "UsageError", "FORMAT_VERSION", "SafeConfig",
     "parse_compression", "KEY_SIZE", "Kind", "object_key", "decode_node", "encode_node",

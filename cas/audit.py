@@ -247,7 +247,7 @@ def audit(safe: Safe) -> AuditReport:
                         continue
                     try:
                         buf = safe.store.read(e.pack, e.offset, e.record_len)
-                        _, raw = decode_record(buf, e.pack, e.offset, rehash=False, expect_key=key)
+                        _, raw = decode_record(buf, e.pack, e.offset, rehash=False, expect_key=key, crypto=safe.crypto)
                         bad: _Bad = []
                         _declare(key, e.kind, raw, counts, bad)
                     except (IntegrityError, OSError, ValueError) as err:
@@ -432,7 +432,7 @@ def _name_size_problems(safe: Safe, txn: Txn, bad_keys: dict[bytes, int | None],
                     continue
         with env.begin() as pt:
             for found in findings:
-                r.size_problem(_size_message(txn, idx, pt, *found))
+                r.size_problem(_size_message(safe, txn, pt, *found))
     finally:
         env.close()
 
@@ -454,7 +454,7 @@ def _climb(pt: Txn, key: bytes) -> tuple[bytes | None, list[bytes]]:
     return None, names
 
 
-def _size_message(txn: Txn, idx: Index, pt: Txn, node: bytes, kind: int, child: bytes | None,
+def _size_message(safe: Safe, txn: Txn, pt: Txn, node: bytes, kind: int, child: bytes | None,
                   name: bytes | None, declared: int | None, actual: int | None) -> str:
     """The one-line finding for a wrong length ``node`` declares, naming point and path."""
     point: bytes | None
@@ -468,8 +468,12 @@ def _size_message(txn: Txn, idx: Index, pt: Txn, node: bytes, kind: int, child: 
     path = "/" + "/".join(n.decode(errors="backslashreplace") for n in names)
     label = "(not reachable from any point)"
     if point is not None:
-        rec = txn.get(point, db=idx.db["points"])
-        pname = json.loads(rec).get("name", "?") if rec is not None else "(forgotten)"
+        rec = txn.get(point, db=safe.index.db["points"])
+        try:
+            pname = json.loads(safe.open_value(b"points", point, rec)).get("name", "?") if rec is not None \
+                else "(forgotten)"
+        except (IntegrityError, ValueError):
+            pname = "(unreadable record)"
         label = f"{pname} ({point.hex()[:12]})"
     if declared is None:
         return f"point {label}: {path}: directory node {node.hex()[:12]} does not decode"

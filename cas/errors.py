@@ -110,3 +110,17 @@ class UsageError(SafeError):
     """
 
     usage = True
+
+
+class NeedsPassword(SafeError):
+    """the safe is encrypted: give its password (POINTSAFE_PASSWORD, --password-file, --password-command)
+
+    Raised when an encrypted safe is opened without a password or key.
+    """
+
+
+class WrongPassword(SafeError):
+    """wrong password (no key slot of the safe opens with it)
+
+    Nothing was written.
+    """

@@ -29,7 +29,8 @@ from typing import Any
 from .errors import NotASafe, SafeError, UnsupportedVersion, UsageError
 
 MAGIC = b"PNTSAFE\x00"
-FORMAT_VERSION = 3  # 2: paged directories; 3: header.copy, private modes (docs/FORMAT.md)
+FORMAT_VERSION = 4  # 2: paged directories; 3: header.copy, private modes; 4: encryption (docs/FORMAT.md)
+PLAIN_VERSION = 3   # plain safes keep being written as version 3, so that older readers read them
 HEADER_NAME = "header"
 COPY_NAME = "header.copy"
 PRIVATE_FILE_MODE = 0o600   # every file of a safe (header, packs, index, lock)
@@ -51,6 +52,13 @@ class SafeConfig:
     list_fanout: int = 256             # entries per Merkle list node
     pack_size: int = 64 * 1024 * 1024  # a pack is closed once it passes this size
     quota: dict[str, Any] = field(default_factory=dict)   # ops' settings, JSON values
+    # {"cipher", "kdf", "auth"} of an encrypted safe (version 4); None: a plain safe
+    encryption: dict[str, str] | None = None
+
+    @property
+    def cipher(self) -> str | None:
+        """The AEAD of an encrypted safe ("aes-256-gcm", "chacha20-poly1305"), None if plain."""
+        return None if self.encryption is None else self.encryption.get("cipher")
 
     @property
     def zstd_level(self) -> int | None:
@@ -78,11 +86,39 @@ def parse_compression(text: str) -> str:
     return f"zstd:{n}"
 
 
+def config_fields(config: SafeConfig) -> dict[str, Any]:
+    """The JSON object a header holds for ``config`` (a plain safe's has no ``encryption``)."""
+    fields = asdict(config)
+    if fields.get("encryption") is None:
+        fields.pop("encryption", None)
+    return fields
+
+
+def canonical_config(fields: dict[str, Any]) -> bytes:
+    """The bytes ``encryption.auth`` authenticates: the header's whole JSON object without
+    ``encryption.auth``, keys sorted, no spaces, ASCII (docs/FORMAT.md, "The header")."""
+    f = dict(fields)
+    enc = f.get("encryption")
+    if isinstance(enc, dict):
+        f["encryption"] = {k: v for k, v in enc.items() if k != "auth"}
+    return json.dumps(f, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
 def encode_header(config: SafeConfig) -> bytes:
-    """The header file's bytes for ``config`` at this pointsafe's format version."""
-    body = json.dumps(asdict(config), sort_keys=True).encode()
-    head = _FIXED.pack(MAGIC, FORMAT_VERSION, len(body)) + body
+    """The header file's bytes for ``config``: version 4 for an encrypted safe, 3 for a
+    plain one (readable by pointsafe before encryption)."""
+    body = json.dumps(config_fields(config), sort_keys=True).encode()
+    version = FORMAT_VERSION if config.encryption is not None else PLAIN_VERSION
+    head = _FIXED.pack(MAGIC, version, len(body)) + body
     return head + struct.pack("<I", zlib.crc32(head))
+
+
+def header_fields(data: bytes) -> dict[str, Any]:
+    """The whole JSON object of header bytes that :func:`decode_header` accepted (unknown
+    fields too: the header's authentication covers them)."""
+    n = _FIXED.unpack_from(data)[2]
+    fields: dict[str, Any] = json.loads(data[_FIXED.size:_FIXED.size + n])
+    return fields
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -161,9 +197,24 @@ def decode_header(data: bytes, where: str, name: str = HEADER_NAME) -> SafeConfi
     try:
         fields = json.loads(data[_FIXED.size:end])
         known = {k: v for k, v in fields.items() if k in SafeConfig.__dataclass_fields__}
-        return SafeConfig(**known)
-    except (ValueError, TypeError) as e:
+        config = SafeConfig(**known)
+    except (ValueError, TypeError, AttributeError) as e:
         raise NotASafe(f"{where}: the safe {name} is corrupt ({e})") from None
+    _check_encryption(config, version, where, name)
+    return config
+
+
+def _check_encryption(config: SafeConfig, version: int, where: str, name: str) -> None:
+    """NotASafe when the ``encryption`` field is malformed or in a header older than 4."""
+    enc = config.encryption
+    if enc is None:
+        return
+    from .crypto import CIPHERS     # (crypto imports no header code)
+    if version < 4 or not isinstance(enc, dict):
+        raise NotASafe(f"{where}: the safe {name} is corrupt (an encryption field in a version-{version} header)")
+    if enc.get("cipher") not in CIPHERS or enc.get("kdf") != "argon2id" or not isinstance(enc.get("auth"), str):
+        raise NotASafe(f"{where}: the safe {name} names an unknown encryption "
+                       f"({enc.get('cipher')!r}, {enc.get('kdf')!r}); upgrade pointsafe")
 
 
 def header_version(data: bytes) -> int:
@@ -293,6 +344,11 @@ def read_header(safe_dir: Path) -> SafeConfig:
     """The safe's configuration, from ``header`` or, when that is damaged or missing, from
     ``header.copy`` (saying so on stderr, once per process and safe). Raises NotASafe /
     UnsupportedVersion / SafeError (permission denied) when neither can be used."""
+    return read_header_data(safe_dir)[0]
+
+
+def read_header_data(safe_dir: Path) -> tuple[SafeConfig, bytes]:
+    """:func:`read_header`, with the bytes of the header file used."""
     state = inspect_header(safe_dir)
     good = state.good
     if good is None:
@@ -308,5 +364,5 @@ def read_header(safe_dir: Path) -> SafeConfig:
         why = state.main.error or f"{safe_dir}: the safe {HEADER_NAME} is missing"
         print(f"pointsafe: warning: {why}; using {COPY_NAME} ('pointsafe repair' rewrites the header)",
               file=sys.stderr)
-    assert good.config is not None
-    return good.config
+    assert good.config is not None and good.data is not None
+    return good.config, good.data

@@ -10,14 +10,18 @@ Record layout, a 64-byte header then the stored bytes::
     0   4  magic b"PSR\\x01"
     4   1  kind
     5   1  codec (0 = raw, 1 = zstd)
-    6   2  reserved, zero
-    8  32  key = blake3(kind || raw bytes)
+    6   1  cipher (0 = none, 1 = aes-256-gcm, 2 = chacha20-poly1305; cas/crypto.py)
+    7   1  reserved, zero
+    8  32  key = blake3(kind || raw bytes) (keyed with the id key in an encrypted safe)
     40  4  raw length, u32 LE
     44  4  stored length, u32 LE
     48 12  blake3(stored bytes)[:12]
     60  4  CRC-32 of bytes 0..60
 
 Because each record names its key and kind, the LMDB index can be rebuilt from the packs alone.
+In an encrypted safe the stored bytes are ``salt || AEAD(compressed-or-raw bytes)`` with bytes
+0..48 of the header as associated data (cas/crypto.py); the check covers the stored bytes as
+written, so framing is checked without the key.
 """
 
 from __future__ import annotations
@@ -26,19 +30,27 @@ import struct
 import threading
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Iterator
 
 import blake3
 import zstandard
 
+from .crypto import OVERHEAD
 from .errors import IntegrityError
 from .keys import object_key
+
+if TYPE_CHECKING:
+    from .crypto import Crypto
 
 PACK_MAGIC = b"PSPACK\x00\x01"
 PACK_HEADER = struct.Struct("<8sQ")
 REC_MAGIC = b"PSR\x01"
 REC_HEADER = struct.Struct("<4sBBH32sII12sI")
 REC_HEADER_SIZE = REC_HEADER.size  # 64
+REC_AAD = struct.Struct("<4sBBH32sII")   # bytes 0..48: an encrypted record's associated data
+AAD_SIZE = REC_AAD.size                  # 48
+CIPHER_NONE = 0
+KNOWN_CIPHERS = (0, 1, 2)                # byte 6 (bytes 6..8 read as u16: byte 7 must be 0)
 CODEC_RAW = 0
 CODEC_ZSTD = 1
 
@@ -66,16 +78,17 @@ class Prepared:
     kind: int
     codec: int
     raw_len: int
-    stored: bytes
+    stored: bytes | bytearray     # sealed (salt, ciphertext, tag) when ``cipher`` is not 0
 
     header: bytes = b""
+    cipher: int = CIPHER_NONE
 
     def __post_init__(self) -> None:
         # The 64-byte record header is built here, in the (worker) thread that prepares the
         # object, so that the single writing thread only appends bytes.
         if not self.header:
             check = blake3.blake3(self.stored).digest()[:12]
-            head = REC_HEADER.pack(REC_MAGIC, self.kind, self.codec, 0, self.key,
+            head = REC_HEADER.pack(REC_MAGIC, self.kind, self.codec, self.cipher, self.key,
                                    self.raw_len, len(self.stored), check, 0)
             object.__setattr__(self, "header", head[:60] + struct.pack("<I", zlib.crc32(head[:60])))
 
@@ -112,18 +125,27 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-def prepare(kind: int, data: bytes | memoryview, level: int | None, key: bytes | None = None) -> Prepared:
-    """Hash and compress ``data``; safe to call from many threads at once.
+def prepare(kind: int, data: bytes | memoryview, level: int | None, key: bytes | None = None,
+            crypto: Crypto | None = None) -> Prepared:
+    """Hash and compress ``data`` (and, with ``crypto``, the safe's, seal it); safe to call from
+    many threads at once.
 
-    The object is stored raw when compression is off or does not make it smaller.
+    The object is stored raw when compression is off or does not make it smaller. ``key``, when
+    given, must be the key of ``data`` in this safe (``crypto.object_key`` in an encrypted one).
     """
     if key is None:
-        key = object_key(kind, data)
+        key = object_key(kind, data) if crypto is None else crypto.object_key(kind, data)
+    codec = CODEC_RAW
+    body: bytes | memoryview = data
     if level is not None and len(data) > 64:
         comp = _compressor(level).compress(data)
         if len(comp) < len(data):
-            return Prepared(key, kind, CODEC_ZSTD, len(data), comp)
-    return Prepared(key, kind, CODEC_RAW, len(data), bytes(data))
+            codec, body = CODEC_ZSTD, comp
+    if crypto is None:
+        return Prepared(key, kind, codec, len(data), body if isinstance(body, bytes) else bytes(body))
+    cid = crypto.cipher_id
+    aad = REC_AAD.pack(REC_MAGIC, kind, codec, cid, key, len(data), len(body) + OVERHEAD)
+    return Prepared(key, kind, codec, len(data), crypto.seal_record(aad, body), cipher=cid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +158,7 @@ class RecordHeader:
     raw_len: int
     stored_len: int
     check: bytes
+    cipher: int = CIPHER_NONE
 
     @property
     def total(self) -> int:
@@ -149,14 +172,16 @@ def parse_record_header(buf: bytes | memoryview, pack: int, offset: int) -> Reco
     bytes are not checked here (``check_record``)."""
     if len(buf) < REC_HEADER_SIZE:
         raise IntegrityError(f"pack {pack_name(pack)} offset {offset}: truncated record header", pack, offset)
-    magic, kind, codec, _res, key, raw_len, stored_len, check, crc = REC_HEADER.unpack_from(buf)
+    magic, kind, codec, cipher, key, raw_len, stored_len, check, crc = REC_HEADER.unpack_from(buf)
     if magic != REC_MAGIC:
         raise IntegrityError(f"pack {pack_name(pack)} offset {offset}: bad record magic", pack, offset)
     if zlib.crc32(bytes(buf[:60])) != crc:
         raise IntegrityError(f"pack {pack_name(pack)} offset {offset}: record header checksum mismatch", pack, offset)
     if codec not in (CODEC_RAW, CODEC_ZSTD):
         raise IntegrityError(f"pack {pack_name(pack)} offset {offset}: unknown codec {codec}", pack, offset)
-    return RecordHeader(kind, codec, key, raw_len, stored_len, check)
+    if cipher not in KNOWN_CIPHERS:
+        raise IntegrityError(f"pack {pack_name(pack)} offset {offset}: unknown cipher {cipher}", pack, offset)
+    return RecordHeader(kind, codec, key, raw_len, stored_len, check, cipher)
 
 
 class _Where:
@@ -188,41 +213,60 @@ def check_record(buf: bytes | memoryview, pack: int, offset: int,
     return h, stored
 
 
+def _unseal(buf: bytes | memoryview, h: RecordHeader, stored: memoryview, pack: int, offset: int,
+            crypto: Crypto | None) -> bytes | memoryview:
+    """The stored bytes as written before sealing: opened with the safe's keys when the record
+    is encrypted; IntegrityError when the record's encryption is not the safe's (a plain
+    record in an encrypted safe would be a forgery nobody can authenticate)."""
+    if h.cipher != CIPHER_NONE:
+        if crypto is None:
+            raise IntegrityError(f"{_Where(pack, offset)}: object {h.key.hex()[:12]} is encrypted, "
+                                 "in a safe that is not", pack, offset)
+        return crypto.open_record(memoryview(buf)[:AAD_SIZE], stored, pack, offset, h.cipher)
+    if crypto is not None:
+        raise IntegrityError(f"{_Where(pack, offset)}: object {h.key.hex()[:12]} is not encrypted, "
+                             "in an encrypted safe (written without the key)", pack, offset)
+    return stored
+
+
 def decode_record_view(buf: bytes | memoryview, pack: int, offset: int, rehash: bool = True,
-                       expect_key: bytes | None = None) -> tuple[RecordHeader, bytes | memoryview]:
+                       expect_key: bytes | None = None,
+                       crypto: Crypto | None = None) -> tuple[RecordHeader, bytes | memoryview]:
     """Check a whole record (header + stored bytes) and return its raw content, without
-    copying it when the record is stored raw: then it is a view of ``buf`` (which it keeps
-    alive); a compressed record comes back as new bytes.
+    copying it when the record is stored raw and plain: then it is a view of ``buf`` (which it
+    keeps alive); a compressed or encrypted record comes back as new bytes. ``crypto`` is the
+    safe's (None for a plain safe): an encrypted record is authenticated and decrypted.
 
     Raises IntegrityError, naming the pack and offset, when any check fails; never returns
-    bytes that do not match their checksum (and, with ``rehash``, their key).
+    bytes that do not match their checksum, authentication tag (and, with ``rehash``, key).
     """
     h, stored = check_record(buf, pack, offset, expect_key)
+    body = _unseal(buf, h, stored, pack, offset, crypto)
     raw: bytes | memoryview
     if h.codec == CODEC_ZSTD:
         try:
-            raw = _decompressor().decompress(stored, max_output_size=h.raw_len)
+            raw = _decompressor().decompress(body, max_output_size=h.raw_len)
         except zstandard.ZstdError as e:
             raise IntegrityError(f"{_Where(pack, offset)}: object {h.key.hex()[:12]} does not decompress ({e})",
                                  pack, offset) from None
     else:
-        raw = stored
+        raw = body
     if len(raw) != h.raw_len:
         raise IntegrityError(f"{_Where(pack, offset)}: object {h.key.hex()[:12]} has {len(raw)} bytes, "
                              f"expected {h.raw_len}", pack, offset)
-    if rehash and object_key(h.kind, raw) != h.key:
+    if rehash and (object_key(h.kind, raw) if crypto is None else crypto.object_key(h.kind, raw)) != h.key:
         raise IntegrityError(f"{_Where(pack, offset)}: object {h.key.hex()[:12]} does not match its key", pack, offset)
     return h, raw
 
 
 def decode_record(buf: bytes | memoryview, pack: int, offset: int, rehash: bool = True,
-                  expect_key: bytes | None = None) -> tuple[RecordHeader, bytes]:
+                  expect_key: bytes | None = None, crypto: Crypto | None = None) -> tuple[RecordHeader, bytes]:
     """:func:`decode_record_view`, always returning bytes of their own (a copy of a raw record).
 
     Raises IntegrityError, naming the pack and offset, when any check fails; never returns
     bytes that do not match their checksum (and, with ``rehash``, their key).
     """
-    h, raw = decode_record_view(buf, pack, offset, rehash, expect_key)
+    h, raw = decode_record_view(buf, pack, offset, rehash, expect_key, crypto)
     return h, raw if isinstance(raw, bytes) else bytes(raw)
 
 
@@ -315,8 +359,8 @@ def _damaged(pack_id: int, off: int, end: int, why: IntegrityError) -> ScanItem:
     return ScanItem(off, None, IntegrityError(msg, pack_id, off), length=end - off)
 
 
-def scan_pack(f: BinaryIO, pack_id: int, size: int,
-              read_data: bool = True, rehash: bool = False) -> Iterator[ScanItem]:
+def scan_pack(f: BinaryIO, pack_id: int, size: int, read_data: bool = True, rehash: bool = False,
+              crypto: Crypto | None = None) -> Iterator[ScanItem]:
     """Walk the records of a pack in order, up to ``size`` bytes, reading it through ``f``
     (``PackStore.open_reader``) (docs/FORMAT.md, "Walking a pack").
 
@@ -325,7 +369,8 @@ def scan_pack(f: BinaryIO, pack_id: int, size: int,
     damaged pack header) is yielded as a damaged region, and the walk resynchronises at the
     next intact record, found by scanning for the record magic; records start at 16 whatever
     the pack header holds. Only the end can be ``torn``: fewer than 64 bytes, or a checked
-    header whose record runs past the end, after the last intact record.
+    header whose record runs past the end, after the last intact record. With ``read_data`` each
+    record is decoded (with ``crypto``, the safe's, authenticated and decrypted).
     """
     f.seek(0)
     head = f.read(PACK_HEADER.size)
@@ -374,7 +419,7 @@ def scan_pack(f: BinaryIO, pack_id: int, size: int,
         if read_data:
             body = f.read(h.stored_len)
             try:
-                decode_record(hb + body, pack_id, off, rehash=rehash)
+                decode_record_view(hb + body, pack_id, off, rehash=rehash, crypto=crypto)
             except IntegrityError as e:
                 err = e
         yield ScanItem(off, h, err)

@@ -18,7 +18,6 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Iterable, Iterator
 
-from .keys import object_key
 from .pack import Prepared, prepare
 
 if TYPE_CHECKING:
@@ -49,17 +48,19 @@ def iter_put_many(writer: Writer, kind: int, datas: Iterable[bytes], threads: in
     """Like ``put_many`` but yields each key once its object is appended (not yet committed:
     call ``writer.flush()`` to commit)."""
     level = writer.level
+    crypto = writer.crypto
+    key_of = writer.safe.object_key
     index = writer.index
     objects = index.db["objects"]
     pending = writer.pending
 
     def work(group: list[bytes]) -> _Prepared:
         out: _Prepared = []
-        keys = [object_key(kind, d) for d in group]
+        keys = [key_of(kind, d) for d in group]
         with index.read() as txn:            # one snapshot for the whole group
             known = [k in pending or txn.get(k, db=objects) is not None for k in keys]
         for data, key, seen in zip(group, keys, known):
-            out.append((key, None if seen else prepare(kind, data, level, key=key)))
+            out.append((key, None if seen else prepare(kind, data, level, key=key, crypto=crypto)))
         return out
 
     def groups() -> Iterator[list[bytes]]:

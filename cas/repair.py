@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import lmdb
 
-from .errors import DiskFull, NotASafe, SafeError, UnsupportedVersion
+from .crypto import Crypto
+from .errors import DiskFull, IntegrityError, NeedsPassword, NotASafe, SafeError, UnsupportedVersion
+from .keyslots import KEYS_DIR
 from .header import (
     PRIVATE_FILE_MODE,
     HeaderCopy,
@@ -50,7 +52,7 @@ from .pack import (
     scan_pack,
 )
 from .packstore import LocalPackStore, PackStore
-from .store import INDEX_DIR, PACKS_DIR, release_lock, take_lock, utc_now_iso
+from .store import INDEX_DIR, PACKS_DIR, Password, release_lock, take_lock, unlock_crypto, utc_now_iso
 
 if TYPE_CHECKING:
     from .index import Txn
@@ -82,7 +84,8 @@ class RepairReport:
                 "unreadable_bytes": self.unreadable_bytes}
 
 
-def repair(path: str | os.PathLike[str]) -> RepairReport:
+def repair(path: str | os.PathLike[str], password: Password | None = None,
+           master_key: bytes | None = None) -> RepairReport:
     """Rebuild the safe's index from its packs (and its header files when damaged or missing).
 
     Nothing readable is ever cut off: a damaged pack header or record header in the middle of a
@@ -90,6 +93,11 @@ def repair(path: str | os.PathLike[str]) -> RepairReport:
     only a torn tail after the last intact record is truncated. Raises NotASafe /
     UnsupportedVersion / SafeLocked when it cannot start. Takes the writer lock itself (the
     caller must not hold it). Cost: reads every pack once, plus every node once more.
+
+    An encrypted safe is repaired only with its key (``password`` or ``master_key``, as
+    ``Safe.open`` takes them), unlocked before anything is written: NeedsPassword without one,
+    WrongPassword when it does not open; ``keys/`` is never touched. A header that can only be
+    rebuilt with default settings is refused in a safe that has key slots.
     """
     safe_dir = Path(path)
     state = inspect_header(safe_dir)
@@ -97,6 +105,7 @@ def repair(path: str | os.PathLike[str]) -> RepairReport:
         err = missing_header_error(safe_dir, state)
         if isinstance(err, UnsupportedVersion) or not _is_dir(safe_dir / PACKS_DIR):
             raise err
+    crypto = _crypto_for(safe_dir, state, password, master_key)
     lockf = take_lock(safe_dir, "repair")
     try:
         try:
@@ -105,10 +114,41 @@ def repair(path: str | os.PathLike[str]) -> RepairReport:
             pass
         rep = RepairReport()
         header = _repair_header(safe_dir, state, rep)
-        _repair(safe_dir, rep, header)
+        _repair(safe_dir, rep, header, crypto)
         return rep
     finally:
         release_lock(lockf)
+
+
+def _crypto_for(safe_dir: Path, state: HeaderState, password: Password | None,
+                master_key: bytes | None) -> Crypto | None:
+    """The unlocked keys of the safe being repaired (None for a plain safe), from the header
+    repair will use (a good file, else the index's copy); nothing is written."""
+    good = state.good
+    data = good.data if good is not None else _old_meta(safe_dir / INDEX_DIR, b"header")
+    config = None
+    if data is not None:
+        try:
+            config = decode_header(data, str(safe_dir))
+        except SafeError:
+            config = None
+    has_keys = _is_dir(safe_dir / KEYS_DIR)
+    if config is None:
+        if has_keys:
+            raise NotASafe(f"{safe_dir}: the header of this encrypted safe is lost (both files and the "
+                           "index's copy): repair cannot rebuild it")
+        return None
+    assert data is not None
+    if config.encryption is None:
+        if has_keys:
+            raise IntegrityError(f"{safe_dir}: the safe's header says it is not encrypted, yet the safe has "
+                                 f"key slots ({KEYS_DIR}/): the header was changed without the key; "
+                                 "repair refuses to rebuild it as a plain safe")
+        return None
+    if master_key is None and password is None:
+        raise NeedsPassword(f"{safe_dir} is encrypted: repair needs its password (POINTSAFE_PASSWORD, "
+                            "--password-file, --password-command) to rebuild the index from its packs")
+    return unlock_crypto(safe_dir, config, data, password, master_key)[0]
 
 
 def _decodes(data: bytes, safe_dir: Path) -> bool:
@@ -178,7 +218,8 @@ def _repair_header(safe_dir: Path, state: HeaderState, rep: RepairReport) -> byt
     return data
 
 
-def _scan_one(store: PackStore, pid: int, idx: Index, txn: Txn, rep: RepairReport) -> PackEntry | None:
+def _scan_one(store: PackStore, pid: int, idx: Index, txn: Txn, rep: RepairReport,
+              crypto: Crypto | None) -> PackEntry | None:
     """Index the intact records of one pack; report its damage; cut only a torn tail."""
     name = pack_name(pid)
     size = store.size(pid) or 0
@@ -187,7 +228,7 @@ def _scan_one(store: PackStore, pid: int, idx: Index, txn: Txn, rep: RepairRepor
                             "message": f"pack {name} is shorter than a pack header; left out"})
         return None
     with store.open_reader(pid) as f:
-        pe, end, torn_at, head_damaged = _index_records(f, pid, size, idx, txn, rep)
+        pe, end, torn_at, head_damaged = _index_records(f, pid, size, idx, txn, rep, crypto)
     pe.committed_len = end
     if torn_at is not None and torn_at < size:
         store.truncate(pid, torn_at)   # a torn tail: an unfinished last record, never committed
@@ -198,7 +239,7 @@ def _scan_one(store: PackStore, pid: int, idx: Index, txn: Txn, rep: RepairRepor
 
 
 def _index_records(f: BinaryIO, pid: int, size: int, idx: Index, txn: Txn,
-                   rep: RepairReport) -> tuple[PackEntry, int, int | None, bool]:
+                   rep: RepairReport, crypto: Crypto | None) -> tuple[PackEntry, int, int | None, bool]:
     """Index the intact records found walking ``f``; returns the pack's entry, the end of its
     last record, where a torn tail starts (or None) and whether the pack header is damaged."""
     name = pack_name(pid)
@@ -206,7 +247,7 @@ def _index_records(f: BinaryIO, pid: int, size: int, idx: Index, txn: Txn,
     end = PACK_HEADER.size
     torn_at = None
     head_damaged = False
-    for item in scan_pack(f, pid, size, read_data=True):
+    for item in scan_pack(f, pid, size, read_data=True, crypto=crypto):
         h = item.header
         if item.torn:
             torn_at = item.offset
@@ -236,11 +277,11 @@ def _index_records(f: BinaryIO, pid: int, size: int, idx: Index, txn: Txn,
     return pe, end, torn_at, head_damaged
 
 
-def _repair(safe_dir: Path, rep: RepairReport, header: bytes) -> None:
+def _repair(safe_dir: Path, rep: RepairReport, header: bytes, crypto: Crypto | None) -> None:
     new_dir = safe_dir / (INDEX_DIR + ".rebuild")
     shutil.rmtree(new_dir, ignore_errors=True)
     try:
-        _rebuild(safe_dir, new_dir, rep, header)
+        _rebuild(safe_dir, new_dir, rep, header, crypto)
     except (lmdb.Error, OSError) as e:
         shutil.rmtree(new_dir, ignore_errors=True)
         if not _no_space(e):
@@ -263,21 +304,22 @@ def _no_space(e: Exception) -> bool:
     return "No space left on device" in str(e)
 
 
-def _rebuild(safe_dir: Path, new_dir: Path, rep: RepairReport, header: bytes) -> None:
+def _rebuild(safe_dir: Path, new_dir: Path, rep: RepairReport, header: bytes, crypto: Crypto | None) -> None:
     """Build the new index in ``new_dir`` from the packs (invariant 13) and sync it."""
     idx = Index(new_dir, create=True, lock=False)
     try:
-        _fill(safe_dir, idx, rep, header)
+        _fill(safe_dir, idx, rep, header, crypto)
     finally:
         idx.close()
 
 
-def _fill(safe_dir: Path, idx: Index, rep: RepairReport, header: bytes) -> None:
-    store = LocalPackStore(safe_dir / PACKS_DIR)
-    ids = sorted(store.pack_ids())
+def _fill(safe_dir: Path, idx: Index, rep: RepairReport, header: bytes, crypto: Crypto | None) -> None:
+    local = LocalPackStore(safe_dir / PACKS_DIR)
+    store = _Packs(local, crypto)
+    ids = sorted(local.pack_ids())
     with idx.write() as txn:
         for pid in ids:
-            pe = _scan_one(store, pid, idx, txn, rep)
+            pe = _scan_one(local, pid, idx, txn, rep, crypto)
             if pe is None:
                 continue
             rep.packs += 1
@@ -291,7 +333,7 @@ def _fill(safe_dir: Path, idx: Index, rep: RepairReport, header: bytes) -> None:
     idx.env.sync(True)
 
 
-def _count(store: PackStore, idx: Index, txn: Txn, rep: RepairReport) -> None:
+def _count(store: _Packs, idx: Index, txn: Txn, rep: RepairReport) -> None:
     """Tombstones, reference counts and points of the rebuilt index."""
     forgotten = set()
     objects = idx.db["objects"]
@@ -320,7 +362,10 @@ def _count(store: PackStore, idx: Index, txn: Txn, rep: RepairReport) -> None:
         if e.kind == Kind.POINT and key not in forgotten:
             rec = json.loads(bytes(decode_node(_read(store, key, e))[1]))
             rec["id"] = key.hex()
-            txn.put(key, json.dumps(rec, sort_keys=True).encode(), db=idx.db["points"])
+            value = json.dumps(rec, sort_keys=True).encode()
+            if store.crypto is not None:
+                value = store.crypto.seal_value(b"points", key, value)
+            txn.put(key, value, db=idx.db["points"])
             pe_ = idx.get_object(txn, key)
             assert pe_ is not None      # key was read from ``objects`` in this transaction
             pe_.refcount += 1
@@ -349,7 +394,7 @@ def _record_lost(idx: Index, txn: Txn, absent: dict[bytes, list[bytes]], missing
         txn.put(b"lost_at", utc_now_iso().encode(), db=idx.db["meta"])
 
 
-def _kill_unreferenced(store: PackStore, idx: Index, txn: Txn, node_keys: list[bytes],
+def _kill_unreferenced(store: _Packs, idx: Index, txn: Txn, node_keys: list[bytes],
                        missing: dict[bytes, int]) -> None:
     """Mark dead every node no point reaches, cascading, as forget and gc would have.
 
@@ -387,9 +432,17 @@ def _kill_unreferenced(store: PackStore, idx: Index, txn: Txn, node_keys: list[b
         idx.put_pack(txn, pid, pe)
 
 
-def _read(store: PackStore, key: bytes, e: ObjectEntry) -> bytes:
-    buf = store.read(e.pack, e.offset, e.record_len)
-    return decode_record(buf, e.pack, e.offset, rehash=False, expect_key=key)[1]
+class _Packs:
+    """The pack store of the safe being repaired, with its keys (None: a plain safe)."""
+
+    def __init__(self, store: PackStore, crypto: Crypto | None):
+        self.store = store
+        self.crypto = crypto
+
+
+def _read(store: _Packs, key: bytes, e: ObjectEntry) -> bytes:
+    buf = store.store.read(e.pack, e.offset, e.record_len)
+    return decode_record(buf, e.pack, e.offset, rehash=False, expect_key=key, crypto=store.crypto)[1]
 
 
 def _old_meta(old_dir: Path, name: bytes) -> bytes | None:

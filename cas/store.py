@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hmac
 import json
 import os
 import shutil
@@ -27,16 +28,19 @@ import time
 import uuid
 from pathlib import Path
 from types import TracebackType
+from dataclasses import replace
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterable, TextIO
 
 import lmdb
 
-from . import counters
+from . import counters, keyslots
 from .counters import SafeCounters
-from .errors import (DiskFull, IntegrityError, NotASafe, ObjectMissing, QuotaExceeded, SafeError, SafeLocked,
-                     UsageError)
-from .header import (COPY_NAME, HEADER_NAME, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, SafeConfig, encode_header,
-                     parse_compression, read_header, write_header_bytes)
+from .crypto import CIPHERS, MASTER_KEY_SIZE, Crypto, default_cipher
+from .errors import (DiskFull, IntegrityError, NeedsPassword, NotASafe, ObjectMissing, QuotaExceeded, SafeError,
+                     SafeLocked, UsageError, WrongPassword)
+from .header import (COPY_NAME, HEADER_NAME, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, SafeConfig, canonical_config,
+                     config_fields, encode_header, header_fields, parse_compression, read_header_data,
+                     write_header_bytes)
 from .index import FLAG_PINNED, Index, ObjectEntry, PackEntry, pack_from_dbkey
 from .keys import Kind, object_key
 from .nodes import encode_node, node_children
@@ -60,6 +64,8 @@ INIT_MIN_FREE = 1 << 20   # free bytes a new safe needs (LMDB's files, header, f
 SPACE_CHECK_EVERY = 4 * 1024 * 1024  # a writer's space guard runs at most once per this many bytes
 
 SpaceCheck = Callable[[Path, int], None]
+Password = bytes | Callable[[], bytes]
+POINTS_TABLE = b"points"
 
 
 def _undo_init(p: Path, created: bool) -> None:
@@ -69,6 +75,7 @@ def _undo_init(p: Path, created: bool) -> None:
             (p / name).unlink()
         except OSError:
             pass
+    shutil.rmtree(p / keyslots.KEYS_DIR, ignore_errors=True)
     shutil.rmtree(p / INDEX_DIR, ignore_errors=True)
     shutil.rmtree(p / PACKS_DIR, ignore_errors=True)
     if created:
@@ -160,13 +167,71 @@ def release_lock(f: IO[Any]) -> None:
         pass  # a full disk cannot flush the holder note; the lock goes with the descriptor
 
 
-class Safe:
-    """An open safe. Reading is thread-safe; writing goes through :meth:`writer`."""
+def _encrypted_config(config: SafeConfig, cipher: str, crypto: Crypto) -> SafeConfig:
+    """``config`` with its ``encryption`` field, ``auth`` computed with the header key."""
+    enc = {"cipher": cipher, "kdf": "argon2id"}
+    auth = crypto.header_auth(canonical_config(config_fields(replace(config, encryption=enc))))
+    return replace(config, encryption={**enc, "auth": auth})
 
-    def __init__(self, path: Path, config: SafeConfig, index: Index):
+
+def _check_auth(p: Path, data: bytes, config: SafeConfig, crypto: Crypto, by_key: bool) -> None:
+    """IntegrityError (or WrongPassword for a key given by hand) when the header's ``auth``
+    does not hold under the unlocked key."""
+    assert config.encryption is not None
+    want = crypto.header_auth(canonical_config(header_fields(data)))
+    if not hmac.compare_digest(want, str(config.encryption.get("auth", ""))):
+        if by_key:
+            raise WrongPassword(f"the key given does not open {p} (or its header was changed without the key)")
+        raise IntegrityError(f"{p}: the safe's header was changed without the key (its authentication "
+                             "fails); 'pointsafe repair' restores it from its copies")
+
+
+def unlock_crypto(p: Path, config: SafeConfig, data: bytes, password: Password | None,
+            master_key: bytes | None) -> tuple[Crypto, bytes]:
+    """The Crypto and master key of the encrypted safe at ``p`` (header checked); NeedsPassword
+    without a password or key, WrongPassword when no slot opens."""
+    cipher = config.cipher
+    assert cipher is not None
+    by_key = master_key is not None
+    if master_key is None:
+        if password is None:
+            raise NeedsPassword(f"{p} is encrypted: give its password (POINTSAFE_PASSWORD, --password-file, "
+                                "--password-command)")
+        pw = password() if callable(password) else password
+        master_key = keyslots.unlock(p, pw, config.safe_id)
+    elif len(master_key) != MASTER_KEY_SIZE:
+        raise UsageError("a master key is 32 bytes")
+    crypto = Crypto(master_key, cipher)
+    _check_auth(p, data, config, crypto, by_key)
+    return crypto, master_key
+
+
+def _refuse_downgrade(p: Path) -> None:
+    """IntegrityError when a header that says "plain" sits in a safe that has key slots: a
+    header changed without the key (writers would store plaintext)."""
+    try:
+        has_keys = (p / keyslots.KEYS_DIR).is_dir()
+    except OSError:
+        has_keys = False
+    if has_keys:
+        raise IntegrityError(f"{p}: the safe's header says it is not encrypted, yet the safe has key slots "
+                             f"({keyslots.KEYS_DIR}/): the header was changed without the key; refusing to use it")
+
+
+class Safe:
+    """An open safe. Reading is thread-safe; writing goes through :meth:`writer`.
+
+    An encrypted safe carries its unlocked :class:`~.crypto.Crypto` (``crypto``); every id,
+    record and point value goes through it. A plain safe's ``crypto`` is None.
+    """
+
+    def __init__(self, path: Path, config: SafeConfig, index: Index, crypto: Crypto | None = None,
+                 master_key: bytes | None = None):
         self.path = path
         self.config = config
         self.index = index
+        self.crypto = crypto
+        self._master = master_key
         self.packs_dir = path / PACKS_DIR
         self.store = LocalPackStore(self.packs_dir)
         # Count of objects read from packs, for tests and benchmarks ("lazy" checks).
@@ -176,14 +241,24 @@ class Safe:
 
     @classmethod
     def init(cls, path: str | os.PathLike[str], compression: str = "zstd:1",
-             block_size: int = 64 * 1024, pack_size: int = 64 * 1024 * 1024, **extra: Any) -> "Safe":
+             block_size: int = 64 * 1024, pack_size: int = 64 * 1024 * 1024, encryption: str = "none",
+             password: bytes | None = None, **extra: Any) -> "Safe":
         """Create a new safe at ``path`` (a missing or empty directory) and return it open for
         writing; ``extra`` are further SafeConfig fields.
+
+        ``encryption`` is "none", "auto" (``crypto.default_cipher()``), "aes-256-gcm" or
+        "chacha20-poly1305"; an encrypted safe gets a random master key in one key slot opened by
+        ``password`` (KDF parameters: cas/keyslots.py).
 
         Raises UsageError for a path that is not a new or empty directory or a bad setting,
         DiskFull when the disk has less than 1 MiB free, SafeError on other I/O errors; a
         failed init removes what it made, so it can simply run again."""
         p = Path(path)
+        cipher = default_cipher() if encryption == "auto" else encryption
+        if cipher not in ("none", *CIPHERS):
+            raise UsageError(f"unknown encryption {encryption!r}: use auto, {', '.join(CIPHERS)} or none")
+        if cipher != "none" and not password:
+            raise UsageError("an encrypted safe needs a password (it may not be empty)")
         if p.exists():
             if not p.is_dir():
                 raise UsageError(f"{p}: exists and is not a directory")
@@ -194,6 +269,11 @@ class Safe:
         config = SafeConfig(safe_id=uuid.uuid4().hex, created=utc_now_iso(),
                             compression=parse_compression(compression), block_size=block_size,
                             pack_size=pack_size, **extra)
+        crypto = master = None
+        if cipher != "none":
+            master = os.urandom(MASTER_KEY_SIZE)
+            crypto = Crypto(master, cipher)
+            config = _encrypted_config(config, cipher, crypto)
         created = not p.exists()
         try:
             p.mkdir(parents=True, exist_ok=True)
@@ -208,6 +288,9 @@ class Safe:
             os.chmod(p / PACKS_DIR, PRIVATE_DIR_MODE)
             index = Index(p / INDEX_DIR, create=True)
             os.close(private_open(p / LOCK_NAME))
+            if master is not None:
+                assert password is not None
+                keyslots.add_slot(p, master, password, label="init", safe_id=config.safe_id)
             header = encode_header(config)
             with index.write() as txn:
                 txn.put(b"header", header, db=index.db["meta"])   # a third copy, for repair
@@ -220,14 +303,22 @@ class Safe:
             if isinstance(e, lmdb.Error):
                 e = OSError(errno.ENOSPC if "space" in str(e).lower() else errno.EIO, str(e))
             raise _disk_error(e, f"creating the safe at {p}") from None
-        safe = cls(p, config, index)
+        safe = cls(p, config, index, crypto, master)
         from .release import keep_reserve   # (release imports this module)
         keep_reserve(safe)                  # room for gc's commits if the disk ever fills
         return safe
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], write: bool | None = None) -> "Safe":
+    def open(cls, path: str | os.PathLike[str], write: bool | None = None, password: Password | None = None,
+             master_key: bytes | None = None) -> "Safe":
         """Open the safe at ``path``.
+
+        An encrypted safe is unlocked first, with ``master_key`` when given (``key import``,
+        recovery) or else with ``password`` (bytes, or a callable returning them, called only when
+        the safe is encrypted); a plain safe ignores both. NeedsPassword when the safe is encrypted
+        and neither is given, WrongPassword when no key slot opens with the password (nothing is
+        written), IntegrityError when the header fails its authentication or a plain-looking
+        header sits beside key slots.
 
         ``write=None`` (the default) opens the index for writing when this process may write it
         and read-only otherwise (a read-only filesystem, a user without write permission), so
@@ -237,7 +328,12 @@ class Safe:
         Raises NotASafe when ``path`` is not a safe or its index is missing or unreadable.
         """
         p = Path(path)
-        config = read_header(p)
+        config, data = read_header_data(p)
+        crypto = None
+        if config.encryption is None:
+            _refuse_downgrade(p)
+        else:
+            crypto, master_key = unlock_crypto(p, config, data, password, master_key)
         index_dir = p / INDEX_DIR
         try:
             present = (index_dir / "data.mdb").exists()
@@ -258,7 +354,39 @@ class Safe:
             index = Index(index_dir, readonly=not write, lock=not ro_fs)
         except lmdb.Error as e:
             raise _open_error(p, e, write) from None
-        return cls(p, config, index)
+        return cls(p, config, index, crypto, master_key if crypto is not None else None)
+
+    @property
+    def encrypted(self) -> bool:
+        """True for an encrypted safe (its ``crypto`` holds the unlocked keys)."""
+        return self.crypto is not None
+
+    @property
+    def master_key(self) -> bytes:
+        """The unlocked master key of an encrypted safe (for ``key add``/``passwd``/``export``);
+        UsageError on a plain safe."""
+        if self._master is None:
+            raise UsageError(f"{self.path} is not encrypted: it has no key")
+        return self._master
+
+    def object_key(self, kind: int, data: bytes | memoryview) -> bytes:
+        """The key of ``data`` stored as ``kind`` in this safe (keyed BLAKE3 when encrypted)."""
+        return object_key(kind, data) if self.crypto is None else self.crypto.object_key(kind, data)
+
+    def seal_value(self, table: bytes, row: bytes, value: bytes) -> bytes:
+        """``value`` as stored in index table ``table`` under ``row``: sealed (bound to table and
+        row) in an encrypted safe, as it is in a plain one."""
+        return value if self.crypto is None else self.crypto.seal_value(table, row, value)
+
+    def open_value(self, table: bytes, row: bytes, stored: bytes | memoryview) -> bytes:
+        """The value :meth:`seal_value` stored; IntegrityError when a sealed value was changed."""
+        if self.crypto is None:
+            return bytes(stored)
+        return self.crypto.open_value(table, row, stored)
+
+    def point_from_value(self, key: bytes, stored: bytes | memoryview) -> Point:
+        """The Point of a ``points`` table row (its key and stored value)."""
+        return Point.from_json(self.open_value(POINTS_TABLE, bytes(key), stored))
 
     @property
     def readonly(self) -> bool:
@@ -341,7 +469,7 @@ class Safe:
         (FileNotFoundError for a pack gc removed) from the pack store. No retry: see ``get``."""
         buf = self.store.read(e.pack, e.offset, e.record_len)
         self.objects_read += 1
-        _, raw = decode_record(buf, e.pack, e.offset, rehash=rehash, expect_key=key)
+        _, raw = decode_record(buf, e.pack, e.offset, rehash=rehash, expect_key=key, crypto=self.crypto)
         return raw
 
     def children(self, key: bytes) -> list[bytes]:
@@ -360,7 +488,7 @@ class Safe:
         """Every committed point, oldest first (the one order, ``Point.order_key``); one
         snapshot, O(points)."""
         with self.index.read() as t:
-            out = [Point.from_json(v) for _, v in t.cursor(db=self.index.db["points"])]
+            out = [self.point_from_value(k, v) for k, v in t.cursor(db=self.index.db["points"])]
         return oldest_first(out)
 
     def point(self, point_id: str) -> Point | None:
@@ -371,7 +499,7 @@ class Safe:
             return None
         with self.index.read() as t:
             v = t.get(k, db=self.index.db["points"])
-        return Point.from_json(v) if v is not None else None
+        return self.point_from_value(k, v) if v is not None else None
 
     # -- statistics ---------------------------------------------------------------------
 
@@ -405,6 +533,7 @@ class Writer:
         self.safe = safe
         self.index = safe.index
         self.level = safe.config.zstd_level
+        self.crypto = safe.crypto
         self._lockf: IO[Any] | None = take_lock(safe.path, command)
         self.pending: dict[bytes, ObjectEntry] = {}
         self.deltas: dict[bytes, int] = {}
@@ -453,10 +582,10 @@ class Writer:
         QuotaExceeded from the space check; the writer is then closed and the batch dropped.
         """
         if key is None:
-            key = object_key(kind, data)
+            key = self.safe.object_key(kind, data)
         if self.lookup(key) is not None:
             return key
-        self.put_prepared(prepare(kind, data, self.level, key=key), children, checked=True)
+        self.put_prepared(prepare(kind, data, self.level, key=key, crypto=self.crypto), children, checked=True)
         return key
 
     def put_node(self, kind: int, children: list[bytes], payload: bytes) -> bytes:
@@ -573,7 +702,8 @@ class Writer:
         rc.count_up(deltas.items())
         rc.finish()
         for key, rec in self.pending_points:
-            txn.put(key, json.dumps(rec, sort_keys=True).encode(), db=idx.db["points"])
+            txn.put(key, self.safe.seal_value(POINTS_TABLE, key, json.dumps(rec, sort_keys=True).encode()),
+                    db=idx.db["points"])
 
     # -- releasing ----------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 from .audit import audit
-from .errors import SafeError, SafeLocked
+from .errors import IntegrityError, SafeError, SafeLocked
 from .header import COPY_NAME, HEADER_NAME, header_version, inspect_header
 from .index import FLAG_DEAD, PackEntry, pack_from_dbkey
 from .keys import Kind
@@ -60,8 +60,9 @@ class VerifyReport:
 
 def verify(safe: Safe, data: bool = False, progress: Callable[[int], None] | None = None,
            lock: bool = True) -> VerifyReport:
-    """Check the header files, every pack record's framing and checksum (``data``: also re-hash
-    every object against its key), that the index and the packs agree, the reference counts and
+    """Check the header files, every pack record's framing and checksum (and, in an encrypted
+    safe, its authentication tag: every record is opened with the safe's key; ``data``: also
+    re-hash every object against its key), that the index and the packs agree, the reference counts and
     the sizes that trees and points declare for their blobs; note a safe that others can read.
     Holds the writer lock so that a concurrent gc cannot delete packs mid-check (on a safe
     opened read-only, a shared view of the lock when it can be had); ``lock=False`` when the
@@ -199,8 +200,12 @@ def _verify(safe: Safe, data: bool, progress: Callable[[int], None] | None, r: V
         n_index = txn.stat(idx.db["objects"])["entries"]
         if n_index != indexed_total:
             r.error(f"the index holds {n_index} objects but its packs account for {indexed_total}")
-        for k, _ in txn.cursor(db=idx.db["points"]):
+        for k, v in txn.cursor(db=idx.db["points"]):
             r.points += 1
+            try:
+                safe.point_from_value(k, v)
+            except (IntegrityError, ValueError) as err:
+                r.error(f"point {k.hex()[:12]}: its record in the index cannot be read: {err}")
             e = idx.get_object(txn, k)
             if e is None or e.kind != Kind.POINT or e.flags & FLAG_DEAD:
                 r.error(f"point {k.hex()[:12]}: its record object is missing from the index")
@@ -218,7 +223,7 @@ def _walk_pack(safe: Safe, txn: Txn, pid: int, f: BinaryIO, limit: int, data: bo
                progress: Callable[[int], None] | None, r: VerifyReport) -> int:
     idx = safe.index
     found = 0
-    for item in scan_pack(f, pid, limit, read_data=True, rehash=data):
+    for item in scan_pack(f, pid, limit, read_data=True, rehash=data, crypto=safe.crypto):
         h = item.header
         if h is None or item.torn:
             # A damaged region (the walk goes on after it) or, inside the committed length,

@@ -9,8 +9,8 @@ served as a view of its record buffer; one read together with others is copied o
 cache, which counts the buffer a value keeps alive, stays within its bound exactly.
 
 Every record is checked by ``cas.pack.decode_record_view``, the decoder of the whole safe
-(header CRC, stored-bytes checksum, expected key, length), so damaged bytes are never
-returned. Anything unexpected — a pack gone because gc or defrag moved its objects, a record
+(header CRC, stored-bytes checksum, expected key, length; in an encrypted safe the
+authentication tag, through the safe's ``crypto``), so damaged bytes are never returned. Anything unexpected — a pack gone because gc or defrag moved its objects, a record
 that fails its check — falls back to ``Safe.get`` for that one object, which looks the object
 up again and raises ``IntegrityError``/``ObjectMissing`` when it really is damaged or gone. No LMDB transaction outlives a call.
 """
@@ -118,7 +118,7 @@ class ChunkSource:
             for _, off, k, e in located[i:j]:
                 try:
                     _, raw = decode_record_view(buf[off - start:off - start + e.record_len], pack, off,
-                                                rehash=False, expect_key=k)
+                                                rehash=False, expect_key=k, crypto=safe.crypto)
                     # A raw chunk is a view of the read buffer: copy it out when the buffer
                     # holds other records, so that the cache's byte count stays exact.
                     out[k] = bytes(raw) if shared and isinstance(raw, memoryview) else raw

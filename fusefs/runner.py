@@ -54,8 +54,8 @@ class MountOptions:
     read_ahead_kb: int = 4096
     log_file: Path | None = None
     debug: bool = False
-    # an encrypted safe's master key, unlocked by the mounting process; the daemon gets it by
-    # fork (in memory), never through its arguments or environment
+    # The unlocked master key of an encrypted safe (the parent unlocks; the fork copies it, so it
+    # never passes through argv or the environment). None for a plain safe.
     master_key: bytes | None = field(default=None, repr=False)
 
 
@@ -230,7 +230,7 @@ def _serve(o: MountOptions, ready_fd: int | None) -> int:
     from .view import View
 
     try:
-        safe = Safe.open(o.safe, master_key=o.master_key) if o.master_key else Safe.open(o.safe)
+        safe = Safe.open(o.safe, master_key=o.master_key)
     except SafeError as e:
         return fail(str(e))
     point = None

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pointsafe.cas import BlobBuilder, Entry, Kind, Prepared, Writer, build_tree, object_key, prepare
+from pointsafe.cas.crypto import Crypto
 
 from .chunking import is_zero
 
@@ -59,19 +60,21 @@ class Batch:
 
 
 def _hash_batch(chunks: list[memoryview], known: Callable[[bytes], bool],
-                level: int | None) -> list[tuple[bytes, Prepared | None] | None]:
-    """Worker: (key, Prepared or None when already stored) per chunk; None for zero chunks."""
+                level: int | None, crypto: Crypto | None = None) -> list[tuple[bytes, Prepared | None] | None]:
+    """Worker: (key, Prepared or None when already stored) per chunk; None for zero chunks.
+    ``crypto`` is the safe's (keyed ids, sealed records) or None for a plain safe."""
+    key_of = object_key if crypto is None else crypto.object_key
     out: list[tuple[bytes, Prepared | None] | None] = []
     for mv in chunks:
         if is_zero(mv):
             out.append(None)
             continue
-        key = object_key(Kind.CHUNK, mv)
+        key = key_of(Kind.CHUNK, mv)
         if known(key):
             out.append((key, None))
         else:
             # prepare reads any buffer (hashing, zstd, raw copy); cas declares it for bytes only.
-            out.append((key, prepare(Kind.CHUNK, mv, level, key=key)))
+            out.append((key, prepare(Kind.CHUNK, mv, level, key=key, crypto=crypto)))
     return out
 
 
@@ -154,7 +157,8 @@ class Pipeline:
         if not b.events:
             return
         if b.chunks:
-            b.future = self.pool.submit(_hash_batch, b.chunks, self.writer.known, self.writer.level)
+            b.future = self.pool.submit(_hash_batch, b.chunks, self.writer.known, self.writer.level,
+                                         self.writer.crypto)
         self.batch = Batch()
         while True:
             if self.error is not None:
