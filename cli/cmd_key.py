@@ -222,7 +222,7 @@ def cmd_import(args) -> int:
         raise UsageError(f"{args.file}: this key is the key of another safe ({named}), not of {path} ({safe_id})")
     try:
         Safe.open(path, write=False, master_key=master).close()   # checks the key against the header
-    except IntegrityError:
+    except (IntegrityError, WrongPassword):
         raise UsageError(f"{args.file}: this key does not open {path} (another safe's key, or a changed "
                          "header: 'pointsafe verify' says which)") from None
     new = password.new_password(args)

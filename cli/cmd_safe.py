@@ -150,7 +150,7 @@ def cmd_repair(args) -> int:
     """Rebuild the index (and a damaged header); exit 1 when something could not be read."""
     path = safe_path(args)
     master = password.unlock(args, path)      # repair rebuilds an encrypted safe with its key
-    rep = repair(path, master_key=master) if master else repair(path)
+    rep = repair(path, master_key=master)
     tasks.report(packs=rep.packs, objects=rep.objects, points=rep.points, damaged=len(rep.damaged),
                  unreadable_bytes=rep.unreadable_bytes, truncated=len(rep.truncated),
                  missing_children=rep.missing_children)

@@ -168,17 +168,11 @@ def unlock(args: argparse.Namespace, safe_dir: str | Path) -> bytes | None:
 def open_safe(args: argparse.Namespace, path: str | Path, write: bool | None = None) -> Safe:
     """The safe at ``path``, opened (``write`` as in Safe.open), unlocked with the password of
     the module docstring when it is encrypted; the index's ops tables seal with its key."""
-    master = unlock(args, path) if is_encrypted(path) else None
-    safe = Safe.open(Path(path), write=write, master_key=master) if master else Safe.open(Path(path), write=write)
-    _share_crypto(path, safe)
-    return safe
-
-
-def _share_crypto(path: str | Path, safe: Safe) -> None:
     from pointsafe.ops import db
-    crypto = getattr(safe, "crypto", None)
-    if crypto is not None:
-        db.use_crypto(path, crypto)
+    safe = Safe.open(Path(path), write=write, master_key=unlock(args, path))
+    if safe.crypto is not None:
+        db.use_crypto(path, safe.crypto)
+    return safe
 
 
 def crypto_for(args: argparse.Namespace):

@@ -30,7 +30,7 @@ import socket
 from pointsafe.cas import UsageError
 
 from .clock import parse_duration
-from .db import ensure_tables
+from .db import OpsTable, ensure_tables
 
 DEFAULTS = {
     "quota.soft": "20%",
@@ -100,10 +100,10 @@ def load(index) -> dict[str, str]:
         return dict(json.loads(v) for _, v in table.items(t))
 
 
-def put(index, txn, name: str, value: str) -> None:
-    """Store setting ``name`` = ``value`` (unchecked) in the write transaction ``txn``: the text
-    under the name, or on an encrypted safe ``[name, value]`` sealed under the name's hash."""
-    table = ensure_tables(index)["config"]
+def put(table: OpsTable, txn, name: str, value: str) -> None:
+    """Store setting ``name`` = ``value`` (unchecked) in the write transaction ``txn`` of the
+    ``config`` table: the text under the name, or on an encrypted safe ``[name, value]`` sealed
+    under the name's hash."""
     data = value.encode() if table.crypto is None else json.dumps([name, value]).encode()
     table.put(txn, table.row(name), data)
 
@@ -127,8 +127,9 @@ def interval_for(settings: dict[str, str], name: str) -> float | None:
 def set_value(index, name: str, value: str) -> str:
     """Store setting ``name`` as ``value`` once checked (UsageError when invalid); returns the value stored."""
     value = check(name, value)
+    table = ensure_tables(index)["config"]
     with index.write() as t:
-        put(index, t, name.strip(), value)
+        put(table, t, name.strip(), value)
     return value
 
 
