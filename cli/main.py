@@ -96,6 +96,7 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command line; returns the exit code (see EPILOG). Never raises but SystemExit."""
+    args: argparse.Namespace | None = None
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -107,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         return code or 0
     except SafeError as e:
+        handler = getattr(args, "on_error", None) if args is not None else None   # (status --check)
+        code = handler(args, e) if handler is not None else None
+        if code is not None:
+            return code
         print(f"pointsafe: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -331,3 +331,14 @@ def test_sigkill_of_a_backup_leaves_a_safe_that_verifies(tmp_path):
     run_cli("restore", "data@latest", tmp_path / "out", safe=safe, check=True)
     assert (tmp_path / "out" / "f7").read_bytes() == (src / "f7").read_bytes()
     assert run_cli("verify", "--data", safe=safe).code == 0
+
+
+def test_status_check_without_the_password_is_unknown(enc_safe):
+    safe, _ = enc_safe
+    r = run_cli("status", "--check", safe=safe, env=NO_PASSWORD, input=b"")
+    assert r.code == 3
+    assert r.out.startswith("POINTSAFE UNKNOWN - ") and "is encrypted" in r.out
+    r = run_cli("status", "--check", safe=safe, env={"POINTSAFE_PASSWORD": "wrong"})
+    assert r.code == 3 and "wrong password" in r.out
+    r = run_cli("status", "--check", safe=safe)
+    assert r.code == 0 and r.out.startswith("POINTSAFE OK")
