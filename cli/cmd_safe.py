@@ -149,8 +149,11 @@ def cmd_verify(args) -> int:
 def cmd_repair(args) -> int:
     """Rebuild the index (and a damaged header); exit 1 when something could not be read."""
     path = safe_path(args)
-    master = password.unlock(args, path)      # repair rebuilds an encrypted safe with its key
-    rep = repair(path, master_key=master)
+    # An encrypted safe is rebuilt with its key: the one this command unlocked already, else
+    # repair asks for the password (only for an encrypted safe) and unlocks with the header it
+    # will keep (the header file may be the damage being repaired).
+    rep = repair(path, master_key=password.unlocked(path),
+                 password=lambda: password.password_for(args, path))
     tasks.report(packs=rep.packs, objects=rep.objects, points=rep.points, damaged=len(rep.damaged),
                  unreadable_bytes=rep.unreadable_bytes, truncated=len(rep.truncated),
                  missing_children=rep.missing_children)

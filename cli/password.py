@@ -153,6 +153,11 @@ def remember(safe_dir: str | Path, master: bytes) -> None:
     _unlocked[_slot_key(safe_dir)] = master
 
 
+def unlocked(safe_dir: str | Path) -> bytes | None:
+    """The master key of ``safe_dir`` if this process unlocked it already, else None."""
+    return _unlocked.get(_slot_key(safe_dir))
+
+
 def unlock(args: argparse.Namespace, safe_dir: str | Path) -> bytes | None:
     """The master key of the safe at ``safe_dir`` (None for a plain safe), unlocked with the
     password once per process; WrongPassword (one line) when no key slot opens with it."""
@@ -160,9 +165,27 @@ def unlock(args: argparse.Namespace, safe_dir: str | Path) -> bytes | None:
         return None
     k = _slot_key(safe_dir)
     if k not in _unlocked:
+        from pointsafe.cas.errors import WrongPassword
         from pointsafe.cas.keyslots import unlock as unlock_slots
-        _unlocked[k] = unlock_slots(Path(safe_dir), password_for(args, safe_dir))
+        try:
+            _unlocked[k] = unlock_slots(Path(safe_dir), password_for(args, safe_dir))
+        except WrongPassword:
+            if _headers_differ(Path(safe_dir)):
+                raise WrongPassword(
+                    f"no key slot of {safe_dir} opens with this password under its header, and the "
+                    "header differs from header.copy: the header may have been replaced; 'pointsafe "
+                    "repair' puts the safe's own back") from None
+            raise
     return _unlocked[k]
+
+
+def _headers_differ(safe_dir: Path) -> bool:
+    """Whether both header files are there and differ (a header copied from another safe makes
+    every password look wrong, since key slots are bound to the safe id)."""
+    try:
+        return (safe_dir / "header").read_bytes() != (safe_dir / "header.copy").read_bytes()
+    except OSError:
+        return False
 
 
 def open_safe(args: argparse.Namespace, path: str | Path, write: bool | None = None) -> Safe:

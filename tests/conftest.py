@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Every CLI run gets a password and a cheap KDF, so that the safes the tests make with
 # 'pointsafe init' are encrypted (init's default) and cost no 64 MiB Argon2id per command.
 TEST_PASSWORD = "test password \u00e9"
+PW = TEST_PASSWORD.encode()     # for Safe.open of a CLI-made safe in a test (plain safes ignore it)
 CLI_ENV = {"POINTSAFE_PASSWORD": TEST_PASSWORD, "POINTSAFE_KDF_MEMORY_KIB": "8192", "POINTSAFE_KDF_TIME": "1"}
 
 

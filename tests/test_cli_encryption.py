@@ -342,3 +342,31 @@ def test_status_check_without_the_password_is_unknown(enc_safe):
     assert r.code == 3 and "wrong password" in r.out
     r = run_cli("status", "--check", safe=safe)
     assert r.code == 0 and r.out.startswith("POINTSAFE OK")
+
+
+def test_repair_of_an_encrypted_safe_whose_header_is_lost_everywhere_is_one_line(enc_safe):
+    import shutil
+    safe, _ = enc_safe
+    (safe / "header").unlink()
+    (safe / "header.copy").unlink()
+    shutil.rmtree(safe / "index")
+    r = run_cli("repair", safe=safe)
+    assert r.code == 1
+    assert "header" in one_line(r.err) and "lost" in r.err
+    assert (safe / "keys").is_dir() and list((safe / "keys").iterdir())
+
+
+def test_repair_rebuilds_a_lost_index_of_an_encrypted_safe(enc_safe, tmp_path):
+    import shutil
+    safe, src = enc_safe
+    shutil.rmtree(safe / "index")
+    r = run_cli("repair", safe=safe, env=NO_PASSWORD, input=b"")
+    assert r.code == 1 and "is encrypted" in one_line(r.err)
+    assert not (safe / "index").exists()
+    r = run_cli("repair", safe=safe, env={"POINTSAFE_PASSWORD": "wrong"})
+    assert r.code == 1 and "wrong password" in one_line(r.err)
+    r = run_cli("repair", safe=safe)
+    assert r.code == 0, r.err
+    run_cli("restore", "data@latest", tmp_path / "out", safe=safe, check=True)
+    assert (tmp_path / "out" / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
+    assert run_cli("verify", "--data", safe=safe).code == 0
