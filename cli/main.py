@@ -109,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         return code or 0
     except SafeError as e:
         handler = getattr(args, "on_error", None) if args is not None else None   # (status --check)
-        code = handler(args, e) if handler is not None else None
-        if code is not None:
-            return code
+        handled: int | None = handler(args, e) if handler is not None else None
+        if handled is not None:
+            return handled
         print(f"pointsafe: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
