@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .crypto import CIPHERS
 from .errors import NotASafe, SafeError, UnsupportedVersion, UsageError
 
 MAGIC = b"PNTSAFE\x00"
@@ -209,7 +210,6 @@ def _check_encryption(config: SafeConfig, version: int, where: str, name: str) -
     enc = config.encryption
     if enc is None:
         return
-    from .crypto import CIPHERS     # (crypto imports no header code)
     if version < 4 or not isinstance(enc, dict):
         raise NotASafe(f"{where}: the safe {name} is corrupt (an encryption field in a version-{version} header)")
     if enc.get("cipher") not in CIPHERS or enc.get("kdf") != "argon2id" or not isinstance(enc.get("auth"), str):

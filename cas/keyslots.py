@@ -72,7 +72,8 @@ def _kdf_params() -> tuple[int, int, int]:
             return max(floor, int(text))
         except ValueError:
             raise UsageError(f"{name}={text!r} is not a number") from None
-    return env_int("POINTSAFE_KDF_MEMORY_KIB", DEFAULT_M_KIB, MIN_M_KIB), env_int("POINTSAFE_KDF_TIME", DEFAULT_T, MIN_T), DEFAULT_P
+    return (env_int("POINTSAFE_KDF_MEMORY_KIB", DEFAULT_M_KIB, MIN_M_KIB),
+            env_int("POINTSAFE_KDF_TIME", DEFAULT_T, MIN_T), DEFAULT_P)
 
 
 def _kek(password: bytes, salt: bytes, t: int, m_kib: int, p: int) -> bytes:

@@ -197,9 +197,10 @@ class _Where:
 
 
 def check_record(buf: bytes | memoryview, pack: int, offset: int,
-                 expect_key: bytes | None = None) -> tuple[RecordHeader, memoryview]:
-    """Check a record's framing, key and stored-bytes checksum without decompressing it;
-    return its header and its stored bytes. Raises IntegrityError naming pack and offset."""
+                 expect_key: bytes | None = None, checksum: bool = True) -> tuple[RecordHeader, memoryview]:
+    """Check a record's framing, key and stored-bytes checksum (unless ``checksum`` is False:
+    the caller authenticates the bytes itself) without decompressing it; return its header and
+    its stored bytes. Raises IntegrityError naming pack and offset."""
     h = parse_record_header(buf, pack, offset)
     where = _Where(pack, offset)
     if expect_key is not None and h.key != expect_key:
@@ -208,7 +209,7 @@ def check_record(buf: bytes | memoryview, pack: int, offset: int,
     stored = memoryview(buf)[REC_HEADER_SIZE:REC_HEADER_SIZE + h.stored_len]
     if len(stored) != h.stored_len:
         raise IntegrityError(f"{where}: record truncated ({len(stored)} of {h.stored_len} bytes)", pack, offset)
-    if blake3.blake3(stored).digest()[:12] != h.check:
+    if checksum and blake3.blake3(stored).digest()[:12] != h.check:
         raise IntegrityError(f"{where}: object {h.key.hex()[:12]} is damaged (checksum mismatch)", pack, offset)
     return h, stored
 
@@ -230,17 +231,21 @@ def _unseal(buf: bytes | memoryview, h: RecordHeader, stored: memoryview, pack: 
 
 
 def decode_record_view(buf: bytes | memoryview, pack: int, offset: int, rehash: bool = True,
-                       expect_key: bytes | None = None,
-                       crypto: Crypto | None = None) -> tuple[RecordHeader, bytes | memoryview]:
+                       expect_key: bytes | None = None, crypto: Crypto | None = None,
+                       checksum: bool | None = None) -> tuple[RecordHeader, bytes | memoryview]:
     """Check a whole record (header + stored bytes) and return its raw content, without
     copying it when the record is stored raw and plain: then it is a view of ``buf`` (which it
     keeps alive); a compressed or encrypted record comes back as new bytes. ``crypto`` is the
     safe's (None for a plain safe): an encrypted record is authenticated and decrypted.
 
+    The stored-bytes checksum is checked unless ``checksum`` says otherwise; by default (None)
+    it is skipped for an encrypted safe, whose tag authenticates the same bytes (one pass less
+    on every read), and checked for a plain one.
+
     Raises IntegrityError, naming the pack and offset, when any check fails; never returns
-    bytes that do not match their checksum, authentication tag (and, with ``rehash``, key).
+    bytes that do not match their checksum or authentication tag (and, with ``rehash``, key).
     """
-    h, stored = check_record(buf, pack, offset, expect_key)
+    h, stored = check_record(buf, pack, offset, expect_key, crypto is None if checksum is None else checksum)
     body = _unseal(buf, h, stored, pack, offset, crypto)
     raw: bytes | memoryview
     if h.codec == CODEC_ZSTD:
@@ -419,7 +424,7 @@ def scan_pack(f: BinaryIO, pack_id: int, size: int, read_data: bool = True, reha
         if read_data:
             body = f.read(h.stored_len)
             try:
-                decode_record_view(hb + body, pack_id, off, rehash=rehash, crypto=crypto)
+                decode_record_view(hb + body, pack_id, off, rehash=rehash, crypto=crypto, checksum=True)
             except IntegrityError as e:
                 err = e
         yield ScanItem(off, h, err)

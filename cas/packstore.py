@@ -39,7 +39,7 @@ class PackSink(Protocol):
 
     pack_id: int
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append bytes (buffered; not durable until ``commit``)."""
 
     def commit(self) -> None:
@@ -160,7 +160,7 @@ class _LocalSink:
         self.f = f
         self.new = new
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         self.f.write(data)
 
     def commit(self) -> None:

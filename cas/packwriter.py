@@ -104,7 +104,7 @@ class PackWriter:
         """True when the open pack has reached its size: commit with seal=True first."""
         return self.sink is not None and self.pos >= self.pack_size
 
-    def append(self, *parts: bytes | memoryview) -> tuple[int, int]:
+    def append(self, *parts: bytes | bytearray | memoryview) -> tuple[int, int]:
         """Append one record (its parts back to back); returns (pack id, offset). Opens a
         pack when none is open. Raises SafeError (DiskFull) on a write error."""
         if self.sink is None:

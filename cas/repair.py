@@ -46,6 +46,7 @@ from .keys import Kind
 from .nodes import decode_node, node_children
 from .pack import (
     PACK_HEADER,
+    CIPHER_NONE,
     PACK_MAGIC,
     decode_record,
     pack_name,
@@ -260,6 +261,12 @@ def _index_records(f: BinaryIO, pid: int, size: int, idx: Index, txn: Txn,
             end = max(end, item.offset + item.length)
             continue
         end = item.offset + h.total
+        if crypto is None and h.cipher != CIPHER_NONE:
+            # Not damage: the header lost its encryption field (and keys/ went too). Indexing
+            # nothing would let gc compact every record away.
+            raise IntegrityError(f"pack {pack_name(pid)} offset {item.offset} holds an encrypted record, yet the "
+                                 "safe's header says it is not encrypted: the header was changed; repair "
+                                 "refuses (restore the header and keys/ from a copy of the safe)", pid, item.offset)
         if item.error is not None:
             rep.damaged.append({"pack": name, "offset": item.offset, "end": end, "bytes": h.total,
                                 "object": h.key.hex(), "message": str(item.error)})
@@ -282,6 +289,9 @@ def _repair(safe_dir: Path, rep: RepairReport, header: bytes, crypto: Crypto | N
     shutil.rmtree(new_dir, ignore_errors=True)
     try:
         _rebuild(safe_dir, new_dir, rep, header, crypto)
+    except IntegrityError:
+        shutil.rmtree(new_dir, ignore_errors=True)
+        raise
     except (lmdb.Error, OSError) as e:
         shutil.rmtree(new_dir, ignore_errors=True)
         if not _no_space(e):

@@ -44,7 +44,8 @@ from .header import (COPY_NAME, HEADER_NAME, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE
 from .index import FLAG_PINNED, Index, ObjectEntry, PackEntry, pack_from_dbkey
 from .keys import Kind, object_key
 from .nodes import encode_node, node_children
-from .pack import Prepared, decode_record, pack_name, prepare
+from .pack import (CIPHER_NONE, PACK_HEADER, REC_HEADER_SIZE, Prepared, decode_record, pack_name,
+                   parse_record_header, prepare)
 from .packstore import LocalPackStore, fsync_dir as _fsync_dir
 from .packwriter import PackWriter, disk_error as _disk_error, recover
 from .point import Point, oldest_first
@@ -515,6 +516,29 @@ class Safe:
         return sorted(pid for pid, pe in self.pack_entries().items() if pe.objects > 0 and pid not in present)
 
 
+def _check_cipher(safe: Safe) -> None:
+    """IntegrityError when the newest pack's first record is encrypted and the safe is not (or
+    the other way round): a header that lost its encryption field, with keys/ gone too, must not
+    make a writer add plaintext to an encrypted safe. One index lookup and one 64-byte read."""
+    idx = safe.index
+    with idx.read() as t:
+        cur = t.cursor(db=idx.db["packs"])
+        if not cur.last():
+            return
+        pid, pe = pack_from_dbkey(cur.key()), PackEntry.decode(cur.value())
+    if pe.committed_len < PACK_HEADER.size + REC_HEADER_SIZE:
+        return
+    try:
+        h = parse_record_header(safe.store.read(pid, PACK_HEADER.size, REC_HEADER_SIZE), pid, PACK_HEADER.size)
+    except (OSError, IntegrityError):
+        return      # damage is verify's and repair's to report
+    if (h.cipher != CIPHER_NONE) != (safe.crypto is not None):
+        what = "encrypted records, yet the safe's header says it is not encrypted" if h.cipher else \
+            "plain records, yet the safe is encrypted"
+        raise IntegrityError(f"{safe.path}: pack {pack_name(pid)} holds {what}: the safe was changed "
+                             "without the key; refusing to write to it", pid, PACK_HEADER.size)
+
+
 class Writer:
     """The one writer of a safe. Not thread-safe: call it from one thread.
 
@@ -547,6 +571,7 @@ class Writer:
         self.packs = PackWriter(safe.store, safe.index, safe.config.pack_size)
         try:
             recover(safe.store, safe.index)
+            _check_cipher(safe)
             counters.ensure(safe.index)
         except BaseException:
             self._release_lock()

@@ -17,6 +17,7 @@ from .errors import IntegrityError, SafeError, SafeLocked
 from .header import COPY_NAME, HEADER_NAME, header_version, inspect_header
 from .index import FLAG_DEAD, PackEntry, pack_from_dbkey
 from .keys import Kind
+from .keyslots import KEYS_DIR
 from .pack import pack_name, scan_pack
 from .store import INDEX_DIR, LOCK_NAME, PACKS_DIR, Safe, release_lock, take_lock
 
@@ -143,6 +144,10 @@ def _check_modes(safe: Safe, r: VerifyReport) -> None:
     p = safe.path
     names = [p, p / PACKS_DIR, p / INDEX_DIR, p / HEADER_NAME, p / COPY_NAME, p / LOCK_NAME,
              p / INDEX_DIR / "data.mdb", p / INDEX_DIR / "lock.mdb"]
+    keys = p / KEYS_DIR
+    if keys.is_dir():
+        names.append(keys)
+        names.extend(sorted(keys.glob("*.json")))
     open_to_others = []
     for n in names:
         try:

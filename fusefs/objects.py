@@ -10,7 +10,8 @@ cache, which counts the buffer a value keeps alive, stays within its bound exact
 
 Every record is checked by ``cas.pack.decode_record_view``, the decoder of the whole safe
 (header CRC, stored-bytes checksum, expected key, length; in an encrypted safe the
-authentication tag, through the safe's ``crypto``), so damaged bytes are never returned. Anything unexpected — a pack gone because gc or defrag moved its objects, a record
+authentication tag, through the safe's ``crypto``), so damaged bytes are never returned.
+Anything unexpected — a pack gone because gc or defrag moved its objects, a record
 that fails its check — falls back to ``Safe.get`` for that one object, which looks the object
 up again and raises ``IntegrityError``/``ObjectMissing`` when it really is damaged or gone. No LMDB transaction outlives a call.
 """

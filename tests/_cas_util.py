@@ -12,8 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from pointsafe.cas import (BlobBuilder, Entry, Kind, Point, Safe, decode_tree, encode_tree, object_key,
-                           utc_now_iso)
+from pointsafe.cas import (BlobBuilder, Entry, Kind, Point, Safe, decode_tree, encode_tree, utc_now_iso)
 from pointsafe.cas.index import ObjectEntry
 from pointsafe.cas.pack import REC_HEADER_SIZE
 from pointsafe.cas.tree import DIR, REG
@@ -90,7 +89,7 @@ def check_object(safe: Safe, key: bytes) -> bytes:
     e = safe.entry(key)
     assert e is not None, f"object {key.hex()[:12]} is not indexed"
     raw = safe.get(key)
-    assert object_key(e.kind, raw) == key, f"object {key.hex()[:12]} read back wrong bytes"
+    assert safe.object_key(e.kind, raw) == key, f"object {key.hex()[:12]} read back wrong bytes"
     return raw
 
 

@@ -42,7 +42,7 @@ def main() -> None:
 
     recent: list[bytes] = []
     live: list[str] = []
-    safe = Safe.open(safe_path)
+    safe = Safe.open(safe_path, password=os.environb.get(b"POINTSAFE_PASSWORD"))   # an encrypted safe's
     live = [p.id for p in safe.points()]
     say("ready")
     n = 0

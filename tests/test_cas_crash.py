@@ -38,11 +38,45 @@ def _wait_ready(log: Path, proc: subprocess.Popen, timeout: float = 20) -> None:
 
 
 def test_sigkill_at_random_moments_keeps_every_commit(safe_dir, cli):
+    _sigkill_trials(safe_dir, TRIALS)
+
+    # Finally, the CLI agrees, and a normal writer carries on (truncating any torn tail).
+    r = cli("verify", "--data", "--json", safe=safe_dir)
+    assert r.code == 0, r.out + r.err
+    assert json.loads(r.out)["ok"]
+    _writer_carries_on(safe_dir)
+
+
+def test_sigkill_of_a_writer_of_an_encrypted_safe_keeps_every_commit(tmp_path, monkeypatch):
+    monkeypatch.setenv("POINTSAFE_KDF_MEMORY_KIB", "8192")
+    monkeypatch.setenv("POINTSAFE_KDF_TIME", "1")
+    monkeypatch.setenv("POINTSAFE_PASSWORD", "crash pw")
+    safe_dir = tmp_path / "safe"
+    Safe.init(safe_dir, pack_size=256 * 1024, encryption="aes-256-gcm", password=b"crash pw").close()
+    _sigkill_trials(safe_dir, TRIALS // 2, b"crash pw")
+    _writer_carries_on(safe_dir, b"crash pw")
+
+
+def _writer_carries_on(safe_dir: Path, password: bytes | None = None) -> None:
+    with Safe.open(safe_dir, password=password) as safe:
+        with safe.writer() as w:
+            k = w.put(Kind.CHUNK, b"after the crashes")
+        assert safe.get(k) == b"after the crashes"
+        for pid, pe in safe.pack_entries().items():
+            assert safe.pack_path(pid).stat().st_size == pe.committed_len
+        indexed = set(safe.pack_entries())
+        on_disk = {int(p.name[:16], 16) for p in safe.packs_dir.iterdir()}
+        assert on_disk == indexed
+
+
+def _sigkill_trials(safe_dir: Path, trials: int, password: bytes | None = None) -> None:
+    """``trials`` writer processes (tests/_kill_writer.py) killed at random moments; after each,
+    the safe verifies with --data and everything the writer logged as committed is there."""
     rng = random.Random(20261125)
     committed: set[bytes] = set()
     points: dict[str, str] = {}      # id -> "live" | "forgetting" | "forgot"
     killed_mid_work = 0
-    for trial in range(TRIALS):
+    for trial in range(trials):
         log = safe_dir.parent / f"log{trial}"
         proc = subprocess.Popen([sys.executable, str(TESTS / "_kill_writer.py"), str(safe_dir), str(log),
                                  str(trial)], stderr=subprocess.PIPE)
@@ -70,7 +104,7 @@ def test_sigkill_at_random_moments_keeps_every_commit(safe_dir, cli):
             elif word in ("forgetting", "forgot"):
                 points[arg] = word
 
-        with Safe.open(safe_dir) as safe:
+        with Safe.open(safe_dir, password=password) as safe:
             rep = verify(safe, data=True)
             assert rep.ok, f"trial {trial}: {rep.errors}"
             for k in committed:
@@ -84,22 +118,8 @@ def test_sigkill_at_random_moments_keeps_every_commit(safe_dir, cli):
             for p in safe.points():
                 check_point(safe, p)
     # The trials did hit the writer while it worked, not only at start-up.
-    assert killed_mid_work >= TRIALS // 3
+    assert killed_mid_work >= trials // 3
     assert len(committed) > 50 and sum(s == "live" for s in points.values()) > 2
-
-    # Finally, the CLI agrees, and a normal writer carries on (truncating any torn tail).
-    r = cli("verify", "--data", "--json", safe=safe_dir)
-    assert r.code == 0, r.out + r.err
-    assert json.loads(r.out)["ok"]
-    with Safe.open(safe_dir) as safe:
-        with safe.writer() as w:
-            k = w.put(Kind.CHUNK, b"after the crashes")
-        assert safe.get(k) == b"after the crashes"
-        for pid, pe in safe.pack_entries().items():
-            assert safe.pack_path(pid).stat().st_size == pe.committed_len
-        indexed = set(safe.pack_entries())
-        on_disk = {int(p.name[:16], 16) for p in safe.packs_dir.iterdir()}
-        assert on_disk == indexed
 
 
 def test_sigkill_during_repair_leaves_a_safe_that_repair_finishes(safe_dir):

@@ -251,3 +251,39 @@ def test_crypto_records_and_values_round_trip_and_fail_when_changed():
     with pytest.raises(IntegrityError):
         c.open_value(b"t", b"other", v)
     assert default_cipher() in CIPHERS
+
+
+def test_a_header_made_plain_with_the_key_slots_removed_too_gets_no_plaintext_written(tmp_path):
+    from pointsafe.cas import repair
+    safe = tmp_path / "safe"
+    key = _enc_safe(safe)
+
+    def plain(fields):
+        del fields["encryption"]
+        return 3
+    _rewrite_header(safe, plain)
+    for f in (safe / "keys").iterdir():
+        f.unlink()
+    (safe / "keys").rmdir()
+    packs_before = {p.name: p.read_bytes() for p in (safe / "packs").iterdir()}
+    with Safe.open(safe) as s:
+        with pytest.raises(IntegrityError, match="encrypted records, yet the safe's header says it is not"):
+            s.writer()
+        with pytest.raises(IntegrityError, match="is encrypted, in a safe that is not"):
+            s.get(key)
+    with pytest.raises(IntegrityError, match="repair refuses"):
+        repair(safe)
+    assert {p.name: p.read_bytes() for p in (safe / "packs").iterdir()} == packs_before
+    assert (safe / "index" / "data.mdb").exists() and not (safe / "index.rebuild").exists()
+
+
+def test_verify_notes_key_slots_that_others_may_read(tmp_path):
+    from pointsafe.cas import verify
+    safe = tmp_path / "safe"
+    _enc_safe(safe)
+    with Safe.open(safe, password=PW) as s:
+        assert not any("group or others" in n for n in verify(s).notes)
+        (slot,) = (safe / "keys").iterdir()
+        slot.chmod(0o644)
+        notes = [n for n in verify(s).notes if "group or others" in n]
+        assert notes and f"keys/{slot.name}" in notes[0]

@@ -1,5 +1,6 @@
 """docs/FORMAT.md is enough to read a safe: a second reader written from it alone (struct,
-zlib, blake3, zstandard, lmdb; nothing from pointsafe.cas) reads what the safe wrote."""
+zlib, blake3, zstandard, lmdb; for an encrypted safe also cryptography and argon2-cffi; nothing
+from pointsafe.cas) reads what the safe wrote."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from pathlib import Path
 
 import blake3
 import lmdb
+import pytest
 import zstandard
+from argon2.low_level import Type, hash_secret_raw
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from pointsafe.cas import Safe
 from pointsafe.cas.release import forget_points
@@ -30,22 +34,62 @@ def read_header(safe: Path) -> tuple[int, dict]:
     return version, json.loads(data[16:16 + n])
 
 
-def walk_pack(path: Path):
-    """Yield (offset, kind, key, raw bytes) for every record of a pack."""
+AEADS = {1: AESGCM, 2: ChaCha20Poly1305, "aes-256-gcm": AESGCM, "chacha20-poly1305": ChaCha20Poly1305}
+
+
+def walk_pack(path: Path, keys: dict | None = None):
+    """Yield (offset, kind, key, raw bytes) for every record of a pack; ``keys`` are an
+    encrypted safe's derived keys (``unlock``)."""
     data = path.read_bytes()
     magic, pack_id = struct.unpack_from("<8sQ", data)
     assert magic == b"PSPACK\0\1" and pack_id == int(path.name[:16], 16)
     off = 16
     while off < len(data):
         head = data[off:off + 64]
-        magic, kind, codec, _res, key, raw_len, stored_len, check, crc = struct.unpack("<4sBBH32sII12sI", head)
+        magic, kind, codec, cipher, key, raw_len, stored_len, check, crc = struct.unpack("<4sBBH32sII12sI", head)
         assert magic == b"PSR\1" and zlib.crc32(head[:60]) == crc
         stored = data[off + 64:off + 64 + stored_len]
         assert blake3.blake3(stored).digest()[:12] == check
-        raw = zstandard.ZstdDecompressor().decompress(stored) if codec == 1 else stored
-        assert len(raw) == raw_len and blake3.blake3(bytes([kind]) + raw).digest() == key
+        if keys is None:
+            assert cipher == 0
+            payload = stored
+        else:
+            salt = stored[:24]
+            subkey = blake3.blake3(salt, key=keys["data"]).digest()
+            payload = AEADS[cipher](subkey).decrypt(bytes(12), stored[24:], head[:48])
+            assert len(payload) == stored_len - 40
+        raw = zstandard.ZstdDecompressor().decompress(payload) if codec == 1 else payload
+        want = blake3.blake3(bytes([kind]) + raw, **({} if keys is None else {"key": keys["id"]})).digest()
+        assert len(raw) == raw_len and want == key
         yield pack_id, off, kind, key, raw
         off += 64 + stored_len
+
+
+CONTEXTS = {"data": "pointsafe 2026-12 data key", "id": "pointsafe 2026-12 id key",
+            "header": "pointsafe 2026-12 header key", "index": "pointsafe 2026-12 index key"}
+
+
+def unlock(safe: Path, password: bytes, config: dict) -> dict:
+    """The derived keys of an encrypted safe, from its one key slot and ``password``; checks
+    the header's ``auth``."""
+    (slot_file,) = (safe / "keys").iterdir()
+    slot = json.loads(slot_file.read_bytes())
+    assert slot["kdf"] == "argon2id" and slot["slot"] == slot_file.name[:8]
+    kek = hash_secret_raw(password, bytes.fromhex(slot["salt"]), time_cost=slot["t"],
+                          memory_cost=slot["m_kib"], parallelism=slot["p"], hash_len=32, type=Type.ID)
+    aad = b"pointsafe-slot" + config["safe_id"].encode() + slot["slot"].encode()
+    master = AESGCM(kek).decrypt(bytes.fromhex(slot["nonce"]), bytes.fromhex(slot["wrapped"]), aad)
+    keys = {name: blake3.blake3(master, derive_key_context=ctx).digest() for name, ctx in CONTEXTS.items()}
+    canon = dict(config, encryption={k: v for k, v in config["encryption"].items() if k != "auth"})
+    text = json.dumps(canon, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    assert blake3.blake3(text, key=keys["header"]).hexdigest() == config["encryption"]["auth"]
+    keys["cipher"] = config["encryption"]["cipher"]
+    return keys
+
+
+def open_value(keys: dict, table: bytes, row: bytes, value: bytes) -> bytes:
+    sub = blake3.blake3(value[:24], key=keys["index"]).digest()
+    return AEADS[keys["cipher"]](sub).decrypt(bytes(12), value[24:], table + row)
 
 
 def split_node(raw: bytes) -> tuple[list[bytes], bytes]:
@@ -150,3 +194,43 @@ def test_a_second_reader_from_the_format_doc(safe_dir):
     assert blob_bytes(objects, kinds, inner[b"inner"][2], inner[b"inner"][1]) == b
     # Counts: the point has its one reference; the top tree has its point.
     assert index[pkey][7] == 1 and index[children[0]][7] == 1
+
+
+@pytest.mark.parametrize("cipher", ["aes-256-gcm", "chacha20-poly1305"])
+def test_a_second_reader_decrypts_an_encrypted_safe_from_the_format_doc(tmp_path, monkeypatch, cipher):
+    monkeypatch.setenv("POINTSAFE_KDF_MEMORY_KIB", "8192")
+    monkeypatch.setenv("POINTSAFE_KDF_TIME", "1")
+    safe_dir = tmp_path / "safe"
+    a, b = os.urandom(70_000), b"compressible " * 5000
+    with Safe.init(safe_dir, pack_size=256 * 1024, encryption=cipher, password=b"doc pw") as safe:
+        with safe.writer() as w:
+            p = make_point(w, "secret-name", {b"a": [a, 300_000, b]}, fanout=2, subdir={b"inner": [b]})
+
+    version, config = read_header(safe_dir)
+    assert version == 4 and config["encryption"]["cipher"] == cipher
+    keys = unlock(safe_dir, b"doc pw", config)
+
+    objects, kinds = {}, {}
+    for path in sorted((safe_dir / "packs").iterdir()):
+        assert b"compressible" not in path.read_bytes()
+        for _pack_id, _off, kind, key, raw in walk_pack(path, keys):
+            objects.setdefault(key, raw)
+            kinds.setdefault(key, kind)
+
+    env = lmdb.open(str(safe_dir / "index"), readonly=True, lock=False, max_dbs=64)
+    try:
+        with env.begin() as t:
+            db_points = env.open_db(b"points", txn=t, create=False)
+            sealed = {bytes(k): bytes(v) for k, v in t.cursor(db=db_points)}
+    finally:
+        env.close()
+    pkey = bytes.fromhex(p.id)
+    assert list(sealed) == [pkey] and b"secret-name" not in sealed[pkey]
+    record = json.loads(open_value(keys, b"points", pkey, sealed[pkey]))
+    assert record["name"] == "secret-name" and record["id"] == p.id
+    children, payload = split_node(objects[pkey])
+    assert json.loads(payload) == {k: v for k, v in record.items() if k != "id"}
+    top = tree_entries(objects[children[0]])
+    assert blob_bytes(objects, kinds, top[b"a"][2], top[b"a"][1]) == a + bytes(300_000) + b
+    inner = tree_entries(objects[top[b"sub"][2]])
+    assert blob_bytes(objects, kinds, inner[b"inner"][2], inner[b"inner"][1]) == b
