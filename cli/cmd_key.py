@@ -163,7 +163,7 @@ def cmd_remove(args) -> int:
 
 def _slot_of(args, path: Path) -> str:
     """The slot the current password opens (one Argon2id per slot tried)."""
-    pw = password.password_for(args, path)
+    pw = password.current_password(args, path)
     for s in keyslots.list_slots(path):
         if keyslots.slot_opens(path, s.slot, pw):
             return s.slot

@@ -38,6 +38,7 @@ KEYS_DIR = "keys"
 WAYS = "POINTSAFE_PASSWORD, --password-file FILE or --password-command CMD"
 
 _unlocked: dict[str, bytes] = {}     # realpath of a safe -> its master key (this process only)
+_given: dict[str, bytes] = {}        # realpath of a safe -> the password that unlocked it
 
 
 class PasswordError(UsageError):
@@ -167,8 +168,9 @@ def unlock(args: argparse.Namespace, safe_dir: str | Path) -> bytes | None:
     if k not in _unlocked:
         from pointsafe.cas.errors import WrongPassword
         from pointsafe.cas.keyslots import unlock as unlock_slots
+        pw = current_password(args, safe_dir)
         try:
-            _unlocked[k] = unlock_slots(Path(safe_dir), password_for(args, safe_dir))
+            _unlocked[k] = unlock_slots(Path(safe_dir), pw)
         except WrongPassword:
             if _headers_differ(Path(safe_dir)):
                 raise WrongPassword(
@@ -177,6 +179,14 @@ def unlock(args: argparse.Namespace, safe_dir: str | Path) -> bytes | None:
                     "repair' puts the safe's own back") from None
             raise
     return _unlocked[k]
+
+
+def current_password(args: argparse.Namespace, safe_dir: str | Path) -> bytes:
+    """The password given for ``safe_dir`` (:func:`password_for`), asked at most once per process."""
+    k = _slot_key(safe_dir)
+    if k not in _given:
+        _given[k] = password_for(args, safe_dir)
+    return _given[k]
 
 
 def _headers_differ(safe_dir: Path) -> bool:

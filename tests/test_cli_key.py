@@ -185,3 +185,11 @@ def test_key_help_reads_like_a_manual():
     assert r.code == 0 and "every backup" in r.out
     r = run_cli("key", safe=Path("/nonexistent"))
     assert r.code == 1 and "subcommand" in one_line(r.err)
+
+
+def test_passwd_on_a_terminal_with_two_slots_changes_the_one_typed_and_asks_once(safe):
+    run_cli("key", "add", safe=safe, env={"POINTSAFE_NEW_PASSWORD": "other"}, check=True)
+    code, out = run_tty("--safe", safe, "key", "passwd", answers=["other", "typed pw", "typed pw"])
+    assert code == 0, out
+    assert out.count(f"password of {safe}:") == 1
+    assert opens(safe, "typed pw") and opens(safe, TEST_PASSWORD) and not opens(safe, "other")
