@@ -38,6 +38,7 @@ CONTEXTS = {
     "index": "pointsafe 2026-12 index key",
 }
 
+_KIND_BYTES = [bytes((i,)) for i in range(256)]
 _Aead = AESGCM | ChaCha20Poly1305
 _AEADS: dict[int, Callable[[bytes], _Aead]] = {1: AESGCM, 2: ChaCha20Poly1305}
 
@@ -68,8 +69,7 @@ class Crypto:
     an encrypted safe are made and opened only through it.
     """
 
-    __slots__ = ("cipher", "cipher_id", "_aead", "_data_key", "_id_key", "_header_key", "_index_key",
-                 "_id_hasher")
+    __slots__ = ("cipher", "cipher_id", "_aead", "_data_key", "_id_key", "_header_key", "_index_key")
 
     def __init__(self, master: bytes, cipher: str):
         if len(master) != MASTER_KEY_SIZE:
@@ -83,15 +83,13 @@ class Crypto:
         self._id_key = derive_key(master, "id")
         self._header_key = derive_key(master, "header")
         self._index_key = derive_key(master, "index")
-        self._id_hasher = blake3.blake3(key=self._id_key)
 
     # -- ids ----------------------------------------------------------------------------
 
     def object_key(self, kind: int, data: bytes | memoryview) -> bytes:
         """The 32-byte key of ``data`` stored as ``kind``: keyed BLAKE3 (id key) of
         ``kind_byte || data``."""
-        h = self._id_hasher.copy()
-        h.update(bytes((kind,)))
+        h = blake3.blake3(_KIND_BYTES[kind], key=self._id_key)
         h.update(data)
         return h.digest()
 

@@ -76,7 +76,9 @@ def _kdf_params() -> tuple[int, int, int]:
             env_int("POINTSAFE_KDF_TIME", DEFAULT_T, MIN_T), DEFAULT_P)
 
 
-def _kek(password: bytes, salt: bytes, t: int, m_kib: int, p: int) -> bytes:
+def _kek(password: bytes | str, salt: bytes, t: int, m_kib: int, p: int) -> bytes:
+    if isinstance(password, str):
+        password = password.encode()     # a caller's text: its UTF-8 bytes
     return hash_secret_raw(password, salt, time_cost=t, memory_cost=m_kib, parallelism=p,
                            hash_len=32, type=Type.ID)
 

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import lmdb
 
 from .crypto import Crypto
-from .errors import DiskFull, IntegrityError, NeedsPassword, NotASafe, SafeError, UnsupportedVersion
+from . import keyslots
+from .errors import DiskFull, IntegrityError, NeedsPassword, NotASafe, SafeError, UnsupportedVersion, WrongPassword
 from .keyslots import KEYS_DIR
 from .header import (
     PRIVATE_FILE_MODE,
@@ -106,7 +107,7 @@ def repair(path: str | os.PathLike[str], password: Password | None = None,
         err = missing_header_error(safe_dir, state)
         if isinstance(err, UnsupportedVersion) or not _is_dir(safe_dir / PACKS_DIR):
             raise err
-    crypto = _crypto_for(safe_dir, state, password, master_key)
+    crypto, authentic = _crypto_for(safe_dir, state, password, master_key)
     lockf = take_lock(safe_dir, "repair")
     try:
         try:
@@ -114,7 +115,8 @@ def repair(path: str | os.PathLike[str], password: Password | None = None,
         except OSError:
             pass
         rep = RepairReport()
-        header = _repair_header(safe_dir, state, rep)
+        header = _repair_header(safe_dir, state, rep) if authentic is None else \
+            _authentic_header(safe_dir, state, rep, authentic)
         _repair(safe_dir, rep, header, crypto)
         return rep
     finally:
@@ -122,34 +124,60 @@ def repair(path: str | os.PathLike[str], password: Password | None = None,
 
 
 def _crypto_for(safe_dir: Path, state: HeaderState, password: Password | None,
-                master_key: bytes | None) -> Crypto | None:
-    """The unlocked keys of the safe being repaired (None for a plain safe), from the header
-    repair will use (a good file, else the index's copy); nothing is written."""
-    good = state.good
-    data = good.data if good is not None else _old_meta(safe_dir / INDEX_DIR, b"header")
-    config = None
-    if data is not None:
+                master_key: bytes | None) -> tuple[Crypto | None, bytes | None]:
+    """The unlocked keys of the safe being repaired and the header bytes that authenticate
+    under them ((None, None) for a plain safe); nothing is written.
+
+    The candidates are the header files that decode and the index's copy, in the order repair
+    prefers them; the first whose ``auth`` holds wins, so a header changed without the key is
+    replaced by an authentic copy."""
+    kept = _old_meta(safe_dir / INDEX_DIR, b"header")
+    order = [state.good] if state.good is not None else []
+    order += [hc for hc in (state.main, state.copy) if hc is not state.good and hc.config is not None]
+    cands: list[tuple[bytes, SafeConfig]] = [(hc.data, hc.config) for hc in order
+                                             if hc.data is not None and hc.config is not None]
+    if kept is not None and all(kept != d for d, _ in cands):
         try:
-            config = decode_header(data, str(safe_dir))
+            cands.append((kept, decode_header(kept, str(safe_dir))))
         except SafeError:
-            config = None
+            pass
+    encrypted = [(d, c) for d, c in cands if c.encryption is not None]
     has_keys = _is_dir(safe_dir / KEYS_DIR)
-    if config is None:
-        if has_keys:
-            raise NotASafe(f"{safe_dir}: the header of this encrypted safe is lost (both files and the "
-                           "index's copy): repair cannot rebuild it")
-        return None
-    assert data is not None
-    if config.encryption is None:
-        if has_keys:
+    if not encrypted:
+        if has_keys and cands:
             raise IntegrityError(f"{safe_dir}: the safe's header says it is not encrypted, yet the safe has "
                                  f"key slots ({KEYS_DIR}/): the header was changed without the key; "
                                  "repair refuses to rebuild it as a plain safe")
-        return None
+        if has_keys:
+            raise NotASafe(f"{safe_dir}: the header of this encrypted safe is lost (both files and the "
+                           "index's copy): repair cannot rebuild it")
+        return None, None
     if master_key is None and password is None:
         raise NeedsPassword(f"{safe_dir} is encrypted: repair needs its password (POINTSAFE_PASSWORD, "
                             "--password-file, --password-command) to rebuild the index from its packs")
-    return unlock_crypto(safe_dir, config, data, password, master_key)[0]
+    master = master_key if master_key is not None else _unlock_any(safe_dir, encrypted, password)
+    for data, config in encrypted:
+        try:
+            return unlock_crypto(safe_dir, config, data, None, master)[0], data
+        except (IntegrityError, WrongPassword):
+            continue
+    raise IntegrityError(f"{safe_dir}: every copy of the safe's header fails its authentication (changed "
+                         "without the key, or the key is not this safe's): repair refuses")
+
+
+def _unlock_any(safe_dir: Path, encrypted: list[tuple[bytes, SafeConfig]], password: Password | None) -> bytes:
+    """The master key from the key slots, trying the safe id of each candidate header (a
+    changed one must not lock the user out); WrongPassword when none opens."""
+    pw = password() if callable(password) else password
+    assert pw is not None
+    err: SafeError | None = None
+    for sid in dict.fromkeys(c.safe_id for _, c in encrypted):
+        try:
+            return keyslots.unlock(safe_dir, pw, sid)
+        except WrongPassword as e:
+            err = e
+    assert err is not None
+    raise err
 
 
 def _decodes(data: bytes, safe_dir: Path) -> bool:
@@ -177,6 +205,15 @@ def _agreed(safe_dir: Path, state: HeaderState, good: HeaderCopy) -> HeaderCopy:
         if kept is not None and hc.data == kept:
             return hc
     return good
+
+
+def _authentic_header(safe_dir: Path, state: HeaderState, rep: RepairReport, data: bytes) -> bytes:
+    """Make both header files the authenticated header ``data`` of an encrypted safe."""
+    bad = [hc.name for hc in (state.main, state.copy) if hc.data != data]
+    if bad:
+        write_header_bytes(safe_dir, data)
+        rep.header = f"rewrote {' and '.join(bad)} with the header that authenticates under the key"
+    return data
 
 
 def _repair_header(safe_dir: Path, state: HeaderState, rep: RepairReport) -> bytes:

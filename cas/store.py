@@ -26,9 +26,9 @@ import shutil
 import socket
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from dataclasses import replace
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterable, TextIO
 
 import lmdb
@@ -175,12 +175,17 @@ def _encrypted_config(config: SafeConfig, cipher: str, crypto: Crypto) -> SafeCo
     return replace(config, encryption={**enc, "auth": auth})
 
 
+def header_authentic(data: bytes, config: SafeConfig, crypto: Crypto) -> bool:
+    """True when the ``auth`` of encrypted header bytes ``data`` holds under ``crypto``."""
+    assert config.encryption is not None
+    want = crypto.header_auth(canonical_config(header_fields(data)))
+    return hmac.compare_digest(want, str(config.encryption.get("auth", "")))
+
+
 def _check_auth(p: Path, data: bytes, config: SafeConfig, crypto: Crypto, by_key: bool) -> None:
     """IntegrityError (or WrongPassword for a key given by hand) when the header's ``auth``
     does not hold under the unlocked key."""
-    assert config.encryption is not None
-    want = crypto.header_auth(canonical_config(header_fields(data)))
-    if not hmac.compare_digest(want, str(config.encryption.get("auth", ""))):
+    if not header_authentic(data, config, crypto):
         if by_key:
             raise WrongPassword(f"the key given does not open {p} (or its header was changed without the key)")
         raise IntegrityError(f"{p}: the safe's header was changed without the key (its authentication "
@@ -188,7 +193,7 @@ def _check_auth(p: Path, data: bytes, config: SafeConfig, crypto: Crypto, by_key
 
 
 def unlock_crypto(p: Path, config: SafeConfig, data: bytes, password: Password | None,
-            master_key: bytes | None) -> tuple[Crypto, bytes]:
+                  master_key: bytes | None) -> tuple[Crypto, bytes]:
     """The Crypto and master key of the encrypted safe at ``p`` (header checked); NeedsPassword
     without a password or key, WrongPassword when no slot opens."""
     cipher = config.cipher

@@ -19,7 +19,7 @@ from .index import FLAG_DEAD, PackEntry, pack_from_dbkey
 from .keys import Kind
 from .keyslots import KEYS_DIR
 from .pack import pack_name, scan_pack
-from .store import INDEX_DIR, LOCK_NAME, PACKS_DIR, Safe, release_lock, take_lock
+from .store import INDEX_DIR, LOCK_NAME, PACKS_DIR, Safe, header_authentic, release_lock, take_lock
 
 if TYPE_CHECKING:
     from .index import Txn
@@ -120,6 +120,11 @@ def _check_header(safe: Safe, r: VerifyReport) -> None:
         return
     assert good.data is not None    # a copy that decodes was read
     for hc in (state.main, state.copy):
+        if safe.crypto is not None and hc.config is not None and hc.data is not None and (
+                hc.config.encryption is None or not header_authentic(hc.data, hc.config, safe.crypto)):
+            r.error(f"{safe.path}: the safe {hc.name} was changed without the key (its authentication "
+                    "fails); 'pointsafe repair' puts back an authentic copy")
+            continue
         if hc.config is not None and hc.data == good.data:
             continue
         if hc.data is None and hc.error is None:

@@ -44,9 +44,9 @@ def _files(path: Path) -> dict[str, tuple[int, bytes]]:
     return out
 
 
-def _rewrite_header(path: Path, edit) -> None:
+def _rewrite_header(path: Path, edit, names=("header", "header.copy")) -> None:
     """Change the header JSON with ``edit`` and fix its CRC (what anyone without the key can do)."""
-    for name in ("header", "header.copy"):
+    for name in names:
         data = (path / name).read_bytes()
         _, version, n = struct.unpack_from("<8sII", data)
         fields = json.loads(data[16:16 + n])
@@ -271,10 +271,14 @@ def test_a_header_made_plain_with_the_key_slots_removed_too_gets_no_plaintext_wr
             s.writer()
         with pytest.raises(IntegrityError, match="is encrypted, in a safe that is not"):
             s.get(key)
+    with pytest.raises(NeedsPassword):      # the index's copy of the header says encrypted
+        repair(safe)
+    import shutil
+    shutil.rmtree(safe / "index")
     with pytest.raises(IntegrityError, match="repair refuses"):
         repair(safe)
     assert {p.name: p.read_bytes() for p in (safe / "packs").iterdir()} == packs_before
-    assert (safe / "index" / "data.mdb").exists() and not (safe / "index.rebuild").exists()
+    assert not (safe / "index.rebuild").exists()
 
 
 def test_verify_notes_key_slots_that_others_may_read(tmp_path):
@@ -287,3 +291,52 @@ def test_verify_notes_key_slots_that_others_may_read(tmp_path):
         slot.chmod(0o644)
         notes = [n for n in verify(s).notes if "group or others" in n]
         assert notes and f"keys/{slot.name}" in notes[0]
+
+
+def test_repair_puts_back_the_header_that_authenticates(tmp_path):
+    import shutil
+
+    from pointsafe.cas import repair
+    safe = tmp_path / "safe"
+    key = _enc_safe(safe)
+    original = (safe / "header").read_bytes()
+
+    def cheaper(fields):
+        fields["compression"] = "none"
+    # header changed, header.copy intact, index gone: the copy is the authentic one
+    _rewrite_header(safe, cheaper, names=("header",))
+    shutil.rmtree(safe / "index")
+    with pytest.raises(IntegrityError):
+        Safe.open(safe, password=PW)
+    rep = repair(safe, password=PW)
+    assert "rewrote header with the header that authenticates" in rep.header
+    assert (safe / "header").read_bytes() == (safe / "header.copy").read_bytes() == original
+    # both files changed alike: the index's copy is the authentic one
+    _rewrite_header(safe, cheaper)
+    rep = repair(safe, password=PW)
+    assert "header and header.copy" in rep.header
+    assert (safe / "header").read_bytes() == original
+    with Safe.open(safe, password=PW) as s:
+        assert s.config.compression == "zstd:1" and s.get(key).startswith(b"some file")
+    # both files and the index's copy changed: refused, nothing rewritten
+    _rewrite_header(safe, cheaper)
+    changed = (safe / "header").read_bytes()
+    shutil.rmtree(safe / "index")
+    with pytest.raises(IntegrityError, match="every copy of the safe's header fails"):
+        repair(safe, password=PW)
+    assert (safe / "header").read_bytes() == changed
+
+
+def test_verify_reports_a_header_copy_changed_without_the_key(tmp_path):
+    from pointsafe.cas import verify
+    safe = tmp_path / "safe"
+    _enc_safe(safe)
+
+    def cheaper(fields):
+        fields["chunk_avg"] = 4096
+    _rewrite_header(safe, cheaper, names=("header.copy",))
+    with Safe.open(safe, password=PW) as s:
+        rep = verify(s)
+    assert [e["message"] for e in rep.errors] == [
+        f"{safe}: the safe header.copy was changed without the key (its authentication fails); "
+        "'pointsafe repair' puts back an authentic copy"]
