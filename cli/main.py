@@ -49,7 +49,9 @@ pointsafe keeps recovery points of directory trees, block devices and disk image
 a deduplicating, compressed, content-addressed store. Any point can be listed, restored or
 mounted read-only.
 
-The safe is given by --safe PATH (before or after the command) or $POINTSAFE_SAFE.
+The safe is given by --safe PATH (before or after the command) or $POINTSAFE_SAFE. An
+encrypted safe (init's default) needs its password: --password-file FILE, --password-command
+CMD, $POINTSAFE_PASSWORD, or a prompt on a terminal; 'pointsafe key --help' for its keys.
 Exit codes: 0 ok, 1 error, 3 finished with warnings."""
 
 EPILOG = """\
