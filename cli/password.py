@@ -175,8 +175,8 @@ def unlock(args: argparse.Namespace, safe_dir: str | Path) -> bytes | None:
             if _headers_differ(Path(safe_dir)):
                 raise WrongPassword(
                     f"no key slot of {safe_dir} opens with this password under its header, and the "
-                    "header differs from header.copy: the header may have been replaced; 'pointsafe "
-                    "repair' puts the safe's own back") from None
+                    "header differs from the copy kept in header.copy or the index: the header may "
+                    "have been replaced; 'pointsafe repair' puts the safe's own back") from None
             raise
     return _unlocked[k]
 
@@ -190,12 +190,42 @@ def current_password(args: argparse.Namespace, safe_dir: str | Path) -> bytes:
 
 
 def _headers_differ(safe_dir: Path) -> bool:
-    """Whether both header files are there and differ (a header copied from another safe makes
-    every password look wrong, since key slots are bound to the safe id)."""
+    """Whether the header file differs from header.copy or from the index's copy (a header
+    copied from another safe makes every password look wrong: key slots are bound to the safe
+    id). Reads only; False when it cannot tell."""
     try:
-        return (safe_dir / "header").read_bytes() != (safe_dir / "header.copy").read_bytes()
+        header = (safe_dir / "header").read_bytes()
     except OSError:
         return False
+    copies = []
+    try:
+        copies.append((safe_dir / "header.copy").read_bytes())
+    except OSError:
+        pass
+    copies.append(_index_header(safe_dir / "index"))
+    return any(c is not None and c != header for c in copies)
+
+
+def _index_header(index_dir: Path) -> bytes | None:
+    """The header bytes the index keeps (``meta.header``), read without a lock; None if unreadable."""
+    import lmdb
+
+    from pointsafe.cas.index import MAX_TABLES
+
+    if not (index_dir / "data.mdb").is_file():
+        return None
+    try:
+        env = lmdb.open(str(index_dir), readonly=True, lock=False, max_dbs=MAX_TABLES, subdir=True)
+    except lmdb.Error:
+        return None
+    try:
+        with env.begin() as t:
+            v = t.get(b"header", db=env.open_db(b"meta", txn=t, create=False))
+            return None if v is None else bytes(v)
+    except lmdb.Error:
+        return None
+    finally:
+        env.close()
 
 
 def open_safe(args: argparse.Namespace, path: str | Path, write: bool | None = None) -> Safe:

@@ -370,3 +370,23 @@ def test_repair_rebuilds_a_lost_index_of_an_encrypted_safe(enc_safe, tmp_path):
     run_cli("restore", "data@latest", tmp_path / "out", safe=safe, check=True)
     assert (tmp_path / "out" / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
     assert run_cli("verify", "--data", safe=safe).code == 0
+
+
+def test_a_header_from_another_safe_is_named_not_blamed_on_the_password(enc_safe, tmp_path):
+    safe, src = enc_safe
+    other = tmp_path / "other"
+    init(other)
+    own = (safe / "header").read_bytes()
+    for name in ("header", "header.copy"):
+        (safe / name).write_bytes((other / "header").read_bytes())
+    before = files_of(safe)
+    r = run_cli("points", safe=safe)
+    assert r.code == 1
+    line = one_line(r.err)
+    assert "header differs" in line and "pointsafe repair" in line
+    assert files_of(safe) == before
+    r = run_cli("repair", safe=safe)
+    assert r.code == 0, r.err
+    assert (safe / "header").read_bytes() == own
+    run_cli("restore", "data@latest", tmp_path / "out", safe=safe, check=True)
+    assert (tmp_path / "out" / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
