@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pointsafe.cas import IntegrityError, Safe, UsageError
+from pointsafe.cas import IntegrityError, Safe, SafeError, UsageError
 from pointsafe.cas import keyslots
 from pointsafe.cas.errors import WrongPassword
 from pointsafe.cas.header import read_header
@@ -122,6 +122,9 @@ def cmd_list(args) -> int:
     """``key list``: the key slots (no password needed)."""
     path = _encrypted_safe(args)
     slots = keyslots.list_slots(path)
+    if not slots:
+        raise SafeError(f"{path} is encrypted but has no key slot left: no password opens it "
+                        "('pointsafe key import FILE' restores access with an exported key)")
     if args.json:
         emit_json([s.as_dict() for s in slots])
         return EXIT_OK

@@ -34,7 +34,6 @@ from pointsafe.cas import Safe, SafeError, UsageError
 
 ENV = "POINTSAFE_PASSWORD"
 NEW_ENV = "POINTSAFE_NEW_PASSWORD"
-KEYS_DIR = "keys"
 WAYS = "POINTSAFE_PASSWORD, --password-file FILE or --password-command CMD"
 
 _unlocked: dict[str, bytes] = {}     # realpath of a safe -> its master key (this process only)
@@ -54,9 +53,10 @@ def add_options(p: argparse.ArgumentParser, d: dict[str, Any]) -> None:
 
 
 def is_encrypted(safe_dir: str | Path) -> bool:
-    """Whether the safe at ``safe_dir`` has key slots (an encrypted safe; the header and the
-    index's copy of it say so too, and cas refuses a safe where they disagree)."""
-    return (Path(safe_dir) / KEYS_DIR).is_dir()
+    """Whether the safe at ``safe_dir`` is encrypted (key slots, or a header naming an
+    encryption; cas refuses a safe where they disagree)."""
+    from pointsafe.ops.db import is_encrypted as encrypted
+    return encrypted(safe_dir)
 
 
 def _first_line(data: bytes, where: str) -> bytes:

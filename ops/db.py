@@ -54,6 +54,20 @@ KEYS_DIR = "keys"
 _crypto: dict[str, Any] = {}     # realpath of a safe's index folder -> its Crypto
 
 
+def is_encrypted(safe_dir: str | Path) -> bool:
+    """Whether the safe at ``safe_dir`` is encrypted: it has key slots (``keys/``), or its header
+    names an encryption (when every slot file was deleted). Reads only."""
+    p = Path(safe_dir)
+    if (p / KEYS_DIR).is_dir():
+        return True
+    from pointsafe.cas.header import inspect_header
+    try:
+        good = inspect_header(p).good
+    except (SafeError, OSError):
+        return False
+    return good is not None and good.config is not None and good.config.encryption is not None
+
+
 def use_crypto(safe_dir: str | Path, crypto: Any) -> None:
     """Seal and open the ops values of the safe at ``safe_dir`` with ``crypto`` (a
     ``pointsafe.cas.crypto.Crypto``) for the rest of this process."""
@@ -64,7 +78,7 @@ def crypto_of(index: Index) -> Any:
     """The Crypto registered for ``index``'s safe, None for a plain safe; SafeError for an
     encrypted safe whose key this process has not unlocked (nothing is written in the clear)."""
     c = _crypto.get(os.path.realpath(index.path))
-    if c is None and (Path(index.path).parent / KEYS_DIR).is_dir():
+    if c is None and is_encrypted(Path(index.path).parent):
         raise SafeError(f"{Path(index.path).parent} is encrypted and its key is not unlocked here")
     return c
 

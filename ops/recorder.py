@@ -53,7 +53,7 @@ from pointsafe.cas.index import Index, data_file_problem
 from pointsafe.cas.store import INDEX_DIR
 
 from . import alerts, config, logs, quota, tasks
-from .db import KEYS_DIR, opened, read_points, use_crypto, writable
+from .db import is_encrypted, opened, read_points, use_crypto, writable
 
 ARG_FIELDS = ("source", "name", "point", "target", "path")
 # Commands recorded even if their parser does not declare task_kind (the kinds of the issue).
@@ -134,7 +134,7 @@ class _Recorder:
         so the command fails with nothing written. A command that declares
         ``needs_key=False`` (init, key list, key import) is not recorded on an encrypted safe."""
         assert self.safe_dir is not None
-        if not (self.safe_dir / KEYS_DIR).is_dir():
+        if not is_encrypted(self.safe_dir):
             return True
         if self.unlock is None or not getattr(self.args, "needs_key", True):
             return False

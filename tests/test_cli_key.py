@@ -193,3 +193,19 @@ def test_passwd_on_a_terminal_with_two_slots_changes_the_one_typed_and_asks_once
     assert code == 0, out
     assert out.count(f"password of {safe}:") == 1
     assert opens(safe, "typed pw") and opens(safe, TEST_PASSWORD) and not opens(safe, "other")
+
+
+def test_every_slot_file_deleted_then_import_restores_access(safe, tmp_path):
+    import shutil
+    exported = tmp_path / "key.txt"
+    exported.write_text(run_cli("key", "export", safe=safe, check=True).out)
+    shutil.rmtree(safe / "keys")
+    for cmd in (["points"], ["backup", tmp_path / "src"], ["key", "list"]):
+        r = run_cli(*cmd, safe=safe)
+        assert r.code == 1, (cmd, r.err)
+        line = one_line(r.err)
+        assert "not encrypted" not in line and ("key slot" in line or "keys" in line), line
+    r = run_cli("key", "import", exported, safe=safe, env=NO_PASSWORD | {"POINTSAFE_NEW_PASSWORD": "back"})
+    assert r.code == 0, r.err
+    assert opens(safe, "back")
+    assert run_cli("verify", safe=safe, env=pw("back")).code == 0
