@@ -197,7 +197,7 @@ def _headers_differ(safe_dir: Path) -> bool:
         header = (safe_dir / "header").read_bytes()
     except OSError:
         return False
-    copies = []
+    copies: list[bytes | None] = []
     try:
         copies.append((safe_dir / "header.copy").read_bytes())
     except OSError:
