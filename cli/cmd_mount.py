@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import password
 from .common import parse_size, EXIT_OK, add_common, emit_json, safe_path, say
 
 MOUNT_DESCRIPTION = """\
@@ -62,7 +63,7 @@ def register(sub) -> None:
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--lazy", "-z", action="store_true",
                    help="detach now even when busy; the mount goes away once unused")
-    p.set_defaults(func=cmd_umount)
+    p.set_defaults(func=cmd_umount, needs_key=False)
 
 
 def cmd_mount(args) -> int:
@@ -70,11 +71,13 @@ def cmd_mount(args) -> int:
     or when it ends with --foreground."""
     from pointsafe.fusefs.runner import MountOptions, mount
 
-    o = MountOptions(safe=safe_path(args), mountpoint=Path(args.mountpoint), point=args.point,
+    safe = safe_path(args)
+    o = MountOptions(safe=safe, mountpoint=Path(args.mountpoint), point=args.point,
                      foreground=args.foreground, allow_other=args.allow_other,
                      default_permissions=not args.no_default_permissions,
                      chunk_cache_bytes=args.cache_size, dir_cache_bytes=args.dir_cache_size,
-                     threads=max(1, args.threads), read_ahead_kb=args.read_ahead // 1024, log_file=args.log)
+                     threads=max(1, args.threads), read_ahead_kb=args.read_ahead // 1024, log_file=args.log,
+                     master_key=password.unlock(args, safe))   # the daemon gets it by fork
     m = mount(o)
     if args.foreground:
         return EXIT_OK

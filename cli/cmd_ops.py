@@ -49,7 +49,7 @@ def register(sub) -> None:
     p.add_argument("--check", action="store_true",
                    help="print one line and exit the Nagios way: 0 OK, 1 WARNING (only warning alerts "
                         "open), 2 CRITICAL (a critical alert open), 3 UNKNOWN (the safe cannot be read)")
-    p.set_defaults(func=cmd_status)
+    p.set_defaults(func=cmd_status, on_error=check_error)
 
     p = sub.add_parser("alerts", help="open alerts; 'alerts ack' acknowledges them",
                        description="List open alerts: tasks that ended in warning, error or abandoned, failed "
@@ -193,6 +193,15 @@ def _frag_text(f) -> str:
     if isinstance(f, dict) and "error" in f:
         return f", fragmentation unknown ({f['error']})"
     return f", fragmentation {f}"
+
+
+def check_error(args, e: SafeError) -> int | None:
+    """``status --check`` that could not start (no or a wrong password of an encrypted safe):
+    the Nagios UNKNOWN line and code 3, not an ordinary error; None for plain ``status``."""
+    if not getattr(args, "check", False):
+        return None
+    print(f"POINTSAFE UNKNOWN - {e}")
+    return 3
 
 
 def cmd_check(args) -> int:

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pointsafe.cas import Safe, UsageError
+
+from . import password
 from pointsafe.ops.quota import human_bytes  # noqa: F401  (re-exported for the commands)
 
 EXIT_OK, EXIT_ERROR, EXIT_WARNINGS = 0, 1, 3
@@ -27,6 +29,7 @@ def add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
     p.add_argument("--log-file", metavar="PATH", help="append what happens, as JSON lines, to PATH", **d)
     p.add_argument("--syslog", action="store_true", help="also log to the system logger (/dev/log)", **d)
     p.add_argument("--syslog-socket", metavar="PATH", help="log to the syslog socket PATH (implies --syslog)", **d)
+    password.add_options(p, d)
 
 
 def safe_path(args) -> Path:
@@ -37,9 +40,10 @@ def safe_path(args) -> Path:
     return Path(path)
 
 
-def open_safe(args) -> Safe:
-    """The safe of :func:`safe_path`, opened (read-only when its filesystem is)."""
-    return Safe.open(safe_path(args))
+def open_safe(args, write: bool | None = None) -> Safe:
+    """The safe of :func:`safe_path`, opened (read-only when its filesystem is, or with
+    ``write=False``), unlocked with its password when it is encrypted (cli/password.py)."""
+    return password.open_safe(args, safe_path(args), write=write)
 
 
 def emit_json(obj: Any) -> None:

@@ -30,11 +30,13 @@ from pointsafe.cas import SafeError
 from pointsafe.ops import logs
 from pointsafe.ops.recorder import run_recorded
 
+from . import password
 from .common import EXIT_ERROR, add_common
 
 # Command modules, in the order their commands appear in --help.
 COMMAND_MODULES = [
     "cmd_safe",      # init, verify, repair
+    "cmd_key",       # key list|add|remove|passwd|export|import
     "cmd_backup",    # backup
     "cmd_points",    # points, show, ls, diff, restore
     "cmd_mount",     # mount, umount
@@ -49,7 +51,9 @@ pointsafe keeps recovery points of directory trees, block devices and disk image
 a deduplicating, compressed, content-addressed store. Any point can be listed, restored or
 mounted read-only.
 
-The safe is given by --safe PATH (before or after the command) or $POINTSAFE_SAFE.
+The safe is given by --safe PATH (before or after the command) or $POINTSAFE_SAFE. An
+encrypted safe (init's default) needs its password: --password-file FILE, --password-command
+CMD, $POINTSAFE_PASSWORD, or a prompt on a terminal; 'pointsafe key --help' for its keys.
 Exit codes: 0 ok, 1 error, 3 finished with warnings."""
 
 EPILOG = """\
@@ -96,16 +100,22 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command line; returns the exit code (see EPILOG). Never raises but SystemExit."""
+    args: argparse.Namespace | None = None
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
-        code = run_recorded(args, argv)   # the command, recorded as a task when it declares task_kind
+        # the command, recorded as a task when it declares task_kind (an encrypted safe is unlocked first)
+        code = run_recorded(args, argv, unlock=password.crypto_for(args))
         sys.stdout.flush()
         return code or 0
     except SafeError as e:
+        handler = getattr(args, "on_error", None) if args is not None else None   # (status --check)
+        handled: int | None = handler(args, e) if handler is not None else None
+        if handled is not None:
+            return handled
         print(f"pointsafe: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -20,7 +20,7 @@ from pointsafe.cas import Point, latest_per
 
 from .clock import human_duration, iso, now, parse_iso, real_now
 from .config import effective, interval_for, load
-from .db import ensure_tables, get_json, id_key, key_id, next_id, put_json
+from .db import ensure_tables, get_json, id_key, key_id, next_id, put_json, read_points
 from . import quota
 from .logs import event
 
@@ -32,14 +32,15 @@ def raise_alert(index, kind: str, severity: str, message: str, *, key: str | Non
     """Record an alert; with a ``key``, only when that condition is not alerted on already."""
     dbs = ensure_tables(index)
     with index.write() as t:
-        if key is not None and t.get(key.encode(), db=dbs["alert_latches"]) is not None:
+        latches = dbs["alert_latches"]
+        if key is not None and latches.get(t, latches.row(key)) is not None:
             return None
         aid = next_id(t, dbs["alerts"])
         rec = {"id": aid, "kind": kind, "severity": severity, "message": message,
                "raised": iso(real_now()), "key": key, "task": task, "source": source, "acked": None}
         put_json(t, dbs["alerts"], id_key(aid), rec)
         if key is not None:
-            t.put(key.encode(), id_key(aid), db=dbs["alert_latches"])
+            latches.put(t, latches.row(key), id_key(aid))
     event(logging.ERROR if severity == "critical" else logging.WARNING,
           f"alert #{rec['id']} ({severity}): {message}", alert=rec["id"], alert_kind=kind, severity=severity,
           task=task, source=source)
@@ -48,19 +49,20 @@ def raise_alert(index, kind: str, severity: str, message: str, *, key: str | Non
 
 def clear(index, key: str) -> None:
     """The condition ``key`` is no longer true: a recurrence will raise a new alert."""
-    dbs = ensure_tables(index)
+    latches = ensure_tables(index)["alert_latches"]
+    row = latches.row(key)
     with index.read() as t:
-        if t.get(key.encode(), db=dbs["alert_latches"]) is None:
+        if latches.get(t, row) is None:
             return
     with index.write() as t:
-        t.delete(key.encode(), db=dbs["alert_latches"])
+        latches.delete(t, row)
 
 
 def list_alerts(index, include_acked: bool = False) -> list[dict]:
     """Alerts, oldest first: the open ones, or every one with ``include_acked``."""
     dbs = ensure_tables(index)
     with index.read() as t:
-        out = [json.loads(v) for _, v in t.cursor(db=dbs["alerts"])]
+        out = [json.loads(v) for _, v in dbs["alerts"].items(t)]
     return out if include_acked else [a for a in out if not a["acked"]]
 
 
@@ -78,7 +80,7 @@ def ack(index, ids: list[int] | None) -> list[dict]:
     stamp = iso(real_now())
     with index.write() as t:
         if ids is None:
-            ids = [key_id(k) for k, v in t.cursor(db=dbs["alerts"]) if not json.loads(v)["acked"]]
+            ids = [key_id(k) for k, v in dbs["alerts"].items(t) if not json.loads(v)["acked"]]
         for i in ids:
             rec = get_json(t, dbs["alerts"], id_key(i))
             if rec is None or rec["acked"]:
@@ -121,7 +123,7 @@ def _mysql_settings_note(task: dict) -> str:
 def source_points(index) -> dict[str, Point]:
     """The newest point of each source (by point name, the one order), read straight from the index."""
     with index.read() as t:
-        points = [Point.from_json(v) for _, v in t.cursor(db=index.db["points"])]
+        points = read_points(index, t)
     return latest_per(points, lambda p: p.name or p.source or "?")
 
 

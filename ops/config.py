@@ -23,13 +23,14 @@ a day after it should have happened, a late one is not.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 
 from pointsafe.cas import UsageError
 
 from .clock import parse_duration
-from .db import ensure_tables
+from .db import OpsTable, ensure_tables
 
 DEFAULTS = {
     "quota.soft": "20%",
@@ -92,9 +93,19 @@ def parse_quota(value: str, name: str = "quota") -> tuple[str, float] | None:
 
 def load(index) -> dict[str, str]:
     """The settings stored in the safe (no defaults)."""
-    db = ensure_tables(index)["config"]
+    table = ensure_tables(index)["config"]
     with index.read() as t:
-        return {k.decode(): v.decode() for k, v in t.cursor(db=db)}
+        if table.crypto is None:
+            return {k.decode(): v.decode() for k, v in table.items(t)}
+        return dict(json.loads(v) for _, v in table.items(t))
+
+
+def put(table: OpsTable, txn, name: str, value: str) -> None:
+    """Store setting ``name`` = ``value`` (unchecked) in the write transaction ``txn`` of the
+    ``config`` table: the text under the name, or on an encrypted safe ``[name, value]`` sealed
+    under the name's hash."""
+    data = value.encode() if table.crypto is None else json.dumps([name, value]).encode()
+    table.put(txn, table.row(name), data)
 
 
 def effective(stored: dict[str, str]) -> dict[str, str]:
@@ -116,14 +127,14 @@ def interval_for(settings: dict[str, str], name: str) -> float | None:
 def set_value(index, name: str, value: str) -> str:
     """Store setting ``name`` as ``value`` once checked (UsageError when invalid); returns the value stored."""
     value = check(name, value)
-    db = ensure_tables(index)["config"]
+    table = ensure_tables(index)["config"]
     with index.write() as t:
-        t.put(name.strip().encode(), value.encode(), db=db)
+        put(table, t, name.strip(), value)
     return value
 
 
 def unset(index, name: str) -> bool:
     """Remove setting ``name`` (back to its default); True if it was set."""
-    db = ensure_tables(index)["config"]
+    table = ensure_tables(index)["config"]
     with index.write() as t:
-        return t.delete(name.strip().encode(), db=db)
+        return table.delete(t, table.row(name.strip()))

@@ -11,6 +11,21 @@ Tables (named LMDB databases beside the safe's own, see docs/FORMAT.md):
                    persists is not raised again and again
 ``config``         setting name (ascii) -> value (UTF-8 text); see ops/config.py
 
+On an encrypted safe (one with key slots) every value of these tables is sealed with the
+safe's index key (``Crypto.seal_value(table, row, value)``: AEAD bound to the table name and
+the row key, docs/FORMAT.md), and the rows of ``config`` and ``alert_latches``, whose keys are
+names (``interval.NAME``, ``stale:NAME``), are keyed hashes of those names (the name itself is
+inside the sealed value). Left plain, as they tell nothing about the data backed up: the row
+keys of ``tasks``, ``tasks_running`` and ``alerts`` (sequence numbers: how many tasks and alerts
+there were), the empty values of ``tasks_running``, the alert ids that ``alert_latches`` rows hold,
+and every value's length. A plain safe keeps everything as above, in the clear. There is no
+way to turn a plain safe into an encrypted one, so a table never mixes the two.
+
+The key comes from the process that unlocked the safe: the CLI registers it with
+:func:`use_crypto` when it unlocks (cli/password.py), and every :class:`OpsTable` of that
+safe's index then seals and opens with it; an encrypted safe whose key was not registered is
+refused rather than written in the clear.
+
 Writes are single short LMDB write transactions. They do not take the safe's writer lock:
 LMDB serialises writers across processes, so read-only commands (restore, verify) can record
 their tasks while a backup runs.
@@ -25,15 +40,115 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from pointsafe.cas import SafeError
 from pointsafe.cas.index import Index
+from pointsafe.cas.point import Point
 from pointsafe.cas.store import INDEX_DIR
 
 OPS_TABLES = ("tasks", "tasks_running", "alerts", "alert_latches", "config")
+HASHED_ROWS = ("config", "alert_latches")   # tables whose row keys are names (hashed when encrypted)
+SEALED = ("tasks", "alerts", "config")      # tables whose values are sealed when encrypted
+ROW_HASH_KIND = 0       # the kind byte of row-name hashes (0: no object kind, see cas/keys.py)
+KEYS_DIR = "keys"
+
+_crypto: dict[str, Any] = {}     # realpath of a safe's index folder -> its Crypto
 
 
-def ensure_tables(index: Index) -> dict:
-    """Open (creating when needed) the ops tables; returns name -> LMDB database."""
-    return {name: index.table(name) for name in OPS_TABLES}
+def is_encrypted(safe_dir: str | Path) -> bool:
+    """Whether the safe at ``safe_dir`` is encrypted: it has key slots (``keys/``), or its header
+    names an encryption (when every slot file was deleted). Reads only."""
+    p = Path(safe_dir)
+    if (p / KEYS_DIR).is_dir():
+        return True
+    from pointsafe.cas.header import inspect_header
+    try:
+        good = inspect_header(p).good
+    except (SafeError, OSError):
+        return False
+    return good is not None and good.config is not None and good.config.encryption is not None
+
+
+def use_crypto(safe_dir: str | Path, crypto: Any) -> None:
+    """Seal and open the ops values of the safe at ``safe_dir`` with ``crypto`` (a
+    ``pointsafe.cas.crypto.Crypto``) for the rest of this process."""
+    _crypto[os.path.realpath(Path(safe_dir) / INDEX_DIR)] = crypto
+
+
+def crypto_of(index: Index) -> Any:
+    """The Crypto registered for ``index``'s safe, None for a plain safe; SafeError for an
+    encrypted safe whose key this process has not unlocked (nothing is written in the clear)."""
+    c = _crypto.get(os.path.realpath(index.path))
+    if c is None and is_encrypted(Path(index.path).parent):
+        raise SafeError(f"{Path(index.path).parent} is encrypted and its key is not unlocked here")
+    return c
+
+
+class OpsTable:
+    """One ops table of an index: rows by name or id, values sealed on an encrypted safe."""
+
+    def __init__(self, name: str, db: Any, crypto: Any):
+        self.name = name
+        self.db = db
+        self.crypto = crypto if name in SEALED or name in HASHED_ROWS else None
+        self._aad = name.encode()
+
+    def row(self, name: str) -> bytes:
+        """The row key of ``name`` (a setting, a condition): its UTF-8 bytes, or on an
+        encrypted safe a keyed hash of them (a name is not visible without the key)."""
+        raw = name.encode()
+        if self.crypto is None or self.name not in HASHED_ROWS:
+            return raw
+        return self.crypto.object_key(ROW_HASH_KIND, b"pointsafe ops row\0" + self._aad + b"\0" + raw)
+
+    def seal(self, key: bytes, value: bytes) -> bytes:
+        """``value`` as stored under ``key``."""
+        if self.crypto is None or self.name not in SEALED:
+            return value
+        return self.crypto.seal_value(self._aad, key, value)
+
+    def open(self, key: bytes, stored: bytes) -> bytes:
+        """The value stored under ``key`` (IntegrityError when a sealed one was changed)."""
+        if self.crypto is None or self.name not in SEALED:
+            return bytes(stored)
+        return self.crypto.open_value(self._aad, bytes(key), stored)
+
+    def get(self, txn: Any, key: bytes) -> bytes | None:
+        """The value under ``key``, or None."""
+        v = txn.get(key, db=self.db)
+        return None if v is None else self.open(key, v)
+
+    def put(self, txn: Any, key: bytes, value: bytes) -> None:
+        """Store ``value`` under ``key``."""
+        txn.put(key, self.seal(key, value), db=self.db)
+
+    def delete(self, txn: Any, key: bytes) -> bool:
+        """Remove the row ``key``; True if it was there."""
+        return bool(txn.delete(key, db=self.db))
+
+    def items(self, txn: Any) -> Iterator[tuple[bytes, bytes]]:
+        """Every (row key, value), in key order."""
+        for k, v in txn.cursor(db=self.db):
+            yield bytes(k), self.open(k, v)
+
+    def keys(self, txn: Any) -> Iterator[bytes]:
+        """Every row key, in order (no value is opened)."""
+        for k in txn.cursor(db=self.db).iternext(keys=True, values=False):
+            yield bytes(k)
+
+
+def ensure_tables(index: Index) -> dict[str, OpsTable]:
+    """Open (creating when needed) the ops tables; returns name -> :class:`OpsTable`."""
+    crypto = crypto_of(index)
+    return {name: OpsTable(name, index.table(name), crypto) for name in OPS_TABLES}
+
+
+def read_points(index: Index, txn: Any) -> list[Point]:
+    """Every point in the index's ``points`` table (sealed values opened on an encrypted safe)."""
+    crypto = crypto_of(index)
+    out = []
+    for k, v in txn.cursor(db=index.db["points"]):
+        out.append(Point.from_json(bytes(v) if crypto is None else crypto.open_value(b"points", bytes(k), v)))
+    return out
 
 
 def writable(safe_dir: str | Path) -> bool:
@@ -79,18 +194,18 @@ def key_id(b: bytes) -> int:
     return struct.unpack(">Q", b)[0]
 
 
-def next_id(txn: Any, db: Any) -> int:
-    """One more than the highest id in table ``db`` (1 for an empty table)."""
-    cur = txn.cursor(db=db)
+def next_id(txn: Any, table: OpsTable) -> int:
+    """One more than the highest id in ``table`` (1 for an empty table)."""
+    cur = txn.cursor(db=table.db)
     return key_id(cur.key()) + 1 if cur.last() else 1
 
 
-def get_json(txn: Any, db: Any, key: bytes) -> dict | None:
-    """The JSON record under ``key`` in ``db``, or None when there is none."""
-    v = txn.get(key, db=db)
+def get_json(txn: Any, table: OpsTable, key: bytes) -> dict | None:
+    """The JSON record under ``key`` in ``table``, or None when there is none."""
+    v = table.get(txn, key)
     return json.loads(v) if v is not None else None
 
 
-def put_json(txn: Any, db: Any, key: bytes, value: dict) -> None:
-    """Store ``value`` as UTF-8 JSON (sorted keys) under ``key`` in ``db``."""
-    txn.put(key, json.dumps(value, sort_keys=True).encode(), db=db)
+def put_json(txn: Any, table: OpsTable, key: bytes, value: dict) -> None:
+    """Store ``value`` as UTF-8 JSON (sorted keys) under ``key`` in ``table``."""
+    table.put(txn, key, json.dumps(value, sort_keys=True).encode())

@@ -94,7 +94,7 @@ def send(msg: EmailMessage, settings: dict[str, str], timeout: float = 30) -> li
 def mark_sent(index) -> str:
     """Remember now as the time of the last report sent (the default --since of the next one); returns that time."""
     stamp = iso(real_now())
-    db = index.table("config")
+    table = config.ensure_tables(index)["config"]
     with index.write() as t:
-        t.put(LAST_KEY.encode(), stamp.encode(), db=db)
+        config.put(table, t, LAST_KEY, stamp)
     return stamp

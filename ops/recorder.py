@@ -44,7 +44,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Callable
 
 import lmdb
 
@@ -53,7 +53,7 @@ from pointsafe.cas.index import Index, data_file_problem
 from pointsafe.cas.store import INDEX_DIR
 
 from . import alerts, config, logs, quota, tasks
-from .db import opened, writable
+from .db import is_encrypted, opened, read_points, use_crypto, writable
 
 ARG_FIELDS = ("source", "name", "point", "target", "path")
 # Commands recorded even if their parser does not declare task_kind (the kinds of the issue).
@@ -79,9 +79,13 @@ def safe_dir_of(args) -> Path | None:
         return None
 
 
+Unlock = Callable[[Path], Any]    # safe folder -> its Crypto (None: a plain safe)
+
+
 class _Recorder:
-    def __init__(self, args, argv: list[str]):
+    def __init__(self, args, argv: list[str], unlock: Unlock | None = None):
         self.args = args
+        self.unlock = unlock
         self.argv = argv
         self.kind: str | None = (getattr(args, "task_kind", None)
                                  or KIND_BY_COMMAND.get(getattr(args, "command", None) or ""))
@@ -107,6 +111,8 @@ class _Recorder:
         index) cannot hold a task history: nothing is recorded and nothing is said."""
         if self.safe_dir is None or not writable(self.safe_dir):
             return
+        if not self._unlocked():
+            return
         try:
             with opened(self.safe_dir) as idx:
                 for t in alerts.sweep_abandoned(idx):
@@ -121,6 +127,27 @@ class _Recorder:
         if self.task:
             logs.event(logging.INFO, f"{self.kind} task {self.task['id']} started: pointsafe {' '.join(self.argv)}",
                        task=self.task["id"], kind=self.kind, state="running", argv=self.argv)
+
+    def _unlocked(self) -> bool:
+        """Unlock an encrypted safe before anything is written to it (its task values are
+        sealed): True when the recorder may write. A wrong or missing password raises here,
+        so the command fails with nothing written. A command that declares
+        ``needs_key=False`` (init, key list, key import) is not recorded on an encrypted safe."""
+        assert self.safe_dir is not None
+        if not is_encrypted(self.safe_dir):
+            return True
+        if self.unlock is None or not getattr(self.args, "needs_key", True):
+            return False
+        try:
+            use_crypto(self.safe_dir, self.unlock(self.safe_dir))
+        except SafeError as e:
+            if self.kind != "repair":
+                raise
+            # repair mends what may make unlocking fail (a replaced header): it unlocks by
+            # itself with the header it keeps; this run is not recorded
+            logs.event(logging.WARNING, f"repair is not recorded in the task history: {e}")
+            return False
+        return True
 
     def _arg_fields(self) -> dict:
         out = {}
@@ -220,8 +247,7 @@ class _Recorder:
         best: Point | None = None
         best_finished = ""
         with idx.read() as t:
-            for _, v in t.cursor(db=idx.db["points"]):
-                p = Point.from_json(cast(bytes, v))    # (Index.read: buffers=False, values are bytes)
+            for p in read_points(idx, t):
                 finished = p.finished or ""
                 if finished >= started and (best is None or finished > best_finished):
                     best, best_finished = p, finished
@@ -261,14 +287,18 @@ def _plain(v: Any) -> bool:
     return isinstance(v, (str, int, float, bool)) or v is None
 
 
-def run_recorded(args, argv: list[str] | None = None) -> int:
+def run_recorded(args, argv: list[str] | None = None, unlock: Unlock | None = None) -> int:
     """Run ``args.func(args)`` as described in the module docstring; returns its exit code.
+
+    ``unlock`` gives an encrypted safe's Crypto (cli/password.py: the password sources); it is
+    called before anything is recorded, and its errors (a wrong password) propagate with
+    nothing written. Without it an encrypted safe records no task.
 
     Exceptions of the command propagate (after being recorded) so that the CLI prints them.
     """
     logs.setup(getattr(args, "log_file", None), getattr(args, "syslog", False),
                getattr(args, "syslog_socket", None))
-    rec = _Recorder(args, list(sys.argv[1:] if argv is None else argv))
+    rec = _Recorder(args, list(sys.argv[1:] if argv is None else argv), unlock)
     rec.start()
     if rec.kind is None:
         return args.func(args)

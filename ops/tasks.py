@@ -78,7 +78,7 @@ def create(index, kind: str, argv: list[str], fields: dict | None = None) -> dic
     with index.write() as t:
         rec["id"] = next_id(t, dbs["tasks"])
         put_json(t, dbs["tasks"], id_key(rec["id"]), rec)
-        t.put(id_key(rec["id"]), b"", db=dbs["tasks_running"])
+        dbs["tasks_running"].put(t, id_key(rec["id"]), b"")
     return rec
 
 
@@ -99,7 +99,7 @@ def finish(index, task_id: int, state: str, *, error: str | None = None, fields:
         rec["error"] = error
         rec["exit_code"] = exit_code
         put_json(t, dbs["tasks"], id_key(task_id), rec)
-        t.delete(id_key(task_id), db=dbs["tasks_running"])
+        dbs["tasks_running"].delete(t, id_key(task_id))
     return rec
 
 
@@ -107,7 +107,7 @@ def sweep_abandoned(index) -> list[dict]:
     """Mark abandoned the running tasks whose process is gone; returns them."""
     dbs = ensure_tables(index)
     with index.read() as t:
-        running = [key_id(k) for k, _ in t.cursor(db=dbs["tasks_running"])]
+        running = [key_id(k) for k in dbs["tasks_running"].keys(t)]
         recs = [get_json(t, dbs["tasks"], id_key(i)) for i in running]
     dead = [r for r in recs if r is not None and r["state"] == "running" and is_dead(r)]
     if not dead:
@@ -122,7 +122,7 @@ def sweep_abandoned(index) -> list[dict]:
             cur["error"] = (f"the process (pid {cur['pid']} on {cur['host']}) ended without finishing "
                             "the task: killed, crashed or the machine stopped")
             put_json(t, dbs["tasks"], id_key(cur["id"]), cur)
-            t.delete(id_key(cur["id"]), db=dbs["tasks_running"])
+            dbs["tasks_running"].delete(t, id_key(cur["id"]))
             out.append(cur)
     return out
 
@@ -140,7 +140,7 @@ def list_tasks(index, state: str | None = None, since: str | None = None, kind: 
     dbs = ensure_tables(index)
     out = []
     with index.read() as t:
-        for _, v in t.cursor(db=dbs["tasks"]):
+        for _, v in dbs["tasks"].items(t):
             r = json.loads(v)
             if state and r["state"] != state:
                 continue

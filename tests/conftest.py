@@ -15,10 +15,21 @@ from pointsafe.cas import Safe
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Every CLI run gets a password and a cheap KDF, so that the safes the tests make with
+# 'pointsafe init' are encrypted (init's default) and cost no 64 MiB Argon2id per command.
+TEST_PASSWORD = "test password \u00e9"
+PW = TEST_PASSWORD.encode()     # for Safe.open of a CLI-made safe in a test (plain safes ignore it)
+CLI_ENV = {"POINTSAFE_PASSWORD": TEST_PASSWORD, "POINTSAFE_KDF_MEMORY_KIB": "8192", "POINTSAFE_KDF_TIME": "1"}
+
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
+    """No $POINTSAFE_SAFE; :data:`CLI_ENV` for every pointsafe process a test starts (run_cli,
+    Popen of a backup to kill, a mount's daemon) and for in-process CLI calls."""
     monkeypatch.delenv("POINTSAFE_SAFE", raising=False)
+    monkeypatch.delenv("POINTSAFE_NEW_PASSWORD", raising=False)
+    for k, v in CLI_ENV.items():
+        monkeypatch.setenv(k, v)
 
 
 @pytest.fixture
@@ -45,15 +56,20 @@ class Result:
 
 def run_cli(*args, safe: Path | None = None, input: bytes | None = None, timeout: float = 300,
             env: dict | None = None, check: bool = False) -> Result:
-    """Run ``pointsafe`` in a subprocess, as a user would."""
+    """Run ``pointsafe`` in a subprocess, as a user would, with :data:`CLI_ENV` (the test
+    password, a cheap KDF) unless ``env`` says otherwise (a value None removes a variable)."""
     cmd = [sys.executable, "-m", "pointsafe.cli"]
     if safe is not None:
         cmd += ["--safe", str(safe)]
     cmd += [str(a) for a in args]
     e = dict(os.environ)
     e.pop("POINTSAFE_SAFE", None)
-    if env:
-        e.update(env)
+    e.update(CLI_ENV)
+    for k, v in (env or {}).items():
+        if v is None:
+            e.pop(k, None)
+        else:
+            e[k] = v
     p = subprocess.run(cmd, input=input, capture_output=True, timeout=timeout, env=e)
     r = Result(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"))
     if check and r.code != 0:

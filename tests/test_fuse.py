@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from _fuse_util import make_tree, mounted, stats, unmount, walk
-from conftest import needs_fuse, run_cli
+from conftest import PW, needs_fuse, run_cli
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 
@@ -195,7 +195,7 @@ def test_volume_point_loop_mounts(safe_dir, tmp_path):
 
 def _chunk_keys_of(safe_path: Path, point: dict, name: bytes) -> list[bytes]:
     from pointsafe.cas import BlobReader, Safe, decode_tree
-    with Safe.open(safe_path) as s:
+    with Safe.open(safe_path, password=PW) as s:
         p = s.point(point_id(point))
         entries = {e.name: e for e in decode_tree(s.get(p.root))}
         e = entries[name]
@@ -205,7 +205,7 @@ def _chunk_keys_of(safe_path: Path, point: dict, name: bytes) -> list[bytes]:
 
 def _damage(safe_path: Path, key: bytes) -> None:
     from pointsafe.cas import Safe
-    with Safe.open(safe_path) as s:
+    with Safe.open(safe_path, password=PW) as s:
         e = s.entry(key)
         path = s.pack_path(e.pack)
     with open(path, "r+b") as f:
@@ -245,7 +245,7 @@ def test_root_listing_is_lazy_on_200k_files(safe_dir, tmp_path):
     from pointsafe.cas import Entry, Kind, Safe, encode_tree, utc_now_iso
     from pointsafe.cas.tree import DIR, REG
     dirs, per_dir = 200, 1000
-    with Safe.open(safe_dir) as s, s.writer("test") as w:
+    with Safe.open(safe_dir, password=PW) as s, s.writer("test") as w:
         blob = w.put(Kind.CHUNK, b"same content\n")
         top = []
         for d in range(dirs):

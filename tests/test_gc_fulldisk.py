@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from _gc_util import point_digests, source_digests
-from conftest import needs_root
+from conftest import PW, needs_root
 from pointsafe.cas import Safe, verify
 from pointsafe.cas.release import RESERVE_BYTES
 
@@ -76,7 +76,7 @@ def _backups(cli, mnt: Path, tmp_path: Path, n: int, size: int = 9 * MiB) -> tup
 
 
 def _check_last(safe_dir: Path, digests: dict) -> None:
-    with Safe.open(safe_dir) as safe:
+    with Safe.open(safe_dir, password=PW) as safe:
         assert verify(safe, data=True).ok
         assert point_digests(safe, safe.points()[-1]) == digests
 
@@ -165,7 +165,7 @@ def test_without_a_reserve_a_full_disk_gives_one_line_saying_what_to_free(tmp_pa
         assert r.code == 1 and len(lines) == 1, r.err
         assert lines[0].startswith("pointsafe: error: disk full: forget needs about 4 MiB free"), r.err
         assert "free that much" in lines[0]
-        with Safe.open(safe_dir) as safe:
+        with Safe.open(safe_dir, password=PW) as safe:
             assert len(safe.points()) == 3 and verify(safe).ok    # nothing half done
         with open(mnt / "filler", "r+b") as f:    # do what it says
             f.truncate(os.path.getsize(mnt / "filler") - RESERVE_BYTES)

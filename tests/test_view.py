@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import PW, run_cli
 from pointsafe.cas import BlobReader, Point, Safe, tree_pages
 from pointsafe.fusefs.view import (ROOT_INO, BadHandle, IsADir, NoAttr, Node, NotADir, NotALink, NotFound,
                                    ReadOnly, View)
@@ -38,7 +38,7 @@ def backup(safe: Path, src: Path, name: str, *extra) -> dict:
 @contextmanager
 def open_view(safe: Path, point: dict | Point | None = None, **kw):
     """A View of ``point`` (a record or a Point; or of the whole safe), closed afterwards."""
-    s = Safe.open(safe)
+    s = Safe.open(safe, password=PW)
     v = View(s, Point.from_record(point) if isinstance(point, dict) else point, **kw)
     try:
         yield v
