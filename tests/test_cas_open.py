@@ -11,6 +11,7 @@ import zlib
 
 import pytest
 
+from conftest import PW
 from pointsafe.cas import FORMAT_VERSION, NotASafe, Safe, UnsupportedVersion
 from pointsafe.cas.header import MAGIC
 
@@ -116,7 +117,7 @@ def test_init_verify_repair_json(tmp_path, cli):
     assert r.code == 0, r.err
     info = json.loads(r.out)
     assert info["compression"] == "zstd:19" and info["safe"] == str(d) and len(info["safe_id"]) == 32
-    with Safe.open(d) as safe:
+    with Safe.open(d, password=PW) as safe:
         assert safe.config.zstd_level == 19 and safe.config.safe_id == info["safe_id"]
 
     r = cli("verify", "--json", safe=d)

@@ -11,7 +11,7 @@ from pathlib import Path
 from pointsafe.cas import BlobReader, Kind, Safe
 from pointsafe.cas.index import ObjectEntry
 
-from conftest import run_cli
+from conftest import PW, run_cli
 
 
 def _chunks_of(safe: Safe, point_id: str, name: bytes) -> set[bytes]:
@@ -23,7 +23,7 @@ def _chunks_of(safe: Safe, point_id: str, name: bytes) -> set[bytes]:
 
 def _lose_a_chunk_pack(safe_dir: Path, point_id: str, name: bytes) -> None:
     """Delete one pack that holds a chunk of file ``name`` and nothing but chunks."""
-    with Safe.open(safe_dir) as safe:
+    with Safe.open(safe_dir, password=PW) as safe:
         chunks = _chunks_of(safe, point_id, name)
         by_pack: dict[int, set[int]] = {}
         with safe.index.read() as t:
