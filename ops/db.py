@@ -10,6 +10,9 @@ Tables (named LMDB databases beside the safe's own, see docs/FORMAT.md):
                    when the condition is seen clear, so that an acknowledged condition that
                    persists is not raised again and again
 ``config``         setting name (ascii) -> value (UTF-8 text); see ops/config.py
+``task_facets``    facet name (``kind=backup``, ``src=www``...) -> {facet, n, count}, and the row
+                   ``\x00meta`` -> {built, next}: the task history's index, ops/tasks.py
+``task_index``     facet number n (u32 BE) + task id (u64 BE) -> b"": the tasks of each facet
 
 Writes are single short LMDB write transactions. They do not take the safe's writer lock:
 LMDB serialises writers across processes, so read-only commands (restore, verify) can record
@@ -29,11 +32,21 @@ from pointsafe.cas.index import Index
 from pointsafe.cas.store import INDEX_DIR
 
 OPS_TABLES = ("tasks", "tasks_running", "alerts", "alert_latches", "config")
+INDEX_TABLES = ("task_facets", "task_index")   # made when first written (a read-only safe may lack them)
 
 
 def ensure_tables(index: Index) -> dict:
     """Open (creating when needed) the ops tables; returns name -> LMDB database."""
     return {name: index.table(name) for name in OPS_TABLES}
+
+
+def index_tables(index: Index, create: bool) -> dict | None:
+    """The task history's index tables (name -> LMDB database): made when missing with
+    ``create``, else None when one is missing (a safe made before them, a read-only one)."""
+    if create:
+        return {name: index.table(name) for name in INDEX_TABLES}
+    dbs = {name: index.existing(name) for name in INDEX_TABLES}
+    return None if any(v is None for v in dbs.values()) else dbs
 
 
 def writable(safe_dir: str | Path) -> bool:

@@ -112,12 +112,9 @@ def sources_summary(safe, settings: dict[str, str]) -> list[dict]:
         s["last_point"] = {"id": p.id, "finished": p.taken, "warnings": len(p.warnings)}
         s["source"] = p.source
     # A backup refused for a usage error (a mistyped source or name) is no source's task.
-    backups = [t for t in tasks.list_tasks(idx, kind="backup") if t["state"] != "usage"]
-    for t in backups:
-        n = t["fields"].get("name")
-        if n and n not in by_name:
-            by_name[n] = {"name": n, "points": 0, "source": t["fields"].get("source"), "kind": None,
-                          "last_point": None}
+    for n, source in tasks.backup_names(idx).items():
+        if n not in by_name:
+            by_name[n] = {"name": n, "points": 0, "source": source, "kind": None, "last_point": None}
     out = []
     for name, s in sorted(by_name.items()):
         lp = s["last_point"]
@@ -126,11 +123,7 @@ def sources_summary(safe, settings: dict[str, str]) -> list[dict]:
         interval = config.interval_for(settings, name)
         s["interval_seconds"] = interval
         s["stale"] = bool(interval is not None and lp and lp["age_seconds"] > interval)
-        last = None
-        for t in backups:
-            f = t["fields"]
-            if f.get("name") == name or (not f.get("name") and s["source"] and f.get("source") == s["source"]):
-                last = t
+        last = tasks.last_backup(idx, name, s["source"])
         s["last_task"] = ({"id": last["id"], "state": last["state"], "started": last["started"],
                            "finished": last["finished"], "error": last["error"]} if last else None)
         out.append(s)
@@ -149,7 +142,7 @@ def build(safe, evaluate: bool = True) -> dict:
             notes.append(f"could not update the alerts: {e}")
     settings = config.effective(config.load(idx))
     open_alerts = alerts.list_alerts(idx)
-    last_tasks = tasks.list_tasks(idx)[-5:]
+    last_tasks = tasks.list_tasks(idx, last=5)
     return {
         "now": iso(now()),
         "ok": not open_alerts,
