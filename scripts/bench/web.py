@@ -201,16 +201,18 @@ def pages(c) -> list[tuple[str, str]]:
             ("tasks by source and state", "/tasks?source=src3&state=error"),
             ("tasks by command (verify)", "/tasks?kind=verify"),
             ("a task", f"/tasks/{err}"), ("alerts", "/alerts"),
-            ("points (1,001)", "/points"), ("a point", f"/points/{b}"),
+            ("points (all)", "/points"), ("a point", f"/points/{b}"),
             ("a directory", f"/points/{b}/tree/dir1/"), ("diff", f"/diff?a={a}&b={b}")]
 
 
-def time_pages(c, n: int) -> list[dict[str, Any]]:
+def time_pages(base: str, n: int) -> list[dict[str, Any]]:
     out = []
+    c = login(base)
     for label, url in pages(c):
         r = c.get(url)
         if r.status_code != 200:
             log(f"{label}: {url} answers {r.status_code}; not measured")
+            c = login(base)       # (the server closed the connection)
             out.append({"page": label, "url": url, "status": r.status_code, "bytes": len(r.content),
                         "median_ms": None, "max_ms": None})
             continue
@@ -276,6 +278,7 @@ def main() -> int:
     ap.add_argument("--download-runs", type=int, default=2)
     ap.add_argument("--no-download", action="store_true")
     ap.add_argument("--rebuild", action="store_true", help="build the safe again")
+    ap.add_argument("--build-only", action="store_true", help="build the safe (when needed) and stop")
     ap.add_argument("--code", type=Path, help="run pointsafe from this checkout (default: this one)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
@@ -289,13 +292,15 @@ def main() -> int:
     if args.rebuild or not done.exists() or done.read_text().split() != [str(args.points), str(args.tasks)]:
         log(f"building the safe: {args.points} points, {args.tasks} tasks")
         result.update(build_safe(safe, args.points, args.tasks, big=not args.no_download))
+    if args.build_only:
+        return 0
     env = code_env(args.code, work)
     subprocess.run(ps(safe, "web", "passwd"), input=(PASSWORD + "\n").encode(), check=True, env=env,
                    capture_output=True, timeout=120)
     proc, url = start_web(safe, env, work / "web.log")
     try:
+        result["pages"] = time_pages(url, args.requests)
         c = login(url)
-        result["pages"] = time_pages(c, args.requests)
         if not args.no_download:
             big = [p for p in c.get("/points?format=json").json() if p["name"] == "big"][-1]["id"]
             result["web_seconds"] = web_download(c, big, args.download_runs)
