@@ -285,8 +285,8 @@ class Web:
 
     def dashboard(self, request: Request) -> Response:
         """GET /: ``status --json``'s dict (plus ``dashboard``: chart series, trend, recency)."""
-        st = status.build(self.safe)
         points = self.safe.points()
+        st = status.build(self.safe, points=points)
         series = data.chart_series(points)
         extra = {"series": series, "trend": data.space_trend(points, st["space"]),
                  "recency": data.recency(self.safe.index)}
