@@ -105,7 +105,8 @@ def sources_summary(safe, settings: dict[str, str], points: list[Point] | None =
     idx = safe.index
     t_now = now()
     by_name: dict[str, dict] = {}
-    for p in (safe.points() if points is None else points):     # oldest first (the one order): a name's last point seen is its newest
+    # Oldest first (the one order): a name's last point seen is its newest.
+    for p in (safe.points() if points is None else points):
         name = p.name or p.source or "?"
         s = by_name.setdefault(name, {"name": name, "points": 0, "source": p.source,
                                       "kind": p.kind, "last_point": None})

@@ -80,7 +80,7 @@ def add_warning(path: str | bytes | None, message: str) -> None:
 def create(index, kind: str, argv: list[str], fields: dict | None = None) -> dict:
     """Record a new running task of this process; returns its record."""
     dbs = ensure_tables(index)
-    tabs = index_tables(index, create=True)
+    tabs = _made_tables(index)
     rec = {"kind": kind, "state": "running", "started": iso(real_now()), "finished": None,
            "argv": list(argv), "fields": dict(fields or {}), "warnings": [], "warning_count": 0,
            "error": None, **identity()}
@@ -97,7 +97,7 @@ def finish(index, task_id: int, state: str, *, error: str | None = None, fields:
     """End a task: set its state, end time, reported fields, warnings and error."""
     assert state in STATES
     dbs = ensure_tables(index)
-    tabs = index_tables(index, create=True)
+    tabs = _made_tables(index)
     with index.write() as t:
         rec = get_json(t, dbs["tasks"], id_key(task_id))
         if rec is None:
@@ -125,7 +125,7 @@ def sweep_abandoned(index) -> list[dict]:
     dead = [r for r in recs if r is not None and r["state"] == "running" and is_dead(r)]
     if not dead:
         return []
-    tabs = index_tables(index, create=True)
+    tabs = _made_tables(index)
     out = []
     with index.write() as t:
         for r in dead:
@@ -180,6 +180,13 @@ def facets_of(rec: dict) -> set[str]:
     if isinstance(n, str) and n:
         out.add(f"kind={k}&name={n}")
     return out
+
+
+def _made_tables(index) -> dict:
+    """The index tables, made when missing (a writer's)."""
+    tabs = index_tables(index, create=True)
+    assert tabs is not None, "create=True always gives the tables"
+    return tabs
 
 
 def _facet_key(name: str) -> bytes:
@@ -249,7 +256,7 @@ def _maintain(t: Any, dbs: dict, tabs: dict, old: dict | None, new: dict) -> Non
 def rebuild_index(index) -> None:
     """Build the task index from the whole history now (what a safe made before it gets lazily)."""
     dbs = ensure_tables(index)
-    tabs = index_tables(index, create=True)
+    tabs = _made_tables(index)
     with index.write() as t:
         _build(t, dbs, tabs)
 
@@ -266,7 +273,7 @@ def _ready(index) -> tuple[dict, dict] | None:
     if getattr(index, "readonly", False):
         return None
     try:
-        tabs = index_tables(index, create=True)
+        tabs = _made_tables(index)
         with index.write() as t:
             if not _built(t, tabs):
                 _build(t, dbs, tabs)
@@ -378,7 +385,8 @@ def page(index, state: str | None = None, kind: str | None = None, source: str |
     :func:`matches` says. It reads the tasks it returns (and, for combined filters, seeks over
     the index), not the whole history."""
     got = _ready(index)
-    dbs, tabs = got if got else (ensure_tables(index), None)
+    dbs = got[0] if got else ensure_tables(index)
+    tabs = got[1] if got else None
     out: list[dict] = []
     with index.read() as t:
         ids = _ids(t, dbs, tabs, state, kind, source, before)
@@ -483,9 +491,9 @@ def backup_names(index) -> dict[str, str | None]:
             if not row or not row["facet"].startswith(prefix) or row["count"] <= 0:
                 continue
             for i in _walk(t, tabs, row["n"], newest_first=False):
-                r = get_json(t, dbs["tasks"], id_key(i))
-                if r is not None and r["state"] != "usage" and r["kind"] == "backup":
-                    out[row["facet"][len(prefix):]] = r["fields"].get("source")
+                rec = get_json(t, dbs["tasks"], id_key(i))
+                if rec is not None and rec["state"] != "usage" and rec["kind"] == "backup":
+                    out[row["facet"][len(prefix):]] = rec["fields"].get("source")
                     break
     return out
 
