@@ -9,6 +9,14 @@ any work, with no alert; see ops/recorder.py), ``started``/``finished`` (ISO UTC
 
 Commands report details of the running task with :func:`report` and :func:`add_warning`;
 both do nothing when no task is being recorded, so rooms and commands can call them freely.
+
+Queries cost what they return, not the history: every record is also indexed by facet
+(kind, state, the name or source it reported, and their pairs; see "the index" below), kept in
+the same write transaction as the record. :func:`page` gives a page of tasks newest first
+below an id, :func:`count` the size of a facet, :func:`last_backup` and
+:func:`backup_names` what ``status`` shows per source. A safe made before the index gets it
+built from its whole history once, by the first writer or reader that may write; a read-only
+safe without it is scanned (the same answers, at the old cost).
 """
 
 from __future__ import annotations
