@@ -190,6 +190,24 @@ def facets_of(rec: dict) -> set[str]:
     return out
 
 
+def _lmdb(table: Any) -> Any:
+    """The LMDB database of an ops table (its ``db`` once ops/db.py wraps tables to seal values)."""
+    return getattr(table, "db", table)
+
+
+def _records(t: Any, table: Any) -> Iterator[dict]:
+    """Every task record of ``table``, in id order, decoded as :func:`get_json` decodes one."""
+    for k in t.cursor(db=_lmdb(table)).iternext(keys=True, values=False):
+        rec = get_json(t, table, bytes(k))
+        if rec is not None:
+            yield rec
+
+
+def _keys(t: Any, table: Any) -> list[bytes]:
+    """Every row key of ``table`` (no value read)."""
+    return [bytes(k) for k in t.cursor(db=_lmdb(table)).iternext(keys=True, values=False)]
+
+
 def _made_tables(index) -> dict:
     """The index tables, made when missing (a writer's)."""
     tabs = index_tables(index, create=True)
@@ -213,7 +231,7 @@ def _add(t: Any, tabs: dict, meta: dict, tid: int, names: set[str]) -> None:
         if row is None:
             row = {"facet": name, "n": meta["next"], "count": 0}
             meta["next"] += 1
-        if t.put(ENTRY.pack(row["n"], tid), b"", db=tabs["task_index"], overwrite=False):
+        if t.put(ENTRY.pack(row["n"], tid), b"", db=_lmdb(tabs["task_index"]), overwrite=False):
             row["count"] += 1
         put_json(t, tabs["task_facets"], _facet_key(name), row)
 
@@ -221,7 +239,7 @@ def _add(t: Any, tabs: dict, meta: dict, tid: int, names: set[str]) -> None:
 def _remove(t: Any, tabs: dict, tid: int, names: set[str]) -> None:
     for name in names:
         row = _facet(t, tabs, name)
-        if row is not None and t.delete(ENTRY.pack(row["n"], tid), db=tabs["task_index"]):
+        if row is not None and t.delete(ENTRY.pack(row["n"], tid), db=_lmdb(tabs["task_index"])):
             row["count"] -= 1
             put_json(t, tabs["task_facets"], _facet_key(name), row)
 
@@ -233,16 +251,15 @@ def _built(t: Any, tabs: dict) -> dict | None:
 
 def _build(t: Any, dbs: dict, tabs: dict) -> None:
     """(Re)build the index from every task record, inside the write transaction ``t``."""
-    t.drop(tabs["task_facets"], delete=False)
-    t.drop(tabs["task_index"], delete=False)
+    t.drop(_lmdb(tabs["task_facets"]), delete=False)
+    t.drop(_lmdb(tabs["task_index"]), delete=False)
     members: dict[str, list[int]] = {}
-    for _, v in t.cursor(db=dbs["tasks"]):
-        r = json.loads(v)
+    for r in _records(t, dbs["tasks"]):
         for name in facets_of(r):
             members.setdefault(name, []).append(r["id"])
     for n, (name, ids) in enumerate(sorted(members.items()), start=1):
         for tid in ids:
-            t.put(ENTRY.pack(n, tid), b"", db=tabs["task_index"])
+            t.put(ENTRY.pack(n, tid), b"", db=_lmdb(tabs["task_index"]))
         put_json(t, tabs["task_facets"], _facet_key(name), {"facet": name, "n": n, "count": len(ids)})
     put_json(t, tabs["task_facets"], META, {"built": True, "version": INDEX_VERSION, "next": len(members) + 1})
 
@@ -301,7 +318,7 @@ def _seek_le(cur: Any, n: int, x: int) -> int | None:
 
 def _walk(t: Any, tabs: dict, n: int, before: int | None = None, newest_first: bool = True) -> Iterator[int]:
     """The task ids of facet n, newest first (below ``before``) or oldest first."""
-    cur = t.cursor(db=tabs["task_index"])
+    cur = t.cursor(db=_lmdb(tabs["task_index"]))
     prefix = FACET.pack(n)
     if newest_first:
         x = _seek_le(cur, n, MAX_ID if before is None else before - 1)
@@ -326,7 +343,7 @@ def _intersect(t: Any, tabs: dict, ns: list[int], before: int | None) -> Iterato
     if len(ns) == 1:
         yield from _walk(t, tabs, ns[0], before)
         return
-    curs = [t.cursor(db=tabs["task_index"]) for _ in ns]
+    curs = [t.cursor(db=_lmdb(tabs["task_index"])) for _ in ns]
     x = MAX_ID if before is None else before - 1
     while x >= 1:
         agreed = True
@@ -373,7 +390,7 @@ def _ids(t: Any, dbs: dict, tabs: dict | None, state, kind, source, before) -> I
     """Candidate ids newest first from the index (None when it has no candidate at all)."""
     names = _query_facets(state, kind, source)
     if tabs is None or not names:
-        cur = t.cursor(db=dbs["tasks"])
+        cur = t.cursor(db=_lmdb(dbs["tasks"]))
         ok = cur.set_range(id_key(before)) if before is not None else False
         if not (cur.prev() if ok else cur.last()):
             return None
@@ -418,7 +435,7 @@ def count(index, state: str | None = None, kind: str | None = None, source: str 
     got = _ready(index) if names else None
     with index.read() as t:
         if not names:
-            return int(t.stat(ensure_tables(index)["tasks"])["entries"])
+            return int(t.stat(_lmdb(ensure_tables(index)["tasks"]))["entries"])
         if got is None or len(names) > 1:
             return None
         row = _facet(t, got[1], names[0])
@@ -436,8 +453,7 @@ def list_tasks(index, state: str | None = None, since: str | None = None, kind: 
     dbs = ensure_tables(index)
     out = []
     with index.read() as t:
-        for _, v in t.cursor(db=dbs["tasks"]):
-            r = json.loads(v)
+        for r in _records(t, dbs["tasks"]):
             if matches(r, since=since):
                 out.append(r)
     return out
@@ -449,7 +465,7 @@ def scan(index, state: str | None = None, kind: str | None = None, source: str |
     what the indexed queries must agree with."""
     dbs = ensure_tables(index)
     with index.read() as t:
-        rows = [json.loads(v) for _, v in t.cursor(db=dbs["tasks"])]
+        rows = list(_records(t, dbs["tasks"]))
     return [r for r in rows if matches(r, state, kind, source, since)]
 
 
@@ -470,7 +486,7 @@ def task_names(index) -> list[str]:
                        and r["fields"]["name"]})
     out = set()
     with index.read() as t:
-        for k, _ in t.cursor(db=got[1]["task_facets"]):
+        for k in _keys(t, got[1]["task_facets"]):
             if k == META:
                 continue
             row = get_json(t, got[1]["task_facets"], k)
@@ -494,7 +510,7 @@ def backup_names(index) -> dict[str, str | None]:
     dbs, tabs = got
     prefix = "kind=backup&name="
     with index.read() as t:
-        rows = [get_json(t, tabs["task_facets"], k) for k, _ in t.cursor(db=tabs["task_facets"]) if k != META]
+        rows = [get_json(t, tabs["task_facets"], k) for k in _keys(t, tabs["task_facets"]) if k != META]
         for row in rows:
             if not row or not row["facet"].startswith(prefix) or row["count"] <= 0:
                 continue
