@@ -215,13 +215,18 @@ def _made_tables(index) -> dict:
     return tabs
 
 
-def _facet_key(name: str) -> bytes:
+def _facet_key(tabs: dict, name: str) -> bytes:
+    """The row key of facet ``name``: its UTF-8 bytes (a hash when too long for LMDB), or the
+    table's keyed hash of it where ops/db.py hashes row names (an encrypted safe)."""
+    table = tabs["task_facets"]
+    if getattr(table, "crypto", None) is not None and hasattr(table, "row"):
+        return table.row(name)
     raw = name.encode("utf-8", "surrogatepass")
     return raw if len(raw) <= MAX_KEY else b"\x01" + hashlib.sha256(raw).digest()
 
 
 def _facet(t: Any, tabs: dict, name: str) -> dict | None:
-    row = get_json(t, tabs["task_facets"], _facet_key(name))
+    row = get_json(t, tabs["task_facets"], _facet_key(tabs, name))
     return row if row is not None and row.get("facet") == name else None
 
 
@@ -233,7 +238,7 @@ def _add(t: Any, tabs: dict, meta: dict, tid: int, names: set[str]) -> None:
             meta["next"] += 1
         if t.put(ENTRY.pack(row["n"], tid), b"", db=_lmdb(tabs["task_index"]), overwrite=False):
             row["count"] += 1
-        put_json(t, tabs["task_facets"], _facet_key(name), row)
+        put_json(t, tabs["task_facets"], _facet_key(tabs, name), row)
 
 
 def _remove(t: Any, tabs: dict, tid: int, names: set[str]) -> None:
@@ -241,7 +246,7 @@ def _remove(t: Any, tabs: dict, tid: int, names: set[str]) -> None:
         row = _facet(t, tabs, name)
         if row is not None and t.delete(ENTRY.pack(row["n"], tid), db=_lmdb(tabs["task_index"])):
             row["count"] -= 1
-            put_json(t, tabs["task_facets"], _facet_key(name), row)
+            put_json(t, tabs["task_facets"], _facet_key(tabs, name), row)
 
 
 def _built(t: Any, tabs: dict) -> dict | None:
@@ -260,7 +265,7 @@ def _build(t: Any, dbs: dict, tabs: dict) -> None:
     for n, (name, ids) in enumerate(sorted(members.items()), start=1):
         for tid in ids:
             t.put(ENTRY.pack(n, tid), b"", db=_lmdb(tabs["task_index"]))
-        put_json(t, tabs["task_facets"], _facet_key(name), {"facet": name, "n": n, "count": len(ids)})
+        put_json(t, tabs["task_facets"], _facet_key(tabs, name), {"facet": name, "n": n, "count": len(ids)})
     put_json(t, tabs["task_facets"], META, {"built": True, "version": INDEX_VERSION, "next": len(members) + 1})
 
 
