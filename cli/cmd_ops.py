@@ -131,7 +131,7 @@ def cmd_tasks(args) -> int:
     since = parse_since(args.since) if args.since else None
     with open_safe(args) as safe:
         alerts.sweep_abandoned(safe.index)
-        rows = tasks.list_tasks(safe.index, state=args.state, since=since, kind=args.kind)
+        rows = tasks.list_tasks(safe.index, state=args.state, since=since, kind=args.kind, last=args.last)
     if args.last:
         rows = rows[-args.last:]
     if args.json:

@@ -127,11 +127,12 @@ def source_points(index) -> dict[str, Point]:
     return latest_per(points, lambda p: p.name or p.source or "?")
 
 
-def stale_sources(index, settings: dict[str, str]) -> list[dict]:
-    """Sources whose newest point is older than their expected interval (at clock.now())."""
+def stale_sources(index, settings: dict[str, str], latest: dict[str, Point] | None = None) -> list[dict]:
+    """Sources whose newest point is older than their expected interval (at clock.now());
+    ``latest``: :func:`source_points`, when already read."""
     out = []
     t_now = now()
-    for name, p in sorted(source_points(index).items()):
+    for name, p in sorted((source_points(index) if latest is None else latest).items()):
         limit = interval_for(settings, name)
         when = p.taken
         if limit is None or not when:
@@ -142,12 +143,14 @@ def stale_sources(index, settings: dict[str, str]) -> list[dict]:
     return out
 
 
-def evaluate(index, safe_dir: str | Path) -> list[dict]:
-    """Check the standing conditions (stale sources, quotas); returns the alerts newly raised."""
+def evaluate(index, safe_dir: str | Path, points: list[Point] | None = None) -> list[dict]:
+    """Check the standing conditions (stale sources, quotas); returns the alerts newly raised.
+    ``points``: every point of the safe, when the caller has read them (else read here, once)."""
     settings = effective(load(index))
     raised = []
-    stale = {s["name"]: s for s in stale_sources(index, settings)}
-    for name in source_points(index):
+    latest = source_points(index) if points is None else latest_per(points, lambda p: p.name or p.source or "?")
+    stale = {s["name"]: s for s in stale_sources(index, settings, latest)}
+    for name in latest:
         key = f"stale:{name}"
         s = stale.get(name)
         if s is None:

@@ -10,6 +10,9 @@ Tables (named LMDB databases beside the safe's own, see docs/FORMAT.md):
                    when the condition is seen clear, so that an acknowledged condition that
                    persists is not raised again and again
 ``config``         setting name (ascii) -> value (UTF-8 text); see ops/config.py
+``task_facets``    facet name (``kind=backup``, ``src=www``...) -> {facet, n, count}, and the row
+                   ``\x00meta`` -> {built, next}: the task history's index, ops/tasks.py
+``task_index``     facet number n (u32 BE) + task id (u64 BE) -> b"": the tasks of each facet
 
 On an encrypted safe (one with key slots) every value of these tables is sealed with the
 safe's index key (``Crypto.seal_value(table, row, value)``: AEAD bound to the table name and
@@ -46,12 +49,13 @@ from pointsafe.cas.point import Point
 from pointsafe.cas.store import INDEX_DIR
 
 OPS_TABLES = ("tasks", "tasks_running", "alerts", "alert_latches", "config")
-HASHED_ROWS = ("config", "alert_latches")   # tables whose row keys are names (hashed when encrypted)
-SEALED = ("tasks", "alerts", "config")      # tables whose values are sealed when encrypted
+HASHED_ROWS = ("config", "alert_latches", "task_facets")   # tables whose row keys are names (hashed when encrypted)
+SEALED = ("tasks", "alerts", "config", "task_facets")      # tables whose values are sealed when encrypted
 ROW_HASH_KIND = 0       # the kind byte of row-name hashes (0: no object kind, see cas/keys.py)
 KEYS_DIR = "keys"
 
 _crypto: dict[str, Any] = {}     # realpath of a safe's index folder -> its Crypto
+INDEX_TABLES = ("task_facets", "task_index")   # made when first written (a read-only safe may lack them)
 
 
 def is_encrypted(safe_dir: str | Path) -> bool:
@@ -95,7 +99,7 @@ class OpsTable:
     def row(self, name: str) -> bytes:
         """The row key of ``name`` (a setting, a condition): its UTF-8 bytes, or on an
         encrypted safe a keyed hash of them (a name is not visible without the key)."""
-        raw = name.encode()
+        raw = name.encode("utf-8", "surrogatepass")    # (a source path need not be UTF-8)
         if self.crypto is None or self.name not in HASHED_ROWS:
             return raw
         return self.crypto.object_key(ROW_HASH_KIND, b"pointsafe ops row\0" + self._aad + b"\0" + raw)
@@ -149,6 +153,18 @@ def read_points(index: Index, txn: Any) -> list[Point]:
     for k, v in txn.cursor(db=index.db["points"]):
         out.append(Point.from_json(bytes(v) if crypto is None else crypto.open_value(b"points", bytes(k), v)))
     return out
+
+
+def index_tables(index: Index, create: bool) -> dict[str, OpsTable] | None:
+    """The task history's index tables (name -> LMDB database): made when missing with
+    ``create``, else None when one is missing (a safe made before them, a read-only one)."""
+    crypto = crypto_of(index)
+    if create:
+        return {name: OpsTable(name, index.table(name), crypto) for name in INDEX_TABLES}
+    dbs = {name: index.existing(name) for name in INDEX_TABLES}
+    if any(v is None for v in dbs.values()):
+        return None
+    return {name: OpsTable(name, db, crypto) for name, db in dbs.items()}
 
 
 def writable(safe_dir: str | Path) -> bool:

@@ -50,11 +50,11 @@ def point_size(p: Point) -> int:
     return int(p.size or p.stats.get("size") or 0)
 
 
-def safe_summary(safe) -> dict:
+def safe_summary(safe, points: list[Point] | None = None) -> dict:
     """Sizes and ratios of the safe, from the totals cas keeps (cas/counters.py): O(points),
-    never a scan of the objects."""
+    never a scan of the objects. ``points``: the safe's points, when already read."""
     c = safe.counters()
-    points = safe.points()
+    points = safe.points() if points is None else points
     logical = sum(point_size(p) for p in points)
     index_bytes = _file_bytes(safe.index.path / "data.mdb")
     return {
@@ -95,16 +95,18 @@ def space_summary(safe_dir, settings: dict[str, str]) -> dict:
             "state": quota.state(sp, settings)}
 
 
-def sources_summary(safe, settings: dict[str, str]) -> list[dict]:
+def sources_summary(safe, settings: dict[str, str], points: list[Point] | None = None) -> list[dict]:
     """Per source name: its points, newest point, interval, staleness and last backup task.
 
     A name is listed when it has a point or a backup task that really ran (any state but
-    ``usage``), so a failing new source shows while a mistyped one does not.
+    ``usage``), so a failing new source shows while a mistyped one does not. Each source's
+    last backup is one lookup in the task index, not a pass over the history.
     """
     idx = safe.index
     t_now = now()
     by_name: dict[str, dict] = {}
-    for p in safe.points():     # oldest first (the one order): a name's last point seen is its newest
+    # Oldest first (the one order): a name's last point seen is its newest.
+    for p in (safe.points() if points is None else points):
         name = p.name or p.source or "?"
         s = by_name.setdefault(name, {"name": name, "points": 0, "source": p.source,
                                       "kind": p.kind, "last_point": None})
@@ -112,12 +114,9 @@ def sources_summary(safe, settings: dict[str, str]) -> list[dict]:
         s["last_point"] = {"id": p.id, "finished": p.taken, "warnings": len(p.warnings)}
         s["source"] = p.source
     # A backup refused for a usage error (a mistyped source or name) is no source's task.
-    backups = [t for t in tasks.list_tasks(idx, kind="backup") if t["state"] != "usage"]
-    for t in backups:
-        n = t["fields"].get("name")
-        if n and n not in by_name:
-            by_name[n] = {"name": n, "points": 0, "source": t["fields"].get("source"), "kind": None,
-                          "last_point": None}
+    for n, source in tasks.backup_names(idx).items():
+        if n not in by_name:
+            by_name[n] = {"name": n, "points": 0, "source": source, "kind": None, "last_point": None}
     out = []
     for name, s in sorted(by_name.items()):
         lp = s["last_point"]
@@ -126,36 +125,35 @@ def sources_summary(safe, settings: dict[str, str]) -> list[dict]:
         interval = config.interval_for(settings, name)
         s["interval_seconds"] = interval
         s["stale"] = bool(interval is not None and lp and lp["age_seconds"] > interval)
-        last = None
-        for t in backups:
-            f = t["fields"]
-            if f.get("name") == name or (not f.get("name") and s["source"] and f.get("source") == s["source"]):
-                last = t
+        last = tasks.last_backup(idx, name, s["source"])
         s["last_task"] = ({"id": last["id"], "state": last["state"], "started": last["started"],
                            "finished": last["finished"], "error": last["error"]} if last else None)
         out.append(s)
     return out
 
 
-def build(safe, evaluate: bool = True) -> dict:
-    """The status page of an open safe. With ``evaluate``, standing conditions raise alerts first."""
+def build(safe, evaluate: bool = True, points: list[Point] | None = None) -> dict:
+    """The status page of an open safe. With ``evaluate``, standing conditions raise alerts
+    first. ``points``: the safe's points (``safe.points()``) when the caller has read them;
+    they are read once either way."""
     idx = safe.index
     notes = []
+    points = safe.points() if points is None else points
     if evaluate:
         try:
             alerts.sweep_abandoned(idx)
-            alerts.evaluate(idx, safe.path)
+            alerts.evaluate(idx, safe.path, points)
         except Exception as e:   # e.g. a full disk: show what we can
             notes.append(f"could not update the alerts: {e}")
     settings = config.effective(config.load(idx))
     open_alerts = alerts.list_alerts(idx)
-    last_tasks = tasks.list_tasks(idx)[-5:]
+    last_tasks = tasks.list_tasks(idx, last=5)
     return {
         "now": iso(now()),
         "ok": not open_alerts,
-        "safe": safe_summary(safe),
+        "safe": safe_summary(safe, points),
         "space": space_summary(safe.path, settings),
-        "sources": sources_summary(safe, settings),
+        "sources": sources_summary(safe, settings, points),
         "alerts": open_alerts,
         "recent_tasks": [{k: t[k] for k in ("id", "kind", "state", "started", "finished", "error")}
                          for t in last_tasks],

@@ -91,6 +91,29 @@ def test_dashboard_shows_what_status_says(site, client):
     assert "never run" in html          # gc
 
 
+def test_task_history_pages_newest_first_with_before(site, client):
+    """/tasks?limit=N shows the newest N, its 'older' link the N below the last one shown,
+    to the oldest; JSON with limit/before gives the same page (oldest first, as the CLI)."""
+    every = [t["id"] for t in _j("tasks", safe=site["safe"])]
+    assert len(every) >= 5
+    seen, url = [], "/tasks?limit=2"
+    while url:
+        html = client.get(url).text
+        table = re.search(r'<table id="tasks">.*?</table>', html, re.S).group(0)
+        ids = [int(i) for i in re.findall(r'<a href="/tasks/(\d+)">', table)]
+        assert 1 <= len(ids) <= 2 and ids == sorted(ids, reverse=True)
+        seen += ids
+        assert f"{len(every)} task(s) in all" in html
+        older = re.search(r'<a href="(/tasks\?[^"]*before=\d+)">older</a>', html)
+        url = older.group(1).replace("&amp;", "&") if older else None
+    assert seen == every[::-1]
+    page = client.get("/tasks", params={"format": "json", "limit": 2, "before": every[-1]}).json()
+    assert [t["id"] for t in page] == every[-3:-1]
+    www = [t["id"] for t in _j("tasks", safe=site["safe"]) if t["fields"].get("name") == "www"]
+    html = client.get("/tasks", params={"source": "www", "limit": 1, "before": www[-1]}).text
+    assert re.findall(r'<a href="/tasks/(\d+)">', html) == [str(www[-2])]
+
+
 def test_task_filters_match_the_cli(site, client):
     safe = site["safe"]
     for q, args in ((("state", "error"),), ("--state", "error")), ((("kind", "verify"),), ("--kind", "verify")), \

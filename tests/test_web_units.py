@@ -72,3 +72,20 @@ def test_newest_task_of_each_kind(safe):
     got = tasks.newest_of_kinds(safe.index, ("verify", "gc", "defrag"))
     assert got["verify"]["id"] == ids["verify"][-1] and got["gc"]["id"] == ids["gc"][-1]
     assert got["verify"]["state"] == "ok" and got["defrag"] is None
+
+
+def test_the_listening_socket_sends_without_delay():
+    """Connections accepted from the socket ``pointsafe web`` binds inherit TCP_NODELAY: an
+    answer on a kept-alive connection goes out at once, not after the peer's delayed ACK."""
+    import socket
+
+    from pointsafe.web.server import bind
+    from _web_util import free_port
+    s = bind(parse_listen(f"127.0.0.1:{free_port()}"))
+    try:
+        c = socket.create_connection(s.getsockname(), timeout=10)
+        conn, _ = s.accept()
+        with c, conn:
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        s.close()

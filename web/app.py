@@ -49,6 +49,7 @@ log = logging.getLogger("pointsafe.web")
 PAGE_LIMIT = 200           # directory entries per page (at most MAX_LIMIT with ?limit=)
 MAX_LIMIT = 1000
 TASKS_PER_PAGE = 100
+MAX_TASKS_PER_PAGE = 1000
 DIFF_LIMIT = 5000          # changes a diff page shows (JSON: all)
 LOGIN_DELAY = 1.0          # seconds a wrong password waits before the answer (checks run one at a time)
 
@@ -284,8 +285,8 @@ class Web:
 
     def dashboard(self, request: Request) -> Response:
         """GET /: ``status --json``'s dict (plus ``dashboard``: chart series, trend, recency)."""
-        st = status.build(self.safe)
         points = self.safe.points()
+        st = status.build(self.safe, points=points)
         series = data.chart_series(points)
         extra = {"series": series, "trend": data.space_trend(points, st["space"]),
                  "recency": data.recency(self.safe.index)}
@@ -331,24 +332,36 @@ class Web:
     # -- tasks ---------------------------------------------------------------------------------
 
     def tasks_page(self, request: Request) -> Response:
-        """GET /tasks?state=&kind=&source=: the task history (JSON: as ``tasks --json``, oldest first)."""
+        """GET /tasks?state=&kind=&source=&before=&limit=: the task history, newest first, a
+        page at a time (the tasks below id ``before``). JSON: as ``tasks --json``, oldest first:
+        every match, the newest ``last=N``, or with ``limit`` the page the HTML shows."""
         q = request.query_params
         state, kind, source = q.get("state") or None, q.get("kind") or None, q.get("source") or None
         if state and state not in tasks.STATES:
             raise BadRequest(f"unknown state {state!r}: use one of {', '.join(tasks.STATES)}")
         if kind and kind not in tasks.KINDS:
             raise BadRequest(f"unknown kind {kind!r}: use one of {', '.join(tasks.KINDS)}")
-        rows = data.filter_tasks(self.safe.index, state, kind, source)
+        before = int(q["before"]) if q.get("before", "").isdigit() and int(q["before"]) else None
+        limit = min(MAX_TASKS_PER_PAGE, int(q["limit"])) if q.get("limit", "").isdigit() and int(q["limit"]) \
+            else TASKS_PER_PAGE
+        idx = self.safe.index
         if wants_json(request):
             last = q.get("last")
-            return json_response(rows[-int(last):] if last and last.isdigit() and int(last) else rows)
-        offset = max(0, int(q.get("offset", "0"))) if q.get("offset", "0").isdigit() else 0
-        newest = [{**t, "took": data.task_duration(t)} for t in list(reversed(rows))[offset:offset + TASKS_PER_PAGE]]
-        return self.page(request, "tasks.html", tasks=newest, total=len(rows), offset=offset,
-                         per_page=TASKS_PER_PAGE, state=state or "", kind=kind or "", source=source or "",
+            if last and last.isdigit() and int(last):
+                return json_response(list(reversed(tasks.page(idx, state, kind, source, limit=int(last)))))
+            if q.get("limit") or before:
+                return json_response(list(reversed(tasks.page(idx, state, kind, source, before=before, limit=limit))))
+            return json_response(data.filter_tasks(idx, state, kind, source))
+        rows = tasks.page(idx, state, kind, source, before=before, limit=limit + 1)
+        more = len(rows) > limit
+        shown = [{**t, "took": data.task_duration(t)} for t in rows[:limit]]
+        query = f"state={quote(state or '')}&kind={quote(kind or '')}&source={quote(source or '')}"
+        return self.page(request, "tasks.html", tasks=shown, total=tasks.count(idx, state, kind, source),
+                         before=before or 0, older=shown[-1]["id"] if more and shown else None,
+                         limit=limit, state=state or "", kind=kind or "", source=source or "",
                          states=tasks.STATES, kinds=tasks.KINDS,
-                         sources=sorted(set(data.task_sources(rows)) | set(data.points_by_source(self.safe))),
-                         query=f"state={quote(state or '')}&kind={quote(kind or '')}&source={quote(source or '')}")
+                         sources=sorted(set(data.task_sources(idx)) | set(data.points_by_source(self.safe))),
+                         query=query + (f"&limit={limit}" if limit != TASKS_PER_PAGE else ""))
 
     def task_page(self, request: Request) -> Response:
         """GET /tasks/ID: one task with its lines and its alerts (JSON: ``tasks show --json`` and

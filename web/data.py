@@ -1,7 +1,7 @@
 """The facts behind the pages, from the rooms that own them (ops, cas, ingest).
 
 Nothing here recomputes what ops decides: the dashboard is ``ops.status.build`` (the dict
-``pointsafe status --json`` prints), tasks are ``ops.tasks.list_tasks``, alerts
+``pointsafe status --json`` prints), tasks are ``ops.tasks`` (its indexed queries), alerts
 ``ops.alerts``. What the dashboard adds (chart series, the space trend, verify and gc
 recency) comes from the points' own statistics and the task history.
 """
@@ -93,11 +93,11 @@ def recency(index) -> dict[str, Any]:
 
 def filter_tasks(index, state: str | None, kind: str | None, source: str | None) -> list[dict]:
     """Tasks oldest first (as ``pointsafe tasks --json``), by state and kind, and by source:
-    a task whose reported name or source is ``source``."""
-    rows = tasks.list_tasks(index, state=state or None, kind=kind or None)
-    if source:
-        rows = [t for t in rows if source in (t["fields"].get("name"), t["fields"].get("source"))]
-    return rows
+    a task whose reported name or source is ``source``. Read through the task index: it
+    costs the tasks returned."""
+    if not (state or kind or source):
+        return tasks.list_tasks(index)
+    return list(reversed(tasks.page(index, state=state, kind=kind, source=source, limit=tasks.MAX_ID)))
 
 
 def task_duration(t: dict) -> float | None:
@@ -127,9 +127,9 @@ def task_lines(t: dict) -> list[str]:
     return lines
 
 
-def task_sources(rows: list[dict]) -> list[str]:
+def task_sources(index) -> list[str]:
     """The source names the tasks report, sorted (the choices of the source filter)."""
-    return sorted({str(t["fields"]["name"]) for t in rows if t["fields"].get("name")})
+    return tasks.task_names(index)
 
 
 def entry_json(path: bytes, e: Entry) -> dict[str, Any]:
