@@ -176,7 +176,9 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         """A handle for reading file ``inode``; the kernel may keep its page cache (the data never changes).
         Opening for writing is EROFS."""
-        fh = await self._thread(self.view.open, inode, flags)
+        fh = self._here(self.view.open, inode, flags, True)       # from the caches: right here
+        if fh is None:
+            fh = await self._thread(self.view.open, inode, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh, off, size):

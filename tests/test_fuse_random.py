@@ -173,3 +173,30 @@ def test_small_random_reads_cost_one_chunk_each(point, tmp_path):
             os.close(fd)
     # one chunk per read, and each leaf LIST node at most once; nothing read ahead of the reader
     assert used <= len(picks) + len(lists) + 1, f"{used} objects for {len(picks)} page reads"
+
+
+def test_page_reads_close_together_load_no_read_ahead(point, tmp_path):
+    """A database's page reads hop around one neighbourhood of the file (a B-tree's pages a few
+    hundred KiB apart, back and forth): none of that is a sequential reader, so the mount loads
+    the chunks those pages lie in and nothing ahead of them."""
+    safe, source, chunks, lists, _ = point
+    lo = next(a for a, n, hole in chunks if not hole and a >= 12 * MiB)
+    rnd = random.Random(9)
+    offs: list[int] = []
+    while len(offs) < 40:
+        off = lo + rnd.randrange(0, 900 << 10) // 4096 * 4096
+        if not offs or abs(off - offs[-1]) >= 64 << 10:
+            offs.append(off)
+    touched = {a for a, n, hole in chunks for off in offs if not hole and a < off + 4096 and off < a + n}
+    mp = tmp_path / "m"
+    with mounted(safe, mp, "latest"):
+        fd = os.open(mp / NAME, os.O_RDONLY)
+        try:
+            os.pread(fd, 1, 0)
+            before = stats(mp)["objects_read"]
+            for off in offs:
+                assert os.pread(fd, 4096, off) == source[off:off + 4096]
+            used = stats(mp)["objects_read"] - before
+        finally:
+            os.close(fd)
+    assert used <= len(touched) + len(lists) + 1, f"{used} objects for {len(touched)} chunks touched"
