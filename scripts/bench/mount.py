@@ -14,6 +14,8 @@ measurement on a *fresh* mount (so the filesystem's own caches start cold):
 - mount -> listing: from starting the mount command until the point's root lists (the
   120,000-file point and the mixed point);
 - find: ``find ROOT -printf '%s %m\\n'`` over the 120,000-file point (every entry stat'ed);
+- tar: ``tar -cf - . | cat > /dev/null`` of the 120,000-file point (every small file read in
+  directory order);
 - sequential: ``cat`` of the mixed set's large files (1.4 GiB, ``large/*``) and of the 1 GiB
   incompressible file, to /dev/null;
 - 4 parallel readers: four ``dd bs=1M`` reading 1 GiB of the mixed set's large files in four
