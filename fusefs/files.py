@@ -41,11 +41,10 @@ RA_THREADS = 3              # background loaders (they mostly wait in zstd and p
 class FileHandle:
     """An open file: a blob reader plus the state of its sequential-read detection."""
 
-    __slots__ = ("blob", "lock", "next_off", "node", "path", "ra_end", "sized", "streak")
+    __slots__ = ("blob", "lock", "next_off", "node", "ra_end", "sized", "streak")
 
-    def __init__(self, node: Node, path: str, blob: BlobReader):
+    def __init__(self, node: Node, blob: BlobReader):
         self.node = node
-        self.path = path
         self.blob = blob
         self.sized = False          # the blob's length was found to match the file's size
         self.next_off = 0
@@ -115,7 +114,7 @@ class Files:
             self.opens_here += 1
         if node.dref is not None and e.size <= SMALL_FILE:
             self._siblings_ahead(node)
-        return self.handles.add(FileHandle(node, self.inodes.path(node), blob))
+        return self.handles.add(FileHandle(node, blob))
 
     def _kind_cached(self, key: bytes) -> int:
         """CHUNK or LIST as the caches know it (only data chunks enter the chunk cache, only

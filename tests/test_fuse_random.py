@@ -200,3 +200,37 @@ def test_page_reads_close_together_load_no_read_ahead(point, tmp_path):
         finally:
             os.close(fd)
     assert used <= len(touched) + len(lists) + 1, f"{used} objects for {len(touched)} chunks touched"
+
+
+def test_small_files_read_in_directory_order(tmp_path):
+    """tar of a directory of small files through the mount gets every file's bytes, and the
+    files after the first few come from the caches: loaded ahead while tar was still on the
+    files before them (opens and reads answered without waiting for the safe)."""
+    src = tmp_path / "src"
+    d = src / "many"
+    d.mkdir(parents=True)
+    rnd = random.Random(3)
+    want = {}
+    for i in range(600):
+        data = rnd.randbytes(rnd.randrange(0, 20_000)) if i % 3 else b"line %d\n" % i * rnd.randrange(1, 500)
+        (d / f"f{i:04}").write_bytes(data)
+        want[f"f{i:04}"] = data
+    (d / "large.bin").write_bytes(rnd.randbytes(3 * MiB))          # not a small file: read as usual
+    want["large.bin"] = (d / "large.bin").read_bytes()
+    safe = tmp_path / "safe"
+    run_cli("init", safe, check=True)
+    run_cli("backup", src, "--name", "small", safe=safe, check=True, timeout=600)
+    mp = tmp_path / "m"
+    out = tmp_path / "out"
+    out.mkdir()
+    import subprocess
+    with mounted(safe, mp, "latest"):
+        p = subprocess.run(f"tar -C {mp} -cf - many | tar -C {out} -xf -", shell=True, capture_output=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr
+        s = stats(mp)
+    got = {f.name: f.read_bytes() for f in (out / "many").iterdir()}
+    assert got == want
+    files = sum(1 for v in want.values() if v)
+    assert s["opens_here"] >= 0.8 * len(want), s
+    assert s["loaded_reads"] <= 0.2 * files, s
