@@ -5,7 +5,8 @@ and opendir load a directory; open, read and statfs touch LMDB and packs) runs i
 thread through ``trio.to_thread.run_sync`` under one ``CapacityLimiter``; the view's caches
 make sure a chunk is loaded once even when several of those threads want it. Requests that
 only consult the inode table (getattr, readlink, readdir of an opened directory, xattrs,
-forget) answer on the trio thread, and so does a read whose chunks are all cached already
+forget) answer on the trio thread, and so do a lookup in a directory whose listing is cached,
+an open whose file's root object is cached, and a read whose chunks are all cached already
 (the usual case for a sequential reader, whose next chunks the read-ahead loads in the
 background): a thread hop costs more than copying a cached MiB.
 
@@ -102,7 +103,10 @@ class Operations(pyfuse3.Operations):
 
     async def lookup(self, parent_inode, name, ctx=None):
         """The attributes of ``name`` in directory ``parent_inode`` (ENOENT when absent); counts a lookup."""
-        node = await self._thread(self.view.lookup, parent_inode, bytes(name))
+        name = bytes(name)
+        node = self._here(self.view.lookup, parent_inode, name, True)   # from a cached listing
+        if node is None:
+            node = await self._thread(self.view.lookup, parent_inode, name)
         return _attrs(self.view, node)
 
     async def forget(self, inode_list):

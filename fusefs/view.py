@@ -82,15 +82,25 @@ class View:
         """The children of directory ``node``, sorted by name."""
         return self.dirs.listing(node)
 
-    def lookup(self, parent_ino: int, name: bytes) -> Node:
-        """The child ``name`` of directory ``parent_ino``, counted as one kernel lookup."""
-        self.lookups += 1
+    def lookup(self, parent_ino: int, name: bytes, cached_only: bool = False) -> Node | None:
+        """The child ``name`` of directory ``parent_ino``, counted as one kernel lookup.
+
+        With ``cached_only``, None (and nothing counted) unless the directory's listing is
+        cached: the adapter answers from the listing on its own thread when it can."""
         parent = self.node(parent_ino)
         if name == b".":
-            return self.remember(parent)
-        if name == b"..":
-            return self.remember(self.node(parent.parent))
-        return self.remember(self.dirs.lookup(parent, name))
+            node = parent
+        elif name == b"..":
+            node = self.node(parent.parent)
+        elif cached_only:
+            lst = self.dirs.cached_listing(parent)
+            if lst is None:
+                return None
+            node = self.dirs.lookup(parent, name, lst)
+        else:
+            node = self.dirs.lookup(parent, name)
+        self.lookups += 1
+        return self.remember(node)
 
     def opendir(self, ino: int) -> int:
         """A handle on directory ``ino``; its listing stays fixed until :meth:`releasedir`."""
