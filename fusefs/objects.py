@@ -52,13 +52,7 @@ class ChunkSource:
 
     def peek_many(self, keys: list[bytes]) -> dict[bytes, Chunk] | None:
         """Every chunk in ``keys`` if all are cached, else None (nothing is loaded)."""
-        out = {}
-        for k in keys:
-            v = self.cache.peek(k)
-            if v is None:
-                return None
-            out[k] = v
-        return out
+        return self.cache.peek_many(keys)
 
     def get_many(self, keys: list[bytes]) -> dict[bytes, Chunk]:
         """The raw bytes of every chunk in ``keys`` (IntegrityError/ObjectMissing on damage)."""
