@@ -54,6 +54,22 @@ class ByteLRU(Generic[V]):
             self.hits += 1
             return item[0]
 
+    def peek_many(self, keys: Iterable[Hashable]) -> dict | None:
+        """{key: value} for every key of ``keys`` when all are cached (each made newest and
+        counted as a hit), else None; never loads. One lock round for the whole batch."""
+        out: dict = {}
+        with self.lock:
+            items = self.items
+            for k in keys:
+                item = items.get(k)
+                if item is None:
+                    return None
+                out[k] = item[0]
+            for k in out:
+                items.move_to_end(k)
+            self.hits += len(out)
+        return out
+
     def __contains__(self, key: Hashable) -> bool:
         """Whether ``key`` is cached or being loaded."""
         with self.lock:

@@ -87,9 +87,21 @@ class Directories:
         return Listing([e.name for e in entries], entries, size=_listing_size(len(raw), len(entries)),
                        dref=DirRef(key, self._tree_listing))
 
-    def lookup(self, parent: Node, name: bytes) -> Node:
-        """The child ``name`` of directory ``parent`` (not counted; NotFound when there is none)."""
-        lst = self.listing(parent)
+    def cached_listing(self, node: Node) -> Listing | None:
+        """The listing of point directory ``node`` when its TREE node is cached, else None
+        (nothing is loaded; the other kinds of directory are always None)."""
+        if node.kind not in (K_ENTRY, K_POINT) or (node.kind == K_POINT and is_volume(node.point)):
+            return None
+        e = node.entry
+        if e.type != DIR or e.ref is None:
+            return None
+        return self.cache.peek(e.ref)
+
+    def lookup(self, parent: Node, name: bytes, lst: Listing | None = None) -> Node:
+        """The child ``name`` of directory ``parent`` (not counted; NotFound when there is none),
+        in ``lst`` when the caller has the listing already."""
+        if lst is None:
+            lst = self.listing(parent)
         i = bisect.bisect_left(lst.names, name)
         if i == len(lst.names) or lst.names[i] != name:
             raise NotFound(name.decode("utf-8", "backslashreplace"))

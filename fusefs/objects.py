@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import cast
 
-from pointsafe.cas import IntegrityError, Safe
+from pointsafe.cas import IntegrityError, Kind, Safe
 from pointsafe.cas.pack import decode_record_view
 
 from .cache import ByteLRU
@@ -52,13 +52,7 @@ class ChunkSource:
 
     def peek_many(self, keys: list[bytes]) -> dict[bytes, Chunk] | None:
         """Every chunk in ``keys`` if all are cached, else None (nothing is loaded)."""
-        out = {}
-        for k in keys:
-            v = self.cache.peek(k)
-            if v is None:
-                return None
-            out[k] = v
-        return out
+        return self.cache.peek_many(keys)
 
     def get_many(self, keys: list[bytes]) -> dict[bytes, Chunk]:
         """The raw bytes of every chunk in ``keys`` (IntegrityError/ObjectMissing on damage)."""
@@ -84,6 +78,22 @@ class ChunkSource:
         for k, f in waits:
             found[k] = ByteLRU.wait(f)
         return found
+
+    def prefetch(self, keys: list[bytes]) -> None:
+        """Load those of ``keys`` that are data chunks and not cached yet (others are skipped:
+        a small file's root may be a LIST node); errors are left for a real read to report."""
+        cache = self.cache
+        keys = [k for k in keys if k not in cache]
+        if not keys:
+            return
+        idx = self.safe.index
+        with idx.read() as txn:
+            chunks = [k for k in keys if (e := idx.get_object(txn, k)) is not None and e.kind == Kind.CHUNK]
+        if chunks:
+            try:
+                self.get_many(chunks)
+            except Exception:  # noqa: BLE001, S110 - a real read of the same file reports it
+                pass
 
     def _load(self, keys: list[bytes]) -> dict[bytes, Chunk | BaseException]:
         """The chunks of ``keys`` read in pack order, each checked; a chunk that cannot be

@@ -5,7 +5,8 @@ and opendir load a directory; open, read and statfs touch LMDB and packs) runs i
 thread through ``trio.to_thread.run_sync`` under one ``CapacityLimiter``; the view's caches
 make sure a chunk is loaded once even when several of those threads want it. Requests that
 only consult the inode table (getattr, readlink, readdir of an opened directory, xattrs,
-forget) answer on the trio thread, and so does a read whose chunks are all cached already
+forget) answer on the trio thread, and so do a lookup in a directory whose listing is cached,
+an open whose file's root object is cached, and a read whose chunks are all cached already
 (the usual case for a sequential reader, whose next chunks the read-ahead loads in the
 background): a thread hop costs more than copying a cached MiB.
 
@@ -102,7 +103,10 @@ class Operations(pyfuse3.Operations):
 
     async def lookup(self, parent_inode, name, ctx=None):
         """The attributes of ``name`` in directory ``parent_inode`` (ENOENT when absent); counts a lookup."""
-        node = await self._thread(self.view.lookup, parent_inode, bytes(name))
+        name = bytes(name)
+        node = self._here(self.view.lookup, parent_inode, name, True)   # from a cached listing
+        if node is None:
+            node = await self._thread(self.view.lookup, parent_inode, name)
         return _attrs(self.view, node)
 
     async def forget(self, inode_list):
@@ -176,7 +180,9 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         """A handle for reading file ``inode``; the kernel may keep its page cache (the data never changes).
         Opening for writing is EROFS."""
-        fh = await self._thread(self.view.open, inode, flags)
+        fh = self._here(self.view.open, inode, flags, True)       # from the caches: right here
+        if fh is None:
+            fh = await self._thread(self.view.open, inode, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh, off, size):
@@ -188,8 +194,9 @@ class Operations(pyfuse3.Operations):
         return data
 
     async def flush(self, fh):
-        """Nothing to flush on a read-only mount."""
-        return None
+        """Nothing to flush on a read-only mount: ENOSYS, which tells the kernel never to send
+        FLUSH again (one request less for every file closed)."""
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def release(self, fh):
         """Forget the file handle ``fh``."""

@@ -41,7 +41,7 @@ class View:
     """Read-only view of one point (``point`` given) or of every point in ``safe``."""
 
     def __init__(self, safe: Safe, point: Point | None = None, *, chunk_cache_bytes: int = 256 << 20,
-                 dir_cache_bytes: int = 64 << 20, readahead_bytes: int = 8 << 20,
+                 dir_cache_bytes: int = 64 << 20, readahead_bytes: int = 32 << 20,
                  refresh_seconds: float = 1.0):
         self.safe = safe
         self.mounted_ns = time.time_ns()
@@ -82,15 +82,25 @@ class View:
         """The children of directory ``node``, sorted by name."""
         return self.dirs.listing(node)
 
-    def lookup(self, parent_ino: int, name: bytes) -> Node:
-        """The child ``name`` of directory ``parent_ino``, counted as one kernel lookup."""
-        self.lookups += 1
+    def lookup(self, parent_ino: int, name: bytes, cached_only: bool = False) -> Node | None:
+        """The child ``name`` of directory ``parent_ino``, counted as one kernel lookup.
+
+        With ``cached_only``, None (and nothing counted) unless the directory's listing is
+        cached: the adapter answers from the listing on its own thread when it can."""
         parent = self.node(parent_ino)
         if name == b".":
-            return self.remember(parent)
-        if name == b"..":
-            return self.remember(self.node(parent.parent))
-        return self.remember(self.dirs.lookup(parent, name))
+            node = parent
+        elif name == b"..":
+            node = self.node(parent.parent)
+        elif cached_only:
+            lst = self.dirs.cached_listing(parent)
+            if lst is None:
+                return None
+            node = self.dirs.lookup(parent, name, lst)
+        else:
+            node = self.dirs.lookup(parent, name)
+        self.lookups += 1
+        return self.remember(node)
 
     def opendir(self, ino: int) -> int:
         """A handle on directory ``ino``; its listing stays fixed until :meth:`releasedir`."""
@@ -136,7 +146,8 @@ class View:
         return {"objects_read": self.safe.objects_read, "inodes": len(self.inodes),
                 "chunk_cache_bytes": chunks.bytes, "dir_cache_bytes": self.dirs.cache.bytes,
                 "chunk_cache_hits": chunks.hits, "chunk_cache_misses": chunks.misses,
-                "reads": self.files.reads, "read_bytes": self.files.read_bytes, "readdirs": self.readdirs,
+                "reads": self.files.reads, "loaded_reads": self.files.loaded_reads,
+                "opens_here": self.files.opens_here, "read_bytes": self.files.read_bytes, "readdirs": self.readdirs,
                 "lookups": self.lookups, "getattrs": self.getattrs,
                 "gc_collections": [g["collections"] for g in gc.get_stats()]}
 
@@ -155,9 +166,10 @@ class View:
 
     # -- files ----------------------------------------------------------------------------
 
-    def open(self, ino: int, flags: int) -> int:
-        """A read handle on regular file ``ino`` (ReadOnly, IsADir, NotFound or Damaged otherwise)."""
-        return self.files.open(self.node(ino), flags)
+    def open(self, ino: int, flags: int, cached_only: bool = False) -> int | None:
+        """A read handle on regular file ``ino`` (ReadOnly, IsADir, NotFound or Damaged otherwise).
+        With ``cached_only``, None when opening would have to read the safe's index."""
+        return self.files.open(self.node(ino), flags, cached_only)
 
     def read(self, fh: int, off: int, size: int, cached_only: bool = False) -> bytes | memoryview | None:
         """Bytes [off, off+size) of open file ``fh``, clipped at its end; Damaged when they

@@ -14,6 +14,8 @@ measurement on a *fresh* mount (so the filesystem's own caches start cold):
 - mount -> listing: from starting the mount command until the point's root lists (the
   120,000-file point and the mixed point);
 - find: ``find ROOT -printf '%s %m\\n'`` over the 120,000-file point (every entry stat'ed);
+- tar: ``tar -cf - . | cat > /dev/null`` of the 120,000-file point (every small file read in
+  directory order);
 - sequential: ``cat`` of the mixed set's large files (1.4 GiB, ``large/*``) and of the 1 GiB
   incompressible file, to /dev/null;
 - 4 parallel readers: four ``dd bs=1M`` reading 1 GiB of the mixed set's large files in four
@@ -389,6 +391,9 @@ def measure_tool(tool: Tool, mp: Path, mixed_large: list[str], timeout: float) -
     session("many", lambda root: None)                       # mount -> listing, 120k-file point
     session("many", lambda root: res.__setitem__(
         "find_s", timed(lambda: run_sh(f"find {root} -printf '%s %m\\n' > /dev/null", timeout))), "find")
+    # tar reads every small file in directory order (through a pipe: GNU tar skips reading for /dev/null)
+    session("many", lambda root: res.__setitem__(
+        "tar_s", timed(lambda: run_sh(f"tar -C {root} -cf - . | cat > /dev/null", timeout))), "tar")
 
     def seq_mixed(root: Path) -> None:
         files = " ".join(str(root / p) for p in mixed_large)
@@ -437,10 +442,12 @@ def report(result: dict) -> str:
         ["mount → listing, 120,000-file point (s)"] + [cell(n, lambda r: r.get("mount_s", {}).get("many"), "{:.2f}") for n in names],
         ["mount → listing, mixed 2 GiB point (s)"] + [cell(n, lambda r: r.get("mount_s", {}).get("mixed"), "{:.2f}") for n in names],
         ["find over 120,000 files (s)"] + [cell(n, lambda r: r.get("find_s"), "{:.2f}") for n in names],
+        ["tar of 120,000 files (s)"] + [cell(n, lambda r: r.get("tar_s"), "{:.2f}") for n in names],
         ["sequential cat, mixed 1.4 GiB (MB/s)"] + [cell(n, lambda r: _rate(r, "seq_mixed"), "{:,.0f}") for n in names],
         ["sequential cat, incompressible 1 GiB (MB/s)"] + [cell(n, lambda r: _rate(r, "seq_random"), "{:,.0f}") for n in names],
         ["4 parallel readers, 1 GiB (MB/s)"] + [cell(n, lambda r: _rate(r, "parallel"), "{:,.0f}") for n in names],
         ["find: CPU of the mount process (s)"] + [cell(n, lambda r: r.get("find_cpu"), "{:.2f}") for n in names],
+        ["tar: CPU of the mount process (s)"] + [cell(n, lambda r: r.get("tar_cpu"), "{:.2f}") for n in names],
         ["sequential mixed: MB per CPU-second of the mount process"] + [cell(n, lambda r: _per_cpu(r, "seq_mixed"), "{:,.0f}") for n in names],
         ["sequential incompressible: MB per CPU-second"] + [cell(n, lambda r: _per_cpu(r, "seq_random"), "{:,.0f}") for n in names],
         ["4 readers: MB per CPU-second"] + [cell(n, lambda r: _per_cpu(r, "parallel"), "{:,.0f}") for n in names],
@@ -455,6 +462,7 @@ def report(result: dict) -> str:
     for peer in ("borg", "restic"):
         r = t.get(peer, {})
         g.append([f"find, {peer} time ÷ pointsafe time", ratio(r.get("find_s"), ps.get("find_s"))])
+        g.append([f"tar, {peer} time ÷ pointsafe time", ratio(r.get("tar_s"), ps.get("tar_s"))])
         g.append([f"sequential mixed, pointsafe ÷ {peer}", ratio(_rate(ps, "seq_mixed"), _rate(r, "seq_mixed"))])
         g.append([f"4 readers, pointsafe ÷ {peer}", ratio(_rate(ps, "parallel"), _rate(r, "parallel"))])
     mem = t.get("memfs", {})
