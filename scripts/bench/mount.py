@@ -369,7 +369,7 @@ def measure_tool(tool: Tool, mp: Path, mixed_large: list[str], timeout: float) -
             after = cpu_seconds(tool.pid())
             if label and before is not None and after is not None:
                 res[f"{label}_cpu"] = after - before
-            if tool.name == "pointsafe":           # the mount's own counters (objects read, requests)
+            if tool.name.startswith("pointsafe"):  # the mount's own counters (objects read, requests)
                 res.setdefault("stats", []).append(
                     {source: json.loads(os.getxattr(mp, "user.pointsafe.stats"))})
         finally:
@@ -432,7 +432,7 @@ def _per_cpu(r: dict, key: str) -> float | None:
 
 def report(result: dict) -> str:
     t = result["tools"]
-    names = [n for n in ("pointsafe", "borg", "restic", "memfs") if n in t]
+    names = [n for n in ("pointsafe", "pointsafe-plain", "borg", "restic", "memfs") if n in t]
 
     def cell(n: str, fn: Callable[[dict], float | None], fmt: str) -> str:
         v = fn(t[n]) if n in t else None
@@ -469,6 +469,12 @@ def report(result: dict) -> str:
     g.append(["sequential incompressible, pointsafe ÷ memory ceiling",
               ratio(_rate(ps, "seq_random"), _rate(mem, "seq_random"))])
     g.append(["4 readers, pointsafe (mixed) ÷ memory ceiling", ratio(_rate(ps, "parallel"), _rate(mem, "parallel"))])
+    plain = t.get("pointsafe-plain")
+    if plain:       # what encryption costs the mount (issue 14's goal: within 1.10x)
+        g.append(["sequential mixed, encrypted ÷ plain safe", ratio(_rate(ps, "seq_mixed"), _rate(plain, "seq_mixed"))])
+        g.append(["sequential incompressible, encrypted ÷ plain safe",
+                  ratio(_rate(ps, "seq_random"), _rate(plain, "seq_random"))])
+        g.append(["tar, plain time ÷ encrypted time", ratio(plain.get("tar_s"), ps.get("tar_s"))])
     out.append("")
     out.append(markdown_table(["ratio", "value"], g))
     return "\n".join(out)
