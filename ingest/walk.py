@@ -133,6 +133,19 @@ def entry_from_stat(name: bytes, st: os.stat_result, dev_map: dict[int, int] | N
                  rdev=st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0)
 
 
+def keep_atime(e: Entry, prev: Entry | None) -> Entry:
+    """``e``, with the atime of ``prev`` (its entry in the previous point) when nothing but the
+    atime differs in what the inode's stat says (type, mode, owner, times, size, device, inode,
+    links, rdev): reading a file or listing a directory must not make new tree nodes, so an
+    entry's atime is the one of the first backup that stored it like this (docs/FORMAT.md)."""
+    if (prev is not None and prev.atime_ns != e.atime_ns and
+            (prev.type, prev.mode, prev.uid, prev.gid, prev.mtime_ns, prev.ctime_ns, prev.size,
+             prev.dev, prev.ino, prev.nlink, prev.rdev)
+            == (e.type, e.mode, e.uid, e.gid, e.mtime_ns, e.ctime_ns, e.size, e.dev, e.ino, e.nlink, e.rdev)):
+        e.atime_ns = prev.atime_ns
+    return e
+
+
 class _Dir:
     """One directory on the walk's stack."""
 
@@ -277,7 +290,7 @@ class TreeWalker:
             d.j += 1
 
     def _one(self, d: _Dir, name: bytes, st: os.stat_result, p: Entry | None) -> None:
-        e = entry_from_stat(name, st, self.opts.dev_map)
+        e = keep_atime(entry_from_stat(name, st, self.opts.dev_map), p)
         if e.type == REG:
             self._file(d, e, p, d.ahead.pop(name, None))
         elif e.type == DIR:
@@ -316,7 +329,7 @@ class TreeWalker:
         try:
             fst = os.fstat(fd)
             if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):   # replaced since it was listed
-                e = entry_from_stat(e.name, fst, self.opts.dev_map)
+                e = keep_atime(entry_from_stat(e.name, fst, self.opts.dev_map), p)
             e.xattrs = (p.xattrs if _same_inode(p, e)
                         else read_xattrs(fd, lambda m: self._warn_at(e.name, m)))
         except BaseException:
