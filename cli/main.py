@@ -81,7 +81,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     add_common(p, top=True)
     p.add_argument("--version", action="version", version="pointsafe " + _version())
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    own = COMMAND_OF.get(_command_in(argv)) if argv is not None else None
+    word = _command_in(argv) if argv is not None else None
+    own = COMMAND_OF.get(word) if word is not None else None
     for name in [own] if own else COMMAND_MODULES:
         importlib.import_module(f"pointsafe.cli.{name}").register(sub)
     return p
