@@ -65,6 +65,8 @@ _T = TypeVar("_T")
 FETCH_GROUP = 16          # chunks per fetch job (one index transaction, runs read in one pread)
 FETCH_AHEAD = 4           # fetch jobs in flight per large file
 MAX_RUN = 4 << 20         # bytes of neighbouring records read from a pack in one pread, at most
+TREES_AHEAD = 512         # directories whose trees are read ahead of the walk, at most ...
+TREES_AHEAD_ENTRIES = 200_000   # ... holding at most this many entries not yet walked
 SMALL_FILE = 256 * 1024   # files up to this size are usually one chunk
 BATCH_FILES = 64          # files per job of the writer pool
 BATCH_BYTES = 4 << 20
@@ -188,6 +190,10 @@ class Restorer:
         self.progress = progress or (lambda n: None)
         self.stats = RestoreStats()
         self.fetch = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pointsafe-fetch")
+        self.trees = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pointsafe-trees")
+        self.tree_ahead: dict[tuple[bytes, bytes], Future] = {}   # (name, ref) -> its entries, read ahead
+        self.tree_held = 0                                        # entries read ahead, not yet walked
+        self.tree_lock = threading.Lock()
         self.jobs = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pointsafe-restore")
         self.slots = threading.Semaphore(workers * 4)    # bounds the queued batches of files
         self.batch: list[tuple[_Dir, bytes, Entry]] = []
@@ -385,7 +391,7 @@ class Restorer:
         try:
             if not parts:
                 try:
-                    stack[0].items = iter(children(self.safe, root))
+                    stack[0].items = iter(self._children(root))
                 except SafeError as err:   # a damaged root node: nothing below can be restored
                     self.warn(b"", f"cannot read this directory from the safe: {err}")
             else:
@@ -404,12 +410,43 @@ class Restorer:
         finally:
             self.jobs.shutdown(cancel_futures=True)
             self.fetch.shutdown(cancel_futures=True)
+            self.trees.shutdown(cancel_futures=True)
             for f in stack:
                 if f.dir is not None:
                     self.drop(f.dir)
             if top.refs:
                 self.drop(top)
         return self.stats
+
+    def _children(self, e: Entry) -> list[Entry]:
+        """The entries of directory ``e`` (raises as ``browse.children``), read ahead when they
+        could be; its subdirectories' trees are then read ahead in turn (by two threads, at
+        most TREES_AHEAD trees and TREES_AHEAD_ENTRIES entries not yet walked), so that the
+        walk, which creates the directories, rarely waits for a cold tree node."""
+        fut = self.tree_ahead.pop((e.name, e.ref), None) if e.ref is not None else None
+        if fut is None:
+            items = children(self.safe, e)
+        else:
+            items = fut.result()
+            with self.tree_lock:
+                self.tree_held -= len(items)
+        self._trees_ahead(items)
+        return items
+
+    def _trees_ahead(self, items: list[Entry]) -> None:
+        with self.tree_lock:
+            for c in items:
+                if (c.type == DIR and c.ref is not None and (c.name, c.ref) not in self.tree_ahead
+                        and len(self.tree_ahead) < TREES_AHEAD and self.tree_held < TREES_AHEAD_ENTRIES):
+                    self.tree_ahead[(c.name, c.ref)] = self.trees.submit(self._tree_ahead, c)
+
+    def _tree_ahead(self, e: Entry) -> list[Entry]:
+        """A reading thread: the entries of ``e``, counted as held until the walk takes them."""
+        items = children(self.safe, e)
+        with self.tree_lock:
+            self.tree_held += len(items)
+        self._trees_ahead(items)
+        return items
 
     def _walk(self, stack: list[_Frame]) -> None:
         """Depth-first over the stack's directories, without recursion (depth is unbounded)."""
@@ -491,7 +528,7 @@ class Restorer:
         fd = self._open_subdir(parent, e)
         self._count(dirs=1)
         try:
-            items = children(self.safe, e)
+            items = self._children(e)
         except SafeError as err:   # a damaged, missing or hostile tree node: restore the rest
             os.close(fd)
             self.warn(rel, f"cannot read this directory from the safe: {err}")
