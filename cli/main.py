@@ -83,8 +83,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     word = _command_in(argv) if argv is not None else None
     own = COMMAND_OF.get(word) if word is not None else None
-    for name in [own] if own else COMMAND_MODULES:
-        importlib.import_module(f"pointsafe.cli.{name}").register(sub)
+    if own is not None:
+        importlib.import_module(f"pointsafe.cli.{own}").register(sub)
+        if word in sub.choices:
+            return p
+    for name in COMMAND_MODULES:     # every command (--help, an unknown word, a map out of date)
+        if name != own:
+            importlib.import_module(f"pointsafe.cli.{name}").register(sub)
     return p
 
 
