@@ -21,17 +21,11 @@ import argparse
 import importlib
 import os
 import sys
-import traceback
 from typing import NoReturn
 
-import lmdb
-
-from pointsafe.cas import SafeError
-from pointsafe.ops import logs
-from pointsafe.ops.recorder import run_recorded
-
-from . import password
-from .common import EXIT_ERROR, add_common
+# The rooms, lmdb and the command modules are imported when a command needs them: --version
+# imports none of them, and a command imports only its own module (start-up of the commands a
+# scheduler runs every hour).
 
 # Command modules, in the order their commands appear in --help.
 COMMAND_MODULES = [
@@ -45,6 +39,15 @@ COMMAND_MODULES = [
     "cmd_snapshots",  # snapshots
     "cmd_web",       # web, web passwd
 ]
+# The module of each command; a command not named here (or --help) registers every module.
+COMMAND_OF = {"init": "cmd_safe", "verify": "cmd_safe", "repair": "cmd_safe", "backup": "cmd_backup",
+              "points": "cmd_points", "show": "cmd_points", "ls": "cmd_points", "diff": "cmd_points",
+              "restore": "cmd_points", "mount": "cmd_mount", "umount": "cmd_mount", "forget": "cmd_gc",
+              "gc": "cmd_gc", "defrag": "cmd_gc", "tasks": "cmd_ops", "status": "cmd_ops", "alerts": "cmd_ops",
+              "report": "cmd_ops", "config": "cmd_ops", "snapshots": "cmd_snapshots", "web": "cmd_web",
+              "key": "cmd_key"}
+# top-level options that take a value
+_VALUED = ("--safe", "--log-file", "--syslog-socket", "--password-file", "--password-command")
 
 DESCRIPTION = """\
 pointsafe keeps recovery points of directory trees, block devices and disk images in a safe:
@@ -74,16 +77,39 @@ A command refused for a usage error (an unknown point, a missing source, a path 
 the point) is listed by 'pointsafe tasks' as 'usage' and raises no alert."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every command (``--help`` shows DESCRIPTION and EPILOG)."""
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser of every command (``--help`` shows DESCRIPTION and EPILOG); given
+    the command line ``argv``, only the module of the command it names is imported."""
+    from .common import add_common
     p = _Parser(prog="pointsafe", description=DESCRIPTION, epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common(p, top=True)
     p.add_argument("--version", action="version", version="pointsafe " + _version())
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"pointsafe.cli.{name}").register(sub)
+    word = _command_in(argv) if argv is not None else None
+    own = COMMAND_OF.get(word) if word is not None else None
+    if own is not None:
+        importlib.import_module(f"pointsafe.cli.{own}").register(sub)
+        if word in sub.choices:
+            return p
+    for name in COMMAND_MODULES:     # every command (--help, an unknown word, a map out of date)
+        if name != own:
+            importlib.import_module(f"pointsafe.cli.{name}").register(sub)
     return p
+
+
+def _command_in(argv: list[str]) -> str | None:
+    """The command a command line names: its first word that is neither a top-level option
+    nor an option's value (None when there is none, e.g. for --help)."""
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if not a.startswith("-"):
+            return a
+        if a == "--":
+            return argv[i + 1] if i + 1 < len(argv) else None
+        i += 2 if a in _VALUED else 1
+    return None
 
 
 def _version() -> str:
@@ -101,8 +127,19 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     """Run one command line; returns the exit code (see EPILOG). Never raises but SystemExit."""
     args: argparse.Namespace | None = None
+    words = sys.argv[1:] if argv is None else argv
+    if words == ["--version"]:   # what argparse would print, without importing any room
+        print("pointsafe " + _version())
+        return 0
+    import lmdb
+
+    from pointsafe.cas import SafeError
+    from pointsafe.ops.recorder import run_recorded
+
+    from . import password
+    from .common import EXIT_ERROR
     try:
-        parser = build_parser()
+        parser = build_parser(words)
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help()
@@ -144,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report_bug(e: Exception, argv: list[str] | None) -> int:
     """A bug: its traceback to a log file, one line naming it and the file to the user."""
+    import traceback
+
+    from pointsafe.ops import logs
+
+    from .common import EXIT_ERROR
     try:
         where = logs.record_bug(e, argv)
     except Exception:   # even the report failed: the traceback is all there is

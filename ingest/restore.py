@@ -17,7 +17,10 @@ complete, so an aborted restore never leaves a partial file under a real name. A
 content is missing or damaged in the safe, or does not match the size its entry records, is
 not written: a warning names it (exit 3) and everything else is restored.
 Holes are skipped with ``pwrite`` past them and a final ``ftruncate``, so sparse files stay
-sparse. Chunks are fetched and decompressed ahead of the writer by a small thread pool.
+sparse. Chunks are fetched and decompressed ahead of the writer by a small thread pool, in
+groups: one index transaction per group, one ``pread`` per run of records that lie next to
+each other in a pack (a backup writes a file's chunks, and small files, in order), and one
+``pwritev`` per run of contiguous chunks; a batch of small files is fetched the same way.
 Metadata order per entry: content, owner, xattrs (after chown, which drops security.capability),
 mode (after chown, which clears setuid), times; directories get theirs once everything is
 written, children before their parents.
@@ -52,14 +55,18 @@ from pointsafe.cas import (
     UsageError,
     decode_list,
 )
+from pointsafe.cas.pack import decode_record_view
 from pointsafe.cas.tree import BLK, CHR, DIR, FIFO, LNK, REG, SOCK
 
 from .browse import children, display_name, lookup_chain, root_entry, split_path
 
 _T = TypeVar("_T")
 
-PREFETCH = 16
-FETCH_GROUP = 8           # chunks per fetch job
+FETCH_GROUP = 16          # chunks per fetch job (one index transaction, runs read in one pread)
+FETCH_AHEAD = 4           # fetch jobs in flight per large file
+MAX_RUN = 4 << 20         # bytes of neighbouring records read from a pack in one pread, at most
+TREES_AHEAD = 512         # directories whose trees are read ahead of the walk, at most ...
+TREES_AHEAD_ENTRIES = 200_000   # ... holding at most this many entries not yet walked
 SMALL_FILE = 256 * 1024   # files up to this size are usually one chunk
 BATCH_FILES = 64          # files per job of the writer pool
 BATCH_BYTES = 4 << 20
@@ -183,6 +190,10 @@ class Restorer:
         self.progress = progress or (lambda n: None)
         self.stats = RestoreStats()
         self.fetch = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pointsafe-fetch")
+        self.trees = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pointsafe-trees")
+        self.tree_ahead: dict[tuple[bytes, bytes], Future] = {}   # (name, ref) -> its entries, read ahead
+        self.tree_held = 0                                        # entries read ahead, not yet walked
+        self.tree_lock = threading.Lock()
         self.jobs = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pointsafe-restore")
         self.slots = threading.Semaphore(workers * 4)    # bounds the queued batches of files
         self.batch: list[tuple[_Dir, bytes, Entry]] = []
@@ -242,24 +253,66 @@ class Restorer:
                 raise _mismatch(size, real)
         return r
 
-    def write_small(self, fd: int, e: Entry) -> None:
-        """A file of one chunk (most small files): one index lookup, one read, one write.
-        The caller holds ``e.ref`` not None; ObjectMissing when the object is not in the safe."""
+    def fetch_many(self, keys: list[bytes]) -> list[tuple[int, bytes | memoryview]]:
+        """(kind, raw bytes) of each object of ``keys``, in order: one index transaction, and one
+        ``pread`` for each run of records that lie next to each other in a pack. An object that
+        is not where the index said (moved by a concurrent gc) or whose record does not check
+        is read again through ``Safe.get``; raises as ``Safe.get`` (ObjectMissing,
+        IntegrityError)."""
+        safe, idx = self.safe, self.safe.index
+        with idx.read() as txn:
+            ents = [idx.get_object(txn, k) for k in keys]
+        out: list[tuple[int, bytes | memoryview] | None] = [None] * len(keys)
+        located = []
+        for n, e in enumerate(ents):
+            if e is None:
+                out[n] = (self._kind(keys[n]), safe.get(keys[n]))   # ObjectMissing, or moved meanwhile
+            else:
+                located.append((e.pack, e.offset, n))
+        located.sort()
+        i = 0
+        while i < len(located):
+            pack, start, first = located[i]
+            end = start + _ent(ents, first).record_len
+            j = i + 1
+            while j < len(located) and located[j][0] == pack and located[j][1] == end and end - start < MAX_RUN:
+                end += _ent(ents, located[j][2]).record_len
+                j += 1
+            try:
+                buf = memoryview(safe.store.read(pack, start, end - start))
+            except OSError:
+                safe.store.forget(pack)
+                buf = None
+            for _, off, n in located[i:j]:
+                e = _ent(ents, n)
+                raw: bytes | memoryview | None = None
+                if buf is not None:
+                    try:
+                        _, raw = decode_record_view(buf[off - start:off - start + e.record_len], pack, off,
+                                                    rehash=False, expect_key=keys[n], crypto=safe.crypto)
+                    except IntegrityError:
+                        raw = None
+                out[n] = (e.kind, raw if raw is not None else safe.get(keys[n]))
+            i = j
+        safe.objects_read += len(located)
+        return [x for x in out if x is not None]
+
+    def write_small(self, fd: int, e: Entry, got: tuple[int, bytes | memoryview] | None = None) -> None:
+        """A file of one chunk (most small files): one index lookup, one read, one write --
+        or none but the write when its (kind, bytes) were fetched already (``got``, see
+        ``fetch_many``). The caller holds ``e.ref`` not None; ObjectMissing when the object is
+        not in the safe."""
         ref = e.ref
         assert ref is not None, "write_small of a file without content"
-        oe = self.safe.entry(ref)
-        if oe is None:
-            raise ObjectMissing(f"its content (object {ref.hex()[:12]}) is missing from the safe")
-        if oe.kind != Kind.CHUNK:
+        if got is None:
+            got = self.fetch_many([ref])[0]
+        kind, data = got
+        if kind != Kind.CHUNK:
             self.write_blob(fd, self.reader(ref, e.size), prefetch=False)
             return
-        try:
-            data = self.safe.read_entry(ref, oe)
-        except (FileNotFoundError, IntegrityError):
-            data = self.safe.get(ref)   # moved by a concurrent gc, or really damaged
         if len(data) != e.size:
             raise _mismatch(e.size, len(data))
-        os.pwrite(fd, data, 0)
+        _pwritev_all(fd, [data], 0)
         self._count(bytes_written=len(data))
         self.progress(len(data))
 
@@ -270,17 +323,29 @@ class Restorer:
         written = 0
         expect = 0
 
-        def put(off: int, length: int, data: bytes) -> None:
+        def put(pieces: list[tuple[int, int, bytes | memoryview]]) -> None:
+            # Contiguous pieces go out in one pwritev.
             nonlocal written
-            if len(data) != length:
-                raise BadContent(f"its content in the safe is malformed (a piece at offset {off} "
-                                 f"holds {len(data)} bytes, its list says {length})")
-            os.pwrite(fd, data, off)
-            written += len(data)
-            self.progress(len(data))
+            k = 0
+            while k < len(pieces):
+                start = pieces[k][0]
+                bufs = []
+                end = start
+                while k < len(pieces) and pieces[k][0] == end:
+                    off, length, data = pieces[k]
+                    if len(data) != length:
+                        raise BadContent(f"its content in the safe is malformed (a piece at offset {off} "
+                                         f"holds {len(data)} bytes, its list says {length})")
+                    bufs.append(data)
+                    end += length
+                    k += 1
+                _pwritev_all(fd, bufs, start)
+                written += end - start
+                self.progress(end - start)
 
-        def fetch(group: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
-            return [(o, n, self.safe.get(k)) for o, n, k in group]
+        def fetch(group: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes | memoryview]]:
+            got = self.fetch_many([k for _, _, k in group])
+            return [(o, n, data) for (o, n, _), (_, data) in zip(group, got)]
 
         group: list[tuple[int, int, bytes]] = []
         for off, length, key in r.extents():
@@ -289,23 +354,24 @@ class Restorer:
             expect = off + length
             if key is None:
                 continue
-            if not prefetch:
-                put(off, length, self.safe.get(key))
-                continue
-            # Chunks travel to the fetch threads in groups: one future per group, not per
-            # chunk, keeps thread hand-offs (and GIL handovers) off the hot path.
+            # Chunks travel in groups: one future (or, without prefetch, one call) per group,
+            # not per chunk, keeps index transactions, reads, writes and thread hand-offs few.
             group.append((off, length, key))
             if len(group) >= FETCH_GROUP:
-                window.append(self.fetch.submit(fetch, group))
+                if not prefetch:
+                    put(fetch(group))
+                else:
+                    window.append(self.fetch.submit(fetch, group))
+                    if len(window) >= FETCH_AHEAD:
+                        put(window.popleft().result())
                 group = []
-                if len(window) >= PREFETCH // 2:
-                    for item in window.popleft().result():
-                        put(*item)
         if group:
-            window.append(self.fetch.submit(fetch, group))
+            if not prefetch:
+                put(fetch(group))
+            else:
+                window.append(self.fetch.submit(fetch, group))
         while window:
-            for item in window.popleft().result():
-                put(*item)
+            put(window.popleft().result())
         if expect != r.size:
             raise _mismatch(r.size, expect)
         os.ftruncate(fd, r.size)
@@ -325,7 +391,7 @@ class Restorer:
         try:
             if not parts:
                 try:
-                    stack[0].items = iter(children(self.safe, root))
+                    stack[0].items = iter(self._children(root))
                 except SafeError as err:   # a damaged root node: nothing below can be restored
                     self.warn(b"", f"cannot read this directory from the safe: {err}")
             else:
@@ -344,12 +410,43 @@ class Restorer:
         finally:
             self.jobs.shutdown(cancel_futures=True)
             self.fetch.shutdown(cancel_futures=True)
+            self.trees.shutdown(cancel_futures=True)
             for f in stack:
                 if f.dir is not None:
                     self.drop(f.dir)
             if top.refs:
                 self.drop(top)
         return self.stats
+
+    def _children(self, e: Entry) -> list[Entry]:
+        """The entries of directory ``e`` (raises as ``browse.children``), read ahead when they
+        could be; its subdirectories' trees are then read ahead in turn (by two threads, at
+        most TREES_AHEAD trees and TREES_AHEAD_ENTRIES entries not yet walked), so that the
+        walk, which creates the directories, rarely waits for a cold tree node."""
+        fut = self.tree_ahead.pop((e.name, e.ref), None) if e.ref is not None else None
+        if fut is None:
+            items = children(self.safe, e)
+        else:
+            items = fut.result()
+            with self.tree_lock:
+                self.tree_held -= len(items)
+        self._trees_ahead(items)
+        return items
+
+    def _trees_ahead(self, items: list[Entry]) -> None:
+        with self.tree_lock:
+            for c in items:
+                if (c.type == DIR and c.ref is not None and (c.name, c.ref) not in self.tree_ahead
+                        and len(self.tree_ahead) < TREES_AHEAD and self.tree_held < TREES_AHEAD_ENTRIES):
+                    self.tree_ahead[(c.name, c.ref)] = self.trees.submit(self._tree_ahead, c)
+
+    def _tree_ahead(self, e: Entry) -> list[Entry]:
+        """A reading thread: the entries of ``e``, counted as held until the walk takes them."""
+        items = children(self.safe, e)
+        with self.tree_lock:
+            self.tree_held += len(items)
+        self._trees_ahead(items)
+        return items
 
     def _walk(self, stack: list[_Frame]) -> None:
         """Depth-first over the stack's directories, without recursion (depth is unbounded)."""
@@ -431,7 +528,7 @@ class Restorer:
         fd = self._open_subdir(parent, e)
         self._count(dirs=1)
         try:
-            items = children(self.safe, e)
+            items = self._children(e)
         except SafeError as err:   # a damaged, missing or hostile tree node: restore the rest
             os.close(fd)
             self.warn(rel, f"cannot read this directory from the safe: {err}")
@@ -464,8 +561,9 @@ class Restorer:
 
         def job() -> None:
             try:
+                got = self._fetch_small(batch)
                 for d, rel, e in batch:
-                    self._file_job(d, rel, e)
+                    self._file_job(d, rel, e, got.get(e.ref) if e.ref is not None else None)
             finally:
                 for d in dirs:
                     self.drop(d)
@@ -489,8 +587,20 @@ class Restorer:
                 continue
         raise OSError(errno.EEXIST, "cannot find a free temporary name")
 
-    def _file_job(self, d: _Dir, rel: bytes, e: Entry) -> None:
-        """Write one file under a temporary name and rename it into place when complete."""
+    def _fetch_small(self, batch: list[tuple[_Dir, bytes, Entry]]) -> dict[bytes, tuple[int, bytes | memoryview]]:
+        """The contents of a batch's small files, fetched together (``fetch_many``); empty when
+        any of them cannot be read, so that each file is then tried, and warned about, alone."""
+        keys = list(dict.fromkeys(e.ref for _, _, e in batch if e.ref is not None and e.size <= SMALL_FILE))
+        if len(keys) < 2:
+            return {}
+        try:
+            return dict(zip(keys, self.fetch_many(keys)))
+        except (SafeError, OSError, ValueError, struct.error):
+            return {}
+
+    def _file_job(self, d: _Dir, rel: bytes, e: Entry, got: tuple[int, bytes | memoryview] | None = None) -> None:
+        """Write one file under a temporary name and rename it into place when complete
+        (``got``: its content's (kind, bytes), when fetched already)."""
         try:
             tmp, fd = self._temp(d.fd, lambda n: os.open(n, _TMP_FLAGS, 0o600, dir_fd=d.fd))
         except OSError as err:
@@ -499,7 +609,7 @@ class Restorer:
         done = False
         try:
             if e.size <= SMALL_FILE and e.ref is not None:
-                self.write_small(fd, e)
+                self.write_small(fd, e, got)
             elif e.ref is not None or e.size:
                 self.write_blob(fd, self.reader(e.ref, e.size), prefetch=e.size > (1 << 20))
             self._apply_meta(fd, rel, e)
@@ -758,6 +868,23 @@ class Restorer:
                 except OSError:
                     pass
             os.close(dfd)
+
+
+def _ent(ents: list, n: int):
+    """``ents[n]``, an index entry the caller found (not None)."""
+    e = ents[n]
+    assert e is not None
+    return e
+
+
+def _pwritev_all(fd: int, bufs: list[bytes | memoryview], offset: int) -> None:
+    """Write ``bufs`` one after the other at ``offset`` (one ``pwritev``; again for the rest
+    after a short write)."""
+    total = sum(len(b) for b in bufs)
+    done = os.pwritev(fd, bufs, offset)
+    while done < total:
+        rest = memoryview(b"".join(bufs))[done:]
+        done += os.pwrite(fd, rest, offset + done)
 
 
 def _check_image_target(target: Path) -> None:

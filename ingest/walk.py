@@ -24,6 +24,7 @@ import fnmatch
 import os
 import stat
 import struct
+import threading
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, TypeGuard, cast
@@ -41,6 +42,8 @@ CHANGE_RETRIES = 3
 PREFETCH_FILES = 64          # files looked at ahead of the one being fed to the pipeline
 PREFETCH_MAX = 1024 * 1024   # files up to this size are read ahead whole
 PREFETCH_THREADS = 4
+PREV_AHEAD = 1024            # previous point's directories read ahead and not yet walked, at most ...
+PREV_AHEAD_ENTRIES = 200_000  # ... and entries in them
 MAX_DIR_FDS = 64             # directory descriptors open at once (the deepest levels of the path)
 PROGRESS_BYTES = 4 * 1024 * 1024   # progress is reported in steps of this many bytes ...
 PROGRESS_FILES = 256               # ... or of this many files, whichever comes first
@@ -133,6 +136,19 @@ def entry_from_stat(name: bytes, st: os.stat_result, dev_map: dict[int, int] | N
                  rdev=st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0)
 
 
+def keep_atime(e: Entry, prev: Entry | None) -> Entry:
+    """``e``, with the atime of ``prev`` (its entry in the previous point) when nothing but the
+    atime differs in what the inode's stat says (type, mode, owner, times, size, device, inode,
+    links, rdev): reading a file or listing a directory must not make new tree nodes, so an
+    entry's atime is the one of the first backup that stored it like this (docs/FORMAT.md)."""
+    if (prev is not None and prev.atime_ns != e.atime_ns and
+            (prev.type, prev.mode, prev.uid, prev.gid, prev.mtime_ns, prev.ctime_ns, prev.size,
+             prev.dev, prev.ino, prev.nlink, prev.rdev)
+            == (e.type, e.mode, e.uid, e.gid, e.mtime_ns, e.ctime_ns, e.size, e.dev, e.ino, e.nlink, e.rdev)):
+        e.atime_ns = prev.atime_ns
+    return e
+
+
 class _Dir:
     """One directory on the walk's stack."""
 
@@ -175,6 +191,9 @@ class TreeWalker:
         self.lo = 1               # stack[1:lo] have their descriptors closed; stack[lo:] open
         self.p_bytes = self.p_files = 0
         self.readers = ThreadPoolExecutor(max_workers=PREFETCH_THREADS, thread_name_prefix="pointsafe-read")
+        self.prev_ahead: dict[bytes, Future] = {}   # previous point's trees read ahead, by key
+        self.prev_held = 0                          # entries in them (read, not yet walked)
+        self.prev_lock = threading.Lock()
 
     # -- paths, for warnings and excludes ---------------------------------------------------
 
@@ -196,11 +215,33 @@ class TreeWalker:
 
     # -- previous point -----------------------------------------------------------------
 
+    def _read_prev(self, ref: bytes, ahead: bool = False) -> list[Entry]:
+        """The entries of the previous point's tree ``ref`` (in a reader thread); its
+        subdirectories' trees are read ahead in turn (``ahead=True``; at most PREV_AHEAD trees
+        and PREV_AHEAD_ENTRIES entries not yet walked), so that the walk, depth first, rarely
+        waits for one: on a cold cache, reading old tree nodes one at a time is most of an
+        unchanged re-backup."""
+        entries = read_tree(self.safe.get, ref)
+        with self.prev_lock:
+            if ahead:
+                self.prev_held += len(entries)
+            for e in entries:
+                if (e.type == DIR and e.ref is not None and e.ref not in self.prev_ahead
+                        and len(self.prev_ahead) < PREV_AHEAD and self.prev_held < PREV_AHEAD_ENTRIES):
+                    self.prev_ahead[e.ref] = self.readers.submit(self._read_prev, e.ref, True)
+        return entries
+
+    def _walked_ahead(self, fut: Future) -> None:
+        """A tree read ahead is taken by the walk: its entries no longer count as held."""
+        if not fut.cancelled() and fut.exception() is None:
+            with self.prev_lock:
+                self.prev_held -= len(fut.result())
+
     def _prev_entries(self, tree: bytes | Future | None) -> dict[bytes, Entry]:
         if tree is None:
             return {}
         try:
-            entries = tree.result() if isinstance(tree, Future) else read_tree(self.safe.get, tree)
+            entries = tree.result() if isinstance(tree, Future) else self._read_prev(tree)
             return {e.name: e for e in entries}
         except Exception:  # a damaged previous point only costs a full re-read
             return {}
@@ -273,11 +314,16 @@ class TreeWalker:
             elif stat.S_ISDIR(jst.st_mode) and jp is not None and jp.type == DIR and jp.ref is not None:
                 # The previous point's subdirectories are read ahead too: on a cold cache,
                 # reading old tree nodes one at a time is most of an unchanged re-backup.
-                d.sub_prev[jn] = self.readers.submit(read_tree, self.safe.get, jp.ref)
+                fut = self.prev_ahead.pop(jp.ref, None)
+                if fut is None:
+                    fut = self.readers.submit(self._read_prev, jp.ref)
+                else:
+                    fut.add_done_callback(self._walked_ahead)
+                d.sub_prev[jn] = fut
             d.j += 1
 
     def _one(self, d: _Dir, name: bytes, st: os.stat_result, p: Entry | None) -> None:
-        e = entry_from_stat(name, st, self.opts.dev_map)
+        e = keep_atime(entry_from_stat(name, st, self.opts.dev_map), p)
         if e.type == REG:
             self._file(d, e, p, d.ahead.pop(name, None))
         elif e.type == DIR:
@@ -316,7 +362,7 @@ class TreeWalker:
         try:
             fst = os.fstat(fd)
             if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):   # replaced since it was listed
-                e = entry_from_stat(e.name, fst, self.opts.dev_map)
+                e = keep_atime(entry_from_stat(e.name, fst, self.opts.dev_map), p)
             e.xattrs = (p.xattrs if _same_inode(p, e)
                         else read_xattrs(fd, lambda m: self._warn_at(e.name, m)))
         except BaseException:
@@ -517,6 +563,7 @@ class TreeWalker:
     def close(self) -> None:
         """Stop the read-ahead threads (after the walk, or after it failed)."""
         self._release_all()
+        self.prev_ahead.clear()
         self.readers.shutdown(cancel_futures=True)
 
     def read_file(self, dir_fd: int, e: Entry) -> bool:
