@@ -24,6 +24,7 @@ a day after it should have happened, a late one is not.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 
@@ -108,9 +109,26 @@ def put(table: OpsTable, txn, name: str, value: str) -> None:
     table.put(txn, table.row(name), data)
 
 
+DEFAULT_ENV = {"quota.soft": "POINTSAFE_DEFAULT_QUOTA_SOFT", "quota.hard": "POINTSAFE_DEFAULT_QUOTA_HARD"}
+
+
+def defaults() -> dict[str, str]:
+    """:data:`DEFAULTS`, with the quota defaults taken from $POINTSAFE_DEFAULT_QUOTA_SOFT and
+    $POINTSAFE_DEFAULT_QUOTA_HARD when set (e.g. ``off`` or ``5%``): for machines whose disk is
+    fuller than 20% by design, such as a test machine; a safe's own setting still wins.
+    UsageError (one line) for a value that is not a quota."""
+    out = dict(DEFAULTS)
+    for name, var in DEFAULT_ENV.items():
+        v = os.environ.get(var)
+        if v is not None and v.strip():
+            parse_quota(v.strip(), var)
+            out[name] = v.strip()
+    return out
+
+
 def effective(stored: dict[str, str]) -> dict[str, str]:
     """Stored settings over the defaults."""
-    out = dict(DEFAULTS)
+    out = defaults()
     out["smtp.from"] = f"pointsafe@{socket.getfqdn()}"
     out.update(stored)
     if not out.get("smtp.port"):

@@ -20,6 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 TEST_PASSWORD = "test password \u00e9"
 PW = TEST_PASSWORD.encode()     # for Safe.open of a CLI-made safe in a test (plain safes ignore it)
 CLI_ENV = {"POINTSAFE_PASSWORD": TEST_PASSWORD, "POINTSAFE_KDF_MEMORY_KIB": "8192", "POINTSAFE_KDF_TIME": "1"}
+# The machines here keep about 22% of their disk free, near the default soft quota (20%): tests
+# that are not about quotas must not start warning when the disk fills a little. Set in the
+# environment by clean_env (so a test about the defaults removes it: quota_defaults).
+QUOTA_ENV = {"POINTSAFE_DEFAULT_QUOTA_SOFT": "off"}
 
 
 @pytest.fixture(autouse=True)
@@ -28,8 +32,15 @@ def clean_env(monkeypatch):
     Popen of a backup to kill, a mount's daemon) and for in-process CLI calls."""
     monkeypatch.delenv("POINTSAFE_SAFE", raising=False)
     monkeypatch.delenv("POINTSAFE_NEW_PASSWORD", raising=False)
-    for k, v in CLI_ENV.items():
+    for k, v in (CLI_ENV | QUOTA_ENV).items():
         monkeypatch.setenv(k, v)
+
+
+@pytest.fixture
+def quota_defaults(monkeypatch):
+    """The built-in quota defaults (20% soft, 10% hard), for tests about them."""
+    monkeypatch.delenv("POINTSAFE_DEFAULT_QUOTA_SOFT", raising=False)
+    monkeypatch.delenv("POINTSAFE_DEFAULT_QUOTA_HARD", raising=False)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from _ops_util import cli_json, open_alerts
 from conftest import run_cli
 
 
+
 def _iso(dt: datetime) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -42,7 +43,8 @@ def test_status_json_fields(safe_dir, src):
     assert s["reclaimable_bytes"] == 0
     assert "fragmentation" in s
     sp = st["space"]
-    assert sp["total"] > sp["free"] > 0 and sp["quota_soft"] == "20%" and sp["quota_hard"] == "10%"
+    # (the soft quota's default is off in the tests' environment: test_config_validation checks 20%)
+    assert sp["total"] > sp["free"] > 0 and sp["quota_soft"] == "off" and sp["quota_hard"] == "10%"
     assert sp["state"] in ("ok", "soft", "hard")
     (www,) = st["sources"]
     assert www["name"] == "www" and www["points"] == 2 and www["stale"] is False
@@ -106,7 +108,7 @@ def test_stale_source_with_synthetic_times(safe_dir, src):
     assert [x["source"] for x in st["alerts"]] == ["db"]
 
 
-def test_config_validation(safe_dir):
+def test_config_validation(safe_dir, quota_defaults):
     ok = cli_json("config", "set", "quota.soft", "25%", safe=safe_dir)[0]
     assert ok == {"quota.soft": "25%"}
     assert run_cli("config", "get", "quota.soft", safe=safe_dir).out.strip() == "25%"
@@ -118,6 +120,11 @@ def test_config_validation(safe_dir):
     assert run_cli("config", "unset", "quota.soft", safe=safe_dir).code == 0
     st = cli_json("config", safe=safe_dir)[0]
     assert st["settings"]["quota.soft"] == "20%" and st["stored"] == {}
+    # a machine's own default (a test machine's disk is fuller than 20% by design)
+    st = cli_json("config", safe=safe_dir, env={"POINTSAFE_DEFAULT_QUOTA_SOFT": "5%"})[0]
+    assert st["settings"]["quota.soft"] == "5%"
+    r = run_cli("status", safe=safe_dir, env={"POINTSAFE_DEFAULT_QUOTA_SOFT": "lots"})
+    assert r.code == 1 and r.err.count("\n") == 1 and "POINTSAFE_DEFAULT_QUOTA_SOFT" in r.err, r.err
 
 
 def _free_port() -> int:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 
 from _ops_util import cli_json, fill_until_free_pct, free_bytes, loop_ext4, open_alerts, task_list
 from conftest import needs_root, run_cli
+
+pytestmark = pytest.mark.usefixtures("quota_defaults")   # these tests are about the built-in quotas
 
 MiB = 1 << 20
 
