@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from _fuse_util import mounted, stats
-from conftest import fuse_skip_reason, run_cli
+from conftest import PW, fuse_skip_reason, run_cli
 
 pytestmark = pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or "")
 
@@ -66,7 +66,7 @@ def _layout(safe: Path) -> tuple[list[tuple[int, int, bool]], list[int]]:
     """The file's extents (offset, length, is a hole) and the offsets where its leaf LIST nodes start."""
     from pointsafe.cas import BlobReader, Kind, Safe, decode_list, find_entry, resolve_point
 
-    s = Safe.open(safe, write=False)
+    s = Safe.open(safe, write=False, password=PW)
     try:
         pt = resolve_point(s, "latest")
         e = find_entry(s.get, pt.root_entry().ref, NAME.encode())
