@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import stat
 import sys
 import time
 from collections.abc import Mapping
 
-from pointsafe.cas import resolve_point
-from pointsafe.cas.tree import TYPE_NAMES
-from pointsafe.ingest.browse import children, diff, display_name, lookup, root_entry
+from pointsafe.cas import Entry, resolve_point
+from pointsafe.ingest.browse import children, diff, display_name, entry_json, lookup, root_entry
 from pointsafe.ingest.restore import restore
 
 from .common import EXIT_OK, EXIT_WARNINGS, add_common, emit_json, human_bytes, open_safe, progress, say
@@ -147,21 +145,6 @@ def cmd_show(args) -> int:
     return EXIT_OK
 
 
-def _entry_json(path: bytes, e) -> dict:
-    d = {"path": path.decode("utf-8", "surrogateescape").encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"),
-         "type": TYPE_NAMES.get(e.type, "?"), "mode": e.mode, "uid": e.uid, "gid": e.gid,
-         "size": e.size, "mtime_ns": e.mtime_ns}
-    try:
-        path.decode("utf-8")
-    except UnicodeDecodeError:
-        d["path_b64"] = base64.b64encode(path).decode()
-    if e.target:
-        d["target"] = e.target.decode("utf-8", "backslashreplace")
-    if e.link_group:
-        d["link_group"] = e.link_group
-    return d
-
-
 def _ls_line(path: bytes, e) -> str:
     mode = stat.filemode(e.st_mode)
     t = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.mtime_ns / 1e9))
@@ -186,7 +169,7 @@ def cmd_ls(args) -> int:
         else:
             items = [((prefix + b"/" + c.name) if prefix else c.name, c) for c in children(safe, e)]
     if args.json:
-        emit_json([_entry_json(path, c) for path, c in items])
+        emit_json([entry_json(path, c) for path, c in items])
     else:
         for path, c in items:
             print(_ls_line(path, c))
@@ -203,7 +186,7 @@ def cmd_diff(args) -> int:
             raise UsageError("diff compares tree points; for volumes compare restored images")
         changes = list(diff(safe, root_entry(a), root_entry(b)))
     if args.json:
-        emit_json([{"change": c, **_entry_json(path, new or old)} for c, path, old, new in changes])
+        emit_json([{"change": c, **entry_json(path, _either(new, old))} for c, path, old, new in changes])
     else:
         for c, path, _old, _new in changes:
             print(f"{c} {display_name(path)}")
@@ -233,3 +216,10 @@ def cmd_restore(args) -> int:
                   f"{human_bytes(st.bytes_written)} written"
                   + (f", {len(st.warnings)} warnings" if st.warnings else ""))
     return EXIT_WARNINGS if st.warnings else EXIT_OK
+
+
+def _either(new: Entry | None, old: Entry | None) -> Entry:
+    """The entry a diff line shows: the new one, or the old one when the path went away."""
+    e = new if new is not None else old
+    assert e is not None    # ingest.browse.diff gives at least one of them
+    return e

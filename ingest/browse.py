@@ -6,8 +6,10 @@ same in both points, so comparing two points costs what changed between them.
 
 from __future__ import annotations
 
+import base64
 import struct
 from collections.abc import Iterator
+from typing import Any
 
 from pointsafe.cas import (
     Entry,
@@ -20,7 +22,7 @@ from pointsafe.cas import (
     find_entry,
     read_tree,
 )
-from pointsafe.cas.tree import DIR
+from pointsafe.cas.tree import DIR, TYPE_NAMES
 
 
 def root_entry(point: Point) -> Entry:
@@ -187,3 +189,21 @@ def display_name(b: bytes) -> str:
     s = b.decode("utf-8", "backslashreplace")
     s = s.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
     return "".join(f"\\x{ord(c):02x}" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in s)
+
+
+def entry_json(path: bytes, e: Entry) -> dict[str, Any]:
+    """An entry as ``pointsafe ls --json`` prints it (and the web's JSON): ``path`` readable
+    (bytes that are not UTF-8 as backslash escapes) and ``path_b64`` for a name that is not
+    UTF-8, type, mode, owner, size, mtime, a symlink's target, a hard link's group."""
+    d: dict[str, Any] = {"path": path.decode("utf-8", "backslashreplace"),
+                         "type": TYPE_NAMES.get(e.type, "?"), "mode": e.mode, "uid": e.uid, "gid": e.gid,
+                         "size": e.size, "mtime_ns": e.mtime_ns}
+    try:
+        path.decode("utf-8")
+    except UnicodeDecodeError:
+        d["path_b64"] = base64.b64encode(path).decode()
+    if e.target:
+        d["target"] = e.target.decode("utf-8", "backslashreplace")
+    if e.link_group:
+        d["link_group"] = e.link_group
+    return d

@@ -8,12 +8,11 @@ recency) comes from the points' own statistics and the task history.
 
 from __future__ import annotations
 
-import base64
 from datetime import timedelta
 from typing import Any
 
 from pointsafe.cas import Entry, Point, Safe
-from pointsafe.cas.tree import TYPE_NAMES
+from pointsafe.ingest.browse import entry_json
 from pointsafe.ops import tasks
 from pointsafe.ops.clock import human_duration, now, parse_iso
 from pointsafe.ops.quota import human_bytes
@@ -130,22 +129,6 @@ def task_lines(t: dict) -> list[str]:
 def task_sources(index) -> list[str]:
     """The source names the tasks report, sorted (the choices of the source filter)."""
     return tasks.task_names(index)
-
-
-def entry_json(path: bytes, e: Entry) -> dict[str, Any]:
-    """An entry as ``pointsafe ls --json`` prints it (``path_b64`` for a name that is not UTF-8)."""
-    d: dict[str, Any] = {"path": path.decode("utf-8", "backslashreplace"),
-                         "type": TYPE_NAMES.get(e.type, "?"), "mode": e.mode, "uid": e.uid, "gid": e.gid,
-                         "size": e.size, "mtime_ns": e.mtime_ns}
-    try:
-        path.decode("utf-8")
-    except UnicodeDecodeError:
-        d["path_b64"] = base64.b64encode(path).decode()
-    if e.target:
-        d["target"] = e.target.decode("utf-8", "backslashreplace")
-    if e.link_group:
-        d["link_group"] = e.link_group
-    return d
 
 
 def change_json(change: str, path: bytes, old: Entry | None, new: Entry | None) -> dict[str, Any]:
