@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .crypto import MASTER_KEY_SIZE
 from .errors import SafeError, UsageError, WrongPassword
-from .header import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, read_header
+from .header import PRIVATE_DIR_MODE, read_header, write_private
+from .packstore import fsync_dir
 from .timefmt import utc_now_iso
 
 KEYS_DIR = "keys"
@@ -91,35 +92,16 @@ def _safe_id(safe_dir: Path) -> str:
     return read_header(safe_dir).safe_id
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_slot(safe_dir: Path, doc: dict[str, Any]) -> None:
     """Write one slot file atomically (``.tmp``, fsync, rename, directory fsync), mode 0600."""
     d = keys_dir(safe_dir)
     if not d.is_dir():
         d.mkdir(mode=PRIVATE_DIR_MODE)
         os.chmod(d, PRIVATE_DIR_MODE)
-        _fsync_dir(safe_dir)
-    path = d / f"{doc['slot']}.json"
-    tmp = d / f"{doc['slot']}.json.tmp"
+        fsync_dir(safe_dir)
     data = json.dumps(doc, sort_keys=True, indent=1).encode() + b"\n"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, PRIVATE_FILE_MODE)
-    try:
-        os.fchmod(fd, PRIVATE_FILE_MODE)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    _fsync_dir(d)
+    write_private(d / f"{doc['slot']}.json", data)     # NNNNNNNN.json.tmp, fsync, rename
+    fsync_dir(d)
 
 
 def _slot_doc(safe_id: str, slot: str, master: bytes, password: bytes, label: str, created: str) -> dict[str, Any]:
@@ -228,7 +210,7 @@ def remove_slot(safe_dir: str | os.PathLike[str], slot: str) -> None:
         raise UsageError(f"slot {slot} is the safe's last key slot: removing it would lock every "
                          "backup away for good (add another password first)")
     os.unlink(keys_dir(p) / f"{slot}.json")
-    _fsync_dir(keys_dir(p))
+    fsync_dir(keys_dir(p))
 
 
 def change_password(safe_dir: str | os.PathLike[str], master: bytes, slot: str, new_password: bytes) -> KeySlot:
