@@ -232,6 +232,7 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
                 freeze.begin(path)
                 if freeze.taken is not None:
                     shown_as.append((str(freeze.taken.read_path), str(path)))
+                    notes.extend(freeze.taken.notes)
                 record, root, grafted = _read(safe, w, path, st, kind, name, started, opts, warn, progress, freeze)
                 # The point holds the integrations' consistent copies of these files: their read
                 # warnings (a live WAL segment or database file changing under the reader) no

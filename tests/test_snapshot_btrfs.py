@@ -453,3 +453,37 @@ def test_disk_image_on_btrfs_is_read_from_a_snapshot_and_change_detection_holds(
         out = tmp_path / "restored.img"
         cli_restore(safe_dir, first["id"], out)
         assert out.read_bytes() == (vol / "disk.img").read_bytes()
+
+
+# -- flushoncommit for the instant of the snapshot ------------------------------------------------
+
+def _options(mnt: Path) -> list[str]:
+    from pointsafe.ingest.snapshot.fs import mount_of
+    m = mount_of(mnt)
+    assert m is not None and m.mountpoint == str(mnt)
+    return m.options.split(",")
+
+
+def test_snapshot_is_taken_with_flushoncommit_and_the_option_is_put_back(tmp_path, safe_dir):
+    from pointsafe.ingest.snapshot import btrfs as bt
+    with btrfs_volume(tmp_path) as mnt:
+        vol = make_subvolume(mnt, "data")
+        fill(vol)
+        assert "flushoncommit" not in _options(mnt)
+        seen = []
+        with bt.flushing_commits(vol) as note:
+            seen = _options(mnt)
+        assert note == "" and "flushoncommit" in seen
+        assert "flushoncommit" not in _options(mnt)
+        cli_backup(safe_dir, vol, "--snapshot", "btrfs")
+        assert "flushoncommit" not in _options(mnt)
+        # a backup killed while the option was on left its marker: the next one puts it back
+        subprocess.run(["mount", "-o", "remount,flushoncommit", str(mnt)], check=True)
+        key = bt.blake3.blake3(bt.mount_of(vol).device.encode()).hexdigest()[:16]
+        (bt.RUN_DIR / f"btrfs-{key}.lock").write_bytes(b"on")
+        cli_backup(safe_dir, vol, "--snapshot", "btrfs")
+        assert "flushoncommit" not in _options(mnt)
+        # mounted with flushoncommit by its owner: left so
+        subprocess.run(["mount", "-o", "remount,flushoncommit", str(mnt)], check=True)
+        cli_backup(safe_dir, vol, "--snapshot", "btrfs")
+        assert "flushoncommit" in _options(mnt)

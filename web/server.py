@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 import socket
 import ssl
 from collections.abc import Callable
@@ -162,11 +163,29 @@ def serve(safe: Safe, listen: Listen, tls_cert: str | None = None, tls_key: str 
     _Server = _server_class()
     if tls_cert and tls_key:
         check_tls(tls_cert, tls_key)
-    sock = bind(listen)
-    if announce is not None:
-        announce()
-    config = uvicorn.Config(create_app(safe, tls=bool(tls_cert)), host=listen.host, port=listen.port,
-                            ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_config=LOG_CONFIG, log_level="warning",
-                            access_log=False, lifespan="off", server_header=False, proxy_headers=False)
-    server = _Server(config)
-    server.run(sockets=[sock])
+    # A stop asked for before uvicorn installs its own handlers (from the moment the socket
+    # listens, a client can see the server and signal it) ends the run cleanly too.
+    server = None
+    stop: list[int] = []
+
+    def early_stop(sig: int, frame: object) -> None:
+        stop.append(sig)
+        if server is not None:
+            server.should_exit = True
+
+    previous = {s: signal.signal(s, early_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        sock = bind(listen)
+        if announce is not None:
+            announce()
+        config = uvicorn.Config(create_app(safe, tls=bool(tls_cert)), host=listen.host, port=listen.port,
+                                ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_config=LOG_CONFIG,
+                                log_level="warning", access_log=False, lifespan="off", server_header=False,
+                                proxy_headers=False)
+        server = _Server(config)
+        if not stop:
+            server.run(sockets=[sock])
+        sock.close()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -49,6 +49,7 @@ class Taken:
     dev_map: dict[int, int] = field(default_factory=dict)
     live_stat: os.stat_result | None = None
     kept: str | None = None
+    notes: list[str] = field(default_factory=list)   # what the user should know about it
 
 
 class Provider(Protocol):
