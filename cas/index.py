@@ -134,6 +134,26 @@ def pack_from_dbkey(b: bytes) -> int:
 _LMDB_MAGIC = 0xBEEFC0DE
 
 
+def read_meta(index_dir: Path, name: bytes) -> bytes | None:
+    """The value of ``name`` in the ``meta`` table of the index at ``index_dir``, read without
+    a lock and without opening it for writing (an old or damaged index, another process's);
+    None when it is missing or unreadable."""
+    if not (index_dir / "data.mdb").is_file() or data_file_problem(index_dir) is not None:
+        return None
+    try:
+        env = lmdb.open(str(index_dir), readonly=True, max_dbs=MAX_TABLES, lock=False, subdir=True)
+    except lmdb.Error:
+        return None
+    try:
+        with env.begin() as rt:
+            v = rt.get(name, db=env.open_db(b"meta", txn=rt, create=False))
+            return None if v is None else bytes(v)
+    except lmdb.Error:
+        return None
+    finally:
+        env.close()
+
+
 def data_file_problem(path: Path) -> str | None:
     """Why the LMDB file ``path/data.mdb`` cannot be an intact index, or None when it can (or
     is absent: LMDB reports that itself). Checked before LMDB maps the file: LMDB takes an

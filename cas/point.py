@@ -133,6 +133,10 @@ def _opt_obj(v: Any) -> tuple[bool, Any]:
     return v is None or type(v) is dict or isinstance(v, Mapping), freeze(v)
 
 
+def _opt_snapshot(v: Any) -> tuple[bool, Any]:
+    return v == "none" or _opt_obj(v)[0], freeze(v)
+
+
 def _array(v: Any) -> tuple[bool, Any]:
     return isinstance(v, (list, tuple)), freeze(v)
 
@@ -140,7 +144,7 @@ def _array(v: Any) -> tuple[bool, Any]:
 _FIELDS: dict[str, Callable[[Any], tuple[bool, Any]]] = {
     "id": _str, "name": _str, "kind": _str, "source": _str, "host": _str,
     "started": _str, "finished": _opt_str, "root": _root, "size": _int,
-    "root_meta": _opt_obj, "snapshot": _opt_obj, "consistency": _opt_obj,
+    "root_meta": _opt_obj, "snapshot": _opt_snapshot, "consistency": _opt_obj,
     "stats": _obj, "warnings": _array, "labels": _obj,
 }
 
@@ -184,7 +188,7 @@ class Point:
     root: bytes | None = None
     size: int = 0
     root_meta: Frozen | None = None
-    snapshot: Frozen | None = None
+    snapshot: Frozen | str | None = None    # {method, taken_at, held_s[, path]}, "none" (read live), None (older points)
     consistency: Frozen | None = None
     stats: Frozen = EMPTY
     warnings: tuple[Frozen, ...] = ()

@@ -42,7 +42,8 @@ from .header import (
     missing_header_error,
     write_header_bytes,
 )
-from .index import FLAG_DEAD, FLAG_PINNED, MAX_TABLES, Index, data_file_problem, ObjectEntry, PackEntry, room_tables
+from .index import (FLAG_DEAD, FLAG_PINNED, MAX_TABLES, Index, data_file_problem, ObjectEntry, PackEntry, read_meta,
+                    room_tables)
 from .keys import Kind
 from .nodes import decode_node, node_children
 from .pack import (
@@ -131,7 +132,7 @@ def _crypto_for(safe_dir: Path, state: HeaderState, password: Password | None,
     The candidates are the header files that decode and the index's copy, in the order repair
     prefers them; the first whose ``auth`` holds wins, so a header changed without the key is
     replaced by an authentic copy."""
-    kept = _old_meta(safe_dir / INDEX_DIR, b"header")
+    kept = read_meta(safe_dir / INDEX_DIR, b"header")
     order = [state.good] if state.good is not None else []
     order += [hc for hc in (state.main, state.copy) if hc is not state.good and hc.config is not None]
     cands: list[tuple[bytes, SafeConfig]] = [(hc.data, hc.config) for hc in order
@@ -200,7 +201,7 @@ def _agreed(safe_dir: Path, state: HeaderState, good: HeaderCopy) -> HeaderCopy:
     copy in the old index's ``meta`` table agrees with; ``good`` when neither or both do."""
     if state.main.config is None or state.copy.config is None or state.main.data == state.copy.data:
         return good
-    kept = _old_meta(safe_dir / INDEX_DIR, b"header")
+    kept = read_meta(safe_dir / INDEX_DIR, b"header")
     for hc in (state.main, state.copy):
         if kept is not None and hc.data == kept:
             return hc
@@ -226,7 +227,7 @@ def _repair_header(safe_dir: Path, state: HeaderState, rep: RepairReport) -> byt
     if good is not None:
         assert good.data is not None    # a copy that decodes was read
         if state.intact:
-            kept = _old_meta(safe_dir / INDEX_DIR, b"header")
+            kept = read_meta(safe_dir / INDEX_DIR, b"header")
             if kept is None or kept == good.data or not _decodes(kept, safe_dir):
                 return good.data
             # Both files good and alike but not this safe's (another safe's copied over):
@@ -240,7 +241,7 @@ def _repair_header(safe_dir: Path, state: HeaderState, rep: RepairReport) -> byt
         bad = [hc.name for hc in (state.main, state.copy) if hc.data != data or hc.config is None]
         rep.header = f"rewrote {' and '.join(bad)} from {good.name}"
     else:
-        data = _old_meta(safe_dir / INDEX_DIR, b"header")
+        data = read_meta(safe_dir / INDEX_DIR, b"header")
         try:
             if data is None:
                 raise NotASafe("no copy in the index")
@@ -492,28 +493,9 @@ def _read(store: _Packs, key: bytes, e: ObjectEntry) -> bytes:
     return decode_record(buf, e.pack, e.offset, rehash=False, expect_key=key, crypto=store.crypto)[1]
 
 
-def _old_meta(old_dir: Path, name: bytes) -> bytes | None:
-    """The value of ``name`` in the old index's ``meta`` table, or None when it is missing or
-    unreadable."""
-    import lmdb
-    if not (old_dir / "data.mdb").exists() or data_file_problem(old_dir) is not None:
-        return None
-    try:
-        env = lmdb.open(str(old_dir), readonly=True, max_dbs=MAX_TABLES, lock=False, subdir=True)
-    except lmdb.Error:
-        return None
-    try:
-        with env.begin() as rt:
-            return rt.get(name, db=env.open_db(b"meta", txn=rt, create=False))
-    except lmdb.Error:
-        return None
-    finally:
-        env.close()
-
-
 def _old_next_pack(old_dir: Path) -> int:
     """``meta.next_pack`` of the old index, or 1 when it is missing or unreadable."""
-    v = _old_meta(old_dir, b"next_pack")
+    v = read_meta(old_dir, b"next_pack")
     return struct.unpack("<Q", v)[0] if v is not None and len(v) == 8 else 1
 
 

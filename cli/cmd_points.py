@@ -92,7 +92,7 @@ def cmd_points(args) -> int:
 def snapshot_method(p) -> str:
     """How the point's source was frozen: the snapshot method, "none" (read live), or "-" for
     a point from before snapshots were recorded."""
-    snap = p.snapshot if p.snapshot is not None else p.extra.get("snapshot")
+    snap = p.snapshot
     if isinstance(snap, Mapping):
         return str(snap.get("method", "?"))
     return str(snap) if isinstance(snap, str) else "-"
@@ -100,7 +100,7 @@ def snapshot_method(p) -> str:
 
 def snapshot_line(p) -> str:
     """The ``show`` line for the point's snapshot."""
-    snap = p.snapshot if p.snapshot is not None else p.extra.get("snapshot")
+    snap = p.snapshot
     if isinstance(snap, Mapping):
         held = snap.get("held_s")
         held_text = f", held {held:.3f} s" if isinstance(held, (int, float)) else ""

@@ -202,30 +202,9 @@ def _headers_differ(safe_dir: Path) -> bool:
         copies.append((safe_dir / "header.copy").read_bytes())
     except OSError:
         pass
-    copies.append(_index_header(safe_dir / "index"))
+    from pointsafe.cas.index import read_meta
+    copies.append(read_meta(safe_dir / "index", b"header"))
     return any(c is not None and c != header for c in copies)
-
-
-def _index_header(index_dir: Path) -> bytes | None:
-    """The header bytes the index keeps (``meta.header``), read without a lock; None if unreadable."""
-    import lmdb
-
-    from pointsafe.cas.index import MAX_TABLES
-
-    if not (index_dir / "data.mdb").is_file():
-        return None
-    try:
-        env = lmdb.open(str(index_dir), readonly=True, lock=False, max_dbs=MAX_TABLES, subdir=True)
-    except lmdb.Error:
-        return None
-    try:
-        with env.begin() as t:
-            v = t.get(b"header", db=env.open_db(b"meta", txn=t, create=False))
-            return None if v is None else bytes(v)
-    except lmdb.Error:
-        return None
-    finally:
-        env.close()
 
 
 def open_safe(args: argparse.Namespace, path: str | Path, write: bool | None = None) -> Safe:

@@ -220,7 +220,9 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
         path, st, kind = check_source(safe, source, opts.volume)
         provider, why_live = plan_snapshot(Request(opts.snapshot, path, st, kind, name, safe.config.safe_id,
                                                    opts.snapshot_size, opts.one_file_system))
-        if why_live:
+        if why_live and _snapshot_of_last(safe, name, kind) != "none":
+            # said on the first point of a source and when it stops being a snapshot; not
+            # on every hourly run of a source that never can be (its points say "none")
             notes.append(f"no snapshot, reading {path} live: {why_live}")
         # Take the lock before touching databases, so that a busy safe fails fast.
         with safe.writer(f"backup {name}", space_check=opts.space_check) as w, _sigterm_unwinds():
@@ -414,6 +416,12 @@ def _progress_of(progress) -> tuple[Callable[[int, int], None], Callable[[int | 
     if set_total is None:
         return (lambda n, f=0: progress(n)), (lambda n, f=None: None)
     return progress, set_total
+
+
+def _snapshot_of_last(safe: Safe, name: str, kind: str) -> object:
+    """The ``snapshot`` record of the newest point of ``name`` (None when there is none)."""
+    prev = previous_point(safe, name, kind)
+    return None if prev is None else prev.snapshot
 
 
 def _before_loss(safe: Safe, prev: Point) -> bool:

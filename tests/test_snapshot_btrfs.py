@@ -211,7 +211,7 @@ def test_freeze_without_snapshot_lasts_the_read(tmp_path, safe):
                                                post_thaw=f"echo post $POINTSAFE_STATUS >> {hook_log}"))
     assert log == ["start(snapshot_mode=False)", "files_read", "close"]
     assert hook_log.read_text().split() == ["pre", "post", "ok"]
-    assert res.point.extra["snapshot"] == "none"
+    assert res.point.snapshot == "none"
 
 
 def test_failing_pre_freeze_aborts_and_post_thaw_still_runs(tmp_path, safe_dir):
@@ -487,3 +487,25 @@ def test_snapshot_is_taken_with_flushoncommit_and_the_option_is_put_back(tmp_pat
         subprocess.run(["mount", "-o", "remount,flushoncommit", str(mnt)], check=True)
         cli_backup(safe_dir, vol, "--snapshot", "btrfs")
         assert "flushoncommit" in _options(mnt)
+
+
+def test_read_live_is_said_once_per_source_and_again_when_a_snapshot_stops_applying(tmp_path, safe_dir):
+    with btrfs_volume(tmp_path) as mnt:
+        vol = make_subvolume(mnt, "data")
+        fill(vol)
+        plain = tmp_path / "plain"
+        plain.mkdir()
+        (plain / "f").write_text("x")
+
+        def notes(src, *extra):
+            r = run_cli("backup", str(src), "--name", "n-" + src.name, *extra, safe=safe_dir, check=True)
+            return [line for line in r.out.splitlines() if line.startswith("note: no snapshot")]
+
+        assert len(notes(plain)) == 1            # the first point of a source read live
+        assert notes(plain) == []                # ... not again on every run
+        assert notes(vol) == []                  # a snapshot
+        # the same source read live after snapshots (here: a nested subvolume stops auto): said again
+        subprocess.run(["btrfs", "subvolume", "create", str(vol / "nested")], check=True, capture_output=True)
+        said = notes(vol)
+        assert len(said) == 1 and "nested" in said[0], said
+        assert notes(vol) == []

@@ -10,6 +10,7 @@ complete btrfs snapshot is *retained* (the next backup's base); everything else 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import os
 import stat
 from dataclasses import asdict, dataclass
@@ -41,7 +42,7 @@ def _snapdirs(points: list[Point]) -> set[Path]:
     dirs: set[Path] = set()
     for p in points:
         snap = p.snapshot
-        if snap is not None and snap.get("method") == "btrfs" and isinstance(snap.get("path"), str):
+        if isinstance(snap, Mapping) and snap.get("method") == "btrfs" and isinstance(snap.get("path"), str):
             dirs.add(Path(snap["path"]).parent)
     for src in {p.source for p in points if p.source}:
         path = Path(src)
