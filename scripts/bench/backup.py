@@ -446,7 +446,8 @@ def report(result: dict[str, Any]) -> str:
     """The markdown that goes into docs/BENCHMARKS.md."""
     res = result["results"]
     peers = [p for p in ("restic", "borg") if p in res]
-    main = [t for t in ("pointsafe", "restic", "borg") if t in res]
+    main = [t for t in ("pointsafe", "pointsafe-plain", "restic", "borg") if t in res]
+    both = "pointsafe" in res and "pointsafe-plain" in res    # encrypted and plain: their ratio too
     ds, ch, mi = result["dataset"], result.get("change") or {}, result["machine"]
     lines = []
     lines.append(
@@ -477,10 +478,12 @@ def report(result: dict[str, Any]) -> str:
         if "pointsafe" in res:
             for p in peers:
                 row.append(_ratio(_get(result, "pointsafe", step, "wall"), _get(result, p, step, "wall")))
+        if both:
+            row.append(_ratio(_get(result, "pointsafe", step, "wall"), _get(result, "pointsafe-plain", step, "wall")))
         rows.append(row)
     lines.append("Wall time (CPU time in brackets: user + system, both cores):")
     lines.append("")
-    lines.append(markdown_table(hdr, rows))
+    lines.append(markdown_table(hdr + (["encrypted ÷ plain"] if both else []), rows))
     lines.append("")
     reps = [f"{t} {STEP_TITLES[s]}: {', '.join(f'{w:.2f}' for w in r['walls'])} s"
             for t in res for s, r in res[t].items() if len(r.get("walls", [])) > 1]
