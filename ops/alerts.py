@@ -166,7 +166,9 @@ def evaluate(index, safe_dir: str | Path, points: list[Point] | None = None) -> 
     st = quota.state(sp, settings)
     for which, severity in (("soft", "warning"), ("hard", "critical")):
         key = f"quota:{which}"
-        breached = st == "hard" or (st == "soft" and which == "soft")
+        # below the hard quota is below the soft one too, when there is a soft one
+        breached = (st == "hard" and (which == "hard" or quota.limit_bytes(settings["quota.soft"], sp.total) is not None)
+                    ) or (st == "soft" and which == "soft")
         if not breached:
             clear(index, key)
             continue

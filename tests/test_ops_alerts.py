@@ -195,3 +195,15 @@ def test_status_check_is_a_nagios_plugin(safe_dir, src, tmp_path):
     assert r.code == 2 and r.out.startswith("POINTSAFE CRITICAL - 2 open alert(s); #2: backup task")
     r = run_cli("status", "--check", safe=tmp_path / "nowhere")
     assert r.code == 3 and r.out.startswith("POINTSAFE UNKNOWN - ")
+
+
+def test_below_the_hard_quota_with_the_soft_one_off_raises_only_the_hard_alert(safe_dir):
+    run_cli("config", "set", "quota.soft", "off", safe=safe_dir, check=True)
+    run_cli("config", "set", "quota.hard", "99%", safe=safe_dir, check=True)
+    st = cli_json("status", safe=safe_dir, ok_codes=(2,))[0]
+    alerts = [a for a in st["alerts"] if a["kind"] == "quota"]
+    assert [a["severity"] for a in alerts] == ["critical"], alerts
+    assert "hard quota" in alerts[0]["message"] and "off" not in alerts[0]["message"]
+    run_cli("config", "set", "quota.soft", "99.5%", safe=safe_dir, check=True)
+    st = cli_json("status", safe=safe_dir, ok_codes=(2,))[0]
+    assert sorted(a["severity"] for a in st["alerts"] if a["kind"] == "quota") == ["critical", "warning"]
