@@ -26,8 +26,9 @@ def gather(index, since: str | None = None) -> dict:
     stored = config.load(index)
     if since is None:
         since = stored.get(LAST_KEY)
-    bad = [t for t in tasks.list_tasks(index)
-           if t["state"] in ("warning", "error", "abandoned") and (since is None or (t["finished"] or t["started"]) >= since)]
+    # through the task index's state facets: the problem tasks only, not the whole history
+    bad = sorted((t for state in ("warning", "error", "abandoned") for t in tasks.list_tasks(index, state=state)
+                  if since is None or (t["finished"] or t["started"]) >= since), key=lambda t: t["id"])
     return {"since": since, "tasks": bad, "alerts": alerts.list_alerts(index)}
 
 
