@@ -1,0 +1,397 @@
+"""The agent's side: talking to ``pointsafe serve``, and backing up and restoring through it.
+
+The agent does the work a local backup does -- walk, chunk, hash, compress (ingest's pipeline
+and walker, unchanged) -- with a :class:`RemoteWriter` in place of the safe's writer: objects
+are queued and, every UPLOAD_BYTES, the server is asked which of them it lacks and only those
+are uploaded. Ids are the agent's plain BLAKE3 ids (docs/SERVER.md, "Ids"). A point is
+committed in one request once everything it names is uploaded.
+
+Restoring fetches the point's objects (in batches) into a temporary plain safe on the agent,
+checking every object against its id, and restores from it with ingest's restorer, so that a
+restore through the server writes exactly what a local one writes.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import ssl
+import tempfile
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pointsafe.cas import (Kind, ObjectMissing, Point, Safe, SafeError, UsageError, encode_node, latest, node_children,
+                           object_key, prepare, utc_now_iso)
+
+from . import protocol
+
+RETRIES = 5          # attempts of a request the server answered 503 (busy) or that lost its connection
+RETRY_WAIT = 0.5     # seconds before the first retry, doubled each time
+
+
+class ServerError(SafeError):
+    """The server refused a request or could not be reached (the one line says which)."""
+
+    def __init__(self, message: str, status: int = 0):
+        super().__init__(message)
+        self.status = status
+
+
+def read_token(token_file: str | None) -> str:
+    """The agent token: the first line of ``token_file``, else $POINTSAFE_TOKEN; UsageError when
+    neither gives one (a token is never taken from the command line, where ps shows it)."""
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                token = f.readline().strip()
+        except OSError as e:
+            raise UsageError(f"cannot read --token-file {token_file}: {e.strerror}") from None
+        if not token:
+            raise UsageError(f"--token-file {token_file} is empty")
+        return token
+    token = os.environ.get("POINTSAFE_TOKEN", "").strip()
+    if not token:
+        raise UsageError("no agent token: set POINTSAFE_TOKEN or give --token-file FILE "
+                         "('pointsafe agent add' on the server prints one)")
+    return token
+
+
+class Remote:
+    """A server at ``url`` (http:// on loopback, https:// elsewhere; the system's CAs, or
+    $SSL_CERT_FILE, verify it) and the agent's token. One kept-alive connection per thread."""
+
+    def __init__(self, url: str, token: str, timeout: float = 300):
+        u = urllib.parse.urlsplit(url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise UsageError(f"bad --server {url!r}: use http://HOST:PORT or https://HOST:PORT")
+        self.url, self.scheme, self.host = url.rstrip("/"), u.scheme, u.hostname
+        self.port = u.port or (443 if u.scheme == "https" else 80)
+        self.base = u.path.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.local = threading.local()
+        self.ctx = ssl.create_default_context() if u.scheme == "https" else None
+
+    def _conn(self, fresh: bool = False) -> http.client.HTTPConnection:
+        c = getattr(self.local, "conn", None)
+        if c is None or fresh:
+            if c is not None:
+                c.close()
+            if self.ctx is not None:
+                c = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.ctx)
+            else:
+                c = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            self.local.conn = c
+        return c
+
+    def call(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json",
+             retry: bool = True) -> bytes:
+        """The body of a 200 answer to ``method path``; ServerError (one line) otherwise. A lost
+        connection and a busy server (503) are retried when ``retry`` (requests that change
+        nothing or can be repeated)."""
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": content_type}
+        wait = RETRY_WAIT
+        for attempt in range(RETRIES):
+            try:
+                c = self._conn(fresh=attempt > 0)
+                c.request(method, self.base + path, body=body, headers=headers)
+                r = c.getresponse()
+                data = r.read()
+            except ssl.SSLError as e:
+                raise ServerError(f"TLS with {self.url} failed: {e.reason or e}") from None
+            except (OSError, http.client.HTTPException) as e:
+                if not retry or attempt == RETRIES - 1:
+                    why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+                    raise ServerError(f"cannot reach the server {self.url}: {why}") from None
+                time.sleep(wait)
+                wait *= 2
+                continue
+            if r.status == 200:
+                return data
+            if r.status == 503 and retry and attempt < RETRIES - 1:
+                time.sleep(wait)
+                wait *= 2
+                continue
+            raise ServerError(f"the server refused {method} {path}: {_error_of(data, r.status)}", r.status)
+        raise ServerError(f"the server {self.url} stayed busy")   # not reached
+
+    def json(self, method: str, path: str, body: Any = None, retry: bool = True) -> Any:
+        """``call`` with a JSON body and a JSON answer."""
+        data = None if body is None else json.dumps(body).encode()
+        return json.loads(self.call(method, path, data, retry=retry))
+
+    # -- the API ---------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """The safe's settings and this agent's rights (GET /api/v1/info)."""
+        return self.json("GET", "/api/v1/info")
+
+    def missing(self, ids: list[bytes]) -> set[bytes]:
+        """Which of ``ids`` the server lacks (for this agent)."""
+        out: set[bytes] = set()
+        for i in range(0, len(ids), protocol.MAX_IDS):
+            r = self.json("POST", "/api/v1/objects/missing", {"ids": [k.hex() for k in ids[i:i + protocol.MAX_IDS]]})
+            out.update(bytes.fromhex(h) for h in r["missing"])
+        return out
+
+    def upload(self, body: bytes) -> dict[str, int]:
+        """Upload an object stream (POST /api/v1/objects): stored all or none."""
+        return json.loads(self.call("POST", "/api/v1/objects", body, "application/octet-stream"))
+
+    def fetch(self, ids: list[bytes]) -> list[protocol.Record]:
+        """The objects ``ids`` names, each checked against its id; ObjectMissing for one the
+        server does not give this agent."""
+        out: list[protocol.Record] = []
+        todo = list(ids)
+        while todo:
+            batch = todo[:protocol.MAX_IDS]
+            try:
+                data = self.call("POST", "/api/v1/objects/fetch", json.dumps({"ids": [k.hex() for k in batch]}).encode())
+            except ServerError as e:
+                if e.status == 404:
+                    raise ObjectMissing(str(e)) from None
+                raise
+            recs = protocol.decode(data)
+            if not recs:
+                raise ServerError("the server answered a fetch with no object")
+            for r, want in zip(recs, batch):
+                if r.id != want or protocol.agent_id(r.kind, r.raw) != want:
+                    raise ServerError(f"the server sent object {r.id.hex()[:12]} with content that does not match its id")
+            out += recs
+            todo = todo[len(recs):]
+        return out
+
+    def points(self) -> list[Point]:
+        """This agent's points, oldest first; their ``root`` is the agent's id of the root."""
+        return [Point.from_record(r) for r in self.json("GET", "/api/v1/points")["points"]]
+
+    def commit(self, record: dict[str, Any]) -> Point:
+        """Commit a point (never retried after a lost connection: it may have been committed)."""
+        return Point.from_record(self.json("POST", "/api/v1/points", record, retry=False))
+
+
+def _error_of(data: bytes, status: int) -> str:
+    try:
+        msg = json.loads(data).get("error")
+    except (ValueError, AttributeError):
+        msg = None
+    return f"{msg} (HTTP {status})" if msg else f"HTTP {status}"
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """The chunking settings of the served safe (what ingest's walker and pipeline read)."""
+
+    chunk_min: int
+    chunk_avg: int
+    chunk_max: int
+    list_fanout: int
+    block_size: int
+    zstd_level: int | None
+
+
+class RemoteSafe:
+    """What the tree walker reads of a safe -- ``config`` and ``get`` (the previous point's
+    trees, for change detection) -- from the server."""
+
+    def __init__(self, remote: Remote, info: dict[str, Any]):
+        self.remote = remote
+        self.config = RemoteConfig(info["chunk_min"], info["chunk_avg"], info["chunk_max"], info["list_fanout"],
+                                   info["block_size"], info.get("zstd_level"))
+
+    def get(self, key: bytes) -> bytes:
+        """The raw bytes of object ``key`` (the agent's id); ObjectMissing when it has none."""
+        return self.remote.fetch([key])[0].raw
+
+
+class RemoteWriter:
+    """The writer the pipeline fills (the methods of cas.Writer it calls), uploading to the
+    server. Objects are queued in order (children before the nodes naming them) and sent every
+    UPLOAD_BYTES: one request asks which are missing, one uploads those. Use from one thread
+    (the pipeline's assembler); ``known`` may be called from any."""
+
+    def __init__(self, remote: Remote, level: int | None):
+        self.remote = remote
+        self.level = level
+        self.crypto = None
+        self.sent: set[bytes] = set()             # ids queued or uploaded by this run
+        self.queue: list[tuple[int, bytes, int, int, bytes | bytearray]] = []
+        self.queued_bytes = 0
+        self.bytes_written = 0                    # body bytes uploaded
+        self.objects_written = 0                  # objects uploaded (the server lacked them)
+        self.objects_offered = 0                  # objects asked about
+
+    def known(self, key: bytes) -> bool:
+        """True when ``key`` was queued or uploaded by this run (the server is asked at flush)."""
+        return key in self.sent
+
+    def put_prepared(self, p: Any, children: Any = (), checked: bool = False, record: bytes | None = None) -> bool:
+        """Queue a prepared chunk (cas.Prepared, plain); True when this run had not queued it."""
+        if p.key in self.sent:
+            return False
+        self._queue(p.kind, p.key, p.codec, p.raw_len, p.stored)
+        return True
+
+    def put_node(self, kind: int, children: list[bytes], payload: bytes) -> bytes:
+        """Queue a node naming ``children`` (agent ids); returns its id."""
+        raw = encode_node(children, payload)
+        key = object_key(kind, raw)
+        if key not in self.sent:
+            p = prepare(kind, raw, self.level)
+            self._queue(kind, key, p.codec, p.raw_len, p.stored)
+        return key
+
+    def _queue(self, kind: int, key: bytes, codec: int, raw_len: int, body: bytes | bytearray) -> None:
+        self.sent.add(key)
+        self.queue.append((kind, key, codec, raw_len, body))
+        self.queued_bytes += len(body)
+        if self.queued_bytes >= protocol.UPLOAD_BYTES or len(self.queue) >= protocol.MAX_IDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Ask which queued objects the server lacks and upload those (in order)."""
+        if not self.queue:
+            return
+        q, self.queue, self.queued_bytes = self.queue, [], 0
+        self.objects_offered += len(q)
+        lacking = self.remote.missing([k for _, k, _, _, _ in q])
+        parts: list[bytes | memoryview] = []
+        size = 0
+        for kind, key, codec, raw_len, body in q:
+            if key in lacking:
+                parts += protocol.encode(kind, key, codec, raw_len, body)
+                size += protocol.REC.size + len(body)
+                self.objects_written += 1
+        if parts:
+            self.remote.upload(b"".join(parts))
+            self.bytes_written += size
+
+
+# -- backup ----------------------------------------------------------------------------------
+
+def _may_back_up(sources: list[str], path: str) -> bool:
+    return not sources or any(path == s or path.startswith(s.rstrip("/") + "/") for s in sources)
+
+
+def remote_backup(remote: Remote, source: str, name: str | None = None, excludes: list[str] | None = None,
+                  one_file_system: bool = False, labels: dict[str, str] | None = None, workers: int = 2,
+                  progress: Callable[..., None] | None = None) -> tuple[Point, list[dict], dict[str, int]]:
+    """Back up the directory ``source`` into a point on the server; returns (the point, its
+    warnings, upload counters). UsageError before anything is sent for a bad source or one the
+    agent may not back up. Nothing is committed unless everything was uploaded."""
+    from pointsafe.ingest.backup import _progress_of, default_name, walk_tree
+    from pointsafe.ingest.pipeline import Pipeline
+    from pointsafe.ingest.snapshot.btrfs import own_dirs
+    from pointsafe.ingest.walk import WalkOptions
+
+    if not source:
+        raise UsageError("the source is empty: name a directory (use '.' for the current directory)")
+    path = Path(source).resolve()
+    if not path.is_dir():
+        raise UsageError(f"{source}: is not a directory (through --server, only directory trees can be backed up)")
+    info = remote.info()
+    if not _may_back_up(info.get("sources") or [], str(path)):
+        raise UsageError(f"agent {info['agent']} may not back up {path} (its sources: {', '.join(info['sources'])})")
+    name = name or default_name(path)
+    started = utc_now_iso()
+    prev = latest(p for p in remote.points() if p.name == name and p.kind == "tree")
+    warnings: list[dict] = []
+
+    def warn(p: bytes | str, message: str) -> None:
+        warnings.append({"path": os.fsdecode(p) if isinstance(p, bytes) else p, "message": message})
+
+    advance, set_total = _progress_of(progress)
+    set_total(prev.size if prev else None, prev.stats.get("files") if prev else None)
+    rsafe = RemoteSafe(remote, info)
+    w = RemoteWriter(remote, rsafe.config.zstd_level)
+    pipe = Pipeline(w, rsafe.config.list_fanout, workers=workers)  # type: ignore[arg-type]  # RemoteWriter: the Writer methods the pipeline calls
+    wo = WalkOptions(one_file_system=one_file_system, excludes=list(excludes or []), skip=set(), dev_map={})
+    wo.skip |= own_dirs(path)
+    try:
+        root, root_meta = walk_tree(rsafe, pipe, path, prev.root if prev else None, wo,  # type: ignore[arg-type]  # RemoteSafe: config and get
+                                    warn, advance)
+    except BaseException:
+        pipe.cancel()
+        raise
+    w.flush()
+    stats = pipe.stats.as_dict()
+    stats.update(bytes_stored=w.bytes_written, objects_new=w.objects_written)
+    record = {"name": name, "kind": "tree", "source": str(path), "host": socket.gethostname(), "started": started,
+              "finished": utc_now_iso(), "root": root.hex() if root else None, "root_meta": root_meta,
+              "size": pipe.stats.size, "stats": stats, "labels": dict(labels or {}), "warnings": warnings,
+              "snapshot": "none"}
+    point = remote.commit(record)
+    return point, warnings, {"objects_offered": w.objects_offered, "objects_uploaded": w.objects_written,
+                             "bytes_uploaded": w.bytes_written}
+
+
+# -- restore ---------------------------------------------------------------------------------
+
+def resolve(remote: Remote, ref: str) -> Point:
+    """The agent's point ``ref``: an id or a unique prefix of one, or NAME / NAME@latest;
+    UsageError when it names none of the agent's points (another agent's reads as unknown)."""
+    pts = remote.points()
+    name, _, at = ref.partition("@")
+    if at in ("", "latest") and any(p.name == name for p in pts):
+        got = latest(p for p in pts if p.name == name)
+        if got is not None:
+            return got
+    hits = [p for p in pts if p.id.startswith(ref.lower())] if len(ref) >= 4 else []
+    if len(hits) == 1:
+        return hits[0]
+    if len(hits) > 1:
+        raise UsageError(f"point {ref!r} is ambiguous: {len(hits)} points start with it")
+    raise UsageError(f"no point {ref!r} of this agent ('pointsafe points --server URL' lists them)")
+
+
+def _copy_graph(remote: Remote, root: bytes, safe: Safe) -> int:
+    """Fetch every object under ``root`` into ``safe`` (a plain safe: its ids are the agent's);
+    returns the number of objects."""
+    seen = {root}
+    todo = [root]
+    n = 0
+    with safe.writer("restore from server") as w:
+        while todo:
+            batch, todo = todo[:protocol.MAX_IDS], todo[protocol.MAX_IDS:]
+            for r in remote.fetch(batch):
+                # children=(): the copy is read once and thrown away, its counts are never used
+                if w.put(r.kind, r.raw) != r.id:
+                    raise ServerError(f"object {r.id.hex()[:12]} does not match its id")
+                n += 1
+                if r.kind != Kind.CHUNK:
+                    for c in node_children(r.raw):
+                        if c not in seen:
+                            seen.add(c)
+                            todo.append(c)
+    return n
+
+
+def remote_restore(remote: Remote, point: Point, target: str, subpath: str | None = None, force: bool = False,
+                   progress: Callable[[int], None] | None = None, tmp_dir: str | None = None) -> Any:
+    """Restore the agent's ``point`` to ``target`` (as ``pointsafe restore`` does locally): its
+    objects are fetched into a temporary safe under ``tmp_dir`` (default: the system's), which
+    is removed afterwards. Returns ingest's RestoreStats."""
+    import shutil
+
+    from pointsafe.ingest.restore import restore
+    if not target:
+        raise UsageError("the target is empty: name a directory (use '.' for the current directory)")
+    if point.kind != "tree":
+        raise UsageError("only tree points can be restored through the server")
+    tmp = Path(tempfile.mkdtemp(prefix="pointsafe-fetch-", dir=tmp_dir))
+    try:
+        copy = Safe.init(tmp / "safe", encryption="none")
+        try:
+            if point.root is not None:
+                _copy_graph(remote, point.root, copy)
+            return restore(copy, point, target, subpath=subpath, force=force, progress=progress)
+        finally:
+            copy.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
