@@ -103,6 +103,9 @@ class Remote:
                 c.request(method, self.base + path, body=body, headers=headers)
                 r = c.getresponse()
                 data = r.read()
+            except ssl.SSLCertVerificationError as e:
+                raise ServerError(f"TLS with {self.url} failed: certificate verify failed ({e.verify_message}); "
+                                  "trust its CA with SSL_CERT_FILE=FILE") from None
             except ssl.SSLError as e:
                 raise ServerError(f"TLS with {self.url} failed: {e.reason or e}") from None
             except (OSError, http.client.HTTPException) as e:

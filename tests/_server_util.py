@@ -51,13 +51,15 @@ def serve_cmd(safe: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "pointsafe.cli", "--safe", str(safe), "serve", *args]
 
 
-def start(safe: Path, port: int | None = None, *extra: str, scheme: str = "http", timeout: float = 30) -> Served:
-    """Start ``pointsafe serve`` on 127.0.0.1 (a free port unless given) and wait until it listens."""
+def start(safe: Path, port: int | None = None, *extra: str, scheme: str = "http", timeout: float = 30,
+          host: str = "127.0.0.1", env: dict | None = None) -> Served:
+    """Start ``pointsafe serve`` on ``host`` (a free port unless given) and wait until it listens
+    (on 127.0.0.1, which 0.0.0.0 includes)."""
     port = port or free_port()
     log = safe.parent / f"serve-{port}-{time.monotonic_ns()}.log"
-    env = {**{k: v for k, v in os.environ.items() if k != "POINTSAFE_SAFE"}, **CLI_ENV}
+    env = {**{k: v for k, v in os.environ.items() if k != "POINTSAFE_SAFE"}, **CLI_ENV, **(env or {})}
     with open(log, "wb") as out:
-        proc = subprocess.Popen(serve_cmd(safe, "--listen", f"127.0.0.1:{port}", *extra), stdout=out,
+        proc = subprocess.Popen(serve_cmd(safe, "--listen", f"{host}:{port}", *extra), stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + timeout
     while True:
@@ -131,3 +133,28 @@ def chunk_bytes(safe: Path) -> int:
     """The raw bytes of the chunks the safe holds (unique file data)."""
     with Safe.open(safe, password=PW, write=False) as s:
         return s.counters().chunk_raw_bytes
+
+
+def self_signed(tmp: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (as its subjectAltName, which clients check) and its key."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pointsafe test server")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cp, kp = tmp / "cert.pem", tmp / "key.pem"
+    cp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    kp.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()))
+    return cp, kp
