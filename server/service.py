@@ -57,6 +57,9 @@ class Service:
         self.lock = threading.Lock()
         cfg = safe.config
         self.max_chunk = max(cfg.chunk_max, cfg.block_size)
+        from pointsafe.ops import config, quota
+        # the hard disk quota stops uploads as it stops a local backup (QuotaExceeded: 507)
+        self.space_check = quota.guard(config.effective(config.load(safe.index)))
 
     # -- reading -------------------------------------------------------------------------
 
@@ -189,7 +192,7 @@ class Service:
     def _store(self, incoming: list[_Incoming], ids: IdMap) -> int:
         stored = 0
         try:
-            with self.safe.writer("serve") as w:
+            with self.safe.writer("serve", space_check=self.space_check) as w:
                 for inc in incoming:
                     if w.lookup(inc.prepared.key) is None:
                         w.put_prepared(inc.prepared, inc.children, checked=True)
@@ -212,7 +215,7 @@ class Service:
                                    "no point made")
         with self.lock:
             try:
-                with self.safe.writer("serve") as w:
+                with self.safe.writer("serve", space_check=self.space_check) as w:
                     p = w.add_point(rec, sid)
             except SafeLocked as e:
                 raise Refused(503, f"the safe is busy, try again: {e}") from None

@@ -185,3 +185,16 @@ def test_every_request_is_a_task_and_a_commit_is_a_backup_task(tmp_path):
     refused = [t for t in reqs if t["fields"].get("status") == 401]
     assert len(refused) == 1 and refused[0]["state"] == "usage" and "unknown token" in refused[0]["error"]
     shutil.rmtree(src)
+
+
+def test_the_hard_quota_stops_an_agents_upload_with_no_point(tmp_path):
+    safe = make_safe(tmp_path)
+    tok = add_agent(safe, "full")
+    run_cli("config", "set", "quota.hard", "99%", safe=safe, check=True)   # the disk is "full" already
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(100_000))
+    with running(safe) as server:
+        r = agent(server, tok, "backup", src, "-q")
+        assert r.code == 1 and "HTTP 507" in r.err and "Traceback" not in r.err, r.err
+    assert safe_state(safe)[2] == []
