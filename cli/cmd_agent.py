@@ -150,36 +150,17 @@ def backup_remote(args) -> int:
     return EXIT_WARNINGS if warnings else EXIT_OK
 
 
-def points_remote(args) -> int:
-    """``pointsafe points --server URL``: this agent's points."""
-    pts = _remote(args).points()
-    if args.name:
-        pts = [p for p in pts if p.name == args.name]
-    if args.json:
-        emit_json([p.to_record() for p in pts])
-        return EXIT_OK
-    if not pts:
-        say(args, "no points")
-        return EXIT_OK
-    say(args, f"{'ID':12}  {'TIME (UTC)':20}  {'NAME':16} {'KIND':6} {'SIZE':>10} {'FILES':>8} WARN")
-    for p in pts:
-        say(args, f"{p.id[:12]}  {p.started[:19]:20}  {p.name[:16]:16} {p.kind:6} {human_bytes(p.size):>10} "
-                  f"{p.stats.get('files', 0):>8} {len(p.warnings)}")
-    return EXIT_OK
+def remote_points(args) -> list:
+    """The points of this agent on ``--server`` (``pointsafe points --server URL``)."""
+    return _remote(args).points()
 
 
-def restore_remote(args) -> int:
-    """``pointsafe restore POINT TARGET --server URL``: restore one of this agent's points."""
+def restore_remote(args) -> tuple:
+    """``pointsafe restore POINT TARGET --server URL``: restore one of this agent's points;
+    returns (the point, ingest's RestoreStats)."""
     from pointsafe.server.client import remote_restore, resolve
     remote = _remote(args)
     p = resolve(remote, args.point)
     with progress(args, p.size, f"restoring {p.id[:12]} from {args.server}") as advance:
         st = remote_restore(remote, p, args.target, subpath=args.path, force=args.force, progress=advance)
-    if args.json:
-        emit_json({"point": p.id, "target": args.target, **st.as_dict()})
-    else:
-        for w in st.warnings:
-            print(f"warning: {w['path']}: {w['message']}", file=sys.stderr)
-        say(args, f"restored point {p.id[:12]} to {args.target}: {st.files} files, {st.dirs} dirs, "
-                  f"{human_bytes(st.bytes_written)} written" + (f", {len(st.warnings)} warnings" if st.warnings else ""))
-    return EXIT_WARNINGS if st.warnings else EXIT_OK
+    return p, st

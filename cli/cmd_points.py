@@ -73,10 +73,11 @@ def register(sub) -> None:
 def cmd_points(args) -> int:
     """``pointsafe points``: the safe's points, oldest first (only --name's with it)."""
     if args.server:
-        from .cmd_agent import points_remote
-        return points_remote(args)
-    with open_safe(args) as safe:
-        pts = safe.points()
+        from .cmd_agent import remote_points
+        pts = remote_points(args)
+    else:
+        with open_safe(args) as safe:
+            pts = safe.points()
     if args.name:
         pts = [p for p in pts if p.name == args.name]
     if args.json:
@@ -205,11 +206,12 @@ def cmd_restore(args) -> int:
     exit 3 when some files could not be restored."""
     if args.server:
         from .cmd_agent import restore_remote
-        return restore_remote(args)
-    with open_safe(args) as safe:
-        p = resolve_point(safe, args.point)
-        with progress(args, p.size, f"restoring {p.id[:12]}") as advance:
-            st = restore(safe, p, args.target, subpath=args.path, force=args.force, progress=advance)
+        p, st = restore_remote(args)
+    else:
+        with open_safe(args) as safe:
+            p = resolve_point(safe, args.point)
+            with progress(args, p.size, f"restoring {p.id[:12]}") as advance:
+                st = restore(safe, p, args.target, subpath=args.path, force=args.force, progress=advance)
     try:
         from pointsafe.ops import tasks
         if hasattr(tasks, "report"):

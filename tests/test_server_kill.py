@@ -32,7 +32,9 @@ def _wait_for_objects(safe, n: int, proc, timeout: float = 120) -> int:
         time.sleep(0.02)
 
 
-def test_a_server_killed_mid_upload_leaves_no_point_and_a_rerun_uploads_only_the_rest(tmp_path):
+def _backup_then_kill(tmp_path):
+    """(safe, token, source, port, the agent's process): a backup under way when the server is
+    SIGKILLed, once it has stored some objects."""
     safe = make_safe(tmp_path)
     tok = add_agent(safe, "k", "--can-restore")
     src = _source(tmp_path / "src")
@@ -41,7 +43,14 @@ def test_a_server_killed_mid_upload_leaves_no_point_and_a_rerun_uploads_only_the
     proc = agent_popen(server, tok, "backup", src, "-q", "--json")
     try:
         _wait_for_objects(safe, 80, proc)
+    finally:
         stop(server.proc, signal.SIGKILL)
+    return safe, tok, src, port, proc
+
+
+def test_a_server_killed_mid_upload_leaves_no_point_and_a_rerun_uploads_only_the_rest(tmp_path):
+    safe, tok, src, port, proc = _backup_then_kill(tmp_path)
+    try:
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -66,15 +75,9 @@ def test_a_server_killed_mid_upload_leaves_no_point_and_a_rerun_uploads_only_the
 
 
 def test_the_agent_rides_out_a_server_restart_and_its_backup_completes(tmp_path):
-    safe = make_safe(tmp_path)
-    tok = add_agent(safe, "k", "--can-restore")
-    src = _source(tmp_path / "src")
-    port = free_port()
-    server = start(safe, port)
-    proc = agent_popen(server, tok, "backup", src, "-q", "--json")
+    safe, tok, src, port, proc = _backup_then_kill(tmp_path)
+    server = None
     try:
-        _wait_for_objects(safe, 80, proc)
-        stop(server.proc, signal.SIGKILL)
         server = start(safe, port)          # back within the agent's retries
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()
@@ -85,7 +88,8 @@ def test_the_agent_rides_out_a_server_restart_and_its_backup_completes(tmp_path)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        stop(server.proc)
+        if server is not None:
+            stop(server.proc)
     assert_trees_equal(src, tmp_path / "out")
     assert safe_state(safe)[2] == [rec["id"]]
     r = run_cli("verify", safe=safe)
