@@ -16,6 +16,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import queue
 import socket
 import ssl
 import tempfile
@@ -31,8 +32,9 @@ from pointsafe.cas import (Kind, ObjectMissing, Point, Safe, SafeError, UsageErr
 
 from . import protocol
 
-RETRIES = 5          # attempts of a request the server answered 503 (busy) or that lost its connection
-RETRY_WAIT = 0.5     # seconds before the first retry, doubled each time
+RETRIES = 8          # attempts of a request the server answered 503 (busy) or that lost its connection
+RETRY_WAIT = 0.5     # seconds before the first retry, doubled each time ...
+RETRY_MAX_WAIT = 8   # ... up to this: about 30 s in all
 
 
 class ServerError(SafeError):
@@ -92,15 +94,19 @@ class Remote:
 
     def call(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json",
              retry: bool = True) -> bytes:
-        """The body of a 200 answer to ``method path``; ServerError (one line) otherwise. A lost
-        connection and a busy server (503) are retried when ``retry`` (requests that change
-        nothing or can be repeated)."""
+        """The body of a 200 answer to ``method path``; ServerError (one line) otherwise. A
+        request that could not be sent (the server is down or restarting) is sent again, up to
+        RETRIES times over about 30 s; so is one the server answered 503 (busy). A lost answer is
+        retried only when ``retry`` (requests that can be repeated): a request that must not run
+        twice (a commit) goes on a new connection and fails when its answer is lost."""
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": content_type}
         wait = RETRY_WAIT
         for attempt in range(RETRIES):
+            sent = False
             try:
-                c = self._conn(fresh=attempt > 0)
+                c = self._conn(fresh=attempt > 0 or not retry)
                 c.request(method, self.base + path, body=body, headers=headers)
+                sent = True
                 r = c.getresponse()
                 data = r.read()
             except ssl.SSLCertVerificationError as e:
@@ -109,17 +115,18 @@ class Remote:
             except ssl.SSLError as e:
                 raise ServerError(f"TLS with {self.url} failed: {e.reason or e}") from None
             except (OSError, http.client.HTTPException) as e:
-                if not retry or attempt == RETRIES - 1:
+                if (sent and not retry) or attempt == RETRIES - 1:
                     why = getattr(e, "strerror", None) or str(e) or type(e).__name__
-                    raise ServerError(f"cannot reach the server {self.url}: {why}") from None
+                    lost = " (its answer was lost: check 'pointsafe points --server URL')" if sent and not retry else ""
+                    raise ServerError(f"cannot reach the server {self.url}: {why}{lost}") from None
                 time.sleep(wait)
-                wait *= 2
+                wait = min(wait * 2, RETRY_MAX_WAIT)
                 continue
             if r.status == 200:
                 return data
-            if r.status == 503 and retry and attempt < RETRIES - 1:
+            if r.status == 503 and attempt < RETRIES - 1:
                 time.sleep(wait)
-                wait *= 2
+                wait = min(wait * 2, RETRY_MAX_WAIT)
                 continue
             raise ServerError(f"the server refused {method} {path}: {_error_of(data, r.status)}", r.status)
         raise ServerError(f"the server {self.url} stayed busy")   # not reached
@@ -215,9 +222,13 @@ class RemoteSafe:
 
 class RemoteWriter:
     """The writer the pipeline fills (the methods of cas.Writer it calls), uploading to the
-    server. Objects are queued in order (children before the nodes naming them) and sent every
-    UPLOAD_BYTES: one request asks which are missing, one uploads those. Use from one thread
-    (the pipeline's assembler); ``known`` may be called from any."""
+    server. Objects are queued in order (children before the nodes naming them) and, every
+    UPLOAD_BYTES, handed to one uploader thread, which asks which are missing and uploads those
+    while the pipeline goes on (at most UPLOADS_AHEAD batches wait; one thread keeps the order).
+    Use from one thread (the pipeline's assembler); ``known`` may be called from any. ``finish``
+    sends the rest and waits; an upload's error is raised by the next call that queues."""
+
+    UPLOADS_AHEAD = 2
 
     def __init__(self, remote: Remote, level: int | None):
         self.remote = remote
@@ -229,6 +240,10 @@ class RemoteWriter:
         self.bytes_written = 0                    # body bytes uploaded
         self.objects_written = 0                  # objects uploaded (the server lacked them)
         self.objects_offered = 0                  # objects asked about
+        self.error: BaseException | None = None
+        self.batches: queue.Queue = queue.Queue(maxsize=self.UPLOADS_AHEAD)
+        self.thread = threading.Thread(target=self._uploader, name="pointsafe-upload", daemon=True)
+        self.thread.start()
 
     def known(self, key: bytes) -> bool:
         """True when ``key`` was queued or uploaded by this run (the server is asked at flush)."""
@@ -258,10 +273,53 @@ class RemoteWriter:
             self.flush()
 
     def flush(self) -> None:
-        """Ask which queued objects the server lacks and upload those (in order)."""
+        """Hand the queued objects to the uploader (raises an earlier upload's error)."""
+        if self.error is not None:
+            raise self.error
         if not self.queue:
             return
         q, self.queue, self.queued_bytes = self.queue, [], 0
+        while True:
+            try:
+                self.batches.put(q, timeout=0.2)
+                return
+            except queue.Full:
+                if self.error is not None:
+                    raise self.error from None
+
+    def finish(self) -> None:
+        """Send what is queued and wait until every upload answered; raises an upload's error."""
+        self.flush()
+        self.batches.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self) -> None:
+        """Stop the uploader after an error elsewhere (what was not sent is dropped)."""
+        self.error = self.error or ServerError("cancelled")
+        try:
+            while True:
+                self.batches.get_nowait()
+        except queue.Empty:
+            pass
+        self.batches.put(None)
+        self.thread.join(timeout=60)
+
+    def _uploader(self) -> None:
+        while True:
+            q = self.batches.get()
+            if q is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                self._send(q)
+            except BaseException as e:  # handed to the pipeline's thread by the next flush
+                self.error = e
+
+    def _send(self, q: list[tuple[int, bytes, int, int, bytes | bytearray]]) -> None:
+        """Ask which of ``q`` the server lacks and upload those (in order)."""
         self.objects_offered += len(q)
         lacking = self.remote.missing([k for _, k, _, _, _ in q])
         parts: list[bytes | memoryview] = []
@@ -319,10 +377,11 @@ def remote_backup(remote: Remote, source: str, name: str | None = None, excludes
     try:
         root, root_meta = walk_tree(rsafe, pipe, path, prev.root if prev else None, wo,  # type: ignore[arg-type]  # RemoteSafe: config and get
                                     warn, advance)
+        w.finish()
     except BaseException:
         pipe.cancel()
+        w.cancel()
         raise
-    w.flush()
     stats = pipe.stats.as_dict()
     stats.update(bytes_stored=w.bytes_written, objects_new=w.objects_written)
     record = {"name": name, "kind": "tree", "source": str(path), "host": socket.gethostname(), "started": started,
