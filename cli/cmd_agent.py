@@ -90,21 +90,24 @@ def cmd_agent_list(args) -> int:
     from pointsafe.server import agents
     with open_safe(args) as safe:
         all_ = agents.all_agents(safe)
+        seen = agents.last_seen(safe)
         counts: dict[str, int] = {}
         for p in safe.points():
             aid = p.extra.get("agent_id")
             if isinstance(aid, str):
                 counts[aid] = counts.get(aid, 0) + 1
     if args.json:
-        emit_json([{**a.to_record(with_hash=False), "points": counts.get(a.id, 0)} for a in all_])
+        emit_json([{**a.to_record(with_hash=False), "points": counts.get(a.id, 0), "last_contact": seen.get(a.id)}
+                   for a in all_])
         return EXIT_OK
     if not all_:
         say(args, "no agents")
         return EXIT_OK
-    say(args, f"{'NAME':20} {'RESTORE':7} {'POINTS':>6}  {'CREATED':20} SOURCES")
+    say(args, f"{'NAME':20} {'RESTORE':7} {'POINTS':>6}  {'LAST CONTACT (UTC)':20} SOURCES")
     for a in all_:
+        last = (seen.get(a.id) or "never")[:19]
         say(args, f"{a.name[:20]:20} {'yes' if a.can_restore else 'no':7} {counts.get(a.id, 0):>6}  "
-                  f"{a.created[:19]:20} {', '.join(a.sources) or '(any)'}")
+                  f"{last:20} {', '.join(a.sources) or '(any)'}")
     return EXIT_OK
 
 

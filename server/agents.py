@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pointsafe.cas import Safe, UsageError, utc_now_iso
 
 TABLE = "agents"
+SEEN_TABLE = "agents_seen"     # agent id (hex) -> ISO UTC time of its last request (sealed)
 TOKEN_PREFIX = "psa_"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -164,3 +165,21 @@ def _agent(safe: Safe, row: bytes, stored: bytes) -> Agent:
     rec = json.loads(safe.open_value(TABLE.encode(), row, stored))
     return Agent(rec["name"], rec["id"], list(rec.get("sources") or []), bool(rec.get("can_restore")),
                  rec.get("created", ""), rec.get("rotated", ""), rec.get("token_sha256", ""))
+
+
+def touch(safe: Safe, a: Agent) -> None:
+    """Record now as the agent's last contact (``agents_seen``)."""
+    db = safe.index.table(SEEN_TABLE)
+    row = a.id.encode()
+    with safe.index.write() as t:
+        t.put(row, safe.seal_value(SEEN_TABLE.encode(), row, utc_now_iso().encode()), db=db)
+
+
+def last_seen(safe: Safe) -> dict[str, str]:
+    """The last contact of every agent that made a request, by agent id."""
+    db = safe.index.existing(SEEN_TABLE)
+    if db is None:
+        return {}
+    with safe.index.read() as t:
+        return {bytes(k).decode(): safe.open_value(SEEN_TABLE.encode(), bytes(k), v).decode()
+                for k, v in t.cursor(db=db)}

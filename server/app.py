@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,13 +24,47 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pointsafe.cas import QuotaExceeded, SafeError
+from pointsafe.cas import QuotaExceeded, SafeError, UsageError
 
 from . import agents, protocol
 from .openapi import document
 from .service import Refused, Service
 
 log = logging.getLogger("pointsafe.server")
+
+DEFAULT_RATE = 1000.0    # requests a second an agent may make (bursts of twice that); $POINTSAFE_SERVER_RATE
+SEEN_EVERY = 60.0        # seconds between two writes of an agent's last contact
+
+
+class RateLimit:
+    """A token bucket per agent: ``rate`` requests a second, bursts of ``2 * rate``."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self.buckets: dict[str, tuple[float, float]] = {}   # agent id -> (tokens, when)
+        self.lock = threading.Lock()
+
+    def allow(self, agent_id: str) -> bool:
+        """Take one token of the agent's bucket; False when it is empty."""
+        now = time.monotonic()
+        with self.lock:
+            tokens, when = self.buckets.get(agent_id, (2 * self.rate, now))
+            tokens = min(2 * self.rate, tokens + (now - when) * self.rate)
+            ok = tokens >= 1
+            self.buckets[agent_id] = (tokens - 1 if ok else tokens, now)
+        return ok
+
+
+def rate_from_env() -> float:
+    """The per-agent request rate: $POINTSAFE_SERVER_RATE (requests a second) or DEFAULT_RATE."""
+    text = os.environ.get("POINTSAFE_SERVER_RATE", "")
+    try:
+        rate = float(text) if text else DEFAULT_RATE
+    except ValueError:
+        raise UsageError(f"bad POINTSAFE_SERVER_RATE {text!r}: a number of requests a second") from None
+    if rate <= 0:
+        raise UsageError(f"bad POINTSAFE_SERVER_RATE {text!r}: it must be more than 0")
+    return rate
 
 # The routes of the safe's administration: refused for every agent token (admin over HTTP is
 # not offered yet; these run as commands on the server).
@@ -76,9 +113,12 @@ async def read_ids(request: Request) -> list[bytes]:
         raise Refused(400, str(e)) from None
 
 
-def create_app(service: Service) -> Starlette:
-    """The ASGI application serving ``service``'s safe."""
+def create_app(service: Service, rate: float = DEFAULT_RATE) -> Starlette:
+    """The ASGI application serving ``service``'s safe; each agent may make ``rate`` requests a
+    second (429 beyond)."""
     safe = service.safe
+    limit = RateLimit(rate)
+    seen: dict[str, float] = {}
 
     def authenticate(request: Request) -> agents.Agent:
         h = request.headers.get("authorization", "")
@@ -88,6 +128,12 @@ def create_app(service: Service) -> Starlette:
         a = agents.by_token(safe, token.strip())
         if a is None:
             raise Refused(401, "unknown token (removed or rotated agent?)")
+        if not limit.allow(a.id):
+            raise Refused(429, f"too many requests from agent {a.name} (more than {limit.rate:g} a second); "
+                               "slow down")
+        if time.monotonic() - seen.get(a.id, -SEEN_EVERY) >= SEEN_EVERY:
+            seen[a.id] = time.monotonic()
+            agents.touch(safe, a)
         return a
 
     Handler = Callable[[Request, agents.Agent], Awaitable[Any]]

@@ -96,7 +96,7 @@ class Remote:
              retry: bool = True) -> bytes:
         """The body of a 200 answer to ``method path``; ServerError (one line) otherwise. A
         request that could not be sent (the server is down or restarting) is sent again, up to
-        RETRIES times over about 30 s; so is one the server answered 503 (busy). A lost answer is
+        RETRIES times over about 30 s; so is one the server answered 503 (busy) or 429 (slow down). A lost answer is
         retried only when ``retry`` (requests that can be repeated): a request that must not run
         twice (a commit) goes on a new connection and fails when its answer is lost."""
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": content_type}
@@ -124,7 +124,7 @@ class Remote:
                 continue
             if r.status == 200:
                 return data
-            if r.status == 503 and attempt < RETRIES - 1:
+            if r.status in (429, 503) and attempt < RETRIES - 1:
                 time.sleep(wait)
                 wait = min(wait * 2, RETRY_MAX_WAIT)
                 continue

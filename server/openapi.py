@@ -16,7 +16,7 @@ _STREAM = {"application/octet-stream": {"schema": {"type": "string", "format": "
 
 def _op(summary: str, ok: dict[str, Any], body: dict[str, Any] | None = None, errors: tuple[int, ...] = (400, 401)) -> dict:
     op: dict[str, Any] = {"summary": summary, "security": [{"token": []}],
-                          "responses": {"200": ok, **{str(c): _ERR for c in errors}}}
+                          "responses": {"200": ok, **{str(c): _ERR for c in (*errors, 429)}}}
     if body is not None:
         op["requestBody"] = body
     return op

@@ -27,6 +27,6 @@ def serve(safe: Safe, listen: Listen, tls_cert: str | None = None, tls_key: str 
           announce: Callable[[], None] | None = None) -> None:
     """Serve the API of the open ``safe`` until SIGINT or SIGTERM (one uvicorn process, as
     ``pointsafe web``; a SIGTERM is a clean stop: the safe is closed, nothing half-written)."""
-    from .app import create_app
+    from .app import create_app, rate_from_env
     from .service import Service
-    serve_asgi(safe, listen, tls_cert, tls_key, announce=announce, app=create_app(Service(safe)))
+    serve_asgi(safe, listen, tls_cert, tls_key, announce=announce, app=create_app(Service(safe), rate_from_env()))

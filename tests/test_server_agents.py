@@ -7,7 +7,8 @@ import os
 import shutil
 import subprocess
 
-from _server_util import add_agent, agent, agent_popen, backup_json, chunk_bytes, make_safe, running, safe_state
+from _server_util import (add_agent, agent, agent_popen, backup_json, chunk_bytes, make_safe, running, safe_state, start,
+                          stop)
 from _tree_util import all_types_tree, assert_trees_equal, make_tree
 from conftest import run_cli
 
@@ -198,3 +199,30 @@ def test_the_hard_quota_stops_an_agents_upload_with_no_point(tmp_path):
         r = agent(server, tok, "backup", src, "-q")
         assert r.code == 1 and "HTTP 507" in r.err and "Traceback" not in r.err, r.err
     assert safe_state(safe)[2] == []
+
+
+def test_requests_are_rate_limited_per_agent_and_the_agent_waits_and_goes_on(tmp_path):
+    safe = make_safe(tmp_path)
+    fast, calm = add_agent(safe, "fast"), add_agent(safe, "calm")
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(30):
+        (src / f"d{i}").mkdir()
+        (src / f"d{i}" / "f").write_bytes(os.urandom(2000))
+    server = start(safe, env={"POINTSAFE_SERVER_RATE": "5"})
+    try:
+        c = server.client(fast)
+        codes = [c.get("/api/v1/info").status_code for _ in range(40)]
+        assert codes.count(200) >= 10 and 429 in codes, codes
+        refused = c.get("/api/v1/info")
+        assert refused.status_code == 429 and "too many requests from agent fast" in refused.json()["error"]
+        assert server.client(calm).get("/api/v1/info").status_code == 200      # another agent's own bucket
+        assert backup_json(server, calm, src)["stats"]["files"] == 30           # it waits on 429s and goes on
+        assert backup_json(server, calm, src)["upload"]["objects_uploaded"] == 0  # 31 tree reads, slowed, not failed
+    finally:
+        stop(server.proc)
+    seen = {a["name"]: a["last_contact"] for a in json.loads(run_cli("agent", "list", "--json", safe=safe).out)}
+    assert seen["fast"] and seen["calm"]
+    add_agent(safe, "idle")
+    rows = {line.split()[0]: line.split() for line in run_cli("agent", "list", safe=safe).out.splitlines()[1:]}
+    assert rows["idle"][3] == "never" and rows["calm"][3].startswith("20"), rows
