@@ -120,7 +120,7 @@ def _remote(args):
 
 def _refuse_local_options(args) -> None:
     """UsageError for backup options that do not work through the server yet."""
-    given = [opt for opt, on in (("--volume", args.volume), ("--pre-hook", args.pre_hook),
+    given = [opt for opt, on in (("--pre-hook", args.pre_hook),
                                  ("--post-hook", args.post_hook), ("--pre-freeze", args.pre_freeze),
                                  ("--post-thaw", args.post_thaw),
                                  ("--snapshot", args.snapshot not in ("auto", "none")),
@@ -139,7 +139,7 @@ def backup_remote(args) -> int:
     remote = _remote(args)
     with progress(args, None, f"backing up {args.source} to {args.server}") as advance:
         p, warnings, sent = remote_backup(remote, args.source, args.name, args.exclude, args.one_file_system,
-                                          labels, progress=advance)
+                                          labels, progress=advance, volume=args.volume)
     if args.json:
         emit_json({**p.to_record(), "upload": sent})
     else:

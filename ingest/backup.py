@@ -483,14 +483,7 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
             root, record["root_meta"] = walk_tree(safe, pipe, read_path, prev.root if prev else None, wo, warn, progress)
         else:
             sig = _source_stat(st, taken)
-            if (prev and stat.S_ISREG(st.st_mode) and prev.extra.get("source_stat") == tuple(sig)):
-                pipe.finish()
-                root, size = prev.root, prev.size
-                pipe.stats.size = size
-                pipe.stats.files_unchanged = 1
-            else:
-                size = read_volume(str(read_path), pipe, cfg.block_size, warn, progress, name=path.name)
-                root, _ = pipe.finish()
+            root, size = walk_volume(pipe, read_path, st, sig, prev, cfg.block_size, warn, progress, path.name)
             record["size"] = size
             record["block_size"] = cfg.block_size
             if stat.S_ISREG(st.st_mode):
@@ -536,6 +529,22 @@ def walk_tree(safe: Safe, pipe: Pipeline, read_path: Path, prev_root: bytes | No
     return root, {"mode": root_entry.mode, "uid": root_entry.uid, "gid": root_entry.gid,
                   "mtime_ns": root_entry.mtime_ns, "atime_ns": root_entry.atime_ns,
                   "xattrs": [[n.hex(), v.hex()] for n, v in root_entry.xattrs]}
+
+
+def walk_volume(pipe: Pipeline, read_path: Path, st: os.stat_result, sig: list[int], prev: Point | None, block_size: int,
+                warn: Callable[[bytes | str, str], None], progress: Callable[..., None],
+                name: str) -> tuple[bytes | None, int]:
+    """Read the volume at ``read_path`` through ``pipe`` (which this finishes) in blocks of
+    ``block_size``; returns (root key, size). A disk image whose ``sig`` (``source_stat``) is the
+    previous point's is not read again: its root is the previous one's."""
+    if prev and stat.S_ISREG(st.st_mode) and prev.extra.get("source_stat") == tuple(sig):
+        pipe.finish()
+        pipe.stats.size = prev.size
+        pipe.stats.files_unchanged = 1
+        return prev.root, prev.size
+    size = read_volume(str(read_path), pipe, block_size, warn, progress, name=name)
+    root, _ = pipe.finish()
+    return root, size
 
 
 def _source_stat(st: os.stat_result, taken: Taken | None) -> list[int]:

@@ -178,7 +178,8 @@ def create_app(service: Service, rate: float = DEFAULT_RATE) -> Starlette:
         body = await read_body(request, protocol.MAX_BODY)
         out = await run_in_threadpool(service.upload, agent, body)
         request.state.fields = {"bytes": len(body), **out}
-        return out
+        # not how many were new to the safe: that would tell an agent what other agents hold
+        return {"received": out["received"]}
 
     async def fetch(request: Request, agent: agents.Agent) -> Any:
         ids = await read_ids(request)

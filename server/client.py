@@ -19,6 +19,7 @@ import os
 import queue
 import socket
 import ssl
+import stat
 import tempfile
 import threading
 import time
@@ -151,7 +152,8 @@ class Remote:
         return out
 
     def upload(self, body: bytes) -> dict[str, int]:
-        """Upload an object stream (POST /api/v1/objects): stored all or none."""
+        """Upload an object stream (POST /api/v1/objects): stored all or none; the answer
+        counts the objects received."""
         return json.loads(self.call("POST", "/api/v1/objects", body, "application/octet-stream"))
 
     def fetch(self, ids: list[bytes]) -> list[protocol.Record]:
@@ -340,43 +342,72 @@ def _may_back_up(sources: list[str], path: str) -> bool:
     return not sources or any(path == s or path.startswith(s.rstrip("/") + "/") for s in sources)
 
 
+def _source_kind(source: str, volume: bool) -> tuple[Path, os.stat_result, str]:
+    """(resolved path, stat, "tree" or "volume") of a source; UsageError for what cannot be one."""
+    if not source:
+        raise UsageError("the source is empty: name a directory, block device or disk image "
+                         "(use '.' for the current directory)")
+    path = Path(source).resolve()
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UsageError(f"{source}: cannot access: {e.strerror}") from None
+    if stat.S_ISBLK(st.st_mode) or (volume and stat.S_ISREG(st.st_mode)):
+        return path, st, "volume"
+    if volume:
+        raise UsageError(f"{source}: --volume needs a block device or a disk image file")
+    if stat.S_ISDIR(st.st_mode):
+        return path, st, "tree"
+    raise UsageError(f"{source}: is neither a directory nor a block device (a disk image needs --volume)")
+
+
 def remote_backup(remote: Remote, source: str, name: str | None = None, excludes: list[str] | None = None,
                   one_file_system: bool = False, labels: dict[str, str] | None = None, workers: int = 2,
-                  progress: Callable[..., None] | None = None) -> tuple[Point, list[dict], dict[str, int]]:
-    """Back up the directory ``source`` into a point on the server; returns (the point, its
-    warnings, upload counters). UsageError before anything is sent for a bad source or one the
-    agent may not back up. Nothing is committed unless everything was uploaded."""
-    from pointsafe.ingest.backup import _progress_of, default_name, walk_tree
+                  progress: Callable[..., None] | None = None,
+                  volume: bool = False) -> tuple[Point, list[dict], dict[str, int]]:
+    """Back up ``source`` (a directory; a block device, or a disk image with ``volume``) into a
+    point on the server, with change detection against the agent's previous point of the same
+    name; returns (the point, its warnings, upload counters). UsageError before anything is sent
+    for a bad source or one the agent may not back up. Nothing is committed unless everything
+    was uploaded."""
+    from pointsafe.ingest.backup import _progress_of, _source_stat, default_name, estimate, walk_tree, walk_volume
     from pointsafe.ingest.pipeline import Pipeline
     from pointsafe.ingest.snapshot.btrfs import own_dirs
     from pointsafe.ingest.walk import WalkOptions
 
-    if not source:
-        raise UsageError("the source is empty: name a directory (use '.' for the current directory)")
-    path = Path(source).resolve()
-    if not path.is_dir():
-        raise UsageError(f"{source}: is not a directory (through --server, only directory trees can be backed up)")
+    path, st, kind = _source_kind(source, volume)
     info = remote.info()
     if not _may_back_up(info.get("sources") or [], str(path)):
         raise UsageError(f"agent {info['agent']} may not back up {path} (its sources: {', '.join(info['sources'])})")
     name = name or default_name(path)
     started = utc_now_iso()
-    prev = latest(p for p in remote.points() if p.name == name and p.kind == "tree")
+    prev = latest(p for p in remote.points() if p.name == name and p.kind == kind)
     warnings: list[dict] = []
 
     def warn(p: bytes | str, message: str) -> None:
         warnings.append({"path": os.fsdecode(p) if isinstance(p, bytes) else p, "message": message})
 
-    advance, set_total = _progress_of(progress)
-    set_total(prev.size if prev else None, prev.stats.get("files") if prev else None)
     rsafe = RemoteSafe(remote, info)
-    w = RemoteWriter(remote, rsafe.config.zstd_level)
-    pipe = Pipeline(w, rsafe.config.list_fanout, workers=workers)  # type: ignore[arg-type]  # RemoteWriter: the Writer methods the pipeline calls
-    wo = WalkOptions(one_file_system=one_file_system, excludes=list(excludes or []), skip=set(), dev_map={})
-    wo.skip |= own_dirs(path)
+    cfg = rsafe.config
+    advance, set_total = _progress_of(progress)
+    set_total(*estimate(prev, path, st, kind, cfg.block_size))
+    w = RemoteWriter(remote, cfg.zstd_level)
+    pipe = Pipeline(w, cfg.list_fanout, workers=workers)  # type: ignore[arg-type]  # RemoteWriter: the Writer methods the pipeline calls
+    record: dict[str, Any] = {"name": name, "kind": kind, "source": str(path), "host": socket.gethostname(),
+                              "started": started, "labels": dict(labels or {}), "snapshot": "none"}
     try:
-        root, root_meta = walk_tree(rsafe, pipe, path, prev.root if prev else None, wo,  # type: ignore[arg-type]  # RemoteSafe: config and get
-                                    warn, advance)
+        if kind == "tree":
+            wo = WalkOptions(one_file_system=one_file_system, excludes=list(excludes or []), skip=own_dirs(path),
+                             dev_map={})
+            root, record["root_meta"] = walk_tree(rsafe, pipe, path, prev.root if prev else None, wo,  # type: ignore[arg-type]  # RemoteSafe: config and get
+                                                  warn, advance)
+            record["size"] = pipe.stats.size
+        else:
+            sig = _source_stat(st, None)
+            root, record["size"] = walk_volume(pipe, path, st, sig, prev, cfg.block_size, warn, advance, path.name)
+            record["block_size"] = cfg.block_size
+            if stat.S_ISREG(st.st_mode):
+                record["source_stat"] = sig
         w.finish()
     except BaseException:
         pipe.cancel()
@@ -384,10 +415,7 @@ def remote_backup(remote: Remote, source: str, name: str | None = None, excludes
         raise
     stats = pipe.stats.as_dict()
     stats.update(bytes_stored=w.bytes_written, objects_new=w.objects_written)
-    record = {"name": name, "kind": "tree", "source": str(path), "host": socket.gethostname(), "started": started,
-              "finished": utc_now_iso(), "root": root.hex() if root else None, "root_meta": root_meta,
-              "size": pipe.stats.size, "stats": stats, "labels": dict(labels or {}), "warnings": warnings,
-              "snapshot": "none"}
+    record.update(root=root.hex() if root else None, stats=stats, warnings=warnings, finished=utc_now_iso())
     point = remote.commit(record)
     return point, warnings, {"objects_offered": w.objects_offered, "objects_uploaded": w.objects_written,
                              "bytes_uploaded": w.bytes_written}
@@ -444,8 +472,6 @@ def remote_restore(remote: Remote, point: Point, target: str, subpath: str | Non
     from pointsafe.ingest.restore import restore
     if not target:
         raise UsageError("the target is empty: name a directory (use '.' for the current directory)")
-    if point.kind != "tree":
-        raise UsageError("only tree points can be restored through the server")
     tmp = Path(tempfile.mkdtemp(prefix="pointsafe-fetch-", dir=tmp_dir))
     try:
         copy = Safe.init(tmp / "safe", encryption="none")

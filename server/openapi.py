@@ -42,7 +42,9 @@ def document() -> dict[str, Any]:
                                                                   "maxItems": protocol.MAX_IDS}},
                         "required": ["ids"]},
                 "Point": {"type": "object", "description": "a point record (docs/FORMAT.md), root as the agent's id",
-                          "properties": {"name": {"type": "string"}, "kind": {"const": "tree"},
+                          "properties": {"name": {"type": "string"}, "kind": {"enum": ["tree", "volume"]},
+                                         "block_size": {"type": "integer"},
+                                         "source_stat": {"type": "array", "items": {"type": "integer"}},
                                          "source": {"type": "string"}, "root": {"oneOf": [hexid, {"type": "null"}]},
                                          "host": {"type": "string"}, "started": {"type": "string"},
                                          "finished": {"type": "string"}, "size": {"type": "integer"},
@@ -61,8 +63,7 @@ def document() -> dict[str, Any]:
                 _IDS)},
             "/api/v1/objects": {"post": _op(
                 "upload objects (verified, then stored all or none)",
-                _json("counts", {"type": "object", "properties": {"received": {"type": "integer"},
-                                                                  "stored": {"type": "integer"}}}),
+                _json("counts", {"type": "object", "properties": {"received": {"type": "integer"}}}),
                 {"required": True, "content": _STREAM}, errors=(400, 401, 413, 422, 503, 507))},
             "/api/v1/objects/fetch": {"post": _op(
                 "read this agent's objects (file contents need --can-restore); may return fewer than asked",

@@ -26,7 +26,7 @@ from .idmap import IdMap
 
 # The fields of a point record an agent may send (everything else is the server's or refused).
 POINT_FIELDS = ("name", "kind", "source", "host", "started", "finished", "size", "root_meta", "stats", "labels",
-                "warnings", "snapshot")
+                "warnings", "snapshot", "block_size", "source_stat")
 MAX_WARNINGS = 1000
 
 
@@ -239,14 +239,20 @@ class Service:
         if not agent.may_back_up(source):
             raise Refused(403, f"agent {agent.name} may not back up {source} (its sources: "
                                f"{', '.join(agent.sources)})")
-        if body.get("kind") != "tree":
-            raise Refused(400, "only tree points can be made through the server (volumes: not yet)")
+        if body.get("kind") not in ("tree", "volume"):
+            raise Refused(400, "a point's kind is 'tree' or 'volume'")
+        if body.get("kind") == "volume" and body.get("block_size") != self.safe.config.block_size:
+            raise Refused(400, f"a volume point's block_size must be the safe's ({self.safe.config.block_size})")
+        if "source_stat" in body and not (isinstance(body["source_stat"], list) and len(body["source_stat"]) <= 8
+                                          and all(isinstance(x, int) for x in body["source_stat"])):
+            raise Refused(400, "point field 'source_stat' must be a list of integers; no point made")
         root = body.get("root")
         try:
             root_plain = protocol.parse_ids([root], "root")[0] if root is not None else None
         except ValueError as e:
             raise Refused(400, str(e)) from None
         for k, typ in (("host", str), ("started", str), ("finished", str), ("size", int), ("root_meta", dict),
+                       ("block_size", int),
                        ("stats", dict), ("labels", dict), ("warnings", list)):
             if k in body and not isinstance(body[k], typ):
                 raise Refused(400, f"point field {k!r} must be a {typ.__name__}; no point made")

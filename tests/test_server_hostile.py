@@ -247,3 +247,17 @@ def test_a_tree_naming_paths_outside_the_target_restores_nothing_outside(world):
     assert sorted(os.listdir(target.parent)) == ["target"]
     assert (target / "ok").read_bytes() == data
     assert not (tmp / "evil").exists() and not os.path.exists("/abs")
+
+
+def test_an_upload_answer_does_not_tell_whether_another_agent_holds_the_same_content(world):
+    server, tokens, tmp = world
+    a, b = server.client(tokens["a"]), server.client(tokens["b"])
+    theirs = (tmp / "src-b" / "secret").read_bytes()[:60_000]    # content b stored (a chunk of it, or not)
+    fresh = os.urandom(60_000)
+    answers = []
+    for client, data in ((b, theirs), (a, theirs), (a, fresh)):
+        r = client.post("/api/v1/objects", content=_chunk(data))
+        assert r.status_code == 200, r.text
+        answers.append(r.json())
+    # a gets the same answer for content the safe had (from b) and for content it never had
+    assert answers[1] == answers[2] == {"received": 1}
