@@ -380,6 +380,9 @@ def remote_backup(remote: Remote, source: str, name: str | None = None, excludes
     if not _may_back_up(info.get("sources") or [], str(path)):
         raise UsageError(f"agent {info['agent']} may not back up {path} (its sources: {', '.join(info['sources'])})")
     name = name or default_name(path)
+    problem = protocol.point_name_problem(name)
+    if problem is not None:
+        raise UsageError(problem)
     started = utc_now_iso()
     prev = latest(p for p in remote.points() if p.name == name and p.kind == kind)
     warnings: list[dict] = []

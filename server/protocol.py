@@ -113,3 +113,13 @@ def parse_ids(value: object, what: str = "ids") -> list[bytes]:
         except ValueError:
             raise ValueError(f"'{what}' must hold 64-digit hex ids, not {v[:80]!r}") from None
     return out
+
+
+def point_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name a point (None when it can): 1 to 255 printable characters,
+    without '@' or '/' (the agent checks before it reads, the server again at the commit)."""
+    if not isinstance(name, str) or not name.strip() or "/" in name or "@" in name or len(name) > 255 \
+            or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name):
+        return (f"bad point name {str(name)[:80]!r}: it must be 1 to 255 printable characters "
+                "without '@' or '/'")
+    return None

@@ -230,10 +230,9 @@ class Service:
         if unknown:
             raise Refused(400, f"unknown point field {unknown[0]!r}; no point made")
         name, source = body.get("name"), body.get("source")
-        if not isinstance(name, str) or not name.strip() or "/" in name or "@" in name or len(name) > 255 \
-                or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name):
-            raise Refused(400, f"bad point name {str(name)[:80]!r}: it must be 1 to 255 printable characters "
-                               "without '@' or '/'")
+        problem = protocol.point_name_problem(name)
+        if problem is not None:
+            raise Refused(400, problem)
         if not isinstance(source, str) or not source.startswith("/") or os.path.normpath(source) != source:
             raise Refused(400, f"bad source {str(source)[:80]!r}: an absolute, normal path")
         if not agent.may_back_up(source):

@@ -226,3 +226,39 @@ def test_requests_are_rate_limited_per_agent_and_the_agent_waits_and_goes_on(tmp
     add_agent(safe, "idle")
     rows = {line.split()[0]: line.split() for line in run_cli("agent", "list", safe=safe).out.splitlines()[1:]}
     assert rows["idle"][3] == "never" and rows["calm"][3].startswith("20"), rows
+
+
+def test_a_bad_point_name_is_refused_before_anything_is_read_or_sent(tmp_path):
+    safe = make_safe(tmp_path)
+    tok = add_agent(safe, "n")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(100_000))
+    with running(safe) as server:
+        before = safe_state(safe)
+        for name in ("a/b", "x@y", "tab\there", " "):
+            r = agent(server, tok, "backup", src, "--name", name)
+            assert r.code == 1 and "bad point name" in r.err, (name, r.err)
+        assert safe_state(safe) == before
+
+
+def test_forget_and_gc_on_the_server_beside_it_and_the_agent_uploads_again_what_gc_took(tmp_path):
+    safe = make_safe(tmp_path)
+    tok = add_agent(safe, "g", "--can-restore")
+    src = _tree(tmp_path / "src", 5)
+    with running(safe) as server:
+        p = backup_json(server, tok, src)
+        r = run_cli("forget", p["id"], safe=safe)
+        assert r.code == 0, r.err
+        r = run_cli("gc", safe=safe)
+        assert r.code == 0, r.err
+        assert chunk_bytes(safe) == 0
+        r = agent(server, tok, "points", "--json")
+        assert json.loads(r.out) == []
+        again = backup_json(server, tok, src)                 # its rows name objects gc removed: sent again
+        assert again["upload"]["bytes_uploaded"] >= p["upload"]["bytes_uploaded"] > 0
+        r = agent(server, tok, "restore", again["id"], tmp_path / "out")
+        assert r.code == 0, r.err
+    assert_trees_equal(src, tmp_path / "out")
+    r = run_cli("verify", safe=safe)
+    assert r.code == 0, r.out + r.err
