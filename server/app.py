@@ -100,6 +100,8 @@ async def read_json(request: Request) -> Any:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise Refused(400, f"the body is not valid JSON ({e}); nothing done") from None
+    except RecursionError:
+        raise Refused(400, "the body's JSON is nested too deeply; nothing done") from None
 
 
 async def read_ids(request: Request) -> list[bytes]:

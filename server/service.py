@@ -13,11 +13,12 @@ import json
 import os
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pointsafe.cas import (Kind, Point, Prepared, Safe, SafeLocked, decode_list, decode_node, encode_node,
-                           prepare)
+                           parse_utc, prepare)
 from pointsafe.cas.tree import decode_tree, tree_pages
 
 from . import protocol
@@ -28,6 +29,59 @@ from .idmap import IdMap
 POINT_FIELDS = ("name", "kind", "source", "host", "started", "finished", "size", "root_meta", "stats", "labels",
                 "warnings", "snapshot", "block_size", "source_stat")
 MAX_WARNINGS = 1000
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _time(v: Any) -> bool:
+    if not isinstance(v, str) or len(v) > 64:
+        return False
+    try:
+        parse_utc(v)
+    except ValueError:
+        return False
+    return True
+
+
+def _hex(v: Any) -> bool:
+    try:
+        bytes.fromhex(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _root_meta(v: Any) -> bool:
+    if not isinstance(v, dict) or set(v) - {"mode", "uid", "gid", "mtime_ns", "atime_ns", "xattrs"}:
+        return False
+    xattrs = v.get("xattrs", [])
+    return (all(_int(x) for k, x in v.items() if k != "xattrs") and isinstance(xattrs, list)
+            and all(isinstance(p, list) and len(p) == 2 and all(_hex(h) for h in p) for p in xattrs))
+
+
+def _warnings(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(w, dict) and set(w) == {"path", "message"}
+                                       and all(isinstance(x, str) for x in w.values()) for w in v)
+
+
+# What each field of an agent's point record must be (what the commands that read points expect):
+# field -> (check, what it must be, for the error).
+FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "host": (lambda v: isinstance(v, str) and len(v) <= 255, "a string of at most 255 characters"),
+    "started": (_time, "an ISO 8601 UTC time"),
+    "finished": (_time, "an ISO 8601 UTC time"),
+    "size": (lambda v: _int(v) and v >= 0, "a number of bytes"),
+    "block_size": (_int, "an integer"),
+    "root_meta": (_root_meta, "an object of mode, uid, gid, mtime_ns, atime_ns (integers) and xattrs ([[hex, hex], ...])"),
+    "stats": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _int(x) for k, x in v.items()),
+              "an object of integers"),
+    "labels": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()), "an object of strings"),
+    "warnings": (_warnings, "a list of {path, message} strings"),
+    "snapshot": (lambda v: v == "none", "\"none\" (an agent reads its source live)"),
+    "source_stat": (lambda v: isinstance(v, list) and len(v) <= 8 and all(_int(x) for x in v), "a list of integers"),
+}
 
 
 class Refused(Exception):
@@ -242,19 +296,14 @@ class Service:
             raise Refused(400, "a point's kind is 'tree' or 'volume'")
         if body.get("kind") == "volume" and body.get("block_size") != self.safe.config.block_size:
             raise Refused(400, f"a volume point's block_size must be the safe's ({self.safe.config.block_size})")
-        if "source_stat" in body and not (isinstance(body["source_stat"], list) and len(body["source_stat"]) <= 8
-                                          and all(isinstance(x, int) for x in body["source_stat"])):
-            raise Refused(400, "point field 'source_stat' must be a list of integers; no point made")
         root = body.get("root")
         try:
             root_plain = protocol.parse_ids([root], "root")[0] if root is not None else None
         except ValueError as e:
             raise Refused(400, str(e)) from None
-        for k, typ in (("host", str), ("started", str), ("finished", str), ("size", int), ("root_meta", dict),
-                       ("block_size", int),
-                       ("stats", dict), ("labels", dict), ("warnings", list)):
-            if k in body and not isinstance(body[k], typ):
-                raise Refused(400, f"point field {k!r} must be a {typ.__name__}; no point made")
+        for k, (ok, what) in FIELD_CHECKS.items():
+            if k in body and not ok(body[k]):
+                raise Refused(400, f"point field {k!r} must be {what}; no point made")
         rec = {k: body[k] for k in POINT_FIELDS if k in body}
         rec["warnings"] = list(rec.get("warnings") or [])[:MAX_WARNINGS]
         rec["agent"], rec["agent_id"] = agent.name, agent.id

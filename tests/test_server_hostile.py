@@ -178,7 +178,7 @@ def test_malformed_truncated_and_oversized_bodies_are_refused_with_nothing_store
     for what, body in bad.items():
         r = a.post("/api/v1/objects", content=body)
         assert r.status_code == 400 and "nothing stored" in r.json()["error"], (what, r.text)
-    for body in (b"{not json", b"[]", b'{"ids": "abc"}', b'{"ids": ["zz"]}', b'{"ids": [1]}',
+    for body in (b"{not json", b"[]", b'{"ids": "abc"}', b"[" * 100_000 + b"]" * 100_000, b'{"ids": ["zz"]}', b'{"ids": [1]}',
                  json.dumps({"ids": ["00" * 32] * (protocol.MAX_IDS + 1)}).encode(), b"\xff\xfe"):
         for path in ("/api/v1/objects/missing", "/api/v1/objects/fetch"):
             r = a.post(path, content=body)
@@ -191,6 +191,15 @@ def test_malformed_truncated_and_oversized_bodies_are_refused_with_nothing_store
                   {"name": "x", "kind": "tree", "source": "/s", "root": "../../etc/passwd"},
                   {"name": "x", "kind": "tree", "source": "/s", "root": None, "agent": "b"},
                   {"name": "x", "kind": "tree", "source": "/s", "root": None, "size": "big"},
+                  {"name": "x", "kind": "tree", "source": "/s", "root": None, "size": -1},
+                  {"name": "x", "kind": "tree", "source": "/s", "root": None, "stats": {"bytes_new": "lots"}},
+                  {"name": "x", "kind": "tree", "source": "/s", "root": None, "warnings": [1, 2]},
+                  {"name": "x", "kind": "tree", "source": "/s", "root": None, "started": "yesterday"},
+                  {"name": "x", "kind": "tree", "source": "/s", "root": None, "labels": {"a": ["b"]}},
+                  {"name": "x", "kind": "tree", "source": "/s", "root": None, "root_meta": {"mode": "rwx"}},
+                  {"name": "x", "kind": "tree", "source": "/s", "root": None, "root_meta": {"xattrs": [["zz", "00"]]}},
+                  {"name": "x", "kind": "tree", "source": "/s", "root": None,
+                   "snapshot": {"method": "btrfs", "path": "/etc"}},
                   ["not", "an", "object"]):
         r = a.post("/api/v1/points", json=point)
         assert r.status_code == 400, (point, r.text)
@@ -223,6 +232,8 @@ def test_malformed_truncated_and_oversized_bodies_are_refused_with_nothing_store
     assert b" 404 " in answer.split(b"\r\n")[0] and b"root:" not in answer, answer[:300]
     time.sleep(0.5)
     _unchanged(server, before)
+    r = run_cli("points", safe=server.safe)       # what the admin reads of the points still reads
+    assert r.code == 0 and "Traceback" not in r.err, r.err
     assert a.get("/api/v1/info").status_code == 200     # the server is still serving
     assert protocol.agent_id(1, data).hex() in a.post("/api/v1/objects/missing",
                                                       json={"ids": [protocol.agent_id(1, data).hex()]}).json()["missing"]
