@@ -468,14 +468,17 @@ def _copy_graph(remote: Remote, root: bytes, safe: Safe) -> int:
 def remote_restore(remote: Remote, point: Point, target: str, subpath: str | None = None, force: bool = False,
                    progress: Callable[[int], None] | None = None, tmp_dir: str | None = None) -> Any:
     """Restore the agent's ``point`` to ``target`` (as ``pointsafe restore`` does locally): its
-    objects are fetched into a temporary safe under ``tmp_dir`` (default: the system's), which
+    objects are fetched into a temporary safe in ``tmp_dir`` (default: the directory that holds
+    ``target``, which needs room for the point anyway -- not /tmp, often a small tmpfs), which
     is removed afterwards. Returns ingest's RestoreStats."""
     import shutil
 
     from pointsafe.ingest.restore import restore
     if not target:
         raise UsageError("the target is empty: name a directory (use '.' for the current directory)")
-    tmp = Path(tempfile.mkdtemp(prefix="pointsafe-fetch-", dir=tmp_dir))
+    if tmp_dir is None and Path(target).resolve().parent.is_dir():
+        tmp_dir = str(Path(target).resolve().parent)
+    tmp = Path(tempfile.mkdtemp(prefix=".pointsafe-fetch-", dir=tmp_dir))
     try:
         copy = Safe.init(tmp / "safe", encryption="none")
         try:
