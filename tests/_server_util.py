@@ -54,7 +54,7 @@ def serve_cmd(safe: Path, *args: str) -> list[str]:
 def start(safe: Path, port: int | None = None, *extra: str, scheme: str = "http", timeout: float = 30,
           host: str = "127.0.0.1", env: dict | None = None) -> Served:
     """Start ``pointsafe serve`` on ``host`` (a free port unless given) and wait until it listens
-    (on 127.0.0.1, which 0.0.0.0 includes)."""
+    (on 127.0.0.1 for 0.0.0.0, which includes it)."""
     port = port or free_port()
     log = safe.parent / f"serve-{port}-{time.monotonic_ns()}.log"
     env = {**{k: v for k, v in os.environ.items() if k != "POINTSAFE_SAFE"}, **CLI_ENV, **(env or {})}
@@ -66,14 +66,14 @@ def start(safe: Path, port: int | None = None, *extra: str, scheme: str = "http"
         if proc.poll() is not None:
             raise AssertionError(f"pointsafe serve exited {proc.returncode}: {log.read_text()}")
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            socket.create_connection(("127.0.0.1" if host == "0.0.0.0" else host, port), timeout=1).close()
             break
         except OSError:
             if time.monotonic() > deadline:
                 stop(proc)
                 raise AssertionError(f"pointsafe serve did not listen within {timeout}s: {log.read_text()}") from None
             time.sleep(0.05)
-    return Served(proc, f"{scheme}://127.0.0.1:{port}", log, safe)
+    return Served(proc, f"{scheme}://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}", log, safe)
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
@@ -135,8 +135,8 @@ def chunk_bytes(safe: Path) -> int:
         return s.counters().chunk_raw_bytes
 
 
-def self_signed(tmp: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 (as its subjectAltName, which clients check) and its key."""
+def self_signed(tmp: Path, ip: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A self-signed certificate for ``ip`` (as its subjectAltName, which clients check) and its key."""
     import datetime
     import ipaddress
 
@@ -150,7 +150,7 @@ def self_signed(tmp: Path) -> tuple[Path, Path]:
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), False)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
             .sign(key, hashes.SHA256()))
     cp, kp = tmp / "cert.pem", tmp / "key.pem"
