@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -24,7 +23,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pointsafe.cas import QuotaExceeded, SafeError, UsageError
+from pointsafe.cas import QuotaExceeded, SafeError
 
 from . import agents, protocol
 from .openapi import document
@@ -53,22 +52,6 @@ class RateLimit:
             ok = tokens >= 1
             self.buckets[agent_id] = (tokens - 1 if ok else tokens, now)
         return ok
-
-
-def rate_from_env() -> float:
-    """The per-agent request rate: $POINTSAFE_SERVER_RATE (requests a second) or DEFAULT_RATE."""
-    text = os.environ.get("POINTSAFE_SERVER_RATE", "")
-    try:
-        rate = float(text) if text else DEFAULT_RATE
-    except ValueError:
-        raise UsageError(f"bad POINTSAFE_SERVER_RATE {text!r}: a number of requests a second") from None
-    if rate <= 0:
-        raise UsageError(f"bad POINTSAFE_SERVER_RATE {text!r}: it must be more than 0")
-    return rate
-
-# The routes of the safe's administration: refused for every agent token (admin over HTTP is
-# not offered yet; these run as commands on the server).
-ADMIN_ROUTES = ("forget", "gc", "defrag", "repair", "verify", "settings", "agents", "config", "key", "web")
 
 
 async def read_body(request: Request, limit: int) -> bytes:

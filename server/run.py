@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from pointsafe.cas import Safe, UsageError
@@ -27,6 +28,26 @@ def serve(safe: Safe, listen: Listen, tls_cert: str | None = None, tls_key: str 
           announce: Callable[[], None] | None = None) -> None:
     """Serve the API of the open ``safe`` until SIGINT or SIGTERM (one uvicorn process, as
     ``pointsafe web``; a SIGTERM is a clean stop: the safe is closed, nothing half-written)."""
-    from .app import create_app, rate_from_env
-    from .service import Service
-    serve_asgi(safe, listen, tls_cert, tls_key, announce=announce, app=create_app(Service(safe), rate_from_env()))
+    from .app import DEFAULT_RATE, create_app
+    from .service import SESSION_IDLE, Service
+    # $POINTSAFE_SERVER_RATE: requests a second per agent; $POINTSAFE_SERVER_IDLE: seconds after
+    # which an agent's unfinished backup stops holding the safe (docs/SERVER.md)
+    rate = number_from_env("POINTSAFE_SERVER_RATE", DEFAULT_RATE, "requests a second")
+    service = Service(safe, number_from_env("POINTSAFE_SERVER_IDLE", SESSION_IDLE, "seconds"))
+    try:
+        serve_asgi(safe, listen, tls_cert, tls_key, announce=announce, app=create_app(service, rate))
+    finally:
+        service.close()
+
+
+def number_from_env(name: str, default: float, unit: str) -> float:
+    """The positive number in $``name`` (``unit`` says what it counts, for the error), or
+    ``default`` when it is not set; UsageError for anything else."""
+    text = os.environ.get(name, "")
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        raise UsageError(f"bad {name} {text!r}: a number of {unit}") from None
+    if value <= 0:
+        raise UsageError(f"bad {name} {text!r}: it must be more than 0")
+    return value

@@ -2,9 +2,8 @@
 
 Every method takes the authenticated :class:`~.agents.Agent` and raises :class:`Refused` (an
 HTTP status and one line) for what it will not do. Objects are verified in full before the
-first is stored: a request that is refused stores nothing. Writes go through one
-``cas.Writer`` at a time (``self.lock``), taken per request, so that the safe's own commands
-(gc, forget, a local backup) can take the lock between requests.
+first is stored: a request that is refused stores nothing. Writes go through the one
+``cas.Writer`` (``self.lock``), held while agents' backups are under way (see Service).
 """
 
 from __future__ import annotations
@@ -13,11 +12,12 @@ import json
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pointsafe.cas import (Kind, Point, Prepared, Safe, SafeLocked, decode_list, decode_node, encode_node,
+from pointsafe.cas import (Kind, Point, Prepared, Safe, SafeLocked, Writer, decode_list, decode_node, encode_node,
                            parse_utc, prepare)
 from pointsafe.cas.tree import decode_tree, tree_pages
 
@@ -103,12 +103,26 @@ class _Incoming:
     children: list[bytes]
 
 
-class Service:
-    """The served safe (open for writing) and the one lock its writers take in turn."""
+SESSION_IDLE = 300.0   # seconds after its last upload that an agent's backup counts as abandoned
 
-    def __init__(self, safe: Safe):
+
+class Service:
+    """The served safe (open for writing), its writer and the lock that takes turns on it.
+
+    The safe's writer lock is held from an agent's first upload to its commit (or SESSION_IDLE
+    seconds without an upload), and while any other agent's backup is under way: what an agent
+    uploaded is unreferenced until its point commits, and a gc must not reclaim it meanwhile. When
+    no backup is under way the lock is released, so that gc, forget and local backups run on the
+    server between them. Everything is committed at the end of each request."""
+
+    def __init__(self, safe: Safe, idle: float = SESSION_IDLE):
         self.safe = safe
         self.lock = threading.Lock()
+        self.w: Writer | None = None
+        self.sessions: dict[str, float] = {}   # agent id -> last upload (monotonic), until its commit
+        self.idle = idle
+        self.stopped = threading.Event()
+        threading.Thread(target=self._reaper, name="pointsafe-serve-reaper", daemon=True).start()
         cfg = safe.config
         self.max_chunk = max(cfg.chunk_max, cfg.block_size)
         from pointsafe.ops import config, quota
@@ -194,7 +208,7 @@ class Service:
         ids = IdMap(self.safe, agent.id)
         incoming = self._verify(agent, ids, recs)
         with self.lock:
-            stored = self._store(incoming, ids)
+            stored = self._store(agent, incoming, ids)
         return {"received": len(recs), "stored": stored}
 
     def _verify(self, agent: Agent, ids: IdMap, recs: list[protocol.Record]) -> list[_Incoming]:
@@ -243,18 +257,69 @@ class Service:
             mapped.append(sid)
         return mapped, encode_node(mapped, bytes(payload))
 
-    def _store(self, incoming: list[_Incoming], ids: IdMap) -> int:
+    def _store(self, agent: Agent, incoming: list[_Incoming], ids: IdMap) -> int:
+        w = self._writer()
+        self.sessions[agent.id] = time.monotonic()
         stored = 0
         try:
-            with self.safe.writer("serve", space_check=self.space_check) as w:
-                for inc in incoming:
-                    if w.lookup(inc.prepared.key) is None:
-                        w.put_prepared(inc.prepared, inc.children, checked=True)
-                        stored += 1
-                w.flush(extra=ids.writer([(i.plain, i.prepared.key) for i in incoming]))
-        except SafeLocked as e:
-            raise Refused(503, f"the safe is busy, try again: {e}") from None
+            for inc in incoming:
+                if w.lookup(inc.prepared.key) is None:
+                    w.put_prepared(inc.prepared, inc.children, checked=True)
+                    stored += 1
+            w.flush(extra=ids.writer([(i.plain, i.prepared.key) for i in incoming]))
+        except BaseException:
+            self._drop_writer(abort=True)
+            raise
         return stored
+
+    # -- the writer, held while agents' backups are under way -----------------------------
+
+    def _writer(self) -> Writer:
+        """The writer (self.lock held): the open one, or a new one (Refused 503 when another
+        process holds the safe's lock: a gc, a local backup)."""
+        if self.w is None:
+            try:
+                self.w = self.safe.writer("serve", space_check=self.space_check)
+            except SafeLocked as e:
+                raise Refused(503, f"the safe is busy, try again: {e}") from None
+        return self.w
+
+    def _drop_writer(self, abort: bool = False) -> None:
+        """Close the writer (self.lock held): everything is committed at the end of each request."""
+        w, self.w = self.w, None
+        if w is not None:
+            w.abort() if abort else w.close()
+
+    def _end_session(self, agent_id: str) -> None:
+        """The agent committed (self.lock held): with no backup under way, release the safe."""
+        self.sessions.pop(agent_id, None)
+        if not self.sessions:
+            self._drop_writer()
+
+    def reap(self, now: float | None = None) -> None:
+        """Forget backups idle for more than ``idle`` seconds (an agent that went away), and
+        release the safe once none is under way."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            for aid, last in list(self.sessions.items()):
+                if now - last > self.idle:
+                    del self.sessions[aid]
+            if not self.sessions:
+                self._drop_writer()
+
+    def _reaper(self) -> None:
+        while not self.stopped.wait(min(5.0, self.idle / 2)):
+            try:
+                self.reap()
+            except Exception:  # noqa: BLE001 - a failed close was already reported to its request
+                pass
+
+    def close(self) -> None:
+        """Stop the reaper and release the safe."""
+        self.stopped.set()
+        with self.lock:
+            self.sessions.clear()
+            self._drop_writer()
 
     def commit(self, agent: Agent, body: Any) -> dict[str, Any]:
         """Commit a point of the agent from its record (``body``: a JSON object with POINT_FIELDS
@@ -268,11 +333,13 @@ class Service:
                 raise Refused(409, f"the point's root {root_plain.hex()} is not in the safe (upload it first); "
                                    "no point made")
         with self.lock:
+            w = self._writer()
             try:
-                with self.safe.writer("serve", space_check=self.space_check) as w:
-                    p = w.add_point(rec, sid)
-            except SafeLocked as e:
-                raise Refused(503, f"the safe is busy, try again: {e}") from None
+                p = w.add_point(rec, sid)
+            except BaseException:
+                self._drop_writer(abort=True)
+                raise
+            self._end_session(agent.id)
         out = p.to_record()
         out["root"] = root_plain.hex() if root_plain is not None else None
         return out

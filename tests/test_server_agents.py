@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 
 from _server_util import (add_agent, agent, agent_popen, backup_json, chunk_bytes, make_safe, running, safe_state, start,
                           stop)
@@ -262,3 +263,31 @@ def test_forget_and_gc_on_the_server_beside_it_and_the_agent_uploads_again_what_
     assert_trees_equal(src, tmp_path / "out")
     r = run_cli("verify", safe=safe)
     assert r.code == 0, r.out + r.err
+
+
+def test_the_safe_is_held_from_an_agents_first_upload_to_its_commit_and_released_after(tmp_path):
+    from pointsafe.cas import Kind
+    from pointsafe.server import protocol
+    safe = make_safe(tmp_path)
+    tok = add_agent(safe, "held")
+    data = os.urandom(10_000)
+    cid = protocol.agent_id(Kind.CHUNK, data)
+    server = start(safe, env={"POINTSAFE_SERVER_IDLE": "1"})
+    try:
+        c = server.client(tok)
+        r = run_cli("gc", safe=safe)
+        assert r.code == 0, r.err                         # no backup under way: gc runs beside the server
+        body = b"".join(protocol.encode(Kind.CHUNK, cid, protocol.CODEC_RAW, len(data), data))
+        assert c.post("/api/v1/objects", content=body).status_code == 200
+        r = run_cli("gc", safe=safe)                      # under way: gc must not take the upload away
+        assert r.code == 1 and "lock" in r.err.lower(), r.err
+        time.sleep(3)                                     # the agent went away: its backup times out
+        r = run_cli("gc", safe=safe)
+        assert r.code == 0, r.err
+        assert c.post("/api/v1/objects", content=body).status_code == 200
+        root = {"name": "held", "kind": "tree", "source": "/x", "root": None}
+        assert c.post("/api/v1/points", json=root).status_code == 200
+        r = run_cli("gc", safe=safe)                      # committed: released at once
+        assert r.code == 0, r.err
+    finally:
+        stop(server.proc)
