@@ -78,6 +78,8 @@ def register(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no progress lines on stderr")
     from pointsafe.ingest.db import add_arguments as add_db_arguments
     add_db_arguments(p)  # --mysql, --postgres, --sqlite, --allow-inconsistent
+    from .cmd_agent import add_server_options
+    add_server_options(p)  # --server, --token-file: back up as an agent of 'pointsafe serve'
     p.set_defaults(func=cmd_backup, task_kind="backup")
 
 
@@ -92,6 +94,9 @@ def consistency_hooks(args) -> list:
 
 def cmd_backup(args) -> int:
     """``pointsafe backup``: make a point of SOURCE and print it (exit 3 when it has warnings)."""
+    if args.server:
+        from .cmd_agent import backup_remote
+        return backup_remote(args)
     labels = {}
     for kv in args.label:
         k, _, v = kv.partition("=")

@@ -11,6 +11,7 @@ from pointsafe.cas import Entry, resolve_point
 from pointsafe.ingest.browse import children, diff, display_name, entry_json, lookup, root_entry
 from pointsafe.ingest.restore import restore
 
+from .cmd_agent import add_server_options
 from .common import EXIT_OK, EXIT_WARNINGS, add_common, emit_json, human_bytes, open_safe, progress, say
 
 POINT_HELP = "POINT is an id prefix (4+ hex digits), 'latest', NAME@latest or NAME@TIME (UTC, ISO 8601)."
@@ -21,6 +22,7 @@ def register(sub) -> None:
     p = sub.add_parser("points", help="list recovery points", description="List the safe's points, oldest first.")
     add_common(p)
     p.add_argument("--name", help="only points of this source name")
+    add_server_options(p)
     p.set_defaults(func=cmd_points)
 
     p = sub.add_parser("show", help="show one point", description="Show a point's record. " + POINT_HELP)
@@ -64,13 +66,18 @@ def register(sub) -> None:
     p.add_argument("--path", help="restore only this path inside the point (kept at its place below TARGET)")
     p.add_argument("--force", action="store_true", help="restore into a non-empty target, replacing files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_server_options(p)
     p.set_defaults(func=cmd_restore, task_kind="restore")
 
 
 def cmd_points(args) -> int:
     """``pointsafe points``: the safe's points, oldest first (only --name's with it)."""
-    with open_safe(args) as safe:
-        pts = safe.points()
+    if args.server:
+        from .cmd_agent import remote_points
+        pts = remote_points(args)
+    else:
+        with open_safe(args) as safe:
+            pts = safe.points()
     if args.name:
         pts = [p for p in pts if p.name == args.name]
     if args.json:
@@ -197,10 +204,14 @@ def cmd_diff(args) -> int:
 def cmd_restore(args) -> int:
     """``pointsafe restore POINT TARGET``: write the point (or --path in it) to TARGET, with progress;
     exit 3 when some files could not be restored."""
-    with open_safe(args) as safe:
-        p = resolve_point(safe, args.point)
-        with progress(args, p.size, f"restoring {p.id[:12]}") as advance:
-            st = restore(safe, p, args.target, subpath=args.path, force=args.force, progress=advance)
+    if args.server:
+        from .cmd_agent import restore_remote
+        p, st = restore_remote(args)
+    else:
+        with open_safe(args) as safe:
+            p = resolve_point(safe, args.point)
+            with progress(args, p.size, f"restoring {p.id[:12]}") as advance:
+                st = restore(safe, p, args.target, subpath=args.path, force=args.force, progress=advance)
     try:
         from pointsafe.ops import tasks
         if hasattr(tasks, "report"):

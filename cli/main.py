@@ -38,6 +38,8 @@ COMMAND_MODULES = [
     "cmd_ops",       # tasks, status, alerts, report, config
     "cmd_snapshots",  # snapshots
     "cmd_web",       # web, web passwd
+    "cmd_serve",     # serve
+    "cmd_agent",     # agent add|list|remove|rotate
 ]
 # The module of each command; a command not named here (or --help) registers every module.
 COMMAND_OF = {"init": "cmd_safe", "verify": "cmd_safe", "repair": "cmd_safe", "backup": "cmd_backup",
@@ -45,7 +47,7 @@ COMMAND_OF = {"init": "cmd_safe", "verify": "cmd_safe", "repair": "cmd_safe", "b
               "restore": "cmd_points", "mount": "cmd_mount", "umount": "cmd_mount", "forget": "cmd_gc",
               "gc": "cmd_gc", "defrag": "cmd_gc", "tasks": "cmd_ops", "status": "cmd_ops", "alerts": "cmd_ops",
               "report": "cmd_ops", "config": "cmd_ops", "snapshots": "cmd_snapshots", "web": "cmd_web",
-              "key": "cmd_key"}
+              "key": "cmd_key", "serve": "cmd_serve", "agent": "cmd_agent"}
 # top-level options that take a value
 _VALUED = ("--safe", "--log-file", "--syslog-socket", "--password-file", "--password-command")
 

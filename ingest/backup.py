@@ -482,33 +482,16 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
                     "started": started}
     try:
         if kind == "tree":
-            cutter = Cutter(None, cfg.chunk_min, cfg.chunk_avg, cfg.chunk_max)
             sst = os.stat(safe.path)
             # Never entered: the safe, and pointsafe's own snapshots (live dev, ino: a snapshot's
             # device is mapped to the live one).
             wo = WalkOptions(one_file_system=opts.one_file_system, excludes=list(opts.excludes) + walk_excludes(active),
                              skip={(sst.st_dev, sst.st_ino)} | own_dirs(path),
                              dev_map=dict(taken.dev_map) if taken is not None else {})
-            walker = TreeWalker(safe, pipe, cutter, wo, warn, progress)
-            prev_root = prev.root if prev else None
-            try:
-                root_entry = walker.walk_root(os.fsencode(str(read_path)), prev_root)
-            finally:
-                walker.close()
-            root, _ = pipe.finish()
-            record["root_meta"] = {"mode": root_entry.mode, "uid": root_entry.uid, "gid": root_entry.gid,
-                                   "mtime_ns": root_entry.mtime_ns, "atime_ns": root_entry.atime_ns,
-                                   "xattrs": [[n.hex(), v.hex()] for n, v in root_entry.xattrs]}
+            root, record["root_meta"] = walk_tree(safe, pipe, read_path, prev.root if prev else None, wo, warn, progress)
         else:
             sig = _source_stat(st, taken)
-            if (prev and stat.S_ISREG(st.st_mode) and prev.extra.get("source_stat") == tuple(sig)):
-                pipe.finish()
-                root, size = prev.root, prev.size
-                pipe.stats.size = size
-                pipe.stats.files_unchanged = 1
-            else:
-                size = read_volume(str(read_path), pipe, cfg.block_size, warn, progress, name=path.name)
-                root, _ = pipe.finish()
+            root, size = walk_volume(pipe, read_path, st, sig, prev, cfg.block_size, warn, progress, path.name)
             record["size"] = size
             record["block_size"] = cfg.block_size
             if stat.S_ISREG(st.st_mode):
@@ -536,6 +519,40 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
     record["stats"] = stats
     record["labels"] = dict(opts.labels)
     return record, root, grafted
+
+
+def walk_tree(safe: Safe, pipe: Pipeline, read_path: Path, prev_root: bytes | None, wo: WalkOptions,
+              warn: Callable[[bytes | str, str], None], progress: Callable[[int, int], None]) -> tuple[bytes | None, dict]:
+    """Read the tree at ``read_path`` through ``pipe`` (which this finishes), against the tree
+    ``prev_root`` for change detection; returns (root key, the point's ``root_meta``). ``safe``
+    gives the chunking settings (``config``) and the previous trees (``get``): a Safe, or a
+    remote one with the same two (pointsafe.server.client)."""
+    cfg = safe.config
+    walker = TreeWalker(safe, pipe, Cutter(None, cfg.chunk_min, cfg.chunk_avg, cfg.chunk_max), wo, warn, progress)
+    try:
+        root_entry = walker.walk_root(os.fsencode(str(read_path)), prev_root)
+    finally:
+        walker.close()
+    root, _ = pipe.finish()
+    return root, {"mode": root_entry.mode, "uid": root_entry.uid, "gid": root_entry.gid,
+                  "mtime_ns": root_entry.mtime_ns, "atime_ns": root_entry.atime_ns,
+                  "xattrs": [[n.hex(), v.hex()] for n, v in root_entry.xattrs]}
+
+
+def walk_volume(pipe: Pipeline, read_path: Path, st: os.stat_result, sig: list[int], prev: Point | None, block_size: int,
+                warn: Callable[[bytes | str, str], None], progress: Callable[..., None],
+                name: str) -> tuple[bytes | None, int]:
+    """Read the volume at ``read_path`` through ``pipe`` (which this finishes) in blocks of
+    ``block_size``; returns (root key, size). A disk image whose ``sig`` (``source_stat``) is the
+    previous point's is not read again: its root is the previous one's."""
+    if prev and stat.S_ISREG(st.st_mode) and prev.extra.get("source_stat") == tuple(sig):
+        pipe.finish()
+        pipe.stats.size = prev.size
+        pipe.stats.files_unchanged = 1
+        return prev.root, prev.size
+    size = read_volume(str(read_path), pipe, block_size, warn, progress, name=name)
+    root, _ = pipe.finish()
+    return root, size
 
 
 def _source_stat(st: os.stat_result, taken: Taken | None) -> list[int]:

@@ -154,9 +154,10 @@ def _server_class():
 
 
 def serve(safe: Safe, listen: Listen, tls_cert: str | None = None, tls_key: str | None = None,
-          announce: Callable[[], None] | None = None) -> None:
-    """Serve the dashboard of the open ``safe`` until SIGINT or SIGTERM (uvicorn, one process);
-    ``announce`` is called once the TLS files loaded and the socket listens."""
+          announce: Callable[[], None] | None = None, app: Callable[..., object] | None = None) -> None:
+    """Serve the dashboard of the open ``safe`` (or the ASGI ``app`` given: the safe server's)
+    until SIGINT or SIGTERM (uvicorn, one process); ``announce`` is called once the TLS files
+    loaded and the socket listens."""
     import uvicorn
 
     from .app import create_app
@@ -178,7 +179,8 @@ def serve(safe: Safe, listen: Listen, tls_cert: str | None = None, tls_key: str 
         sock = bind(listen)
         if announce is not None:
             announce()
-        config = uvicorn.Config(create_app(safe, tls=bool(tls_cert)), host=listen.host, port=listen.port,
+        asgi = app if app is not None else create_app(safe, tls=bool(tls_cert))
+        config = uvicorn.Config(asgi, host=listen.host, port=listen.port,
                                 ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_config=LOG_CONFIG,
                                 log_level="warning", access_log=False, lifespan="off", server_header=False,
                                 proxy_headers=False)

@@ -1,0 +1,169 @@
+"""``pointsafe agent``: the agents a served safe accepts; and the agent's side of backup, points
+and restore with ``--server URL`` (pointsafe.server.client)."""
+
+from __future__ import annotations
+
+import sys
+
+from pointsafe.cas import UsageError
+
+from .common import EXIT_OK, EXIT_WARNINGS, add_common, emit_json, human_bytes, open_safe, progress, say
+
+
+def register(sub) -> None:
+    """Add the ``agent`` command (add, list, remove, rotate) to the subparsers ``sub``."""
+    p = sub.add_parser("agent", help="manage the agents that back up through 'pointsafe serve'",
+                       description="The agents 'pointsafe serve' accepts. Each has a token (printed once by "
+                                   "'add' and 'rotate'; the safe keeps only its SHA-256), the sources it may "
+                                   "back up, and whether it may read its own points back (--can-restore). An "
+                                   "agent never sees another agent's points or objects. See docs/SERVER.md.")
+    add_common(p)
+    asub = p.add_subparsers(dest="agent_cmd", metavar="add|list|remove|rotate")
+    s = asub.add_parser("add", help="add an agent and print its token (once)")
+    add_common(s)
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("--sources", nargs="+", default=[], metavar="PATH",
+                   help="absolute paths (on the agent) it may back up, and what lies below them (default: any)")
+    s.add_argument("--can-restore", action="store_true", help="it may read its own points' files (restore)")
+    s.set_defaults(func=cmd_agent_add)
+    s = asub.add_parser("list", help="list the agents")
+    add_common(s)
+    s.set_defaults(func=cmd_agent_list)
+    s = asub.add_parser("remove", help="remove an agent (its token stops working; its points stay)")
+    add_common(s)
+    s.add_argument("name", metavar="NAME")
+    s.set_defaults(func=cmd_agent_remove)
+    s = asub.add_parser("rotate", help="give an agent a new token (the old one stops working)")
+    add_common(s)
+    s.add_argument("name", metavar="NAME")
+    s.set_defaults(func=cmd_agent_rotate)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def add_server_options(p) -> None:
+    """--server and --token-file, for a command an agent runs against 'pointsafe serve'."""
+    p.add_argument("--server", metavar="URL",
+                   help="work through 'pointsafe serve' at URL as an agent (token: $POINTSAFE_TOKEN or --token-file)")
+    p.add_argument("--token-file", metavar="FILE", help="read the agent token from the first line of FILE")
+
+
+def _print_token(args, rec: dict, token: str, what: str) -> None:
+    if args.json:
+        emit_json({**rec, "token": token})
+        return
+    say(args, f"agent {rec['name']} {what}; its token (shown once, keep it secret):")
+    print(token, flush=True)
+
+
+def cmd_agent_add(args) -> int:
+    """``pointsafe agent add NAME``: a new agent; prints its token once."""
+    from pointsafe.server import agents
+    with open_safe(args, write=True) as safe:
+        a, token = agents.add(safe, args.name, args.sources, args.can_restore)
+    _print_token(args, a.to_record(with_hash=False), token, "added")
+    return EXIT_OK
+
+
+def cmd_agent_rotate(args) -> int:
+    """``pointsafe agent rotate NAME``: a new token for the agent; prints it once."""
+    from pointsafe.server import agents
+    with open_safe(args, write=True) as safe:
+        a, token = agents.rotate(safe, args.name)
+    _print_token(args, a.to_record(with_hash=False), token, "has a new token")
+    return EXIT_OK
+
+
+def cmd_agent_remove(args) -> int:
+    """``pointsafe agent remove NAME``: the agent's token stops working."""
+    from pointsafe.server import agents
+    with open_safe(args, write=True) as safe:
+        a = agents.remove(safe, args.name)
+    if args.json:
+        emit_json(a.to_record(with_hash=False))
+    else:
+        say(args, f"agent {a.name} removed (its points stay in the safe)")
+    return EXIT_OK
+
+
+def cmd_agent_list(args) -> int:
+    """``pointsafe agent list``: every agent, with its sources and rights (never a token)."""
+    from pointsafe.server import agents
+    with open_safe(args) as safe:
+        all_ = agents.all_agents(safe)
+        seen = agents.last_seen(safe)
+        counts: dict[str, int] = {}
+        for p in safe.points():
+            aid = p.extra.get("agent_id")
+            if isinstance(aid, str):
+                counts[aid] = counts.get(aid, 0) + 1
+    if args.json:
+        emit_json([{**a.to_record(with_hash=False), "points": counts.get(a.id, 0), "last_contact": seen.get(a.id)}
+                   for a in all_])
+        return EXIT_OK
+    if not all_:
+        say(args, "no agents")
+        return EXIT_OK
+    say(args, f"{'NAME':20} {'RESTORE':7} {'POINTS':>6}  {'LAST CONTACT (UTC)':20} SOURCES")
+    for a in all_:
+        last = (seen.get(a.id) or "never")[:19]
+        say(args, f"{a.name[:20]:20} {'yes' if a.can_restore else 'no':7} {counts.get(a.id, 0):>6}  "
+                  f"{last:20} {', '.join(a.sources) or '(any)'}")
+    return EXIT_OK
+
+
+# -- the agent's side ------------------------------------------------------------------------
+
+def _remote(args):
+    from pointsafe.server.client import Remote, read_token
+    return Remote(args.server, read_token(getattr(args, "token_file", None)))
+
+
+def _refuse_local_options(args) -> None:
+    """UsageError for backup options that do not work through the server yet."""
+    given = [opt for opt, on in (("--pre-hook", args.pre_hook),
+                                 ("--post-hook", args.post_hook), ("--pre-freeze", args.pre_freeze),
+                                 ("--post-thaw", args.post_thaw),
+                                 ("--snapshot", args.snapshot not in ("auto", "none")),
+                                 ("--mysql/--postgres/--sqlite",
+                                  any(getattr(args, k, None) for k in ("mysql", "postgres", "sqlite"))))
+             if on]
+    if given:
+        raise UsageError(f"{given[0]} does not work with --server yet (docs/SERVER.md)")
+
+
+def backup_remote(args) -> int:
+    """``pointsafe backup SOURCE --server URL``: back up through the server as an agent."""
+    from pointsafe.server.client import remote_backup
+    _refuse_local_options(args)
+    labels = dict(kv.partition("=")[::2] for kv in args.label)
+    remote = _remote(args)
+    with progress(args, None, f"backing up {args.source} to {args.server}") as advance:
+        p, warnings, sent = remote_backup(remote, args.source, args.name, args.exclude, args.one_file_system,
+                                          labels, progress=advance, volume=args.volume)
+    if args.json:
+        emit_json({**p.to_record(), "upload": sent})
+    else:
+        for w in warnings:
+            print(f"warning: {w['path']}: {w['message']}", file=sys.stderr)
+        st = p.stats
+        say(args, f"point {p.id[:12]} ({p.name}, {p.kind}) on {args.server}: {st.get('files', 0)} files, "
+                  f"{human_bytes(st.get('bytes_read', 0))} read, {sent['objects_uploaded']} of "
+                  f"{sent['objects_offered']} objects uploaded ({human_bytes(sent['bytes_uploaded'])})"
+                  + (f", {len(warnings)} warnings" if warnings else ""))
+    return EXIT_WARNINGS if warnings else EXIT_OK
+
+
+def remote_points(args) -> list:
+    """The points of this agent on ``--server`` (``pointsafe points --server URL``)."""
+    return _remote(args).points()
+
+
+def restore_remote(args) -> tuple:
+    """``pointsafe restore POINT TARGET --server URL``: restore one of this agent's points;
+    returns (the point, ingest's RestoreStats)."""
+    from pointsafe.server.client import remote_restore, resolve
+    remote = _remote(args)
+    p = resolve(remote, args.point)
+    with progress(args, p.size, f"restoring {p.id[:12]} from {args.server}") as advance:
+        st = remote_restore(remote, p, args.target, subpath=args.path, force=args.force, progress=advance)
+    return p, st

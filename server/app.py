@@ -1,0 +1,220 @@
+"""The HTTP API (Starlette): authentication, bounded bodies, one task per request.
+
+Every route but ``/api/openapi.json`` needs ``Authorization: Bearer <agent token>``. Errors are
+JSON ``{"error": "<one line>"}`` with a status that says what went wrong (docs/SERVER.md).
+Each request is recorded in the safe's task history (ops/tasks.py): kind ``backup`` for a
+point's commit (so that ``pointsafe status`` shows the agents' backups), ``request`` for every
+other one, with the agent, method, path, status and byte counts; refused requests are in state
+``usage`` with their error, failures of the server in state ``error``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from pointsafe.cas import QuotaExceeded, SafeError
+
+from . import agents, protocol
+from .openapi import document
+from .service import Refused, Service
+
+log = logging.getLogger("pointsafe.server")
+
+DEFAULT_RATE = 1000.0    # requests a second an agent may make (bursts of twice that); $POINTSAFE_SERVER_RATE
+SEEN_EVERY = 60.0        # seconds between two writes of an agent's last contact
+
+
+class RateLimit:
+    """A token bucket per agent: ``rate`` requests a second, bursts of ``2 * rate``."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self.buckets: dict[str, tuple[float, float]] = {}   # agent id -> (tokens, when)
+        self.lock = threading.Lock()
+
+    def allow(self, agent_id: str) -> bool:
+        """Take one token of the agent's bucket; False when it is empty."""
+        now = time.monotonic()
+        with self.lock:
+            tokens, when = self.buckets.get(agent_id, (2 * self.rate, now))
+            tokens = min(2 * self.rate, tokens + (now - when) * self.rate)
+            ok = tokens >= 1
+            self.buckets[agent_id] = (tokens - 1 if ok else tokens, now)
+        return ok
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, at most ``limit`` bytes; Refused 413 beyond it (before reading when
+    Content-Length says so), 400 when it is shorter than its Content-Length or the client left."""
+    cl = request.headers.get("content-length")
+    if cl is not None and (not cl.isdigit()):
+        raise Refused(400, "bad Content-Length")
+    if cl is not None and int(cl) > limit:
+        raise Refused(413, f"the body has {cl} bytes, more than the limit of {limit}; nothing stored")
+    parts, n = [], 0
+    try:
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > limit:
+                raise Refused(413, f"the body is larger than the limit of {limit} bytes; nothing stored")
+            parts.append(chunk)
+    except ClientDisconnect:
+        raise Refused(400, "truncated body: the client went away; nothing stored") from None
+    if cl is not None and n != int(cl):
+        raise Refused(400, f"truncated body: {n} of {cl} bytes; nothing stored")
+    return b"".join(parts)
+
+
+async def read_json(request: Request) -> Any:
+    """The body as JSON (at most MAX_JSON bytes); Refused 400 when it is not JSON."""
+    body = await read_body(request, protocol.MAX_JSON)
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Refused(400, f"the body is not valid JSON ({e}); nothing done") from None
+    except RecursionError:
+        raise Refused(400, "the body's JSON is nested too deeply; nothing done") from None
+
+
+async def read_ids(request: Request) -> list[bytes]:
+    """The ``ids`` of a JSON body ``{"ids": [hex, ...]}``."""
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise Refused(400, "the body must be a JSON object {\"ids\": [...]}")
+    try:
+        return protocol.parse_ids(body.get("ids"))
+    except ValueError as e:
+        raise Refused(400, str(e)) from None
+
+
+def create_app(service: Service, rate: float = DEFAULT_RATE) -> Starlette:
+    """The ASGI application serving ``service``'s safe; each agent may make ``rate`` requests a
+    second (429 beyond)."""
+    safe = service.safe
+    limit = RateLimit(rate)
+    seen: dict[str, float] = {}
+
+    def authenticate(request: Request) -> agents.Agent:
+        h = request.headers.get("authorization", "")
+        scheme, _, token = h.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Refused(401, "no token: send 'Authorization: Bearer <agent token>'")
+        a = agents.by_token(safe, token.strip())
+        if a is None:
+            raise Refused(401, "unknown token (removed or rotated agent?)")
+        if not limit.allow(a.id):
+            raise Refused(429, f"too many requests from agent {a.name} (more than {limit.rate:g} a second); "
+                               "slow down")
+        if time.monotonic() - seen.get(a.id, -SEEN_EVERY) >= SEEN_EVERY:
+            seen[a.id] = time.monotonic()
+            agents.touch(safe, a)
+        return a
+
+    Handler = Callable[[Request, agents.Agent], Awaitable[Any]]
+
+    def route(path: str, methods: list[str], fn: Handler, kind: str = "request") -> Route:
+        async def endpoint(request: Request) -> Response:
+            agent: agents.Agent | None = None
+            fields: dict[str, Any] = {"method": request.method, "path": request.url.path}
+            try:
+                agent = await run_in_threadpool(authenticate, request)
+                fields["agent"] = agent.name
+                result = await fn(request, agent)
+                resp = result if isinstance(result, Response) else JSONResponse(result)
+                error = None
+            except Refused as e:
+                resp, error = JSONResponse({"error": e.message}, status_code=e.status), e.message
+            except QuotaExceeded as e:
+                resp, error = JSONResponse({"error": str(e)}, status_code=507), str(e)
+            except SafeError as e:
+                resp, error = JSONResponse({"error": str(e)}, status_code=500), str(e)
+            except Exception as e:  # noqa: BLE001 - a bug: one line to the agent, the traceback to the log
+                log.exception("%s %s", request.method, request.url.path)
+                resp, error = JSONResponse({"error": f"internal error: {type(e).__name__}"}, status_code=500), repr(e)
+            fields["status"] = resp.status_code
+            if isinstance(result_fields := getattr(request.state, "fields", None), dict):
+                fields.update(result_fields)
+            await run_in_threadpool(_record, safe, kind if resp.status_code < 400 else "request", fields, error,
+                                    resp.status_code)
+            return resp
+        return Route(path, endpoint, methods=methods)
+
+    async def info(request: Request, agent: agents.Agent) -> Any:
+        return service.info(agent)
+
+    async def missing(request: Request, agent: agents.Agent) -> Any:
+        ids = await read_ids(request)
+        out = await run_in_threadpool(service.missing, agent, ids)
+        request.state.fields = {"ids": len(ids), "missing": len(out)}
+        return {"missing": [m.hex() for m in out]}
+
+    async def upload(request: Request, agent: agents.Agent) -> Any:
+        body = await read_body(request, protocol.MAX_BODY)
+        out = await run_in_threadpool(service.upload, agent, body)
+        request.state.fields = {"bytes": len(body), **out}
+        # not how many were new to the safe: that would tell an agent what other agents hold
+        return {"received": out["received"]}
+
+    async def fetch(request: Request, agent: agents.Agent) -> Any:
+        ids = await read_ids(request)
+        data = await run_in_threadpool(service.fetch, agent, ids)
+        request.state.fields = {"ids": len(ids), "bytes": len(data)}
+        return Response(data, media_type="application/octet-stream")
+
+    async def points(request: Request, agent: agents.Agent) -> Any:
+        return {"points": await run_in_threadpool(service.points, agent)}
+
+    async def commit(request: Request, agent: agents.Agent) -> Any:
+        body = await read_json(request)
+        out = await run_in_threadpool(service.commit, agent, body)
+        request.state.fields = {"point": out["id"], "name": out["name"], "source": out["source"],
+                                "bytes": (out.get("stats") or {}).get("bytes_read", 0),
+                                "files": (out.get("stats") or {}).get("files", 0)}
+        return out
+
+    async def admin(request: Request, agent: agents.Agent) -> Any:
+        what = request.path_params.get("what", "")
+        raise Refused(403, f"agent tokens may not use the administration ({what}); run 'pointsafe {what}' on the server")
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(document())
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"error": f"no such route: {request.method} {request.url.path}"}, status_code=404)
+
+    async def not_allowed(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"error": f"method {request.method} is not allowed on {request.url.path}"}, status_code=405)
+
+    routes = [
+        Route("/api/openapi.json", openapi, methods=["GET"]),
+        route("/api/v1/info", ["GET"], info),
+        route("/api/v1/objects/missing", ["POST"], missing),
+        route("/api/v1/objects", ["POST"], upload),
+        route("/api/v1/objects/fetch", ["POST"], fetch),
+        route("/api/v1/points", ["GET"], points),
+        route("/api/v1/points", ["POST"], commit, kind="backup"),
+        route("/api/v1/admin/{what:path}", ["GET", "POST", "PUT", "DELETE"], admin),
+    ]
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed})
+
+
+def _record(safe, kind: str, fields: dict[str, Any], error: str | None, status: int) -> None:
+    """One finished task for one request (never fails the request: a note in the log)."""
+    try:
+        from pointsafe.ops import tasks
+        t = tasks.create(safe.index, kind, [fields.get("method", ""), fields.get("path", "")], fields)
+        state = "ok" if status < 400 else ("usage" if status < 500 else "error")
+        tasks.finish(safe.index, t["id"], state, error=error, fields=fields)
+    except Exception as e:  # noqa: BLE001 - the history is a record, not the service
+        log.warning("could not record the request in the task history: %s", e)

@@ -1,0 +1,491 @@
+"""The agent's side: talking to ``pointsafe serve``, and backing up and restoring through it.
+
+The agent does the work a local backup does -- walk, chunk, hash, compress (ingest's pipeline
+and walker, unchanged) -- with a :class:`RemoteWriter` in place of the safe's writer: objects
+are queued and, every UPLOAD_BYTES, the server is asked which of them it lacks and only those
+are uploaded. Ids are the agent's plain BLAKE3 ids (docs/SERVER.md, "Ids"). A point is
+committed in one request once everything it names is uploaded.
+
+Restoring fetches the point's objects (in batches) into a temporary plain safe on the agent,
+checking every object against its id, and restores from it with ingest's restorer, so that a
+restore through the server writes exactly what a local one writes.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import queue
+import socket
+import ssl
+import stat
+import tempfile
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pointsafe.cas import (Kind, ObjectMissing, Point, Safe, SafeError, UsageError, encode_node, latest, node_children,
+                           object_key, prepare, utc_now_iso)
+
+from . import protocol
+
+RETRIES = 8          # attempts of a request the server answered 503 (busy) or that lost its connection
+RETRY_WAIT = 0.5     # seconds before the first retry, doubled each time ...
+RETRY_MAX_WAIT = 8   # ... up to this: about 30 s in all
+
+
+class ServerError(SafeError):
+    """The server refused a request or could not be reached (the one line says which)."""
+
+    def __init__(self, message: str, status: int = 0):
+        super().__init__(message)
+        self.status = status
+
+
+def read_token(token_file: str | None) -> str:
+    """The agent token: the first line of ``token_file``, else $POINTSAFE_TOKEN; UsageError when
+    neither gives one (a token is never taken from the command line, where ps shows it)."""
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                token = f.readline().strip()
+        except OSError as e:
+            raise UsageError(f"cannot read --token-file {token_file}: {e.strerror}") from None
+        if not token:
+            raise UsageError(f"--token-file {token_file} is empty")
+        return token
+    token = os.environ.get("POINTSAFE_TOKEN", "").strip()
+    if not token:
+        raise UsageError("no agent token: set POINTSAFE_TOKEN or give --token-file FILE "
+                         "('pointsafe agent add' on the server prints one)")
+    return token
+
+
+class Remote:
+    """A server at ``url`` (http:// on loopback, https:// elsewhere; the system's CAs, or
+    $SSL_CERT_FILE, verify it) and the agent's token. One kept-alive connection per thread."""
+
+    def __init__(self, url: str, token: str, timeout: float = 300):
+        u = urllib.parse.urlsplit(url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise UsageError(f"bad --server {url!r}: use http://HOST:PORT or https://HOST:PORT")
+        self.url, self.scheme, self.host = url.rstrip("/"), u.scheme, u.hostname
+        self.port = u.port or (443 if u.scheme == "https" else 80)
+        self.base = u.path.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.local = threading.local()
+        self.ctx = ssl.create_default_context() if u.scheme == "https" else None
+
+    def _conn(self, fresh: bool = False) -> http.client.HTTPConnection:
+        c = getattr(self.local, "conn", None)
+        if c is None or fresh:
+            if c is not None:
+                c.close()
+            if self.ctx is not None:
+                c = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.ctx)
+            else:
+                c = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            self.local.conn = c
+        return c
+
+    def call(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json",
+             retry: bool = True) -> bytes:
+        """The body of a 200 answer to ``method path``; ServerError (one line) otherwise. A
+        request that could not be sent (the server is down or restarting) is sent again, up to
+        RETRIES times over about 30 s; so is one the server answered 503 (busy) or 429 (slow down). A lost answer is
+        retried only when ``retry`` (requests that can be repeated): a request that must not run
+        twice (a commit) goes on a new connection and fails when its answer is lost."""
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": content_type}
+        wait = RETRY_WAIT
+        for attempt in range(RETRIES):
+            sent = False
+            try:
+                c = self._conn(fresh=attempt > 0 or not retry)
+                c.request(method, self.base + path, body=body, headers=headers)
+                sent = True
+                r = c.getresponse()
+                data = r.read()
+            except ssl.SSLCertVerificationError as e:
+                raise ServerError(f"TLS with {self.url} failed: certificate verify failed ({e.verify_message}); "
+                                  "trust its CA with SSL_CERT_FILE=FILE") from None
+            except ssl.SSLError as e:
+                raise ServerError(f"TLS with {self.url} failed: {e.reason or e}") from None
+            except (OSError, http.client.HTTPException) as e:
+                if (sent and not retry) or attempt == RETRIES - 1:
+                    why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+                    lost = " (its answer was lost: check 'pointsafe points --server URL')" if sent and not retry else ""
+                    raise ServerError(f"cannot reach the server {self.url}: {why}{lost}") from None
+                time.sleep(wait)
+                wait = min(wait * 2, RETRY_MAX_WAIT)
+                continue
+            if r.status == 200:
+                return data
+            if r.status in (429, 503) and attempt < RETRIES - 1:
+                time.sleep(wait)
+                wait = min(wait * 2, RETRY_MAX_WAIT)
+                continue
+            raise ServerError(f"the server refused {method} {path}: {_error_of(data, r.status)}", r.status)
+        raise ServerError(f"the server {self.url} stayed busy")   # not reached
+
+    def json(self, method: str, path: str, body: Any = None, retry: bool = True) -> Any:
+        """``call`` with a JSON body and a JSON answer."""
+        data = None if body is None else json.dumps(body).encode()
+        return json.loads(self.call(method, path, data, retry=retry))
+
+    # -- the API ---------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """The safe's settings and this agent's rights (GET /api/v1/info)."""
+        return self.json("GET", "/api/v1/info")
+
+    def missing(self, ids: list[bytes]) -> set[bytes]:
+        """Which of ``ids`` the server lacks (for this agent)."""
+        out: set[bytes] = set()
+        for i in range(0, len(ids), protocol.MAX_IDS):
+            r = self.json("POST", "/api/v1/objects/missing", {"ids": [k.hex() for k in ids[i:i + protocol.MAX_IDS]]})
+            out.update(bytes.fromhex(h) for h in r["missing"])
+        return out
+
+    def upload(self, body: bytes) -> dict[str, int]:
+        """Upload an object stream (POST /api/v1/objects): stored all or none; the answer
+        counts the objects received."""
+        return json.loads(self.call("POST", "/api/v1/objects", body, "application/octet-stream"))
+
+    def fetch(self, ids: list[bytes]) -> list[protocol.Record]:
+        """The objects ``ids`` names, each checked against its id; ObjectMissing for one the
+        server does not give this agent."""
+        out: list[protocol.Record] = []
+        todo = list(ids)
+        while todo:
+            batch = todo[:protocol.MAX_IDS]
+            try:
+                data = self.call("POST", "/api/v1/objects/fetch", json.dumps({"ids": [k.hex() for k in batch]}).encode())
+            except ServerError as e:
+                if e.status == 404:
+                    raise ObjectMissing(str(e)) from None
+                raise
+            recs = protocol.decode(data)
+            if not recs:
+                raise ServerError("the server answered a fetch with no object")
+            for r, want in zip(recs, batch):
+                if r.id != want or protocol.agent_id(r.kind, r.raw) != want:
+                    raise ServerError(f"the server sent object {r.id.hex()[:12]} with content that does not match its id")
+            out += recs
+            todo = todo[len(recs):]
+        return out
+
+    def points(self) -> list[Point]:
+        """This agent's points, oldest first; their ``root`` is the agent's id of the root."""
+        return [Point.from_record(r) for r in self.json("GET", "/api/v1/points")["points"]]
+
+    def commit(self, record: dict[str, Any]) -> Point:
+        """Commit a point (never retried after a lost connection: it may have been committed)."""
+        return Point.from_record(self.json("POST", "/api/v1/points", record, retry=False))
+
+
+def _error_of(data: bytes, status: int) -> str:
+    try:
+        msg = json.loads(data).get("error")
+    except (ValueError, AttributeError):
+        msg = None
+    return f"{msg} (HTTP {status})" if msg else f"HTTP {status}"
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """The chunking settings of the served safe (what ingest's walker and pipeline read)."""
+
+    chunk_min: int
+    chunk_avg: int
+    chunk_max: int
+    list_fanout: int
+    block_size: int
+    zstd_level: int | None
+
+
+class RemoteSafe:
+    """What the tree walker reads of a safe -- ``config`` and ``get`` (the previous point's
+    trees, for change detection) -- from the server."""
+
+    def __init__(self, remote: Remote, info: dict[str, Any]):
+        self.remote = remote
+        self.config = RemoteConfig(info["chunk_min"], info["chunk_avg"], info["chunk_max"], info["list_fanout"],
+                                   info["block_size"], info.get("zstd_level"))
+
+    def get(self, key: bytes) -> bytes:
+        """The raw bytes of object ``key`` (the agent's id); ObjectMissing when it has none."""
+        return self.remote.fetch([key])[0].raw
+
+
+class RemoteWriter:
+    """The writer the pipeline fills (the methods of cas.Writer it calls), uploading to the
+    server. Objects are queued in order (children before the nodes naming them) and, every
+    UPLOAD_BYTES, handed to one uploader thread, which asks which are missing and uploads those
+    while the pipeline goes on (at most UPLOADS_AHEAD batches wait; one thread keeps the order).
+    Use from one thread (the pipeline's assembler); ``known`` may be called from any. ``finish``
+    sends the rest and waits; an upload's error is raised by the next call that queues."""
+
+    UPLOADS_AHEAD = 2
+
+    def __init__(self, remote: Remote, level: int | None):
+        self.remote = remote
+        self.level = level
+        self.crypto = None
+        self.sent: set[bytes] = set()             # ids queued or uploaded by this run
+        self.queue: list[tuple[int, bytes, int, int, bytes | bytearray]] = []
+        self.queued_bytes = 0
+        self.bytes_written = 0                    # body bytes uploaded
+        self.objects_written = 0                  # objects uploaded (the server lacked them)
+        self.objects_offered = 0                  # objects asked about
+        self.error: BaseException | None = None
+        self.batches: queue.Queue = queue.Queue(maxsize=self.UPLOADS_AHEAD)
+        self.thread = threading.Thread(target=self._uploader, name="pointsafe-upload", daemon=True)
+        self.thread.start()
+
+    def known(self, key: bytes) -> bool:
+        """True when ``key`` was queued or uploaded by this run (the server is asked at flush)."""
+        return key in self.sent
+
+    def put_prepared(self, p: Any, children: Any = (), checked: bool = False, record: bytes | None = None) -> bool:
+        """Queue a prepared chunk (cas.Prepared, plain); True when this run had not queued it."""
+        if p.key in self.sent:
+            return False
+        self._queue(p.kind, p.key, p.codec, p.raw_len, p.stored)
+        return True
+
+    def put_node(self, kind: int, children: list[bytes], payload: bytes) -> bytes:
+        """Queue a node naming ``children`` (agent ids); returns its id."""
+        raw = encode_node(children, payload)
+        key = object_key(kind, raw)
+        if key not in self.sent:
+            p = prepare(kind, raw, self.level)
+            self._queue(kind, key, p.codec, p.raw_len, p.stored)
+        return key
+
+    def _queue(self, kind: int, key: bytes, codec: int, raw_len: int, body: bytes | bytearray) -> None:
+        self.sent.add(key)
+        self.queue.append((kind, key, codec, raw_len, body))
+        self.queued_bytes += len(body)
+        if self.queued_bytes >= protocol.UPLOAD_BYTES or len(self.queue) >= protocol.MAX_IDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand the queued objects to the uploader (raises an earlier upload's error)."""
+        if self.error is not None:
+            raise self.error
+        if not self.queue:
+            return
+        q, self.queue, self.queued_bytes = self.queue, [], 0
+        while True:
+            try:
+                self.batches.put(q, timeout=0.2)
+                return
+            except queue.Full:
+                if self.error is not None:
+                    raise self.error from None
+
+    def finish(self) -> None:
+        """Send what is queued and wait until every upload answered; raises an upload's error."""
+        self.flush()
+        self.batches.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self) -> None:
+        """Stop the uploader after an error elsewhere (what was not sent is dropped)."""
+        self.error = self.error or ServerError("cancelled")
+        try:
+            while True:
+                self.batches.get_nowait()
+        except queue.Empty:
+            pass
+        self.batches.put(None)
+        self.thread.join(timeout=60)
+
+    def _uploader(self) -> None:
+        while True:
+            q = self.batches.get()
+            if q is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                self._send(q)
+            except BaseException as e:  # handed to the pipeline's thread by the next flush
+                self.error = e
+
+    def _send(self, q: list[tuple[int, bytes, int, int, bytes | bytearray]]) -> None:
+        """Ask which of ``q`` the server lacks and upload those (in order)."""
+        self.objects_offered += len(q)
+        lacking = self.remote.missing([k for _, k, _, _, _ in q])
+        parts: list[bytes | memoryview] = []
+        size = 0
+        for kind, key, codec, raw_len, body in q:
+            if key in lacking:
+                parts += protocol.encode(kind, key, codec, raw_len, body)
+                size += protocol.REC.size + len(body)
+                self.objects_written += 1
+        if parts:
+            self.remote.upload(b"".join(parts))
+            self.bytes_written += size
+
+
+# -- backup ----------------------------------------------------------------------------------
+
+def _may_back_up(sources: list[str], path: str) -> bool:
+    return not sources or any(path == s or path.startswith(s.rstrip("/") + "/") for s in sources)
+
+
+def _source_kind(source: str, volume: bool) -> tuple[Path, os.stat_result, str]:
+    """(resolved path, stat, "tree" or "volume") of a source; UsageError for what cannot be one."""
+    if not source:
+        raise UsageError("the source is empty: name a directory, block device or disk image "
+                         "(use '.' for the current directory)")
+    path = Path(source).resolve()
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UsageError(f"{source}: cannot access: {e.strerror}") from None
+    if stat.S_ISBLK(st.st_mode) or (volume and stat.S_ISREG(st.st_mode)):
+        return path, st, "volume"
+    if volume:
+        raise UsageError(f"{source}: --volume needs a block device or a disk image file")
+    if stat.S_ISDIR(st.st_mode):
+        return path, st, "tree"
+    raise UsageError(f"{source}: is neither a directory nor a block device (a disk image needs --volume)")
+
+
+def remote_backup(remote: Remote, source: str, name: str | None = None, excludes: list[str] | None = None,
+                  one_file_system: bool = False, labels: dict[str, str] | None = None, workers: int = 2,
+                  progress: Callable[..., None] | None = None,
+                  volume: bool = False) -> tuple[Point, list[dict], dict[str, int]]:
+    """Back up ``source`` (a directory; a block device, or a disk image with ``volume``) into a
+    point on the server, with change detection against the agent's previous point of the same
+    name; returns (the point, its warnings, upload counters). UsageError before anything is sent
+    for a bad source or one the agent may not back up. Nothing is committed unless everything
+    was uploaded."""
+    from pointsafe.ingest.backup import _progress_of, _source_stat, default_name, estimate, walk_tree, walk_volume
+    from pointsafe.ingest.pipeline import Pipeline
+    from pointsafe.ingest.snapshot.btrfs import own_dirs
+    from pointsafe.ingest.walk import WalkOptions
+
+    path, st, kind = _source_kind(source, volume)
+    info = remote.info()
+    if not _may_back_up(info.get("sources") or [], str(path)):
+        raise UsageError(f"agent {info['agent']} may not back up {path} (its sources: {', '.join(info['sources'])})")
+    name = name or default_name(path)
+    problem = protocol.point_name_problem(name)
+    if problem is not None:
+        raise UsageError(problem)
+    started = utc_now_iso()
+    prev = latest(p for p in remote.points() if p.name == name and p.kind == kind)
+    warnings: list[dict] = []
+
+    def warn(p: bytes | str, message: str) -> None:
+        warnings.append({"path": os.fsdecode(p) if isinstance(p, bytes) else p, "message": message})
+
+    rsafe = RemoteSafe(remote, info)
+    cfg = rsafe.config
+    advance, set_total = _progress_of(progress)
+    set_total(*estimate(prev, path, st, kind, cfg.block_size))
+    w = RemoteWriter(remote, cfg.zstd_level)
+    pipe = Pipeline(w, cfg.list_fanout, workers=workers)  # type: ignore[arg-type]  # RemoteWriter: the Writer methods the pipeline calls
+    record: dict[str, Any] = {"name": name, "kind": kind, "source": str(path), "host": socket.gethostname(),
+                              "started": started, "labels": dict(labels or {}), "snapshot": "none"}
+    try:
+        if kind == "tree":
+            wo = WalkOptions(one_file_system=one_file_system, excludes=list(excludes or []), skip=own_dirs(path),
+                             dev_map={})
+            root, record["root_meta"] = walk_tree(rsafe, pipe, path, prev.root if prev else None, wo,  # type: ignore[arg-type]  # RemoteSafe: config and get
+                                                  warn, advance)
+            record["size"] = pipe.stats.size
+        else:
+            sig = _source_stat(st, None)
+            root, record["size"] = walk_volume(pipe, path, st, sig, prev, cfg.block_size, warn, advance, path.name)
+            record["block_size"] = cfg.block_size
+            if stat.S_ISREG(st.st_mode):
+                record["source_stat"] = sig
+        w.finish()
+    except BaseException:
+        pipe.cancel()
+        w.cancel()
+        raise
+    stats = pipe.stats.as_dict()
+    stats.update(bytes_stored=w.bytes_written, objects_new=w.objects_written)
+    record.update(root=root.hex() if root else None, stats=stats, warnings=warnings, finished=utc_now_iso())
+    point = remote.commit(record)
+    return point, warnings, {"objects_offered": w.objects_offered, "objects_uploaded": w.objects_written,
+                             "bytes_uploaded": w.bytes_written}
+
+
+# -- restore ---------------------------------------------------------------------------------
+
+def resolve(remote: Remote, ref: str) -> Point:
+    """The agent's point ``ref``: an id or a unique prefix of one, or NAME / NAME@latest;
+    UsageError when it names none of the agent's points (another agent's reads as unknown)."""
+    pts = remote.points()
+    name, _, at = ref.partition("@")
+    if at in ("", "latest") and any(p.name == name for p in pts):
+        got = latest(p for p in pts if p.name == name)
+        if got is not None:
+            return got
+    hits = [p for p in pts if p.id.startswith(ref.lower())] if len(ref) >= 4 else []
+    if len(hits) == 1:
+        return hits[0]
+    if len(hits) > 1:
+        raise UsageError(f"point {ref!r} is ambiguous: {len(hits)} points start with it")
+    raise UsageError(f"no point {ref!r} of this agent ('pointsafe points --server URL' lists them)")
+
+
+def _copy_graph(remote: Remote, root: bytes, safe: Safe) -> int:
+    """Fetch every object under ``root`` into ``safe`` (a plain safe: its ids are the agent's);
+    returns the number of objects."""
+    seen = {root}
+    todo = [root]
+    n = 0
+    with safe.writer("restore from server") as w:
+        while todo:
+            batch, todo = todo[:protocol.MAX_IDS], todo[protocol.MAX_IDS:]
+            for r in remote.fetch(batch):
+                # children=(): the copy is read once and thrown away, its counts are never used
+                if w.put(r.kind, r.raw) != r.id:
+                    raise ServerError(f"object {r.id.hex()[:12]} does not match its id")
+                n += 1
+                if r.kind != Kind.CHUNK:
+                    for c in node_children(r.raw):
+                        if c not in seen:
+                            seen.add(c)
+                            todo.append(c)
+    return n
+
+
+def remote_restore(remote: Remote, point: Point, target: str, subpath: str | None = None, force: bool = False,
+                   progress: Callable[[int], None] | None = None, tmp_dir: str | None = None) -> Any:
+    """Restore the agent's ``point`` to ``target`` (as ``pointsafe restore`` does locally): its
+    objects are fetched into a temporary safe in ``tmp_dir`` (default: the directory that holds
+    ``target``, which needs room for the point anyway -- not /tmp, often a small tmpfs), which
+    is removed afterwards. Returns ingest's RestoreStats."""
+    import shutil
+
+    from pointsafe.ingest.restore import restore
+    if not target:
+        raise UsageError("the target is empty: name a directory (use '.' for the current directory)")
+    if tmp_dir is None and Path(target).resolve().parent.is_dir():
+        tmp_dir = str(Path(target).resolve().parent)
+    tmp = Path(tempfile.mkdtemp(prefix=".pointsafe-fetch-", dir=tmp_dir))
+    try:
+        copy = Safe.init(tmp / "safe", encryption="none")
+        try:
+            if point.root is not None:
+                _copy_graph(remote, point.root, copy)
+            return restore(copy, point, target, subpath=subpath, force=force, progress=progress)
+        finally:
+            copy.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

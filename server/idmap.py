@@ -1,0 +1,79 @@
+"""Each agent's ids: the plain ids it knows its objects by, and the safe's ids of the same objects.
+
+An agent names an object by its plain BLAKE3 (``protocol.agent_id``); the safe by its own key
+(keyed BLAKE3 when encrypted, the same plain BLAKE3 when not). The table ``agent_objects``
+holds, for every object an agent uploaded, two rows::
+
+    F-row  safe.object_key(POINT, b"psagent-f\\0" + agent.id + plain)  -> safe id   (sealed)
+    R-row  safe.object_key(POINT, b"psagent-r\\0" + agent.id + safe id) -> plain     (sealed)
+
+Rows are keyed hashes, so that the index, read without the key, cannot confirm that some known
+content is in the safe (the reason object ids are keyed); the leading bytes make the hashed
+input decode as a node of about 10^9 children, which no point node is, so a row can never equal
+an object's key. An F-row is also the agent's right to the object: what it did not upload and
+cannot reach from its own points has no row, and reads as missing. A row of an object gc
+removed since is stale: :meth:`IdMap.safe_ids` checks the safe too.
+"""
+
+from __future__ import annotations
+
+from pointsafe.cas import Kind, Safe
+
+TABLE = "agent_objects"
+_F = b"psagent-f\0"
+_R = b"psagent-r\0"
+
+
+class IdMap:
+    """The id rows of one agent (``agent_id``: its record's id, hex) in the safe's index."""
+
+    def __init__(self, safe: Safe, agent_id: str):
+        self.safe = safe
+        self.aid = bytes.fromhex(agent_id)
+        self.db = safe.index.table(TABLE)
+        self.tname = TABLE.encode()
+
+    def _frow(self, plain: bytes) -> bytes:
+        return self.safe.object_key(Kind.POINT, _F + self.aid + plain)
+
+    def _rrow(self, sid: bytes) -> bytes:
+        return self.safe.object_key(Kind.POINT, _R + self.aid + sid)
+
+    def safe_ids(self, plains: list[bytes], present_only: bool = True) -> list[bytes | None]:
+        """The safe id of each plain id this agent uploaded (None for the others, and with
+        ``present_only`` for objects no longer in the safe)."""
+        out: list[bytes | None] = []
+        objects = self.safe.index.db["objects"]
+        with self.safe.index.read() as t:
+            for p in plains:
+                row = self._frow(p)
+                v = t.get(row, db=self.db)
+                sid = self.safe.open_value(self.tname, row, v) if v is not None else None
+                if sid is not None and present_only and t.get(sid, db=objects) is None:
+                    sid = None
+                out.append(sid)
+        return out
+
+    def plain_ids(self, sids: list[bytes]) -> list[bytes | None]:
+        """The plain id of each safe id, for this agent (None where it has none)."""
+        out: list[bytes | None] = []
+        with self.safe.index.read() as t:
+            for s in sids:
+                row = self._rrow(s)
+                v = t.get(row, db=self.db)
+                out.append(self.safe.open_value(self.tname, row, v) if v is not None else None)
+        return out
+
+    def writer(self, pairs: list[tuple[bytes, bytes]]):
+        """A function ``txn -> None`` that writes the rows of ``pairs`` (plain, safe id) in a
+        write transaction (``Writer.flush(extra=...)``: in the one that commits the objects)."""
+        rows = []
+        for plain, sid in pairs:
+            f, r = self._frow(plain), self._rrow(sid)
+            rows.append((f, self.safe.seal_value(self.tname, f, sid)))
+            rows.append((r, self.safe.seal_value(self.tname, r, plain)))
+
+        def put(txn) -> None:
+            for k, v in rows:
+                txn.put(k, v, db=self.db)
+        return put

@@ -1,0 +1,86 @@
+"""The OpenAPI 3.1 description of the API, served at ``/api/openapi.json`` (docs/SERVER.md says
+the same in prose)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import protocol
+
+_ERR = {"description": "refused: {\"error\": \"one line\"}",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+_IDS = {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Ids"}}}}
+_STREAM = {"application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                                                   "description": "object records, see docs/SERVER.md"}}}
+
+
+def _op(summary: str, ok: dict[str, Any], body: dict[str, Any] | None = None, errors: tuple[int, ...] = (400, 401)) -> dict:
+    op: dict[str, Any] = {"summary": summary, "security": [{"token": []}],
+                          "responses": {"200": ok, **{str(c): _ERR for c in (*errors, 429)}}}
+    if body is not None:
+        op["requestBody"] = body
+    return op
+
+
+def _json(desc: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": desc, "content": {"application/json": {"schema": schema}}}
+
+
+def document() -> dict[str, Any]:
+    """The OpenAPI document (a fresh dict)."""
+    hexid = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "pointsafe safe server", "version": "1",
+                 "description": "Agents back up into, and restore their own points from, one safe. See docs/SERVER.md."},
+        "components": {
+            "securitySchemes": {"token": {"type": "http", "scheme": "bearer",
+                                          "description": "an agent token from 'pointsafe agent add'"}},
+            "schemas": {
+                "Error": {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]},
+                "Ids": {"type": "object", "properties": {"ids": {"type": "array", "items": hexid,
+                                                                  "maxItems": protocol.MAX_IDS}},
+                        "required": ["ids"]},
+                "Point": {"type": "object", "description": "a point record (docs/FORMAT.md), root as the agent's id",
+                          "properties": {"name": {"type": "string"}, "kind": {"enum": ["tree", "volume"]},
+                                         "block_size": {"type": "integer"},
+                                         "source_stat": {"type": "array", "items": {"type": "integer"}},
+                                         "source": {"type": "string"}, "root": {"oneOf": [hexid, {"type": "null"}]},
+                                         "host": {"type": "string"}, "started": {"type": "string"},
+                                         "finished": {"type": "string"}, "size": {"type": "integer"},
+                                         "root_meta": {"type": "object"}, "stats": {"type": "object"},
+                                         "labels": {"type": "object"}, "warnings": {"type": "array"},
+                                         "snapshot": {}},
+                          "required": ["name", "kind", "source", "root"]},
+            },
+        },
+        "paths": {
+            "/api/v1/info": {"get": _op("the safe's chunking settings and what this agent may do",
+                                        _json("settings", {"type": "object"}), errors=(401,))},
+            "/api/v1/objects/missing": {"post": _op(
+                "which of these ids this agent has not uploaded (others' objects read as missing)",
+                _json("the missing ids", {"type": "object", "properties": {"missing": {"type": "array", "items": hexid}}}),
+                _IDS)},
+            "/api/v1/objects": {"post": _op(
+                "upload objects (verified, then stored all or none)",
+                _json("counts", {"type": "object", "properties": {"received": {"type": "integer"}}}),
+                {"required": True, "content": _STREAM}, errors=(400, 401, 413, 422, 503, 507))},
+            "/api/v1/objects/fetch": {"post": _op(
+                "read this agent's objects (file contents need --can-restore); may return fewer than asked",
+                {"description": "object records", "content": _STREAM}, _IDS, errors=(400, 401, 403, 404))},
+            "/api/v1/points": {
+                "get": _op("this agent's points, oldest first",
+                           _json("points", {"type": "object", "properties": {
+                               "points": {"type": "array", "items": {"$ref": "#/components/schemas/Point"}}}}),
+                           errors=(401,)),
+                "post": _op("commit a point (atomically)", _json("the point", {"$ref": "#/components/schemas/Point"}),
+                            {"required": True, "content": {"application/json": {
+                                "schema": {"$ref": "#/components/schemas/Point"}}}},
+                            errors=(400, 401, 403, 409, 413, 503)),
+            },
+            "/api/v1/admin/{what}": {"parameters": [{"name": "what", "in": "path", "required": True,
+                                                     "schema": {"type": "string"}}],
+                                     **{m: _op("administration: refused for agent tokens", _ERR, errors=(401, 403))
+                                        for m in ("get", "post", "put", "delete")}},
+        },
+    }

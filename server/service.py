@@ -1,0 +1,379 @@
+"""What the server does for an agent, without HTTP: the answers of every API route.
+
+Every method takes the authenticated :class:`~.agents.Agent` and raises :class:`Refused` (an
+HTTP status and one line) for what it will not do. Objects are verified in full before the
+first is stored: a request that is refused stores nothing. Writes go through the one
+``cas.Writer`` (``self.lock``), held while agents' backups are under way (see Service).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pointsafe.cas import (Kind, Point, Prepared, Safe, SafeLocked, Writer, decode_list, decode_node, encode_node,
+                           parse_utc, prepare)
+from pointsafe.cas.tree import decode_tree, tree_pages
+
+from . import protocol
+from .agents import Agent
+from .idmap import IdMap
+
+# The fields of a point record an agent may send (everything else is the server's or refused).
+POINT_FIELDS = ("name", "kind", "source", "host", "started", "finished", "size", "root_meta", "stats", "labels",
+                "warnings", "snapshot", "block_size", "source_stat")
+MAX_WARNINGS = 1000
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _time(v: Any) -> bool:
+    if not isinstance(v, str) or len(v) > 64:
+        return False
+    try:
+        parse_utc(v)
+    except ValueError:
+        return False
+    return True
+
+
+def _hex(v: Any) -> bool:
+    try:
+        bytes.fromhex(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _root_meta(v: Any) -> bool:
+    if not isinstance(v, dict) or set(v) - {"mode", "uid", "gid", "mtime_ns", "atime_ns", "xattrs"}:
+        return False
+    xattrs = v.get("xattrs", [])
+    return (all(_int(x) for k, x in v.items() if k != "xattrs") and isinstance(xattrs, list)
+            and all(isinstance(p, list) and len(p) == 2 and all(_hex(h) for h in p) for p in xattrs))
+
+
+def _warnings(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(w, dict) and set(w) == {"path", "message"}
+                                       and all(isinstance(x, str) for x in w.values()) for w in v)
+
+
+# What each field of an agent's point record must be (what the commands that read points expect):
+# field -> (check, what it must be, for the error).
+FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "host": (lambda v: isinstance(v, str) and len(v) <= 255, "a string of at most 255 characters"),
+    "started": (_time, "an ISO 8601 UTC time"),
+    "finished": (_time, "an ISO 8601 UTC time"),
+    "size": (lambda v: _int(v) and v >= 0, "a number of bytes"),
+    "block_size": (_int, "an integer"),
+    "root_meta": (_root_meta, "an object of mode, uid, gid, mtime_ns, atime_ns (integers) and xattrs ([[hex, hex], ...])"),
+    "stats": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _int(x) for k, x in v.items()),
+              "an object of integers"),
+    "labels": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()), "an object of strings"),
+    "warnings": (_warnings, "a list of {path, message} strings"),
+    "snapshot": (lambda v: v == "none", "\"none\" (an agent reads its source live)"),
+    "source_stat": (lambda v: isinstance(v, list) and len(v) <= 8 and all(_int(x) for x in v), "a list of integers"),
+}
+
+
+class Refused(Exception):
+    """A request the server does not carry out: ``status`` (HTTP) and a one-line message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class _Incoming:
+    """A verified object of an upload, ready to store: its plain and safe ids, its safe-side
+    children, and the prepared record."""
+
+    plain: bytes
+    prepared: Prepared
+    children: list[bytes]
+
+
+SESSION_IDLE = 300.0   # seconds after its last upload that an agent's backup counts as abandoned
+
+
+class Service:
+    """The served safe (open for writing), its writer and the lock that takes turns on it.
+
+    The safe's writer lock is held from an agent's first upload to its commit (or SESSION_IDLE
+    seconds without an upload), and while any other agent's backup is under way: what an agent
+    uploaded is unreferenced until its point commits, and a gc must not reclaim it meanwhile. When
+    no backup is under way the lock is released, so that gc, forget and local backups run on the
+    server between them. Everything is committed at the end of each request."""
+
+    def __init__(self, safe: Safe, idle: float = SESSION_IDLE):
+        self.safe = safe
+        self.lock = threading.Lock()
+        self.w: Writer | None = None
+        self.sessions: dict[str, float] = {}   # agent id -> last upload (monotonic), until its commit
+        self.idle = idle
+        self.stopped = threading.Event()
+        threading.Thread(target=self._reaper, name="pointsafe-serve-reaper", daemon=True).start()
+        cfg = safe.config
+        self.max_chunk = max(cfg.chunk_max, cfg.block_size)
+        from pointsafe.ops import config, quota
+        # the hard disk quota stops uploads as it stops a local backup (QuotaExceeded: 507)
+        self.space_check = quota.guard(config.effective(config.load(safe.index)))
+
+    # -- reading -------------------------------------------------------------------------
+
+    def info(self, agent: Agent) -> dict[str, Any]:
+        """What an agent needs to chunk as the safe does, and what it may do."""
+        cfg = self.safe.config
+        return {"agent": agent.name, "can_restore": agent.can_restore, "sources": list(agent.sources),
+                "chunk_min": cfg.chunk_min, "chunk_avg": cfg.chunk_avg, "chunk_max": cfg.chunk_max,
+                "list_fanout": cfg.list_fanout, "block_size": cfg.block_size, "zstd_level": cfg.zstd_level,
+                "max_body": protocol.MAX_BODY, "max_ids": protocol.MAX_IDS, "upload_bytes": protocol.UPLOAD_BYTES}
+
+    def missing(self, agent: Agent, plains: list[bytes]) -> list[bytes]:
+        """The ids of ``plains`` this agent has not uploaded (or whose objects gc removed since):
+        another agent's objects read as missing too."""
+        sids = IdMap(self.safe, agent.id).safe_ids(plains)
+        return [p for p, s in zip(plains, sids) if s is None]
+
+    def own_points(self, agent: Agent) -> list[Point]:
+        """The agent's points, oldest first."""
+        return [p for p in self.safe.points() if p.extra.get("agent_id") == agent.id]
+
+    def points(self, agent: Agent) -> list[dict[str, Any]]:
+        """The agent's points as it sees them: records whose ``root`` is its own id of the root."""
+        own = self.own_points(agent)
+        roots = IdMap(self.safe, agent.id).plain_ids([p.root for p in own if p.root is not None])
+        by_sid = dict(zip([p.root for p in own if p.root is not None], roots))
+        out = []
+        for p in own:
+            rec = p.to_record()
+            plain = by_sid.get(p.root) if p.root is not None else None
+            rec["root"] = plain.hex() if plain else None
+            out.append(rec)
+        return out
+
+    def fetch(self, agent: Agent, plains: list[bytes]) -> bytes:
+        """An object stream (protocol) of the objects ``plains`` names, nodes with the agent's
+        ids of their children; Refused 404 naming the first this agent does not own, 403 for a
+        chunk when it may not restore. Stops before MAX_BODY bytes: the caller asks again for
+        the rest."""
+        ids = IdMap(self.safe, agent.id)
+        sids = ids.safe_ids(plains)
+        parts: list[bytes | memoryview] = []
+        size = 0
+        for plain, sid in zip(plains, sids):
+            if sid is None:
+                raise Refused(404, f"object {plain.hex()} is not in the safe")
+            e = self.safe.entry(sid)
+            if e is None:
+                raise Refused(404, f"object {plain.hex()} is not in the safe")
+            if e.kind == Kind.CHUNK and not agent.can_restore:
+                raise Refused(403, f"agent {agent.name} may not read file contents (it was added without --can-restore)")
+            raw = self.safe.get(sid)
+            if e.kind != Kind.CHUNK:
+                raw = self._agent_node(ids, plain, raw)
+            if parts and size + len(raw) > protocol.MAX_BODY:
+                break
+            parts += protocol.encode(e.kind, plain, protocol.CODEC_RAW, len(raw), raw)
+            size += len(raw) + protocol.REC.size
+        return b"".join(parts)
+
+    def _agent_node(self, ids: IdMap, plain: bytes, raw: bytes) -> bytes:
+        children, payload = decode_node(raw)
+        mine = ids.plain_ids(children)
+        if any(c is None for c in mine):
+            raise Refused(404, f"object {plain.hex()} is not in the safe")
+        return encode_node([c for c in mine if c is not None], bytes(payload))
+
+    # -- writing -------------------------------------------------------------------------
+
+    def upload(self, agent: Agent, body: bytes) -> dict[str, int]:
+        """Verify and store the objects of an upload body (protocol stream); all or nothing.
+        Refused 400 for a malformed or truncated stream, 422 for an object whose content does
+        not hash to its id or that names an object the agent has not uploaded."""
+        try:
+            recs = protocol.decode(body, protocol.MAX_OBJECT)
+        except protocol.BadStream as e:
+            raise Refused(400, f"malformed upload, nothing stored: {e}") from None
+        ids = IdMap(self.safe, agent.id)
+        incoming = self._verify(agent, ids, recs)
+        with self.lock:
+            stored = self._store(agent, incoming, ids)
+        return {"received": len(recs), "stored": stored}
+
+    def _verify(self, agent: Agent, ids: IdMap, recs: list[protocol.Record]) -> list[_Incoming]:
+        batch: dict[bytes, bytes] = {}     # plain -> safe id, of this upload's objects
+        out = []
+        level, crypto = self.safe.config.zstd_level, self.safe.crypto
+        for r in recs:
+            if protocol.agent_id(r.kind, r.raw) != r.id:
+                raise Refused(422, f"object {r.id.hex()}: its content does not hash to its id (forged or "
+                                   "damaged); nothing stored")
+            if r.kind == Kind.CHUNK:
+                if len(r.raw) > self.max_chunk:
+                    raise Refused(422, f"chunk {r.id.hex()}: {len(r.raw)} bytes, more than the safe's largest "
+                                       f"chunk ({self.max_chunk}); nothing stored")
+                children: list[bytes] = []
+                raw = r.raw
+            else:
+                children, raw = self._safe_node(ids, batch, r)
+            sid = self.safe.object_key(r.kind, raw)
+            batch[r.id] = sid
+            out.append(_Incoming(r.id, prepare(r.kind, raw, level, key=sid, crypto=crypto), children))
+        return out
+
+    def _safe_node(self, ids: IdMap, batch: dict[bytes, bytes], r: protocol.Record) -> tuple[list[bytes], bytes]:
+        """(safe-side children, safe-side raw bytes) of an uploaded node; Refused when it does
+        not decode or names an object the agent does not own."""
+        try:
+            children, payload = decode_node(r.raw)
+            if r.kind == Kind.TREE and tree_pages(r.raw) is None:
+                decode_tree(r.raw)
+            elif r.kind == Kind.LIST:
+                decode_list(r.raw)
+        except (ValueError, struct.error, IndexError, KeyError) as e:
+            raise Refused(400, f"object {r.id.hex()}: not a valid {Kind(r.kind).name.lower()} node ({e}); "
+                               "nothing stored") from None
+        if len(set(children)) != len(children):
+            raise Refused(400, f"object {r.id.hex()}: names a child twice; nothing stored")
+        unknown = [c for c in children if c not in batch]
+        found = dict(zip(unknown, ids.safe_ids(unknown))) if unknown else {}
+        mapped = []
+        for c in children:
+            sid = batch.get(c) or found.get(c)
+            if sid is None:
+                raise Refused(422, f"object {r.id.hex()} names object {c.hex()}, which is not in the safe "
+                                   "(upload it first); nothing stored")
+            mapped.append(sid)
+        return mapped, encode_node(mapped, bytes(payload))
+
+    def _store(self, agent: Agent, incoming: list[_Incoming], ids: IdMap) -> int:
+        w = self._writer()
+        self.sessions[agent.id] = time.monotonic()
+        stored = 0
+        try:
+            for inc in incoming:
+                if w.lookup(inc.prepared.key) is None:
+                    w.put_prepared(inc.prepared, inc.children, checked=True)
+                    stored += 1
+            w.flush(extra=ids.writer([(i.plain, i.prepared.key) for i in incoming]))
+        except BaseException:
+            self._drop_writer(abort=True)
+            raise
+        return stored
+
+    # -- the writer, held while agents' backups are under way -----------------------------
+
+    def _writer(self) -> Writer:
+        """The writer (self.lock held): the open one, or a new one (Refused 503 when another
+        process holds the safe's lock: a gc, a local backup)."""
+        if self.w is None:
+            try:
+                self.w = self.safe.writer("serve", space_check=self.space_check)
+            except SafeLocked as e:
+                raise Refused(503, f"the safe is busy, try again: {e}") from None
+        return self.w
+
+    def _drop_writer(self, abort: bool = False) -> None:
+        """Close the writer (self.lock held): everything is committed at the end of each request."""
+        w, self.w = self.w, None
+        if w is not None:
+            w.abort() if abort else w.close()
+
+    def _end_session(self, agent_id: str) -> None:
+        """The agent committed (self.lock held): with no backup under way, release the safe."""
+        self.sessions.pop(agent_id, None)
+        if not self.sessions:
+            self._drop_writer()
+
+    def reap(self, now: float | None = None) -> None:
+        """Forget backups idle for more than ``idle`` seconds (an agent that went away), and
+        release the safe once none is under way."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            for aid, last in list(self.sessions.items()):
+                if now - last > self.idle:
+                    del self.sessions[aid]
+            if not self.sessions:
+                self._drop_writer()
+
+    def _reaper(self) -> None:
+        while not self.stopped.wait(min(5.0, self.idle / 2)):
+            try:
+                self.reap()
+            except Exception:  # noqa: BLE001 - a failed close was already reported to its request
+                pass
+
+    def close(self) -> None:
+        """Stop the reaper and release the safe."""
+        self.stopped.set()
+        with self.lock:
+            self.sessions.clear()
+            self._drop_writer()
+
+    def commit(self, agent: Agent, body: Any) -> dict[str, Any]:
+        """Commit a point of the agent from its record (``body``: a JSON object with POINT_FIELDS
+        and ``root``, the agent's id of the root); returns the point as :meth:`points` shows it.
+        One index transaction: the point is there whole or not at all."""
+        rec, root_plain = self._point_record(agent, body)
+        sid = None
+        if root_plain is not None:
+            sid = IdMap(self.safe, agent.id).safe_ids([root_plain])[0]
+            if sid is None:
+                raise Refused(409, f"the point's root {root_plain.hex()} is not in the safe (upload it first); "
+                                   "no point made")
+        with self.lock:
+            w = self._writer()
+            try:
+                p = w.add_point(rec, sid)
+            except BaseException:
+                self._drop_writer(abort=True)
+                raise
+            self._end_session(agent.id)
+        out = p.to_record()
+        out["root"] = root_plain.hex() if root_plain is not None else None
+        return out
+
+    def _point_record(self, agent: Agent, body: Any) -> tuple[dict[str, Any], bytes | None]:
+        if not isinstance(body, dict):
+            raise Refused(400, "the point must be a JSON object")
+        unknown = sorted(set(body) - set(POINT_FIELDS) - {"root"})
+        if unknown:
+            raise Refused(400, f"unknown point field {unknown[0]!r}; no point made")
+        name, source = body.get("name"), body.get("source")
+        problem = protocol.point_name_problem(name)
+        if problem is not None:
+            raise Refused(400, problem)
+        if not isinstance(source, str) or not source.startswith("/") or os.path.normpath(source) != source:
+            raise Refused(400, f"bad source {str(source)[:80]!r}: an absolute, normal path")
+        if not agent.may_back_up(source):
+            raise Refused(403, f"agent {agent.name} may not back up {source} (its sources: "
+                               f"{', '.join(agent.sources)})")
+        if body.get("kind") not in ("tree", "volume"):
+            raise Refused(400, "a point's kind is 'tree' or 'volume'")
+        if body.get("kind") == "volume" and body.get("block_size") != self.safe.config.block_size:
+            raise Refused(400, f"a volume point's block_size must be the safe's ({self.safe.config.block_size})")
+        root = body.get("root")
+        try:
+            root_plain = protocol.parse_ids([root], "root")[0] if root is not None else None
+        except ValueError as e:
+            raise Refused(400, str(e)) from None
+        for k, (ok, what) in FIELD_CHECKS.items():
+            if k in body and not ok(body[k]):
+                raise Refused(400, f"point field {k!r} must be {what}; no point made")
+        rec = {k: body[k] for k in POINT_FIELDS if k in body}
+        rec["warnings"] = list(rec.get("warnings") or [])[:MAX_WARNINGS]
+        rec["agent"], rec["agent_id"] = agent.name, agent.id
+        json.dumps(rec)
+        return rec, root_plain
+
