@@ -46,6 +46,10 @@ ERRNO: dict[type[BaseException], int] = {
     SafeError: errno.EIO,
 }
 
+COUNT_ENV = "POINTSAFE_MOUNT_COUNT"    # set (to anything but "" or "0"): count FUSE requests per kind
+COUNTED = ("lookup", "forget", "getattr", "readlink", "opendir", "readdir", "releasedir", "statfs", "access",
+           "getxattr", "listxattr", "open", "read", "flush", "release", "fsync")
+
 VIRTUAL_TIMEOUT = 1.0      # the point list can change (new backups, forget)
 POINT_TIMEOUT = 3600.0     # a point's contents never change
 
@@ -57,6 +61,13 @@ def _errno(e: BaseException) -> int:
             return n
     log.error("internal error: %s: %s", type(e).__name__, e, exc_info=e)
     return errno.EIO
+
+
+def _counting(handler: Callable, name: str, counts: dict[str, int]) -> Callable:
+    async def counted(*args):
+        counts[name] += 1
+        return await handler(*args)
+    return counted
 
 
 _EntryAttributes = pyfuse3.EntryAttributes
@@ -80,6 +91,15 @@ class Operations(pyfuse3.Operations):
         self.view = view
         self.limiter = trio.CapacityLimiter(threads)
         self.on_init: Callable[[], None] = lambda: None
+        if os.environ.get(COUNT_ENV, "") not in ("", "0"):
+            self._count_requests()
+
+    def _count_requests(self) -> None:
+        """Count every request per kind into ``view.requests`` (shown in the stats xattr); the
+        handlers are wrapped on this instance only, so an uncounted mount pays nothing."""
+        counts = self.view.requests = dict.fromkeys(COUNTED, 0)
+        for name in COUNTED:
+            setattr(self, name, _counting(getattr(self, name), name, counts))
 
     def init(self) -> None:
         """Called by pyfuse3 once the kernel's INIT is handled (the mount is live): ``on_init``."""
