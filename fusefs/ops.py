@@ -52,6 +52,7 @@ COUNTED = ("lookup", "forget", "getattr", "readlink", "opendir", "readdir", "rel
 
 VIRTUAL_TIMEOUT = 1.0      # the point list can change (new backups, forget)
 POINT_TIMEOUT = 3600.0     # a point's contents never change
+BLKSIZE = 128 * 1024       # st_blksize: what `cp`/`tar` size their reads by
 
 
 def _errno(e: BaseException) -> int:
@@ -76,7 +77,7 @@ _EntryAttributes = pyfuse3.EntryAttributes
 def _attrs(view: View, node) -> pyfuse3.EntryAttributes:
     a = _EntryAttributes()
     a.entry_timeout = a.attr_timeout = VIRTUAL_TIMEOUT if view.fill(node, a) else POINT_TIMEOUT
-    a.st_blksize = 128 * 1024
+    a.st_blksize = BLKSIZE
     return a
 
 
@@ -152,10 +153,14 @@ class Operations(pyfuse3.Operations):
         the entries handed over count as looked up."""
         view = self.view
         given = []
-        reply = pyfuse3.readdir_reply
+        reply, new, fill = pyfuse3.readdir_reply, _EntryAttributes, view.fill
         try:
             for name, node, nxt, counted in view.readdir(fh, start_id):
-                if not reply(token, name, _attrs(view, node), nxt):
+                # _attrs() inlined: the per-entry loop of `find` (a sixth of its Python time)
+                a = new()
+                a.entry_timeout = a.attr_timeout = VIRTUAL_TIMEOUT if fill(node, a) else POINT_TIMEOUT
+                a.st_blksize = BLKSIZE
+                if not reply(token, name, a, nxt):
                     break
                 if counted:
                     given.append(node)
