@@ -18,6 +18,7 @@ up again and raises ``IntegrityError``/``ObjectMissing`` when it really is damag
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import cast
 
 from pointsafe.cas import IntegrityError, Kind, Safe
@@ -55,13 +56,13 @@ class ChunkSource:
         """Every chunk in ``keys`` if all are cached, else None (nothing is loaded)."""
         return self.cache.peek_many(keys)
 
-    def get_many(self, keys: list[bytes], located: dict[bytes, ObjectEntry | None] | None = None) -> dict[bytes, Chunk]:
+    def get_many(self, keys: list[bytes], known: Mapping[bytes, ObjectEntry] | None = None) -> dict[bytes, Chunk]:
         """The raw bytes of every chunk in ``keys`` (IntegrityError/ObjectMissing on damage);
-        ``located`` may hold index entries the caller has looked up already."""
+        ``known`` may hold index entries the caller has looked up already."""
         found, mine, waits = self.cache.claim(keys)
         if mine:
             try:
-                loaded = self._load(mine, located)
+                loaded = self._load(mine, known)
             except BaseException as e:
                 for k in mine:
                     self.cache.settle(k, error=e)
@@ -92,20 +93,22 @@ class ChunkSource:
         idx = self.safe.index
         with idx.read() as txn:
             # one index look-up per key: the entries found here are the ones the load uses
-            located = {k: e for k in keys if (e := idx.get_object(txn, k)) is not None and e.kind == Kind.CHUNK}
-        if located:
+            known = {k: e for k in keys if (e := idx.get_object(txn, k)) is not None and e.kind == Kind.CHUNK}
+        if known:
             try:
-                self.get_many(list(located), located)
+                self.get_many(list(known), known)
             except Exception:  # noqa: BLE001, S110 - a real read of the same file reports it
                 pass
 
-    def _load(self, keys: list[bytes], located: dict[bytes, ObjectEntry | None] | None = None
+    def _load(self, keys: list[bytes], known: Mapping[bytes, ObjectEntry] | None = None
               ) -> dict[bytes, Chunk | BaseException]:
         """The chunks of ``keys`` read in pack order, each checked; a chunk that cannot be
-        had is its exception (for the caller to raise). Keys not in ``located`` are looked up."""
+        had is its exception (for the caller to raise). Unless ``known`` holds them all, the
+        keys are looked up in the index."""
         safe = self.safe
-        if located is not None and all(k in located for k in keys):
-            entries = [(k, located[k]) for k in keys]
+        entries: list[tuple[bytes, ObjectEntry | None]]
+        if known is not None and all(k in known for k in keys):
+            entries = [(k, known[k]) for k in keys]
         else:
             idx = safe.index
             with idx.read() as txn:
