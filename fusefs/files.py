@@ -197,6 +197,21 @@ class Files:
         end = min(off + size, blob.size)
         if off >= end:
             return b""
+        if cached_only and blob.root_is_chunk:
+            # A file of one chunk (every small file): its bytes straight from the cache, with
+            # nothing to walk and nothing to read ahead (the chunk is the whole file).
+            root = blob.root
+            assert root is not None         # root_is_chunk: the root is the file's one chunk
+            chunk = self.chunks.cache.peek(root)
+            if chunk is None:
+                return None
+            try:
+                _check_length(chunk, blob.size, root)
+            except IntegrityError as err:
+                raise self.damage.damaged(h.node, err, f"read at offset {off}") from None
+            self.reads += 1
+            self.read_bytes += end - off
+            return chunk if off == 0 and end == len(chunk) else memoryview(chunk)[off:end]
         try:
             if cached_only:
                 _local.cached_only = True
@@ -243,8 +258,7 @@ class Files:
                 parts.append(bytes(b - a))
                 continue
             chunk = data[k]
-            if len(chunk) != length:
-                raise IntegrityError(f"chunk {k.hex()[:12]} holds {len(chunk)} bytes, the file's list says {length}")
+            _check_length(chunk, length, k)
             parts.append(memoryview(chunk)[a:b] if (a, b) != (0, len(chunk)) else chunk)
         if pos != end:
             raise IntegrityError(f"the file's chunk list ends at offset {pos}, before its size {blob.size}")
@@ -291,6 +305,12 @@ class Files:
                 self.chunks.get_many(keys)
         except Exception:  # noqa: BLE001, S110 - a real read of the same bytes reports the problem
             pass
+
+
+def _check_length(chunk: bytes | memoryview, length: int, key: bytes) -> None:
+    """IntegrityError unless ``chunk`` holds the ``length`` bytes the file's list says."""
+    if len(chunk) != length:
+        raise IntegrityError(f"chunk {key.hex()[:12]} holds {len(chunk)} bytes, the file's list says {length}")
 
 
 def _chunk_kind(key: bytes) -> int:
