@@ -665,6 +665,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.memfs:
         memfs(args.memfs, args.memfs_size)
         return 0
+    try:
+        parse_steps(args.steps)
+    except ValueError as e:
+        ap.error(str(e))
     result = benchmark(args)
     if args.prepare_only:
         return 0
