@@ -6,13 +6,16 @@ returns exactly the bytes asked for (clipped at the end of the file) or raises D
 damaged or missing chunk, a LIST node whose lengths do not add up, or a file whose size does
 not match its blob are reported, never padded with zeros or cut short.
 
-A sequential reader is detected per handle (requests within a few request sizes of each
-other: a database's page reads a few pages apart are not one), and the next 32 MiB (at most a
-quarter of the chunk cache) are loaded ahead of it in 1 MiB jobs on a pool of three threads,
-which read and decompress without the GIL, so that the reader's requests are answered from
-the cache on the trio thread. A small file opened right after its predecessor in the same
-directory (tar, cp -a, rsync) has its next small siblings loaded ahead the same way; their
-opens and reads then come from the caches without a thread hop.
+A sequential reader is detected per handle: requests within a few request sizes of each
+other that together have covered at least ``RA_MIN_RUN`` bytes (a database's page reads a few
+pages apart, or two or three adjacent pages, are not one). Ahead of it a window four times
+what the run has covered so far, growing up to 32 MiB (at most a quarter of the chunk cache),
+is loaded in 1 MiB jobs on a pool of three threads, which read and decompress without the
+GIL, so that the reader's requests are answered from the cache on the trio thread.
+
+A small file opened right after its predecessor in the same directory (tar, cp -a, rsync)
+has its next small siblings loaded ahead the same way; their opens and reads then come from
+the caches without a thread hop.
 """
 
 from __future__ import annotations
@@ -40,19 +43,22 @@ SMALL_FILE = 256 << 10      # files up to this size are loaded ahead of a reader
 SIBLINGS_AHEAD = 128        # ... this many of the next entries at once,
 SIBLINGS_BYTES = 8 << 20    # ... at most this many bytes of them
 RA_PIECE = 1 << 20          # bytes of read-ahead per background job
+RA_MIN_RUN = 256 << 10      # a run of near requests covering this much is a sequential reader
+RA_GROWTH = 4               # the window ahead: this many times what the run has covered
 RA_THREADS = 3              # background loaders (they mostly wait in zstd and pread, without the GIL)
 
 
 class FileHandle:
     """An open file: a blob reader plus the state of its sequential-read detection."""
 
-    __slots__ = ("blob", "lock", "next_off", "node", "ra_end", "sized", "streak")
+    __slots__ = ("blob", "lock", "next_off", "node", "ra_end", "run_start", "sized", "streak")
 
     def __init__(self, node: Node, blob: BlobReader):
         self.node = node
         self.blob = blob
         self.sized = False          # the blob's length was found to match the file's size
         self.next_off = 0
+        self.run_start = 0          # where the current run of near requests began
         self.streak = 0
         self.ra_end = 0
         self.lock = threading.Lock()
@@ -191,6 +197,21 @@ class Files:
         end = min(off + size, blob.size)
         if off >= end:
             return b""
+        if cached_only and blob.root_is_chunk:
+            # A file of one chunk (every small file): its bytes straight from the cache, with
+            # nothing to walk and nothing to read ahead (the chunk is the whole file).
+            root = blob.root
+            assert root is not None         # root_is_chunk: the root is the file's one chunk
+            chunk = self.chunks.cache.peek(root)
+            if chunk is None:
+                return None
+            try:
+                _check_length(chunk, blob.size, root)
+            except IntegrityError as err:
+                raise self.damage.damaged(h.node, err, f"read at offset {off}") from None
+            self.reads += 1
+            self.read_bytes += end - off
+            return chunk if off == 0 and end == len(chunk) else memoryview(chunk)[off:end]
         try:
             if cached_only:
                 _local.cached_only = True
@@ -237,8 +258,7 @@ class Files:
                 parts.append(bytes(b - a))
                 continue
             chunk = data[k]
-            if len(chunk) != length:
-                raise IntegrityError(f"chunk {k.hex()[:12]} holds {len(chunk)} bytes, the file's list says {length}")
+            _check_length(chunk, length, k)
             parts.append(memoryview(chunk)[a:b] if (a, b) != (0, len(chunk)) else chunk)
         if pos != end:
             raise IntegrityError(f"the file's chunk list ends at offset {pos}, before its size {blob.size}")
@@ -249,9 +269,13 @@ class Files:
     def _sequential(self, h: FileHandle, off: int, end: int) -> None:
         """Detect a sequential reader and load the next chunks ahead of it in the background.
 
-        The window ahead is cut into pieces of ``RA_PIECE`` bytes, each its own job, so that
-        the pool's threads read and decompress several pieces at once (zstd and ``pread``
-        release the GIL) and the reader finds its chunks cached when it gets there."""
+        A run of near requests is a sequential reader once it has covered ``RA_MIN_RUN``
+        bytes: a database reading two or three adjacent pages (a B-tree page and its
+        neighbour, an overflow chain) must not start loading megabytes it never asks for. The
+        window ahead grows with the run (``RA_GROWTH`` times what it covered, up to
+        ``readahead_bytes``), and is cut into pieces of ``RA_PIECE`` bytes, each its own job,
+        so that the pool's threads read and decompress several pieces at once (zstd and
+        ``pread`` release the GIL) and the reader finds its chunks cached when it gets there."""
         if self.readahead_bytes <= 0:
             return
         with h.lock:
@@ -262,11 +286,12 @@ class Files:
                 h.streak += 1
                 h.next_off = max(end, h.next_off)
             else:
-                h.streak, h.ra_end, h.next_off = 0, 0, end
-            if h.streak < 2 or end >= h.blob.size:
+                h.streak, h.ra_end, h.next_off, h.run_start = 0, 0, end, off
+            covered = h.next_off - h.run_start
+            if h.streak < 2 or covered < RA_MIN_RUN or end >= h.blob.size:
                 return
             start = max(end, h.ra_end)
-            stop = min(h.blob.size, end + self.readahead_bytes)
+            stop = min(h.blob.size, end + min(self.readahead_bytes, RA_GROWTH * covered))
             if stop - start < min(RA_PIECE, self.readahead_bytes // 4) and stop < h.blob.size:
                 return
             h.ra_end = stop
@@ -280,6 +305,12 @@ class Files:
                 self.chunks.get_many(keys)
         except Exception:  # noqa: BLE001, S110 - a real read of the same bytes reports the problem
             pass
+
+
+def _check_length(chunk: bytes | memoryview, length: int, key: bytes) -> None:
+    """IntegrityError unless ``chunk`` holds the ``length`` bytes the file's list says."""
+    if len(chunk) != length:
+        raise IntegrityError(f"chunk {key.hex()[:12]} holds {len(chunk)} bytes, the file's list says {length}")
 
 
 def _chunk_kind(key: bytes) -> int:

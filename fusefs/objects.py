@@ -18,9 +18,11 @@ up again and raises ``IntegrityError``/``ObjectMissing`` when it really is damag
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import cast
 
 from pointsafe.cas import IntegrityError, Kind, Safe
+from pointsafe.cas.index import ObjectEntry
 from pointsafe.cas.pack import decode_record_view
 
 from .cache import ByteLRU
@@ -54,12 +56,13 @@ class ChunkSource:
         """Every chunk in ``keys`` if all are cached, else None (nothing is loaded)."""
         return self.cache.peek_many(keys)
 
-    def get_many(self, keys: list[bytes]) -> dict[bytes, Chunk]:
-        """The raw bytes of every chunk in ``keys`` (IntegrityError/ObjectMissing on damage)."""
+    def get_many(self, keys: list[bytes], known: Mapping[bytes, ObjectEntry] | None = None) -> dict[bytes, Chunk]:
+        """The raw bytes of every chunk in ``keys`` (IntegrityError/ObjectMissing on damage);
+        ``known`` may hold index entries the caller has looked up already."""
         found, mine, waits = self.cache.claim(keys)
         if mine:
             try:
-                loaded = self._load(mine)
+                loaded = self._load(mine, known)
             except BaseException as e:
                 for k in mine:
                     self.cache.settle(k, error=e)
@@ -76,32 +79,40 @@ class ChunkSource:
                     raise v
                 found[k] = v
         for k, f in waits:
-            found[k] = ByteLRU.wait(f)
+            found[k] = self.cache.wait(f)
         return found
 
     def prefetch(self, keys: list[bytes]) -> None:
         """Load those of ``keys`` that are data chunks and not cached yet (others are skipped:
         a small file's root may be a LIST node); errors are left for a real read to report."""
         cache = self.cache
-        keys = [k for k in keys if k not in cache]
+        with cache.lock:
+            keys = [k for k in keys if k not in cache.items and k not in cache.flights]
         if not keys:
             return
         idx = self.safe.index
         with idx.read() as txn:
-            chunks = [k for k in keys if (e := idx.get_object(txn, k)) is not None and e.kind == Kind.CHUNK]
-        if chunks:
+            # one index look-up per key: the entries found here are the ones the load uses
+            known = {k: e for k in keys if (e := idx.get_object(txn, k)) is not None and e.kind == Kind.CHUNK}
+        if known:
             try:
-                self.get_many(chunks)
+                self.get_many(list(known), known)
             except Exception:  # noqa: BLE001, S110 - a real read of the same file reports it
                 pass
 
-    def _load(self, keys: list[bytes]) -> dict[bytes, Chunk | BaseException]:
+    def _load(self, keys: list[bytes], known: Mapping[bytes, ObjectEntry] | None = None
+              ) -> dict[bytes, Chunk | BaseException]:
         """The chunks of ``keys`` read in pack order, each checked; a chunk that cannot be
-        had is its exception (for the caller to raise)."""
+        had is its exception (for the caller to raise). Unless ``known`` holds them all, the
+        keys are looked up in the index."""
         safe = self.safe
-        idx = safe.index
-        with idx.read() as txn:
-            entries = [(k, idx.get_object(txn, k)) for k in keys]
+        entries: list[tuple[bytes, ObjectEntry | None]]
+        if known is not None and all(k in known for k in keys):
+            entries = [(k, known[k]) for k in keys]
+        else:
+            idx = safe.index
+            with idx.read() as txn:
+                entries = [(k, idx.get_object(txn, k)) for k in keys]
         out: dict[bytes, Chunk | BaseException] = {}
         located = []
         for k, e in entries:

@@ -31,6 +31,7 @@ from pointsafe.cas import SafeError, UsageError
 from .mounts import FSTYPE, mount_at, raise_read_ahead
 
 READY_TIMEOUT = 120.0
+GIL_SWITCH_SECONDS = 0.0005
 log = logging.getLogger("pointsafe.mount")
 
 
@@ -231,6 +232,12 @@ def _serve(o: MountOptions, ready_fd: int | None) -> int:
     from .view import View
 
     limit_arenas()
+    # The trio thread answers every FUSE request; a read-ahead thread running Python holds the
+    # GIL until it blocks or the switch interval ends (5 ms by default), and each request of a
+    # `tar` waits for that. 0.5 ms: tar of 20,000 small files 17% faster in wall time (6 runs
+    # each, alternated, on a shared machine), for the same CPU; a sequential `cat` of 297 MB
+    # the same within the noise (0.79-0.96 s either way, 3-5% more CPU).
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
 
     try:
         safe = Safe.open(o.safe, master_key=o.master_key)

@@ -54,6 +54,7 @@ class View:
         self.readdirs = 0           # requests served (for tests and benchmarks)
         self.lookups = 0
         self.getattrs = 0
+        self.requests: dict[str, int] | None = None   # FUSE requests per kind, when the adapter counts them
         # The hot paths, bound once: no facade call in between.
         self.node = self.inodes.node
         self.remember = self.inodes.remember
@@ -149,7 +150,8 @@ class View:
                 "reads": self.files.reads, "loaded_reads": self.files.loaded_reads,
                 "opens_here": self.files.opens_here, "read_bytes": self.files.read_bytes, "readdirs": self.readdirs,
                 "lookups": self.lookups, "getattrs": self.getattrs,
-                "gc_collections": [g["collections"] for g in gc.get_stats()]}
+                "gc_collections": [g["collections"] for g in gc.get_stats()],
+                **({"requests": dict(self.requests)} if self.requests is not None else {})}
 
     def statfs(self) -> dict:
         """Sizes for ``df``: the safe's packs as used, its filesystem's free space as free."""

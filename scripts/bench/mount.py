@@ -19,7 +19,16 @@ measurement on a *fresh* mount (so the filesystem's own caches start cold):
 - sequential: ``cat`` of the mixed set's large files (1.4 GiB, ``large/*``) and of the 1 GiB
   incompressible file, to /dev/null;
 - 4 parallel readers: four ``dd bs=1M`` reading 1 GiB of the mixed set's large files in four
-  256 MiB pieces at once.
+  256 MiB pieces at once;
+- sqlite: ``PRAGMA integrity_check`` of a ~300 MB SQLite database (rows inserted in random key
+  order, with two indexes: its pages are read in B-tree order, not file order) opened read-only
+  through a fresh mount with the page cache dropped (``echo 3 > /proc/sys/vm/drop_caches``), and
+  the same on the local copy, cold as well (``sqlite_local``): random page reads through a cold
+  mount.
+
+``--steps`` picks the measurements (default all: mount,find,tar,seq_mixed,seq_random,parallel,
+sqlite); only the sources those steps need are made and backed up. ``--steps sqlite --tools
+pointsafe`` measures the database alone.
 
 The ceiling filesystem (``--memfs``, in this file) serves one 1 GiB buffer as ``big.bin`` and
 as four 256 MiB files, with pointsafe's mount settings: ro, default_permissions, read-ahead
@@ -40,13 +49,23 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data as dataset  # noqa: E402
-from _common import log, machine_info, markdown_table, tool_version, write_json  # noqa: E402
+from _common import drop_caches, log, machine_info, markdown_table, tool_version, write_json  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCH = Path("/work/bench-data")
 MB = 1_000_000
 READ_AHEAD_KB = 4096
 MANY_FILES = 120_000
+SQLITE_BYTES = 300 * MB
+STEPS = ("mount", "find", "tar", "seq_mixed", "seq_random", "parallel", "sqlite")
+# which source each step reads ("mount" measures mount -> listing of "many" and "mixed")
+STEP_SOURCES = {"mount": ("many", "mixed"), "find": ("many",), "tar": ("many",), "seq_mixed": ("mixed",),
+                "seq_random": ("rand",), "parallel": ("mixed",), "sqlite": ("sqlite",)}
+DB_NAME = "bench.sqlite"
+# integrity_check in a child process, the database opened read-only and immutable (SQLite then
+# takes no locks and never looks for a journal: what attaching a database from the mount does)
+INTEGRITY = ("import sqlite3, sys; c = sqlite3.connect('file:' + sys.argv[1] + '?mode=ro&immutable=1', uri=True); "
+             "r = c.execute('PRAGMA integrity_check').fetchall(); sys.exit(0 if r == [('ok',)] else repr(r))")
 
 
 # --------------------------------------------------------------------------- the ceiling fs
@@ -146,6 +165,44 @@ def ensure_many(dest: Path, n: int = MANY_FILES) -> Path:
             if made >= n:
                 break
         a += 1
+    done.touch()
+    return dest
+
+
+def ensure_sqlite(dest: Path, size: int = SQLITE_BYTES) -> Path:
+    """A SQLite database of about ``size`` bytes in ``dest``; generated once.
+
+    Two tables, rows inserted in random key order and two secondary indexes, so that a table's
+    B-tree pages lie scattered through the file as in a database that has lived a while."""
+    db = dest / DB_NAME
+    done = dest / (DB_NAME + ".done")
+    if done.exists():
+        return dest
+    import random
+    import sqlite3
+    dest.mkdir(parents=True, exist_ok=True)
+    db.unlink(missing_ok=True)
+    rnd = random.Random(11)
+    words = ["w%x" % rnd.getrandbits(20) for _ in range(5000)]
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA journal_mode=OFF")
+    con.execute("PRAGMA synchronous=OFF")
+    con.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, customer INTEGER, ts INTEGER, note TEXT)")
+    con.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, kind TEXT, payload BLOB)")
+    con.execute("CREATE INDEX orders_customer ON orders(customer, ts)")
+    con.execute("CREATE INDEX events_kind ON events(kind)")
+    rows = max(1000, size // 160)                 # ≈ 160 bytes per row with its index entries
+    ids = list(range(1, rows + 1))
+    rnd.shuffle(ids)
+    for at in range(0, rows, 20_000):
+        batch = ids[at:at + 20_000]
+        con.executemany("INSERT INTO orders VALUES (?, ?, ?, ?)",
+                        [(i, rnd.randrange(100_000), rnd.getrandbits(40), " ".join(rnd.choices(words, k=12)))
+                         for i in batch])
+        con.executemany("INSERT INTO events VALUES (?, ?, ?)",
+                        [(i, rnd.choice(words[:50]), rnd.randbytes(rnd.randrange(16, 64))) for i in batch[::4]])
+        con.commit()
+    con.close()
     done.touch()
     return dest
 
@@ -350,7 +407,27 @@ def run_sh(cmd: str, timeout: float = 1800) -> None:
         raise RuntimeError(f"{cmd}: {p.stderr[-500:]}")
 
 
-def measure_tool(tool: Tool, mp: Path, mixed_large: list[str], timeout: float) -> dict[str, Any]:
+def integrity_check(db: Path, timeout: float) -> float:
+    """Seconds of ``PRAGMA integrity_check`` of ``db`` (read-only, immutable) in a child process;
+    RuntimeError unless SQLite answers ok."""
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", INTEGRITY, str(db)], capture_output=True, text=True, timeout=timeout)
+    took = time.perf_counter() - t
+    if p.returncode != 0:
+        raise RuntimeError(f"integrity_check of {db}: {p.stderr.strip()[-500:]}")
+    return took
+
+
+def measure_local_sqlite(src: Path, timeout: float) -> tuple[float, float]:
+    """integrity_check of the local copy (the baseline): (seconds with the page cache dropped
+    first, seconds again right after, the file in the page cache)."""
+    drop_caches()
+    cold = integrity_check(src / DB_NAME, timeout)
+    return cold, integrity_check(src / DB_NAME, timeout)
+
+
+def measure_tool(tool: Tool, mp: Path, mixed_large: list[str], timeout: float,
+                 steps: tuple[str, ...] = STEPS) -> dict[str, Any]:
     res: dict[str, Any] = {}
 
     def fresh(source: str) -> Path:
@@ -384,27 +461,37 @@ def measure_tool(tool: Tool, mp: Path, mixed_large: list[str], timeout: float) -
             cmd = " & ".join(f"dd if={root}/q{i}.bin of=/dev/null bs=1M status=none" for i in range(4)) + " & wait"
             res["parallel_s"] = timed(lambda: run_sh(cmd, timeout))
             res["parallel_bytes"] = sum((root / f"q{i}.bin").stat().st_size for i in range(4))
-        session("mem", seq, "seq_random")
-        session("mem", par, "parallel")
+        if "seq_random" in steps:
+            session("mem", seq, "seq_random")
+        if "parallel" in steps:
+            session("mem", par, "parallel")
         return res
 
-    session("many", lambda root: None)                       # mount -> listing, 120k-file point
-    session("many", lambda root: res.__setitem__(
-        "find_s", timed(lambda: run_sh(f"find {root} -printf '%s %m\\n' > /dev/null", timeout))), "find")
-    # tar reads every small file in directory order (through a pipe: GNU tar skips reading for /dev/null)
-    session("many", lambda root: res.__setitem__(
-        "tar_s", timed(lambda: run_sh(f"tar -C {root} -cf - . | cat > /dev/null", timeout))), "tar")
+    if "mount" in steps:
+        session("many", lambda root: None)                   # mount -> listing, 120k-file point
+    if "find" in steps:
+        session("many", lambda root: res.__setitem__(
+            "find_s", timed(lambda: run_sh(f"find {root} -printf '%s %m\\n' > /dev/null", timeout))), "find")
+    if "tar" in steps:
+        # tar reads every small file in directory order (through a pipe: GNU tar skips reading for /dev/null)
+        session("many", lambda root: res.__setitem__(
+            "tar_s", timed(lambda: run_sh(f"tar -C {root} -cf - . | cat > /dev/null", timeout))), "tar")
 
     def seq_mixed(root: Path) -> None:
         files = " ".join(str(root / p) for p in mixed_large)
         res["seq_mixed_s"] = timed(lambda: run_sh(f"cat {files} > /dev/null", timeout))
         res["seq_mixed_bytes"] = sum((root / p).stat().st_size for p in mixed_large)
-    session("mixed", seq_mixed, "seq_mixed")
+    if "seq_mixed" in steps or "mount" in steps:
+        if "seq_mixed" in steps:
+            session("mixed", seq_mixed, "seq_mixed")
+        else:
+            session("mixed", lambda root: None)              # mount -> listing, mixed point
 
     def seq_random(root: Path) -> None:
         res["seq_random_s"] = timed(lambda: run_sh(f"cat {root}/rand.bin > /dev/null", timeout))
         res["seq_random_bytes"] = (root / "rand.bin").stat().st_size
-    session("rand", seq_random, "seq_random")
+    if "seq_random" in steps:
+        session("rand", seq_random, "seq_random")
 
     def parallel(root: Path) -> None:
         # 1 GiB of the mixed set's large files as four 256 MiB pieces read at once
@@ -414,7 +501,15 @@ def measure_tool(tool: Tool, mp: Path, mixed_large: list[str], timeout: float) -
                          for f, s in pieces) + " & wait"
         res["parallel_s"] = timed(lambda: run_sh(cmd, timeout))
         res["parallel_bytes"] = 4 * q << 20
-    session("mixed", parallel, "parallel")
+    if "parallel" in steps:
+        session("mixed", parallel, "parallel")
+
+    def sqlite(root: Path) -> None:
+        drop_caches()           # the packs (and the mount's page cache) cold: random reads from disk
+        res["sqlite_s"] = integrity_check(root / DB_NAME, timeout)
+        res["sqlite_bytes"] = (root / DB_NAME).stat().st_size
+    if "sqlite" in steps:
+        session("sqlite", sqlite, "sqlite")
     return res
 
 
@@ -451,7 +546,10 @@ def report(result: dict) -> str:
         ["sequential mixed: MB per CPU-second of the mount process"] + [cell(n, lambda r: _per_cpu(r, "seq_mixed"), "{:,.0f}") for n in names],
         ["sequential incompressible: MB per CPU-second"] + [cell(n, lambda r: _per_cpu(r, "seq_random"), "{:,.0f}") for n in names],
         ["4 readers: MB per CPU-second"] + [cell(n, lambda r: _per_cpu(r, "parallel"), "{:,.0f}") for n in names],
+        ["SQLite integrity_check, ~300 MB, cold mount (s)"] + [cell(n, lambda r: r.get("sqlite_s"), "{:.2f}") for n in names],
+        ["SQLite integrity_check: CPU of the mount process (s)"] + [cell(n, lambda r: r.get("sqlite_cpu"), "{:.2f}") for n in names],
     ]
+    rows = [r for r in rows if any(c != "–" for c in r[1:])]      # only what this run measured
     out = [markdown_table(["measure"] + names, rows)]
     ps = t.get("pointsafe", {})
 
@@ -469,6 +567,15 @@ def report(result: dict) -> str:
     g.append(["sequential incompressible, pointsafe ÷ memory ceiling",
               ratio(_rate(ps, "seq_random"), _rate(mem, "seq_random"))])
     g.append(["4 readers, pointsafe (mixed) ÷ memory ceiling", ratio(_rate(ps, "parallel"), _rate(mem, "parallel"))])
+    local, warm_local = result.get("sqlite_local_s"), result.get("sqlite_local_warm_s")
+    if local and warm_local:
+        g.append(["SQLite integrity_check, local copy, cold (s)", f"{local:.2f}"])
+        g.append(["SQLite integrity_check, local copy, in the page cache (s)", f"{warm_local:.2f}"])
+        for n in names:
+            if t[n].get("sqlite_s"):
+                g.append([f"SQLite integrity_check, {n} cold mount ÷ cold local copy", ratio(t[n]["sqlite_s"], local)])
+                g.append([f"SQLite integrity_check, {n} cold mount ÷ cached local copy",
+                          ratio(t[n]["sqlite_s"], warm_local)])
     plain = t.get("pointsafe-plain")
     if plain:       # what encryption costs the mount (issue 14's goal: within 1.10x)
         g.append(["sequential mixed, encrypted ÷ plain safe", ratio(_rate(ps, "seq_mixed"), _rate(plain, "seq_mixed"))])
@@ -476,17 +583,39 @@ def report(result: dict) -> str:
                   ratio(_rate(ps, "seq_random"), _rate(plain, "seq_random"))])
         g.append(["tar, plain time ÷ encrypted time", ratio(plain.get("tar_s"), ps.get("tar_s"))])
     out.append("")
-    out.append(markdown_table(["ratio", "value"], g))
+    out.append(markdown_table(["ratio", "value"], [r for r in g if r[1] != "–"]))
     return "\n".join(out)
 
 
+def parse_steps(text: str) -> tuple[str, ...]:
+    """The steps named in ``text`` (comma-separated), in the order they run; ValueError for others."""
+    want = [w.strip() for w in text.split(",") if w.strip()]
+    bad = [w for w in want if w not in STEPS]
+    if bad:
+        raise ValueError(f"unknown step(s) {', '.join(bad)}; choose from {', '.join(STEPS)}")
+    return tuple(w for w in STEPS if w in want)
+
+
+def make_sources(steps: tuple[str, ...]) -> tuple[dict[str, Path], list[str]]:
+    """The sources the steps read (made once under BENCH), and the mixed set's large files."""
+    need = {src for st in steps for src in STEP_SOURCES[st]}
+    sources: dict[str, Path] = {}
+    mixed_large: list[str] = []
+    if "mixed" in need:
+        sources["mixed"] = BENCH / "set-2G"
+        mixed_large = [f["path"] for f in dataset.ensure(sources["mixed"], 2 << 30)["large"]]
+    if "many" in need:
+        sources["many"] = ensure_many(BENCH / "mount-many-120k")
+    if "rand" in need:
+        sources["rand"] = ensure_random(BENCH / "mount-rand-1G")
+    if "sqlite" in need:
+        sources["sqlite"] = ensure_sqlite(BENCH / "mount-sqlite-300M")
+    return sources, mixed_large
+
+
 def benchmark(args) -> dict:
-    mixed_dir = BENCH / "set-2G"
-    m = dataset.ensure(mixed_dir, 2 << 30)
-    many = ensure_many(BENCH / "mount-many-120k")
-    rand = ensure_random(BENCH / "mount-rand-1G")
-    sources = {"mixed": mixed_dir, "many": many, "rand": rand}
-    mixed_large = [f["path"] for f in m["large"]]
+    steps = parse_steps(args.steps)
+    sources, mixed_large = make_sources(steps)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     mp = work / "mnt"
@@ -501,12 +630,16 @@ def benchmark(args) -> dict:
         tool.prepare(sources)
     if args.prepare_only:
         return result
+    if "sqlite" in steps:
+        result["sqlite_local_s"], result["sqlite_local_warm_s"] = measure_local_sqlite(sources["sqlite"], args.timeout)
+        log(f"sqlite integrity_check on the local copy: cold {result['sqlite_local_s']:.2f} s, "
+            f"warm {result['sqlite_local_warm_s']:.2f} s")
     for tool in tools:
-        if tool.name != "memfs":
+        if tool.name != "memfs" and steps != ("sqlite",):   # sqlite drops the page cache itself
             warm(tool.repo)
         log(f"{tool.name}: measuring")
         try:
-            result["tools"][tool.name] = measure_tool(tool, mp, mixed_large, args.timeout)
+            result["tools"][tool.name] = measure_tool(tool, mp, mixed_large, args.timeout, steps)
         except Exception as e:                      # one tool failing must not lose the others
             log(f"{tool.name}: failed: {e}")
             result["tools"][tool.name] = {"error": str(e)}
@@ -522,6 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memfs", metavar="MOUNTPOINT", help=argparse.SUPPRESS)
     ap.add_argument("--memfs-size", default=1 << 30, type=int, help=argparse.SUPPRESS)
     ap.add_argument("--tools", default="pointsafe,pointsafe-plain,borg,restic,memfs")
+    ap.add_argument("--steps", default=",".join(STEPS), help="comma-separated: " + ",".join(STEPS))
     ap.add_argument("--work", default=str(BENCH / "mount-work"))
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--prepare-only", action="store_true", help="make the data and the backups, measure nothing")
@@ -531,6 +665,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.memfs:
         memfs(args.memfs, args.memfs_size)
         return 0
+    try:
+        parse_steps(args.steps)
+    except ValueError as e:
+        ap.error(str(e))
     result = benchmark(args)
     if args.prepare_only:
         return 0
