@@ -181,8 +181,10 @@ def run_hook(cmd: str, env: dict, what: str, timeout: float = 3600) -> None:
 
 
 def previous_point(safe: Safe, name: str, kind: str) -> Point | None:
-    """The newest point of this name and kind (the one an incremental backup reads against)."""
-    return latest(p for p in safe.points() if p.name == name and p.kind == kind)
+    """The newest point of this name and kind (the one an incremental backup reads against).
+    Points an agent sent to the safe server (``agent_id``) are another machine's files: never
+    the base of a local backup, whatever their name."""
+    return latest(p for p in safe.points() if p.name == name and p.kind == kind and "agent_id" not in p.extra)
 
 
 def backup(safe: Safe, source: str, opts: BackupOptions,

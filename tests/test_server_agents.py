@@ -291,3 +291,18 @@ def test_the_safe_is_held_from_an_agents_first_upload_to_its_commit_and_released
         assert r.code == 0, r.err
     finally:
         stop(server.proc)
+
+
+def test_a_local_backup_never_reads_against_an_agents_point_of_the_same_name(tmp_path):
+    safe = make_safe(tmp_path)
+    tok = add_agent(safe, "web1")
+    src = _tree(tmp_path / "src", 5)
+    with running(safe) as server:
+        sent = backup_json(server, tok, src)
+    # the same name (and here even the same files: agent and server share this machine) backed
+    # up on the server itself: the agent's point is another machine's, never a local base
+    r = run_cli("backup", src, "--name", sent["name"], "--json", "-q", safe=safe)
+    assert r.code == 0, r.err
+    local = json.loads(r.out)
+    assert local["stats"]["files_unchanged"] == 0
+    assert local["stats"]["bytes_read"] == sent["stats"]["bytes_read"] > 0
