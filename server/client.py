@@ -465,19 +465,37 @@ def _copy_graph(remote: Remote, root: bytes, safe: Safe) -> int:
     return n
 
 
+def _private_cache_dir() -> Path:
+    """This user's pointsafe cache directory, made 0700 when missing; UsageError when it is
+    not this user's own or others may write it (a temporary safe there must stay private)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    d = Path(base) / "pointsafe"
+    try:
+        d.mkdir(parents=True, mode=0o700, exist_ok=True)
+        st = os.lstat(d)
+    except OSError as e:
+        raise UsageError(f"cannot use {d} for the restore's temporary copy: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise UsageError(f"{d} is not a private directory of this user (owner, mode): refusing to put the "
+                         "restore's temporary copy there")
+    return d
+
+
 def remote_restore(remote: Remote, point: Point, target: str, subpath: str | None = None, force: bool = False,
                    progress: Callable[[int], None] | None = None, tmp_dir: str | None = None) -> Any:
     """Restore the agent's ``point`` to ``target`` (as ``pointsafe restore`` does locally): its
-    objects are fetched into a temporary safe in ``tmp_dir`` (default: the directory that holds
-    ``target``, which needs room for the point anyway -- not /tmp, often a small tmpfs), which
-    is removed afterwards. Returns ingest's RestoreStats."""
+    objects are fetched into a temporary safe in ``tmp_dir`` (default: this user's private
+    cache directory, ``$XDG_CACHE_HOME/pointsafe`` or ``~/.cache/pointsafe``, 0700 -- never
+    beside the target, whose directory another user may own and could swap the temporary
+    directory there for a link elsewhere), which is removed afterwards. Returns ingest's
+    RestoreStats."""
     import shutil
 
     from pointsafe.ingest.restore import restore
     if not target:
         raise UsageError("the target is empty: name a directory (use '.' for the current directory)")
-    if tmp_dir is None and Path(target).resolve().parent.is_dir():
-        tmp_dir = str(Path(target).resolve().parent)
+    if tmp_dir is None:
+        tmp_dir = str(_private_cache_dir())
     tmp = Path(tempfile.mkdtemp(prefix=".pointsafe-fetch-", dir=tmp_dir))
     try:
         copy = Safe.init(tmp / "safe", encryption="none")

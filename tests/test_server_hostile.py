@@ -272,3 +272,39 @@ def test_an_upload_answer_does_not_tell_whether_another_agent_holds_the_same_con
         answers.append(r.json())
     # a gets the same answer for content the safe had (from b) and for content it never had
     assert answers[1] == answers[2] == {"received": 1}
+
+
+def test_a_restore_keeps_its_temporary_copy_out_of_the_targets_directory(world, tmp_path):
+    """The target's directory may belong to someone else, who could swap a temporary directory
+    there for a link elsewhere while the restore runs as root: nothing goes there but the target."""
+    import threading
+    server, tokens, tmp = world
+    shared = tmp_path / "shared"            # a directory the target's owner controls
+    shared.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    stop_flag = threading.Event()
+    seen: list[str] = []
+
+    def swapper():                          # the hostile owner: swap whatever appears for a link out
+        while not stop_flag.is_set():
+            for n in os.listdir(shared):
+                if n != "target" and not os.path.islink(shared / n):
+                    seen.append(n)
+                    try:
+                        os.rename(shared / n, tmp_path / f"moved-{n}")
+                        os.symlink(outside, shared / n)
+                    except OSError:
+                        pass
+    t = threading.Thread(target=swapper, daemon=True)
+    t.start()
+    try:
+        r = agent(server, tokens["a"], "restore", "src-a@latest", shared / "target",
+                  env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    finally:
+        stop_flag.set()
+        t.join(timeout=10)
+    assert r.code == 0, r.err
+    assert seen == [] and os.listdir(outside) == []
+    assert (shared / "target" / "secret").read_bytes() == b"the data of a " * 5000
+    assert os.listdir(tmp_path / "cache" / "pointsafe") == []     # the private copy is gone
