@@ -26,6 +26,9 @@ def register(sub) -> None:
                    help="absolute paths (on the agent) it may back up, and what lies below them (default: any)")
     s.add_argument("--can-restore", action="store_true", help="it may read its own points' files (restore)")
     _quota_options(s)
+    s.add_argument("--admin", action="store_true",
+                   help="an admin token instead: it may call the admin routes over HTTP (list agents, forget "
+                        "points) and nothing else")
     s.set_defaults(func=cmd_agent_add)
     s = asub.add_parser("set", help="change an agent's sources, rights or quotas (its token stays)")
     add_common(s)
@@ -87,7 +90,7 @@ def cmd_agent_add(args) -> int:
     from pointsafe.server import agents
     quotas = _quotas(args)
     with open_safe(args, write=True) as safe:
-        a, token = agents.add(safe, args.name, args.sources, args.can_restore, **quotas)
+        a, token = agents.add(safe, args.name, args.sources, args.can_restore, admin=args.admin, **quotas)
     _print_token(args, a.to_record(with_hash=False), token, "added")
     return EXIT_OK
 
@@ -142,30 +145,20 @@ def cmd_agent_list(args) -> int:
     bytes stored and quotas (never a token)."""
     from pointsafe.server import agents
     with open_safe(args, write=True if args.recount else None) as safe:
-        all_ = agents.all_agents(safe)
-        seen = agents.last_seen(safe)
-        use = agents.recount(safe, [a.id for a in all_]) if args.recount and all_ else agents.all_usage(safe)
-        counts: dict[str, int] = {}
-        for p in safe.points():
-            aid = p.extra.get("agent_id")
-            if isinstance(aid, str):
-                counts[aid] = counts.get(aid, 0) + 1
+        rows = agents.listing(safe, recount_first=args.recount)
     if args.json:
-        emit_json([{**a.to_record(with_hash=False), "points": counts.get(a.id, 0), "last_contact": seen.get(a.id),
-                    "stored_bytes": use.get(a.id, agents.Usage()).bytes,
-                    "stored_objects": use.get(a.id, agents.Usage()).objects} for a in all_])
+        emit_json(rows)
         return EXIT_OK
-    if not all_:
+    if not rows:
         say(args, "no agents")
         return EXIT_OK
     say(args, f"{'NAME':20} {'RESTORE':7} {'POINTS':>6}  {'LAST CONTACT (UTC)':20} {'STORED':>10} {'SOFT':>10} "
               f"{'HARD':>10}  SOURCES")
-    for a in all_:
-        last = (seen.get(a.id) or "never")[:19]
-        stored = use.get(a.id, agents.Usage()).bytes
-        say(args, f"{a.name[:20]:20} {'yes' if a.can_restore else 'no':7} {counts.get(a.id, 0):>6}  "
-                  f"{last:20} {human_bytes(stored):>10} {_size(a.quota_soft):>10} {_size(a.quota_hard):>10}  "
-                  f"{', '.join(a.sources) or '(any)'}")
+    for a in rows:
+        rights = "admin" if a["admin"] else ("yes" if a["can_restore"] else "no")
+        say(args, f"{a['name'][:20]:20} {rights:7} {a['points']:>6}  {(a['last_contact'] or 'never')[:19]:20} "
+                  f"{human_bytes(a['stored_bytes']):>10} {_size(a['quota_soft']):>10} {_size(a['quota_hard']):>10}  "
+                  f"{', '.join(a['sources']) or '(any)'}")
     return EXIT_OK
 
 

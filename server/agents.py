@@ -6,7 +6,8 @@ with the safe's index key when the safe is encrypted (``Safe.seal_value``)::
     {"name", "id" (32 hex digits, drawn at 'agent add': its points and objects are tied to it,
      not to the name), "sources" (absolute paths the agent may back up; [] for any),
      "can_restore" (bool), "created", "rotated" (ISO UTC), "token_sha256" (hex),
-     "quota_soft", "quota_hard" (bytes stored, or null: off)}
+     "quota_soft", "quota_hard" (bytes stored, or null: off), "admin" (bool: an admin token,
+     which may call the admin routes and nothing else)}
 
 What an agent stores is counted in the table ``agent_usage`` (row: the agent's id, hex;
 value: sealed JSON ``{"bytes", "objects", "recounted"}``): see :func:`usage_adder`.
@@ -52,12 +53,13 @@ class Agent:
     token_sha256: str = ""
     quota_soft: int | None = None   # bytes stored beyond which an alert is raised (None: off)
     quota_hard: int | None = None   # bytes stored beyond which uploads are refused (None: off)
+    admin: bool = False             # an admin token: the admin routes only, no backup or points
 
     def to_record(self, with_hash: bool = True) -> dict:
         """The record as JSON-able dict (without the token hash unless ``with_hash``)."""
         rec = {"name": self.name, "id": self.id, "sources": list(self.sources), "can_restore": self.can_restore,
                "created": self.created, "rotated": self.rotated, "quota_soft": self.quota_soft,
-               "quota_hard": self.quota_hard}
+               "quota_hard": self.quota_hard, "admin": self.admin}
         if with_hash:
             rec["token_sha256"] = self.token_sha256
         return rec
@@ -121,16 +123,19 @@ def _check_quotas(a: Agent) -> Agent:
 
 
 def add(safe: Safe, name: str, sources: list[str], can_restore: bool, quota_soft: int | None = None,
-        quota_hard: int | None = None) -> tuple[Agent, str]:
-    """Add agent ``name``; returns (its record, its token). UsageError when it exists or its
-    soft quota is above its hard one."""
+        quota_hard: int | None = None, admin: bool = False) -> tuple[Agent, str]:
+    """Add agent ``name`` (with ``admin``: an admin token, which has no sources, rights to
+    points or quotas); returns (its record, its token). UsageError when it exists, its soft
+    quota is above its hard one, or an admin is given an agent's options."""
     check_name(name)
     if get(safe, name) is not None:
         raise UsageError(f"agent {name!r} exists already ('pointsafe agent rotate {name}' gives it a new token)")
+    if admin and (sources or can_restore or quota_soft is not None or quota_hard is not None):
+        raise UsageError("an admin token backs up nothing: give --admin without --sources, --can-restore or quotas")
     token = _new_token()
     now = utc_now_iso()
     a = _check_quotas(Agent(name, secrets.token_hex(16), _sources(sources), can_restore, now, now,
-                            token_hash(token), quota_soft, quota_hard))
+                            token_hash(token), quota_soft, quota_hard, admin))
     _put(safe, a)
     return a, token
 
@@ -139,6 +144,8 @@ def update(safe: Safe, name: str, changes: dict[str, Any]) -> Agent:
     """Change agent ``name``'s ``sources``, ``can_restore``, ``quota_soft`` or ``quota_hard``
     (the keys of ``changes``); returns the new record. Its token and id stay."""
     a = need(safe, name)
+    if a.admin:
+        raise UsageError(f"{name} is an admin token: it has no sources, rights or quotas to set")
     unknown = set(changes) - {"sources", "can_restore", "quota_soft", "quota_hard"}
     if unknown:
         raise ValueError(f"not a changeable field of an agent: {sorted(unknown)}")
@@ -212,7 +219,7 @@ def _agent(safe: Safe, row: bytes, stored: bytes) -> Agent:
     rec = json.loads(safe.open_value(TABLE.encode(), row, stored))
     return Agent(rec["name"], rec["id"], list(rec.get("sources") or []), bool(rec.get("can_restore")),
                  rec.get("created", ""), rec.get("rotated", ""), rec.get("token_sha256", ""),
-                 rec.get("quota_soft"), rec.get("quota_hard"))
+                 rec.get("quota_soft"), rec.get("quota_hard"), bool(rec.get("admin")))
 
 
 def touch(safe: Safe, a: Agent) -> None:
@@ -231,6 +238,30 @@ def last_seen(safe: Safe) -> dict[str, str]:
     with safe.index.read() as t:
         return {bytes(k).decode(): safe.open_value(SEEN_TABLE.encode(), bytes(k), v).decode()
                 for k, v in t.cursor(db=db)}
+
+
+def listing(safe: Safe, recount_first: bool = False) -> list[dict[str, Any]]:
+    """Every agent as ``agent list --json`` shows it: its record (no token hash), ``points``
+    (how many), ``newest`` (``{id, name, taken}`` of its newest point, or None),
+    ``last_contact`` (or None), ``stored_bytes`` and ``stored_objects`` (counted again first
+    with ``recount_first``)."""
+    all_ = all_agents(safe)
+    if not all_:
+        return []
+    seen = last_seen(safe)
+    use = recount(safe, [a.id for a in all_]) if recount_first else all_usage(safe)
+    mine: dict[str, list] = {}
+    for p in safe.points():
+        aid = p.extra.get("agent_id")
+        if isinstance(aid, str):
+            mine.setdefault(aid, []).append(p)
+    out = []
+    for a in all_:
+        ps, u = mine.get(a.id, []), use.get(a.id, Usage())
+        newest = {"id": ps[-1].id, "name": ps[-1].name, "taken": ps[-1].taken} if ps else None
+        out.append({**a.to_record(with_hash=False), "points": len(ps), "newest": newest,
+                    "last_contact": seen.get(a.id), "stored_bytes": u.bytes, "stored_objects": u.objects})
+    return out
 
 
 # -- bytes stored ---------------------------------------------------------------------------
