@@ -377,6 +377,35 @@ class Service:
             self.sessions.clear()
             self._drop_writer()
 
+    # -- administration (admin tokens) --------------------------------------------------
+
+    def admin_agents(self) -> list[dict[str, Any]]:
+        """Every agent as ``agent list --json`` shows it."""
+        return agents.listing(self.safe)
+
+    def admin_forget(self, body: Any) -> dict[str, Any]:
+        """Forget the points ``body["points"]`` names (ids, id prefixes, NAME@latest: what
+        ``pointsafe forget POINT...`` takes); the report ``forget --json`` prints. Refused 400
+        for a bad body, 404 for a point that names none, 503 while agents' backups hold the safe."""
+        from pointsafe.cas import PointNotFound, UsageError
+        from pointsafe.gc.forget import forget, plan_forget
+        specs = body.get("points") if isinstance(body, dict) else None
+        if (not isinstance(specs, list) or not specs or len(specs) > protocol.MAX_IDS
+                or not all(isinstance(x, str) and 0 < len(x) <= 256 for x in specs)):
+            raise Refused(400, f"give {{\"points\": [POINT, ...]}} (1 to {protocol.MAX_IDS} point ids or names)")
+        with self.lock:
+            if self.sessions:
+                raise Refused(503, "agents' backups are under way (they hold the safe); try again")
+            self._drop_writer()
+            try:
+                return forget(self.safe, plan_forget(self.safe, specs)).as_dict()
+            except PointNotFound as e:
+                raise Refused(404, str(e)) from None
+            except UsageError as e:
+                raise Refused(400, str(e)) from None
+            except SafeLocked as e:
+                raise Refused(503, f"the safe is busy, try again: {e}") from None
+
     def commit(self, agent: Agent, body: Any) -> dict[str, Any]:
         """Commit a point of the agent from its record (``body``: a JSON object with POINT_FIELDS
         and ``root``, the agent's id of the root); returns the point as :meth:`points` shows it.
