@@ -134,12 +134,15 @@ class Service:
     # -- reading -------------------------------------------------------------------------
 
     def info(self, agent: Agent) -> dict[str, Any]:
-        """What an agent needs to chunk as the safe does, and what it may do."""
+        """What an agent needs to chunk as the safe does, what it may do, and its bytes stored
+        and quotas (its own count only)."""
         cfg = self.safe.config
         return {"agent": agent.name, "can_restore": agent.can_restore, "sources": list(agent.sources),
                 "chunk_min": cfg.chunk_min, "chunk_avg": cfg.chunk_avg, "chunk_max": cfg.chunk_max,
                 "list_fanout": cfg.list_fanout, "block_size": cfg.block_size, "zstd_level": cfg.zstd_level,
-                "max_body": protocol.MAX_BODY, "max_ids": protocol.MAX_IDS, "upload_bytes": protocol.UPLOAD_BYTES}
+                "max_body": protocol.MAX_BODY, "max_ids": protocol.MAX_IDS, "upload_bytes": protocol.UPLOAD_BYTES,
+                "stored_bytes": agents.usage(self.safe, agent.id).bytes, "quota_soft": agent.quota_soft,
+                "quota_hard": agent.quota_hard}
 
     def missing(self, agent: Agent, plains: list[bytes]) -> list[bytes]:
         """The ids of ``plains`` this agent has not uploaded (or whose objects gc removed since):

@@ -67,6 +67,8 @@ def test_beyond_the_soft_quota_the_backup_succeeds_and_the_server_raises_one_war
     with running(safe) as server:
         p = backup_json(server, tok, src)
         assert p["stats"]["files"] == 1
+        info = server.client(tok).get("/api/v1/info").json()   # the agent sees its own count and quotas
+        assert info["stored_bytes"] >= 1_000_000 and info["quota_soft"] == 200 * 1024
         (src / "more").write_bytes(os.urandom(50_000))
         backup_json(server, tok, src)
     warn = [a for a in _alerts(safe) if "chatty" in a["message"]]
