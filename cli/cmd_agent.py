@@ -18,16 +18,32 @@ def register(sub) -> None:
                                    "back up, and whether it may read its own points back (--can-restore). An "
                                    "agent never sees another agent's points or objects. See docs/SERVER.md.")
     add_common(p)
-    asub = p.add_subparsers(dest="agent_cmd", metavar="add|list|remove|rotate")
+    asub = p.add_subparsers(dest="agent_cmd", metavar="add|set|list|remove|rotate")
     s = asub.add_parser("add", help="add an agent and print its token (once)")
     add_common(s)
     s.add_argument("name", metavar="NAME")
     s.add_argument("--sources", nargs="+", default=[], metavar="PATH",
                    help="absolute paths (on the agent) it may back up, and what lies below them (default: any)")
     s.add_argument("--can-restore", action="store_true", help="it may read its own points' files (restore)")
+    _quota_options(s)
+    s.add_argument("--admin", action="store_true",
+                   help="an admin token instead: it may call the admin routes over HTTP (list agents, forget "
+                        "points) and nothing else")
     s.set_defaults(func=cmd_agent_add)
-    s = asub.add_parser("list", help="list the agents")
+    s = asub.add_parser("set", help="change an agent's sources, rights or quotas (its token stays)")
     add_common(s)
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("--sources", nargs="+", metavar="PATH", help="the paths it may back up ('/' for any)")
+    s.add_argument("--can-restore", dest="can_restore", action="store_const", const=True, default=None,
+                   help="it may read its own points' files")
+    s.add_argument("--no-can-restore", dest="can_restore", action="store_const", const=False,
+                   help="it may not read files back")
+    _quota_options(s)
+    s.set_defaults(func=cmd_agent_set)
+    s = asub.add_parser("list", help="list the agents, their points, bytes stored and quotas")
+    add_common(s)
+    s.add_argument("--recount", action="store_true",
+                   help="count every agent's bytes stored again, in full (after gc; reads every object's entry)")
     s.set_defaults(func=cmd_agent_list)
     s = asub.add_parser("remove", help="remove an agent (its token stops working; its points stay)")
     add_common(s)
@@ -38,6 +54,20 @@ def register(sub) -> None:
     s.add_argument("name", metavar="NAME")
     s.set_defaults(func=cmd_agent_rotate)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _quota_options(s) -> None:
+    s.add_argument("--quota-soft", metavar="SIZE",
+                   help="bytes stored (e.g. 50G) beyond which the server raises an alert, or off")
+    s.add_argument("--quota-hard", metavar="SIZE",
+                   help="bytes stored beyond which its uploads are refused (507), or off")
+
+
+def _quotas(args) -> dict:
+    """The quota fields the options give (parsed; absent options are left out)."""
+    from pointsafe.server import agents
+    return {f"quota_{w}": agents.parse_quota(v, f"--quota-{w}")
+            for w in ("soft", "hard") if (v := getattr(args, f"quota_{w}")) is not None}
 
 
 def add_server_options(p) -> None:
@@ -58,10 +88,35 @@ def _print_token(args, rec: dict, token: str, what: str) -> None:
 def cmd_agent_add(args) -> int:
     """``pointsafe agent add NAME``: a new agent; prints its token once."""
     from pointsafe.server import agents
+    quotas = _quotas(args)
     with open_safe(args, write=True) as safe:
-        a, token = agents.add(safe, args.name, args.sources, args.can_restore)
+        a, token = agents.add(safe, args.name, args.sources, args.can_restore, admin=args.admin, **quotas)
     _print_token(args, a.to_record(with_hash=False), token, "added")
     return EXIT_OK
+
+
+def cmd_agent_set(args) -> int:
+    """``pointsafe agent set NAME [--sources ...] [--[no-]can-restore] [--quota-soft|hard SIZE]``."""
+    from pointsafe.server import agents
+    changes = _quotas(args)
+    if args.sources is not None:
+        changes["sources"] = [] if args.sources == ["/"] else args.sources
+    if args.can_restore is not None:
+        changes["can_restore"] = args.can_restore
+    if not changes:
+        raise UsageError("nothing to change: give --sources, --can-restore, --no-can-restore, --quota-soft or --quota-hard")
+    with open_safe(args, write=True) as safe:
+        a = agents.update(safe, args.name, changes)
+    if args.json:
+        emit_json(a.to_record(with_hash=False))
+    else:
+        say(args, f"agent {a.name}: sources {', '.join(a.sources) or '(any)'}, restore "
+                  f"{'yes' if a.can_restore else 'no'}, quotas {_size(a.quota_soft)} soft, {_size(a.quota_hard)} hard")
+    return EXIT_OK
+
+
+def _size(n: int | None) -> str:
+    return "off" if n is None else human_bytes(n)
 
 
 def cmd_agent_rotate(args) -> int:
@@ -86,28 +141,24 @@ def cmd_agent_remove(args) -> int:
 
 
 def cmd_agent_list(args) -> int:
-    """``pointsafe agent list``: every agent, with its sources and rights (never a token)."""
+    """``pointsafe agent list [--recount]``: every agent, with its sources, rights, points,
+    bytes stored and quotas (never a token)."""
     from pointsafe.server import agents
-    with open_safe(args) as safe:
-        all_ = agents.all_agents(safe)
-        seen = agents.last_seen(safe)
-        counts: dict[str, int] = {}
-        for p in safe.points():
-            aid = p.extra.get("agent_id")
-            if isinstance(aid, str):
-                counts[aid] = counts.get(aid, 0) + 1
+    with open_safe(args, write=True if args.recount else None) as safe:
+        rows = agents.listing(safe, recount_first=args.recount)
     if args.json:
-        emit_json([{**a.to_record(with_hash=False), "points": counts.get(a.id, 0), "last_contact": seen.get(a.id)}
-                   for a in all_])
+        emit_json(rows)
         return EXIT_OK
-    if not all_:
+    if not rows:
         say(args, "no agents")
         return EXIT_OK
-    say(args, f"{'NAME':20} {'RESTORE':7} {'POINTS':>6}  {'LAST CONTACT (UTC)':20} SOURCES")
-    for a in all_:
-        last = (seen.get(a.id) or "never")[:19]
-        say(args, f"{a.name[:20]:20} {'yes' if a.can_restore else 'no':7} {counts.get(a.id, 0):>6}  "
-                  f"{last:20} {', '.join(a.sources) or '(any)'}")
+    say(args, f"{'NAME':20} {'RESTORE':7} {'POINTS':>6}  {'LAST CONTACT (UTC)':20} {'STORED':>10} {'SOFT':>10} "
+              f"{'HARD':>10}  SOURCES")
+    for a in rows:
+        rights = "admin" if a["admin"] else ("yes" if a["can_restore"] else "no")
+        say(args, f"{a['name'][:20]:20} {rights:7} {a['points']:>6}  {(a['last_contact'] or 'never')[:19]:20} "
+                  f"{human_bytes(a['stored_bytes']):>10} {_size(a['quota_soft']):>10} {_size(a['quota_hard']):>10}  "
+                  f"{', '.join(a['sources']) or '(any)'}")
     return EXIT_OK
 
 

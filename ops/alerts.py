@@ -176,3 +176,18 @@ def evaluate(index, safe_dir: str | Path, points: list[Point] | None = None) -> 
         if a:
             raised.append(a)
     return raised
+
+
+def agent_quota(index, agent_id: str, which: str | None, message: str = "") -> dict | None:
+    """The alerts of an agent's quota of bytes stored (docs/SERVER.md), latched per agent id:
+    ``which`` "soft" raises the warning (and clears the hard one: the upload was stored),
+    "hard" the critical alert (an upload was refused), None clears both. Returns the alert
+    newly raised, if any."""
+    keys = {w: f"agent-quota:{agent_id}:{w}" for w in ("soft", "hard")}
+    for w, key in keys.items():
+        if w != which and not (which == "hard" and w == "soft"):
+            clear(index, key)
+    if which is None:
+        return None
+    severity = "warning" if which == "soft" else "critical"
+    return raise_alert(index, "quota", severity, message, key=keys[which])

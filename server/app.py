@@ -123,13 +123,23 @@ def create_app(service: Service, rate: float = DEFAULT_RATE) -> Starlette:
 
     Handler = Callable[[Request, agents.Agent], Awaitable[Any]]
 
-    def route(path: str, methods: list[str], fn: Handler, kind: str = "request") -> Route:
+    def allowed(agent: agents.Agent, admin_route: bool, request: Request) -> None:
+        """Refused 403 unless an admin token calls an admin route or an agent token another."""
+        if admin_route and not agent.admin:
+            what = request.url.path.removeprefix("/api/v1/admin/").split("/")[0]
+            raise Refused(403, f"agent tokens may not use the administration ({what}); run 'pointsafe {what}' "
+                               "on the server, or use an admin token")
+        if agent.admin and not admin_route:
+            raise Refused(403, f"{agent.name} is an admin token: it backs up and reads nothing; use an agent's token")
+
+    def route(path: str, methods: list[str], fn: Handler, kind: str = "request", admin: bool = False) -> Route:
         async def endpoint(request: Request) -> Response:
             agent: agents.Agent | None = None
             fields: dict[str, Any] = {"method": request.method, "path": request.url.path}
             try:
                 agent = await run_in_threadpool(authenticate, request)
                 fields["agent"] = agent.name
+                allowed(agent, admin, request)
                 result = await fn(request, agent)
                 resp = result if isinstance(result, Response) else JSONResponse(result)
                 error = None
@@ -183,9 +193,18 @@ def create_app(service: Service, rate: float = DEFAULT_RATE) -> Starlette:
                                 "files": (out.get("stats") or {}).get("files", 0)}
         return out
 
-    async def admin(request: Request, agent: agents.Agent) -> Any:
-        what = request.path_params.get("what", "")
-        raise Refused(403, f"agent tokens may not use the administration ({what}); run 'pointsafe {what}' on the server")
+    async def admin_agents(request: Request, agent: agents.Agent) -> Any:
+        return {"agents": await run_in_threadpool(service.admin_agents)}
+
+    async def admin_forget(request: Request, agent: agents.Agent) -> Any:
+        body = await read_json(request)
+        out = await run_in_threadpool(service.admin_forget, body)
+        request.state.fields = {"points_dropped": out["points_dropped"], "dead_bytes": out["dead_bytes"]}
+        return out
+
+    async def admin_other(request: Request, agent: agents.Agent) -> Any:
+        raise Refused(404, f"no such admin route: {request.method} {request.url.path} (there are GET "
+                           "/api/v1/admin/agents and POST /api/v1/admin/forget)")
 
     async def openapi(request: Request) -> Response:
         return JSONResponse(document())
@@ -204,7 +223,9 @@ def create_app(service: Service, rate: float = DEFAULT_RATE) -> Starlette:
         route("/api/v1/objects/fetch", ["POST"], fetch),
         route("/api/v1/points", ["GET"], points),
         route("/api/v1/points", ["POST"], commit, kind="backup"),
-        route("/api/v1/admin/{what:path}", ["GET", "POST", "PUT", "DELETE"], admin),
+        route("/api/v1/admin/agents", ["GET"], admin_agents, admin=True),
+        route("/api/v1/admin/forget", ["POST"], admin_forget, admin=True),
+        route("/api/v1/admin/{what:path}", ["GET", "POST", "PUT", "DELETE"], admin_other, admin=True),
     ]
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed})
 

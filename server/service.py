@@ -21,7 +21,7 @@ from pointsafe.cas import (Kind, Point, Prepared, Safe, SafeLocked, Writer, deco
                            parse_utc, prepare)
 from pointsafe.cas.tree import decode_tree, tree_pages
 
-from . import protocol
+from . import agents, protocol
 from .agents import Agent
 from .idmap import IdMap
 
@@ -104,6 +104,7 @@ class _Incoming:
 
 
 SESSION_IDLE = 300.0   # seconds after its last upload that an agent's backup counts as abandoned
+RECOUNT_EVERY = 600.0  # seconds: before refusing an upload at an agent's hard quota, count again at most this often
 
 
 class Service:
@@ -121,6 +122,7 @@ class Service:
         self.w: Writer | None = None
         self.sessions: dict[str, float] = {}   # agent id -> last upload (monotonic), until its commit
         self.idle = idle
+        self.recounted: dict[str, float] = {}   # agent id -> when its bytes stored were last counted again
         self.stopped = threading.Event()
         threading.Thread(target=self._reaper, name="pointsafe-serve-reaper", daemon=True).start()
         cfg = safe.config
@@ -132,12 +134,15 @@ class Service:
     # -- reading -------------------------------------------------------------------------
 
     def info(self, agent: Agent) -> dict[str, Any]:
-        """What an agent needs to chunk as the safe does, and what it may do."""
+        """What an agent needs to chunk as the safe does, what it may do, and its bytes stored
+        and quotas (its own count only)."""
         cfg = self.safe.config
         return {"agent": agent.name, "can_restore": agent.can_restore, "sources": list(agent.sources),
                 "chunk_min": cfg.chunk_min, "chunk_avg": cfg.chunk_avg, "chunk_max": cfg.chunk_max,
                 "list_fanout": cfg.list_fanout, "block_size": cfg.block_size, "zstd_level": cfg.zstd_level,
-                "max_body": protocol.MAX_BODY, "max_ids": protocol.MAX_IDS, "upload_bytes": protocol.UPLOAD_BYTES}
+                "max_body": protocol.MAX_BODY, "max_ids": protocol.MAX_IDS, "upload_bytes": protocol.UPLOAD_BYTES,
+                "stored_bytes": agents.usage(self.safe, agent.id).bytes, "quota_soft": agent.quota_soft,
+                "quota_hard": agent.quota_hard}
 
     def missing(self, agent: Agent, plains: list[bytes]) -> list[bytes]:
         """The ids of ``plains`` this agent has not uploaded (or whose objects gc removed since):
@@ -209,7 +214,7 @@ class Service:
         incoming = self._verify(agent, ids, recs)
         with self.lock:
             stored = self._store(agent, incoming, ids)
-        return {"received": len(recs), "stored": stored}
+        return {"received": len(recs), **stored}
 
     def _verify(self, agent: Agent, ids: IdMap, recs: list[protocol.Record]) -> list[_Incoming]:
         batch: dict[bytes, bytes] = {}     # plain -> safe id, of this upload's objects
@@ -257,20 +262,74 @@ class Service:
             mapped.append(sid)
         return mapped, encode_node(mapped, bytes(payload))
 
-    def _store(self, agent: Agent, incoming: list[_Incoming], ids: IdMap) -> int:
+    def _store(self, agent: Agent, incoming: list[_Incoming], ids: IdMap) -> dict[str, int]:
+        """Store the objects (self.lock held) with the agent's id rows and its count of bytes
+        stored, in one index transaction; Refused 507 (nothing stored) beyond its hard quota."""
+        new = self._new_to_agent(ids, incoming)
+        added = sum(len(i.prepared.stored) for i in new)
+        total = self._check_hard_quota(agent, added)
         w = self._writer()
         self.sessions[agent.id] = time.monotonic()
         stored = 0
+        rows = ids.writer([(i.plain, i.prepared.key) for i in incoming])
+        count = agents.usage_adder(self.safe, agent.id, added, len(new))
+
+        def extra(txn: Any) -> None:
+            rows(txn)
+            count(txn)
         try:
             for inc in incoming:
                 if w.lookup(inc.prepared.key) is None:
                     w.put_prepared(inc.prepared, inc.children, checked=True)
                     stored += 1
-            w.flush(extra=ids.writer([(i.plain, i.prepared.key) for i in incoming]))
+            w.flush(extra=extra)
         except BaseException:
             self._drop_writer(abort=True)
             raise
-        return stored
+        self._quota_alerts(agent, total)
+        return {"stored": stored, "counted_bytes": added}
+
+    @staticmethod
+    def _new_to_agent(ids: IdMap, incoming: list[_Incoming]) -> list[_Incoming]:
+        """The objects of an upload that the agent does not hold yet (what 'missing' would
+        name): they count toward its bytes stored. Each once."""
+        firsts = list({i.plain: i for i in incoming}.values())
+        held = ids.safe_ids([i.plain for i in firsts])
+        return [i for i, sid in zip(firsts, held) if sid is None]
+
+    def _check_hard_quota(self, agent: Agent, added: int) -> int:
+        """The agent's bytes stored once ``added`` more are; Refused 507 when that crosses its
+        hard quota (counted again first, at most every RECOUNT_EVERY seconds: gc may have
+        removed what the count still holds)."""
+        total = agents.usage(self.safe, agent.id).bytes + added
+        hard = agent.quota_hard
+        if hard is None or added == 0 or total <= hard:
+            return total
+        if time.monotonic() - self.recounted.get(agent.id, -RECOUNT_EVERY) >= RECOUNT_EVERY:
+            self.recounted[agent.id] = time.monotonic()
+            total = agents.recount(self.safe, [agent.id])[agent.id].bytes + added
+            if total <= hard:
+                return total
+        from pointsafe.ops import alerts
+        from pointsafe.ops.quota import human_bytes
+        msg = (f"agent {agent.name} would store {human_bytes(total)}, over its hard quota of {human_bytes(hard)}; "
+               "upload refused, nothing stored and no point made")
+        alerts.agent_quota(self.safe.index, agent.id, "hard", msg)
+        raise Refused(507, msg)
+
+    def _quota_alerts(self, agent: Agent, total: int) -> None:
+        """After a stored upload: the soft quota's alert when ``total`` is over it (the backup
+        goes on), and the hard quota's cleared."""
+        from pointsafe.ops import alerts
+        from pointsafe.ops.quota import human_bytes
+        soft = agent.quota_soft
+        if soft is not None and total > soft:
+            alerts.agent_quota(self.safe.index, agent.id, "soft",
+                               f"agent {agent.name} stores {human_bytes(total)}, over its soft quota of "
+                               f"{human_bytes(soft)} (hard quota: "
+                               f"{human_bytes(agent.quota_hard) if agent.quota_hard is not None else 'off'})")
+        else:
+            alerts.agent_quota(self.safe.index, agent.id, None)
 
     # -- the writer, held while agents' backups are under way -----------------------------
 
@@ -320,6 +379,35 @@ class Service:
         with self.lock:
             self.sessions.clear()
             self._drop_writer()
+
+    # -- administration (admin tokens) --------------------------------------------------
+
+    def admin_agents(self) -> list[dict[str, Any]]:
+        """Every agent as ``agent list --json`` shows it."""
+        return agents.listing(self.safe)
+
+    def admin_forget(self, body: Any) -> dict[str, Any]:
+        """Forget the points ``body["points"]`` names (ids, id prefixes, NAME@latest: what
+        ``pointsafe forget POINT...`` takes); the report ``forget --json`` prints. Refused 400
+        for a bad body, 404 for a point that names none, 503 while agents' backups hold the safe."""
+        from pointsafe.cas import PointNotFound, UsageError
+        from pointsafe.gc.forget import forget, plan_forget
+        specs = body.get("points") if isinstance(body, dict) else None
+        if (not isinstance(specs, list) or not specs or len(specs) > protocol.MAX_IDS
+                or not all(isinstance(x, str) and 0 < len(x) <= 256 for x in specs)):
+            raise Refused(400, f"give {{\"points\": [POINT, ...]}} (1 to {protocol.MAX_IDS} point ids or names)")
+        with self.lock:
+            if self.sessions:
+                raise Refused(503, "agents' backups are under way (they hold the safe); try again")
+            self._drop_writer()
+            try:
+                return forget(self.safe, plan_forget(self.safe, specs)).as_dict()
+            except PointNotFound as e:
+                raise Refused(404, str(e)) from None
+            except UsageError as e:
+                raise Refused(400, str(e)) from None
+            except SafeLocked as e:
+                raise Refused(503, f"the safe is busy, try again: {e}") from None
 
     def commit(self, agent: Agent, body: Any) -> dict[str, Any]:
         """Commit a point of the agent from its record (``body``: a JSON object with POINT_FIELDS

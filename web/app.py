@@ -375,6 +375,16 @@ class Web:
             return json_response({**t, "alerts": mine})
         return self.page(request, "task.html", t=t, alerts=mine, lines=data.task_lines(t))
 
+    # -- agents ----------------------------------------------------------------------------
+
+    def agents_page(self, request: Request) -> Response:
+        """GET /agents: the agents of ``pointsafe serve``, their sources, rights, last contact,
+        points and bytes stored against their quotas (JSON: ``agent list --json`` and ``newest``)."""
+        rows = data.agent_rows(self.safe)
+        if wants_json(request):
+            return json_response(rows)
+        return self.page(request, "agents.html", agents=rows)
+
     # -- points ----------------------------------------------------------------------------
 
     def point_of(self, request: Request) -> Point:
@@ -383,13 +393,18 @@ class Web:
         return self.safe.point(spec) or resolve_point(self.safe, spec)
 
     def points_page(self, request: Request) -> Response:
-        """GET /points?name=: points per source with their stats (JSON: ``points --json``)."""
+        """GET /points?name=&agent=: points per source with their stats (JSON: ``points --json``);
+        ``agent``: only the points that agent made through ``pointsafe serve``."""
         name = request.query_params.get("name") or None
+        who = request.query_params.get("agent") or None
+
+        def shown(p: Point) -> bool:
+            return (name is None or p.name == name) and (who is None or p.extra.get("agent") == who)
         if wants_json(request):
-            return json_response([p.to_record() for p in self.safe.points() if name is None or p.name == name])
-        groups = {n: [data.point_row(p) for p in ps] for n, ps in data.points_by_source(self.safe).items()
-                  if name is None or n == name}
-        return self.page(request, "points.html", groups=groups, name=name or "")
+            return json_response([p.to_record() for p in self.safe.points() if shown(p)])
+        groups = {n: rows for n, ps in data.points_by_source(self.safe).items()
+                  if (rows := [data.point_row(p) for p in ps if shown(p)])}
+        return self.page(request, "points.html", groups=groups, name=name or "", agent=who or "")
 
     def point_page(self, request: Request) -> Response:
         """GET /points/ID: one point's record (JSON: ``show --json``), its snapshot and
@@ -529,6 +544,7 @@ class Web:
             Route("/alerts/ack", self.ack, methods=["POST"]),
             Route("/tasks", g(self.tasks_page)),
             Route("/tasks/{tid:int}", g(self.task_page)),
+            Route("/agents", g(self.agents_page)),
             Route("/points", g(self.points_page)),
             Route("/points/{pid}", g(self.point_page)),
             Route("/points/{pid}/tree{rest:anypath}", g(self.tree)),

@@ -15,6 +15,7 @@ Each session has its own CSRF token, which every POST form must carry.
 from __future__ import annotations
 
 import hmac
+import json
 import secrets
 import threading
 import time
@@ -35,26 +36,36 @@ _hasher = PasswordHasher()
 
 
 def _table(index):
-    return index.table("config")
+    """The ``config`` table as ops keeps it: on an encrypted safe its rows are keyed hashes and
+    its values sealed (ops/config.py); a raw row there would make every reader of the settings
+    fail."""
+    from pointsafe.ops.db import ensure_tables
+    return ensure_tables(index)["config"]   # opened before the transaction (LMDB)
 
 
 def password_hash(index) -> str | None:
     """The stored Argon2id hash of the web password, or None when none is set."""
-    db = _table(index)   # opened before the transaction (LMDB: a table opened inside one is not usable there)
+    table = _table(index)
     with index.read() as t:
-        v = t.get(PASSWORD_KEY.encode(), db=db)
-    return v.decode() if v is not None else None
+        v = table.get(t, table.row(PASSWORD_KEY))
+    if v is None:
+        return None
+    return v.decode() if table.crypto is None else json.loads(v)[1]
 
 
 def set_password(index, password: str) -> None:
-    """Store ``password`` (hashed with Argon2id) as the safe's web password; UsageError when it
-    is shorter than MIN_PASSWORD characters."""
+    """Store ``password`` (hashed with Argon2id) as the safe's web password, as ``pointsafe
+    config`` stores a setting (sealed on an encrypted safe); UsageError when it is shorter than
+    MIN_PASSWORD characters."""
+    from pointsafe.ops.config import put
     if len(password) < MIN_PASSWORD:
         raise UsageError(f"the web password must have at least {MIN_PASSWORD} characters")
     h = _hasher.hash(password)
-    db = _table(index)
+    table = _table(index)
     with index.write() as t:
-        t.put(PASSWORD_KEY.encode(), h.encode(), db=db)
+        if table.crypto is not None:
+            t.delete(PASSWORD_KEY.encode(), db=table.db)   # a raw row an earlier version left there
+        put(table, t, PASSWORD_KEY, h)
 
 
 def check_password(stored: str | None, password: str) -> bool:

@@ -39,7 +39,7 @@ def point_row(p: Point) -> dict[str, Any]:
             "finished": p.finished, "duration": (end - start) if start is not None and end is not None else None,
             "size": point_size(p), "bytes_new": int(st.get("bytes_new", 0) or 0),
             "bytes_stored": int(st.get("bytes_stored", 0) or 0), "files": st.get("files"),
-            "warnings": len(p.warnings)}
+            "warnings": len(p.warnings), "agent": p.extra.get("agent")}
 
 
 def chart_series(points: list[Point]) -> dict[str, Any]:
@@ -145,3 +145,21 @@ def points_by_source(safe: Safe) -> dict[str, list[Point]]:
     for p in reversed(safe.points()):
         out.setdefault(p.name or p.source or "?", []).append(p)
     return dict(sorted(out.items()))
+
+
+def agent_rows(safe: Safe) -> list[dict[str, Any]]:
+    """Each agent of ``pointsafe serve`` (by name) as ``agent list --json`` shows it -- its
+    sources and rights, last contact, its points (count and newest), bytes stored and quotas --
+    and ``quota_state`` (``ok``, ``soft``, ``hard``)."""
+    from pointsafe.server import agents
+    return [{**a, "quota_state": _quota_state(a["stored_bytes"], a["quota_soft"], a["quota_hard"])}
+            for a in agents.listing(safe)]
+
+
+def _quota_state(stored: int, soft: int | None, hard: int | None) -> str:
+    """``hard`` at or beyond the hard quota, ``soft`` beyond the soft one, else ``ok``."""
+    if hard is not None and stored >= hard:
+        return "hard"
+    if soft is not None and stored > soft:
+        return "soft"
+    return "ok"
