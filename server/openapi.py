@@ -78,9 +78,16 @@ def document() -> dict[str, Any]:
                                 "schema": {"$ref": "#/components/schemas/Point"}}}},
                             errors=(400, 401, 403, 409, 413, 503)),
             },
-            "/api/v1/admin/{what}": {"parameters": [{"name": "what", "in": "path", "required": True,
-                                                     "schema": {"type": "string"}}],
-                                     **{m: _op("administration: refused for agent tokens", _ERR, errors=(401, 403))
-                                        for m in ("get", "post", "put", "delete")}},
+            "/api/v1/admin/agents": {"get": _op(
+                "every agent: sources, rights, last contact, points, bytes stored and quotas (admin tokens only)",
+                _json("agents", {"type": "object", "properties": {"agents": {"type": "array",
+                                                                             "items": {"type": "object"}}}}),
+                errors=(401, 403))},
+            "/api/v1/admin/forget": {"post": _op(
+                "forget points by id (admin tokens only; gc, run on the server, reclaims their space)",
+                _json("the points forgotten", {"type": "object"}),
+                {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "properties": {"points": {"type": "array", "items": hexid}}}}}},
+                errors=(400, 401, 403, 404, 503))},
         },
     }

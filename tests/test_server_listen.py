@@ -48,7 +48,8 @@ def test_sigterm_stops_it_cleanly_and_the_openapi_document_names_every_route(tmp
     with running(safe) as server:
         doc = server.client(None).get("/api/openapi.json").json()
         assert set(doc["paths"]) == {"/api/v1/info", "/api/v1/objects/missing", "/api/v1/objects",
-                                     "/api/v1/objects/fetch", "/api/v1/points", "/api/v1/admin/{what}"}
+                                     "/api/v1/objects/fetch", "/api/v1/points", "/api/v1/admin/agents",
+                                     "/api/v1/admin/forget"}
         assert set(doc["paths"]["/api/v1/points"]) == {"get", "post"}
         r = server.client(tok).get("/api/v1/nothing")
         assert r.status_code == 404 and "no such route" in r.json()["error"]
