@@ -3,6 +3,7 @@ compressed-input path of cas writes the same records as :func:`prepare`."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -112,3 +113,28 @@ def test_prepare_compressed_writes_the_record_prepare_writes(tmp_path, encrypted
             prepare_compressed(Kind.CHUNK, frame, len(frame), key, s.crypto)
     finally:
         s.close()
+
+
+def _fetch_requests(safe) -> int:
+    r = run_cli("tasks", "--json", safe=safe)
+    assert r.code == 0, r.err
+    tasks = json.loads(r.out)
+    return sum(1 for t in tasks if "/api/v1/objects/fetch" in json.dumps(t))
+
+
+def test_change_detection_through_the_server_fetches_trees_in_batches(tmp_path):
+    safe = make_safe(tmp_path)
+    tok = add_agent(safe, "wide")
+    src = tmp_path / "src"
+    for i in range(120):                       # 241 directories: 1 + 120 + 120
+        (src / f"d{i:03d}" / "sub").mkdir(parents=True)
+        (src / f"d{i:03d}" / "sub" / "f").write_bytes(b"file %d\n" % i)
+    with running(safe) as server:
+        backup_json(server, tok, src)
+        before = _fetch_requests(safe)
+        second = backup_json(server, tok, src)
+        fetches = _fetch_requests(safe) - before
+    assert second["stats"]["bytes_read"] == 0 and second["upload"]["objects_uploaded"] == 0
+    assert second["stats"]["files"] == 120
+    # one request per tree would be 241; batches of subdirectories take a handful
+    assert 0 < fetches <= 30, fetches
