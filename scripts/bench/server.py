@@ -346,7 +346,7 @@ def markdown(agents: int, mb: int, res: dict[str, Any]) -> str:
     else:
         rows.append(["restic on SeaweedFS S3", "-", "-", "-", f"skipped: {rst['skipped']}"])
     out = [f"{agents} agents x {mb} MiB ({SHARED:.0%} shared), {machine_info().get('cpus')} CPUs", "",
-           markdown_table(["column", "wall s", "aggregate MiB/s", "server / column", "CPU-s"], rows), "",
+           markdown_table(["column", "wall s", "aggregate MiB/s", "server rate / column rate", "CPU-s"], rows), "",
            f"Server CPU: first backup {srv['first']['server_cpu']:.1f} s ({s['server_cpu_s_per_gb']:.1f} s per GiB), "
            f"second (unchanged) {srv['second']['server_cpu']:.2f} s = "
            f"{100 * s['second_over_first_server_cpu']:.1f}% of the first; second backup wall "
