@@ -271,7 +271,11 @@ def bench_restic(work: Path, dirs: list[Path], env: dict[str, str]) -> dict[str,
             log(f"restic column skipped: restic init failed: {r.stderr[-500:]}")
             return {"skipped": f"restic init failed: {r.stderr.strip()[-300:]}"}
         cmds = [([restic, "backup", "-q", str(dd), "--host", f"agent{i}"], renv) for i, dd in enumerate(dirs)]
-        wall, runs = parallel(cmds)
+        try:
+            wall, runs = parallel(cmds)
+        except RuntimeError as e:
+            log(f"restic column skipped: a restic backup failed: {e}")
+            return {"skipped": f"a restic backup failed: {str(e)[:300]}"}
         weed_cpu = _group_cpu(proc.pid)
         log(f"restic, {len(dirs)} at once: {wall:.1f} s wall, {sum(x.cpu for x in runs):.1f} CPU-s of restic")
         return {"wall": wall, "cpu": sum(x.cpu for x in runs), "weed_cpu": weed_cpu}
