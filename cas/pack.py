@@ -141,11 +141,31 @@ def prepare(kind: int, data: bytes | memoryview, level: int | None, key: bytes |
         comp = _compressor(level).compress(data)
         if len(comp) < len(data):
             codec, body = CODEC_ZSTD, comp
+    return _sealed(kind, key, codec, len(data), body, crypto)
+
+
+def prepare_compressed(kind: int, compressed: bytes | memoryview, raw_len: int, key: bytes,
+                       crypto: Crypto | None = None) -> Prepared:
+    """An object whose bytes arrive already zstd-compressed: ``compressed`` is one zstd frame
+    that decodes to ``raw_len`` bytes whose key in this safe is ``key`` (the caller decoded and
+    hashed them: nothing here checks it), stored as it is (sealed with ``crypto``), without
+    compressing again. The record is the one :func:`prepare` would write with that frame;
+    ValueError when the frame is not smaller than the raw bytes (store those raw instead, as
+    prepare would). Safe to call from many threads at once."""
+    if len(compressed) >= raw_len:
+        raise ValueError(f"a compressed body of {len(compressed)} bytes for {raw_len} raw bytes: store them raw")
+    return _sealed(kind, key, CODEC_ZSTD, raw_len, compressed, crypto)
+
+
+def _sealed(kind: int, key: bytes, codec: int, raw_len: int, body: bytes | memoryview,
+            crypto: Crypto | None) -> Prepared:
+    """The Prepared record of ``body`` (raw or compressed as ``codec`` says), sealed with
+    ``crypto`` when the safe is encrypted."""
     if crypto is None:
-        return Prepared(key, kind, codec, len(data), body if isinstance(body, bytes) else bytes(body))
+        return Prepared(key, kind, codec, raw_len, body if isinstance(body, bytes) else bytes(body))
     cid = crypto.cipher_id
-    aad = REC_AAD.pack(REC_MAGIC, kind, codec, cid, key, len(data), len(body) + OVERHEAD)
-    return Prepared(key, kind, codec, len(data), crypto.seal_record(aad, body), cipher=cid)
+    aad = REC_AAD.pack(REC_MAGIC, kind, codec, cid, key, raw_len, len(body) + OVERHEAD)
+    return Prepared(key, kind, codec, raw_len, crypto.seal_record(aad, body), cipher=cid)
 
 
 @dataclass(frozen=True, slots=True)

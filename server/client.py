@@ -20,16 +20,20 @@ import queue
 import socket
 import ssl
 import stat
+import struct
 import tempfile
 import threading
 import time
 import urllib.parse
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from pointsafe.cas import (Kind, ObjectMissing, Point, Safe, SafeError, UsageError, encode_node, latest, node_children,
                            object_key, prepare, utc_now_iso)
+
+from pointsafe.cas.tree import DIR, decode_tree, tree_pages
 
 from . import protocol
 
@@ -210,16 +214,100 @@ class RemoteConfig:
 
 class RemoteSafe:
     """What the tree walker reads of a safe -- ``config`` and ``get`` (the previous point's
-    trees, for change detection) -- from the server."""
+    trees, for change detection) -- from the server.
+
+    Trees are fetched in batches: each tree ``get`` returns queues its subdirectories' trees
+    (or its pages), and one fetcher thread asks for everything queued in one request (up to
+    MAX_IDS), so that change detection of a wide tree costs a request per batch of directories,
+    not one per directory. At most AHEAD trees are held or in flight; ``close`` stops the
+    fetcher."""
+
+    AHEAD = 1024
 
     def __init__(self, remote: Remote, info: dict[str, Any]):
         self.remote = remote
         self.config = RemoteConfig(info["chunk_min"], info["chunk_avg"], info["chunk_max"], info["list_fanout"],
                                    info["block_size"], info.get("zstd_level"))
+        self.cond = threading.Condition()
+        self.ahead: dict[bytes, Future] = {}      # tree id -> its raw bytes (fetched or on the way)
+        self.wanted: list[tuple[bytes, Future]] = []   # of ``ahead``: what the fetcher has not asked for yet
+        self.closed = False
+        self.thread: threading.Thread | None = None
+        self.requests = 0                         # fetch requests made (for tests and benchmarks)
 
     def get(self, key: bytes) -> bytes:
         """The raw bytes of object ``key`` (the agent's id); ObjectMissing when it has none."""
-        return self.remote.fetch([key])[0].raw
+        with self.cond:
+            fut = self.ahead.pop(key, None)
+        raw = None
+        if fut is not None:
+            try:
+                raw = fut.result()
+            except Exception:  # noqa: BLE001 - asked again alone below, which raises what is wrong
+                raw = None
+        if raw is None:
+            with self.cond:
+                self.requests += 1
+            raw = self.remote.fetch([key])[0].raw
+        self._queue(_subtrees(raw))
+        return raw
+
+    def _queue(self, keys: list[bytes]) -> None:
+        with self.cond:
+            if self.closed:
+                return
+            for k in keys:
+                if len(self.ahead) >= self.AHEAD:
+                    break
+                if k not in self.ahead:
+                    self.ahead[k] = f = Future()
+                    self.wanted.append((k, f))
+            if self.wanted:
+                if self.thread is None:
+                    self.thread = threading.Thread(target=self._fetcher, name="pointsafe-fetch-trees", daemon=True)
+                    self.thread.start()
+                self.cond.notify()
+
+    def _fetcher(self) -> None:
+        while True:
+            with self.cond:
+                while not self.wanted and not self.closed:
+                    self.cond.wait()
+                if self.closed:
+                    return
+                batch, self.wanted = self.wanted[:protocol.MAX_IDS], self.wanted[protocol.MAX_IDS:]
+                self.requests += 1
+            try:
+                raws: list[bytes] | BaseException = [r.raw for r in self.remote.fetch([k for k, _ in batch])]
+            except BaseException as e:  # noqa: BLE001 - each get asks again alone and raises it there
+                raws = e
+            for i, (_, f) in enumerate(batch):
+                try:
+                    f.set_exception(raws) if isinstance(raws, BaseException) else f.set_result(raws[i])
+                except InvalidStateError:   # cancelled by close
+                    pass
+
+    def close(self) -> None:
+        """Stop the fetcher thread and drop what it holds."""
+        with self.cond:
+            self.closed = True
+            for f in self.ahead.values():
+                f.cancel()
+            self.ahead.clear()
+            self.wanted.clear()
+            self.cond.notify_all()
+
+
+def _subtrees(raw: bytes) -> list[bytes]:
+    """The trees a walk reads after tree ``raw``: its pages, or its subdirectories' trees
+    (nothing for what is not a tree)."""
+    try:
+        pages = tree_pages(raw)
+        if pages is not None:
+            return [k for k, _, _ in pages]
+        return [e.ref for e in decode_tree(raw) if e.type == DIR and e.ref is not None]
+    except (ValueError, struct.error, IndexError, KeyError):
+        return []
 
 
 class RemoteWriter:
@@ -416,6 +504,8 @@ def remote_backup(remote: Remote, source: str, name: str | None = None, excludes
         pipe.cancel()
         w.cancel()
         raise
+    finally:
+        rsafe.close()
     stats = pipe.stats.as_dict()
     stats.update(bytes_stored=w.bytes_written, objects_new=w.objects_written)
     record.update(root=root.hex() if root else None, stats=stats, warnings=warnings, finished=utc_now_iso())

@@ -30,7 +30,7 @@ MAX_BODY = 64 * 1024 * 1024        # bytes of one request body (an upload of obj
 MAX_JSON = 4 * 1024 * 1024         # bytes of a JSON body (ids, a point record)
 MAX_OBJECT = 32 * 1024 * 1024      # raw bytes of one object (the largest chunk or node)
 MAX_IDS = 4096                     # ids in one missing or fetch request
-UPLOAD_BYTES = 4 * 1024 * 1024     # the agent uploads in bodies of about this size
+UPLOAD_BYTES = 16 * 1024 * 1024    # the agent uploads in bodies of about this size
 
 
 class BadStream(ValueError):
@@ -39,11 +39,15 @@ class BadStream(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    """One object of a stream: kind, agent id, and its raw bytes once decoded."""
+    """One object of a stream: kind, agent id, its raw bytes once decoded and, when it came
+    zstd-compressed (``codec``), the frame as sent (``body``: stored as it is, not compressed
+    again)."""
 
     kind: int
     id: bytes
     raw: bytes
+    codec: int = CODEC_RAW
+    body: bytes | memoryview | None = None
 
 
 def encode(kind: int, oid: bytes, codec: int, raw_len: int, body: bytes | memoryview) -> list[bytes | memoryview]:
@@ -54,7 +58,7 @@ def encode(kind: int, oid: bytes, codec: int, raw_len: int, body: bytes | memory
 def decode(buf: bytes | memoryview, max_object: int = MAX_OBJECT) -> list[Record]:
     """Every record of ``buf``, decompressed; BadStream when it is truncated, names an unknown
     kind or codec, claims more than ``max_object`` bytes, or a body does not decode to its
-    raw_len. Ids are not checked here (see :func:`check_ids`)."""
+    raw_len (a zstd body: exactly one frame, nothing after it). Ids are not checked here (see :func:`check_ids`)."""
     mv = memoryview(buf)
     out: list[Record] = []
     pos = 0
@@ -73,7 +77,8 @@ def decode(buf: bytes | memoryview, max_object: int = MAX_OBJECT) -> list[Record
             raise BadStream(f"truncated record body at byte {pos}: {body_len} bytes claimed, {len(mv) - pos} left")
         body = mv[pos:pos + body_len]
         pos += body_len
-        out.append(Record(kind, bytes(oid), _decoded(dec, codec, body, raw_len, pos)))
+        raw = _decoded(dec, codec, body, raw_len, pos)
+        out.append(Record(kind, bytes(oid), raw, codec, body if codec == CODEC_ZSTD else None))
     return out
 
 
@@ -82,7 +87,8 @@ def _decoded(dec: zstandard.ZstdDecompressor, codec: int, body: memoryview, raw_
         raw = bytes(body)
     elif codec == CODEC_ZSTD:
         try:
-            raw = dec.decompress(body, max_output_size=raw_len)
+            # one frame and nothing after it: the frame is what gets stored
+            raw = dec.decompress(body, max_output_size=raw_len, allow_extra_data=False)
         except zstandard.ZstdError as e:
             raise BadStream(f"record ending at byte {pos}: does not decompress ({e})") from None
     else:

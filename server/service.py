@@ -19,6 +19,7 @@ from typing import Any
 
 from pointsafe.cas import (Kind, Point, Prepared, Safe, SafeLocked, Writer, decode_list, decode_node, encode_node,
                            parse_utc, prepare)
+from pointsafe.cas.pack import prepare_compressed
 from pointsafe.cas.tree import decode_tree, tree_pages
 
 from . import agents, protocol
@@ -96,11 +97,16 @@ class Refused(Exception):
 @dataclass
 class _Incoming:
     """A verified object of an upload, ready to store: its plain and safe ids, its safe-side
-    children, and the prepared record."""
+    children and raw bytes, the agent's zstd frame of those bytes (None when it sent them raw
+    or they were rewritten), and the prepared record (None while the safe already holds it)."""
 
     plain: bytes
-    prepared: Prepared
+    key: bytes
+    kind: int
     children: list[bytes]
+    raw: bytes
+    frame: bytes | memoryview | None
+    prepared: Prepared | None = None
 
 
 SESSION_IDLE = 300.0   # seconds after its last upload that an agent's backup counts as abandoned
@@ -219,7 +225,7 @@ class Service:
     def _verify(self, agent: Agent, ids: IdMap, recs: list[protocol.Record]) -> list[_Incoming]:
         batch: dict[bytes, bytes] = {}     # plain -> safe id, of this upload's objects
         out = []
-        level, crypto = self.safe.config.zstd_level, self.safe.crypto
+        crypto = self.safe.crypto
         for r in recs:
             if protocol.agent_id(r.kind, r.raw) != r.id:
                 raise Refused(422, f"object {r.id.hex()}: its content does not hash to its id (forged or "
@@ -232,10 +238,26 @@ class Service:
                 raw = r.raw
             else:
                 children, raw = self._safe_node(ids, batch, r)
-            sid = self.safe.object_key(r.kind, raw)
+            same = raw is r.raw or raw == r.raw     # a node of an encrypted safe is rewritten
+            # a plain safe's id of unchanged bytes is the plain id just checked: no second hash
+            sid = r.id if crypto is None and same else self.safe.object_key(r.kind, raw)
             batch[r.id] = sid
-            out.append(_Incoming(r.id, prepare(r.kind, raw, level, key=sid, crypto=crypto), children))
+            out.append(_Incoming(r.id, sid, r.kind, children, raw, r.body if same else None))
+        with self.safe.index.read() as t:      # what the safe holds already is not sealed again
+            for inc in out:
+                if self.safe.entry(inc.key, t) is None:
+                    inc.prepared = self._prepare(inc)
         return out
+
+    def _prepare(self, inc: _Incoming) -> Prepared:
+        """The record of a verified object: the agent's zstd frame as it came (not compressed
+        again), its raw bytes when it sent them raw (it found they do not compress at the safe's
+        level), compressed here only when rewritten (a node's envelope in an encrypted safe)."""
+        level, crypto = self.safe.config.zstd_level, self.safe.crypto
+        if inc.frame is not None and level is not None and len(inc.frame) < len(inc.raw):
+            return prepare_compressed(inc.kind, inc.frame, len(inc.raw), inc.key, crypto)
+        rewritten = inc.kind != Kind.CHUNK and inc.frame is None
+        return prepare(inc.kind, inc.raw, level if rewritten else None, key=inc.key, crypto=crypto)
 
     def _safe_node(self, ids: IdMap, batch: dict[bytes, bytes], r: protocol.Record) -> tuple[list[bytes], bytes]:
         """(safe-side children, safe-side raw bytes) of an uploaded node; Refused when it does
@@ -266,12 +288,12 @@ class Service:
         """Store the objects (self.lock held) with the agent's id rows and its count of bytes
         stored, in one index transaction; Refused 507 (nothing stored) beyond its hard quota."""
         new = self._new_to_agent(ids, incoming)
-        added = sum(len(i.prepared.stored) for i in new)
+        added = sum(self._stored_size(i) for i in new)
         total = self._check_hard_quota(agent, added)
         w = self._writer()
         self.sessions[agent.id] = time.monotonic()
         stored = 0
-        rows = ids.writer([(i.plain, i.prepared.key) for i in incoming])
+        rows = ids.writer([(i.plain, i.key) for i in incoming])
         count = agents.usage_adder(self.safe, agent.id, added, len(new))
 
         def extra(txn: Any) -> None:
@@ -279,8 +301,9 @@ class Service:
             count(txn)
         try:
             for inc in incoming:
-                if w.lookup(inc.prepared.key) is None:
-                    w.put_prepared(inc.prepared, inc.children, checked=True)
+                if w.lookup(inc.key) is None:
+                    # None: the safe held it at _verify, and a gc has removed it since
+                    w.put_prepared(inc.prepared or self._prepare(inc), inc.children, checked=True)
                     stored += 1
             w.flush(extra=extra)
         except BaseException:
@@ -288,6 +311,17 @@ class Service:
             raise
         self._quota_alerts(agent, total)
         return {"stored": stored, "counted_bytes": added}
+
+    def _stored_size(self, inc: _Incoming) -> int:
+        """The stored bytes of an object of an upload: its prepared record's, or, when the safe
+        already holds it (shared with another agent), its index entry's; prepared now when a gc
+        removed it since the upload was checked."""
+        if inc.prepared is None:
+            e = self.safe.entry(inc.key)
+            if e is not None:
+                return e.stored_len
+            inc.prepared = self._prepare(inc)
+        return len(inc.prepared.stored)
 
     @staticmethod
     def _new_to_agent(ids: IdMap, incoming: list[_Incoming]) -> list[_Incoming]:
