@@ -109,9 +109,13 @@ def parse_quota(value: str, option: str) -> int | None:
     """The bytes a ``--quota-soft``/``--quota-hard`` value means (``10G``, ``500M``, ``off``:
     None); UsageError (one line) for anything else, a percentage too (of what?)."""
     from pointsafe.ops.config import parse_quota as parse
-    q = parse(value, option)
+    wrong = f"bad {option} {value!r}: an agent's quota is an amount of bytes stored (e.g. 50G) or off"
+    try:
+        q = parse(value, option)
+    except UsageError:
+        raise UsageError(wrong) from None    # not the disk quota's words (they offer percentages)
     if q is not None and q[0] != "bytes":
-        raise UsageError(f"bad {option} {value!r}: an agent's quota is an amount of bytes stored (e.g. 50G) or off")
+        raise UsageError(wrong)
     return None if q is None else int(q[1])
 
 
