@@ -134,7 +134,8 @@ def test_recount_drops_what_gc_removed(tmp_path):
 
 def test_bad_quota_values_are_refused_with_one_line(tmp_path):
     safe = make_safe(tmp_path)
-    for opts, words in ((["--quota-hard", "10%"], "amount of bytes"), (["--quota-soft", "lots"], "bad --quota-soft 'lots': an agent's quota is an amount"),
+    for opts, words in ((["--quota-hard", "10%"], "amount of bytes"),
+                        (["--quota-soft", "lots"], "bad --quota-soft 'lots': an agent's quota is an amount"),
                         (["--quota-soft", "2G", "--quota-hard", "1G"], "above the hard")):
         r = run_cli("agent", "add", "x", *opts, safe=safe)
         assert r.code == 1 and words in r.err and len(r.err.strip().splitlines()) == 1, r.err
