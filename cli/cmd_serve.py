@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-
-from .common import EXIT_OK, add_common, open_safe
+from .common import EXIT_OK, add_common, add_listen_options, announce_serving, open_safe
 
 
 def register(sub) -> None:
@@ -17,10 +15,7 @@ def register(sub) -> None:
                                    "The API is described in docs/SERVER.md and at /api/openapi.json. Stops on "
                                    "Ctrl-C or SIGTERM.")
     add_common(p)
-    p.add_argument("--listen", default=None, metavar="HOST:PORT",
-                   help="address to listen on (default 127.0.0.1:8443; [::1]:PORT for IPv6)")
-    p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
-    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    add_listen_options(p, "127.0.0.1:8443")
     p.set_defaults(func=cmd_serve)
 
 
@@ -30,9 +25,6 @@ def cmd_serve(args) -> int:
     listen = parse_listen(args.listen or DEFAULT_LISTEN)
     check_listen(listen, args.tls_cert, args.tls_key)
     with open_safe(args, write=True) as safe:
-        scheme = "https" if args.tls_cert else "http"
-        host = f"[{listen.host}]" if ":" in listen.host else listen.host
         serve(safe, listen, args.tls_cert, args.tls_key,
-              announce=lambda: print(f"pointsafe: serving {safe.path} to agents at {scheme}://{host}:{listen.port}/ "
-                                     "(Ctrl-C stops)", file=sys.stderr, flush=True))
+              announce=announce_serving(f"{safe.path} to agents", listen, bool(args.tls_cert)))
     return EXIT_OK

@@ -7,7 +7,7 @@ import sys
 
 from pointsafe.cas import UsageError
 
-from .common import EXIT_OK, add_common, open_safe, say
+from .common import EXIT_OK, add_common, add_listen_options, announce_serving, open_safe, say
 
 
 def register(sub) -> None:
@@ -21,10 +21,7 @@ def register(sub) -> None:
                                    "says otherwise; an address that is not loopback needs --tls-cert and "
                                    "--tls-key. Stops on Ctrl-C or SIGTERM. See docs/WEB.md.")
     add_common(p)
-    p.add_argument("--listen", default=None, metavar="HOST:PORT",
-                   help="address to listen on (default 127.0.0.1:8080; [::1]:PORT for IPv6)")
-    p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
-    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    add_listen_options(p, "127.0.0.1:8080")
     p.set_defaults(func=cmd_web)
     wsub = p.add_subparsers(dest="web_cmd", metavar="passwd")
     s = wsub.add_parser("passwd", help="set the dashboard's login password",
@@ -62,9 +59,6 @@ def cmd_web(args) -> int:
     listen = parse_listen(args.listen or DEFAULT_LISTEN)
     with open_safe(args) as safe:
         check_listen(listen, args.tls_cert, args.tls_key, password_hash(safe.index) is not None)
-        scheme = "https" if args.tls_cert else "http"
-        host = f"[{listen.host}]" if ":" in listen.host else listen.host
         serve(safe, listen, args.tls_cert, args.tls_key,
-              announce=lambda: print(f"pointsafe: serving {safe.path} at {scheme}://{host}:{listen.port}/ "
-                                     "(Ctrl-C stops)", file=sys.stderr, flush=True))
+              announce=announce_serving(str(safe.path), listen, bool(args.tls_cert)))
     return EXIT_OK

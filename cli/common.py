@@ -52,6 +52,21 @@ def emit_json(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
+def add_listen_options(p, default: str) -> None:
+    """--listen, --tls-cert and --tls-key of a command that serves HTTP (``web``, ``serve``)."""
+    p.add_argument("--listen", default=None, metavar="HOST:PORT",
+                   help=f"address to listen on (default {default}; [::1]:PORT for IPv6)")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+
+
+def announce_serving(what: str, listen, tls: bool) -> Callable[[], None]:
+    """The line a server prints on stderr once it listens: ``pointsafe: serving WHAT at URL``."""
+    host = f"[{listen.host}]" if ":" in listen.host else listen.host
+    url = f"{'https' if tls else 'http'}://{host}:{listen.port}/"
+    return lambda: print(f"pointsafe: serving {what} at {url} (Ctrl-C stops)", file=sys.stderr, flush=True)
+
+
 def say(args, text: str = "") -> None:
     """Human output: on stdout normally, on stderr with --json (stdout is for JSON)."""
     print(text, file=sys.stderr if getattr(args, "json", False) else sys.stdout)
