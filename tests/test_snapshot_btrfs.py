@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -509,3 +510,31 @@ def test_read_live_is_said_once_per_source_and_again_when_a_snapshot_stops_apply
         said = notes(vol)
         assert len(said) == 1 and "nested" in said[0], said
         assert notes(vol) == []
+
+
+def test_a_snapshot_waiting_on_a_frozen_filesystem_says_so_and_goes_on_once_thawed(tmp_path, safe_dir):
+    with btrfs_volume(tmp_path) as mnt:
+        vol = make_subvolume(mnt, "data")
+        fill(vol)
+        cli_backup(safe_dir, vol, "--snapshot", "btrfs")
+        # the hook freezes the filesystem just before the snapshot, as one meant for LVM would
+        cmd = [sys.executable, "-m", "pointsafe.cli", "--safe", str(safe_dir), "backup", str(vol),
+               "--snapshot", "btrfs", "--json", "-q", "--pre-freeze", f"fsfreeze -f {mnt}"]
+        env = {**os.environ, "POINTSAFE_SNAPSHOT_HINT_S": "1"}
+        from conftest import CLI_ENV
+        env.update({k: v for k, v in CLI_ENV.items() if v is not None})
+        try:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+            lines: list[str] = []
+            reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+            reader.start()
+            deadline = time.monotonic() + 60
+            while not any("is the filesystem frozen" in x for x in lines):
+                assert proc.poll() is None and time.monotonic() < deadline, lines
+                time.sleep(0.1)
+        finally:
+            subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True)
+        assert proc.wait(timeout=120) == 0, lines
+        reader.join(timeout=30)
+        out = proc.stdout.read()
+        assert json.loads(out)["snapshot"]["method"] == "btrfs"

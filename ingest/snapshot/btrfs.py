@@ -16,6 +16,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -166,6 +168,27 @@ def flushing_commits(subvol: Path) -> Iterator[str]:
         os.close(fd)
 
 
+@contextmanager
+def _hint_if_slow(subvol: Path) -> Iterator[None]:
+    """While the body runs: after 10 s ($POINTSAFE_SNAPSHOT_HINT_S), one line on stderr saying
+    what a snapshot that does not come waits for. Taking one waits for as long as the
+    filesystem is frozen (``fsfreeze -f``, e.g. by a --pre-freeze hook meant for LVM), and
+    SIGTERM is held off meanwhile."""
+    try:
+        after = float(os.environ.get("POINTSAFE_SNAPSHOT_HINT_S", "10"))
+    except ValueError:
+        after = 10.0
+    timer = threading.Timer(after, lambda: print(
+        f"pointsafe: the btrfs snapshot of {subvol} is still waiting; is the filesystem frozen (fsfreeze -f, "
+        "e.g. in --pre-freeze)? A btrfs snapshot cannot be taken until it is thawed", file=sys.stderr, flush=True))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def _stamp() -> str:
     ns = time.time_ns()
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime(ns // 10**9)) + f".{ns // 1000 % 10**6:06d}Z"
@@ -240,7 +263,11 @@ class BtrfsProvider:
         return prune_dir(self.snapdir, self.req.safe_id, self.req.name)
 
     def take(self) -> Taken:
-        """Take the read-only snapshot now."""
+        """Take the read-only snapshot now (saying so on stderr when that does not come)."""
+        with _hint_if_slow(self.subvol):
+            return self._take()
+
+    def _take(self) -> Taken:
         try:
             os.makedirs(self.snapdir, mode=0o700, exist_ok=True)
         except OSError as e:
