@@ -192,12 +192,8 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
            progress: Progress | Callable[[int], None] | None = None) -> BackupResult:
     """Back up ``source`` into a new point of ``safe`` (see the module's docstring for the
     order of work); UsageError, before anything is run or written, on bad input."""
-    if not source:
-        raise UsageError("the source is empty: name a directory, block device or disk image "
-                         "(use '.' for the current directory)")
     # The pre-hook runs before the source is checked: it may create it (a snapshot, a mount).
-    name = opts.name or default_name(Path(os.path.abspath(source)))
-    check_point_name(name)
+    name = source_name(source, opts.name)
     warn = Warnings()
     notes: list[str] = []
     hook_env = {"POINTSAFE_SOURCE": os.path.abspath(source), "POINTSAFE_NAME": name,
@@ -224,6 +220,17 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
                 point = commit_point(w, record, root, warnings)
                 freeze.keep(path)
     return BackupResult(point, warn.list, notes)
+
+
+def source_name(source: str, name: str | None) -> str:
+    """The point name of a backup of ``source`` (``name``, or the source's base name); UsageError
+    for an empty source or a name that cannot be one (see check_point_name)."""
+    if not source:
+        raise UsageError("the source is empty: name a directory, block device or disk image "
+                         "(use '.' for the current directory)")
+    name = name or default_name(Path(os.path.abspath(source)))
+    check_point_name(name)
+    return name
 
 
 def check_point_name(name: str) -> None:

@@ -469,19 +469,18 @@ def remote_backup(remote: Remote, source: str, opts: Any = None,
     its warnings, upload counters, notes). UsageError before anything is sent for a bad source
     or one the agent may not back up; SnapshotError when a snapshot asked for by name cannot be
     taken. Nothing is committed unless everything was uploaded."""
-    from pointsafe.ingest.backup import (BackupOptions, Warnings, check_point_name, default_name,
-                                         hooks_around, plan_point_in_time, point_in_time)
+    from pointsafe.ingest.backup import (BackupOptions, Warnings, hooks_around, plan_point_in_time, point_in_time,
+                                         source_name)
     opts = opts if opts is not None else BackupOptions()
     if opts.consistency:
         raise UsageError("--mysql/--postgres/--sqlite do not work with --server yet (docs/SERVER.md)")
-    name = opts.name or default_name(Path(os.path.abspath(source or ".")))
-    check_point_name(name)
+    name = source_name(source, opts.name)
     problem = protocol.point_name_problem(name)
     if problem is not None:
         raise UsageError(problem)
     warn = Warnings()
     notes: list[str] = []
-    env = {"POINTSAFE_SOURCE": os.path.abspath(source or "."), "POINTSAFE_NAME": name, "POINTSAFE_SERVER": remote.url}
+    env = {"POINTSAFE_SOURCE": os.path.abspath(source), "POINTSAFE_NAME": name, "POINTSAFE_SERVER": remote.url}
     started = utc_now_iso()
     with hooks_around(opts, env, warn.list):
         # the pre-hook runs before the source is checked: it may create it (a snapshot, a mount)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -41,38 +42,65 @@ def test_agent_backup_of_a_btrfs_subvolume_is_read_from_a_snapshot_kept_once(tmp
         assert_trees_equal(live, tree_snapshot(tmp_path / "out"), check_root=False)  # SOURCE's tree, no snapshot dir
 
 
+def _stuck_agent_backup(tmp_path: Path, server, tok: str, vol: Path) -> subprocess.Popen:
+    """An agent's backup that stops in its --post-thaw hook (the snapshot taken, nothing read)."""
+    ready = tmp_path / "ready"
+    env = {k: v for k, v in os.environ.items() if k not in ("POINTSAFE_SAFE", "POINTSAFE_PASSWORD")}
+    env["POINTSAFE_TOKEN"] = tok
+    hook = f"echo $$ > {tmp_path}/hook.pid; touch {ready}; exec sleep 60"
+    proc = subprocess.Popen([sys.executable, "-m", "pointsafe.cli", "backup", str(vol), "--server", server.url,
+                             "--post-thaw", hook], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the backup never reached its --post-thaw hook"
+        time.sleep(0.02)
+    return proc
+
+
+def _end(tmp_path: Path, proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to the stuck backup and end its hook (by the pid it wrote)."""
+    try:
+        proc.send_signal(sig)
+        proc.communicate(timeout=60)
+    finally:
+        try:
+            os.kill(int((tmp_path / "hook.pid").read_text()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+
 def test_agent_stale_snapshot_of_a_killed_backup_is_removed_by_the_next(tmp_path):
     safe = make_safe(tmp_path)
     tok = add_agent(safe, "web1")
-    ready = tmp_path / "ready"
     with btrfs_volume(tmp_path) as mnt, running(safe) as server:
         vol = make_subvolume(mnt, "data")
         fill(vol)
         kept = backup_json(server, tok, vol)["snapshot"]["path"]
-        env = {k: v for k, v in os.environ.items() if k not in ("POINTSAFE_SAFE", "POINTSAFE_PASSWORD")}
-        env["POINTSAFE_TOKEN"] = tok
-        hook = f"echo $$ > {tmp_path}/hook.pid; touch {ready}; exec sleep 60"
-        proc = subprocess.Popen([sys.executable, "-m", "pointsafe.cli", "backup", str(vol), "--server", server.url,
-                                 "--post-thaw", hook], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        try:
-            deadline = time.monotonic() + 60
-            while not ready.exists():
-                assert proc.poll() is None, proc.communicate()
-                assert time.monotonic() < deadline, "the backup never reached its --post-thaw hook"
-                time.sleep(0.02)
-            proc.kill()
-            proc.wait(timeout=30)
-        finally:
-            try:
-                os.kill(int((tmp_path / "hook.pid").read_text()), 9)
-            except (OSError, ValueError):
-                pass
+        _end(tmp_path, _stuck_agent_backup(tmp_path, server, tok, vol), signal.SIGKILL)
         assert len(snaps(vol)) == 2 and any(n.endswith(".partial") for n in snaps(vol)), snaps(vol)
         r = agent(server, tok, "backup", vol)
         assert r.code == 0, r.err
         assert "left by an interrupted backup" in r.out
         nxt = json.loads(agent(server, tok, "points", "--json").out)[-1]["snapshot"]["path"]
         assert snaps(vol) == [Path(nxt).name] and Path(kept).name not in snaps(vol)
+
+
+def test_sigterm_during_an_agent_backup_removes_its_snapshot_and_commits_nothing(tmp_path):
+    safe = make_safe(tmp_path)
+    tok = add_agent(safe, "web1")
+    with btrfs_volume(tmp_path) as mnt, running(safe) as server:
+        vol = make_subvolume(mnt, "data")
+        fill(vol)
+        kept = backup_json(server, tok, vol)["snapshot"]["path"]
+        before = safe_state(safe)
+        proc = _stuck_agent_backup(tmp_path, server, tok, vol)
+        assert len(snaps(vol)) == 2
+        _end(tmp_path, proc, signal.SIGTERM)
+        assert proc.returncode == 130
+        assert snaps(vol) == [Path(kept).name]
+        assert not [m for m in open("/proc/self/mountinfo") if ".pointsafe-snapshots" in m]
+        assert safe_state(safe)[2] == before[2]     # no point
 
 
 def test_agent_points_are_consistent_under_a_writer(tmp_path):
