@@ -169,33 +169,20 @@ def _remote(args):
     return Remote(args.server, read_token(getattr(args, "token_file", None)))
 
 
-def _refuse_local_options(args) -> None:
-    """UsageError for backup options that do not work through the server yet."""
-    given = [opt for opt, on in (("--pre-hook", args.pre_hook),
-                                 ("--post-hook", args.post_hook), ("--pre-freeze", args.pre_freeze),
-                                 ("--post-thaw", args.post_thaw),
-                                 ("--snapshot", args.snapshot not in ("auto", "none")),
-                                 ("--mysql/--postgres/--sqlite",
-                                  any(getattr(args, k, None) for k in ("mysql", "postgres", "sqlite"))))
-             if on]
-    if given:
-        raise UsageError(f"{given[0]} does not work with --server yet (docs/SERVER.md)")
-
-
-def backup_remote(args) -> int:
-    """``pointsafe backup SOURCE --server URL``: back up through the server as an agent."""
+def backup_remote(args, opts) -> int:
+    """``pointsafe backup SOURCE --server URL``: back up through the server as an agent, with
+    ``opts`` (ingest's BackupOptions, as a local backup's: snapshot, hooks)."""
     from pointsafe.server.client import remote_backup
-    _refuse_local_options(args)
-    labels = dict(kv.partition("=")[::2] for kv in args.label)
     remote = _remote(args)
     with progress(args, None, f"backing up {args.source} to {args.server}") as advance:
-        p, warnings, sent = remote_backup(remote, args.source, args.name, args.exclude, args.one_file_system,
-                                          labels, progress=advance, volume=args.volume)
+        p, warnings, sent, notes = remote_backup(remote, args.source, opts, progress=advance)
     if args.json:
         emit_json({**p.to_record(), "upload": sent})
     else:
         for w in warnings:
             print(f"warning: {w['path']}: {w['message']}", file=sys.stderr)
+        for n in notes:
+            say(args, f"note: {n}")
         st = p.stats
         say(args, f"point {p.id[:12]} ({p.name}, {p.kind}) on {args.server}: {st.get('files', 0)} files, "
                   f"{human_bytes(st.get('bytes_read', 0))} read, {sent['objects_uploaded']} of "

@@ -92,21 +92,26 @@ def consistency_hooks(args) -> list:
     return from_args(args)
 
 
-def cmd_backup(args) -> int:
-    """``pointsafe backup``: make a point of SOURCE and print it (exit 3 when it has warnings)."""
-    if args.server:
-        from .cmd_agent import backup_remote
-        return backup_remote(args)
+def backup_options(args) -> BackupOptions:
+    """The BackupOptions of the command line (a local backup's and an agent's alike)."""
     labels = {}
     for kv in args.label:
         k, _, v = kv.partition("=")
         labels[k] = v
-    opts = BackupOptions(name=args.name, volume=args.volume, pre_hook=args.pre_hook, post_hook=args.post_hook,
+    return BackupOptions(name=args.name, volume=args.volume, pre_hook=args.pre_hook, post_hook=args.post_hook,
                          excludes=args.exclude, one_file_system=args.one_file_system,
                          consistency=consistency_hooks(args),
                          allow_inconsistent=getattr(args, "allow_inconsistent", False), labels=labels,
                          space_check=getattr(args, "space_check", None), snapshot=args.snapshot,
                          snapshot_size=args.snapshot_size, pre_freeze=args.pre_freeze, post_thaw=args.post_thaw)
+
+
+def cmd_backup(args) -> int:
+    """``pointsafe backup``: make a point of SOURCE and print it (exit 3 when it has warnings)."""
+    opts = backup_options(args)
+    if args.server:
+        from .cmd_agent import backup_remote
+        return backup_remote(args, opts)
     with open_safe(args) as safe:
         with progress(args, None, f"backing up {args.source}") as advance:
             res = backup(safe, args.source, opts, progress=advance)

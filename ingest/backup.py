@@ -30,9 +30,10 @@ import socket
 import stat
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 from pointsafe.cas import (BlobBuilder, Entry, Kind, Point, Safe, SafeError, UsageError, Writer, build_tree,
                            latest, parse_utc, read_tree, utc_now_iso)
@@ -191,52 +192,21 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
            progress: Progress | Callable[[int], None] | None = None) -> BackupResult:
     """Back up ``source`` into a new point of ``safe`` (see the module's docstring for the
     order of work); UsageError, before anything is run or written, on bad input."""
-    if not source:
-        raise UsageError("the source is empty: name a directory, block device or disk image "
-                         "(use '.' for the current directory)")
     # The pre-hook runs before the source is checked: it may create it (a snapshot, a mount).
-    name = opts.name or default_name(Path(os.path.abspath(source)))
-    if "@" in name or "/" in name or not name.strip():
-        raise UsageError(f"bad point name {name!r}: it must not be empty or contain '@' or '/'")
-    if not _is_utf8(name):
-        raise UsageError(f"bad point name {name!r}: it must be valid UTF-8")
-    if any(_is_control(c) for c in name):
-        raise UsageError(f"bad point name {name!r}: it must not contain control characters")
-    warnings: list[dict] = []
+    name = source_name(source, opts.name)
+    warn = Warnings()
     notes: list[str] = []
-    shown_as: list[tuple[str, str]] = []     # (read path, SOURCE path): warnings name SOURCE's paths
-
-    def warn(p: bytes | str, message: str) -> None:
-        text = os.fsdecode(p) if isinstance(p, bytes) else p
-        for read, live in shown_as:
-            if text == read or text.startswith(read.rstrip("/") + "/"):
-                text = live + text[len(read):]
-        warnings.append({"path": text, "message": message})
-
     hook_env = {"POINTSAFE_SOURCE": os.path.abspath(source), "POINTSAFE_NAME": name,
                 "POINTSAFE_SAFE": str(safe.path)}
     started = utc_now_iso()
-    try:
-        if opts.pre_hook:
-            run_hook(opts.pre_hook, hook_env, "pre-hook")
+    with hooks_around(opts, hook_env, warn.list):
         path, st, kind = check_source(safe, source, opts.volume)
-        provider, why_live = plan_snapshot(Request(opts.snapshot, path, st, kind, name, safe.config.safe_id,
-                                                   opts.snapshot_size, opts.one_file_system))
-        if why_live and _snapshot_of_last(safe, name, kind) != "none":
-            # said on the first point of a source and when it stops being a snapshot; not
-            # on every hourly run of a source that never can be (its points say "none")
-            notes.append(f"no snapshot, reading {path} live: {why_live}")
+        provider = plan_point_in_time(opts, path, st, kind, name, safe.config.safe_id,
+                                      _snapshot_of_last(safe, name, kind), notes)
         # Take the lock before touching databases, so that a busy safe fails fast.
-        with safe.writer(f"backup {name}", space_check=opts.space_check) as w, _sigterm_unwinds():
+        with safe.writer(f"backup {name}", space_check=opts.space_check) as w:
             check_packs_present(safe)
-            if provider is not None:
-                notes.extend(f"removed {x}, left by an interrupted backup" for x in provider.clear_stale())
-            freeze = _Freeze(opts, provider, warn, hook_env)
-            try:
-                freeze.begin(path)
-                if freeze.taken is not None:
-                    shown_as.append((str(freeze.taken.read_path), str(path)))
-                    notes.extend(freeze.taken.notes)
+            with point_in_time(opts, provider, path, warn, hook_env, notes) as freeze:
                 record, root, grafted = _read(safe, w, path, st, kind, name, started, opts, warn, progress, freeze)
                 # The point holds the integrations' consistent copies of these files: their read
                 # warnings (a live WAL segment or database file changing under the reader) no
@@ -244,40 +214,122 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
                 # ... nor do read warnings in the directories a database integration covers (its
                 # recovery repairs them), and what the integrations found is said.
                 covered = covered_roots(freeze.active, path)
+                warnings = warn.list
                 warnings[:] = [x for x in warnings if x.get("path") not in grafted and not is_covered_warning(x, covered)]
                 warnings += [{"path": c.name, "message": m} for c in freeze.active for m in getattr(c, "warnings", list)()]
                 point = commit_point(w, record, root, warnings)
-                if provider is not None:
-                    try:
-                        provider.keep()
-                    except SafeError as e:   # the point is committed: a warning on the run
-                        warnings.append({"path": str(path), "message": str(e)})
-            finally:
-                try:
-                    freeze.thaw("error")     # no-op when it already ran
-                finally:
-                    for c in freeze.active:
-                        try:
-                            c.close()
-                        except Exception as e:  # noqa: BLE001 - report, never mask the main error
-                            warn(c.name, f"closing the {c.name} connection failed: {e}")
-                    if provider is not None:
-                        _release(provider, warnings, path)
+                freeze.keep(path)
+    return BackupResult(point, warn.list, notes)
+
+
+def source_name(source: str, name: str | None) -> str:
+    """The point name of a backup of ``source`` (``name``, or the source's base name); UsageError
+    for an empty source or a name that cannot be one (see check_point_name)."""
+    if not source:
+        raise UsageError("the source is empty: name a directory, block device or disk image "
+                         "(use '.' for the current directory)")
+    name = name or default_name(Path(os.path.abspath(source)))
+    check_point_name(name)
+    return name
+
+
+def check_point_name(name: str) -> None:
+    """UsageError unless ``name`` can be a point's source name (not empty, no '@' or '/', UTF-8,
+    no control characters)."""
+    if "@" in name or "/" in name or not name.strip():
+        raise UsageError(f"bad point name {name!r}: it must not be empty or contain '@' or '/'")
+    if not _is_utf8(name):
+        raise UsageError(f"bad point name {name!r}: it must be valid UTF-8")
+    if any(_is_control(c) for c in name):
+        raise UsageError(f"bad point name {name!r}: it must not contain control characters")
+
+
+class Warnings:
+    """The warnings of a run (``list``: dicts with ``path`` and ``message``); called as
+    ``warn(path, message)``. A path under a snapshot's read path is shown as SOURCE's
+    (``shown_as``: (read path, SOURCE path) pairs)."""
+
+    def __init__(self) -> None:
+        self.list: list[dict] = []
+        self.shown_as: list[tuple[str, str]] = []
+
+    def __call__(self, p: bytes | str, message: str) -> None:
+        text = os.fsdecode(p) if isinstance(p, bytes) else p
+        for read, live in self.shown_as:
+            if text == read or text.startswith(read.rstrip("/") + "/"):
+                text = live + text[len(read):]
+        self.list.append({"path": text, "message": message})
+
+
+@contextmanager
+def hooks_around(opts: BackupOptions, env: dict, warnings: list[dict]) -> Iterator[None]:
+    """Run the --pre-hook, then the body, then the --post-hook, always: POINTSAFE_STATUS error
+    when the body (or the pre-hook) failed -- the failure is re-raised, the post-hook's own is
+    not reported --, else ok or warning (``warnings`` not empty); a failing post-hook after a
+    success becomes a warning."""
+    try:
+        if opts.pre_hook:
+            run_hook(opts.pre_hook, env, "pre-hook")
+        yield
     except BaseException:
         if opts.post_hook:
             try:
-                run_hook(opts.post_hook, {**hook_env, "POINTSAFE_STATUS": "error"}, "post-hook")
+                run_hook(opts.post_hook, {**env, "POINTSAFE_STATUS": "error"}, "post-hook")
             except HookFailed:
                 pass  # the backup's own error is the one to report
         raise
     if opts.post_hook:
         status = "warning" if warnings else "ok"
         try:
-            run_hook(opts.post_hook, {**hook_env, "POINTSAFE_STATUS": status}, "post-hook")
+            run_hook(opts.post_hook, {**env, "POINTSAFE_STATUS": status}, "post-hook")
         except HookFailed as e:
             # The point is committed: a failing post-hook is a warning on the run, not an error.
             warnings.append({"path": "post-hook", "message": str(e)})
-    return BackupResult(point, warnings, notes)
+
+
+def plan_point_in_time(opts: BackupOptions, path: Path, st: os.stat_result, kind: str, name: str, safe_id: str,
+                       last_snapshot: object, notes: list[str]) -> Provider | None:
+    """The provider that will snapshot the source (``opts.snapshot``; None: read live), for the
+    snapshots of ``safe_id`` (its first 16 characters name them). Under ``auto``, why it reads
+    live goes to ``notes`` -- on the first point of a source and when it stops being a snapshot
+    (``last_snapshot``: the previous point's record), not on every run of a source that never
+    can be. SnapshotError when a method asked for by name does not apply."""
+    provider, why_live = plan_snapshot(Request(opts.snapshot, path, st, kind, name, safe_id,
+                                               opts.snapshot_size, opts.one_file_system))
+    if why_live and last_snapshot != "none":
+        notes.append(f"no snapshot, reading {path} live: {why_live}")
+    return provider
+
+
+@contextmanager
+def point_in_time(opts: BackupOptions, provider: Provider | None, path: Path, warn: Warnings, env: dict,
+                  notes: list[str]) -> Iterator[_Freeze]:
+    """The freeze around a backup's read (steps 2-6 of the module's docstring, SIGTERM unwinding
+    it): remove what killed backups left, freeze, take the snapshot, thaw; yield the freeze
+    (read ``freeze.read_path(path)``, call ``freeze.thaw("ok")`` once read and
+    ``freeze.keep(path)`` once the point is committed). Always, also on failure or SIGTERM: the
+    --post-thaw hook (once), the integrations closed, the snapshot released."""
+    with _sigterm_unwinds():
+        if provider is not None:
+            notes.extend(f"removed {x}, left by an interrupted backup" for x in provider.clear_stale())
+        freeze = _Freeze(opts, provider, warn, env)
+        try:
+            freeze.begin(path)
+            if freeze.taken is not None:
+                warn.shown_as.append((str(freeze.taken.read_path), str(path)))
+                notes.extend(freeze.taken.notes)
+            yield freeze
+        finally:
+            try:
+                freeze.thaw("error")     # no-op when it already ran
+            finally:
+                for c in freeze.active:
+                    try:
+                        c.close()
+                    except Exception as e:  # noqa: BLE001 - report, never mask the main error
+                        warn(c.name, f"closing the {c.name} connection failed: {e}")
+                if provider is not None:
+                    _release(provider, warn, path)
 
 
 class Terminated(KeyboardInterrupt):
@@ -301,12 +353,12 @@ class _sigterm_unwinds:
             signal.signal(signal.SIGTERM, self.old)
 
 
-def _release(provider: Provider, warnings: list[dict], path: Path) -> None:
+def _release(provider: Provider, warn: Warnings, path: Path) -> None:
     """Remove whatever the snapshot left (never masks the backup's own error)."""
     try:
         provider.release()
     except SafeError as e:
-        warnings.append({"path": str(path), "message": str(e)})
+        warn(str(path), str(e))
 
 
 class _Freeze:
@@ -364,6 +416,25 @@ class _Freeze:
                         self.warn("post-thaw hook", str(e))
         finally:
             self.held_s = time.monotonic() - self.t0
+
+    def read_path(self, path: Path) -> Path:
+        """What the backup reads: the snapshot's path, or ``path`` (the live source) without one."""
+        return self.taken.read_path if self.taken is not None else path
+
+    def walk_options(self, path: Path, opts: BackupOptions, excludes: list[str], skip: set[tuple[int, int]]) -> WalkOptions:
+        """How a tree is walked: ``opts``' one-file-system, ``excludes``; never entered: ``skip``
+        and pointsafe's own snapshots (live dev, ino: a snapshot's device is mapped to the live one)."""
+        return WalkOptions(one_file_system=opts.one_file_system, excludes=excludes, skip=skip | own_dirs(path),
+                           dev_map=dict(self.taken.dev_map) if self.taken is not None else {})
+
+    def keep(self, path: Path) -> None:
+        """The point is committed: keep what the provider keeps (its failure: a warning on the run)."""
+        if self.provider is None:
+            return
+        try:
+            self.provider.keep()
+        except SafeError as e:
+            self.warn(str(path), str(e))
 
     def record(self) -> dict | str:
         """What the point records under ``snapshot``."""
@@ -471,7 +542,7 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
     cfg = safe.config
     active = freeze.active
     taken = freeze.taken
-    read_path = taken.read_path if taken is not None else path
+    read_path = freeze.read_path(path)
     prev = previous_point(safe, name, kind)
     progress, set_total = _progress_of(progress)
     set_total(*estimate(prev, path, st, kind, cfg.block_size))
@@ -485,11 +556,7 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
     try:
         if kind == "tree":
             sst = os.stat(safe.path)
-            # Never entered: the safe, and pointsafe's own snapshots (live dev, ino: a snapshot's
-            # device is mapped to the live one).
-            wo = WalkOptions(one_file_system=opts.one_file_system, excludes=list(opts.excludes) + walk_excludes(active),
-                             skip={(sst.st_dev, sst.st_ino)} | own_dirs(path),
-                             dev_map=dict(taken.dev_map) if taken is not None else {})
+            wo = freeze.walk_options(path, opts, list(opts.excludes) + walk_excludes(active), {(sst.st_dev, sst.st_ino)})
             root, record["root_meta"] = walk_tree(safe, pipe, read_path, prev.root if prev else None, wo, warn, progress)
         else:
             sig = _source_stat(st, taken)

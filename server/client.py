@@ -449,53 +449,83 @@ def _source_kind(source: str, volume: bool) -> tuple[Path, os.stat_result, str]:
     raise UsageError(f"{source}: is neither a directory nor a block device (a disk image needs --volume)")
 
 
-def remote_backup(remote: Remote, source: str, name: str | None = None, excludes: list[str] | None = None,
-                  one_file_system: bool = False, labels: dict[str, str] | None = None, workers: int = 2,
-                  progress: Callable[..., None] | None = None,
-                  volume: bool = False) -> tuple[Point, list[dict], dict[str, int]]:
-    """Back up ``source`` (a directory; a block device, or a disk image with ``volume``) into a
-    point on the server, with change detection against the agent's previous point of the same
-    name; returns (the point, its warnings, upload counters). UsageError before anything is sent
-    for a bad source or one the agent may not back up. Nothing is committed unless everything
-    was uploaded."""
-    from pointsafe.ingest.backup import _progress_of, _source_stat, default_name, estimate, walk_tree, walk_volume
-    from pointsafe.ingest.pipeline import Pipeline
-    from pointsafe.ingest.snapshot.btrfs import own_dirs
-    from pointsafe.ingest.walk import WalkOptions
+def snapshot_id(remote: Remote, info: dict[str, Any]) -> str:
+    """The id the agent's snapshots are named with (as a local backup names its own with the
+    safe's id): the server's ``snapshot_id`` for this agent (a hash of the safe's id and the
+    agent's, stable across backups), or for an older server a hash of its URL and the agent."""
+    sid = info.get("snapshot_id")
+    if isinstance(sid, str) and len(sid) >= 16 and all(c in "0123456789abcdef" for c in sid):
+        return sid
+    import hashlib
+    return hashlib.sha256(f"pointsafe agent\0{remote.url}\0{info.get('agent')}".encode()).hexdigest()[:32]
 
-    path, st, kind = _source_kind(source, volume)
-    info = remote.info()
-    if not _may_back_up(info.get("sources") or [], str(path)):
-        raise UsageError(f"agent {info['agent']} may not back up {path} (its sources: {', '.join(info['sources'])})")
-    name = name or default_name(path)
+
+def remote_backup(remote: Remote, source: str, opts: Any = None,
+                  progress: Callable[..., None] | None = None) -> tuple[Point, list[dict], dict[str, int], list[str]]:
+    """Back up ``source`` (a directory; a block device, or a disk image with ``opts.volume``)
+    into a point on the server, a point in time exactly as a local backup's (``opts``: ingest's
+    BackupOptions; its snapshot, hooks and freeze run on this machine, see ingest.backup), with
+    change detection against the agent's previous point of the same name; returns (the point,
+    its warnings, upload counters, notes). UsageError before anything is sent for a bad source
+    or one the agent may not back up; SnapshotError when a snapshot asked for by name cannot be
+    taken. Nothing is committed unless everything was uploaded."""
+    from pointsafe.ingest.backup import (BackupOptions, Warnings, hooks_around, plan_point_in_time, point_in_time,
+                                         source_name)
+    opts = opts if opts is not None else BackupOptions()
+    if opts.consistency:
+        raise UsageError("--mysql/--postgres/--sqlite do not work with --server yet (docs/SERVER.md)")
+    name = source_name(source, opts.name)
     problem = protocol.point_name_problem(name)
     if problem is not None:
         raise UsageError(problem)
+    warn = Warnings()
+    notes: list[str] = []
+    env = {"POINTSAFE_SOURCE": os.path.abspath(source), "POINTSAFE_NAME": name, "POINTSAFE_SERVER": remote.url}
     started = utc_now_iso()
-    prev = latest(p for p in remote.points() if p.name == name and p.kind == kind)
-    warnings: list[dict] = []
+    with hooks_around(opts, env, warn.list):
+        # the pre-hook runs before the source is checked: it may create it (a snapshot, a mount)
+        path, st, kind = _source_kind(source, opts.volume)
+        info = remote.info()
+        if not _may_back_up(info.get("sources") or [], str(path)):
+            raise UsageError(f"agent {info['agent']} may not back up {path} (its sources: {', '.join(info['sources'])})")
+        prev = latest(p for p in remote.points() if p.name == name and p.kind == kind)
+        provider = plan_point_in_time(opts, path, st, kind, name, snapshot_id(remote, info),
+                                      None if prev is None else prev.snapshot, notes)
+        with point_in_time(opts, provider, path, warn, env, notes) as freeze:
+            record, w = _send_source(remote, info, path, st, kind, prev, opts, freeze, warn, progress)
+            record.update(name=name, started=started, warnings=warn.list)
+            point = remote.commit(record)
+            freeze.keep(path)
+    return point, warn.list, {"objects_offered": w.objects_offered, "objects_uploaded": w.objects_written,
+                              "bytes_uploaded": w.bytes_written}, notes
 
-    def warn(p: bytes | str, message: str) -> None:
-        warnings.append({"path": os.fsdecode(p) if isinstance(p, bytes) else p, "message": message})
 
+def _send_source(remote: Remote, info: dict[str, Any], path: Path, st: os.stat_result, kind: str, prev: Point | None,
+                 opts: Any, freeze: Any, warn: Callable[[bytes | str, str], None],
+                 progress: Callable[..., None] | None) -> tuple[dict[str, Any], RemoteWriter]:
+    """Read the source (the snapshot ``freeze`` took, or the live ``path``) and upload what the
+    server lacks; returns (the point record but for name, started and warnings; the writer and
+    its counters). The freeze is thawed once the source is read."""
+    from pointsafe.ingest.backup import _progress_of, _source_stat, estimate, walk_tree, walk_volume
+    from pointsafe.ingest.pipeline import Pipeline
     rsafe = RemoteSafe(remote, info)
     cfg = rsafe.config
     advance, set_total = _progress_of(progress)
     set_total(*estimate(prev, path, st, kind, cfg.block_size))
     w = RemoteWriter(remote, cfg.zstd_level)
-    pipe = Pipeline(w, cfg.list_fanout, workers=workers)  # type: ignore[arg-type]  # RemoteWriter: the Writer methods the pipeline calls
-    record: dict[str, Any] = {"name": name, "kind": kind, "source": str(path), "host": socket.gethostname(),
-                              "started": started, "labels": dict(labels or {}), "snapshot": "none"}
+    pipe = Pipeline(w, cfg.list_fanout, workers=opts.workers)  # type: ignore[arg-type]  # RemoteWriter: the Writer methods the pipeline calls
+    record: dict[str, Any] = {"kind": kind, "source": str(path), "host": socket.gethostname(),
+                              "labels": dict(opts.labels or {})}
+    read_path = freeze.read_path(path)
     try:
         if kind == "tree":
-            wo = WalkOptions(one_file_system=one_file_system, excludes=list(excludes or []), skip=own_dirs(path),
-                             dev_map={})
-            root, record["root_meta"] = walk_tree(rsafe, pipe, path, prev.root if prev else None, wo,  # type: ignore[arg-type]  # RemoteSafe: config and get
+            wo = freeze.walk_options(path, opts, list(opts.excludes or []), set())
+            root, record["root_meta"] = walk_tree(rsafe, pipe, read_path, prev.root if prev else None, wo,  # type: ignore[arg-type]  # RemoteSafe: config and get
                                                   warn, advance)
             record["size"] = pipe.stats.size
         else:
-            sig = _source_stat(st, None)
-            root, record["size"] = walk_volume(pipe, path, st, sig, prev, cfg.block_size, warn, advance, path.name)
+            sig = _source_stat(st, freeze.taken)
+            root, record["size"] = walk_volume(pipe, read_path, st, sig, prev, cfg.block_size, warn, advance, path.name)
             record["block_size"] = cfg.block_size
             if stat.S_ISREG(st.st_mode):
                 record["source_stat"] = sig
@@ -506,12 +536,11 @@ def remote_backup(remote: Remote, source: str, name: str | None = None, excludes
         raise
     finally:
         rsafe.close()
+    freeze.thaw("ok")   # without a snapshot the freeze lasted the whole read (with one: done already)
     stats = pipe.stats.as_dict()
     stats.update(bytes_stored=w.bytes_written, objects_new=w.objects_written)
-    record.update(root=root.hex() if root else None, stats=stats, warnings=warnings, finished=utc_now_iso())
-    point = remote.commit(record)
-    return point, warnings, {"objects_offered": w.objects_offered, "objects_uploaded": w.objects_written,
-                             "bytes_uploaded": w.bytes_written}
+    record.update(root=root.hex() if root else None, stats=stats, snapshot=freeze.record(), finished=utc_now_iso())
+    return record, w
 
 
 # -- restore ---------------------------------------------------------------------------------

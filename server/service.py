@@ -8,7 +8,9 @@ first is stored: a request that is refused stores nothing. Writes go through the
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import struct
 import threading
@@ -67,6 +69,19 @@ def _warnings(v: Any) -> bool:
                                        and all(isinstance(x, str) for x in w.values()) for w in v)
 
 
+def _snapshot(v: Any) -> bool:
+    """The ``snapshot`` record a local backup writes (ingest.backup ``_Freeze.record``)."""
+    if v == "none":
+        return True
+    if not isinstance(v, dict) or not {"method", "taken_at", "held_s"} <= set(v) <= {"method", "taken_at", "held_s", "path"}:
+        return False
+    held = v["held_s"]
+    path = v.get("path", "")
+    return (v["method"] in ("btrfs", "lvm", "reflink") and _time(v["taken_at"])
+            and isinstance(held, (int, float)) and not isinstance(held, bool) and math.isfinite(held) and held >= 0
+            and isinstance(path, str) and len(path) <= 4096)
+
+
 # What each field of an agent's point record must be (what the commands that read points expect):
 # field -> (check, what it must be, for the error).
 FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -80,9 +95,16 @@ FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
               "an object of integers"),
     "labels": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()), "an object of strings"),
     "warnings": (_warnings, "a list of {path, message} strings"),
-    "snapshot": (lambda v: v == "none", "\"none\" (an agent reads its source live)"),
+    "snapshot": (_snapshot, "\"none\" or an object of method (btrfs, lvm or reflink), taken_at (an ISO 8601 "
+                 "UTC time), held_s (seconds, at least 0) and optionally path (a string)"),
     "source_stat": (lambda v: isinstance(v, list) and len(v) <= 8 and all(_int(x) for x in v), "a list of integers"),
 }
+
+
+def snapshot_id(safe_id: str, agent_id: str) -> str:
+    """What an agent names its retained snapshots with (as a local backup uses the safe's id):
+    stable for this safe and agent, and revealing neither (a hash of both)."""
+    return hashlib.sha256(f"pointsafe snapshots\0{safe_id}\0{agent_id}".encode()).hexdigest()[:32]
 
 
 class Refused(Exception):
@@ -148,7 +170,7 @@ class Service:
                 "list_fanout": cfg.list_fanout, "block_size": cfg.block_size, "zstd_level": cfg.zstd_level,
                 "max_body": protocol.MAX_BODY, "max_ids": protocol.MAX_IDS, "upload_bytes": protocol.UPLOAD_BYTES,
                 "stored_bytes": agents.usage(self.safe, agent.id).bytes, "quota_soft": agent.quota_soft,
-                "quota_hard": agent.quota_hard}
+                "quota_hard": agent.quota_hard, "snapshot_id": snapshot_id(cfg.safe_id, agent.id)}
 
     def missing(self, agent: Agent, plains: list[bytes]) -> list[bytes]:
         """The ids of ``plains`` this agent has not uploaded (or whose objects gc removed since):
