@@ -207,3 +207,28 @@ def test_database_integrations_through_the_server_are_refused_with_one_line(tmp_
         assert r.code == 1 and "Traceback" not in r.err, r.err
         assert r.err.strip() == "pointsafe: error: --mysql/--postgres/--sqlite do not work with --server yet (docs/SERVER.md)"
         assert safe_state(safe) == before
+
+
+def test_snapshot_paths_named_by_an_agent_are_never_looked_at_on_the_server(tmp_path):
+    """An agent's point names paths on the agent's machine: `pointsafe snapshots` on the server
+    (and its pruning) must not go looking in a directory an agent named."""
+    from pointsafe.cas import Safe
+    from conftest import PW, run_cli
+    safe = make_safe(tmp_path)
+    tok = add_agent(safe, "evil")
+    with Safe.open(safe, password=PW, write=False) as s:
+        sid = s.config.safe_id
+    victim = tmp_path / "victim" / ".pointsafe-snapshots"
+    decoy = victim / f"{sid[:16]}-www@20260101T000000.000000Z"
+    decoy.mkdir(parents=True)
+    snap = {"method": "btrfs", "taken_at": "2026-12-02T01:00:00.000000Z", "held_s": 0.01, "path": str(decoy)}
+    with running(safe) as server, server.client(tok) as c:
+        r = c.post("/api/v1/points", json={"name": "www", "kind": "tree", "source": str(tmp_path / "victim"),
+                                           "root": None, "snapshot": snap})
+        assert r.status_code == 200, r.text
+    r = run_cli("snapshots", "--json", safe=safe)
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["snapshots"] == []
+    r = run_cli("snapshots", "--prune", safe=safe)
+    assert r.code == 0, r.err
+    assert decoy.is_dir()

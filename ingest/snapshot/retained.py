@@ -39,6 +39,10 @@ class Listed:
 
 
 def _snapdirs(points: list[Point]) -> set[Path]:
+    """The snapshot directories this machine's points name. Points an agent sent through the
+    safe server name paths on the agent's machine, not here: never looked at (an agent could
+    otherwise point this machine's pruning at any directory)."""
+    points = [p for p in points if "agent_id" not in p.extra]
     dirs: set[Path] = set()
     for p in points:
         snap = p.snapshot
