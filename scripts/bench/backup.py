@@ -326,6 +326,23 @@ def measure(tool: Tool, step: str, *, cold: bool, timeout: float,
     return res
 
 
+_held: list[int] = []
+
+
+def _lock_data_set(data_dir: Path) -> None:
+    """Hold the data set for this run (the third backup changes it and puts it back): a second
+    run on the same data set stops at once instead of reading it half changed."""
+    import fcntl
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(data_dir) + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"backup.py: another run is using the data set {data_dir} (it changes it and puts it "
+                         "back); wait for it, or give --data another directory") from None
+    _held.append(fd)
+
+
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     size = parse_size(args.size)
     data_dir = Path(args.data or f"/work/bench-data/set-{args.size}").resolve()
@@ -335,6 +352,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if t not in TOOL_CLASSES:
             raise SystemExit(f"backup.py: unknown tool {t!r} (known: {', '.join(ALL_TOOLS)})")
 
+    _lock_data_set(data_dir)
     m = dataset.ensure(data_dir, size, args.seed)
     if work.exists():
         shutil.rmtree(work)
