@@ -8,16 +8,13 @@ subprocesses.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from _fuse_util import MOUNT_TIMEOUT, is_mounted, stats, unmount, wait_gone
+from _fuse_util import MOUNT_TIMEOUT, is_mounted, mounted, stats, unmount, wait_gone
 from _server_util import Served, add_agent, agent, agent_env, backup_json, make_safe, start, stop
 from _tree_util import all_types_tree, assert_trees_equal, make_tree
 from conftest import needs_fuse, run_cli
@@ -53,23 +50,11 @@ def served(tmp_path_factory):
         stop(server.proc)
 
 
-@contextmanager
-def agent_mount(server: Served, token: str, mp: Path, *args) -> Iterator[dict]:
-    """``pointsafe mount MP ARGS --server URL`` as the agent, in the background; yields its
-    --json answer; always unmounts and waits for the mount process to end."""
-    mp.mkdir(parents=True, exist_ok=True)
-    info = None
-    try:
-        r = agent(server, token, "mount", mp, *args, "--log", mp.parent / (mp.name + ".log"), "--json",
-                  timeout=MOUNT_TIMEOUT * 2)
-        assert r.code == 0, f"mount failed ({r.code}): {r.err}"
-        info = json.loads(r.out)
-        assert is_mounted(mp)
-        yield info
-    finally:
-        unmount(mp)
-        if info is not None:
-            assert wait_gone(info["pid"]), "the mount process did not exit after unmounting"
+def agent_mount(monkeypatch, server: Served, token: str, mp: Path, *args):
+    """``pointsafe mount MP ARGS --server URL`` as the agent (``_fuse_util.mounted``: in the
+    background, yields its --json answer, always unmounts and waits for the mount process)."""
+    monkeypatch.setenv("POINTSAFE_TOKEN", token)
+    return mounted(None, mp, *args, "--server", server.url)
 
 
 def one_error_line(err: str) -> str:
@@ -78,10 +63,10 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
-def test_a_point_mounted_through_the_server_shows_every_file_as_the_source(served, tmp_path):
+def test_a_point_mounted_through_the_server_shows_every_file_as_the_source(served, tmp_path, monkeypatch):
     server, tokens, points, src, _ = served
     mp = tmp_path / "mnt"
-    with agent_mount(server, tokens["web1"], mp, "www") as info:
+    with agent_mount(monkeypatch, server, tokens["web1"], mp, "www") as info:
         assert info["point"] == points["second"]["id"]
         # the mount opened without fetching the point: nothing but the point list so far
         assert stats(mp)["objects_read"] == 0
@@ -89,12 +74,12 @@ def test_a_point_mounted_through_the_server_shows_every_file_as_the_source(serve
         assert stats(mp)["objects_read"] > 0
 
 
-def test_random_reads_at_many_offsets_equal_the_sources_and_the_cache_stays_in_its_bound(served, tmp_path):
+def test_random_reads_at_many_offsets_equal_the_sources_and_the_cache_stays_in_its_bound(served, tmp_path, monkeypatch):
     server, tokens, points, src, _ = served
     want = (src / "big.bin").read_bytes()
     mp = tmp_path / "mnt"
     cache = 2 << 20
-    with agent_mount(server, tokens["web1"], mp, points["first"]["id"][:10], "--cache-size", str(cache)):
+    with agent_mount(monkeypatch, server, tokens["web1"], mp, points["first"]["id"][:10], "--cache-size", str(cache)):
         rng = random.Random(5)
         fd = os.open(mp / "big.bin", os.O_RDONLY)
         try:
@@ -110,10 +95,10 @@ def test_random_reads_at_many_offsets_equal_the_sources_and_the_cache_stays_in_i
         assert 0 < st["chunk_cache_bytes"] <= cache + (1 << 20)    # one chunk over the bound at most
 
 
-def test_the_all_points_browser_shows_the_agents_own_points_only(served, tmp_path):
+def test_the_all_points_browser_shows_the_agents_own_points_only(served, tmp_path, monkeypatch):
     server, tokens, points, src, _ = served
     mp = tmp_path / "mnt"
-    with agent_mount(server, tokens["web1"], mp) as info:
+    with agent_mount(monkeypatch, server, tokens["web1"], mp) as info:
         assert info["point"] is None
         group = sorted(os.listdir(mp / "www"))
         assert len(group) == 3 and "latest" in group     # web1's two points, not other's
@@ -121,13 +106,13 @@ def test_the_all_points_browser_shows_the_agents_own_points_only(served, tmp_pat
         assert (mp / "www" / "latest" / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
 
 
-def test_a_volume_point_mounts_as_its_image(served, tmp_path):
+def test_a_volume_point_mounts_as_its_image(served, tmp_path, monkeypatch):
     server, tokens, _, _, _ = served
     img = tmp_path / "disk.img"
     img.write_bytes(random.Random(3).randbytes(3 << 20) + bytes(1 << 20))
     p = backup_json(server, tokens["web1"], img, "--volume", "--name", "disk")
     mp = tmp_path / "mnt"
-    with agent_mount(server, tokens["web1"], mp, "disk@latest") as info:
+    with agent_mount(monkeypatch, server, tokens["web1"], mp, "disk@latest") as info:
         assert info["point"] == p["id"]
         (image,) = os.listdir(mp)
         assert (mp / image).read_bytes() == img.read_bytes()
@@ -167,7 +152,7 @@ def test_without_a_token_mount_says_so(served, tmp_path):
     assert r.code == 1 and "no agent token" in one_error_line(r.err)
 
 
-def test_the_server_stopped_while_mounted_gives_eio_for_uncached_data_and_the_mount_unmounts(served, tmp_path):
+def test_the_server_stopped_while_mounted_gives_eio_for_uncached_data_and_the_mount_unmounts(served, tmp_path, monkeypatch):
     _, tokens, points, src, base = served
     server = start(base / "safe")          # a server of its own on the same safe, to stop
     want = (src / "big.bin").read_bytes()
@@ -175,7 +160,7 @@ def test_the_server_stopped_while_mounted_gives_eio_for_uncached_data_and_the_mo
     log = tmp_path / "mnt.log"
     stopped = False
     try:
-        with agent_mount(server, tokens["web1"], mp, points["second"]["id"]) as info:
+        with agent_mount(monkeypatch, server, tokens["web1"], mp, points["second"]["id"]) as info:
             fd = os.open(mp / "big.bin", os.O_RDONLY)
             try:
                 assert os.pread(fd, 4096, 0) == want[:4096]           # fetched while it runs
