@@ -105,11 +105,11 @@ def _server_options(args, common: dict):
     """MountOptions for this agent's points on --server: its rights and the point are checked
     here (one line when it may not); the mount process fetches through a connection of its own."""
     from pointsafe.fusefs.runner import MountOptions
-    from pointsafe.server.client import Remote, read_token
-    from pointsafe.server.remote_view import mount_source, open_agent
+    from pointsafe.server.client import read_token
+    from pointsafe.server.remote_view import mount_remote, mount_source, open_agent
 
     url, token, cache = args.server, read_token(args.token_file), args.cache_size
-    common["point"], _ = open_agent(Remote(url, token), args.point)
+    common["point"], _ = open_agent(mount_remote(url, token), args.point)
     return MountOptions(safe=Path("."), **common, source=lambda: mount_source(url, token, cache),
                         source_name=url)
 

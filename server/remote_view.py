@@ -42,8 +42,12 @@ log = logging.getLogger("pointsafe.mount")
 MOUNT_RETRIES = 3            # attempts of a fetch (about 1.5 s when the server is down) before EIO
 MOUNT_TIMEOUT = 30.0         # seconds a fetch may wait for the server's answer
 NODE_CACHE_BYTES = 32 << 20  # raw tree and list nodes fetched (decoded listings are the view's)
-SUBDIRS_AHEAD = 1024         # subdirectory trees fetched ahead of a listing, at most
+SUBDIRS_AHEAD = 256          # subdirectory trees fetched ahead of a listing, at most
 LOG_EVERY = 10.0             # seconds between two log lines about the same failure
+
+
+class _AheadFailed(Exception):
+    """A node fetched ahead in a batch that failed: fetch it alone."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,8 @@ class RemoteObjects:
         self._points: list[Point] | None = None
         self._logged: dict[str, float] = {}
         self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch-trees")
-        self._ahead_jobs = 0
+        self._wanted: list[bytes] = []   # claimed in ``nodes``, for the fetcher thread to ask for
+        self._draining = False           # the fetcher thread has a job queued or running
 
     # -- fetching ---------------------------------------------------------------------------
 
@@ -118,7 +123,10 @@ class RemoteObjects:
         """The raw bytes of node ``key`` (a tree or a list; fetched once, then cached);
         ObjectMissing when the agent has no such object. A tree's subdirectories are fetched
         ahead in the background; a paged tree's pages come with it, in one request."""
-        kind, raw = self.nodes.get(key, lambda: self._load(key))
+        try:
+            kind, raw = self.nodes.get(key, lambda: self._load(key))
+        except _AheadFailed:        # it was in a batch fetched ahead that failed: alone, now
+            kind, raw = self.nodes.get(key, lambda: self._load(key))
         if kind == Kind.TREE:
             self._tree_fetched(raw)
         return raw
@@ -130,41 +138,75 @@ class RemoteObjects:
         return rec.kind, rec.raw
 
     def _tree_fetched(self, raw: bytes) -> None:
+        """Fetch what a listing of tree ``raw`` reads next: its pages now, or its subdirectories'
+        trees in the background."""
         try:
             pages = tree_pages(raw)
             if pages is not None:
-                self._fetch_missing([k for k, _, _ in pages])     # read_tree asks for each next
+                _, mine, _ = self.nodes.claim([k for k, _, _ in pages])
+                self._fetch_claimed(mine)        # read_tree asks for each next
                 return
             subdirs = [e.ref for e in decode_tree(raw) if e.type == DIR and e.ref is not None]
         except (ValueError, struct.error, IndexError, KeyError):
             return              # the view decodes it again and reports the damage
-        subdirs = [k for k in subdirs[:SUBDIRS_AHEAD] if k not in self.nodes]
-        if not subdirs:
+        if subdirs:
+            self._queue_ahead(subdirs[:SUBDIRS_AHEAD])
+
+    def _queue_ahead(self, keys: list[bytes]) -> None:
+        """Claim the nodes ``keys`` not cached or on their way (a listing that wants one waits
+        for it instead of fetching it again) and have the fetcher thread ask for everything
+        queued in one request. At most MAX_IDS wait."""
+        with self.lock:
+            room = protocol.MAX_IDS - len(self._wanted)
+        _, mine, _ = self.nodes.claim(keys[:max(0, room)])
+        if not mine:
             return
         with self.lock:
-            if self._ahead_jobs >= 2:   # the reader is ahead of the prefetch: do not queue more
-                return
-            self._ahead_jobs += 1
-        try:
-            self._ahead.submit(self._fetch_ahead, subdirs)
-        except RuntimeError:    # closed
-            with self.lock:
-                self._ahead_jobs -= 1
+            self._wanted += mine
+            start, self._draining = not self._draining, True
+        if start:
+            try:
+                self._ahead.submit(self._drain)
+            except RuntimeError:    # closed
+                self._drop_wanted()
 
-    def _fetch_ahead(self, keys: list[bytes]) -> None:
-        try:
-            self._fetch_missing(keys)
-        except Exception:  # noqa: BLE001, S110 - listing the directory fetches it again and reports it
-            pass
-        finally:
-            with self.lock:
-                self._ahead_jobs -= 1
+    def _take(self, n: int) -> list[bytes]:
+        with self.lock:
+            batch, self._wanted = self._wanted[:n], self._wanted[n:]
+            if not batch:
+                self._draining = False
+            return batch
 
-    def _fetch_missing(self, keys: list[bytes]) -> None:
-        """Fetch those of node ``keys`` not cached yet, in one request (per MAX_IDS)."""
-        todo = [k for k in dict.fromkeys(keys) if k not in self.nodes]
-        for rec in self.fetch(todo) if todo else []:
-            self.keep(rec)
+    def _drain(self) -> None:
+        while batch := self._take(protocol.MAX_IDS):
+            self._fetch_claimed(batch)
+
+    def _drop_wanted(self) -> None:
+        """Settle every node still queued (the fetcher thread is gone): whoever waits fetches it alone."""
+        with self.lock:
+            keys, self._wanted, self._draining = self._wanted, [], False
+        for k in keys:
+            self.nodes.settle(k, error=_AheadFailed("not fetched ahead"))
+
+    def _fetch_claimed(self, keys: list[bytes]) -> None:
+        """Fetch nodes ``keys`` (claimed in the node cache) in one request and settle each; when
+        that fails, each is settled with _AheadFailed (whoever waits for it fetches it alone)."""
+        if not keys:
+            return
+        try:
+            got = {r.id: r for r in self.fetch(keys)}
+        except Exception as e:  # noqa: BLE001 - one bad object must not fail its siblings
+            for k in keys:
+                self.nodes.settle(k, error=_AheadFailed(str(e)))
+            return
+        for k in keys:
+            r = got.get(k)
+            if r is None:
+                self.nodes.settle(k, error=_AheadFailed(f"object {k.hex()[:12]} did not come"))
+                continue
+            if r.kind == Kind.CHUNK:
+                self.chunks.cache.put(r.id, r.raw)
+            self.nodes.settle(k, (r.kind, r.raw))
 
     def entry(self, key: bytes) -> RemoteEntry | None:
         """The kind of object ``key`` (None when the agent has no such object); the object is
@@ -204,6 +246,7 @@ class RemoteObjects:
     def close(self) -> None:
         """Stop fetching ahead and drop the caches."""
         self._ahead.shutdown(wait=True, cancel_futures=True)
+        self._drop_wanted()
         self.nodes.clear()
         self.chunks.cache.clear()
 
@@ -212,7 +255,7 @@ class RemoteChunks(ChunkSource):
     """The view's chunk source over the server: ChunkSource's cache and single-flight loading,
     with chunks fetched (by plain id, checked) instead of read from packs."""
 
-    def __init__(self, objects: RemoteObjects, cache_bytes: int):   # noqa: D107 - no pack store to set up
+    def __init__(self, objects: RemoteObjects, cache_bytes: int):   # no pack store: ChunkSource's is not called
         self.objects = objects
         self.cache: ByteLRU[Chunk] = ByteLRU(cache_bytes, sizeof=_chunk_size)
 
@@ -257,10 +300,16 @@ def open_agent(remote: Remote, point: str | None) -> tuple[str | None, dict[str,
     return point, info
 
 
-def mount_source(url: str, token: str, chunk_cache_bytes: int) -> tuple[RemoteObjects, RemoteChunks]:
-    """What a mount of the agent's points reads (``MountOptions.source``): called in the mount
-    process, with a connection of its own to the server."""
+def mount_remote(url: str, token: str) -> Remote:
+    """The server at ``url`` as a mount talks to it: a few quick retries, then the request fails
+    (a read must not hang for half a minute); UsageError for a URL that names no server."""
     remote = Remote(url, token, timeout=MOUNT_TIMEOUT)
     remote.retries = MOUNT_RETRIES
-    objects = RemoteObjects(remote, chunk_cache_bytes)
+    return remote
+
+
+def mount_source(url: str, token: str, chunk_cache_bytes: int) -> tuple[RemoteObjects, RemoteChunks]:
+    """What a mount of the agent's points reads (``MountOptions.source``): called in the mount
+    process, with connections of its own to the server."""
+    objects = RemoteObjects(mount_remote(url, token), chunk_cache_bytes)
     return objects, objects.chunks

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from _fuse_util import MOUNT_TIMEOUT, is_mounted, mounted, stats, unmount, wait_gone
-from _server_util import Served, add_agent, agent, agent_env, backup_json, make_safe, start, stop
+from _server_util import Served, add_agent, agent, agent_env, backup_json, make_safe, running, start, stop
 from _tree_util import all_types_tree, assert_trees_equal, make_tree
 from conftest import needs_fuse, run_cli
+from pointsafe.fusefs.view import ROOT_INO
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 
@@ -183,3 +184,40 @@ def test_the_server_stopped_while_mounted_gives_eio_for_uncached_data_and_the_mo
     finally:
         if not stopped:
             stop(server.proc)
+
+
+def test_a_listing_fetches_its_subdirectories_trees_in_one_request_and_reads_fetch_chunks_in_batches(tmp_path):
+    # The view of the mount over the server, in this process (no FUSE): its fetch requests counted.
+    from pointsafe.cas import resolve_point
+    from pointsafe.fusefs.view import View
+    from pointsafe.server.remote_view import mount_source
+
+    safe = make_safe(tmp_path)
+    tok = add_agent(safe, "wide", "--can-restore")
+    src = tmp_path / "wide"
+    for i in range(150):
+        (src / f"d{i:03}").mkdir(parents=True)
+        (src / f"d{i:03}" / "f").write_bytes(b"%d\n" % i)
+    data = random.Random(2).randbytes(8 << 20)
+    (src / "big").write_bytes(data)
+    with running(safe) as server:
+        p = backup_json(server, tok, src)
+        objects, chunks = mount_source(server.url, tok, 64 << 20)
+        view = View(objects, resolve_point(objects, p["id"]), chunks=chunks)
+        try:
+            root = view.node(ROOT_INO)
+            names = view.listing(root).names
+            assert len(names) == 151 and objects.requests <= 2    # its tree (and maybe, already, its subdirectories')
+            for name in names[1:]:
+                sub = view.lookup(ROOT_INO, name)
+                assert view.listing(sub).names == [b"f"]
+            assert names[0] == b"big" and objects.requests == 2      # the 150 subdirectories' trees: one request
+            fh = view.open(view.lookup(ROOT_INO, b"big").ino, os.O_RDONLY)
+            before = objects.requests
+            got = b"".join(bytes(view.read(fh, off, 128 << 10)) for off in range(0, len(data), 128 << 10))
+            assert got == data
+            n_chunks = view.stats()["chunk_cache_misses"]
+            assert n_chunks > 64 and objects.requests - before < n_chunks // 4, (objects.requests - before, n_chunks)
+        finally:
+            view.close()
+            objects.close()
