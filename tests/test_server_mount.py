@@ -73,6 +73,7 @@ def test_a_point_mounted_through_the_server_shows_every_file_as_the_source(serve
         assert stats(mp)["objects_read"] == 0
         assert_trees_equal(src, mp, check_sparse=False)
         assert stats(mp)["objects_read"] > 0
+        assert os.statvfs(mp).f_namemax == 255          # df answers (with no sizes: they are the server's)
 
 
 def test_random_reads_at_many_offsets_equal_the_sources_and_the_cache_stays_in_its_bound(served, tmp_path, monkeypatch):
