@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from . import password
+from .cmd_agent import add_server_options
 from .common import parse_size, EXIT_OK, add_common, emit_json, safe_path, say
 
 MOUNT_DESCRIPTION = """\
@@ -25,7 +26,12 @@ Everything is loaded lazily: mounting reads only the point list, opening a direc
 that directory. By default the kernel enforces the stored permissions and only the mounting
 user can enter the mount; --allow-other lets other users in (still under the stored
 permissions). Damaged data reads as an I/O error, never as wrong bytes, and is logged.
-The mount's counters are readable as: getfattr -n user.pointsafe.stats MOUNTPOINT"""
+The mount's counters are readable as: getfattr -n user.pointsafe.stats MOUNTPOINT
+
+With --server URL an agent mounts its own points from 'pointsafe serve' (its token from
+$POINTSAFE_TOKEN or --token-file; it needs --can-restore): objects are fetched as they are
+looked into and read, checked against their ids, and kept in the same bounded caches; a read
+the server cannot answer is an I/O error (docs/SERVER.md, "Mounting through the server")."""
 
 
 def register(sub) -> None:
@@ -54,6 +60,7 @@ def register(sub) -> None:
     p.add_argument("--log", type=Path, metavar="FILE",
                    help="where the mount process logs (default ~/.local/state/pointsafe/mount.log; "
                         "stderr with --foreground)")
+    add_server_options(p)
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("umount", help="unmount a pointsafe mount",
@@ -68,16 +75,19 @@ def register(sub) -> None:
 
 def cmd_mount(args) -> int:
     """``pointsafe mount``: mount the safe (or one point) read-only; returns once the mount answers,
-    or when it ends with --foreground."""
+    or when it ends with --foreground. With --server: this agent's points on the server."""
     from pointsafe.fusefs.runner import MountOptions, mount
 
-    safe = safe_path(args)
-    o = MountOptions(safe=safe, mountpoint=Path(args.mountpoint), point=args.point,
-                     foreground=args.foreground, allow_other=args.allow_other,
-                     default_permissions=not args.no_default_permissions,
-                     chunk_cache_bytes=args.cache_size, dir_cache_bytes=args.dir_cache_size,
-                     threads=max(1, args.threads), read_ahead_kb=args.read_ahead // 1024, log_file=args.log,
-                     master_key=password.unlock(args, safe))   # the daemon gets it by fork
+    common = dict(mountpoint=Path(args.mountpoint), point=args.point, foreground=args.foreground,
+                  allow_other=args.allow_other, default_permissions=not args.no_default_permissions,
+                  chunk_cache_bytes=args.cache_size, dir_cache_bytes=args.dir_cache_size,
+                  threads=max(1, args.threads), read_ahead_kb=args.read_ahead // 1024, log_file=args.log)
+    if args.server:
+        o = _server_options(args, common)
+    else:
+        safe = safe_path(args)
+        o = MountOptions(safe=safe, **common,
+                         master_key=password.unlock(args, safe))   # the daemon gets it by fork
     m = mount(o)
     if args.foreground:
         return EXIT_OK
@@ -89,6 +99,19 @@ def cmd_mount(args) -> int:
         say(args, f"mounted {what} at {o.mountpoint} (process {m.pid}, log {o.log_file}); "
                   f"unmount with: pointsafe umount {o.mountpoint}")
     return EXIT_OK
+
+
+def _server_options(args, common: dict):
+    """MountOptions for this agent's points on --server: its rights and the point are checked
+    here (one line when it may not); the mount process fetches through a connection of its own."""
+    from pointsafe.fusefs.runner import MountOptions
+    from pointsafe.server.client import read_token
+    from pointsafe.server.remote_view import mount_remote, mount_source, open_agent
+
+    url, token, cache = args.server, read_token(args.token_file), args.cache_size
+    common["point"], _ = open_agent(mount_remote(url, token), args.point)
+    return MountOptions(safe=Path("."), **common, source=lambda: mount_source(url, token, cache),
+                        source_name=url)
 
 
 def cmd_umount(args) -> int:

@@ -68,12 +68,12 @@ class Files:
     """Opening files and reading them, for every open file of one mount."""
 
     def __init__(self, safe: Safe, inodes: Inodes, handles: Handles, damage: DamageLog,
-                 chunk_cache_bytes: int, readahead_bytes: int):
+                 chunk_cache_bytes: int, readahead_bytes: int, chunks: ChunkSource | None = None):
         self.safe = safe
         self.inodes = inodes
         self.handles = handles
         self.damage = damage
-        self.chunks = ChunkSource(safe, chunk_cache_bytes)
+        self.chunks = chunks if chunks is not None else ChunkSource(safe, chunk_cache_bytes)
         # Decoded LIST nodes of open files: a full node (256 entries) costs ≈ 28 KiB decoded,
         # so ≤ 7 MiB; one node maps 256 chunks, so 256 nodes map 4 GiB of a volume at 64 KiB.
         self.nodes = NodeCache(256)

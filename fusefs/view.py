@@ -33,16 +33,22 @@ from .errors import (BadHandle, Damaged, DamageLog, IsADir, NoAttr, NotADir, Not
 from .files import Files
 from .folders import Folders, point_root
 from .inodes import K_ENTRY, K_POINT, ROOT_INO, Handles, Inodes, Listing, Node, Stat, fill, stat
+from .objects import ChunkSource
 
 STATS_XATTR = b"user.pointsafe.stats"
 
 
 class View:
-    """Read-only view of one point (``point`` given) or of every point in ``safe``."""
+    """Read-only view of one point (``point`` given) or of every point in ``safe``.
+
+    ``safe`` is a :class:`Safe`, or any object with the few calls the view makes of one
+    (``get``, ``entry``, ``points``, ``objects_read``, ``pack_entries``, ``path``); ``chunks``
+    then gives file data in place of a :class:`ChunkSource` over the safe's packs (the server's
+    mount: server/remote_view.py)."""
 
     def __init__(self, safe: Safe, point: Point | None = None, *, chunk_cache_bytes: int = 256 << 20,
                  dir_cache_bytes: int = 64 << 20, readahead_bytes: int = 32 << 20,
-                 refresh_seconds: float = 1.0):
+                 refresh_seconds: float = 1.0, chunks: ChunkSource | None = None):
         self.safe = safe
         self.mounted_ns = time.time_ns()
         self.folders = Folders(safe, refresh_seconds, self.mounted_ns)
@@ -50,7 +56,8 @@ class View:
         self.handles = Handles()
         self.damage = DamageLog(self.inodes.path)
         self.dirs = Directories(safe, self.folders, self.inodes, self.handles, self.damage, dir_cache_bytes)
-        self.files = Files(safe, self.inodes, self.handles, self.damage, chunk_cache_bytes, readahead_bytes)
+        self.files = Files(safe, self.inodes, self.handles, self.damage, chunk_cache_bytes, readahead_bytes,
+                           chunks=chunks)
         self.readdirs = 0           # requests served (for tests and benchmarks)
         self.lookups = 0
         self.getattrs = 0

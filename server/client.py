@@ -73,6 +73,8 @@ class Remote:
     """A server at ``url`` (http:// on loopback, https:// elsewhere; the system's CAs, or
     $SSL_CERT_FILE, verify it) and the agent's token. One kept-alive connection per thread."""
 
+    retries = RETRIES    # attempts of a request (a mount makes fewer: a read must not hang half a minute)
+
     def __init__(self, url: str, token: str, timeout: float = 300):
         u = urllib.parse.urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
@@ -106,7 +108,7 @@ class Remote:
         twice (a commit) goes on a new connection and fails when its answer is lost."""
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": content_type}
         wait = RETRY_WAIT
-        for attempt in range(RETRIES):
+        for attempt in range(self.retries):
             sent = False
             try:
                 c = self._conn(fresh=attempt > 0 or not retry)
@@ -120,7 +122,7 @@ class Remote:
             except ssl.SSLError as e:
                 raise ServerError(f"TLS with {self.url} failed: {e.reason or e}") from None
             except (OSError, http.client.HTTPException) as e:
-                if (sent and not retry) or attempt == RETRIES - 1:
+                if (sent and not retry) or attempt == self.retries - 1:
                     why = getattr(e, "strerror", None) or str(e) or type(e).__name__
                     lost = " (its answer was lost: check 'pointsafe points --server URL')" if sent and not retry else ""
                     raise ServerError(f"cannot reach the server {self.url}: {why}{lost}") from None
@@ -129,7 +131,7 @@ class Remote:
                 continue
             if r.status == 200:
                 return data
-            if r.status in (429, 503) and attempt < RETRIES - 1:
+            if r.status in (429, 503) and attempt < self.retries - 1:
                 time.sleep(wait)
                 wait = min(wait * 2, RETRY_MAX_WAIT)
                 continue
