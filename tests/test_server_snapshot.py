@@ -14,7 +14,7 @@ from pathlib import Path
 from _server_util import add_agent, agent, backup_json, make_safe, running, safe_state
 from _tree_util import assert_trees_equal, snapshot as tree_snapshot
 from btrfs_util import btrfs_volume, make_subvolume
-from test_snapshot_btrfs import WRITER, fill, make_moving_tree, problems, snaps
+from test_snapshot_btrfs import fill, moving_writer, problems, snaps
 
 
 def test_agent_backup_of_a_btrfs_subvolume_is_read_from_a_snapshot_kept_once(tmp_path):
@@ -109,13 +109,8 @@ def test_agent_points_are_consistent_under_a_writer(tmp_path):
     n = 300
     with btrfs_volume(tmp_path, size="600M") as mnt, running(safe) as server:
         vol = make_subvolume(mnt, "data")
-        src = vol / "tree"
-        make_moving_tree(src, n)
-        stop = vol / "stop"
-        w = subprocess.Popen([sys.executable, "-c", WRITER, str(src), str(n)], stdout=subprocess.PIPE)
         found = []
-        try:
-            time.sleep(0.2)
+        with moving_writer(vol, n) as src:
             for i in range(3):
                 p = backup_json(server, tok, src, "--snapshot", "btrfs")
                 assert p["snapshot"]["method"] == "btrfs"
@@ -123,10 +118,6 @@ def test_agent_points_are_consistent_under_a_writer(tmp_path):
                 r = agent(server, tok, "restore", p["id"], out)
                 assert r.code == 0, r.err
                 found.append(problems(out, n))
-        finally:
-            stop.write_text("")
-            w.wait(timeout=30)
-        assert w.returncode == 0
         assert found == [[]] * 3, [f[:5] for f in found]
 
 

@@ -14,7 +14,9 @@ import textwrap
 import threading
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -284,15 +286,28 @@ def problems(tree: Path, n: int) -> list[str]:
     return out
 
 
-def _points_under_writer(tmp_path: Path, safe, vol: Path, mode: str, n: int, tries: int,
-                         stop_at_first: bool) -> list[list[str]]:
+@contextmanager
+def moving_writer(vol: Path, n: int) -> Iterator[Path]:
+    """``vol/tree`` made by :func:`make_moving_tree`, with the WRITER changing it until the block
+    ends (then stopped; AssertionError when it failed); yields the tree."""
     src = vol / "tree"
     make_moving_tree(src, n)
     stop = vol / "stop"
     w = subprocess.Popen([sys.executable, "-c", WRITER, str(src), str(n)], stdout=subprocess.PIPE)
-    found = []
     try:
         time.sleep(0.2)
+        yield src
+    finally:
+        stop.write_text("")
+        w.wait(timeout=30)
+        stop.unlink()
+    assert w.returncode == 0
+
+
+def _points_under_writer(tmp_path: Path, safe, vol: Path, mode: str, n: int, tries: int,
+                         stop_at_first: bool) -> list[list[str]]:
+    found = []
+    with moving_writer(vol, n) as src:
         for i in range(tries):
             res = backup(safe, str(src), BackupOptions(snapshot=mode, name=f"tree-{mode}"))
             out = tmp_path / f"out-{mode}-{i}"
@@ -300,11 +315,6 @@ def _points_under_writer(tmp_path: Path, safe, vol: Path, mode: str, n: int, tri
             found.append(problems(out, n))
             if stop_at_first and found[-1]:
                 break
-    finally:
-        stop.write_text("")
-        w.wait(timeout=30)
-        stop.unlink()
-    assert w.returncode == 0
     return found
 
 
