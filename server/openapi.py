@@ -13,6 +13,14 @@ _IDS = {"required": True, "content": {"application/json": {"schema": {"$ref": "#
 _STREAM = {"application/octet-stream": {"schema": {"type": "string", "format": "binary",
                                                    "description": "object records, see docs/SERVER.md"}}}
 
+# The point's ``snapshot`` record, as server.service ``_snapshot`` checks it.
+_SNAPSHOT = {"oneOf": [
+    {"const": "none"},
+    {"type": "object", "additionalProperties": False, "required": ["method", "taken_at", "held_s"],
+     "properties": {"method": {"enum": ["btrfs", "lvm", "reflink"]}, "taken_at": {"type": "string"},
+                    "held_s": {"type": "number", "minimum": 0}, "path": {"type": "string", "maxLength": 4096}}},
+]}
+
 
 def _op(summary: str, ok: dict[str, Any], body: dict[str, Any] | None = None, errors: tuple[int, ...] = (400, 401)) -> dict:
     op: dict[str, Any] = {"summary": summary, "security": [{"token": []}],
@@ -50,7 +58,7 @@ def document() -> dict[str, Any]:
                                          "finished": {"type": "string"}, "size": {"type": "integer"},
                                          "root_meta": {"type": "object"}, "stats": {"type": "object"},
                                          "labels": {"type": "object"}, "warnings": {"type": "array"},
-                                         "snapshot": {}},
+                                         "snapshot": _SNAPSHOT},
                           "required": ["name", "kind", "source", "root"]},
             },
         },
