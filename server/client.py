@@ -262,7 +262,8 @@ class RemoteSafe:
                 if len(self.ahead) >= self.AHEAD:
                     break
                 if k not in self.ahead:
-                    self.ahead[k] = f = Future()
+                    f: Future[bytes] = Future()
+                    self.ahead[k] = f
                     self.wanted.append((k, f))
             if self.wanted:
                 if self.thread is None:
@@ -414,7 +415,7 @@ class RemoteWriter:
         """Ask which of ``q`` the server lacks and upload those (in order)."""
         self.objects_offered += len(q)
         lacking = self.remote.missing([k for _, k, _, _, _ in q])
-        parts: list[bytes | memoryview] = []
+        parts: list[bytes | bytearray | memoryview] = []
         size = 0
         for kind, key, codec, raw_len, body in q:
             if key in lacking:
@@ -498,8 +499,24 @@ def remote_backup(remote: Remote, source: str, opts: Any = None,
             record.update(name=name, started=started, warnings=warn.list)
             point = remote.commit(record)
             freeze.keep(path)
+    notes.extend(_quota_notes(remote, info))
     return point, warn.list, {"objects_offered": w.objects_offered, "objects_uploaded": w.objects_written,
                               "bytes_uploaded": w.bytes_written}, notes
+
+
+def _quota_notes(remote: Remote, info: dict[str, Any]) -> list[str]:
+    """What the agent's terminal says after a backup that left it over its soft quota (the
+    server has raised the alert; the backup itself succeeded). One more info request, made
+    only when the agent has a soft quota."""
+    soft = info.get("quota_soft")
+    if not isinstance(soft, int):
+        return []
+    stored = remote.info().get("stored_bytes")
+    if not isinstance(stored, int) or stored <= soft:
+        return []
+    from pointsafe.ops.quota import human_bytes
+    return [f"this agent stores {human_bytes(stored)} on the server, over its soft quota of {human_bytes(soft)}; "
+            "the server's administrator has been alerted"]
 
 
 def _send_source(remote: Remote, info: dict[str, Any], path: Path, st: os.stat_result, kind: str, prev: Point | None,

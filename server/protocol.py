@@ -50,7 +50,8 @@ class Record:
     body: bytes | memoryview | None = None
 
 
-def encode(kind: int, oid: bytes, codec: int, raw_len: int, body: bytes | memoryview) -> list[bytes | memoryview]:
+def encode(kind: int, oid: bytes, codec: int, raw_len: int,
+           body: bytes | bytearray | memoryview) -> list[bytes | bytearray | memoryview]:
     """The pieces of one record (header, body), to be joined into a stream."""
     return [REC.pack(kind, oid, codec, raw_len, len(body)), body]
 

@@ -202,7 +202,7 @@ class Service:
         the rest."""
         ids = IdMap(self.safe, agent.id)
         sids = ids.safe_ids(plains)
-        parts: list[bytes | memoryview] = []
+        parts: list[bytes | bytearray | memoryview] = []
         size = 0
         for plain, sid in zip(plains, sids):
             if sid is None:

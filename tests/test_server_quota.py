@@ -70,7 +70,8 @@ def test_beyond_the_soft_quota_the_backup_succeeds_and_the_server_raises_one_war
         info = server.client(tok).get("/api/v1/info").json()   # the agent sees its own count and quotas
         assert info["stored_bytes"] >= 1_000_000 and info["quota_soft"] == 200 * 1024
         (src / "more").write_bytes(os.urandom(50_000))
-        backup_json(server, tok, src)
+        r = agent(server, tok, "backup", src)
+        assert r.code == 0 and "over its soft quota of 200.0 KiB" in r.out, r.out   # the agent is told too
     warn = [a for a in _alerts(safe) if "chatty" in a["message"]]
     assert len(warn) == 1 and warn[0]["severity"] == "warning" and "soft quota" in warn[0]["message"], warn
     listed = _listed(safe)["chatty"]
