@@ -59,13 +59,14 @@ class S3Lock:
         self.token = uuid.uuid4().hex
         self.command = command or " ".join(os.path.basename(a) for a in sys.argv[:2])
         self.etag: str | None = None
+        self.since = int(time.time())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _body(self) -> bytes:
         now = time.time()
         return json.dumps({"holder": self.command, "host": socket.gethostname(), "pid": os.getpid(),
-                           "since": int(now), "expires": now + self.ttl, "token": self.token}).encode() + b"\n"
+                           "since": self.since, "expires": now + self.ttl, "token": self.token}).encode() + b"\n"
 
     def _read(self) -> tuple[dict[str, Any], str] | None:
         from botocore.exceptions import ClientError
