@@ -96,6 +96,7 @@ def test_server_killed_and_restarted(weed: WeedMini, s3: Any, bucket: str) -> No
     t.start()
     try:
         assert store.read(1, 1000, 1 << 20) == data[1000:1000 + (1 << 20)]   # retried until it is back
+        t.join()                                            # start() has finished its own ready check
         weed.kill()
         t2 = threading.Timer(1.5, weed.start)
         t2.start()
