@@ -53,7 +53,7 @@ _T = _crc32c_table()
 def crc32c_seed0(data: bytes) -> int:
     """CRC32C as btrfs send uses it: seed 0, no final xor."""
     try:
-        import crc32c as _c  # type: ignore[import-not-found]
+        import crc32c as _c
         return int(_c.crc32c(data, 0xFFFFFFFF)) ^ 0xFFFFFFFF
     except ImportError:
         pass
@@ -92,7 +92,8 @@ def parse(stream: bytes) -> tuple[int, list[Command]]:
     (version,) = struct.unpack_from("<I", stream, 13)
     if version not in (1, 2):
         raise SendStreamError(f"send stream version {version} is not understood")
-    pos, cmds = 17, []
+    pos = 17
+    cmds: list[Command] = []
     while pos < len(stream):
         if pos + 10 > len(stream):
             raise SendStreamError("truncated command header")
