@@ -146,3 +146,29 @@ def test_missing_parent_raises(snaps) -> None:
     with pytest.raises(SendStreamError, match="btrfs send failed"):
         send_changes(mnt / "snaps" / "NOPE", b)
     assert send_changes(a, b).extents["big"]
+
+
+def test_parent_check_refuses_an_edited_or_foreign_parent(snaps) -> None:
+    from pointsafe.ingest.changes.btrfs_send import parent_mismatch, subvol_record
+    mnt, src, a, b, writes = snaps
+    rec = subvol_record(a / "d01" / "sub")
+    assert rec is not None and rec["uuid"] == subvol_info(a).uuid
+    ch = send_changes(a, b)
+    assert parent_mismatch(rec, a, b, ch) is None
+    assert "changed" in (parent_mismatch({**rec, "ctransid": rec["ctransid"] + 1}, a, b, ch) or "")
+    assert "cannot be read" in (parent_mismatch(rec, mnt / "snaps" / "NOPE", b, ch) or "")
+    assert parent_mismatch(None, a, b, ch)
+    other = make_subvolume(mnt, "other")
+    o = _snap(other, mnt / "snaps" / "O")
+    assert "same subvolume" in (parent_mismatch(subvol_record(o), o, b) or "")
+    assert "not made against" in (parent_mismatch(rec, a, b, send_changes(o, b)) or "")
+
+
+def test_btrfs_point_records_its_snapshot_identity(tmp_path: Path, safe_dir: Path) -> None:
+    from _backup_util import backup as cli_backup
+    with btrfs_volume(tmp_path) as mnt:
+        src = make_subvolume(mnt, "data")
+        (src / "f").write_bytes(b"hello")
+        snap = cli_backup(safe_dir, src, "--snapshot", "btrfs")["snapshot"]
+        assert snap["subvol"]["parent_uuid"] == subvol_info(src).uuid
+        assert snap["subvol"]["ctransid"] == subvol_info(Path(snap["path"])).ctransid

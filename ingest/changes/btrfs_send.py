@@ -343,3 +343,44 @@ def subvol_info(path: Path) -> SubvolInfo:
     finally:
         os.close(fd)
     return SubvolInfo(uuid=v[6].hex(), parent_uuid=v[7].hex(), ctransid=v[9], readonly=bool(v[5] & 1))
+
+
+def subvol_root(path: Path) -> Path:
+    """The root of the btrfs subvolume holding ``path`` (inode 256, on the same device)."""
+    path = Path(os.path.abspath(path))
+    dev = os.lstat(path).st_dev
+    while os.lstat(path).st_ino != 256 and path.parent != path and os.lstat(path.parent).st_dev == dev:
+        path = path.parent
+    return path
+
+
+def subvol_record(read_path: Path) -> dict | None:
+    """What a btrfs point records of its snapshot (``snapshot.subvol``), or None when unknown."""
+    try:
+        i = subvol_info(subvol_root(read_path))
+    except OSError:
+        return None
+    return {"uuid": i.uuid, "parent_uuid": i.parent_uuid, "ctransid": i.ctransid}
+
+
+def parent_mismatch(recorded: dict | None, parent: Path, new: Path, changes: Changes | None = None) -> str | None:
+    """Why the retained ``parent`` snapshot cannot be the base of an incremental read of ``new``
+    (one line for the point's warning), or None when it can: it must still be the snapshot the
+    previous point recorded (uuid, ctransid: an edited snapshot has a new ctransid), read-only,
+    of the same subvolume as ``new``, and the stream must say it was sent against it."""
+    if not recorded or not {"uuid", "parent_uuid", "ctransid"} <= set(recorded):
+        return "the previous point recorded no btrfs snapshot identity"
+    try:
+        p, n = subvol_info(parent), subvol_info(new)
+    except OSError as e:
+        return f"the previous point's snapshot {parent} cannot be read: {e.strerror or e}"
+    if p.uuid != recorded["uuid"] or p.ctransid != recorded["ctransid"]:
+        return f"the previous point's snapshot {parent} was changed since that point"
+    if not (p.readonly and n.readonly):
+        return "a snapshot is not read-only"
+    if p.parent_uuid != recorded["parent_uuid"] or n.parent_uuid != p.parent_uuid:
+        return "the snapshots are not of the same subvolume"
+    if changes is not None and (changes.clone_uuid is None or changes.clone_uuid.hex() != p.uuid
+                                or changes.clone_ctransid != p.ctransid):
+        return "the send stream was not made against the previous point's snapshot"
+    return None
