@@ -40,6 +40,7 @@ from pointsafe.cas import (BlobBuilder, Entry, Kind, Point, Safe, SafeError, Usa
 from pointsafe.cas.pack import pack_name
 from pointsafe.cas.tree import DIR, REG
 
+from .changes.btrfs_send import subvol_record
 from .chunking import Cutter, data_extents, is_zero
 from .db import covered_roots, is_covered_warning, walk_excludes
 from .pipeline import Pipeline
@@ -444,6 +445,11 @@ class _Freeze:
         out: dict = {"method": t.method, "taken_at": t.taken_at, "held_s": round(self.held_s or 0.0, 4)}
         if t.kept:
             out["path"] = t.kept
+        if t.method == "btrfs":
+            # the snapshot's identity: the next incremental checks its base against it (issue 12)
+            sub = subvol_record(t.read_path)
+            if sub is not None:
+                out["subvol"] = sub
         return out
 
 
