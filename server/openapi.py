@@ -18,7 +18,12 @@ _SNAPSHOT = {"oneOf": [
     {"const": "none"},
     {"type": "object", "additionalProperties": False, "required": ["method", "taken_at", "held_s"],
      "properties": {"method": {"enum": ["btrfs", "lvm", "reflink"]}, "taken_at": {"type": "string"},
-                    "held_s": {"type": "number", "minimum": 0}, "path": {"type": "string", "maxLength": 4096}}},
+                    "held_s": {"type": "number", "minimum": 0}, "path": {"type": "string", "maxLength": 4096},
+                    "subvol": {"type": "object", "additionalProperties": False,
+                               "required": ["uuid", "parent_uuid", "ctransid"],
+                               "properties": {"uuid": {"type": "string", "maxLength": 64},
+                                              "parent_uuid": {"type": "string", "maxLength": 64},
+                                              "ctransid": {"type": "integer"}}}}},
 ]}
 
 

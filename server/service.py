@@ -73,13 +73,23 @@ def _snapshot(v: Any) -> bool:
     """The ``snapshot`` record a local backup writes (ingest.backup ``_Freeze.record``)."""
     if v == "none":
         return True
-    if not isinstance(v, dict) or not {"method", "taken_at", "held_s"} <= set(v) <= {"method", "taken_at", "held_s", "path"}:
+    if not isinstance(v, dict) or not {"method", "taken_at", "held_s"} <= set(v) <= {"method", "taken_at", "held_s",
+                                                                                   "path", "subvol"}:
         return False
     held = v["held_s"]
     path = v.get("path", "")
-    return (v["method"] in ("btrfs", "lvm", "reflink") and _time(v["taken_at"])
+    return (v["method"] in ("btrfs", "lvm", "reflink") and _time(v["taken_at"]) and _subvol(v.get("subvol", {}))
             and isinstance(held, (int, float)) and not isinstance(held, bool) and math.isfinite(held) and held >= 0
             and isinstance(path, str) and len(path) <= 4096)
+
+
+def _subvol(v: Any) -> bool:
+    """A btrfs snapshot's identity (``snapshot.subvol``): {uuid, parent_uuid, ctransid}, or
+    absent (``{}``)."""
+    if v == {}:
+        return True
+    return (isinstance(v, dict) and set(v) == {"uuid", "parent_uuid", "ctransid"} and _int(v["ctransid"])
+            and all(isinstance(v[k], str) and len(v[k]) <= 64 for k in ("uuid", "parent_uuid")))
 
 
 # What each field of an agent's point record must be (what the commands that read points expect):
@@ -96,7 +106,8 @@ FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "labels": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()), "an object of strings"),
     "warnings": (_warnings, "a list of {path, message} strings"),
     "snapshot": (_snapshot, "\"none\" or an object of method (btrfs, lvm or reflink), taken_at (an ISO 8601 "
-                 "UTC time), held_s (seconds, at least 0) and optionally path (a string)"),
+                 "UTC time), held_s (seconds, at least 0) and optionally path (a string) and subvol ({uuid, "
+                 "parent_uuid, ctransid})"),
     "source_stat": (lambda v: isinstance(v, list) and len(v) <= 8 and all(_int(x) for x in v), "a list of integers"),
 }
 

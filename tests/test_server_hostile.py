@@ -200,6 +200,12 @@ def test_malformed_truncated_and_oversized_bodies_are_refused_with_nothing_store
                   {"name": "x", "kind": "tree", "source": "/s", "root": None, "root_meta": {"xattrs": [["zz", "00"]]}},
                   {"name": "x", "kind": "tree", "source": "/s", "root": None,
                    "snapshot": {"method": "btrfs", "path": "/etc"}},
+                  {"name": "x", "kind": "tree", "source": "/s", "root": None,
+                   "snapshot": {"method": "btrfs", "taken_at": "2026-12-02T10:00:00Z", "held_s": 0,
+                                "subvol": {"uuid": "x" * 5000, "parent_uuid": "", "ctransid": 1}}},
+                  {"name": "x", "kind": "tree", "source": "/s", "root": None,
+                   "snapshot": {"method": "btrfs", "taken_at": "2026-12-02T10:00:00Z", "held_s": 0,
+                                "subvol": {"uuid": "ab", "parent_uuid": "cd", "ctransid": "9"}}},
                   ["not", "an", "object"]):
         r = a.post("/api/v1/points", json=point)
         assert r.status_code == 400, (point, r.text)
