@@ -74,6 +74,7 @@ class BackupOptions:
     snapshot: str = "auto"              # auto, btrfs, lvm, reflink, none (ingest/snapshot)
     snapshot_size: str = DEFAULT_COW_SIZE   # LVM copy-on-write size (lvcreate -L SIZE / -l EXTENTS)
     pre_freeze: str | None = None       # shell command run just before the freeze
+    full_read: bool = False             # read the source whole: no change source, no source_stat shortcut
     post_thaw: str | None = None        # shell command run just after it (always)
 
 
@@ -560,7 +561,9 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
             root, record["root_meta"] = walk_tree(safe, pipe, read_path, prev.root if prev else None, wo, warn, progress)
         else:
             sig = _source_stat(st, taken)
-            root, size = walk_volume(pipe, read_path, st, sig, prev, cfg.block_size, warn, progress, path.name)
+            root, size = walk_volume(pipe, read_path, st, sig, None if opts.full_read else prev, cfg.block_size,
+                                     warn, progress, path.name)
+            record["change_source"] = change_source("full", "--full-read" if opts.full_read else "")
             record["size"] = size
             record["block_size"] = cfg.block_size
             if stat.S_ISREG(st.st_mode):
@@ -588,6 +591,14 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
     record["stats"] = stats
     record["labels"] = dict(opts.labels)
     return record, root, grafted
+
+
+def change_source(kind: str, detail: str = "", fallback: str | None = None) -> dict:
+    """A point's ``change_source`` (docs/FORMAT.md): how the backup learnt what changed --
+    ``kind`` ranges-file, qemu-bitmap, btrfs-send or full; ``detail`` what identifies that
+    source (a file name, bitmap name and generation, a snapshot); ``fallback`` why a full read
+    was made instead of the change source, or None."""
+    return {"kind": kind, "detail": detail, "fallback": fallback}
 
 
 def walk_tree(safe: Safe, pipe: Pipeline, read_path: Path, prev_root: bytes | None, wo: WalkOptions,

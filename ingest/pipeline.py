@@ -37,7 +37,8 @@ class Stats:
     dirs: int = 0
     other: int = 0
     files_unchanged: int = 0
-    bytes_read: int = 0        # bytes read from the source
+    bytes_read: int = 0        # bytes the point covers by reading (or reusing, with changed blocks)
+    bytes_scanned: int = 0     # bytes actually read from the source (== bytes_read for a full read)
     bytes_new: int = 0         # raw bytes of chunks the safe did not hold
     bytes_stored: int = 0      # record bytes appended to packs (after compression)
     objects_new: int = 0
@@ -113,6 +114,7 @@ class Pipeline:
         b.chunks.append(mv)
         b.nbytes += len(mv)
         self.stats.bytes_read += len(mv)
+        self.stats.bytes_scanned += len(mv)
         if b.nbytes >= BATCH_BYTES or len(b.events) >= BATCH_EVENTS:
             self._submit()
 
