@@ -49,6 +49,9 @@ def register(sub) -> None:
     p.add_argument("source", metavar="SOURCE", help="directory, block device or disk image")
     p.add_argument("--name", help="the point's source name (default: the source's base name)")
     p.add_argument("--volume", action="store_true", help="store SOURCE (a disk image file) as a volume of fixed blocks")
+    p.add_argument("--changed-blocks", metavar="FILE",
+                   help="with --volume: read only the byte ranges listed in FILE (a JSON list of [offset, length] "
+                        "or lines 'offset length'), reusing the previous point's blocks elsewhere")
     p.add_argument("--full-read", action="store_true",
                    help="read SOURCE whole: ignore any change source and the unchanged-image shortcut")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
@@ -106,7 +109,8 @@ def backup_options(args) -> BackupOptions:
                          allow_inconsistent=getattr(args, "allow_inconsistent", False), labels=labels,
                          space_check=getattr(args, "space_check", None), snapshot=args.snapshot,
                          snapshot_size=args.snapshot_size, pre_freeze=args.pre_freeze, post_thaw=args.post_thaw,
-                         full_read=getattr(args, "full_read", False))
+                         full_read=getattr(args, "full_read", False),
+                         changed_blocks=getattr(args, "changed_blocks", None))
 
 
 def cmd_backup(args) -> int:

@@ -118,6 +118,12 @@ class Pipeline:
         if b.nbytes >= BATCH_BYTES or len(b.events) >= BATCH_EVENTS:
             self._submit()
 
+    def reuse(self, key: bytes | None, length: int) -> None:
+        """``length`` bytes of the current file taken from a stored chunk ``key`` (None: a hole)
+        without reading them: changed-block tracking reuses the previous point's blocks."""
+        self.stats.bytes_read += length
+        self._event(("reuse", key, length))
+
     def hole(self, length: int) -> None:
         """``length`` bytes of zeros (a hole) in the current file, stored as no chunk."""
         self._event(("hole", length))
@@ -266,6 +272,8 @@ class _Assembler:
                 self._blob().add(key, n)
             elif t == "hole":
                 self._blob().add(None, ev[1])
+            elif t == "reuse":
+                self._blob().add(ev[1], ev[2])
             elif t == "file":
                 self.cur_file = ev[1]
                 self.blob = BlobBuilder(self._put_node, self.p.fanout)

@@ -45,3 +45,107 @@ def test_full_every_setting():
     assert not full_read_due(s, "2026-11-20T00:00:00Z", "2026-12-02T00:00:00Z")
     assert full_read_due(s, "2026-10-20T00:00:00Z", "2026-12-02T00:00:00Z")
     assert not full_read_due({"cbt.full_every": "off"}, None, "2026-12-02T00:00:00Z")
+
+
+def _block(safe_dir) -> int:
+    s = Safe.open(safe_dir, PW)
+    try:
+        return s.config.block_size
+    finally:
+        s.close()
+
+
+def _content(safe_dir, p) -> bytes:
+    from pointsafe.cas.blob import BlobReader
+    s = Safe.open(safe_dir, PW)
+    try:
+        r = BlobReader(p.root, p.size, s.get, lambda k: s.entry(k).kind)
+        return r.read(0, p.size)
+    finally:
+        s.close()
+
+
+def _image(tmp_path, bs):
+    img = tmp_path / "disk.img"
+    data = bytearray(os.urandom(bs * 40) + bytes(bs * 20) + os.urandom(bs * 3 + 123))
+    img.write_bytes(data)
+    return img, data
+
+
+def test_ranges_file_incremental_equals_full_read(tmp_path, safe_dir):
+    bs = _block(safe_dir)
+    img, data = _image(tmp_path, bs)
+    run_cli("backup", "--volume", img, safe=safe_dir, check=True)
+    # change: inside one block, across a block boundary, zeros over data (a new hole), data in the hole
+    changes = [(5 * bs + 10, 100), (9 * bs - 7, 20), (12 * bs, bs), (45 * bs + 3, 50)]
+    for off, n in changes:
+        data[off:off + n] = bytes(n) if n == bs else os.urandom(n)
+    with open(img, "r+b") as f:
+        f.write(data)
+    rf = tmp_path / "ranges.json"
+    rf.write_text(json.dumps([list(c) for c in changes]))
+    run_cli("backup", "--volume", "--changed-blocks", rf, img, safe=safe_dir, check=True)
+    run_cli("backup", "--volume", "--full-read", img, safe=safe_dir, check=True)
+    _, inc, full = _points(safe_dir)
+    assert inc.extra["change_source"] == {"kind": "ranges-file", "detail": str(rf), "fallback": None}
+    assert inc.root == full.root and inc.size == full.size == len(data)
+    assert _content(safe_dir, inc) == bytes(data)
+    assert inc.stats["bytes_scanned"] <= 6 * bs     # 1 + 2 + 1 + 1 blocks touched
+    assert inc.stats["bytes_read"] == len(data)
+    assert not inc.warnings
+
+
+def test_ranges_file_lines_and_growth_covered(tmp_path, safe_dir):
+    bs = _block(safe_dir)
+    img, data = _image(tmp_path, bs)
+    run_cli("backup", "--volume", img, safe=safe_dir, check=True)
+    old = len(data)
+    data += os.urandom(2 * bs)
+    img.write_bytes(data)
+    rf = tmp_path / "ranges.txt"
+    rf.write_text(f"{old} {2 * bs}\n")
+    run_cli("backup", "--volume", "--changed-blocks", rf, img, safe=safe_dir, check=True)
+    run_cli("backup", "--volume", "--full-read", img, safe=safe_dir, check=True)
+    _, inc, full = _points(safe_dir)
+    assert inc.extra["change_source"]["fallback"] is None
+    assert inc.root == full.root and _content(safe_dir, inc) == bytes(data)
+    assert inc.stats["bytes_scanned"] <= 4 * bs
+
+
+def _fallback(tmp_path, safe_dir, change, ranges, reason):
+    bs = _block(safe_dir)
+    img, data = _image(tmp_path, bs)
+    if change is not None:
+        run_cli("backup", "--volume", img, safe=safe_dir, check=True)
+        data = change(data, bs)
+        img.write_bytes(data)
+    rf = tmp_path / "ranges.json"
+    rf.write_text(json.dumps(ranges))
+    r = run_cli("backup", "--volume", "--changed-blocks", rf, img, safe=safe_dir)
+    assert r.code == 3 and "changed blocks not used" in r.err    # 3: done, with warnings
+    p = _points(safe_dir)[-1]
+    cs = p.extra["change_source"]
+    assert cs["kind"] == "full" and reason in cs["fallback"]
+    assert any("changed blocks not used" in w["message"] for w in p.warnings)
+    assert _content(safe_dir, p) == bytes(data)
+    assert p.stats["bytes_scanned"] == len(data)
+
+
+def test_fallback_no_previous_point(tmp_path, safe_dir):
+    _fallback(tmp_path, safe_dir, None, [[0, 10]], "no previous point")
+
+
+def test_fallback_shrunk(tmp_path, safe_dir):
+    _fallback(tmp_path, safe_dir, lambda d, bs: d[:-2 * bs], [[0, 10]], "shrank")
+
+
+def test_fallback_growth_not_covered(tmp_path, safe_dir):
+    _fallback(tmp_path, safe_dir, lambda d, bs: d + os.urandom(bs), [[0, 10]], "grew")
+
+
+def test_malformed_ranges_file_is_one_error_line(tmp_path, safe_dir):
+    img, _ = _image(tmp_path, _block(safe_dir))
+    rf = tmp_path / "bad.json"
+    rf.write_text('[[0, "x"]]')
+    r = run_cli("backup", "--volume", "--changed-blocks", rf, img, safe=safe_dir)
+    assert r.code == 1 and "malformed changed-blocks file" in r.err and len(r.err.strip().splitlines()) == 1
