@@ -113,6 +113,21 @@ def backup_options(args) -> BackupOptions:
                          changed_blocks=getattr(args, "changed_blocks", None))
 
 
+def _full_read_due(safe, opts: BackupOptions, source: str) -> bool:
+    """Whether the ``cbt.full_every`` setting makes this changed-block backup a full read: its
+    duration has passed since the last full read of the source's points."""
+    from pointsafe.ingest.backup import source_name
+    from pointsafe.ops import config
+    from pointsafe.ops.clock import iso, now
+    name = source_name(source, opts.name)
+    full = [p for p in safe.points() if p.name == name and p.kind == "volume"
+            and (p.extra.get("change_source") or {}).get("kind", "full") == "full"]
+    last = max(full, key=lambda p: p.started).started if full else None
+    if not any(p.name == name and p.kind == "volume" for p in safe.points()):
+        return False   # the first backup reads whole anyway (and says why)
+    return config.full_read_due(config.effective(config.load(safe.index)), last, iso(now()))
+
+
 def cmd_backup(args) -> int:
     """``pointsafe backup``: make a point of SOURCE and print it (exit 3 when it has warnings)."""
     opts = backup_options(args)
@@ -120,6 +135,8 @@ def cmd_backup(args) -> int:
         from .cmd_agent import backup_remote
         return backup_remote(args, opts)
     with open_safe(args) as safe:
+        if opts.changed_blocks and not opts.full_read:
+            opts.full_read = _full_read_due(safe, opts, args.source)
         with progress(args, None, f"backing up {args.source}") as advance:
             res = backup(safe, args.source, opts, progress=advance)
     p = res.point

@@ -149,3 +149,36 @@ def test_malformed_ranges_file_is_one_error_line(tmp_path, safe_dir):
     rf.write_text('[[0, "x"]]')
     r = run_cli("backup", "--volume", "--changed-blocks", rf, img, safe=safe_dir)
     assert r.code == 1 and "malformed changed-blocks file" in r.err and len(r.err.strip().splitlines()) == 1
+
+
+def test_full_read_finds_missed_changes(tmp_path, safe_dir):
+    """A full read with the change source at hand: blocks that changed outside the reported
+    ranges are counted in a warning; the point holds the full read."""
+    bs = _block(safe_dir)
+    img, data = _image(tmp_path, bs)
+    run_cli("backup", "--volume", img, safe=safe_dir, check=True)
+    data[2 * bs:2 * bs + 10] = os.urandom(10)       # reported
+    data[30 * bs:30 * bs + 10] = os.urandom(10)     # missed by the change source
+    img.write_bytes(data)
+    rf = tmp_path / "ranges.json"
+    rf.write_text(json.dumps([[2 * bs, 10]]))
+    r = run_cli("backup", "--volume", "--full-read", "--changed-blocks", rf, img, safe=safe_dir)
+    assert r.code == 3
+    p = _points(safe_dir)[-1]
+    assert any("found 1 blocks that differ" in w["message"] for w in p.warnings)
+    assert _content(safe_dir, p) == bytes(data)
+
+
+def test_full_every_due_reads_whole(tmp_path, safe_dir):
+    bs = _block(safe_dir)
+    img, data = _image(tmp_path, bs)
+    run_cli("backup", "--volume", img, safe=safe_dir, check=True)
+    run_cli("config", "set", "cbt.full_every", "2d", safe=safe_dir, check=True)
+    rf = tmp_path / "ranges.json"
+    rf.write_text("[]")
+    run_cli("backup", "--volume", "--changed-blocks", rf, img, safe=safe_dir, check=True)
+    assert _points(safe_dir)[-1].stats["bytes_scanned"] == 0       # not due: nothing read
+    later = {"POINTSAFE_NOW": "2099-01-01T00:00:00Z"}
+    run_cli("backup", "--volume", "--changed-blocks", rf, img, safe=safe_dir, check=True, env=later)
+    p = _points(safe_dir)[-1]
+    assert p.extra["change_source"]["kind"] == "full" and p.stats["bytes_scanned"] == len(data)
