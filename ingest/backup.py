@@ -204,6 +204,8 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
     started = utc_now_iso()
     with hooks_around(opts, hook_env, warn.list):
         path, st, kind = check_source(safe, source, opts.volume)
+        if opts.changed_blocks and kind != "volume":
+            raise UsageError(f"{source}: --changed-blocks FILE applies to a volume (--volume or a block device)")
         provider = plan_point_in_time(opts, path, st, kind, name, safe.config.safe_id,
                                       _snapshot_of_last(safe, name, kind), notes)
         # Take the lock before touching databases, so that a busy safe fails fast.

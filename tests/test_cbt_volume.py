@@ -182,3 +182,11 @@ def test_full_every_due_reads_whole(tmp_path, safe_dir):
     run_cli("backup", "--volume", "--changed-blocks", rf, img, safe=safe_dir, check=True, env=later)
     p = _points(safe_dir)[-1]
     assert p.extra["change_source"]["kind"] == "full" and p.stats["bytes_scanned"] == len(data)
+
+
+def test_changed_blocks_needs_a_volume(tmp_path, safe_dir):
+    (tmp_path / "tree").mkdir()
+    rf = tmp_path / "ranges.json"
+    rf.write_text("[]")
+    r = run_cli("backup", "--changed-blocks", rf, tmp_path / "tree", safe=safe_dir)
+    assert r.code == 1 and "applies to a volume" in r.err and len(r.err.strip().splitlines()) == 1
