@@ -93,6 +93,12 @@ def test_ranges_file_incremental_equals_full_read(tmp_path, safe_dir):
     assert inc.stats["bytes_scanned"] <= 6 * bs     # 1 + 2 + 1 + 1 blocks touched
     assert inc.stats["bytes_read"] == len(data)
     assert not inc.warnings
+    run_cli("verify", "--data", safe=safe_dir, check=True)    # reference counts hold the reused blocks
+    first = _points(safe_dir)[0]
+    run_cli("forget", first.id, safe=safe_dir, check=True)
+    run_cli("gc", "--threshold", "0", safe=safe_dir, check=True)
+    assert _content(safe_dir, inc) == bytes(data)
+    run_cli("verify", "--data", safe=safe_dir, check=True)
 
 
 def test_ranges_file_lines_and_growth_covered(tmp_path, safe_dir):
