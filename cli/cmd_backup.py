@@ -49,6 +49,11 @@ def register(sub) -> None:
     p.add_argument("source", metavar="SOURCE", help="directory, block device or disk image")
     p.add_argument("--name", help="the point's source name (default: the source's base name)")
     p.add_argument("--volume", action="store_true", help="store SOURCE (a disk image file) as a volume of fixed blocks")
+    p.add_argument("--changed-blocks", metavar="FILE",
+                   help="with --volume: read only the byte ranges listed in FILE (a JSON list of [offset, length] "
+                        "or lines 'offset length'), reusing the previous point's blocks elsewhere")
+    p.add_argument("--full-read", action="store_true",
+                   help="read SOURCE whole: ignore any change source and the unchanged-image shortcut")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="skip names or relative paths matching this shell pattern (repeatable)")
     p.add_argument("--one-file-system", action="store_true", help="do not descend into other filesystems")
@@ -103,16 +108,38 @@ def backup_options(args) -> BackupOptions:
                          consistency=consistency_hooks(args),
                          allow_inconsistent=getattr(args, "allow_inconsistent", False), labels=labels,
                          space_check=getattr(args, "space_check", None), snapshot=args.snapshot,
-                         snapshot_size=args.snapshot_size, pre_freeze=args.pre_freeze, post_thaw=args.post_thaw)
+                         snapshot_size=args.snapshot_size, pre_freeze=args.pre_freeze, post_thaw=args.post_thaw,
+                         full_read=getattr(args, "full_read", False),
+                         changed_blocks=getattr(args, "changed_blocks", None))
+
+
+def _full_read_due(safe, opts: BackupOptions, source: str) -> bool:
+    """Whether the ``cbt.full_every`` setting makes this changed-block backup a full read: its
+    duration has passed since the last full read of the source's points."""
+    from pointsafe.ingest.backup import source_name
+    from pointsafe.ops import config
+    from pointsafe.ops.clock import iso, now
+    name = source_name(source, opts.name)
+    full = [p for p in safe.points() if p.name == name and p.kind == "volume"
+            and (p.extra.get("change_source") or {}).get("kind", "full") == "full"]
+    last = max(full, key=lambda p: p.started).started if full else None
+    if not any(p.name == name and p.kind == "volume" for p in safe.points()):
+        return False   # the first backup reads whole anyway (and says why)
+    return config.full_read_due(config.effective(config.load(safe.index)), last, iso(now()))
 
 
 def cmd_backup(args) -> int:
     """``pointsafe backup``: make a point of SOURCE and print it (exit 3 when it has warnings)."""
     opts = backup_options(args)
     if args.server:
+        if opts.changed_blocks or opts.full_read:
+            from pointsafe.cas import UsageError
+            raise UsageError("--changed-blocks and --full-read are for a local safe, not with --server")
         from .cmd_agent import backup_remote
         return backup_remote(args, opts)
     with open_safe(args) as safe:
+        if opts.changed_blocks and not opts.full_read:
+            opts.full_read = _full_read_due(safe, opts, args.source)
         with progress(args, None, f"backing up {args.source}") as advance:
             res = backup(safe, args.source, opts, progress=advance)
     p = res.point

@@ -140,6 +140,12 @@ def cmd_show(args) -> int:
             ("root", p.root.hex() if p.root else None), ("snapshot", snapshot_line(p))]
     for k, v in rows:
         say(args, f"{k:16} {v}")
+    cs = p.extra.get("change_source")
+    if cs:
+        fb = cs.get("fallback")
+        say(args, f"{'changes from':16} {cs.get('kind')}" + (f" ({cs.get('detail')})" if cs.get("detail") else "")
+            + (f"; full read instead: {fb}" if fb else "")
+            + (f"; scanned {human_bytes(st.get('bytes_scanned', 0))}" if "bytes_scanned" in st else ""))
     for name, info in (p.consistency or {}).items():
         shown = ", ".join(f"{k}={v}" for k, v in info.items()) if isinstance(info, Mapping) else info
         say(args, f"{name:16} {shown}")

@@ -37,6 +37,7 @@ from typing import Callable, Iterator, Protocol
 
 from pointsafe.cas import (BlobBuilder, Entry, Kind, Point, Safe, SafeError, UsageError, Writer, build_tree,
                            latest, parse_utc, read_tree, utc_now_iso)
+from pointsafe.cas.blob import BlobReader
 from pointsafe.cas.pack import pack_name
 from pointsafe.cas.tree import DIR, REG
 
@@ -75,6 +76,8 @@ class BackupOptions:
     snapshot: str = "auto"              # auto, btrfs, lvm, reflink, none (ingest/snapshot)
     snapshot_size: str = DEFAULT_COW_SIZE   # LVM copy-on-write size (lvcreate -L SIZE / -l EXTENTS)
     pre_freeze: str | None = None       # shell command run just before the freeze
+    full_read: bool = False             # read the source whole: no change source, no source_stat shortcut
+    changed_blocks: str | None = None   # --changed-blocks FILE: the byte ranges changed since the previous point
     post_thaw: str | None = None        # shell command run just after it (always)
 
 
@@ -202,6 +205,8 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
     started = utc_now_iso()
     with hooks_around(opts, hook_env, warn.list):
         path, st, kind = check_source(safe, source, opts.volume)
+        if opts.changed_blocks and kind != "volume":
+            raise UsageError(f"{source}: --changed-blocks FILE applies to a volume (--volume or a block device)")
         provider = plan_point_in_time(opts, path, st, kind, name, safe.config.safe_id,
                                       _snapshot_of_last(safe, name, kind), notes)
         # Take the lock before touching databases, so that a busy safe fails fast.
@@ -566,7 +571,20 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
             root, record["root_meta"] = walk_tree(safe, pipe, read_path, prev.root if prev else None, wo, warn, progress)
         else:
             sig = _source_stat(st, taken)
-            root, size = walk_volume(pipe, read_path, st, sig, prev, cfg.block_size, warn, progress, path.name)
+            cs, spans = _changed_spans(safe, read_path, prev, cfg.block_size, opts, warn, path)
+            if spans is not None and prev is not None:
+                from .changed_blocks import read_changed
+                reader = BlobReader(prev.root, prev.size, safe.get, _kind_of(safe))
+                size = read_changed(str(read_path), pipe, cfg.block_size, reader, spans, path.name, progress)
+                root, _ = pipe.finish()
+            else:
+                root, size = walk_volume(pipe, read_path, st, sig, None if opts.full_read or cs["kind"] != "full"
+                                         or cs["fallback"] else prev, cfg.block_size, warn, progress, path.name)
+                if cs["kind"] != "full":
+                    cs = change_source("full", cs["detail"], cs["fallback"])
+                if opts.full_read and opts.changed_blocks and prev is not None and root != prev.root:
+                    _verify_chain(safe, w, prev, root, size, cfg.block_size, opts, warn, path)
+            record["change_source"] = cs
             record["size"] = size
             record["block_size"] = cfg.block_size
             if stat.S_ISREG(st.st_mode):
@@ -594,6 +612,79 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
     record["stats"] = stats
     record["labels"] = dict(opts.labels)
     return record, root, grafted
+
+
+def _kind_of(safe: Safe) -> Callable[[bytes], int]:
+    def kind(key: bytes) -> int:
+        oe = safe.entry(key)
+        if oe is None:
+            raise SafeError(f"object {key.hex()[:12]} of the previous point is not in the safe")
+        return oe.kind
+    return kind
+
+
+def _changed_spans(safe: Safe, read_path: Path, prev: Point | None, block: int, opts: BackupOptions,
+                   warn, path: Path) -> tuple[dict, list[tuple[int, int]] | None]:
+    """(the point's change_source, the block-aligned spans to read or None for a full read)."""
+    if opts.full_read or not opts.changed_blocks:
+        return change_source("full", "--full-read" if opts.full_read else ""), None
+    from .changed_blocks import aligned, covers, parse_ranges
+    ranges = parse_ranges(Path(opts.changed_blocks))   # malformed user input: a clear error
+    detail = str(opts.changed_blocks)
+    fd = os.open(read_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = volume_size(fd)
+    finally:
+        os.close(fd)
+    reason = None
+    if prev is None:
+        reason = "no previous point of that name"
+    elif prev.extra.get("block_size", block) != block:
+        reason = "the previous point has another block size"
+    elif size < prev.size:
+        reason = f"the volume shrank ({prev.size} to {size} bytes)"
+    spans = aligned(ranges, block, size)
+    if reason is None and prev is not None and size > prev.size:
+        tail = prev.size - prev.size % block
+        if not covers(spans, prev.size, size):
+            reason = f"the volume grew ({prev.size} to {size} bytes) beyond the changed ranges"
+        else:
+            spans = aligned([(a, b - a) for a, b in spans] + [(tail, size - tail)], block, size)
+    if reason is not None:
+        warn(os.fsencode(str(path)), f"changed blocks not used, read whole: {reason}")
+        return change_source("ranges-file", detail, reason), None
+    return change_source("ranges-file", detail), spans
+
+
+def _verify_chain(safe: Safe, w: Writer, prev: Point, root: bytes | None, size: int, block: int,
+                  opts: BackupOptions, warn, path: Path) -> None:
+    """A full read of a source whose changes are tracked: blocks that differ from the previous
+    point outside the ranges the change source reports were missed by it -- a warning."""
+    from .changed_blocks import aligned, parse_ranges
+    spans = aligned(parse_ranges(Path(opts.changed_blocks or "")), block, size)
+    w.flush()   # the blob just written is read back from the index
+    kind = _kind_of(safe)
+    old = BlobReader(prev.root, prev.size, safe.get, kind)
+    new = BlobReader(root, size, safe.get, kind)
+    differ = 0
+    for off in range(0, min(size, prev.size), block):
+        if any(a <= off < b for a, b in spans):
+            continue
+        ko = [k for _, _, k in old.extents(off, off + 1)]
+        kn = [k for _, _, k in new.extents(off, off + 1)]
+        if ko != kn:
+            differ += 1
+    if differ:
+        warn(os.fsencode(str(path)), f"full read found {differ} blocks that differ from the incremental chain "
+                                     f"outside the reported changes: the change source missed writes")
+
+
+def change_source(kind: str, detail: str = "", fallback: str | None = None) -> dict:
+    """A point's ``change_source`` (docs/FORMAT.md): how the backup learnt what changed --
+    ``kind`` ranges-file, qemu-bitmap, btrfs-send or full; ``detail`` what identifies that
+    source (a file name, bitmap name and generation, a snapshot); ``fallback`` why a full read
+    was made instead of the change source, or None."""
+    return {"kind": kind, "detail": detail, "fallback": fallback}
 
 
 def walk_tree(safe: Safe, pipe: Pipeline, read_path: Path, prev_root: bytes | None, wo: WalkOptions,

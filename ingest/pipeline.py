@@ -37,7 +37,8 @@ class Stats:
     dirs: int = 0
     other: int = 0
     files_unchanged: int = 0
-    bytes_read: int = 0        # bytes read from the source
+    bytes_read: int = 0        # bytes the point covers by reading (or reusing, with changed blocks)
+    bytes_scanned: int = 0     # bytes actually read from the source (== bytes_read for a full read)
     bytes_new: int = 0         # raw bytes of chunks the safe did not hold
     bytes_stored: int = 0      # record bytes appended to packs (after compression)
     objects_new: int = 0
@@ -113,8 +114,15 @@ class Pipeline:
         b.chunks.append(mv)
         b.nbytes += len(mv)
         self.stats.bytes_read += len(mv)
+        self.stats.bytes_scanned += len(mv)
         if b.nbytes >= BATCH_BYTES or len(b.events) >= BATCH_EVENTS:
             self._submit()
+
+    def reuse(self, key: bytes | None, length: int) -> None:
+        """``length`` bytes of the current file taken from a stored chunk ``key`` (None: a hole)
+        without reading them: changed-block tracking reuses the previous point's blocks."""
+        self.stats.bytes_read += length
+        self._event(("reuse", key, length))
 
     def hole(self, length: int) -> None:
         """``length`` bytes of zeros (a hole) in the current file, stored as no chunk."""
@@ -264,6 +272,8 @@ class _Assembler:
                 self._blob().add(key, n)
             elif t == "hole":
                 self._blob().add(None, ev[1])
+            elif t == "reuse":
+                self._blob().add(ev[1], ev[2])
             elif t == "file":
                 self.cur_file = ev[1]
                 self.blob = BlobBuilder(self._put_node, self.p.fanout)

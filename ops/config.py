@@ -39,9 +39,10 @@ DEFAULTS = {
     "interval.default": "36h",
     "smtp.port": "",
     "smtp.security": "none",
+    "cbt.full_every": "30d",
 }
 _SIMPLE = ("quota.soft", "quota.hard", "interval.default", "smtp.host", "smtp.port", "smtp.security",
-           "smtp.user", "smtp.password", "smtp.from", "smtp.to")
+           "smtp.user", "smtp.password", "smtp.from", "smtp.to", "cbt.full_every")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", re.I)
 
 
@@ -59,7 +60,7 @@ def check(name: str, value: str) -> str:
     value = value.strip()
     if name.startswith("quota."):
         parse_quota(value, name)
-    elif name.startswith("interval."):
+    elif name.startswith("interval.") or name == "cbt.full_every":
         if value.lower() != "off":
             parse_duration(value)
     elif name == "smtp.port":
@@ -140,6 +141,21 @@ def interval_for(settings: dict[str, str], name: str) -> float | None:
     """Seconds a source may go without a new point, or None (``off``)."""
     v = settings.get(f"interval.{name}", settings.get("interval.default", DEFAULTS["interval.default"]))
     return None if v.strip().lower() == "off" else parse_duration(v)
+
+
+def full_read_due(settings: dict[str, str], last_full: str | None, now_iso: str) -> bool:
+    """Whether a changed-block backup should read its source whole instead: ``cbt.full_every``
+    (a duration, or ``off``) has passed since ``last_full`` (ISO time of the last full read of
+    that source; None: never, so due)."""
+    v = settings.get("cbt.full_every", DEFAULTS["cbt.full_every"]).strip().lower()
+    if v == "off":
+        return False
+    if last_full is None:
+        return True
+    from datetime import datetime
+    t0 = datetime.fromisoformat(last_full.replace("Z", "+00:00"))
+    t1 = datetime.fromisoformat(now_iso.replace("Z", "+00:00"))
+    return (t1 - t0).total_seconds() >= parse_duration(v)
 
 
 def set_value(index, name: str, value: str) -> str:
