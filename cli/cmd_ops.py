@@ -88,6 +88,8 @@ def register(sub) -> None:
                                    "  quota.hard        refuse/stop backups below this (default 10%)\n"
                                    "  interval.default  alert when a source has no point this long (default 36h)\n"
                                    "  interval.NAME     the same for source NAME ('off': never)\n"
+                                   "  cbt.full_every    a --changed-blocks backup reads its source whole when the\n"
+                                   "                    last full read is this old (default 30d; 'off': never)\n"
                                    "  smtp.host, smtp.port, smtp.security (none|starttls|ssl), smtp.user,\n"
                                    "  smtp.password, smtp.from, smtp.to (comma-separated)\n\n"
                                    "Quotas are a percentage (15%), an amount of free space (5G) or 'off'; "
