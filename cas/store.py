@@ -437,6 +437,14 @@ class Safe:
         with self.index.read() as t:
             return self.index.get_object(t, key)
 
+    def kind(self, key: bytes) -> int:
+        """The object kind of ``key`` (what a BlobReader's ``kind_of`` asks); ObjectMissing
+        when the index does not hold it."""
+        oe = self.entry(key)
+        if oe is None:
+            raise ObjectMissing(f"object {key.hex()[:12]} is not in the safe")
+        return oe.kind
+
     def has(self, key: bytes) -> bool:
         """True when the index holds ``key`` (committed; dead objects too, until gc)."""
         with self.index.read() as t:

@@ -574,7 +574,7 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
             cs, spans = _changed_spans(safe, read_path, prev, cfg.block_size, opts, warn, path)
             if spans is not None and prev is not None:
                 from .changed_blocks import read_changed
-                reader = BlobReader(prev.root, prev.size, safe.get, _kind_of(safe))
+                reader = BlobReader(prev.root, prev.size, safe.get, safe.kind)
                 size = read_changed(str(read_path), pipe, cfg.block_size, reader, spans, path.name, progress)
                 root, _ = pipe.finish()
             else:
@@ -612,15 +612,6 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
     record["stats"] = stats
     record["labels"] = dict(opts.labels)
     return record, root, grafted
-
-
-def _kind_of(safe: Safe) -> Callable[[bytes], int]:
-    def kind(key: bytes) -> int:
-        oe = safe.entry(key)
-        if oe is None:
-            raise SafeError(f"object {key.hex()[:12]} of the previous point is not in the safe")
-        return oe.kind
-    return kind
 
 
 def _changed_spans(safe: Safe, read_path: Path, prev: Point | None, block: int, opts: BackupOptions,
@@ -663,7 +654,7 @@ def _verify_chain(safe: Safe, w: Writer, prev: Point, root: bytes | None, size: 
     from .changed_blocks import aligned, parse_ranges
     spans = aligned(parse_ranges(Path(opts.changed_blocks or "")), block, size)
     w.flush()   # the blob just written is read back from the index
-    kind = _kind_of(safe)
+    kind = safe.kind
     old = BlobReader(prev.root, prev.size, safe.get, kind)
     new = BlobReader(root, size, safe.get, kind)
     differ = 0

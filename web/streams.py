@@ -29,15 +29,6 @@ PIECE = 1 << 20
 _ZEROS = bytes(PIECE)
 
 
-def _kind_of(safe: Safe):
-    def kind(key: bytes) -> int:
-        oe = safe.entry(key)
-        if oe is None:
-            raise ObjectMissing(f"object {key.hex()[:12]} is not in the safe")
-        return oe.kind
-    return kind
-
-
 def _zeros(n: int) -> Iterator[bytes]:
     while n > 0:
         k = min(n, PIECE)
@@ -55,7 +46,7 @@ def blob_pieces(safe: Safe, ref: bytes | None, size: int, start: int = 0, end: i
     if ref is None:
         yield from _zeros(end - start)
         return
-    reader = BlobReader(ref, size, safe.get, _kind_of(safe))
+    reader = BlobReader(ref, size, safe.get, safe.kind)
     done = start
     for off, length, key in reader.extents(start, end):
         lo, hi = max(off, start), min(off + length, end)
