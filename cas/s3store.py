@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 
 from .errors import SafeError
+from .header import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE   # the cache holds the safe's packs: private
 from .pack import pack_id_from_name, pack_name
 
 T = TypeVar("T")
@@ -131,7 +132,8 @@ class BlockCache:
     def __init__(self, root: Path, limit: int):
         self.root = root
         self.limit = limit
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+        os.chmod(root, PRIVATE_DIR_MODE)
         self.lock = threading.Lock()
         self.files: OrderedDict[str, int] = OrderedDict()
         self.total = 0
@@ -154,7 +156,9 @@ class BlockCache:
 
     def put(self, name: str, data: bytes) -> None:
         tmp = self.root / f"{name}.{threading.get_ident()}.tmp"
-        tmp.write_bytes(data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, self.root / name)
         with self.lock:
             self.total += len(data) - self.files.pop(name, 0)

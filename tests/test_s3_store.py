@@ -62,6 +62,8 @@ def test_pack_round_trip(s3: Any, bucket: str, tmp_path: Path) -> None:
     for off, n in [(0, 16), (4 << 20 - 5, 10), ((4 << 20) - 3, 7), (len(a) - 10, 100), (123, 8 << 20), (len(a), 5)]:
         assert store.read(1, off, n) == a[off:off + n]
     assert store.read(0x2a, 990, 50) == b[990:]
+    cached = list((tmp_path / "cache").rglob("*"))      # the cache holds the safe's packs: private
+    assert cached and all(p.stat().st_mode & 0o077 == 0 for p in [tmp_path / "cache", *cached])
     cold = _store(s3, bucket)                             # no cache: plain ranged GETs
     assert cold.read(1, 5_000_000, 4096) == a[5_000_000:5_004_096]
     with store.open_reader(1, buffer=1 << 20) as r:
