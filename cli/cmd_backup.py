@@ -120,11 +120,11 @@ def _full_read_due(safe, opts: BackupOptions, source: str) -> bool:
     from pointsafe.ops import config
     from pointsafe.ops.clock import iso, now
     name = source_name(source, opts.name)
-    full = [p for p in safe.points() if p.name == name and p.kind == "volume"
-            and (p.extra.get("change_source") or {}).get("kind", "full") == "full"]
-    last = max(full, key=lambda p: p.started).started if full else None
-    if not any(p.name == name and p.kind == "volume" for p in safe.points()):
+    mine = [p for p in safe.points() if p.name == name and p.kind == "volume"]
+    if not mine:
         return False   # the first backup reads whole anyway (and says why)
+    full = [p for p in mine if (p.extra.get("change_source") or {}).get("kind", "full") == "full"]
+    last = max(full, key=lambda p: p.started).started if full else None
     return config.full_read_due(config.effective(config.load(safe.index)), last, iso(now()))
 
 
