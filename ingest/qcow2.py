@@ -14,6 +14,7 @@ write lock, so they fail with :class:`QemuError` while a running QEMU has the im
 """
 from __future__ import annotations
 
+import fcntl
 import importlib
 import json
 import os
@@ -39,6 +40,7 @@ BASE_ALLOCATION = "base:allocation"
 STATE_ZERO = 2          # base:allocation flag: the range reads as zeros
 STATE_DIRTY = 1         # qemu:dirty-bitmap flag: the range was written to
 STATUS_STEP = 1 << 30   # block_status takes a 32-bit length
+STALE_PREFIX = "pointsafe-nbd-"
 
 
 class QemuError(SafeError):
@@ -137,12 +139,18 @@ class Export:
         self.size = 0
         self._dir: str | None = None
         self._pid: int | None = None
+        self._lock: int | None = None
         self._h = None
 
     def __enter__(self) -> "Export":
         nbd = nbd_module()
-        self._dir = tempfile.mkdtemp(prefix="pointsafe-nbd-")     # mode 0700: the socket is private
+        clear_stale()
+        self._dir = tempfile.mkdtemp(prefix=STALE_PREFIX)     # mode 0700: the socket is private
         try:
+            # Held while the export lives: a directory whose lock is free was left by a killed
+            # pointsafe (clear_stale).
+            self._lock = os.open(os.path.join(self._dir, "lock"), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
             sock = os.path.join(self._dir, "sock")
             pidfile = os.path.join(self._dir, "pid")
             args = ["qemu-nbd", "--fork", f"--pid-file={pidfile}", "-r", "-f", "qcow2", "-k", sock]
@@ -221,9 +229,49 @@ class Export:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def clear_stale() -> list[str]:
+    """Stop the qemu-nbd servers that killed backups left waiting for their client (they hold
+    their image's lock, so its bitmaps could not be edited) and remove their directories;
+    returns the directories removed."""
+    removed: list[str] = []
+    tmp = tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(tmp) if n.startswith(STALE_PREFIX)]
+    except OSError:
+        return removed
+    for n in names:
+        d = os.path.join(tmp, n)
+        try:
+            fd = os.open(os.path.join(d, "lock"), os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue    # being set up, or not ours
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue    # its backup is running
+            try:
+                with open(os.path.join(d, "pid")) as f:
+                    pid = int(f.read().strip())
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"qemu-nbd" in f.read():
+                        os.kill(pid, signal.SIGKILL)
+                        _reap(pid)
+            except (OSError, ValueError):
+                pass
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _reap(pid: int, timeout: float = 5.0) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from pointsafe.cas import Point
 
-from ..qcow2 import add_bitmap, bitmaps, dirty_ranges, remove_bitmap
+from ..qcow2 import add_bitmap, bitmaps, clear_stale, dirty_ranges, remove_bitmap
 
 PREFIX = "qemu:"
 
@@ -97,6 +97,7 @@ def start(image: str, base: str, prev: Point | None, usable: str | None) -> Rota
     """Steps 1-2 of the module's docstring for a backup of ``image`` whose previous point is
     ``prev``; ``usable``: a reason the previous point cannot be the base whatever the bitmaps
     say (another size or block size), or None."""
+    clear_stale()     # a qemu-nbd left by a killed backup would hold the image's lock
     fam = _family(base, bitmaps(image))
     rot = Rotation(image, base, old=sorted(fam))
     rec = (prev.extra.get("qemu_bitmap") if prev is not None else None) or {}
