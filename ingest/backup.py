@@ -646,12 +646,12 @@ def _read_volume(safe: Safe, w: Writer, pipe: Pipeline, read_path: Path, path: P
     fmt = "qcow2" if stat.S_ISREG(st.st_mode) and is_qcow2(read_path) else None
     if prev is not None and prev.extra.get("source_format") != fmt:
         prev_fmt = prev.extra.get("source_format") or "raw"
-        notes_reason = f"the previous point was read as {prev_fmt}, this one as {fmt or 'raw'}"
+        unusable = f"the previous point was read as {prev_fmt}, this one as {fmt or 'raw'}"
     else:
-        notes_reason = None
+        unusable = None
     # The bitmaps are edited (qemu-img, which locks the image) before the export is opened.
     size = _size_of(str(read_path), fmt)
-    cs, spans, rot = _changed_spans(prev, size, block, opts, notes_reason, str(read_path))
+    cs, spans, rot = _changed_spans(prev, size, block, opts, unusable, str(read_path))
     if rot is not None:
         record["qemu_bitmap"] = rot.record()
         after_commit.append(lambda: _finish_rotation(rot, warn, path))
@@ -666,7 +666,7 @@ def _read_volume(safe: Safe, w: Writer, pipe: Pipeline, read_path: Path, path: P
             read_changed(vol.pread, size, pipe, block, reader, spans, path.name, progress)
             root, _ = pipe.finish()
         else:
-            shortcut = None if opts.full_read or cs["kind"] != "full" or cs["fallback"] or notes_reason else prev
+            shortcut = None if opts.full_read or cs["kind"] != "full" or cs["fallback"] or unusable else prev
             root, size = walk_volume(pipe, read_path, st, sig, shortcut, block, warn, progress, path.name, vol=vol)
             if cs["kind"] != "full":
                 cs = change_source("full", cs["detail"], cs["fallback"])

@@ -239,11 +239,15 @@ def main() -> int:
             work = Path(a.work) / kind
             shutil.rmtree(work, ignore_errors=True)
             rows += scenario(kind, work, size, fractions, a.seed)
+        result = {"machine": machine_info(), "size": size, "rows": rows, "seconds": time.perf_counter() - t0,
+                  "versions": {"restic": tool_version(["restic", "version"]),
+                               "borg": tool_version(["borg", "--version"]),
+                               "qemu": tool_version(["qemu-img", "--version"])}}
     finally:
-        LOCK.rmdir()
-    result = {"machine": machine_info(), "size": size, "rows": rows, "seconds": time.perf_counter() - t0,
-              "versions": {"restic": tool_version(["restic", "version"]), "borg": tool_version(["borg", "--version"]),
-                           "qemu": tool_version(["qemu-img", "--version"])}}
+        try:
+            LOCK.rmdir()
+        except FileNotFoundError:
+            log("warning: /tmp/bench.lock was removed by someone else during the run: figures may be disturbed")
     md = table(rows)
     print(md)
     log(f"done in {result['seconds']:.0f} s")
