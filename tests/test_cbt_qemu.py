@@ -6,6 +6,8 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -265,3 +267,42 @@ def test_qemu_source_errors_are_one_line(tmp_path, safe_dir):
     r = run_cli("backup", "--volume", "--changed-blocks", "qemu:no/slash", img, safe=safe_dir)
     assert r.code == 1 and "bad bitmap name" in r.err and len(r.err.strip().splitlines()) == 1
     assert not _points(safe_dir) and _bitmaps(img) == []
+
+
+def _nbd_of(img) -> int | None:
+    """The pid of a qemu-nbd serving ``img``, or None."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if args and args[0].endswith(b"qemu-nbd") and os.fsencode(str(img)) in args:
+            return int(pid)
+    return None
+
+
+def test_backup_killed_while_reading_leaves_the_image_usable(tmp_path, safe_dir):
+    img = _image(tmp_path)
+    subprocess.run(["qemu-img", "resize", "-q", str(img), str(256 << 20)], check=True)
+    _qemu_io(img, (64 << 20, 128 << 20, "0x21"))        # a longer read
+    proc = subprocess.Popen([sys.executable, "-m", "pointsafe.cli", "--safe", str(safe_dir), "backup", "--volume",
+                             "--changed-blocks", "qemu:bk", "-q", str(img)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while _nbd_of(img) is None and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if proc.poll() is not None:
+            pytest.skip("the backup ended before it could be killed while reading")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not _points(safe_dir)
+    # the export ends with its client; the next backup edits the bitmaps and reads whole
+    r = _backup(img, safe_dir)
+    assert r.code == 3 and "no previous point" in r.err
+    p = _points(safe_dir)[-1]
+    assert _content(safe_dir, p) == _guest(img, tmp_path)
+    assert _bitmaps(img) == [p.extra["qemu_bitmap"]["name"]]
+    assert _nbd_of(img) is None
