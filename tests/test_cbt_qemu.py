@@ -14,6 +14,7 @@ import pytest
 from pointsafe.cas import Safe
 
 from conftest import PW, needs_fuse, run_cli
+from test_cbt_volume import _block, _points
 
 GRAN = 65536      # qemu-img bitmap --add's default granularity
 SIZE = 24 << 20   # the guest's disk
@@ -32,22 +33,6 @@ def _skip_reason():
 
 
 pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
-
-
-def _points(safe_dir):
-    s = Safe.open(safe_dir, PW)
-    try:
-        return sorted(s.points(), key=lambda p: p.started)
-    finally:
-        s.close()
-
-
-def _block(safe_dir) -> int:
-    s = Safe.open(safe_dir, PW)
-    try:
-        return s.config.block_size
-    finally:
-        s.close()
 
 
 def _qemu_io(img, *writes):
