@@ -17,6 +17,7 @@ from pointsafe.cas.blob import BlobReader
 from pointsafe.cas.tree import REG
 
 from .pipeline import Pipeline
+from .volume import feed
 
 
 def parse_ranges(path: Path) -> list[tuple[int, int]]:
@@ -76,7 +77,6 @@ def read_changed(pread: Callable[[int, int], bytes], size: int, pipe: Pipeline, 
     """Feed a volume of ``size`` bytes, read with ``pread(n, offset)``, into ``pipe`` as one
     blob: the blocks in ``spans`` (merged, block-aligned, from :func:`aligned`) read, the rest
     reused from ``prev`` (the previous point's blob, of the same size); returns the size."""
-    from .qcow2 import feed
     progress = progress or (lambda n: None)
     pipe.file(Entry(name=os.fsencode(name), type=REG))
     pos = 0
@@ -90,11 +90,6 @@ def read_changed(pread: Callable[[int, int], bytes], size: int, pipe: Pipeline, 
         pos = max(pos, b)
     pipe.end()
     return size
-
-
-def file_pread(fd: int) -> Callable[[int, int], bytes]:
-    """``pread(n, offset)`` of an open file or device."""
-    return lambda n, off: os.pread(fd, n, off)
 
 
 def _split(key: bytes) -> bytes:

@@ -30,8 +30,8 @@ from types import ModuleType
 from pointsafe.cas import Entry, SafeError
 from pointsafe.cas.tree import REG
 
-from .chunking import READ_SIZE
 from .pipeline import Pipeline
+from .volume import feed
 
 QCOW2_MAGIC = b"QFI\xfb"
 # Where Debian installs python3-libnbd (module ``nbd`` and its ``libnbdmod`` extension).
@@ -250,9 +250,13 @@ def clear_stale() -> list[str]:
     for n in names:
         d = os.path.join(tmp, n)
         try:
+            # Without a pid file, an export may be being set up (its lock not yet taken):
+            # left alone unless it is old.
+            if not os.path.exists(os.path.join(d, "pid")) and time.time() - os.stat(d).st_mtime < 600:
+                continue
             fd = os.open(os.path.join(d, "lock"), os.O_RDWR | os.O_CLOEXEC)
         except OSError:
-            continue    # being set up, or not ours
+            continue    # gone, or not ours
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -330,19 +334,3 @@ def read_export(ex: Export, pipe: Pipeline, block: int, progress: Callable[[int]
         pipe.hole(size - pos)
     pipe.end()
     return size
-
-
-def feed(pread: Callable[[int, int], bytes], pipe: Pipeline, block: int, a: int, b: int,
-         progress: Callable[[int], None]) -> None:
-    """Read [a, b) with ``pread(n, off)`` in large requests and hand it to ``pipe`` in blocks."""
-    off = a
-    while off < b:
-        n = min(READ_SIZE, b - off)
-        buf = pread(n, off)
-        if len(buf) < n:
-            buf += bytes(n - len(buf))
-        mv = memoryview(buf)
-        for i in range(0, len(mv), block):
-            pipe.data(mv[i:i + block])
-        progress(n)
-        off += n

@@ -146,3 +146,19 @@ def open_volume(path: str, fmt: str | None = None) -> Iterator[_Raw | _Guest]:
         yield raw
     finally:
         os.close(raw.fd)
+
+
+def feed(pread: Callable[[int, int], bytes], pipe: Pipeline, block: int, a: int, b: int,
+         progress: Callable[[int], None]) -> None:
+    """Read [a, b) with ``pread(n, off)`` in large requests and hand it to ``pipe`` in blocks."""
+    off = a
+    while off < b:
+        n = min(READ_SIZE, b - off)
+        buf = pread(n, off)
+        if len(buf) < n:
+            buf += bytes(n - len(buf))
+        mv = memoryview(buf)
+        for i in range(0, len(mv), block):
+            pipe.data(mv[i:i + block])
+        progress(n)
+        off += n
