@@ -227,9 +227,15 @@ def test_plain_qcow2_volume_is_the_guest_view_and_mount_name(tmp_path, safe_dir)
     p = _points(safe_dir)[-1]
     assert p.size == SIZE and _content(safe_dir, p) == _guest(img, tmp_path)
     assert image_name(p) == b"vm.img"
-    # unchanged image: not read again, but only against a point read the same way
+    # the same blob as a raw copy of the guest's disk gives (so the two deduplicate)
+    raw = tmp_path / "copy.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(img), str(raw)], check=True)
+    run_cli("backup", "--volume", "--name", "copy", raw, safe=safe_dir, check=True)
+    assert _points(safe_dir)[-1].root == p.root
+    # unchanged image: not read again
     run_cli("backup", "--volume", img, safe=safe_dir, check=True)
-    assert _points(safe_dir)[-1].root == p.root and _points(safe_dir)[-1].stats["bytes_scanned"] == 0
+    again = _points(safe_dir)[-1]
+    assert again.name == "vm.qcow2" and again.root == p.root and again.stats["bytes_scanned"] == 0
 
 
 @needs_fuse
@@ -291,3 +297,20 @@ def test_backup_killed_while_reading_leaves_the_image_usable(tmp_path, safe_dir)
     assert _content(safe_dir, p) == _guest(img, tmp_path)
     assert _bitmaps(img) == [p.extra["qemu_bitmap"]["name"]]
     assert _nbd_of(img) is None
+
+
+def test_a_point_of_the_image_file_bytes_is_not_the_base_of_a_guest_view(tmp_path, safe_dir):
+    """A point holding the qcow2 file's own bytes (as older pointsafe stored it) is not reused
+    for the guest's disk: the ranges of a change source would be in other coordinates."""
+    img = _image(tmp_path)
+    other = tmp_path / "bytes.img"
+    shutil.copyfile(img, other)
+    with open(other, "r+b") as f:
+        f.write(b"RAW!")                    # not a qcow2 any more: read as its bytes
+    run_cli("backup", "--volume", "--name", "vm.qcow2", other, safe=safe_dir, check=True)
+    rf = tmp_path / "ranges.json"
+    rf.write_text("[]")
+    r = run_cli("backup", "--volume", "--changed-blocks", rf, img, safe=safe_dir)
+    assert r.code == 3 and "read as raw, this one as qcow2" in r.err
+    p = _points(safe_dir)[-1]
+    assert _content(safe_dir, p) == _guest(img, tmp_path) and p.extra["source_format"] == "qcow2"
