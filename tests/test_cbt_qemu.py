@@ -185,6 +185,8 @@ FALLBACKS = {
     "bitmap missing": (lambda img, bm: subprocess.run(["qemu-img", "bitmap", "--remove", str(img), bm], check=True),
                        "is missing from the image"),
     "bitmap in use": (lambda img, bm: _in_use(img), "is inconsistent"),
+    "bitmap disabled": (lambda img, bm: subprocess.run(["qemu-img", "bitmap", "--disable", str(img), bm], check=True),
+                        "is disabled"),
     "disk resized": (lambda img, bm: subprocess.run(["qemu-img", "resize", "-q", str(img), str(SIZE + (4 << 20))],
                                                     check=True), "size changed"),
     "no bitmap before": (None, "was not made with dirty bitmap bk"),
@@ -314,3 +316,17 @@ def test_a_point_of_the_image_file_bytes_is_not_the_base_of_a_guest_view(tmp_pat
     assert r.code == 3 and "read as raw, this one as qcow2" in r.err
     p = _points(safe_dir)[-1]
     assert _content(safe_dir, p) == _guest(img, tmp_path) and p.extra["source_format"] == "qcow2"
+
+
+def test_full_read_counts_writes_the_bitmap_missed(tmp_path, safe_dir):
+    img = _image(tmp_path)
+    _backup(img, safe_dir)
+    bm = _points(safe_dir)[-1].extra["qemu_bitmap"]["name"]
+    _qemu_io(img, (9 << 20, 4096, "0x32"), (12 << 20, 4096, "0x33"))
+    subprocess.run(["qemu-img", "bitmap", "--clear", str(img), bm], check=True)         # ... forgotten
+    _qemu_io(img, (1 << 20, 4096, "0x31"))                                            # tracked
+    r = _backup(img, safe_dir, "--full-read")
+    assert r.code == 3 and "found 2 blocks that differ" in r.err
+    p = _points(safe_dir)[-1]
+    assert _content(safe_dir, p) == _guest(img, tmp_path)
+    assert _bitmaps(img) == [p.extra["qemu_bitmap"]["name"]]

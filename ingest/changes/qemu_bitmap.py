@@ -116,9 +116,12 @@ def start(image: str, base: str, prev: Point | None, usable: str | None) -> Rota
         g = fam[expect][0]
         rot.read_from = [n for n, (gen, _) in sorted(fam.items(), key=lambda kv: kv[1][0]) if gen >= g]
         bad = [n for n in rot.read_from if "in-use" in (fam[n][1].get("flags") or [])]
+        off = [n for n in rot.read_from if "auto" not in (fam[n][1].get("flags") or [])]
         if bad:
             rot.fallback = (f"dirty bitmap {bad[0]} is inconsistent (marked in use: the QEMU that had the "
                             f"image open stopped without saving it)")
+        elif off:
+            rot.fallback = f"dirty bitmap {off[0]} is disabled (it may have missed writes)"
     if rot.fallback:
         rot.read_from = []
     last = int(rec.get("generation") or 0) if rec.get("base") == base else 0
