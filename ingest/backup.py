@@ -214,16 +214,8 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
             check_packs_present(safe)
             with point_in_time(opts, provider, path, warn, hook_env, notes) as freeze:
                 record, root, grafted = _read(safe, w, path, st, kind, name, started, opts, warn, progress, freeze)
-                # The point holds the integrations' consistent copies of these files: their read
-                # warnings (a live WAL segment or database file changing under the reader) no
-                # longer apply.
-                # ... nor do read warnings in the directories a database integration covers (its
-                # recovery repairs them), and what the integrations found is said.
-                covered = covered_roots(freeze.active, path)
-                warnings = warn.list
-                warnings[:] = [x for x in warnings if x.get("path") not in grafted and not is_covered_warning(x, covered)]
-                warnings += [{"path": c.name, "message": m} for c in freeze.active for m in getattr(c, "warnings", list)()]
-                point = commit_point(w, record, root, warnings)
+                settle_warnings(warn.list, freeze.active, path, grafted)
+                point = commit_point(w, record, root, warn.list)
                 freeze.keep(path)
     return BackupResult(point, warn.list, notes)
 
@@ -596,12 +588,8 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
         c.files_read()
     freeze.thaw("ok")   # without a snapshot the freeze lasted the whole read (with one: done already)
     grafted: set[str] = set()
-    if kind == "tree" and active:
-        for c in active:
-            for rel, content in c.extra_files():
-                w.flush()  # grafting reads the tree just written (or just grafted) back from the index
-                root = graft(safe, w, root, os.fsencode(rel), content)
-                grafted.add(os.path.join(str(path), rel))
+    if kind == "tree":
+        root, grafted = graft_consistent_copies(safe, w, root, active, path, w.flush)
     if kind == "tree":
         record["size"] = pipe.stats.size
     if active:
@@ -731,6 +719,33 @@ def commit_point(w: Writer, record: dict, root: bytes | None, warnings: list[dic
     record = dict(record)
     record["warnings"] = list(warnings)
     return w.add_point(record, root)
+
+
+def graft_consistent_copies(safe: Safe, w: Writer, root: bytes | None, active: list, path: Path,
+                            settle: Callable[[], None]) -> tuple[bytes | None, set[str]]:
+    """Graft into the tree ``root`` the files the database integrations ``active`` hand back once
+    the source is read (their ``extra_files``); returns (the new root, the grafted files' paths
+    as in SOURCE). ``settle`` makes what ``w`` wrote readable through ``safe.get`` (grafting reads
+    the tree just written, or just grafted, back): the local writer's flush, or the agent's wait
+    for its uploads."""
+    grafted: set[str] = set()
+    for c in active:
+        for rel, content in c.extra_files():
+            settle()
+            root = graft(safe, w, root, os.fsencode(rel), content)
+            grafted.add(os.path.join(str(path), rel))
+    return root, grafted
+
+
+def settle_warnings(warnings: list[dict], active: list, path: Path, grafted: set[str]) -> None:
+    """Edit a point's read warnings (in place) once its database integrations are done: the
+    point holds the integrations' consistent copies of the files ``grafted``, so their read
+    warnings (a live WAL segment or database file changing under the reader) no longer apply;
+    nor do read warnings in the directories an integration covers (its recovery repairs them);
+    and what the integrations found and dealt with is said."""
+    covered = covered_roots(active, path)
+    warnings[:] = [x for x in warnings if x.get("path") not in grafted and not is_covered_warning(x, covered)]
+    warnings += [{"path": c.name, "message": m} for c in active for m in getattr(c, "warnings", list)()]
 
 
 def graft(safe: Safe, w: Writer, root: bytes | None, relpath: bytes, data: bytes | str | os.PathLike[str]) -> bytes:

@@ -30,7 +30,7 @@ from .idmap import IdMap
 
 # The fields of a point record an agent may send (everything else is the server's or refused).
 POINT_FIELDS = ("name", "kind", "source", "host", "started", "finished", "size", "root_meta", "stats", "labels",
-                "warnings", "snapshot", "block_size", "source_stat")
+                "warnings", "snapshot", "block_size", "source_stat", "consistency")
 MAX_WARNINGS = 1000
 
 
@@ -83,6 +83,24 @@ def _snapshot(v: Any) -> bool:
             and isinstance(path, str) and len(path) <= 4096)
 
 
+def _scalar(v: Any) -> bool:
+    """A value of a database integration's record: a number, a boolean, null or a short string."""
+    if isinstance(v, str):
+        return len(v) <= 4096
+    return v is None or isinstance(v, (bool, int)) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _consistency(v: Any) -> bool:
+    """What the database integrations recorded (``consistency``: name -> {key: value}, the
+    values scalars or lists of them, e.g. PostgreSQL's WAL file names), bounded in size."""
+    return (isinstance(v, dict) and len(v) <= 64
+            and all(isinstance(name, str) and len(name) <= 4096 and isinstance(info, dict) and len(info) <= 64
+                    and all(isinstance(k, str) and len(k) <= 64
+                            and (_scalar(x) or (isinstance(x, list) and len(x) <= 100_000 and all(map(_scalar, x))))
+                            for k, x in info.items())
+                    for name, info in v.items()))
+
+
 def _subvol(v: Any) -> bool:
     """A btrfs snapshot's identity (``snapshot.subvol``): {uuid, parent_uuid, ctransid}, or
     absent (``{}``)."""
@@ -108,6 +126,8 @@ FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "snapshot": (_snapshot, "\"none\" or an object of method (btrfs, lvm or reflink), taken_at (an ISO 8601 "
                  "UTC time), held_s (seconds, at least 0) and optionally path (a string) and subvol ({uuid, "
                  "parent_uuid, ctransid})"),
+    "consistency": (_consistency, "an object of {name: {key: value}} (numbers, strings, booleans, null or lists "
+                    "of them)"),
     "source_stat": (lambda v: isinstance(v, list) and len(v) <= 8 and all(_int(x) for x in v), "a list of integers"),
 }
 
