@@ -13,6 +13,11 @@ _IDS = {"required": True, "content": {"application/json": {"schema": {"$ref": "#
 _STREAM = {"application/octet-stream": {"schema": {"type": "string", "format": "binary",
                                                    "description": "object records, see docs/SERVER.md"}}}
 
+# What the database integrations recorded (``consistency``), as server.service ``_consistency`` checks it.
+_SCALAR = {"oneOf": [{"type": "string", "maxLength": 4096}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]}
+_CONSISTENCY = {"type": "object", "maxProperties": 64, "additionalProperties": {
+    "type": "object", "maxProperties": 64,
+    "additionalProperties": {"oneOf": [_SCALAR, {"type": "array", "maxItems": 100000, "items": _SCALAR}]}}}
 # The point's ``snapshot`` record, as server.service ``_snapshot`` checks it.
 _SNAPSHOT = {"oneOf": [
     {"const": "none"},
@@ -63,7 +68,7 @@ def document() -> dict[str, Any]:
                                          "finished": {"type": "string"}, "size": {"type": "integer"},
                                          "root_meta": {"type": "object"}, "stats": {"type": "object"},
                                          "labels": {"type": "object"}, "warnings": {"type": "array"},
-                                         "snapshot": _SNAPSHOT},
+                                         "snapshot": _SNAPSHOT, "consistency": _CONSISTENCY},
                           "required": ["name", "kind", "source", "root"]},
             },
         },
