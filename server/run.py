@@ -6,8 +6,7 @@ import os
 from collections.abc import Callable
 
 from pointsafe.cas import Safe, UsageError
-from pointsafe.web.server import Listen, parse_listen
-from pointsafe.web.server import serve as serve_asgi
+from pointsafe.ops.listener import Listen, parse_listen, run_asgi
 
 DEFAULT_LISTEN = "127.0.0.1:8443"
 
@@ -44,7 +43,7 @@ def serve(safes: Safe | list[Safe], listen: Listen, tls_cert: str | None = None,
             services.append(Service(safe, idle))
         apps = [(s.safe, create_app(s, rate)) for s in services]
         app = apps[0][1] if len(apps) == 1 else SafeRouter(apps)  # type: ignore[arg-type]  # Starlette is an ASGI app
-        serve_asgi(served[0], listen, tls_cert, tls_key, announce=announce, app=app)
+        run_asgi(app, listen, tls_cert, tls_key, announce=announce, name="serve")
     finally:
         for service in services:
             service.close()
