@@ -51,7 +51,10 @@ def register(sub) -> None:
     p.add_argument("--volume", action="store_true", help="store SOURCE (a disk image file) as a volume of fixed blocks")
     p.add_argument("--changed-blocks", metavar="FILE",
                    help="with --volume: read only the byte ranges listed in FILE (a JSON list of [offset, length] "
-                        "or lines 'offset length'), reusing the previous point's blocks elsewhere")
+                        "or lines 'offset length'), reusing the previous point's blocks elsewhere; "
+                        "qemu:BITMAP for a qcow2 image: the ranges its persistent dirty bitmaps BITMAP.* mark "
+                        "written (the first backup adds one and reads whole; each backup starts the next one "
+                        "before reading and removes the old ones once the point is committed)")
     p.add_argument("--full-read", action="store_true",
                    help="read SOURCE whole: ignore any change source and the unchanged-image shortcut")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",

@@ -148,6 +148,12 @@ def cmd_show(args) -> int:
         out(f"{'changes from':16} {cs.get('kind')}" + (f" ({cs.get('detail')})" if cs.get("detail") else "")
             + (f"; full read instead: {fb}" if fb else "")
             + (f"; scanned {human_bytes(st.get('bytes_scanned', 0))}" if "bytes_scanned" in st else ""))
+    qb = p.extra.get("qemu_bitmap")
+    if isinstance(qb, Mapping):
+        say(args, f"{'dirty bitmap':16} {qb.get('name')} (generation {qb.get('generation')}: tracks writes since "
+                  f"this point)")
+    if p.extra.get("source_format"):
+        say(args, f"{'read as':16} the guest's disk of a {p.extra['source_format']} image (raw blocks)")
     for name, info in (p.consistency or {}).items():
         shown = ", ".join(f"{k}={v}" for k, v in info.items()) if isinstance(info, Mapping) else info
         out(f"{name:16} {shown}")

@@ -50,9 +50,13 @@ IMAGE_SUFFIXES = (b".img", b".raw", b".iso", b".qcow", b".qcow2", b".vmdk", b".v
 
 def image_name(record: Point) -> bytes:
     """The file name of a volume point's image inside its folder (the only name there): the
-    point's name, with ``.img`` added unless it already ends in a disk-image suffix."""
+    point's name, with ``.img`` added unless it already ends in a disk-image suffix. A point
+    that holds a qcow2 image's guest view (``source_format``) holds raw blocks: ``vm.qcow2``
+    shows as ``vm.img``."""
     name = _clean(record.name or "volume")
     stem, dot, suffix = name.rpartition(b".")
+    if record.extra.get("source_format") == "qcow2":
+        return (stem if stem and (dot + suffix).lower() in (b".qcow2", b".qcow") else name) + b".img"
     if stem and (dot + suffix).lower() in IMAGE_SUFFIXES:
         return name
     return name + b".img"

@@ -31,7 +31,7 @@ import stat
 import subprocess
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
@@ -42,6 +42,7 @@ from pointsafe.cas.pack import pack_name
 from pointsafe.cas.tree import DIR, REG
 
 from .changes.btrfs_send import subvol_record
+from .changes.qemu_bitmap import Rotation
 from .chunking import Cutter, data_extents, is_zero
 from .db import covered_roots, is_covered_warning, walk_excludes
 from .pipeline import Pipeline
@@ -207,17 +208,45 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
         path, st, kind = check_source(safe, source, opts.volume)
         if opts.changed_blocks and kind != "volume":
             raise UsageError(f"{source}: --changed-blocks FILE applies to a volume (--volume or a block device)")
+        opts = _check_qemu_source(opts, source, path)
         provider = plan_point_in_time(opts, path, st, kind, name, safe.config.safe_id,
                                       _snapshot_of_last(safe, name, kind), notes)
         # Take the lock before touching databases, so that a busy safe fails fast.
         with safe.writer(f"backup {name}", space_check=opts.space_check) as w:
             check_packs_present(safe)
             with point_in_time(opts, provider, path, warn, hook_env, notes) as freeze:
-                record, root, grafted = _read(safe, w, path, st, kind, name, started, opts, warn, progress, freeze)
+                after_commit: list[Callable[[], None]] = []
+                record, root, grafted = _read(safe, w, path, st, kind, name, started, opts, warn, progress, freeze,
+                                              after_commit)
                 settle_warnings(warn.list, freeze.active, path, grafted)
                 point = commit_point(w, record, root, warn.list)
+                for done in after_commit:
+                    done()
                 freeze.keep(path)
     return BackupResult(point, warn.list, notes)
+
+
+def _check_qemu_source(opts: BackupOptions, source: str, path: Path) -> BackupOptions:
+    """For ``--changed-blocks qemu:BITMAP``: UsageError unless SOURCE is a qcow2 image, the
+    name is good and qemu-img, qemu-nbd and libnbd are at hand; the options to use (no
+    snapshot: the bitmaps are edited in the image itself, which qemu-img locks)."""
+    from .changes.qemu_bitmap import bitmap_base, check_base
+    from .qcow2 import is_qcow2, missing_tools
+    base = bitmap_base(opts.changed_blocks)
+    if base is None:
+        return opts
+    bad = check_base(base)
+    if bad:
+        raise UsageError(bad)
+    if not is_qcow2(path):
+        raise UsageError(f"{source}: --changed-blocks qemu:BITMAP needs a qcow2 image")
+    missing = missing_tools()
+    if missing:
+        raise UsageError(f"--changed-blocks qemu:BITMAP needs {missing}")
+    if opts.snapshot not in ("auto", "none"):
+        raise UsageError(f"--changed-blocks qemu:BITMAP reads the image itself (its bitmaps are edited in place): "
+                         f"it cannot be combined with --snapshot {opts.snapshot}")
+    return replace(opts, snapshot="none")
 
 
 def source_name(source: str, name: str | None) -> str:
@@ -541,7 +570,8 @@ def estimate(prev: Point | None, path: Path, st: os.stat_result, kind: str, bloc
 
 
 def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: str,
-          opts: BackupOptions, warn, progress, freeze: _Freeze) -> tuple[dict, bytes | None, set[str]]:
+          opts: BackupOptions, warn, progress, freeze: _Freeze,
+          after_commit: list[Callable[[], None]]) -> tuple[dict, bytes | None, set[str]]:
     cfg = safe.config
     active = freeze.active
     taken = freeze.taken
@@ -563,20 +593,8 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
             root, record["root_meta"] = walk_tree(safe, pipe, read_path, prev.root if prev else None, wo, warn, progress)
         else:
             sig = _source_stat(st, taken)
-            cs, spans = _changed_spans(safe, read_path, prev, cfg.block_size, opts, warn, path)
-            if spans is not None and prev is not None:
-                from .changed_blocks import read_changed
-                reader = BlobReader(prev.root, prev.size, safe.get, safe.kind)
-                size = read_changed(str(read_path), pipe, cfg.block_size, reader, spans, path.name, progress)
-                root, _ = pipe.finish()
-            else:
-                root, size = walk_volume(pipe, read_path, st, sig, None if opts.full_read or cs["kind"] != "full"
-                                         or cs["fallback"] else prev, cfg.block_size, warn, progress, path.name)
-                if cs["kind"] != "full":
-                    cs = change_source("full", cs["detail"], cs["fallback"])
-                if opts.full_read and opts.changed_blocks and prev is not None and root != prev.root:
-                    _verify_chain(safe, w, prev, root, size, cfg.block_size, opts, warn, path)
-            record["change_source"] = cs
+            root, size = _read_volume(safe, w, pipe, read_path, path, st, sig, prev, opts, warn, progress,
+                                      record, after_commit)
             record["size"] = size
             record["block_size"] = cfg.block_size
             if stat.S_ISREG(st.st_mode):
@@ -602,26 +620,99 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
     return record, root, grafted
 
 
-def _changed_spans(safe: Safe, read_path: Path, prev: Point | None, block: int, opts: BackupOptions,
-                   warn, path: Path) -> tuple[dict, list[tuple[int, int]] | None]:
-    """(the point's change_source, the block-aligned spans to read or None for a full read)."""
-    if opts.full_read or not opts.changed_blocks:
-        return change_source("full", "--full-read" if opts.full_read else ""), None
-    from .changed_blocks import aligned, covers, parse_ranges
-    ranges = parse_ranges(Path(opts.changed_blocks))   # malformed user input: a clear error
-    detail = str(opts.changed_blocks)
-    fd = os.open(read_path, os.O_RDONLY | os.O_CLOEXEC)
+def _read_volume(safe: Safe, w: Writer, pipe: Pipeline, read_path: Path, path: Path, st: os.stat_result,
+                 sig: list[int], prev: Point | None, opts: BackupOptions, warn, progress, record: dict,
+                 after_commit: list[Callable[[], None]]) -> tuple[bytes | None, int]:
+    """Read a volume (the changed blocks, or whole) through ``pipe``, which this finishes;
+    fill the volume fields of ``record``; returns (root, size). A qcow2 image is read as the
+    guest sees it (ingest/qcow2). With ``--changed-blocks qemu:BITMAP`` the image's dirty
+    bitmaps are rotated (ingest/changes/qemu_bitmap): the old ones are removed by a callable
+    put in ``after_commit``, run once the point is committed."""
+    from .qcow2 import is_qcow2
+    from .volume import open_volume
+    block = safe.config.block_size
+    fmt = "qcow2" if stat.S_ISREG(st.st_mode) and is_qcow2(read_path) else None
+    if prev is not None and prev.extra.get("source_format") != fmt:
+        prev_fmt = prev.extra.get("source_format") or "raw"
+        unusable = f"the previous point was read as {prev_fmt}, this one as {fmt or 'raw'}"
+    else:
+        unusable = None
+    # The bitmaps are edited (qemu-img, which locks the image) before the export is opened.
+    size = _size_of(str(read_path), fmt)
+    cs, spans, rot = _changed_spans(prev, size, block, opts, unusable, str(read_path))
+    if rot is not None:
+        record["qemu_bitmap"] = rot.record()
+        after_commit.append(lambda: _finish_rotation(rot, warn, path))
+    if cs["fallback"]:
+        warn(os.fsencode(str(path)), f"changed blocks not used, read whole: {cs['fallback']}")
+    with open_volume(str(read_path), fmt) as vol:
+        if vol.size != size:
+            raise SafeError(f"{path}: the volume changed size while the backup started ({size} to {vol.size} bytes)")
+        if spans is not None and prev is not None and not opts.full_read:
+            from .changed_blocks import read_changed
+            reader = BlobReader(prev.root, prev.size, safe.get, safe.kind)
+            read_changed(vol.pread, size, pipe, block, reader, spans, path.name, progress)
+            root, _ = pipe.finish()
+        else:
+            shortcut = None if opts.full_read or cs["kind"] != "full" or cs["fallback"] or unusable else prev
+            root, size = walk_volume(pipe, read_path, st, sig, shortcut, block, warn, progress, path.name, vol=vol)
+            if cs["kind"] != "full":
+                cs = change_source("full", cs["detail"], cs["fallback"])
+            if opts.full_read and spans is not None and prev is not None and root != prev.root:
+                _verify_chain(safe, w, prev, root, size, block, spans, warn, path)
+    record["change_source"] = cs
+    if fmt:
+        record["source_format"] = fmt
+    return root, size
+
+
+def _size_of(path: str, fmt: str | None) -> int:
+    """The size of the volume at ``path`` (a qcow2 image's: the guest's disk)."""
+    if fmt == "qcow2":
+        from .qcow2 import virtual_size
+        return virtual_size(path)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        size = volume_size(fd)
+        return volume_size(fd)
     finally:
         os.close(fd)
-    reason = None
+
+
+def _finish_rotation(rot: Rotation, warn, path: Path) -> None:
+    for left in rot.finish():
+        warn(os.fsencode(str(path)), f"old dirty bitmap not removed (the next backup removes it): {left}")
+
+
+def _changed_spans(prev: Point | None, size: int, block: int, opts: BackupOptions, unusable: str | None,
+                   image: str) -> tuple[dict, list[tuple[int, int]] | None, Rotation | None]:
+    """(the point's change_source, the block-aligned spans the change source reports or None
+    for a full read, the bitmap Rotation of a ``qemu:`` source or None). ``change_source``
+    names a fallback (a reason for a full read) when the change source cannot be trusted; with
+    --full-read the spans are still returned (when trusted), for :func:`_verify_chain`."""
+    if not opts.changed_blocks:
+        return change_source("full", "--full-read" if opts.full_read else ""), None, None
+    from .changed_blocks import aligned, covers, parse_ranges
+    from .changes import qemu_bitmap
+    base = qemu_bitmap.bitmap_base(opts.changed_blocks)
+    reason = unusable
     if prev is None:
         reason = "no previous point of that name"
-    elif prev.extra.get("block_size", block) != block:
+    elif reason is None and prev.extra.get("block_size", block) != block:
         reason = "the previous point has another block size"
-    elif size < prev.size:
+    elif reason is None and size < prev.size:
         reason = f"the volume shrank ({prev.size} to {size} bytes)"
+    if base is not None:
+        if reason is None and prev is not None and size != prev.size:
+            reason = f"the disk's size changed ({prev.size} to {size} bytes)"
+        rot = qemu_bitmap.start(image, base, prev, reason)
+        detail, reason, ranges = opts.changed_blocks, rot.fallback, []
+        if reason is None:
+            ranges = rot.ranges()
+    else:
+        rot = None
+        ranges = parse_ranges(Path(opts.changed_blocks))   # malformed user input: a clear error
+        detail = str(opts.changed_blocks)
+    kind = "qemu-bitmap" if base is not None else "ranges-file"
     spans = aligned(ranges, block, size)
     if reason is None and prev is not None and size > prev.size:
         tail = prev.size - prev.size % block
@@ -629,33 +720,49 @@ def _changed_spans(safe: Safe, read_path: Path, prev: Point | None, block: int, 
             reason = f"the volume grew ({prev.size} to {size} bytes) beyond the changed ranges"
         else:
             spans = aligned([(a, b - a) for a, b in spans] + [(tail, size - tail)], block, size)
+    if opts.full_read:
+        return change_source("full", "--full-read"), (None if reason else spans), rot
     if reason is not None:
-        warn(os.fsencode(str(path)), f"changed blocks not used, read whole: {reason}")
-        return change_source("ranges-file", detail, reason), None
-    return change_source("ranges-file", detail), spans
+        return change_source(kind, detail, reason), None, rot
+    return change_source(kind, detail), spans, rot
 
 
 def _verify_chain(safe: Safe, w: Writer, prev: Point, root: bytes | None, size: int, block: int,
-                  opts: BackupOptions, warn, path: Path) -> None:
+                  spans: list[tuple[int, int]], warn, path: Path) -> None:
     """A full read of a source whose changes are tracked: blocks that differ from the previous
-    point outside the ranges the change source reports were missed by it -- a warning."""
-    from .changed_blocks import aligned, parse_ranges
-    spans = aligned(parse_ranges(Path(opts.changed_blocks or "")), block, size)
+    point outside the ``spans`` the change source reports were missed by it -- a warning.
+    Compares the two blobs extent by extent (a run of equal holes is one step)."""
     w.flush()   # the blob just written is read back from the index
     kind = safe.kind
     old = BlobReader(prev.root, prev.size, safe.get, kind)
     new = BlobReader(root, size, safe.get, kind)
     differ = 0
-    for off in range(0, min(size, prev.size), block):
-        if any(a <= off < b for a, b in spans):
-            continue
-        ko = [k for _, _, k in old.extents(off, off + 1)]
-        kn = [k for _, _, k in new.extents(off, off + 1)]
-        if ko != kn:
-            differ += 1
+    pos, end = 0, min(size, prev.size)
+    for a, b in [s for s in spans if s[0] < end] + [(end, end)]:
+        if a > pos:
+            differ += _blocks_differing(list(old.extents(pos, a)), list(new.extents(pos, a)), pos, a, block)
+        pos = max(pos, b)
     if differ:
         warn(os.fsencode(str(path)), f"full read found {differ} blocks that differ from the incremental chain "
                                      f"outside the reported changes: the change source missed writes")
+
+
+def _blocks_differing(old: list, new: list, lo: int, hi: int, block: int) -> int:
+    """How many ``block``-sized blocks of [lo, hi) have different keys in the extent lists
+    ``old`` and ``new`` ((offset, length, key) each, covering the range)."""
+    cuts = sorted({lo, hi} | {max(lo, min(hi, o)) for o, _, _ in old + new}
+                  | {max(lo, min(hi, o + n)) for o, n, _ in old + new})
+    differ, i, j = 0, 0, 0
+    for a, b in zip(cuts, cuts[1:]):
+        while i < len(old) and old[i][0] + old[i][1] <= a:
+            i += 1
+        while j < len(new) and new[j][0] + new[j][1] <= a:
+            j += 1
+        ko = old[i][2] if i < len(old) else None
+        kn = new[j][2] if j < len(new) else None
+        if ko != kn:
+            differ += -(-(b - a) // block)
+    return differ
 
 
 def change_source(kind: str, detail: str = "", fallback: str | None = None) -> dict:
@@ -686,16 +793,20 @@ def walk_tree(safe: Safe, pipe: Pipeline, read_path: Path, prev_root: bytes | No
 
 def walk_volume(pipe: Pipeline, read_path: Path, st: os.stat_result, sig: list[int], prev: Point | None, block_size: int,
                 warn: Callable[[bytes | str, str], None], progress: Callable[..., None],
-                name: str) -> tuple[bytes | None, int]:
-    """Read the volume at ``read_path`` through ``pipe`` (which this finishes) in blocks of
-    ``block_size``; returns (root key, size). A disk image whose ``sig`` (``source_stat``) is the
-    previous point's is not read again: its root is the previous one's."""
+                name: str, vol=None) -> tuple[bytes | None, int]:
+    """Read the volume at ``read_path`` (or ``vol``, from ingest.volume.open_volume: a qcow2
+    image's guest view) through ``pipe`` (which this finishes) in blocks of ``block_size``;
+    returns (root key, size). A disk image whose ``sig`` (``source_stat``) is the previous
+    point's is not read again: its root is the previous one's."""
     if prev and stat.S_ISREG(st.st_mode) and prev.extra.get("source_stat") == tuple(sig):
         pipe.finish()
         pipe.stats.size = prev.size
         pipe.stats.files_unchanged = 1
         return prev.root, prev.size
-    size = read_volume(str(read_path), pipe, block_size, warn, progress, name=name)
+    if vol is not None:
+        size = vol.read_all(pipe, block_size, warn, progress, name)
+    else:
+        size = read_volume(str(read_path), pipe, block_size, warn, progress, name=name)
     root, _ = pipe.finish()
     return root, size
 

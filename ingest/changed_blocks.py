@@ -16,9 +16,8 @@ from pointsafe.cas import Entry, UsageError
 from pointsafe.cas.blob import BlobReader
 from pointsafe.cas.tree import REG
 
-from .chunking import READ_SIZE
 from .pipeline import Pipeline
-from .volume import volume_size
+from .volume import feed
 
 
 def parse_ranges(path: Path) -> list[tuple[int, int]]:
@@ -73,39 +72,24 @@ def covers(spans: list[tuple[int, int]], start: int, end: int) -> bool:
     return start >= end
 
 
-def read_changed(path: str, pipe: Pipeline, block: int, prev: BlobReader, spans: list[tuple[int, int]],
-                 name: str, progress: Callable[[int], None] | None = None) -> int:
-    """Feed the volume at ``path`` into ``pipe`` as one blob: the blocks in ``spans`` (merged,
-    block-aligned, from :func:`aligned`) read, the rest reused from ``prev`` (the previous
-    point's blob, of the same size); returns the size."""
+def read_changed(pread: Callable[[int, int], bytes], size: int, pipe: Pipeline, block: int, prev: BlobReader,
+                 spans: list[tuple[int, int]], name: str, progress: Callable[[int], None] | None = None) -> int:
+    """Feed a volume of ``size`` bytes, read with ``pread(n, offset)``, into ``pipe`` as one
+    blob: the blocks in ``spans`` (merged, block-aligned, from :func:`aligned`) read, the rest
+    reused from ``prev`` (the previous point's blob, of the same size); returns the size."""
     progress = progress or (lambda n: None)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = volume_size(fd)
-        pipe.file(Entry(name=os.fsencode(name), type=REG))
-        pos = 0
-        for a, b in spans + [(size, size)]:
-            if a > pos:
-                for off, n, key in prev.extents(pos, a):
-                    lo, hi = max(off, pos), min(off + n, a)
-                    pipe.reuse(key if key is None or (lo, hi) == (off, off + n) else _split(key), hi - lo)
-                progress(a - pos)
-            off = a
-            while off < b:
-                n = min(READ_SIZE, b - off)
-                buf = os.pread(fd, n, off)
-                if len(buf) < n:
-                    buf += bytes(n - len(buf))
-                mv = memoryview(buf)
-                for i in range(0, len(mv), block):
-                    pipe.data(mv[i:i + block])
-                progress(n)
-                off += n
-            pos = max(pos, b)
-        pipe.end()
-        return size
-    finally:
-        os.close(fd)
+    pipe.file(Entry(name=os.fsencode(name), type=REG))
+    pos = 0
+    for a, b in spans + [(size, size)]:
+        if a > pos:
+            for off, n, key in prev.extents(pos, a):
+                lo, hi = max(off, pos), min(off + n, a)
+                pipe.reuse(key if key is None or (lo, hi) == (off, off + n) else _split(key), hi - lo)
+            progress(a - pos)
+        feed(pread, pipe, block, max(a, pos), b, progress)
+        pos = max(pos, b)
+    pipe.end()
+    return size
 
 
 def _split(key: bytes) -> bytes:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable
 
 from pointsafe.cas import Entry
@@ -97,3 +99,66 @@ def _read_blocks(fd: int, off: int, n: int, block: int, bad: list) -> bytes:
             b = b + bytes(want - len(b))
         parts.append(b)
     return b"".join(parts)
+
+
+class _Raw:
+    """An open raw volume (file or device): ``size``, ``pread``, ``read_all``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.size = volume_size(self.fd)
+
+    def pread(self, n: int, off: int) -> bytes:
+        return os.pread(self.fd, n, off)
+
+    def read_all(self, pipe: Pipeline, block: int, warn: Callable[[bytes, str], None],
+                 progress: Callable[[int], None] | None, name: str) -> int:
+        return read_volume(self.path, pipe, block, warn, progress, name=name)
+
+
+class _Guest:
+    """A qcow2 image read as the guest sees it (ingest/qcow2.Export)."""
+
+    def __init__(self, ex) -> None:
+        self.ex = ex
+        self.size = ex.size
+        self.pread = ex.pread
+
+    def read_all(self, pipe: Pipeline, block: int, warn: Callable[[bytes, str], None],
+                 progress: Callable[[int], None] | None, name: str) -> int:
+        from .qcow2 import read_export
+        return read_export(self.ex, pipe, block, progress, name)
+
+
+@contextmanager
+def open_volume(path: str, fmt: str | None = None) -> Iterator[_Raw | _Guest]:
+    """The volume at ``path`` opened for reading: its ``size``, ``pread(n, offset)`` and
+    ``read_all(pipe, block, warn, progress, name)``. ``fmt`` "qcow2": the disk the guest sees,
+    through a read-only NBD export (ingest/qcow2); None: the bytes of the file or device."""
+    if fmt == "qcow2":
+        from .qcow2 import Export
+        with Export(path) as ex:
+            yield _Guest(ex)
+        return
+    raw = _Raw(path)
+    try:
+        yield raw
+    finally:
+        os.close(raw.fd)
+
+
+def feed(pread: Callable[[int, int], bytes], pipe: Pipeline, block: int, a: int, b: int,
+         progress: Callable[[int], None]) -> None:
+    """Read [a, b) with ``pread(n, off)`` in large requests and hand it to ``pipe`` in blocks."""
+    off = a
+    while off < b:
+        n = min(READ_SIZE, b - off)
+        buf = pread(n, off)
+        if len(buf) < n:
+            buf += bytes(n - len(buf))
+        mv = memoryview(buf)
+        for i in range(0, len(mv), block):
+            pipe.data(mv[i:i + block])
+        progress(n)
+        off += n
