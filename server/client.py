@@ -254,6 +254,17 @@ class RemoteSafe:
         self._queue(_subtrees(raw))
         return raw
 
+    def kind(self, key: bytes) -> int:
+        """The kind of object ``key`` (as ``Safe.kind``: what a blob reader asks of a blob's
+        root). A chunk the agent may not read (no ``--can-restore``) is still a chunk: only
+        chunks are refused that way."""
+        try:
+            return self.remote.fetch([key])[0].kind
+        except ServerError as e:
+            if e.status == 403:
+                return Kind.CHUNK
+            raise
+
     def _queue(self, keys: list[bytes]) -> None:
         with self.cond:
             if self.closed:
@@ -484,8 +495,8 @@ def remote_backup(remote: Remote, source: str, opts: Any = None,
     its warnings, upload counters, notes). UsageError before anything is sent for a bad source
     or one the agent may not back up; SnapshotError when a snapshot asked for by name cannot be
     taken. Nothing is committed unless everything was uploaded."""
-    from pointsafe.ingest.backup import (BackupOptions, Warnings, hooks_around, plan_point_in_time, point_in_time,
-                                         settle_warnings, source_name)
+    from pointsafe.ingest.backup import (BackupOptions, Warnings, check_changed_blocks, hooks_around,
+                                         plan_point_in_time, point_in_time, settle_warnings, source_name)
     opts = opts if opts is not None else BackupOptions()
     name = source_name(source, opts.name)
     problem = protocol.point_name_problem(name)
@@ -498,6 +509,7 @@ def remote_backup(remote: Remote, source: str, opts: Any = None,
     with hooks_around(opts, env, warn.list):
         # the pre-hook runs before the source is checked: it may create it (a snapshot, a mount)
         path, st, kind = _source_kind(source, opts.volume)
+        opts = check_changed_blocks(opts, source, path, kind)
         info = remote.info()
         if not _may_back_up(info.get("sources") or [], str(path)):
             raise UsageError(f"agent {info['agent']} may not back up {path} (its sources: {', '.join(info['sources'])})")
@@ -507,10 +519,14 @@ def remote_backup(remote: Remote, source: str, opts: Any = None,
         with point_in_time(opts, provider, path, warn, env, notes) as freeze:
             if freeze.active and kind != "tree":
                 raise UsageError(f"{source}: --mysql/--postgres/--sqlite apply to a directory tree")
-            record, w, grafted = _send_source(remote, info, path, st, kind, prev, opts, freeze, warn, progress)
+            after_commit: list[Callable[[], None]] = []
+            record, w, grafted = _send_source(remote, info, path, st, kind, prev, opts, freeze, warn, progress,
+                                              after_commit)
             settle_warnings(warn.list, freeze.active, path, grafted)
             record.update(name=name, started=started, warnings=warn.list)
             point = remote.commit(record)
+            for done in after_commit:
+                done()
             freeze.keep(path)
     notes.extend(_quota_notes(remote, info))
     return point, warn.list, {"objects_offered": w.objects_offered, "objects_uploaded": w.objects_written,
@@ -534,13 +550,15 @@ def _quota_notes(remote: Remote, info: dict[str, Any]) -> list[str]:
 
 def _send_source(remote: Remote, info: dict[str, Any], path: Path, st: os.stat_result, kind: str, prev: Point | None,
                  opts: Any, freeze: Any, warn: Callable[[bytes | str, str], None],
-                 progress: Callable[..., None] | None) -> tuple[dict[str, Any], RemoteWriter, set[str]]:
+                 progress: Callable[..., None] | None,
+                 after_commit: list[Callable[[], None]]) -> tuple[dict[str, Any], RemoteWriter, set[str]]:
     """Read the source (the snapshot ``freeze`` took, or the live ``path``) and upload what the
     server lacks; returns (the point record but for name, started and warnings; the writer and
     its counters; the files the database integrations grafted in). The freeze is thawed, and the
-    integrations told, once the source is read."""
-    from pointsafe.ingest.backup import (_progress_of, _source_stat, estimate, graft_consistent_copies, walk_tree,
-                                         walk_volume)
+    integrations told, once the source is read; what must wait for the commit (a QEMU bitmap's
+    rotation) is put in ``after_commit``."""
+    from pointsafe.ingest.backup import (_progress_of, _source_stat, estimate, graft_consistent_copies, back_up_volume,
+                                         walk_tree)
     from pointsafe.ingest.db import walk_excludes
     from pointsafe.ingest.pipeline import Pipeline
     rsafe = RemoteSafe(remote, info)
@@ -566,7 +584,8 @@ def _send_source(remote: Remote, info: dict[str, Any], path: Path, st: os.stat_r
             root, grafted = graft_consistent_copies(rsafe, w, root, active, path, w.sync)  # type: ignore[arg-type]  # RemoteSafe, RemoteWriter: what grafting calls
         else:
             sig = _source_stat(st, freeze.taken)
-            root, record["size"] = walk_volume(pipe, read_path, st, sig, prev, cfg.block_size, warn, advance, path.name)
+            root, record["size"] = back_up_volume(rsafe, w, pipe, read_path, path, st, sig, prev, opts, warn,  # type: ignore[arg-type]  # RemoteSafe, RemoteWriter: what reading a volume calls
+                                                  advance, record, after_commit, settle=w.sync)
             record["block_size"] = cfg.block_size
             if stat.S_ISREG(st.st_mode):
                 record["source_stat"] = sig
