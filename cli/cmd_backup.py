@@ -144,9 +144,6 @@ def cmd_backup(args) -> int:
     """``pointsafe backup``: make a point of SOURCE and print it (exit 3 when it has warnings)."""
     opts = backup_options(args)
     if args.server:
-        if opts.changed_blocks or opts.full_read:
-            from pointsafe.cas import UsageError
-            raise UsageError("--changed-blocks and --full-read are for a local safe, not with --server")
         from .cmd_agent import backup_remote
         return backup_remote(args, opts)
     with open_safe(args) as safe:

@@ -12,7 +12,7 @@ from pointsafe.ingest.browse import children, diff, display_name, entry_json, lo
 from pointsafe.ingest.restore import restore
 
 from .cmd_agent import add_server_options
-from .common import EXIT_OK, EXIT_WARNINGS, add_common, emit_json, human_bytes, open_safe, progress, say
+from .common import EXIT_OK, EXIT_WARNINGS, add_common, emit_json, human_bytes, open_safe, printable, progress, say
 
 POINT_HELP = "POINT is an id prefix (4+ hex digits), 'latest', NAME@latest or NAME@TIME (UTC, ISO 8601)."
 
@@ -131,6 +131,8 @@ def cmd_show(args) -> int:
     if args.json:
         emit_json(rec)
         return EXIT_OK
+    def out(text: str) -> None:
+        say(args, printable(text))
     st = p.stats
     rows = [("id", p.id), ("name", p.name), ("kind", p.kind), ("source", p.source),
             ("host", p.host), ("started", p.started), ("finished", p.finished),
@@ -139,11 +141,11 @@ def cmd_show(args) -> int:
             ("new", human_bytes(st.get("bytes_new", 0))), ("stored", human_bytes(st.get("bytes_stored", 0))),
             ("root", p.root.hex() if p.root else None), ("snapshot", snapshot_line(p))]
     for k, v in rows:
-        say(args, f"{k:16} {v}")
+        out(f"{k:16} {v}")
     cs = p.extra.get("change_source")
     if cs:
         fb = cs.get("fallback")
-        say(args, f"{'changes from':16} {cs.get('kind')}" + (f" ({cs.get('detail')})" if cs.get("detail") else "")
+        out(f"{'changes from':16} {cs.get('kind')}" + (f" ({cs.get('detail')})" if cs.get("detail") else "")
             + (f"; full read instead: {fb}" if fb else "")
             + (f"; scanned {human_bytes(st.get('bytes_scanned', 0))}" if "bytes_scanned" in st else ""))
     qb = p.extra.get("qemu_bitmap")
@@ -154,13 +156,13 @@ def cmd_show(args) -> int:
         say(args, f"{'read as':16} the guest's disk of a {p.extra['source_format']} image (raw blocks)")
     for name, info in (p.consistency or {}).items():
         shown = ", ".join(f"{k}={v}" for k, v in info.items()) if isinstance(info, Mapping) else info
-        say(args, f"{name:16} {shown}")
+        out(f"{name:16} {shown}")
     if "fragmentation" in rec:
         f = rec["fragmentation"]
-        say(args, f"{'fragmentation':16} {f['seeks_per_gib']} seeks/GiB (floor {f['minimum_per_gib']}; "
+        out(f"{'fragmentation':16} {f['seeks_per_gib']} seeks/GiB (floor {f['minimum_per_gib']}; "
                   f"{f['excess']}x the minimum; 'pointsafe defrag' brings it down)")
     for w in p.warnings:
-        say(args, f"warning          {w['path']}: {w['message']}")
+        out(f"warning          {w['path']}: {w['message']}")
     return EXIT_OK
 
 

@@ -72,6 +72,16 @@ def say(args, text: str = "") -> None:
     print(text, file=sys.stderr if getattr(args, "json", False) else sys.stdout)
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7f, *range(0x80, 0xa0)]}
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters written as ``\\xNN``: what a safe's records hold (file
+    names in warnings, what an agent sent) may carry terminal escape sequences, which must not
+    reach the reader's terminal."""
+    return text.translate(_CONTROL)
+
+
 def parse_size(text: str) -> int:
     """An argparse type for sizes: 4096, 64K, 256M, 1G (binary units)."""
     t = text.strip().upper().removesuffix("B").removesuffix("I")

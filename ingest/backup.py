@@ -206,9 +206,7 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
     started = utc_now_iso()
     with hooks_around(opts, hook_env, warn.list):
         path, st, kind = check_source(safe, source, opts.volume)
-        if opts.changed_blocks and kind != "volume":
-            raise UsageError(f"{source}: --changed-blocks FILE applies to a volume (--volume or a block device)")
-        opts = _check_qemu_source(opts, source, path)
+        opts = check_changed_blocks(opts, source, path, kind)
         if kind == "volume" and stat.S_ISREG(st.st_mode):
             from .qcow2 import is_qcow2, missing_tools
             why = missing_tools() if is_qcow2(path) else None
@@ -224,28 +222,23 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
                 after_commit: list[Callable[[], None]] = []
                 record, root, grafted = _read(safe, w, path, st, kind, name, started, opts, warn, progress, freeze,
                                               after_commit)
-                # The point holds the integrations' consistent copies of these files: their read
-                # warnings (a live WAL segment or database file changing under the reader) no
-                # longer apply.
-                # ... nor do read warnings in the directories a database integration covers (its
-                # recovery repairs them), and what the integrations found is said.
-                covered = covered_roots(freeze.active, path)
-                warnings = warn.list
-                warnings[:] = [x for x in warnings if x.get("path") not in grafted and not is_covered_warning(x, covered)]
-                warnings += [{"path": c.name, "message": m} for c in freeze.active for m in getattr(c, "warnings", list)()]
-                point = commit_point(w, record, root, warnings)
+                settle_warnings(warn.list, freeze.active, path, grafted)
+                point = commit_point(w, record, root, warn.list)
                 for done in after_commit:
                     done()
                 freeze.keep(path)
     return BackupResult(point, warn.list, notes)
 
 
-def _check_qemu_source(opts: BackupOptions, source: str, path: Path) -> BackupOptions:
-    """For ``--changed-blocks qemu:BITMAP``: UsageError unless SOURCE is a qcow2 image, the
-    name is good and qemu-img, qemu-nbd and libnbd are at hand; the options to use (no
-    snapshot: the bitmaps are edited in the image itself, which qemu-img locks)."""
+def check_changed_blocks(opts: BackupOptions, source: str, path: Path, kind: str) -> BackupOptions:
+    """UsageError for ``--changed-blocks`` with a tree; for ``--changed-blocks qemu:BITMAP``,
+    UsageError unless SOURCE is a qcow2 image, the name is good and qemu-img, qemu-nbd and
+    libnbd are at hand; returns the options to use (with a bitmap no snapshot: the bitmaps
+    are edited in the image itself, which qemu-img locks)."""
     from .changes.qemu_bitmap import bitmap_base, check_base
     from .qcow2 import is_qcow2, missing_tools
+    if opts.changed_blocks and kind != "volume":
+        raise UsageError(f"{source}: --changed-blocks FILE applies to a volume (--volume or a block device)")
     base = bitmap_base(opts.changed_blocks)
     if base is None:
         return opts
@@ -607,8 +600,8 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
             root, record["root_meta"] = walk_tree(safe, pipe, read_path, prev.root if prev else None, wo, warn, progress)
         else:
             sig = _source_stat(st, taken)
-            root, size = _read_volume(safe, w, pipe, read_path, path, st, sig, prev, opts, warn, progress,
-                                      record, after_commit)
+            root, size = back_up_volume(safe, w, pipe, read_path, path, st, sig, prev, opts, warn, progress,
+                                        record, after_commit)
             record["size"] = size
             record["block_size"] = cfg.block_size
             if stat.S_ISREG(st.st_mode):
@@ -620,12 +613,8 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
         c.files_read()
     freeze.thaw("ok")   # without a snapshot the freeze lasted the whole read (with one: done already)
     grafted: set[str] = set()
-    if kind == "tree" and active:
-        for c in active:
-            for rel, content in c.extra_files():
-                w.flush()  # grafting reads the tree just written (or just grafted) back from the index
-                root = graft(safe, w, root, os.fsencode(rel), content)
-                grafted.add(os.path.join(str(path), rel))
+    if kind == "tree":
+        root, grafted = graft_consistent_copies(safe, w, root, active, path, w.flush)
     if kind == "tree":
         record["size"] = pipe.stats.size
     if active:
@@ -638,14 +627,16 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
     return record, root, grafted
 
 
-def _read_volume(safe: Safe, w: Writer, pipe: Pipeline, read_path: Path, path: Path, st: os.stat_result,
-                 sig: list[int], prev: Point | None, opts: BackupOptions, warn, progress, record: dict,
-                 after_commit: list[Callable[[], None]]) -> tuple[bytes | None, int]:
+def back_up_volume(safe: Safe, w: Writer, pipe: Pipeline, read_path: Path, path: Path, st: os.stat_result,
+                   sig: list[int], prev: Point | None, opts: BackupOptions, warn, progress, record: dict,
+                   after_commit: list[Callable[[], None]], settle: Callable[[], None] | None = None,
+                   ) -> tuple[bytes | None, int]:
     """Read a volume (the changed blocks, or whole) through ``pipe``, which this finishes;
     fill the volume fields of ``record``; returns (root, size). A qcow2 image is read as the
     guest sees it (ingest/qcow2). With ``--changed-blocks qemu:BITMAP`` the image's dirty
     bitmaps are rotated (ingest/changes/qemu_bitmap): the old ones are removed by a callable
-    put in ``after_commit``, run once the point is committed."""
+    put in ``after_commit``, run once the point is committed. ``settle`` makes what ``w``
+    wrote readable through ``safe.get`` (default ``w.flush``; an agent waits for its uploads)."""
     from .qcow2 import is_qcow2, missing_tools
     from .volume import open_volume
     block = safe.config.block_size
@@ -677,7 +668,8 @@ def _read_volume(safe: Safe, w: Writer, pipe: Pipeline, read_path: Path, path: P
             if cs["kind"] != "full":
                 cs = change_source("full", cs["detail"], cs["fallback"])
             if opts.full_read and spans is not None and prev is not None and root != prev.root:
-                _verify_chain(safe, w, prev, root, size, block, spans, warn, path)
+                (settle or w.flush)()   # the blob just written is read back
+                _verify_chain(safe, prev, root, size, block, spans, warn, path)
     record["change_source"] = cs
     if fmt:
         record["source_format"] = fmt
@@ -745,12 +737,11 @@ def _changed_spans(prev: Point | None, size: int, block: int, opts: BackupOption
     return change_source(kind, detail), spans, rot
 
 
-def _verify_chain(safe: Safe, w: Writer, prev: Point, root: bytes | None, size: int, block: int,
+def _verify_chain(safe: Safe, prev: Point, root: bytes | None, size: int, block: int,
                   spans: list[tuple[int, int]], warn, path: Path) -> None:
     """A full read of a source whose changes are tracked: blocks that differ from the previous
     point outside the ``spans`` the change source reports were missed by it -- a warning.
     Compares the two blobs extent by extent (a run of equal holes is one step)."""
-    w.flush()   # the blob just written is read back from the index
     kind = safe.kind
     old = BlobReader(prev.root, prev.size, safe.get, kind)
     new = BlobReader(root, size, safe.get, kind)
@@ -848,6 +839,33 @@ def commit_point(w: Writer, record: dict, root: bytes | None, warnings: list[dic
     record = dict(record)
     record["warnings"] = list(warnings)
     return w.add_point(record, root)
+
+
+def graft_consistent_copies(safe: Safe, w: Writer, root: bytes | None, active: list, path: Path,
+                            settle: Callable[[], None]) -> tuple[bytes | None, set[str]]:
+    """Graft into the tree ``root`` the files the database integrations ``active`` hand back once
+    the source is read (their ``extra_files``); returns (the new root, the grafted files' paths
+    as in SOURCE). ``settle`` makes what ``w`` wrote readable through ``safe.get`` (grafting reads
+    the tree just written, or just grafted, back): the local writer's flush, or the agent's wait
+    for its uploads."""
+    grafted: set[str] = set()
+    for c in active:
+        for rel, content in c.extra_files():
+            settle()
+            root = graft(safe, w, root, os.fsencode(rel), content)
+            grafted.add(os.path.join(str(path), rel))
+    return root, grafted
+
+
+def settle_warnings(warnings: list[dict], active: list, path: Path, grafted: set[str]) -> None:
+    """Edit a point's read warnings (in place) once its database integrations are done: the
+    point holds the integrations' consistent copies of the files ``grafted``, so their read
+    warnings (a live WAL segment or database file changing under the reader) no longer apply;
+    nor do read warnings in the directories an integration covers (its recovery repairs them);
+    and what the integrations found and dealt with is said."""
+    covered = covered_roots(active, path)
+    warnings[:] = [x for x in warnings if x.get("path") not in grafted and not is_covered_warning(x, covered)]
+    warnings += [{"path": c.name, "message": m} for c in active for m in getattr(c, "warnings", list)()]
 
 
 def graft(safe: Safe, w: Writer, root: bytes | None, relpath: bytes, data: bytes | str | os.PathLike[str]) -> bytes:

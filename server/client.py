@@ -254,6 +254,17 @@ class RemoteSafe:
         self._queue(_subtrees(raw))
         return raw
 
+    def kind(self, key: bytes) -> int:
+        """The kind of object ``key`` (as ``Safe.kind``: what a blob reader asks of a blob's
+        root). A chunk the agent may not read (no ``--can-restore``) is still a chunk: only
+        chunks are refused that way."""
+        try:
+            return self.remote.fetch([key])[0].kind
+        except ServerError as e:
+            if e.status == 403:
+                return Kind.CHUNK
+            raise
+
     def _queue(self, keys: list[bytes]) -> None:
         with self.cond:
             if self.closed:
@@ -351,10 +362,13 @@ class RemoteWriter:
 
     def put_node(self, kind: int, children: list[bytes], payload: bytes) -> bytes:
         """Queue a node naming ``children`` (agent ids); returns its id."""
-        raw = encode_node(children, payload)
-        key = object_key(kind, raw)
+        return self.put(kind, encode_node(children, payload))
+
+    def put(self, kind: int, data: bytes) -> bytes:
+        """Queue the object ``data`` of ``kind`` (a chunk, or a whole node encoding); returns its id."""
+        key = object_key(kind, data)
         if key not in self.sent:
-            p = prepare(kind, raw, self.level)
+            p = prepare(kind, data, self.level)
             self._queue(kind, key, p.codec, p.raw_len, p.stored)
         return key
 
@@ -380,6 +394,14 @@ class RemoteWriter:
                 if self.error is not None:
                     raise self.error from None
 
+    def sync(self) -> None:
+        """Send what is queued and wait until the server has it (so that it can be fetched back,
+        as grafting a database's files does); raises an upload's error."""
+        self.flush()
+        self.batches.join()
+        if self.error is not None:
+            raise self.error
+
     def finish(self) -> None:
         """Send what is queued and wait until every upload answered; raises an upload's error."""
         self.flush()
@@ -402,14 +424,15 @@ class RemoteWriter:
     def _uploader(self) -> None:
         while True:
             q = self.batches.get()
-            if q is None:
-                return
-            if self.error is not None:
-                continue
             try:
-                self._send(q)
+                if q is None:
+                    return
+                if self.error is None:
+                    self._send(q)
             except BaseException as e:  # handed to the pipeline's thread by the next flush
                 self.error = e
+            finally:
+                self.batches.task_done()
 
     def _send(self, q: list[tuple[int, bytes, int, int, bytes | bytearray]]) -> None:
         """Ask which of ``q`` the server lacks and upload those (in order)."""
@@ -472,11 +495,9 @@ def remote_backup(remote: Remote, source: str, opts: Any = None,
     its warnings, upload counters, notes). UsageError before anything is sent for a bad source
     or one the agent may not back up; SnapshotError when a snapshot asked for by name cannot be
     taken. Nothing is committed unless everything was uploaded."""
-    from pointsafe.ingest.backup import (BackupOptions, Warnings, hooks_around, plan_point_in_time, point_in_time,
-                                         source_name)
+    from pointsafe.ingest.backup import (BackupOptions, Warnings, check_changed_blocks, hooks_around,
+                                         plan_point_in_time, point_in_time, settle_warnings, source_name)
     opts = opts if opts is not None else BackupOptions()
-    if opts.consistency:
-        raise UsageError("--mysql/--postgres/--sqlite do not work with --server yet (docs/SERVER.md)")
     name = source_name(source, opts.name)
     problem = protocol.point_name_problem(name)
     if problem is not None:
@@ -488,6 +509,7 @@ def remote_backup(remote: Remote, source: str, opts: Any = None,
     with hooks_around(opts, env, warn.list):
         # the pre-hook runs before the source is checked: it may create it (a snapshot, a mount)
         path, st, kind = _source_kind(source, opts.volume)
+        opts = check_changed_blocks(opts, source, path, kind)
         info = remote.info()
         if not _may_back_up(info.get("sources") or [], str(path)):
             raise UsageError(f"agent {info['agent']} may not back up {path} (its sources: {', '.join(info['sources'])})")
@@ -495,9 +517,16 @@ def remote_backup(remote: Remote, source: str, opts: Any = None,
         provider = plan_point_in_time(opts, path, st, kind, name, snapshot_id(remote, info),
                                       None if prev is None else prev.snapshot, notes)
         with point_in_time(opts, provider, path, warn, env, notes) as freeze:
-            record, w = _send_source(remote, info, path, st, kind, prev, opts, freeze, warn, progress)
+            if freeze.active and kind != "tree":
+                raise UsageError(f"{source}: --mysql/--postgres/--sqlite apply to a directory tree")
+            after_commit: list[Callable[[], None]] = []
+            record, w, grafted = _send_source(remote, info, path, st, kind, prev, opts, freeze, warn, progress,
+                                              after_commit)
+            settle_warnings(warn.list, freeze.active, path, grafted)
             record.update(name=name, started=started, warnings=warn.list)
             point = remote.commit(record)
+            for done in after_commit:
+                done()
             freeze.keep(path)
     notes.extend(_quota_notes(remote, info))
     return point, warn.list, {"objects_offered": w.objects_offered, "objects_uploaded": w.objects_written,
@@ -521,11 +550,16 @@ def _quota_notes(remote: Remote, info: dict[str, Any]) -> list[str]:
 
 def _send_source(remote: Remote, info: dict[str, Any], path: Path, st: os.stat_result, kind: str, prev: Point | None,
                  opts: Any, freeze: Any, warn: Callable[[bytes | str, str], None],
-                 progress: Callable[..., None] | None) -> tuple[dict[str, Any], RemoteWriter]:
+                 progress: Callable[..., None] | None,
+                 after_commit: list[Callable[[], None]]) -> tuple[dict[str, Any], RemoteWriter, set[str]]:
     """Read the source (the snapshot ``freeze`` took, or the live ``path``) and upload what the
     server lacks; returns (the point record but for name, started and warnings; the writer and
-    its counters). The freeze is thawed once the source is read."""
-    from pointsafe.ingest.backup import _progress_of, _source_stat, estimate, walk_tree, walk_volume
+    its counters; the files the database integrations grafted in). The freeze is thawed, and the
+    integrations told, once the source is read; what must wait for the commit (a QEMU bitmap's
+    rotation) is put in ``after_commit``."""
+    from pointsafe.ingest.backup import (_progress_of, _source_stat, estimate, graft_consistent_copies, back_up_volume,
+                                         walk_tree)
+    from pointsafe.ingest.db import walk_excludes
     from pointsafe.ingest.pipeline import Pipeline
     rsafe = RemoteSafe(remote, info)
     cfg = rsafe.config
@@ -536,15 +570,22 @@ def _send_source(remote: Remote, info: dict[str, Any], path: Path, st: os.stat_r
     record: dict[str, Any] = {"kind": kind, "source": str(path), "host": socket.gethostname(),
                               "labels": dict(opts.labels or {})}
     read_path = freeze.read_path(path)
+    active = freeze.active
+    grafted: set[str] = set()
     try:
         if kind == "tree":
-            wo = freeze.walk_options(path, opts, list(opts.excludes or []), set())
+            wo = freeze.walk_options(path, opts, list(opts.excludes or []) + walk_excludes(active), set())
             root, record["root_meta"] = walk_tree(rsafe, pipe, read_path, prev.root if prev else None, wo,  # type: ignore[arg-type]  # RemoteSafe: config and get
                                                   warn, advance)
             record["size"] = pipe.stats.size
+            for c in active:
+                c.files_read()
+            freeze.thaw("ok")
+            root, grafted = graft_consistent_copies(rsafe, w, root, active, path, w.sync)  # type: ignore[arg-type]  # RemoteSafe, RemoteWriter: what grafting calls
         else:
             sig = _source_stat(st, freeze.taken)
-            root, record["size"] = walk_volume(pipe, read_path, st, sig, prev, cfg.block_size, warn, advance, path.name)
+            root, record["size"] = back_up_volume(rsafe, w, pipe, read_path, path, st, sig, prev, opts, warn,  # type: ignore[arg-type]  # RemoteSafe, RemoteWriter: what reading a volume calls
+                                                  advance, record, after_commit, settle=w.sync)
             record["block_size"] = cfg.block_size
             if stat.S_ISREG(st.st_mode):
                 record["source_stat"] = sig
@@ -559,7 +600,9 @@ def _send_source(remote: Remote, info: dict[str, Any], path: Path, st: os.stat_r
     stats = pipe.stats.as_dict()
     stats.update(bytes_stored=w.bytes_written, objects_new=w.objects_written)
     record.update(root=root.hex() if root else None, stats=stats, snapshot=freeze.record(), finished=utc_now_iso())
-    return record, w
+    if active:
+        record["consistency"] = {c.name: c.info() for c in active}
+    return record, w, grafted
 
 
 # -- restore ---------------------------------------------------------------------------------

@@ -13,6 +13,11 @@ _IDS = {"required": True, "content": {"application/json": {"schema": {"$ref": "#
 _STREAM = {"application/octet-stream": {"schema": {"type": "string", "format": "binary",
                                                    "description": "object records, see docs/SERVER.md"}}}
 
+# What the database integrations recorded (``consistency``), as server.service ``_consistency`` checks it.
+_SCALAR = {"oneOf": [{"type": "string", "maxLength": 4096}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]}
+_CONSISTENCY = {"type": "object", "maxProperties": 64, "additionalProperties": {
+    "type": "object", "maxProperties": 64,
+    "additionalProperties": {"oneOf": [_SCALAR, {"type": "array", "maxItems": 100000, "items": _SCALAR}]}}}
 # The point's ``snapshot`` record, as server.service ``_snapshot`` checks it.
 _SNAPSHOT = {"oneOf": [
     {"const": "none"},
@@ -63,7 +68,21 @@ def document() -> dict[str, Any]:
                                          "finished": {"type": "string"}, "size": {"type": "integer"},
                                          "root_meta": {"type": "object"}, "stats": {"type": "object"},
                                          "labels": {"type": "object"}, "warnings": {"type": "array"},
-                                         "snapshot": _SNAPSHOT},
+                                         "snapshot": _SNAPSHOT, "consistency": _CONSISTENCY,
+                                         "change_source": {"type": "object", "additionalProperties": False,
+                                                           "required": ["kind", "detail", "fallback"],
+                                                           "properties": {
+                                                               "kind": {"enum": ["full", "ranges-file", "qemu-bitmap",
+                                                                                 "btrfs-send"]},
+                                                               "detail": {"type": "string", "maxLength": 4096},
+                                                               "fallback": {"type": ["string", "null"],
+                                                                            "maxLength": 4096}}},
+                                         "qemu_bitmap": {"type": "object", "additionalProperties": False,
+                                                         "required": ["base", "name", "generation"],
+                                                         "properties": {"base": {"type": "string"},
+                                                                        "name": {"type": "string"},
+                                                                        "generation": {"type": "integer"}}},
+                                         "source_format": {"const": "qcow2"}},
                           "required": ["name", "kind", "source", "root"]},
             },
         },

@@ -6,8 +6,7 @@ import os
 from collections.abc import Callable
 
 from pointsafe.cas import Safe, UsageError
-from pointsafe.web.server import Listen, parse_listen
-from pointsafe.web.server import serve as serve_asgi
+from pointsafe.ops.listener import Listen, parse_listen, run_asgi
 
 DEFAULT_LISTEN = "127.0.0.1:8443"
 
@@ -24,20 +23,30 @@ def check_listen(listen: Listen, tls_cert: str | None, tls_key: str | None) -> N
                          "give --tls-cert and --tls-key (agent tokens and every file would cross the network in clear)")
 
 
-def serve(safe: Safe, listen: Listen, tls_cert: str | None = None, tls_key: str | None = None,
+def serve(safes: Safe | list[Safe], listen: Listen, tls_cert: str | None = None, tls_key: str | None = None,
           announce: Callable[[], None] | None = None) -> None:
-    """Serve the API of the open ``safe`` until SIGINT or SIGTERM (one uvicorn process, as
-    ``pointsafe web``; a SIGTERM is a clean stop: the safe is closed, nothing half-written)."""
+    """Serve the API of the open ``safes`` (one, or several on one listener: each request goes
+    to the safe whose agent holds its token, server.router) until SIGINT or SIGTERM (one
+    uvicorn process, as ``pointsafe web``; a SIGTERM is a clean stop: the safes are closed,
+    nothing half-written)."""
     from .app import DEFAULT_RATE, create_app
+    from .router import SafeRouter
     from .service import SESSION_IDLE, Service
+    served = safes if isinstance(safes, list) else [safes]
     # $POINTSAFE_SERVER_RATE: requests a second per agent; $POINTSAFE_SERVER_IDLE: seconds after
     # which an agent's unfinished backup stops holding the safe (docs/SERVER.md)
     rate = number_from_env("POINTSAFE_SERVER_RATE", DEFAULT_RATE, "requests a second")
-    service = Service(safe, number_from_env("POINTSAFE_SERVER_IDLE", SESSION_IDLE, "seconds"))
+    idle = number_from_env("POINTSAFE_SERVER_IDLE", SESSION_IDLE, "seconds")
+    services: list[Service] = []
     try:
-        serve_asgi(safe, listen, tls_cert, tls_key, announce=announce, app=create_app(service, rate))
+        for safe in served:
+            services.append(Service(safe, idle))
+        apps = [(s.safe, create_app(s, rate)) for s in services]
+        app = apps[0][1] if len(apps) == 1 else SafeRouter(apps)  # type: ignore[arg-type]  # Starlette is an ASGI app
+        run_asgi(app, listen, tls_cert, tls_key, announce=announce, name="serve")
     finally:
-        service.close()
+        for service in services:
+            service.close()
 
 
 def number_from_env(name: str, default: float, unit: str) -> float:

@@ -30,7 +30,8 @@ from .idmap import IdMap
 
 # The fields of a point record an agent may send (everything else is the server's or refused).
 POINT_FIELDS = ("name", "kind", "source", "host", "started", "finished", "size", "root_meta", "stats", "labels",
-                "warnings", "snapshot", "block_size", "source_stat")
+                "warnings", "snapshot", "block_size", "source_stat", "consistency", "change_source", "qemu_bitmap",
+                "source_format")
 MAX_WARNINGS = 1000
 
 
@@ -83,6 +84,39 @@ def _snapshot(v: Any) -> bool:
             and isinstance(path, str) and len(path) <= 4096)
 
 
+def _scalar(v: Any) -> bool:
+    """A value of a database integration's record: a number, a boolean, null or a short string."""
+    if isinstance(v, str):
+        return len(v) <= 4096
+    return v is None or isinstance(v, (bool, int)) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _consistency(v: Any) -> bool:
+    """What the database integrations recorded (``consistency``: name -> {key: value}, the
+    values scalars or lists of them, e.g. PostgreSQL's WAL file names), bounded in size."""
+    return (isinstance(v, dict) and len(v) <= 64
+            and all(isinstance(name, str) and len(name) <= 4096 and isinstance(info, dict) and len(info) <= 64
+                    and all(isinstance(k, str) and len(k) <= 64
+                            and (_scalar(x) or (isinstance(x, list) and len(x) <= 100_000 and all(map(_scalar, x))))
+                            for k, x in info.items())
+                    for name, info in v.items()))
+
+
+def _change_source(v: Any) -> bool:
+    """Where a volume point's changes came from (ingest.backup ``change_source``)."""
+    fb = v.get("fallback") if isinstance(v, dict) else None
+    return (isinstance(v, dict) and set(v) == {"kind", "detail", "fallback"}
+            and v["kind"] in ("full", "ranges-file", "qemu-bitmap", "btrfs-send")
+            and isinstance(v["detail"], str) and len(v["detail"]) <= 4096
+            and (fb is None or (isinstance(fb, str) and len(fb) <= 4096)))
+
+
+def _qemu_bitmap(v: Any) -> bool:
+    """The dirty bitmap a qcow2 point started (ingest.changes.qemu_bitmap ``Rotation.record``)."""
+    return (isinstance(v, dict) and set(v) == {"base", "name", "generation"} and _int(v["generation"])
+            and all(isinstance(v[k], str) and len(v[k]) <= 1024 for k in ("base", "name")))
+
+
 def _subvol(v: Any) -> bool:
     """A btrfs snapshot's identity (``snapshot.subvol``): {uuid, parent_uuid, ctransid}, or
     absent (``{}``)."""
@@ -108,6 +142,12 @@ FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "snapshot": (_snapshot, "\"none\" or an object of method (btrfs, lvm or reflink), taken_at (an ISO 8601 "
                  "UTC time), held_s (seconds, at least 0) and optionally path (a string) and subvol ({uuid, "
                  "parent_uuid, ctransid})"),
+    "consistency": (_consistency, "an object of {name: {key: value}} (numbers, strings, booleans, null or lists "
+                    "of them)"),
+    "change_source": (_change_source, "an object of kind (full, ranges-file, qemu-bitmap or btrfs-send), detail "
+                      "(a string) and fallback (a string or null)"),
+    "qemu_bitmap": (_qemu_bitmap, "an object of base and name (strings) and generation (an integer)"),
+    "source_format": (lambda v: v == "qcow2", "\"qcow2\""),
     "source_stat": (lambda v: isinstance(v, list) and len(v) <= 8 and all(_int(x) for x in v), "a list of integers"),
 }
 

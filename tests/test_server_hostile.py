@@ -206,6 +206,9 @@ def test_malformed_truncated_and_oversized_bodies_are_refused_with_nothing_store
                   {"name": "x", "kind": "tree", "source": "/s", "root": None,
                    "snapshot": {"method": "btrfs", "taken_at": "2026-12-02T10:00:00Z", "held_s": 0,
                                 "subvol": {"uuid": "ab", "parent_uuid": "cd", "ctransid": "9"}}},
+                  {"name": "x", "kind": "tree", "source": "/s", "root": None, "consistency": ["postgres"]},
+                  {"name": "x", "kind": "tree", "source": "/s", "root": None, "consistency": {"pg": {"wal": [{}]}}},
+                  {"name": "x", "kind": "tree", "source": "/s", "root": None, "consistency": {"pg": {"k": "x" * 5000}}},
                   ["not", "an", "object"]):
         r = a.post("/api/v1/points", json=point)
         assert r.status_code == 400, (point, r.text)

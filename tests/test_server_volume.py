@@ -3,9 +3,16 @@ again, restored byte for byte."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+
+import pytest
 
 from _server_util import add_agent, agent, backup_json, make_safe, running
+from conftest import PW
+from pointsafe.cas import Safe
+from pointsafe.cas.blob import BlobReader
 
 
 def _image(path, size: int = 24 << 20) -> bytes:
@@ -47,3 +54,61 @@ def test_a_disk_image_backed_up_through_the_server_restores_byte_for_byte_and_on
         assert r.code == 1 and "cannot access" in r.err, r.err
         r = agent(server, tok, "backup", img)
         assert r.code == 1 and "needs --volume" in r.err, r.err
+
+
+def test_an_agent_reads_only_the_changed_blocks_a_ranges_file_names(tmp_path):
+    safe = make_safe(tmp_path)
+    tok = add_agent(safe, "vm1")              # no --can-restore: the previous point's lists are still readable
+    img = tmp_path / "disk.img"
+    _image(img)
+    ranges = tmp_path / "changed.json"
+    with running(safe) as server:
+        first = backup_json(server, tok, img, "--volume")
+        with open(img, "r+b") as f:
+            for off in (1 << 20, 9 << 20):
+                f.seek(off)
+                f.write(os.urandom(5000))
+        ranges.write_text(json.dumps([[1 << 20, 5000], [9 << 20, 5000]]))
+        inc = backup_json(server, tok, img, "--volume", "--changed-blocks", str(ranges))
+        assert inc["change_source"] == {"kind": "ranges-file", "detail": str(ranges), "fallback": None}
+        block = first["block_size"]
+        assert 0 < inc["stats"]["bytes_scanned"] <= 4 * block, inc["stats"]
+        assert 0 < inc["upload"]["bytes_uploaded"] < 200_000
+        # the same point a full read makes, object for object
+        full = backup_json(server, tok, img, "--volume", "--full-read")
+        assert full["root"] == inc["root"] and full["stats"]["bytes_scanned"] > 2_000_000
+        assert full["change_source"]["kind"] == "full" and not full["warnings"]
+        # a tree has no changed blocks: one line, nothing sent
+        r = agent(server, tok, "backup", tmp_path, "--changed-blocks", str(ranges))
+        assert r.code == 1 and "applies to a volume" in r.err, r.err
+    with Safe.open(safe, password=PW, write=False) as s:
+        pts = {p.id: p for p in s.points()}
+        assert pts[inc["id"]].extra["change_source"]["kind"] == "ranges-file"
+        assert BlobReader(pts[inc["id"]].root, pts[inc["id"]].size, s.get, s.kind).read(0, 24 << 20) \
+            == img.read_bytes()
+
+
+@pytest.mark.skipif(shutil.which("qemu-io") is None, reason="qemu-utils is not installed")
+def test_an_agent_backs_up_a_qcow2_from_its_dirty_bitmap(tmp_path):
+    from test_cbt_qemu import WRITES, _bitmaps, _guest, _qemu_io, _skip_reason, _touched
+    from test_cbt_qemu import _image as qcow2_image
+    if _skip_reason():
+        pytest.skip(_skip_reason() or "")
+    safe = make_safe(tmp_path)
+    tok = add_agent(safe, "vm1", "--can-restore")
+    img = qcow2_image(tmp_path)
+    with running(safe) as server:
+        r = agent(server, tok, "backup", img, "--volume", "--changed-blocks", "qemu:bk", "--json", "-q")
+        assert r.code == 3, r.err
+        first = json.loads(r.out)
+        assert any("no previous point of that name" in w["message"] for w in first["warnings"]), first["warnings"]
+        assert first["qemu_bitmap"]["generation"] == 1 and first["source_format"] == "qcow2"
+        _qemu_io(img, *WRITES)
+        inc = backup_json(server, tok, img, "--volume", "--changed-blocks", "qemu:bk")
+        assert inc["change_source"]["kind"] == "qemu-bitmap" and inc["qemu_bitmap"]["generation"] == 2
+        assert inc["stats"]["bytes_scanned"] == _touched(WRITES, first["block_size"])
+        assert _bitmaps(img) == [inc["qemu_bitmap"]["name"]]       # rotated once the point committed
+        out = tmp_path / "restored.img"
+        r = agent(server, tok, "restore", inc["id"], out)
+        assert r.code == 0, r.err
+        assert out.read_bytes() == _guest(img, tmp_path)
