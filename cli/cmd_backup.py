@@ -19,6 +19,15 @@ safe's block size). Every point is a complete image of its source; data the safe
 is stored once. Files whose inode, size, mtime and ctime match the previous point of the same
 NAME are not read again.
 
+A qcow2 image given with --volume is stored as the disk its guest sees (raw blocks, read
+through a read-only qemu-nbd export; needs qemu-utils and python3-libnbd): a restore writes a
+raw image ('qemu-img convert -f raw -O qcow2' turns it back), the mount shows NAME.img. With
+--changed-blocks qemu:BITMAP only the ranges its persistent dirty bitmaps mark written are read;
+the image must not be open in a running QEMU (qemu-img edits the bitmaps). Each backup of that
+BITMAP starts the next bitmap before reading and removes the older ones once its point is
+committed, so a failed or killed backup loses no change. A bitmap that cannot be trusted
+(missing, in use, disabled) means a full read with a warning. Use one BITMAP per safe and NAME.
+
 Problems while reading (unreadable files, I/O errors, files that keep changing) become warnings
 on the point; the backup goes on and exits with code 3. A failing --pre-hook aborts the backup
 before anything is read and creates no point; --post-hook always runs afterwards, with

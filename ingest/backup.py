@@ -207,6 +207,12 @@ def backup(safe: Safe, source: str, opts: BackupOptions,
     with hooks_around(opts, hook_env, warn.list):
         path, st, kind = check_source(safe, source, opts.volume)
         opts = check_changed_blocks(opts, source, path, kind)
+        if kind == "volume" and stat.S_ISREG(st.st_mode):
+            from .qcow2 import is_qcow2, missing_tools
+            why = missing_tools() if is_qcow2(path) else None
+            if why:
+                notes.append(f"{path} is a qcow2 image, stored as the file's bytes: storing the guest's disk "
+                             f"needs {why}")
         provider = plan_point_in_time(opts, path, st, kind, name, safe.config.safe_id,
                                       _snapshot_of_last(safe, name, kind), notes)
         # Take the lock before touching databases, so that a busy safe fails fast.
@@ -631,10 +637,10 @@ def back_up_volume(safe: Safe, w: Writer, pipe: Pipeline, read_path: Path, path:
     bitmaps are rotated (ingest/changes/qemu_bitmap): the old ones are removed by a callable
     put in ``after_commit``, run once the point is committed. ``settle`` makes what ``w``
     wrote readable through ``safe.get`` (default ``w.flush``; an agent waits for its uploads)."""
-    from .qcow2 import is_qcow2
+    from .qcow2 import is_qcow2, missing_tools
     from .volume import open_volume
     block = safe.config.block_size
-    fmt = "qcow2" if stat.S_ISREG(st.st_mode) and is_qcow2(read_path) else None
+    fmt = "qcow2" if stat.S_ISREG(st.st_mode) and is_qcow2(read_path) and missing_tools() is None else None
     if prev is not None and prev.extra.get("source_format") != fmt:
         prev_fmt = prev.extra.get("source_format") or "raw"
         unusable = f"the previous point was read as {prev_fmt}, this one as {fmt or 'raw'}"

@@ -141,9 +141,10 @@ class Export:
         self._pid: int | None = None
         self._lock: int | None = None
         self._h = None
+        self._nbd: ModuleType | None = None
 
     def __enter__(self) -> "Export":
-        nbd = nbd_module()
+        nbd = self._nbd = nbd_module()
         clear_stale()
         self._dir = tempfile.mkdtemp(prefix=STALE_PREFIX)     # mode 0700: the socket is private
         try:
@@ -167,7 +168,10 @@ class Export:
             h.add_meta_context(BASE_ALLOCATION)
             if self.bitmap:
                 h.add_meta_context(self.context)
-            h.connect_unix(sock)
+            try:
+                h.connect_unix(sock)
+            except nbd.Error as e:
+                raise QemuError(f"{self.image}: connecting to qemu-nbd: {e}") from None
             self._h = h
             if self.bitmap and not h.can_meta_context(self.context):
                 raise QemuError(f"{self.image}: the export does not offer {self.context}")
@@ -185,7 +189,10 @@ class Export:
     def pread(self, n: int, off: int) -> bytes:
         """``n`` bytes of the guest's disk at ``off``."""
         assert self._h is not None
-        return self._h.pread(n, off)
+        try:
+            return self._h.pread(n, off)
+        except self._nbd.Error as e:
+            raise QemuError(f"{self.image}: reading {n} bytes at offset {off} through qemu-nbd: {e}") from None
 
     def extents(self, context: str = BASE_ALLOCATION) -> Iterator[tuple[int, int, int]]:
         """(offset, length, flags) covering the whole disk in ``context`` (base:allocation
@@ -203,7 +210,10 @@ class Export:
                         pos += entries[i]
                 return 0
 
-            self._h.block_status(min(STATUS_STEP, self.size - off), off, cb)
+            try:
+                self._h.block_status(min(STATUS_STEP, self.size - off), off, cb)
+            except self._nbd.Error as e:
+                raise QemuError(f"{self.image}: block status at offset {off} through qemu-nbd: {e}") from None
             if not got:
                 raise QemuError(f"{self.image}: no block status for {context} at offset {off}")
             for o, n, fl in got:

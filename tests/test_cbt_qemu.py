@@ -330,3 +330,21 @@ def test_full_read_counts_writes_the_bitmap_missed(tmp_path, safe_dir):
     p = _points(safe_dir)[-1]
     assert _content(safe_dir, p) == _guest(img, tmp_path)
     assert _bitmaps(img) == [p.extra["qemu_bitmap"]["name"]]
+
+
+def test_without_qemu_nbd_a_qcow2_is_stored_as_its_bytes_with_a_note(tmp_path, safe_dir):
+    img = _image(tmp_path)
+    bin_dir = tmp_path / "bin"      # every command of the PATH but qemu-nbd
+    bin_dir.mkdir()
+    for d in os.environ.get("PATH", "").split(os.pathsep):
+        if os.path.isdir(d):
+            for n in os.listdir(d):
+                if n != "qemu-nbd" and not (bin_dir / n).exists():
+                    (bin_dir / n).symlink_to(os.path.join(d, n))
+    env = {"PATH": str(bin_dir)}
+    r = run_cli("backup", "--volume", img, safe=safe_dir, env=env)
+    assert r.code == 0 and "stored as the file's bytes" in r.out + r.err and "qemu-nbd" in r.out + r.err
+    p = _points(safe_dir)[-1]
+    assert "source_format" not in p.extra and _content(safe_dir, p) == img.read_bytes()
+    r = run_cli("backup", "--volume", "--changed-blocks", "qemu:bk", img, safe=safe_dir, env=env)
+    assert r.code == 1 and "needs qemu-nbd" in r.err and len(r.err.strip().splitlines()) == 1

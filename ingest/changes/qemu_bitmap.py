@@ -93,9 +93,9 @@ class Rotation:
         return left
 
 
-def start(image: str, base: str, prev: Point | None, usable: str | None) -> Rotation:
+def start(image: str, base: str, prev: Point | None, unusable: str | None) -> Rotation:
     """Steps 1-2 of the module's docstring for a backup of ``image`` whose previous point is
-    ``prev``; ``usable``: a reason the previous point cannot be the base whatever the bitmaps
+    ``prev``; ``unusable``: a reason the previous point cannot be the base whatever the bitmaps
     say (another size or block size), or None."""
     clear_stale()     # a qemu-nbd left by a killed backup would hold the image's lock
     fam = _family(base, bitmaps(image))
@@ -104,8 +104,8 @@ def start(image: str, base: str, prev: Point | None, usable: str | None) -> Rota
     expect = rec.get("name")
     if prev is None:
         rot.fallback = "no previous point of that name"
-    elif usable:
-        rot.fallback = usable
+    elif unusable:
+        rot.fallback = unusable
     elif rec.get("base") != base or not expect:
         rot.fallback = f"the previous point was not made with dirty bitmap {base}"
     elif expect not in fam:
