@@ -187,6 +187,7 @@ class _Kept:
     """What the subtrees kept from the previous point without walking them hold (the
     pipeline's counters see only their top directory's entry)."""
     files: int = 0
+    linked: int = 0     # ... of them with a link group
     dirs: int = 0
     other: int = 0
     size: int = 0
@@ -511,6 +512,7 @@ class TreeWalker:
                     files += 1
                     if e.link_group:
                         self.kept_groups.setdefault(e.link_group, e.size)
+                        k.linked += 1
                     else:
                         k.size += e.size
                     nbytes += e.size
@@ -522,11 +524,13 @@ class TreeWalker:
         """Add what the kept subtrees hold to the pipeline's ``stats`` (after it finished):
         a point's counters are those of a full walk."""
         k = self.kept
+        # a hardlinked file counts its size, and as unchanged, once (at the name a walk meets first)
+        groups = [n for g, n in self.kept_groups.items() if g not in self.groups_seen]
         stats.files += k.files
-        stats.files_unchanged += k.files
+        stats.files_unchanged += k.files - k.linked + len(groups)
         stats.dirs += k.dirs
         stats.other += k.other
-        stats.size += k.size + sum(n for g, n in self.kept_groups.items() if g not in self.groups_seen)
+        stats.size += k.size + sum(groups)
 
     def _extents(self, d: _Dir, name: bytes) -> list[tuple[int, int]] | None:
         guide = self.guide

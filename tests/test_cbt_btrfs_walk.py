@@ -57,6 +57,7 @@ def _populate(src: Path, rng: random.Random) -> None:
     os.symlink("big", src / "sym")
     os.mkfifo(src / "fifo")
     os.setxattr(src / "d01" / "f01", "user.old", b"1")
+    os.link(src / "d08" / "f08", src / "hlink")     # d08 has no other change
 
 
 def _change(src: Path, rng: random.Random) -> int:
@@ -91,6 +92,9 @@ def _change(src: Path, rng: random.Random) -> int:
     os.rename(src / "t", src / "b")
     os.unlink(src / "sym")
     os.symlink("app", src / "sym")
+    with open(src / "hlink", "ab") as f:            # the other name, d08/f08, changes with it
+        f.write(b"more")
+        written += 4
     return written
 
 
@@ -196,6 +200,32 @@ def test_full_read_and_first_backup_need_no_warning(tmp_path: Path) -> None:
         c = backup(safe, src, "--snapshot", "btrfs", name="data")
         assert c["change_source"]["kind"] == "btrfs-send" and c["stats"]["bytes_scanned"] == 0
         assert c["root"] == a["root"]
+
+
+def test_a_directory_of_the_subvolume_as_source(tmp_path: Path) -> None:
+    rng = random.Random(3)
+    with btrfs_volume(tmp_path) as mnt:
+        src = make_subvolume(mnt, "data")
+        sub = src / "www" / "site"
+        (sub / "img").mkdir(parents=True)
+        (sub / "img" / "logo").write_bytes(rng.randbytes(2 * MiB))
+        (sub / "index").write_bytes(b"hello")
+        (src / "outside").write_bytes(b"o")
+        safe = _safe(tmp_path / "safe")
+        full = _safe(tmp_path / "full")
+        backup(safe, sub, "--snapshot", "btrfs", name="site")
+        backup(full, sub, "--snapshot", "btrfs", name="site")
+        with open(sub / "img" / "logo", "r+b") as f:
+            f.seek(MiB)
+            f.write(rng.randbytes(WRITE))
+        (src / "outside").write_bytes(b"changed outside the source")
+        os.rename(sub / "index", sub / "index.html")
+        p = backup(safe, sub, "--snapshot", "btrfs", name="site")
+        q = backup(full, sub, "--snapshot", "btrfs", "--full-read", name="site")
+        assert p["change_source"]["kind"] == "btrfs-send" and p["warnings"] == []
+        assert p["root"] == q["root"]
+        assert p["stats"]["bytes_scanned"] <= 2 * WRITE + 4096
+        assert_trees_equal(snapshot(sub), _restored(safe, p, tmp_path / "out"))
 
 
 @pytest.fixture(autouse=True)

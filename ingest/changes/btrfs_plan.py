@@ -11,16 +11,19 @@ which graft files into the tree after the walk).
 from __future__ import annotations
 
 import os
+import stat
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from pointsafe.cas import Point, Safe, read_tree
 
-from .btrfs_send import SendStreamError, parent_mismatch, send_changes, subvol_root
+from .btrfs_send import Changes, SendStreamError, parent_mismatch, send_changes, subvol_root
 from .guide import Guide, guide_from
 
 FALLBACK = "btrfs send not used, walked the whole tree: "
+MAX_LINKED = 1000      # changed files with several names, each costs a subprocess to name them all
 # warnings of a previous point that say nothing is missing from its tree
 _BENIGN_PATHS = {"post-hook", "post-thaw hook"}
 
@@ -58,12 +61,46 @@ def plan(safe: Safe, prev: Point | None, source: Path, read_path: Path, walk: di
     prefix = "" if prefix == "." else prefix
     try:
         changes = send_changes(parent, new_root)
+        name_every_link(changes, new_root)
     except (SendStreamError, OSError) as e:
         return Plan(None, str(parent), f"the send stream cannot be used: {e}")
     why = parent_mismatch(snap.get("subvol"), parent, new_root, changes)
     if why is not None:
         return Plan(None, str(parent), why)
     return Plan(guide_from(changes, prefix, parent / prefix if prefix else parent), str(parent))
+
+
+def name_every_link(ch: Changes, root: Path) -> None:
+    """Add every name of each changed file with several links to ``ch.changed``: the stream
+    names an inode by one of its paths only, and the walk must not keep the previous entry of
+    another (``btrfs inspect-internal inode-resolve``: BTRFS_IOC_INO_PATHS). SendStreamError
+    when the names cannot all be found."""
+    more: set[str] = set()
+    linked = 0
+    for p in sorted(ch.changed):
+        try:
+            st = os.lstat(root / p)
+        except OSError as e:
+            raise SendStreamError(f"{p!r} changed but cannot be looked at: {e.strerror}") from None
+        if stat.S_ISDIR(st.st_mode) or st.st_nlink < 2:
+            continue
+        linked += 1
+        if linked > MAX_LINKED:
+            raise SendStreamError(f"more than {MAX_LINKED} changed files have several names")
+        r = subprocess.run(["btrfs", "inspect-internal", "inode-resolve", str(st.st_ino), str(root)],
+                           capture_output=True)
+        top = os.fsencode(str(root)) + b"/"
+        names = [os.fsdecode(ln[len(top):]) for ln in r.stdout.split(b"\n") if ln.startswith(top)]
+        if r.returncode != 0 or len(names) != st.st_nlink:
+            raise SendStreamError(f"cannot name every link of {p!r}")
+        for q in names:
+            try:
+                if os.lstat(root / q).st_ino != st.st_ino:
+                    raise SendStreamError(f"cannot name every link of {p!r}")
+            except OSError:
+                raise SendStreamError(f"cannot name every link of {p!r}") from None
+        more.update(names)
+    ch.changed |= more
 
 
 def _why_not(safe: Safe, prev: Point, source: Path, read_path: Path, walk: dict, live_dev: int | None,
