@@ -60,7 +60,6 @@ MAX_DIR_FDS = 64             # directory descriptors open at once (the deepest l
 PROGRESS_BYTES = 4 * 1024 * 1024   # progress is reported in steps of this many bytes ...
 PROGRESS_FILES = 256               # ... or of this many files, whichever comes first
 PATH_MAX = 4096
-RESYNC_STEP = 4096        # bytes read at a time past a written extent, until the chunks resync
 EMPTY_SUBVOL_INO = 2         # btrfs: a subvolume nested in a snapshot shows as an empty directory of this inode
 VANISHED = "vanished during the backup"
 MOVED = "moved or removed during the backup; what had not been read below it is not in the point"
@@ -565,8 +564,9 @@ class TreeWalker:
             reader = BlobReader(prev.ref, prev.size, self.safe.get, self.safe.kind)
             self.pipe.file(e)
             try:
+                # past a written extent, a minimal chunk at a time until the cuts resync
                 extra = read_around(fd, st.st_size, reader, written, self.cutter.content_defined(),
-                                    RESYNC_STEP, self.pipe, self._covered)
+                                    max(4096, self.cutter.min_size), self.pipe, self._covered)
             except OSError as err:
                 self.pipe.abort()
                 self._warn_at(e.name, f"read error: {err.strerror}; not backed up")
