@@ -58,12 +58,19 @@ def _populate(src: Path, rng: random.Random) -> None:
     os.mkfifo(src / "fifo")
     os.setxattr(src / "d01" / "f01", "user.old", b"1")
     os.link(src / "d08" / "f08", src / "hlink")     # d08 has no other change
+    with open(src / "sparse", "wb") as f:
+        f.truncate(8 * MiB)
+        f.seek(MiB)
+        f.write(rng.randbytes(64 * 1024))
+    (src / "trunc").write_bytes(rng.randbytes(200_000))
+    (src / "odd").write_bytes(rng.randbytes(500_000))
 
 
-def _change(src: Path, rng: random.Random) -> int:
+def _change(src: Path, rng: random.Random) -> tuple[int, int]:
     """Scattered writes, renames, deletions, a new hardlink, xattr and mode changes; returns
-    the bytes written (file data)."""
-    written = 0
+    (the bytes written into files kept in place, the bytes of the files that are read whole
+    by design: new, truncated, sparse, hardlinked, or below a renamed directory)."""
+    written = whole = 0
     with open(src / "big", "r+b") as f:
         for k in range(48):
             off = (k * (BIG // 48) + rng.randrange(0, BIG // 48 - WRITE)) // 4096 * 4096
@@ -74,7 +81,7 @@ def _change(src: Path, rng: random.Random) -> int:
         f.write(rng.randbytes(40_000))
         written += 40_000
     (src / "dir1" / "inner" / "x").write_bytes(b"z" * 7000)
-    written += 7000
+    whole += 7000 + 30_000
     os.rename(src / "dir1", src / "dir2")
     os.rename(src / "d03" / "f01", src / "d04" / "moved")
     subprocess.run(["rm", "-r", str(src / "rmme")], check=True)
@@ -86,7 +93,7 @@ def _change(src: Path, rng: random.Random) -> int:
     os.chown(src / "d07" / "f07", 1234, 5678)
     (src / "newdir" / "deep").mkdir(parents=True)
     (src / "newdir" / "deep" / "n").write_bytes(b"new" * 100)
-    written += 300
+    whole += 300 + 2 * 1999       # the new file, the moved one, and the two swapped names below
     os.rename(src / "a", src / "t")
     os.rename(src / "b", src / "a")
     os.rename(src / "t", src / "b")
@@ -94,8 +101,18 @@ def _change(src: Path, rng: random.Random) -> int:
     os.symlink("app", src / "sym")
     with open(src / "hlink", "ab") as f:            # the other name, d08/f08, changes with it
         f.write(b"more")
-        written += 4
-    return written
+        whole += 2000
+    with open(src / "sparse", "r+b") as f:          # holes: cut per data region, read whole
+        f.seek(5 * MiB)
+        f.write(rng.randbytes(WRITE))
+        whole += 64 * 1024 + WRITE
+    os.truncate(src / "trunc", 50_000)
+    whole += 50_000
+    with open(src / "odd", "r+b") as f:             # 100 bytes: btrfs reports the 4 KiB around them
+        f.seek(123_457)
+        f.write(rng.randbytes(100))
+        written += 4096
+    return written, whole
 
 
 def _source(src: Path) -> dict:
@@ -121,7 +138,7 @@ def test_incremental_reads_only_what_changed_and_equals_a_full_read(tmp_path: Pa
         assert first["change_source"] == {"kind": "full", "detail": "", "fallback": None}
         backup(full, src, "--snapshot", "btrfs", name="data")
 
-        written = _change(src, rng)
+        written, whole = _change(src, rng)
         p = backup(inc, src, "--snapshot", "btrfs", name="data")
         q = backup(full, src, "--snapshot", "btrfs", "--full-read", name="data")
         assert p["warnings"] == [] and q["warnings"] == []
@@ -136,8 +153,9 @@ def test_incremental_reads_only_what_changed_and_equals_a_full_read(tmp_path: Pa
         # and it reads about what was written: not the 96 MiB file, not the 10,000 small files
         scanned = p["stats"]["bytes_scanned"]
         assert q["stats"]["bytes_scanned"] >= BIG
-        print(f"incremental scanned {scanned} B for {written} B written; full read {q['stats']['bytes_scanned']} B")
-        assert scanned <= 2 * written + 64 * 1024, (scanned, written)
+        print(f"incremental scanned {scanned} B for {written} B written and {whole} B read whole; "
+              f"full read {q['stats']['bytes_scanned']} B")
+        assert scanned <= 2 * written + whole + 64 * 1024, (scanned, written, whole)
         assert p["stats"]["files_unchanged"] >= 9_990
 
         before = _source(src)
