@@ -12,7 +12,8 @@ Order of work, and what happens when something fails:
    ``snapshot_taken()`` (locks released here), the --post-thaw hook (always, also when the
    snapshot fails). Without a snapshot: --pre-freeze, ``start()``, and --post-thaw after step 4;
 4. read the snapshot (or the live source) through the pipeline, paths as in SOURCE, against the
-   previous point of the same name for change detection;
+   previous point of the same name for change detection (a tree in a btrfs snapshot: only what
+   the send stream from the previous point's snapshot names, ingest/changes/btrfs_plan.py);
 5. ``files_read()``, graft the files the databases hand back (backup_label, WAL, SQLite copies);
 6. commit the point (one record naming the root) -- nothing before this is visible; keep the
    btrfs snapshot as the next backup's base, remove every other snapshot, always (also on
