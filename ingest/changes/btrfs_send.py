@@ -259,6 +259,7 @@ def replay(cmds: list[Command], parent_root: Path) -> Changes:
         if n in ("mkfile", "mkdir", "mknod", "mkfifo", "mksock", "symlink"):
             ino = c.u(A_INO)
             ns.add(c.s(A_PATH), ino)
+            dirs.add(ns.lookup(c.s(A_PATH))[0])   # (send makes it under an orphan name, then renames)
             touched.add(ino)
             whole.add(ino)
             if n == "mkdir":
