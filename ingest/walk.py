@@ -23,7 +23,8 @@ point's entry (a directory its whole subtree) without being looked at; the direc
 only when its entries changed; a file with written extents is read only around them
 (ingest/changes/resync.py). Everything else -- a renamed or new directory, a file to read
 whole, a hardlinked one -- is walked as without a guide, so that the point is the one a full
-walk makes.
+walk makes; only, below a renamed directory, a file whose inode, size, mtime and ctime are
+those of its entry at the old place takes that entry's content instead of being read.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def keep_atime(e: Entry, prev: Entry | None) -> Entry:
 class _Dir:
     """One directory on the walk's stack."""
 
-    __slots__ = ("ahead", "dev", "fd", "grel", "guided", "i", "ino", "items", "j", "name", "rel", "sub_prev")
+    __slots__ = ("ahead", "alt", "dev", "fd", "grel", "guided", "i", "ino", "items", "j", "name", "rel", "sub_prev")
 
     def __init__(self, name: bytes, fd: int | None, dev: int, ino: int, rel: bytes):
         self.name = name
@@ -173,6 +174,9 @@ class _Dir:
         self.rel = rel                                   # relative path (kept only with excludes)
         self.guided = False                              # walked with the Guide (see the module's docstring)
         self.grel = b""                                  # relative path, when guided
+        # the previous point's entries of this directory under its old name (it was renamed):
+        # the content of an unchanged file is taken from there instead of being read
+        self.alt: dict[bytes, Entry] | None = None
         # (name, lstat, previous entry); lstat None: unchanged, the previous entry is kept
         self.items: list[tuple[bytes, os.stat_result | None, Entry | None]] = []
         self.i = 0                                       # next item to back up
@@ -208,6 +212,7 @@ class TreeWalker:
         (see the module's docstring)."""
         self.guide = guide
         self.full_read = full_read
+        self.prev_root: bytes | None = None
         self.kept = _Kept()
         self.kept_groups: dict[int, int] = {}   # link group -> size, of files in kept subtrees
         self.safe = safe
@@ -299,6 +304,7 @@ class TreeWalker:
         st = os.lstat(path)
         self.root_dev = st.st_dev
         self.top = path
+        self.prev_root = prev_root
         root = entry_from_stat(b"", st, self.opts.dev_map)
         try:
             fd = open_at(None, path, _DIR_FLAGS)
@@ -349,7 +355,8 @@ class TreeWalker:
                 pass
             elif (stat.S_ISREG(jst.st_mode) and 0 < jst.st_size <= PREFETCH_MAX and jst.st_nlink == 1
                     and (self.full_read or not _unchanged(jp, jst, self.opts.dev_map))
-                    and not (d.guided and self._extents(d, jn) is not None)):
+                    and not (d.guided and self._extents(d, jn) is not None)
+                    and self._alt_same(d, jn, jst) is None):
                 d.ahead[jn] = self.readers.submit(_read_small, _fd(d), jn)
             elif stat.S_ISDIR(jst.st_mode) and jp is not None and jp.type == DIR and jp.ref is not None:
                 # The previous point's subdirectories are read ahead too: on a cold cache,
@@ -414,6 +421,8 @@ class TreeWalker:
         child.guided = (d.guided and p is not None and p.type == DIR and p.ref is not None
                         and (p.dev, p.ino) == (e.dev, e.ino))
         child.grel = os.path.join(d.grel, e.name) if d.grel else e.name
+        if not child.guided and self.guide is not None and not self.full_read:
+            child.alt = self._alt_of(d, e)
         self.stack.append(child)   # from here on, _release_all closes fd whatever happens
         self.pipe.opendir(e)
         self._bound_fds()
@@ -530,6 +539,39 @@ class TreeWalker:
         stats.dirs += k.dirs
         stats.other += k.other
         stats.size += k.size + sum(groups)
+
+    def _alt_of(self, d: _Dir, e: Entry) -> dict[bytes, Entry] | None:
+        """The previous point's entries of the directory ``e`` of ``d`` where it was before it
+        was renamed (itself, or with a directory above it); None when there is no such."""
+        guide = self.guide
+        assert guide is not None, "only a guided walk knows what was renamed"
+        old = guide.moved.get(os.path.join(d.grel, e.name) if d.grel else e.name)
+        a: Entry | None = None
+        try:
+            if old is not None and self.prev_root is not None:
+                tree: bytes | None = self.prev_root
+                for part in old.split(b"/"):
+                    a = next((x for x in read_tree(self.safe.get, tree) if x.name == part), None) if tree else None
+                    tree = a.ref if a is not None and a.type == DIR else None
+            elif d.alt is not None:
+                a = d.alt.get(e.name)
+            if a is None or a.type != DIR or a.ref is None or (a.dev, a.ino) != (e.dev, e.ino):
+                return None
+            return {x.name: x for x in read_tree(self.safe.get, a.ref)}
+        except Exception:  # noqa: BLE001 - a damaged previous point only costs reading
+            return None
+
+    def _alt_same(self, d: _Dir, name: bytes, now: os.stat_result | Entry) -> Entry | None:
+        """The entry of ``d.alt`` for ``name`` when it is this very file (``now``: its lstat
+        or its entry), unchanged."""
+        a = d.alt.get(name) if d.alt is not None else None
+        if a is None or a.type != REG or (a.ref is None and a.size):
+            return None
+        if isinstance(now, Entry):
+            same = (a.dev, a.ino, a.size, a.mtime_ns, a.ctime_ns) == (now.dev, now.ino, now.size, now.mtime_ns, now.ctime_ns)
+        else:
+            same = _unchanged(a, now, self.opts.dev_map)
+        return a if same else None
 
     def _extents(self, d: _Dir, name: bytes) -> list[tuple[int, int]] | None:
         guide = self.guide
@@ -707,6 +749,12 @@ class TreeWalker:
                 (prev.dev, prev.ino, prev.size, prev.mtime_ns, prev.ctime_ns) == (e.dev, e.ino, e.size, e.mtime_ns, e.ctime_ns)):
             e.ref = prev.ref
             e.xattrs = prev.xattrs
+            self.pipe.entry(e)
+            self._covered(e.size, 1)
+        elif (alt := self._alt_same(d, e.name, e)) is not None:
+            # renamed with its directory, unchanged: the content a read would store
+            e.ref = alt.ref
+            e.xattrs = self._xattrs_at(d, e, None)
             self.pipe.entry(e)
             self._covered(e.size, 1)
         else:

@@ -27,6 +27,7 @@ class Guide:
     listed: set[bytes] = field(default_factory=set)      # directories whose entries changed
     whole: set[bytes] = field(default_factory=set)       # files to read whole
     extents: dict[bytes, list[tuple[int, int]]] = field(default_factory=dict)
+    moved: dict[bytes, bytes] = field(default_factory=dict)   # renamed directory: new path -> old path
 
     def is_dirty(self, rel: bytes) -> bool:
         """Whether ``rel`` or something below it changed."""
@@ -81,4 +82,8 @@ def guide_from(ch: Changes, prefix: str, parent: Path) -> Guide:
         r = rel(p)
         if r is not None:
             g.extents[r] = list(ext)
+    for p, old in ch.moved.items():
+        r, o = rel(p), rel(old)
+        if r and o:
+            g.moved[r] = o
     return g
