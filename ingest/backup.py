@@ -12,7 +12,8 @@ Order of work, and what happens when something fails:
    ``snapshot_taken()`` (locks released here), the --post-thaw hook (always, also when the
    snapshot fails). Without a snapshot: --pre-freeze, ``start()``, and --post-thaw after step 4;
 4. read the snapshot (or the live source) through the pipeline, paths as in SOURCE, against the
-   previous point of the same name for change detection;
+   previous point of the same name for change detection (a tree in a btrfs snapshot: only what
+   the send stream from the previous point's snapshot names, ingest/changes/btrfs_plan.py);
 5. ``files_read()``, graft the files the databases hand back (backup_label, WAL, SQLite copies);
 6. commit the point (one record naming the root) -- nothing before this is visible; keep the
    btrfs snapshot as the next backup's base, remove every other snapshot, always (also on
@@ -41,7 +42,10 @@ from pointsafe.cas.blob import BlobReader
 from pointsafe.cas.pack import pack_name
 from pointsafe.cas.tree import DIR, REG
 
+from .changes.btrfs_plan import FALLBACK, walk_record
+from .changes.btrfs_plan import plan as plan_btrfs_walk
 from .changes.btrfs_send import subvol_record
+from .changes.guide import Guide
 from .changes.qemu_bitmap import Rotation
 from .chunking import Cutter, data_extents, is_zero
 from .db import covered_roots, is_covered_warning, walk_excludes
@@ -597,7 +601,14 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
         if kind == "tree":
             sst = os.stat(safe.path)
             wo = freeze.walk_options(path, opts, list(opts.excludes) + walk_excludes(active), {(sst.st_dev, sst.st_ino)})
-            root, record["root_meta"] = walk_tree(safe, pipe, read_path, prev.root if prev else None, wo, warn, progress)
+            walked = walk_record(wo.excludes, wo.one_file_system)
+            guide = None
+            if taken is not None and taken.method == "btrfs":
+                cs, guide = _tree_change_source(safe, prev, path, read_path, walked, taken, opts, bool(active), warn)
+                record["change_source"] = cs
+            root, record["root_meta"] = walk_tree(safe, pipe, read_path, prev.root if prev else None, wo, warn, progress,
+                                                  guide=guide, full_read=opts.full_read)
+            record["walk"] = walked
         else:
             sig = _source_stat(st, taken)
             root, size = back_up_volume(safe, w, pipe, read_path, path, st, sig, prev, opts, warn, progress,
@@ -625,6 +636,21 @@ def _read(safe: Safe, w: Writer, path: Path, st, kind: str, name: str, started: 
     record["stats"] = stats
     record["labels"] = dict(opts.labels)
     return record, root, grafted
+
+
+def _tree_change_source(safe: Safe, prev: Point | None, path: Path, read_path: Path, walked: dict, taken: Taken,
+                        opts: BackupOptions, integrations: bool, warn) -> tuple[dict, Guide | None]:
+    """(the point's change_source, the Guide of a walk of only what changed or None) for a
+    tree read from a btrfs snapshot; a change source that cannot be trusted is a warning."""
+    if opts.full_read:
+        return change_source("full", "--full-read"), None
+    live_dev = next(iter(taken.dev_map.values()), None)
+    p = plan_btrfs_walk(safe, prev, path, read_path, walked, live_dev, integrations)
+    if p.guide is not None:
+        return change_source("btrfs-send", p.detail), p.guide
+    if p.fallback is not None:
+        warn(os.fsencode(str(path)), FALLBACK + p.fallback)
+    return change_source("full", p.detail, p.fallback), None
 
 
 def back_up_volume(safe: Safe, w: Writer, pipe: Pipeline, read_path: Path, path: Path, st: os.stat_result,
@@ -783,18 +809,22 @@ def change_source(kind: str, detail: str = "", fallback: str | None = None) -> d
 
 
 def walk_tree(safe: Safe, pipe: Pipeline, read_path: Path, prev_root: bytes | None, wo: WalkOptions,
-              warn: Callable[[bytes | str, str], None], progress: Callable[[int, int], None]) -> tuple[bytes | None, dict]:
+              warn: Callable[[bytes | str, str], None], progress: Callable[[int, int], None],
+              guide: Guide | None = None, full_read: bool = False) -> tuple[bytes | None, dict]:
     """Read the tree at ``read_path`` through ``pipe`` (which this finishes), against the tree
-    ``prev_root`` for change detection; returns (root key, the point's ``root_meta``). ``safe``
+    ``prev_root`` for change detection (``guide``: only what changed since, ingest/walk.py;
+    ``full_read``: every file read); returns (root key, the point's ``root_meta``). ``safe``
     gives the chunking settings (``config``) and the previous trees (``get``): a Safe, or a
     remote one with the same two (pointsafe.server.client)."""
     cfg = safe.config
-    walker = TreeWalker(safe, pipe, Cutter(None, cfg.chunk_min, cfg.chunk_avg, cfg.chunk_max), wo, warn, progress)
+    walker = TreeWalker(safe, pipe, Cutter(None, cfg.chunk_min, cfg.chunk_avg, cfg.chunk_max), wo, warn, progress,
+                        guide=guide, full_read=full_read)
     try:
         root_entry = walker.walk_root(os.fsencode(str(read_path)), prev_root)
     finally:
         walker.close()
     root, _ = pipe.finish()
+    walker.add_kept(pipe.stats)
     return root, {"mode": root_entry.mode, "uid": root_entry.uid, "gid": root_entry.gid,
                   "mtime_ns": root_entry.mtime_ns, "atime_ns": root_entry.atime_ns,
                   "xattrs": [[n.hex(), v.hex()] for n, v in root_entry.xattrs]}

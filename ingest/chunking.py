@@ -87,6 +87,7 @@ class Cutter:
     def __init__(self, fixed: int | None = None, min_size: int = 8192, avg_size: int = 32768,
                  max_size: int = 131072):
         self.fixed = fixed
+        self.min_size = min_size
         self.cdc = None if fixed else FastCDC(avg_size, min_size=min_size, max_size=max_size)
 
     def content_defined(self) -> FastCDC:

@@ -15,6 +15,16 @@ keeps that entry's blob without being read again. Problems (unreadable files and
 I/O errors, files that keep changing while read) become warnings naming the full path; the
 walk goes on. A name that was listed but is gone when looked at again (stat, open, readlink,
 extended attributes: ENOENT) gives one warning, "vanished during the backup".
+
+With a :class:`~pointsafe.ingest.changes.guide.Guide` (what changed between the previous
+point's btrfs snapshot and the new one), a directory at the same path and inode as in the
+previous point is walked *guided*: a name with no change at or below it keeps the previous
+point's entry (a directory its whole subtree) without being looked at; the directory is listed
+only when its entries changed; a file with written extents is read only around them
+(ingest/changes/resync.py). Everything else -- a renamed or new directory, a file to read
+whole, a hardlinked one -- is walked as without a guide, so that the point is the one a full
+walk makes; only, below a renamed directory, a file whose inode, size, mtime and ctime are
+those of its entry at the old place takes that entry's content instead of being read.
 """
 
 from __future__ import annotations
@@ -32,9 +42,12 @@ from typing import Callable, TypeGuard, cast
 import blake3
 
 from pointsafe.cas import Entry, Safe, read_tree
+from pointsafe.cas.blob import BlobReader
 from pointsafe.cas.tree import DIR, LNK, REG, type_of_mode
 
-from .chunking import Cutter
+from .changes.guide import Guide
+from .changes.resync import read_around
+from .chunking import Cutter, data_extents
 from .db.detect import live_database
 from .pipeline import Pipeline
 
@@ -152,32 +165,56 @@ def keep_atime(e: Entry, prev: Entry | None) -> Entry:
 class _Dir:
     """One directory on the walk's stack."""
 
-    __slots__ = ("ahead", "dev", "fd", "i", "ino", "items", "j", "name", "rel", "sub_prev")
+    __slots__ = ("ahead", "alt", "dev", "fd", "grel", "guided", "i", "ino", "items", "j", "name", "rel", "sub_prev")
 
     def __init__(self, name: bytes, fd: int | None, dev: int, ino: int, rel: bytes):
         self.name = name
         self.fd = fd
         self.dev, self.ino = dev, ino
         self.rel = rel                                   # relative path (kept only with excludes)
-        self.items: list[tuple[bytes, os.stat_result, Entry | None]] = []
+        self.guided = False                              # walked with the Guide (see the module's docstring)
+        self.grel = b""                                  # relative path, when guided
+        # the previous point's entries of this directory under its old name (it was renamed):
+        # the content of an unchanged file is taken from there instead of being read
+        self.alt: dict[bytes, Entry] | None = None
+        # (name, lstat, previous entry); lstat None: unchanged, the previous entry is kept
+        self.items: list[tuple[bytes, os.stat_result | None, Entry | None]] = []
         self.i = 0                                       # next item to back up
         self.j = 0                                       # next item to look at for read-ahead
         self.ahead: dict[bytes, Future] = {}             # small files read ahead (use self.fd)
         self.sub_prev: dict[bytes, Future] = {}          # previous point's subtrees read ahead
 
 
+@dataclass
+class _Kept:
+    """What the subtrees kept from the previous point without walking them hold (the
+    pipeline's counters see only their top directory's entry)."""
+    files: int = 0
+    linked: int = 0     # ... of them with a link group
+    dirs: int = 0
+    other: int = 0
+    size: int = 0
+
+
 class TreeWalker:
     """Walks a source tree into a Pipeline, iteratively and fd-relative (any depth, any path
     length, at most MAX_DIR_FDS directory descriptors open), reusing the previous point's
-    entries for files whose inode, size, mtime and ctime are unchanged. Problems with single
-    entries (unreadable, vanished, changed while read, moved away) become warnings through
-    ``warn`` and the walk goes on.
+    entries for files whose inode, size, mtime and ctime are unchanged (not with
+    ``full_read``: every file is read). Problems with single entries (unreadable, vanished,
+    changed while read, moved away) become warnings through ``warn`` and the walk goes on.
     """
     def __init__(self, safe: Safe, pipe: Pipeline, cutter: Cutter, opts: WalkOptions,
-                 warn: Callable[[bytes, str], None], progress: Callable[[int, int], None] | None = None):
+                 warn: Callable[[bytes, str], None], progress: Callable[[int, int], None] | None = None,
+                 guide: Guide | None = None, full_read: bool = False):
         """``warn(path, message)`` gets full paths; ``progress(nbytes, files)`` is told, in
         steps, how many bytes of regular files (read, holes, or unchanged and not read) and
-        how many files the walk has covered."""
+        how many files the walk has covered; ``guide``: what changed since the previous point
+        (see the module's docstring)."""
+        self.guide = guide
+        self.full_read = full_read
+        self.prev_root: bytes | None = None
+        self.kept = _Kept()
+        self.kept_groups: dict[int, int] = {}   # link group -> size, of files in kept subtrees
         self.safe = safe
         self.pipe = pipe
         self.cutter = cutter
@@ -267,6 +304,7 @@ class TreeWalker:
         st = os.lstat(path)
         self.root_dev = st.st_dev
         self.top = path
+        self.prev_root = prev_root
         root = entry_from_stat(b"", st, self.opts.dev_map)
         try:
             fd = open_at(None, path, _DIR_FLAGS)
@@ -277,6 +315,7 @@ class TreeWalker:
             self.pipe.closedir()
             return root
         self.stack = [_Dir(b"", fd, st.st_dev, st.st_ino, b"")]
+        self.stack[0].guided = self.guide is not None
         try:
             root.xattrs = read_xattrs(fd, lambda m: self.warn(path, m))
             self.pipe.opendir(root)
@@ -297,6 +336,10 @@ class TreeWalker:
             name, st, p = d.items[d.i]
             d.i += 1
             self._read_ahead(d)
+            if st is None:
+                assert p is not None, "a kept name has its previous entry"
+                self._keep(p)
+                continue
             try:
                 self._one(d, name, st, p)
             except Vanished:
@@ -308,8 +351,12 @@ class TreeWalker:
         items, limit = d.items, min(len(d.items), d.i - 1 + PREFETCH_FILES)
         while d.j < limit:
             jn, jst, jp = items[d.j]
-            if (stat.S_ISREG(jst.st_mode) and 0 < jst.st_size <= PREFETCH_MAX and jst.st_nlink == 1
-                    and not _unchanged(jp, jst, self.opts.dev_map)):
+            if jst is None:
+                pass
+            elif (stat.S_ISREG(jst.st_mode) and 0 < jst.st_size <= PREFETCH_MAX and jst.st_nlink == 1
+                    and (self.full_read or not _unchanged(jp, jst, self.opts.dev_map))
+                    and not (d.guided and self._extents(d, jn) is not None)
+                    and self._alt_same(d, jn, jst) is None):
                 d.ahead[jn] = self.readers.submit(_read_small, _fd(d), jn)
             elif stat.S_ISDIR(jst.st_mode) and jp is not None and jp.type == DIR and jp.ref is not None:
                 # The previous point's subdirectories are read ahead too: on a cold cache,
@@ -370,6 +417,12 @@ class TreeWalker:
             raise
         rel = (os.path.join(d.rel, e.name) if d.rel else e.name) if self.opts.excludes else b""
         child = _Dir(e.name, fd, fst.st_dev, fst.st_ino, rel)
+        # guided below only where the previous point has this very directory at this path
+        child.guided = (d.guided and p is not None and p.type == DIR and p.ref is not None
+                        and (p.dev, p.ino) == (e.dev, e.ino))
+        child.grel = os.path.join(d.grel, e.name) if d.grel else e.name
+        if not child.guided and self.guide is not None and not self.full_read:
+            child.alt = self._alt_of(d, e)
         self.stack.append(child)   # from here on, _release_all closes fd whatever happens
         self.pipe.opendir(e)
         self._bound_fds()
@@ -382,6 +435,9 @@ class TreeWalker:
 
     def _fill(self, d: _Dir, prev_tree: bytes | Future | None) -> None:
         """List and stat the (new, top) directory ``d``."""
+        if d.guided and self._fill_guided(d, prev_tree):
+            return
+        d.guided = False
         prev = self._prev_entries(prev_tree)
         try:
             names = sorted(os.fsencode(n) for n in os.listdir(_fd(d)))
@@ -394,6 +450,174 @@ class TreeWalker:
         if self.opts.excludes:
             names = [n for n in names if not self._excluded(os.path.join(d.rel, n) if d.rel else n, n)]
         d.items = [(n, st, prev.get(n)) for n, st in stat_listed(_fd(d), names, self._warn_at)]
+
+    # -- guided by the changes since the previous point -----------------------------------
+
+    def _fill_guided(self, d: _Dir, prev_tree: bytes | Future | None) -> bool:
+        """Fill the guided directory ``d``: its names from a listing when its entries changed,
+        else the previous point's; only the dirty ones are looked at. False when the previous
+        tree cannot be read (``d`` is then walked as without a guide)."""
+        guide = self.guide
+        assert guide is not None, "a guided directory has a guide"
+        try:
+            if prev_tree is None:
+                return False
+            entries = prev_tree.result() if isinstance(prev_tree, Future) else self._read_prev(prev_tree)
+        except Exception:  # noqa: BLE001 - a damaged previous point only costs a full walk
+            return False
+        prev = {e.name: e for e in entries}
+        if guide.must_list(d.grel):
+            try:
+                names = sorted(os.fsencode(n) for n in os.listdir(_fd(d)))
+            except OSError:
+                return False
+            if self.opts.excludes:
+                names = [n for n in names if not self._excluded(os.path.join(d.rel, n) if d.rel else n, n)]
+        else:
+            names = sorted(prev)
+        live = live_database(names, self._path)
+        if live is not None:
+            self._warn_at(None, live.message())
+        dirty = [n for n in names if n not in prev or guide.is_dirty(os.path.join(d.grel, n) if d.grel else n)]
+        looked = dict(stat_listed(_fd(d), dirty, self._warn_at))
+        keep = set(names) - set(dirty)
+        d.items = [(n, None, prev[n]) if n in keep else (n, looked[n], prev.get(n))
+                   for n in names if n in keep or n in looked]
+        return True
+
+    def _keep(self, p: Entry) -> None:
+        """The unchanged name ``p`` of the previous point (a directory: its whole subtree)."""
+        if p.type == REG:
+            if p.link_group:
+                if p.link_group in self.groups_seen:
+                    self.pipe.link(p)
+                    self._covered(0, 1)
+                    return
+                self.groups_seen.add(p.link_group)
+            self.pipe.entry(p)
+            self._covered(p.size, 1)
+            return
+        self.pipe.entry(p)
+        if p.type == DIR:
+            self.kept.other -= 1       # the pipeline counts a kept directory's entry as "other"
+            self.kept.dirs += 1
+            if p.ref is not None:
+                self._count_kept(p.ref)
+
+    def _count_kept(self, ref: bytes) -> None:
+        """Count what the kept subtree ``ref`` holds (from the safe, not the source)."""
+        k = self.kept
+        todo = [ref]
+        nbytes = files = 0
+        while todo:
+            for e in read_tree(self.safe.get, todo.pop()):
+                if e.type == DIR:
+                    k.dirs += 1
+                    if e.ref is not None:
+                        todo.append(e.ref)
+                elif e.type == REG:
+                    k.files += 1
+                    files += 1
+                    if e.link_group:
+                        self.kept_groups.setdefault(e.link_group, e.size)
+                        k.linked += 1
+                    else:
+                        k.size += e.size
+                    nbytes += e.size
+                else:
+                    k.other += 1
+        self._covered(nbytes, files)
+
+    def add_kept(self, stats) -> None:
+        """Add what the kept subtrees hold to the pipeline's ``stats`` (after it finished):
+        a point's counters are those of a full walk."""
+        k = self.kept
+        # a hardlinked file counts its size, and as unchanged, once (at the name a walk meets first)
+        groups = [n for g, n in self.kept_groups.items() if g not in self.groups_seen]
+        stats.files += k.files
+        stats.files_unchanged += k.files - k.linked + len(groups)
+        stats.dirs += k.dirs
+        stats.other += k.other
+        stats.size += k.size + sum(groups)
+
+    def _alt_of(self, d: _Dir, e: Entry) -> dict[bytes, Entry] | None:
+        """The previous point's entries of the directory ``e`` of ``d`` where it was before it
+        was renamed (itself, or with a directory above it); None when there is no such."""
+        guide = self.guide
+        assert guide is not None, "only a guided walk knows what was renamed"
+        old = guide.moved.get(os.path.join(d.grel, e.name) if d.grel else e.name)
+        a: Entry | None = None
+        try:
+            if old is not None and self.prev_root is not None:
+                tree: bytes | None = self.prev_root
+                for part in old.split(b"/"):
+                    a = next((x for x in read_tree(self.safe.get, tree) if x.name == part), None) if tree else None
+                    tree = a.ref if a is not None and a.type == DIR else None
+            elif d.alt is not None:
+                a = d.alt.get(e.name)
+            if a is None or a.type != DIR or a.ref is None or (a.dev, a.ino) != (e.dev, e.ino):
+                return None
+            return {x.name: x for x in read_tree(self.safe.get, a.ref)}
+        except Exception:  # noqa: BLE001 - a damaged previous point only costs reading
+            return None
+
+    def _alt_same(self, d: _Dir, name: bytes, now: os.stat_result | Entry) -> Entry | None:
+        """The entry of ``d.alt`` for ``name`` when it is this very file (``now``: its lstat
+        or its entry), unchanged."""
+        a = d.alt.get(name) if d.alt is not None else None
+        if a is None or a.type != REG or (a.ref is None and a.size):
+            return None
+        if isinstance(now, Entry):
+            same = (a.dev, a.ino, a.size, a.mtime_ns, a.ctime_ns) == (now.dev, now.ino, now.size, now.mtime_ns, now.ctime_ns)
+        else:
+            same = _unchanged(a, now, self.opts.dev_map)
+        return a if same else None
+
+    def _extents(self, d: _Dir, name: bytes) -> list[tuple[int, int]] | None:
+        guide = self.guide
+        assert guide is not None, "a guided directory has a guide"
+        return guide.extents_of(os.path.join(d.grel, name) if d.grel else name)
+
+    def _read_extents(self, d: _Dir, e: Entry, prev: Entry | None) -> bool | None:
+        """Read the modified file ``e`` only around its written extents, keeping the previous
+        point's chunks elsewhere; None when that cannot be exact (it is then read whole):
+        not the same single-link inode as ``prev``, shorter than it, or either not one data
+        region (holes: a full read cuts each region on its own)."""
+        written = self._extents(d, e.name)
+        if (written is None or prev is None or prev.type != REG or prev.ref is None or prev.size <= 0
+                or e.nlink != 1 or prev.nlink != 1 or prev.link_group or e.size < prev.size
+                or (prev.dev, prev.ino) != (e.dev, e.ino)):
+            return None
+        guide = self.guide
+        assert guide is not None, "a guided directory has a guide"
+        rel = os.path.join(d.grel, e.name) if d.grel else e.name
+        if not _old_file_is(guide.parent / os.fsdecode(rel), prev):
+            return None
+        try:
+            fd = open_at(_fd(d), e.name, _FILE_FLAGS)
+        except OSError:
+            return None   # read whole, which reports why it cannot be
+        try:
+            st = os.fstat(fd)
+            if st.st_ino != e.ino or st.st_size < prev.size or list(data_extents(fd, st.st_size)) != [(0, st.st_size)]:
+                return None
+            e.xattrs = read_xattrs(fd, lambda m: self._warn_at(e.name, m))
+            e.size, e.mtime_ns, e.ctime_ns = st.st_size, st.st_mtime_ns, st.st_ctime_ns
+            reader = BlobReader(prev.ref, prev.size, self.safe.get, self.safe.kind)
+            self.pipe.file(e)
+            try:
+                # past a written extent, a minimal chunk at a time until the cuts resync
+                extra = read_around(fd, st.st_size, reader, written, self.cutter.content_defined(),
+                                    max(4096, self.cutter.min_size), self.pipe, self._covered)
+            except OSError as err:
+                self.pipe.abort()
+                self._warn_at(e.name, f"read error: {err.strerror}; not backed up")
+                return False
+            self.pipe.stats.bytes_scanned += extra   # read past a resync: read, not fed
+            self.pipe.end()
+            return True
+        finally:
+            os.close(fd)
 
     def _leave(self) -> None:
         """The top directory is done: close it; open its parent again if it was closed and
@@ -521,14 +745,22 @@ class TreeWalker:
                 self.pipe.link(e)
                 self._covered(0, 1)
                 return
-        if (prev is not None and prev.type == REG and
+        if (not self.full_read and prev is not None and prev.type == REG and
                 (prev.dev, prev.ino, prev.size, prev.mtime_ns, prev.ctime_ns) == (e.dev, e.ino, e.size, e.mtime_ns, e.ctime_ns)):
             e.ref = prev.ref
             e.xattrs = prev.xattrs
             self.pipe.entry(e)
             self._covered(e.size, 1)
+        elif (alt := self._alt_same(d, e.name, e)) is not None:
+            # renamed with its directory, unchanged: the content a read would store
+            e.ref = alt.ref
+            e.xattrs = self._xattrs_at(d, e, None)
+            self.pipe.entry(e)
+            self._covered(e.size, 1)
         else:
             done = self._from_prefetch(e, pre) if pre is not None else None
+            if done is None and d.guided and not self.full_read:
+                done = self._read_extents(d, e, prev)
             if done is None:
                 done = self.read_file(_fd(d), e)
             if not done:
@@ -629,6 +861,22 @@ def _unchanged(prev: Entry | None, st: os.stat_result, dev_map: dict[int, int] |
     return (prev is not None and prev.type == REG and
             (prev.dev, prev.ino, prev.size, prev.mtime_ns, prev.ctime_ns)
             == (dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+
+
+def _old_file_is(path: str | os.PathLike[str], prev: Entry) -> bool:
+    """Whether ``path`` (in the parent snapshot) is the file ``prev`` describes, unchanged, and
+    one data region -- as the previous point read it."""
+    try:
+        fd = open_at(None, os.fsencode(path), _FILE_FLAGS)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        return (stat.S_ISREG(st.st_mode) and (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                == (prev.ino, prev.size, prev.mtime_ns, prev.ctime_ns)
+                and list(data_extents(fd, st.st_size)) == [(0, st.st_size)])
+    finally:
+        os.close(fd)
 
 
 def _open_checked(dir_fd: int, name: bytes, want: _Dir) -> int | None:

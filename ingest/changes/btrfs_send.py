@@ -155,6 +155,7 @@ class Changes:
     extents: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # path -> [(off, len)]
     whole: set[str] = field(default_factory=set)       # files to read whole (new, clone, truncate)
     dirs: set[str] = field(default_factory=set)        # directories whose entries changed
+    moved: dict[str, str] = field(default_factory=dict)  # renamed directory: new path -> path in the parent
 
 
 class _Namespace:
@@ -259,6 +260,7 @@ def replay(cmds: list[Command], parent_root: Path) -> Changes:
         if n in ("mkfile", "mkdir", "mknod", "mkfifo", "mksock", "symlink"):
             ino = c.u(A_INO)
             ns.add(c.s(A_PATH), ino)
+            dirs.add(ns.lookup(c.s(A_PATH))[0])   # (send makes it under an orphan name, then renames)
             touched.add(ino)
             whole.add(ino)
             if n == "mkdir":
@@ -309,6 +311,9 @@ def replay(cmds: list[Command], parent_root: Path) -> Changes:
                 ch.whole.add(p)
             elif ino in extents:
                 ch.extents[p] = sorted(extents[ino])
+            old = ns.real.get(ino)
+            if old is not None and old != p and ino not in whole and len(paths) == 1:
+                ch.moved[p] = old
     return ch
 
 
