@@ -14,8 +14,12 @@ one data region (no holes) now and in the previous point:
   both cuts agree again (resync).
 
 The reader starts at offset 0, a boundary of both, and alternates between the two. What it
-reads is the written extents plus, around each, the rest of the chunk before it and the chunks
-after it until the resync (about one average chunk on each side).
+cuts is the written extents plus, around each, the rest of the chunk before it and the chunks
+after it until the resync (about one average chunk on each side). Only the written extents are
+read from the source: the bytes around them did not change (the send stream says so, as it says
+which files did not change at all), so they are read from the previous point's chunks in the
+safe. A 16 KiB write into a file of 64 KiB chunks costs 16 KiB of reads from the source, not
+the ~128 KiB of the chunks around it.
 """
 
 from __future__ import annotations
@@ -56,6 +60,17 @@ class _Dirty:
             return True
         return i + 1 < len(self.spans) and self.spans[i + 1][0] < b
 
+    def within(self, a: int, b: int) -> list[tuple[int, int]]:
+        """The written spans clipped to [a, b), in order."""
+        i = max(0, bisect.bisect_right(self.starts, a) - 1)
+        out = []
+        while i < len(self.spans) and self.spans[i][0] < b:
+            lo, hi = max(a, self.spans[i][0]), min(b, self.spans[i][1])
+            if lo < hi:
+                out.append((lo, hi))
+            i += 1
+        return out
+
     def end_after(self, pos: int, near: int) -> int:
         """The end of the span holding ``pos`` or starting within ``near`` bytes after it;
         ``pos`` when there is none."""
@@ -71,8 +86,9 @@ def read_around(fd: int, size: int, prev: BlobReader, written: list[tuple[int, i
     bytes, open at ``fd``: the previous point's chunks of the file (``prev``, one data region of
     ``prev.size`` <= ``size`` bytes) where nothing was ``written`` ((offset, length) extents),
     the bytes around the extents read and cut. ``step``: bytes read at a time beyond what must
-    be read. Returns the bytes read from ``fd`` that were not fed as data (read past a resync);
-    OSError from a read as is."""
+    be read. Returns the bytes read from ``fd`` less the bytes fed as data (negative when
+    unchanged bytes around the extents came from ``prev``: the pipeline counts every byte fed as
+    scanned); OSError from a read as is."""
     old = prev.size
     spans = [(o, o + n) for o, n in written]
     if size > old:
@@ -107,8 +123,9 @@ def read_around(fd: int, size: int, prev: BlobReader, written: list[tuple[int, i
             # what is written is read in one go (at most READ_SIZE), past it ``step`` at a time
             want = min(dirty.end_after(top, near) - top, READ_SIZE) + step
             near = 0
-            more = _pread(fd, min(want, size - top), top)
-            scanned += len(more)
+            n = min(want, size - top)
+            more = _read(fd, prev, dirty.within(top, top + n), top, top + n)
+            scanned += sum(b - a for a, b in dirty.within(top, top + n))
             buf += more
             eof = base + len(buf) >= size or not more
             cut = list(cdc.cut_buf(memoryview(buf)))
@@ -134,6 +151,23 @@ def read_around(fd: int, size: int, prev: BlobReader, written: list[tuple[int, i
                 base += used
         pos, i = resync
     return scanned - fed
+
+
+def _read(fd: int, prev: BlobReader, written: list[tuple[int, int]], a: int, b: int) -> bytes:
+    """Bytes [a, b) of the file: the ``written`` spans in it from ``fd``, the rest (unchanged)
+    from the previous point's blob ``prev``; OSError when either gives fewer bytes than asked
+    (the file is shorter than its size: it cannot be, in a snapshot)."""
+    parts, pos = [], a
+    for lo, hi in written + [(b, b)]:
+        if lo > pos:
+            parts.append(prev.read(pos, lo - pos))
+        if hi > lo:
+            parts.append(_pread(fd, hi - lo, lo))
+        pos = max(pos, hi)
+    out = b"".join(parts)
+    if len(out) != b - a:
+        raise OSError(5, "file shorter than its size")
+    return out
 
 
 def _pread(fd: int, n: int, off: int) -> bytes:
