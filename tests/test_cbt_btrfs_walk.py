@@ -154,7 +154,8 @@ def test_incremental_reads_only_what_changed_and_equals_a_full_read(tmp_path: Pa
         assert q["stats"]["bytes_scanned"] >= BIG
         print(f"incremental scanned {scanned} B for {written} B written and {whole} B read whole; "
               f"full read {q['stats']['bytes_scanned']} B")
-        assert scanned <= written + whole + 64 * 1024, (scanned, written, whole)   # only what was written (and the files read whole)
+        # only what was written, and the files read whole
+        assert scanned <= written + whole + 64 * 1024, (scanned, written, whole)
         assert p["stats"]["files_unchanged"] >= 9_990
 
         before = _source(src)
