@@ -65,7 +65,9 @@ def register(sub) -> None:
                         "written (the first backup adds one and reads whole; each backup starts the next one "
                         "before reading and removes the old ones once the point is committed)")
     p.add_argument("--full-read", action="store_true",
-                   help="read SOURCE whole: ignore any change source and the unchanged-image shortcut")
+                   help="read SOURCE whole: every file of a tree, every block of a volume, whatever the change "
+                        "source (btrfs send stream, --changed-blocks) and the unchanged-file and unchanged-image "
+                        "shortcuts say")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="skip names or relative paths matching this shell pattern (repeatable)")
     p.add_argument("--one-file-system", action="store_true", help="do not descend into other filesystems")
@@ -78,7 +80,10 @@ def register(sub) -> None:
                         "SOURCE), lvm (an LVM snapshot of the logical volume SOURCE is or lies on, mounted "
                         "read-only for a tree), reflink (a clone of a single file, with --volume, on XFS "
                         "or btrfs), none (read the live source). A MODE named explicitly that cannot be "
-                        "used fails the backup with the reason and makes no point")
+                        "used fails the backup with the reason and makes no point. A tree read from a btrfs "
+                        "snapshot is an incremental of the previous point's retained snapshot: only what the "
+                        "send stream between the two names is looked at, and of a modified file only its "
+                        "written extents are read")
     g.add_argument("--snapshot-size", metavar="SIZE", default=DEFAULT_COW_SIZE,
                    help="copy-on-write space of an LVM snapshot: a size (2G, 512M) or extents (10%%ORIGIN, "
                         "20%%FREE); writes to the volume beyond it during the backup invalidate the "
