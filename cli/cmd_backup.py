@@ -131,18 +131,24 @@ def backup_options(args) -> BackupOptions:
 
 
 def _full_read_due(safe, opts: BackupOptions, source: str) -> bool:
-    """Whether the ``cbt.full_every`` setting makes this changed-block backup a full read: its
-    duration has passed since the last full read of the source's points."""
+    """Whether the ``cbt.full_every`` setting makes this backup a full read: the source's
+    points are a chain of incrementals (the newest took its changes from a change source: a
+    ranges file, a QEMU bitmap, a btrfs send stream) and the setting's duration has passed
+    since the last full read of the source."""
     from pointsafe.ingest.backup import source_name
     from pointsafe.ops import config
     from pointsafe.ops.clock import iso, now
     name = source_name(source, opts.name)
-    mine = [p for p in safe.points() if p.name == name and p.kind == "volume"]
-    if not mine:
-        return False   # the first backup reads whole anyway (and says why)
-    full = [p for p in mine if (p.extra.get("change_source") or {}).get("kind", "full") == "full"]
+    mine = [p for p in safe.points() if p.name == name]
+    if not mine or _change_kind(max(mine, key=lambda p: p.started)) == "full":
+        return False   # no chain of incrementals (the first backup, a tree read live, a full read)
+    full = [p for p in mine if _change_kind(p) == "full"]
     last = max(full, key=lambda p: p.started).started if full else None
     return config.full_read_due(config.effective(config.load(safe.index)), last, iso(now()))
+
+
+def _change_kind(p: Point) -> str:
+    return (p.extra.get("change_source") or {}).get("kind", "full")
 
 
 def cmd_backup(args) -> int:
@@ -152,7 +158,7 @@ def cmd_backup(args) -> int:
         from .cmd_agent import backup_remote
         return backup_remote(args, opts)
     with open_safe(args) as safe:
-        if opts.changed_blocks and not opts.full_read:
+        if (opts.changed_blocks or not opts.volume) and not opts.full_read:
             opts.full_read = _full_read_due(safe, opts, args.source)
         with progress(args, None, f"backing up {args.source}") as advance:
             res = backup(safe, args.source, opts, progress=advance)

@@ -23,6 +23,7 @@ import pytest
 
 from _backup_util import backup, restore
 from _tree_util import snapshot, assert_trees_equal
+from conftest import run_cli
 from btrfs_util import btrfs_volume, make_subvolume
 from pointsafe.cas import Safe
 
@@ -218,6 +219,13 @@ def test_full_read_and_first_backup_need_no_warning(tmp_path: Path) -> None:
         c = backup(safe, src, "--snapshot", "btrfs", name="data")
         assert c["change_source"]["kind"] == "btrfs-send" and c["stats"]["bytes_scanned"] == 0
         assert c["root"] == a["root"]
+        # cbt.full_every: once the last full read is that old, the next backup reads everything
+        run_cli("config", "set", "cbt.full_every", "2d", safe=safe, check=True)
+        d = backup(safe, src, "--snapshot", "btrfs", name="data")
+        assert d["change_source"]["kind"] == "btrfs-send"          # the last full read (b) is recent
+        e = backup(safe, src, "--snapshot", "btrfs", name="data", env={"POINTSAFE_NOW": "2099-01-01T00:00:00Z"})
+        assert e["change_source"]["detail"] == "--full-read" and e["stats"]["bytes_scanned"] == 5000
+        assert e["root"] == a["root"] and e["warnings"] == []
 
 
 def test_a_directory_of_the_subvolume_as_source(tmp_path: Path) -> None:
