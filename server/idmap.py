@@ -64,15 +64,21 @@ class IdMap:
                 out.append(self.safe.open_value(self.tname, row, v) if v is not None else None)
         return out
 
-    def writer(self, pairs: list[tuple[bytes, bytes]]):
-        """A function ``txn -> None`` that writes the rows of ``pairs`` (plain, safe id) in a
-        write transaction (``Writer.flush(extra=...)``: in the one that commits the objects)."""
-        rows = []
-        for plain, sid in pairs:
-            f, r = self._frow(plain), self._rrow(sid)
-            rows.append((f, self.safe.seal_value(self.tname, f, sid)))
-            rows.append((r, self.safe.seal_value(self.tname, r, plain)))
+    def rows(self, plain: bytes, sid: bytes) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
+        """The F-row and R-row (key, sealed value) of the pair (plain, safe id): computed
+        before they are written, outside the server's lock (two keyed hashes and two seals)."""
+        f, r = self._frow(plain), self._rrow(sid)
+        return (f, self.safe.seal_value(self.tname, f, sid)), (r, self.safe.seal_value(self.tname, r, plain))
 
+    def holds(self, txn, frow: bytes, sid: bytes) -> bool:
+        """True when this agent has the F-row ``frow`` (of the plain id of ``sid``) and the
+        safe holds ``sid``: a row names one safe id only (that of the content the plain id
+        hashes), so no need to open it."""
+        return txn.get(frow, db=self.db) is not None and txn.get(sid, db=self.safe.index.db["objects"]) is not None
+
+    def writer(self, rows: list[tuple[bytes, bytes]]):
+        """A function ``txn -> None`` that writes ``rows`` (of :meth:`rows`) in a write
+        transaction (``Writer.flush(extra=...)``: in the one that commits the objects)."""
         def put(txn) -> None:
             for k, v in rows:
                 txn.put(k, v, db=self.db)

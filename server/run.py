@@ -28,15 +28,17 @@ def serve(safe: Safe, listen: Listen, tls_cert: str | None = None, tls_key: str 
           announce: Callable[[], None] | None = None) -> None:
     """Serve the API of the open ``safe`` until SIGINT or SIGTERM (one uvicorn process, as
     ``pointsafe web``; a SIGTERM is a clean stop: the safe is closed, nothing half-written)."""
-    from .app import DEFAULT_RATE, create_app
+    from .app import DEFAULT_RATE, TaskLog, create_app
     from .service import SESSION_IDLE, Service
     # $POINTSAFE_SERVER_RATE: requests a second per agent; $POINTSAFE_SERVER_IDLE: seconds after
     # which an agent's unfinished backup stops holding the safe (docs/SERVER.md)
     rate = number_from_env("POINTSAFE_SERVER_RATE", DEFAULT_RATE, "requests a second")
     service = Service(safe, number_from_env("POINTSAFE_SERVER_IDLE", SESSION_IDLE, "seconds"))
+    history = TaskLog(safe)
     try:
-        serve_asgi(safe, listen, tls_cert, tls_key, announce=announce, app=create_app(service, rate))
+        serve_asgi(safe, listen, tls_cert, tls_key, announce=announce, app=create_app(service, rate, history))
     finally:
+        history.close()      # the requests' tasks still waiting are written before the safe closes
         service.close()
 
 

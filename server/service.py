@@ -16,7 +16,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pointsafe.cas import (Kind, Point, Prepared, Safe, SafeLocked, Writer, decode_list, decode_node, encode_node,
@@ -131,7 +131,8 @@ class Refused(Exception):
 class _Incoming:
     """A verified object of an upload, ready to store: its plain and safe ids, its safe-side
     children and raw bytes, the agent's zstd frame of those bytes (None when it sent them raw
-    or they were rewritten), and the prepared record (None while the safe already holds it)."""
+    or they were rewritten), the agent's id rows, and the prepared record (None while the safe
+    already holds it)."""
 
     plain: bytes
     key: bytes
@@ -139,7 +140,24 @@ class _Incoming:
     children: list[bytes]
     raw: bytes
     frame: bytes | memoryview | None
+    rows: tuple[tuple[bytes, bytes], tuple[bytes, bytes]]    # its F- and R-row (IdMap.rows)
     prepared: Prepared | None = None
+
+
+@dataclass
+class _Batch:
+    """The uploads appended to the writer since the last group commit: what their commit
+    writes with the objects (id rows, the agents' counts), the bytes each agent adds, and,
+    once committed, the outcome every upload of it answers with."""
+
+    extras: list[Callable[[Any], None]] = field(default_factory=list)
+    added: dict[str, int] = field(default_factory=dict)    # agent id -> bytes stored it adds
+    done: bool = False
+    error: BaseException | None = None
+
+    def run(self, txn: Any) -> None:
+        for e in self.extras:
+            e(txn)
 
 
 SESSION_IDLE = 300.0   # seconds after its last upload that an agent's backup counts as abandoned
@@ -153,11 +171,17 @@ class Service:
     seconds without an upload), and while any other agent's backup is under way: what an agent
     uploaded is unreferenced until its point commits, and a gc must not reclaim it meanwhile. When
     no backup is under way the lock is released, so that gc, forget and local backups run on the
-    server between them. Everything is committed at the end of each request."""
+    server between them.
+
+    Every upload's objects are committed before it is answered, in group commits: an upload
+    appends its objects to the open :class:`_Batch` (``self.lock`` held for that), lets go of
+    the lock, and takes it again to commit the batch unless another upload did already: one
+    pack sync and one index transaction for every upload that appended meanwhile."""
 
     def __init__(self, safe: Safe, idle: float = SESSION_IDLE):
         self.safe = safe
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()          # the writer: appending, committing, opening, closing
+        self.batch = _Batch()
         self.w: Writer | None = None
         self.sessions: dict[str, float] = {}   # agent id -> last upload (monotonic), until its commit
         self.idle = idle
@@ -252,10 +276,14 @@ class Service:
         ids = IdMap(self.safe, agent.id)
         incoming = self._verify(agent, ids, recs)
         with self.lock:
-            stored = self._store(agent, incoming, ids)
+            batch, stored, total = self._append(agent, incoming, ids)
+        self._commit_batch(batch)
+        self._quota_alerts(agent, total)
         return {"received": len(recs), **stored}
 
     def _verify(self, agent: Agent, ids: IdMap, recs: list[protocol.Record]) -> list[_Incoming]:
+        """The upload's objects checked against their ids and ready to store: safe ids, the
+        records of those the safe lacks, and the agent's id rows (all of it outside the lock)."""
         batch: dict[bytes, bytes] = {}     # plain -> safe id, of this upload's objects
         out = []
         crypto = self.safe.crypto
@@ -275,7 +303,7 @@ class Service:
             # a plain safe's id of unchanged bytes is the plain id just checked: no second hash
             sid = r.id if crypto is None and same else self.safe.object_key(r.kind, raw)
             batch[r.id] = sid
-            out.append(_Incoming(r.id, sid, r.kind, children, raw, r.body if same else None))
+            out.append(_Incoming(r.id, sid, r.kind, children, raw, r.body if same else None, ids.rows(r.id, sid)))
         with self.safe.index.read() as t:      # what the safe holds already is not sealed again
             for inc in out:
                 if self.safe.entry(inc.key, t) is None:
@@ -317,52 +345,77 @@ class Service:
             mapped.append(sid)
         return mapped, encode_node(mapped, bytes(payload))
 
-    def _store(self, agent: Agent, incoming: list[_Incoming], ids: IdMap) -> dict[str, int]:
-        """Store the objects (self.lock held) with the agent's id rows and its count of bytes
-        stored, in one index transaction; Refused 507 (nothing stored) beyond its hard quota."""
-        new = self._new_to_agent(ids, incoming)
-        added = sum(self._stored_size(i) for i in new)
-        total = self._check_hard_quota(agent, added)
+    def _append(self, agent: Agent, incoming: list[_Incoming], ids: IdMap) -> tuple[_Batch, dict[str, int], int]:
+        """Append the objects to the writer (self.lock held) and their id rows and the agent's
+        count to the open batch; returns (the batch, counts, the agent's bytes stored once it
+        commits). Refused 507 (nothing stored) beyond its hard quota."""
+        b = self.batch
+        idx = self.safe.index
+        with idx.read() as t:
+            # new to the agent (what 'missing' would name): counted toward its bytes stored, each once
+            firsts = list({i.plain: i for i in incoming}.values())
+            new = [i for i in firsts if not ids.holds(t, i.rows[0][0], i.key)]
+            added = 0
+            for i in new:
+                e = None if i.prepared is not None else self.safe.entry(i.key, t)
+                if e is None and i.prepared is None:    # gc removed it since _verify
+                    i.prepared = self._prepare(i)
+                added += e.stored_len if e is not None else len(i.prepared.stored)  # type: ignore[union-attr]
+        # what its uploads in the open batch add counts too (it is committed with this one)
+        total = self._check_hard_quota(agent, added + b.added.get(agent.id, 0))
         w = self._writer()
         self.sessions[agent.id] = time.monotonic()
         stored = 0
-        rows = ids.writer([(i.plain, i.key) for i in incoming])
-        count = agents.usage_adder(self.safe, agent.id, added, len(new))
-
-        def extra(txn: Any) -> None:
-            rows(txn)
-            count(txn)
         try:
-            for inc in incoming:
-                if w.lookup(inc.key) is None:
-                    # None: the safe held it at _verify, and a gc has removed it since
-                    w.put_prepared(inc.prepared or self._prepare(inc), inc.children, checked=True)
-                    stored += 1
-            w.flush(extra=extra)
+            with idx.read() as t:
+                for inc in incoming:
+                    if w.pending.get(inc.key) is None and self.safe.entry(inc.key, t) is None:
+                        # not prepared: the safe held it at _verify, and a gc has removed it since
+                        w.put_prepared(inc.prepared or self._prepare(inc), inc.children, checked=True)
+                        stored += 1
         except BaseException:
+            self._abort_batch()
+            raise
+        b.extras.append(ids.writer([row for inc in incoming for row in inc.rows]))
+        b.extras.append(agents.usage_adder(self.safe, agent.id, added, len(new)))
+        b.added[agent.id] = b.added.get(agent.id, 0) + added
+        return b, {"stored": stored, "counted_bytes": added}, total
+
+    def _commit_batch(self, b: _Batch) -> None:
+        """Return once batch ``b`` is committed (committing it, and whatever else was appended
+        meanwhile, unless another upload did); raises what its commit raised."""
+        if not b.done:
+            with self.lock:
+                if not b.done:      # then it is the open batch (only a flush or an abort ends one)
+                    self._flush_batch()
+        if b.error is not None:
+            raise b.error
+
+    def _flush_batch(self) -> None:
+        """Commit the open batch (self.lock held): the objects appended, their rows and counts,
+        in one index transaction; on failure every upload of it fails and the writer closes."""
+        b, self.batch = self.batch, _Batch()
+        try:
+            if b.extras:
+                assert self.w is not None   # appending opened it, and only flushing or aborting closes it
+                self.w.flush(extra=b.run)
+        except BaseException as e:
+            b.error = e
             self._drop_writer(abort=True)
             raise
-        self._quota_alerts(agent, total)
-        return {"stored": stored, "counted_bytes": added}
+        finally:
+            b.done = True       # last: an upload that finds its batch done without the lock may answer
 
-    def _stored_size(self, inc: _Incoming) -> int:
-        """The stored bytes of an object of an upload: its prepared record's, or, when the safe
-        already holds it (shared with another agent), its index entry's; prepared now when a gc
-        removed it since the upload was checked."""
-        if inc.prepared is None:
-            e = self.safe.entry(inc.key)
-            if e is not None:
-                return e.stored_len
-            inc.prepared = self._prepare(inc)
-        return len(inc.prepared.stored)
-
-    @staticmethod
-    def _new_to_agent(ids: IdMap, incoming: list[_Incoming]) -> list[_Incoming]:
-        """The objects of an upload that the agent does not hold yet (what 'missing' would
-        name): they count toward its bytes stored. Each once."""
-        firsts = list({i.plain: i for i in incoming}.values())
-        held = ids.safe_ids([i.plain for i in firsts])
-        return [i for i, sid in zip(firsts, held) if sid is None]
+    def _abort_batch(self) -> None:
+        """Drop the writer and what it holds uncommitted (self.lock held): the uploads of the
+        open batch fail, nothing of them stored."""
+        b, self.batch = self.batch, _Batch()
+        b.done = True
+        b.error = Refused(503, "the server dropped this upload (another upload in the same commit failed); "
+                               "nothing stored, send it again")
+        w, self.w = self.w, None
+        if w is not None:
+            w.abort()
 
     def _check_hard_quota(self, agent: Agent, added: int) -> int:
         """The agent's bytes stored once ``added`` more are; Refused 507 when that crosses its
@@ -411,10 +464,16 @@ class Service:
         return self.w
 
     def _drop_writer(self, abort: bool = False) -> None:
-        """Close the writer (self.lock held): everything is committed at the end of each request."""
+        """Close the writer (self.lock held), committing the open batch first; with ``abort``,
+        abandon what is not committed (the open batch's uploads fail)."""
+        if abort:
+            self._abort_batch()
+            return
+        if self.batch.extras:
+            self._flush_batch()
         w, self.w = self.w, None
         if w is not None:
-            w.abort() if abort else w.close()
+            w.close()
 
     def _end_session(self, agent_id: str) -> None:
         """The agent committed (self.lock held): with no backup under way, release the safe."""
@@ -490,6 +549,9 @@ class Service:
         with self.lock:
             w = self._writer()
             try:
+                if self.batch.extras:   # the point's commit would commit their objects without their rows
+                    self._flush_batch()
+                    w = self._writer()
                 p = w.add_point(rec, sid)
             except BaseException:
                 self._drop_writer(abort=True)
