@@ -355,3 +355,40 @@ def recount(safe: Safe, agent_ids: list[str]) -> dict[str, Usage]:
             _usage_put(safe, t, db, row, u)
             out[aid] = u
     return out
+
+
+def dropped_objects(safe: Safe) -> Callable[[Any, list[tuple[bytes, ObjectEntry]]], None] | None:
+    """For gc (``cas.relocate.drop_dead``'s ``on_drop``): a function ``(txn, removed) -> None``
+    that, in the transaction removing the objects ``removed`` ((safe id, entry) pairs), takes
+    them off the count of bytes stored of every agent that uploaded them and deletes those
+    agents' id rows of them (F- and R-row), so that counts and quotas follow gc and the rows of
+    objects gone do not pile up. None when the safe has no agents. Cost: a keyed hash and a
+    lookup per removed object and agent."""
+    db = safe.index.existing(USAGE_TABLE)
+    ids_db = safe.index.existing(IDS_TABLE)
+    if ids_db is None:
+        return None
+    if db is None:
+        db = safe.index.table(USAGE_TABLE)
+    maps = [IdMap(safe, a.id) for a in all_agents(safe)]
+    tname = IDS_TABLE.encode()
+
+    def drop(txn: Any, removed: list[tuple[bytes, ObjectEntry]]) -> None:
+        for m in maps:
+            nbytes = nobjects = 0
+            for sid, e in removed:
+                r = m._rrow(sid)   # noqa: SLF001 - the agent's R-row of sid
+                v = txn.get(r, db=ids_db)
+                if v is None:
+                    continue
+                plain = safe.open_value(tname, r, v)
+                txn.delete(r, db=ids_db)
+                txn.delete(m._frow(plain), db=ids_db)   # noqa: SLF001
+                nbytes += e.stored_len
+                nobjects += 1
+            if nobjects:
+                row = m.aid.hex().encode()
+                u = _usage_value(safe, row, txn.get(row, db=db))
+                _usage_put(safe, txn, db, row, replace(u, bytes=max(0, u.bytes - nbytes),
+                                                       objects=max(0, u.objects - nobjects)))
+    return drop

@@ -19,9 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pointsafe.cas import (Kind, Point, Prepared, Safe, SafeLocked, Writer, decode_list, decode_node, encode_node,
+from pointsafe.cas import (IntegrityError, Kind, Point, Prepared, Safe, SafeLocked, Writer, decode_list, decode_node, encode_node,
                            parse_utc, prepare)
-from pointsafe.cas.pack import prepare_compressed
+from pointsafe.cas.index import ObjectEntry
+from pointsafe.cas.pack import prepare_compressed, stored_body
 from pointsafe.cas.tree import decode_tree, tree_pages
 
 from . import agents, protocol
@@ -231,30 +232,51 @@ class Service:
         return out
 
     def fetch(self, agent: Agent, plains: list[bytes]) -> bytes:
-        """An object stream (protocol) of the objects ``plains`` names, nodes with the agent's
-        ids of their children; Refused 404 naming the first this agent does not own, 403 for a
-        chunk when it may not restore. Stops before MAX_BODY bytes: the caller asks again for
-        the rest."""
+        """An object stream (protocol) of the objects ``plains`` names: chunks as stored (the
+        agent's zstd frame, or raw; the agent decompresses and checks each against its id),
+        nodes raw, with the agent's ids of their children. Refused 404 naming the first this
+        agent does not own, 403 for a chunk when it may not restore. Stops before MAX_BODY
+        bytes: the caller asks again for the rest."""
         ids = IdMap(self.safe, agent.id)
         sids = ids.safe_ids(plains)
         parts: list[bytes | bytearray | memoryview] = []
         size = 0
         for plain, sid in zip(plains, sids):
-            if sid is None:
-                raise Refused(404, f"object {plain.hex()} is not in the safe")
-            e = self.safe.entry(sid)
-            if e is None:
+            e = self.safe.entry(sid) if sid is not None else None
+            if sid is None or e is None:
                 raise Refused(404, f"object {plain.hex()} is not in the safe")
             if e.kind == Kind.CHUNK and not agent.can_restore:
                 raise Refused(403, f"agent {agent.name} may not read file contents (it was added without --can-restore)")
-            raw = self.safe.get(sid)
-            if e.kind != Kind.CHUNK:
-                raw = self._agent_node(ids, plain, raw)
-            if parts and size + len(raw) > protocol.MAX_BODY:
+            if e.kind == Kind.CHUNK:
+                codec, raw_len, body = self._stored(plain, sid, e)
+            else:
+                body = self._agent_node(ids, plain, self.safe.get(sid))
+                codec, raw_len = protocol.CODEC_RAW, len(body)
+            if parts and size + len(body) > protocol.MAX_BODY:
                 break
-            parts += protocol.encode(e.kind, plain, protocol.CODEC_RAW, len(raw), raw)
-            size += len(raw) + protocol.REC.size
+            parts += protocol.encode(e.kind, plain, codec, raw_len, body)
+            size += len(body) + protocol.REC.size
         return b"".join(parts)
+
+    def _stored(self, plain: bytes, sid: bytes, e: ObjectEntry) -> tuple[int, int, bytes | memoryview]:
+        """(codec, raw length, body) of a chunk as stored, opened but not decompressed; looked
+        up again when a gc moved it meanwhile (as ``Safe.get`` does). Refused 404 when gc took it."""
+        for _ in range(4):
+            try:
+                buf = self.safe.store.read(e.pack, e.offset, e.record_len)
+                h, body = stored_body(buf, e.pack, e.offset, expect_key=sid, crypto=self.safe.crypto)
+                return h.codec, h.raw_len, body
+            except (FileNotFoundError, IntegrityError) as err:
+                self.safe.store.forget(e.pack)
+                moved = self.safe.entry(sid)
+                if moved is None:
+                    raise Refused(404, f"object {plain.hex()} is not in the safe") from None
+                if (moved.pack, moved.offset) == (e.pack, e.offset):
+                    if isinstance(err, IntegrityError):
+                        raise
+                    raise IntegrityError(f"object {sid.hex()[:12]}: pack {e.pack} is missing", e.pack, e.offset) from None
+                e = moved
+        raise IntegrityError(f"object {sid.hex()[:12]} keeps moving (a gc or defrag is rewriting its pack)")
 
     def _agent_node(self, ids: IdMap, plain: bytes, raw: bytes) -> bytes:
         children, payload = decode_node(raw)
