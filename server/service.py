@@ -297,6 +297,7 @@ class Service:
             raise Refused(400, f"malformed upload, nothing stored: {e}") from None
         ids = IdMap(self.safe, agent.id)
         incoming = self._verify(agent, ids, recs)
+        self._presync()     # what others appended: the writer's own sync of the batch, if it makes one, is then short
         with self.lock:
             batch, stored, total = self._append(agent, incoming, ids)
         self._commit_batch(batch)
@@ -389,9 +390,10 @@ class Service:
         self.sessions[agent.id] = time.monotonic()
         stored = 0
         try:
+            pending, objects = w.pending, idx.db["objects"]
             with idx.read() as t:
                 for inc in incoming:
-                    if w.pending.get(inc.key) is None and self.safe.entry(inc.key, t) is None:
+                    if inc.key not in pending and t.get(inc.key, db=objects) is None:
                         # not prepared: the safe held it at _verify, and a gc has removed it since
                         w.put_prepared(inc.prepared or self._prepare(inc), inc.children, checked=True)
                         stored += 1
@@ -407,11 +409,23 @@ class Service:
         """Return once batch ``b`` is committed (committing it, and whatever else was appended
         meanwhile, unless another upload did); raises what its commit raised."""
         if not b.done:
+            self._presync()
             with self.lock:
                 if not b.done:      # then it is the open batch (only a flush or an abort ends one)
                     self._flush_batch()
         if b.error is not None:
             raise b.error
+
+    def _presync(self) -> None:
+        """Write what the open pack file holds to disk without the lock, while other uploads go
+        on appending: the commit's own sync (under the lock) then finds little left to write.
+        Only a hint -- the commit syncs as always -- so a pack closed or not local meanwhile is
+        no error. Under eight agents the sync under the lock was a third of the time it was held."""
+        f = getattr(getattr(getattr(self.w, "packs", None), "sink", None), "f", None)
+        try:
+            os.fdatasync(f.fileno())   # type: ignore[union-attr]
+        except (AttributeError, OSError, ValueError):
+            pass
 
     def _flush_batch(self) -> None:
         """Commit the open batch (self.lock held): the objects appended, their rows and counts,
