@@ -145,7 +145,7 @@ def bench_server(work: Path, dirs: list[Path], env: dict[str, str], profile: Pat
         raise RuntimeError(f"init: {r.stderr}")
     tokens = []
     for i in range(len(dirs)):
-        r = run(pointsafe("--safe", safe, "agent", "add", f"agent{i}"), env=env)
+        r = run(pointsafe("--safe", safe, "agent", "add", f"agent{i}", "--can-restore"), env=env)
         if r.code:
             raise RuntimeError(f"agent add: {r.stderr}")
         tokens.append(r.stdout.strip().splitlines()[-1])
