@@ -6,5 +6,6 @@ stores it in the safe (sealed with the safe's key when it is encrypted) and comm
 in one step. An agent token reaches only that agent's own points and objects. See docs/SERVER.md.
 
 Rooms: server imports cas and ingest (and the web room's listening helpers); nothing imports
-server but the CLI, lazily.
+server but the CLI, lazily, and gc, lazily, for one hook (``agents.dropped_objects``: the
+agents' counts and id rows of the objects gc removes, in the same transaction).
 """
