@@ -250,6 +250,16 @@ def _unseal(buf: bytes | memoryview, h: RecordHeader, stored: memoryview, pack: 
     return stored
 
 
+def stored_body(buf: bytes | memoryview, pack: int, offset: int, expect_key: bytes | None = None,
+                crypto: Crypto | None = None) -> tuple[RecordHeader, bytes | memoryview]:
+    """A record's header and its body as compressed (``h.codec``), checked (checksum, or the
+    tag of an encrypted safe) and opened, not decompressed: what the safe server sends an agent,
+    which decompresses and checks the content against its id itself. Raises IntegrityError as
+    :func:`decode_record_view`."""
+    h, stored = check_record(buf, pack, offset, expect_key, crypto is None)
+    return h, _unseal(buf, h, stored, pack, offset, crypto)
+
+
 def decode_record_view(buf: bytes | memoryview, pack: int, offset: int, rehash: bool = True,
                        expect_key: bytes | None = None, crypto: Crypto | None = None,
                        checksum: bool | None = None) -> tuple[RecordHeader, bytes | memoryview]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from .index import FLAG_DEAD, FLAG_PINNED, Index, ObjectEntry, PackEntry, pack_from_dbkey
 from .pack import (check_record, PACK_HEADER, REC_HEADER_SIZE, check_pack_header, parse_record_header)
@@ -90,15 +90,21 @@ class DropStats:
     bytes_reclaimed: int = 0  # file bytes of the packs deleted
 
 
-def drop_dead(w: Writer, batch: int = ZERO_BATCH) -> DropStats:
+DropHook = Callable[["Txn", list[tuple[bytes, ObjectEntry]]], None]   # see drop_dead
+
+
+def drop_dead(w: Writer, batch: int = ZERO_BATCH, on_drop: DropHook | None = None) -> DropStats:
     """Remove every dead object (count 0, FLAG_DEAD) from the index; delete the packs left
     naming no object. An object with a non-zero count is never removed, whatever its flags.
     ``w`` holds the writer lock; the packs are unlinked only after the commit that stops the
-    index naming them. Cost: one pass over the ``zero`` table, in bounded transactions."""
+    index naming them. ``on_drop(txn, removed)`` runs in each transaction with the (key, entry)
+    pairs it removes, for rows elsewhere in the index that must go with them (the safe server's
+    per-agent counts). Cost: one pass over the ``zero`` table, in bounded transactions."""
     idx = w.index
     st = DropStats()
     for keys in _zero_batches(idx, batch):
         doomed: list[tuple[int, int]] = []
+        removed: list[tuple[bytes, ObjectEntry]] = []
         with idx.write() as txn:
             packs: dict[int, PackEntry] = {}
             for key in keys:
@@ -116,6 +122,9 @@ def drop_dead(w: Writer, batch: int = ZERO_BATCH) -> DropStats:
                     packs[e.pack] = pe
                 st.objects += 1
                 st.bytes += e.record_len
+                removed.append((key, e))
+            if on_drop is not None and removed:
+                on_drop(txn, removed)
             for pid, pe in packs.items():
                 if pe.objects <= 0:
                     idx.delete_pack(txn, pid)

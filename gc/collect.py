@@ -447,7 +447,7 @@ def execute(w: Writer, plan: GcPlan, measure: bool = True) -> GcReport:
         # On a nearly full disk, small transactions: few new index pages per commit.
         drain(w, TIGHT_BATCH if tight else DRAIN_BATCH)
         r.orphans_buried = bury_orphans(w, TIGHT_BATCH if tight else ZERO_BATCH)
-        drop = drop_dead(w, TIGHT_BATCH if tight else ZERO_BATCH)
+        drop = drop_dead(w, TIGHT_BATCH if tight else ZERO_BATCH, on_drop=_drop_hook(safe))
         empty = drop_empty_packs(w)
     except Exception as e:
         if is_disk_full(e, safe):
@@ -484,6 +484,14 @@ def execute(w: Writer, plan: GcPlan, measure: bool = True) -> GcReport:
     r.fragmentation_before = frag_before
     r.fragmentation_after = fragmentation(safe) if res.objects_moved and measure else frag_before
     return r
+
+
+def _drop_hook(safe: Safe):
+    """What must follow the objects gc removes, in the same index transaction: on a safe
+    served to agents, their counts of bytes stored and their id rows of those objects
+    (cas/agent_rows.py ``dropped_objects``); None on any other safe."""
+    from pointsafe.cas.agent_rows import dropped_objects
+    return dropped_objects(safe)
 
 
 def _packs_to_compact(safe: Safe, plan: GcPlan, r: GcReport) -> list[int]:

@@ -31,11 +31,13 @@ from typing import Any
 from pointsafe.cas import Safe, UsageError, utc_now_iso
 from pointsafe.cas.index import ObjectEntry
 
-from .idmap import TABLE as IDS_TABLE, IdMap
+from pointsafe.cas.agent_rows import TABLE as IDS_TABLE
+from pointsafe.cas.agent_rows import USAGE_TABLE, IdMap, Usage
+from pointsafe.cas.agent_rows import usage_put as _usage_put
+from pointsafe.cas.agent_rows import usage_value as _usage_value
 
 TABLE = "agents"
 SEEN_TABLE = "agents_seen"     # agent id (hex) -> ISO UTC time of its last request (sealed)
-USAGE_TABLE = "agent_usage"    # agent id (hex) -> JSON {"bytes", "objects", "recounted"} (sealed)
 TOKEN_PREFIX = "psa_"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -269,28 +271,6 @@ def listing(safe: Safe, recount_first: bool = False) -> list[dict[str, Any]]:
 
 
 # -- bytes stored ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Usage:
-    """What an agent stores: ``bytes`` (stored, i.e. compressed and sealed, bytes of its
-    objects) in ``objects`` objects; ``recounted``: when last counted in full (ISO UTC, or "")."""
-
-    bytes: int = 0
-    objects: int = 0
-    recounted: str = ""
-
-
-def _usage_value(safe: Safe, row: bytes, stored: bytes | None) -> Usage:
-    if stored is None:
-        return Usage()
-    rec = json.loads(safe.open_value(USAGE_TABLE.encode(), row, stored))
-    return Usage(int(rec.get("bytes", 0)), int(rec.get("objects", 0)), rec.get("recounted") or "")
-
-
-def _usage_put(safe: Safe, txn: Any, db: Any, row: bytes, u: Usage) -> None:
-    value = json.dumps({"bytes": u.bytes, "objects": u.objects, "recounted": u.recounted}, sort_keys=True).encode()
-    txn.put(row, safe.seal_value(USAGE_TABLE.encode(), row, value), db=db)
-
 
 def usage(safe: Safe, agent_id: str) -> Usage:
     """The agent's count of bytes stored (one index read)."""

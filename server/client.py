@@ -6,9 +6,9 @@ are queued and, every UPLOAD_BYTES, the server is asked which of them it lacks a
 are uploaded. Ids are the agent's plain BLAKE3 ids (docs/SERVER.md, "Ids"). A point is
 committed in one request once everything it names is uploaded.
 
-Restoring fetches the point's objects (in batches) into a temporary plain safe on the agent,
-checking every object against its id, and restores from it with ingest's restorer, so that a
-restore through the server writes exactly what a local one writes.
+Restoring streams: ingest's restorer reads the point's objects from the server as it writes
+(server/remote_restore.py), each checked against its id, so that a restore through the server
+writes exactly what a local one writes.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import socket
 import ssl
 import stat
 import struct
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -30,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pointsafe.cas import (Kind, ObjectMissing, Point, Safe, SafeError, UsageError, encode_node, latest, node_children,
-                           object_key, prepare, utc_now_iso)
+from pointsafe.cas import (Kind, ObjectMissing, Point, SafeError, UsageError, encode_node, latest, object_key, prepare,
+                           utc_now_iso)
 
 from pointsafe.cas.tree import DIR, decode_tree, tree_pages
 
@@ -624,67 +623,22 @@ def resolve(remote: Remote, ref: str) -> Point:
     raise UsageError(f"no point {ref!r} of this agent ('pointsafe points --server URL' lists them)")
 
 
-def _copy_graph(remote: Remote, root: bytes, safe: Safe) -> int:
-    """Fetch every object under ``root`` into ``safe`` (a plain safe: its ids are the agent's);
-    returns the number of objects."""
-    seen = {root}
-    todo = [root]
-    n = 0
-    with safe.writer("restore from server") as w:
-        while todo:
-            batch, todo = todo[:protocol.MAX_IDS], todo[protocol.MAX_IDS:]
-            for r in remote.fetch(batch):
-                # children=(): the copy is read once and thrown away, its counts are never used
-                if w.put(r.kind, r.raw) != r.id:
-                    raise ServerError(f"object {r.id.hex()[:12]} does not match its id")
-                n += 1
-                if r.kind != Kind.CHUNK:
-                    for c in node_children(r.raw):
-                        if c not in seen:
-                            seen.add(c)
-                            todo.append(c)
-    return n
-
-
-def _private_cache_dir() -> Path:
-    """This user's pointsafe cache directory, made 0700 when missing; UsageError when it is
-    not this user's own or others may write it (a temporary safe there must stay private)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    d = Path(base) / "pointsafe"
-    try:
-        d.mkdir(parents=True, mode=0o700, exist_ok=True)
-        st = os.lstat(d)
-    except OSError as e:
-        raise UsageError(f"cannot use {d} for the restore's temporary copy: {e.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise UsageError(f"{d} is not a private directory of this user (owner, mode): refusing to put the "
-                         "restore's temporary copy there")
-    return d
-
-
 def remote_restore(remote: Remote, point: Point, target: str, subpath: str | None = None, force: bool = False,
-                   progress: Callable[[int], None] | None = None, tmp_dir: str | None = None) -> Any:
-    """Restore the agent's ``point`` to ``target`` (as ``pointsafe restore`` does locally): its
-    objects are fetched into a temporary safe in ``tmp_dir`` (default: this user's private
-    cache directory, ``$XDG_CACHE_HOME/pointsafe`` or ``~/.cache/pointsafe``, 0700 -- never
-    beside the target, whose directory another user may own and could swap the temporary
-    directory there for a link elsewhere), which is removed afterwards. Returns ingest's
-    RestoreStats."""
-    import shutil
-
-    from pointsafe.ingest.restore import restore
+                   progress: Callable[[int], None] | None = None) -> Any:
+    """Restore the agent's ``point`` to ``target`` (as ``pointsafe restore`` does locally, with
+    ingest's restorer), streaming: objects are fetched as the restorer needs them, each checked
+    against its id, and written straight into the target (server/remote_restore.py). Returns
+    ingest's RestoreStats."""
+    from .remote_restore import RemoteRestorer, RemoteSource
     if not target:
         raise UsageError("the target is empty: name a directory (use '.' for the current directory)")
-    if tmp_dir is None:
-        tmp_dir = str(_private_cache_dir())
-    tmp = Path(tempfile.mkdtemp(prefix=".pointsafe-fetch-", dir=tmp_dir))
-    try:
-        copy = Safe.init(tmp / "safe", encryption="none")
-        try:
-            if point.root is not None:
-                _copy_graph(remote, point.root, copy)
-            return restore(copy, point, target, subpath=subpath, force=force, progress=progress)
-        finally:
-            copy.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    info = remote.info()
+    if not info.get("can_restore"):    # refused before anything is written (not a warning per file)
+        raise ServerError(f"agent {info.get('agent')} may not read file contents (it was added without "
+                          "--can-restore): nothing restored", 403)
+    r = RemoteRestorer(RemoteSource(remote), force=force, progress=progress)
+    if point.kind == "volume":
+        if subpath:
+            raise UsageError("--path applies to tree points; this point is a volume")
+        return r.restore_volume(point, Path(target))
+    return r.restore_tree(point, Path(target), subpath)

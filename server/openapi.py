@@ -98,7 +98,8 @@ def document() -> dict[str, Any]:
                 _json("counts", {"type": "object", "properties": {"received": {"type": "integer"}}}),
                 {"required": True, "content": _STREAM}, errors=(400, 401, 413, 422, 503, 507))},
             "/api/v1/objects/fetch": {"post": _op(
-                "read this agent's objects (file contents need --can-restore); may return fewer than asked",
+                "read this agent's objects, chunks as stored (zstd frames: the agent decompresses and checks "
+                "each against its id; file contents need --can-restore); may return fewer than asked",
                 {"description": "object records", "content": _STREAM}, _IDS, errors=(400, 401, 403, 404))},
             "/api/v1/points": {
                 "get": _op("this agent's points, oldest first",

@@ -29,7 +29,7 @@ def serve(safes: Safe | list[Safe], listen: Listen, tls_cert: str | None = None,
     to the safe whose agent holds its token, server.router) until SIGINT or SIGTERM (one
     uvicorn process, as ``pointsafe web``; a SIGTERM is a clean stop: the safes are closed,
     nothing half-written)."""
-    from .app import DEFAULT_RATE, create_app
+    from .app import DEFAULT_RATE, TaskLog, create_app
     from .router import SafeRouter
     from .service import SESSION_IDLE, Service
     served = safes if isinstance(safes, list) else [safes]
@@ -38,13 +38,17 @@ def serve(safes: Safe | list[Safe], listen: Listen, tls_cert: str | None = None,
     rate = number_from_env("POINTSAFE_SERVER_RATE", DEFAULT_RATE, "requests a second")
     idle = number_from_env("POINTSAFE_SERVER_IDLE", SESSION_IDLE, "seconds")
     services: list[Service] = []
+    histories: list[TaskLog] = []
     try:
         for safe in served:
             services.append(Service(safe, idle))
-        apps = [(s.safe, create_app(s, rate)) for s in services]
+            histories.append(TaskLog(safe))
+        apps = [(s.safe, create_app(s, rate, h)) for s, h in zip(services, histories)]
         app = apps[0][1] if len(apps) == 1 else SafeRouter(apps)  # type: ignore[arg-type]  # Starlette is an ASGI app
         run_asgi(app, listen, tls_cert, tls_key, announce=announce, name="serve")
     finally:
+        for history in histories:
+            history.close()      # the requests' tasks still waiting are written before the safe closes
         for service in services:
             service.close()
 

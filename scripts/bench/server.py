@@ -145,7 +145,7 @@ def bench_server(work: Path, dirs: list[Path], env: dict[str, str], profile: Pat
         raise RuntimeError(f"init: {r.stderr}")
     tokens = []
     for i in range(len(dirs)):
-        r = run(pointsafe("--safe", safe, "agent", "add", f"agent{i}"), env=env)
+        r = run(pointsafe("--safe", safe, "agent", "add", f"agent{i}", "--can-restore"), env=env)
         if r.code:
             raise RuntimeError(f"agent add: {r.stderr}")
         tokens.append(r.stdout.strip().splitlines()[-1])
@@ -171,6 +171,16 @@ def bench_server(work: Path, dirs: list[Path], env: dict[str, str], profile: Pat
                           "agents_cpu": sum(x.cpu for x in runs), "agents_max_rss": max(x.maxrss for x in runs)}
             log(f"server, {label} backup: {wall:.1f} s wall, server {out[label]['server_cpu']:.1f} CPU-s, "
                 f"agents {out[label]['agents_cpu']:.1f} CPU-s")
+        # one agent's point restored through the server (streamed, as stored: compressed)
+        cpu0 = proc_cpu(pid)
+        r = run(pointsafe("restore", "bench@latest", work / "restore-server", "--server", url, "-q"),
+                env={**env, "POINTSAFE_TOKEN": tokens[0]})
+        if r.code:
+            raise RuntimeError(f"restore through the server: {r.stderr[-1500:]}")
+        out["restore"] = {"wall": r.wall, "agent_cpu": r.cpu, "agent_max_rss": r.maxrss,
+                          "server_cpu": proc_cpu(pid) - cpu0}
+        shutil.rmtree(work / "restore-server", ignore_errors=True)
+        log(f"server, restore of one agent: {r.wall:.1f} s wall, peak RSS {r.maxrss >> 20} MiB")
         return out
     finally:
         os.kill(proc.pid, signal.SIGINT if profile is not None else signal.SIGTERM)
@@ -208,7 +218,12 @@ def bench_local(work: Path, dirs: list[Path], env: dict[str, str]) -> dict[str, 
         wall += r.wall
         cpu += r.cpu
     log(f"local, one after another: {wall:.1f} s wall, {cpu:.1f} CPU-s")
-    return {"wall": wall, "cpu": cpu}
+    r = run(pointsafe("--safe", safe, "restore", "bench0@latest", work / "restore-local", "-q"), env=env)
+    if r.code:
+        raise RuntimeError(f"local restore: {r.stderr[-1500:]}")
+    shutil.rmtree(work / "restore-local", ignore_errors=True)
+    log(f"local, restore of one backup: {r.wall:.1f} s wall, peak RSS {r.maxrss >> 20} MiB")
+    return {"wall": wall, "cpu": cpu, "restore": {"wall": r.wall, "cpu": r.cpu, "max_rss": r.maxrss}}
 
 
 def bench_restic(work: Path, dirs: list[Path], env: dict[str, str]) -> dict[str, Any]:
@@ -300,6 +315,11 @@ def markdown(agents: int, mb: int, res: dict[str, Any]) -> str:
            f"second (unchanged) {srv['second']['server_cpu']:.2f} s = "
            f"{100 * s['second_over_first_server_cpu']:.1f}% of the first; second backup wall "
            f"{srv['second']['wall']:.1f} s."]
+    if "restore" in srv and "restore" in loc:
+        sr, lr = srv["restore"], loc["restore"]
+        out += ["", f"Restore of one agent's {mb} MiB: through the server {sr['wall']:.1f} s "
+                    f"(peak RSS {sr['agent_max_rss'] >> 20} MiB, server {sr['server_cpu']:.1f} CPU-s), "
+                    f"local {lr['wall']:.1f} s (peak RSS {lr['max_rss'] >> 20} MiB)."]
     return "\n".join(out) + "\n"
 
 
