@@ -42,6 +42,7 @@ from pointsafe.cas.blob import BlobReader
 from pointsafe.cas.pack import pack_name
 from pointsafe.cas.tree import DIR, REG
 
+from .changed_blocks import MISSED_WRITES
 from .changes.btrfs_plan import FALLBACK, walk_record
 from .changes.btrfs_plan import plan as plan_btrfs_walk
 from .changes.btrfs_send import subvol_record
@@ -779,7 +780,7 @@ def _verify_chain(safe: Safe, prev: Point, root: bytes | None, size: int, block:
         pos = max(pos, b)
     if differ:
         warn(os.fsencode(str(path)), f"full read found {differ} blocks that differ from the incremental chain "
-                                     f"outside the reported changes: the change source missed writes")
+                                     f"outside the reported changes: {MISSED_WRITES}")
 
 
 def _blocks_differing(old: list, new: list, lo: int, hi: int, block: int) -> int:

@@ -20,6 +20,11 @@ from .pipeline import Pipeline
 from .volume import feed
 
 
+# The end of the warning a full read gives when the change source missed writes (ops/recorder.py
+# raises a critical alert on it).
+MISSED_WRITES = "the change source missed writes"
+
+
 def parse_ranges(path: Path) -> list[tuple[int, int]]:
     """The ranges of a --changed-blocks FILE: a JSON list of ``[offset, length]`` or lines of
     ``offset length``; UsageError (one line) when it is neither."""

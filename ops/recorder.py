@@ -257,6 +257,13 @@ class _Recorder:
         state, kind, tid = rec["state"], rec["kind"], rec["id"]
         src = rec["fields"].get("name") or rec["fields"].get("source")
         if state == "warning":
+            from pointsafe.ingest.changed_blocks import MISSED_WRITES
+            for w in rec["warnings"]:
+                if MISSED_WRITES in str(w.get("message", "")):
+                    # a periodic full read caught the change source out: the points before it
+                    # may lack those writes
+                    alerts.raise_alert(idx, "verify", "critical", f"{kind} task {tid}: {_warning_line(w)}; the "
+                                       "incremental points before it may lack those writes", task=tid, source=src)
             first = f"; first: {_warning_line(rec['warnings'][0])}" if rec["warnings"] else ""
             n = rec["warning_count"]
             msg = (f"{kind} task {tid} finished with {n} warning{'s' if n != 1 else ''}{first}" if n else

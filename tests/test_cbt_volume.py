@@ -173,6 +173,10 @@ def test_full_read_finds_missed_changes(tmp_path, safe_dir):
     p = _points(safe_dir)[-1]
     assert any("found 1 blocks that differ" in w["message"] for w in p.warnings)
     assert _content(safe_dir, p) == bytes(data)
+    # ... and a critical alert says the chain before it may lack those writes
+    al = json.loads(run_cli("alerts", "--json", safe=safe_dir, check=True).out)
+    al = al if isinstance(al, list) else al.get("alerts", [])
+    assert [a for a in al if a["severity"] == "critical" and a["kind"] == "verify" and "missed writes" in a["message"]]
 
 
 def test_full_every_due_reads_whole(tmp_path, safe_dir):
