@@ -82,15 +82,9 @@ def read_changed(pread: Callable[[int, int], bytes], size: int, pipe: Pipeline, 
     pos = 0
     for a, b in spans + [(size, size)]:
         if a > pos:
-            for off, n, key in prev.extents(pos, a):
-                lo, hi = max(off, pos), min(off + n, a)
-                pipe.reuse(key if key is None or (lo, hi) == (off, off + n) else _split(key), hi - lo)
+            pipe.reuse_from(prev, pos, a)
             progress(a - pos)
         feed(pread, pipe, block, max(a, pos), b, progress)
         pos = max(pos, b)
     pipe.end()
     return size
-
-
-def _split(key: bytes) -> bytes:
-    raise AssertionError(f"chunk {key.hex()[:12]} of the previous point is not block-aligned")
