@@ -173,3 +173,57 @@ def test_a_chunk_cut_by_the_range_is_refused():
     b.add_from(one.reader(CHUNKS[0], 8), 0, 8)       # a one-chunk blob is the chunk
     assert b.finish() == CHUNKS[0]
 
+
+
+
+def test_read_changed_through_the_pipeline_equals_a_full_read(tmp_path):
+    """read_changed in a safe, fanout 4 (four levels over 300 blocks): the incremental's root
+    is the full read's, it holds the new volume's bytes, and it read the previous blob's LIST
+    nodes on the paths to the changes only."""
+    import random
+
+    from pointsafe.cas import Entry, Safe
+    from pointsafe.cas.tree import REG
+    from pointsafe.ingest.changed_blocks import aligned, read_changed
+    from pointsafe.ingest.pipeline import Pipeline
+    from pointsafe.ingest.volume import feed
+
+    bs, fanout = 4096, 4
+    rnd = random.Random(7)
+    old = bytearray(rnd.randbytes(bs * 200) + bytes(bs * 60) + rnd.randbytes(bs * 40 + 99))
+    new = bytearray(old)
+    # inside a block, zeros over one block (a new hole), data in the hole, the short last block
+    changes = [(3 * bs + 5, 10), (63 * bs, bs), (199 * bs, bs), (230 * bs, 3000), (300 * bs + 1, 5)]
+    for i, (o, n) in enumerate(changes):
+        new[o:o + n] = bytes(n) if i == 1 else rnd.randbytes(n)
+
+    def full(w, data):
+        pipe = Pipeline(w, fanout)
+        pipe.file(Entry(name=b"v", type=REG))
+        feed(lambda n, o: bytes(data[o:o + n]), pipe, bs, 0, len(data), lambda n: None)
+        pipe.end()
+        return pipe.finish()[0]
+
+    Safe.init(tmp_path / "safe", block_size=bs).close()
+    with Safe.open(tmp_path / "safe", write=True) as s:
+        w = s.writer("test")
+        try:
+            prev_root = full(w, old)
+            w.flush()
+            read: list[bytes] = []
+            prev = BlobReader(prev_root, len(old), lambda k: read.append(k) or s.get(k), s.kind)
+            pipe = Pipeline(w, fanout)
+            spans = aligned(changes, bs, len(new))
+            read_changed(lambda n, o: bytes(new[o:o + n]), len(new), pipe, bs, prev, spans, "v")
+            inc_root = pipe.finish()[0]
+            assert pipe.stats.bytes_read == len(new)
+            assert pipe.stats.bytes_scanned == sum(b - a for a, b in spans) == 4 * bs + 99
+            assert inc_root == full(w, new)
+            w.flush()
+            assert BlobReader(inc_root, len(new), s.get, s.kind).read(0, len(new)) == bytes(new)
+            # of the blob's 82 LIST nodes: the changed paths, the last one, and after the data
+            # written into the hole (two more entries: nothing after it lines up) the ~10 nodes
+            # that hold the blocks to the end
+            assert len(set(read)) <= 30
+        finally:
+            w.close()
