@@ -93,12 +93,76 @@ class BlobBuilder:
         if key is None and entries and entries[-1][0] is None:
             entries[-1][1] += length          # runs of holes merge into one entry
             return
+        if len(entries) == self.fanout:
+            # A full node that ends in a hole waits for the next entry (the hole could still
+            # grow); this one does not merge, so the node is complete.
+            self.levels[level] = []
+            self._emit(level, entries)
+            entries = self.levels[level]
         entries.append([key, length])
-        if len(entries) > self.fanout:
-            # Emit all but the newest entry, so that a trailing hole can still grow.
-            node, keep = entries[:-1], entries[-1]
-            self.levels[level] = [keep]
-            self._emit(level, node)
+        if len(entries) == self.fanout and key is not None:
+            # Complete: stored at once, so that a level with no pending entry is at a node
+            # boundary (see add_from).
+            self.levels[level] = []
+            self._emit(level, entries)
+
+    def add_from(self, blob: BlobReader, start: int, end: int) -> None:
+        """Append bytes [start, end) of ``blob`` (clipped at its size) without reading them: its
+        chunks and holes, as ``add`` of each would, which needs every chunk in the range whole
+        (ValueError otherwise: a volume's blocks are).
+
+        Cost: what the range holds that cannot be taken whole. A LIST node of ``blob`` that lies
+        inside the range (and ends before it, so that what follows it comes from ``blob`` too)
+        is added as one entry, without reading it, when this builder has no pending entry below
+        its level: adding its chunks one by one would give back exactly that node, as long as
+        ``blob`` was made by a BlobBuilder of the same fanout (all of its nodes but the last of
+        each level are full, its leaves never hold two holes in a row). The result is the blob
+        the one-by-one adds make, object for object."""
+        end = min(end, blob.size)
+        if start >= end:
+            return
+        if blob.root is None:
+            self.add(None, end - start)
+        elif blob.root_is_chunk:
+            if (start, end) != (0, blob.size):
+                raise ValueError(f"chunk {blob.root.hex()[:12]} is not whole in [{start}, {end})")
+            self.add(blob.root, blob.size)
+        else:
+            self._add_from(blob, blob.root, 0, start, end)
+
+    def _add_from(self, blob: BlobReader, key: bytes, base: int, start: int, end: int) -> None:
+        # [start, end) is what is left of the range; the node at ``base`` may end before ``end``.
+        node = blob.node(key)
+        keys, ends, level = node.keys, node.ends, node.level
+        n = len(ends)
+        # Only a node of the expected shape hands its children over whole: full, or the last
+        # of its level (it ends the blob) with no more than ``fanout`` entries.
+        whole = level > 0 and (n == self.fanout or (n < self.fanout and base + ends[-1] == blob.size))
+        i = bisect.bisect_right(ends, start - base)
+        lo = base + (ends[i - 1] if i else 0)
+        while i < n and lo < end:
+            hi = base + ends[i]
+            child = keys[i]
+            if child is None:
+                self.add(None, min(hi, end) - max(lo, start))
+            elif level == 0:
+                if lo < start or hi > end:
+                    raise ValueError(f"chunk {child.hex()[:12]} at {lo} is not whole in [{start}, {end})")
+                self.add(child, hi - lo)
+            elif whole and start <= lo and hi < end and self._at_boundary(level):
+                while len(self.levels) <= level:
+                    self.levels.append([])
+                self.size += hi - lo
+                self._add(level, child, hi - lo)
+            else:
+                self._add_from(blob, child, lo, max(start, lo), end)
+            lo = hi
+            i += 1
+
+    def _at_boundary(self, level: int) -> bool:
+        """Whether no entry is pending below ``level``: the chunks of a full node of level
+        ``level - 1`` added now would make that node and add it at ``level``."""
+        return not any(self.levels[j] for j in range(min(level, len(self.levels))))
 
     def _emit(self, level: int, entries: list[list[Any]]) -> None:
         if all(k is None for k, _ in entries):
@@ -174,7 +238,8 @@ class BlobReader:
         self.nodes = nodes or NodeCache(256)
         self.root_is_chunk = root is not None and kind_of(root) == Kind.CHUNK
 
-    def _node(self, key: bytes) -> ListNode:
+    def node(self, key: bytes) -> ListNode:
+        """The decoded LIST node ``key`` (through the node cache)."""
         return self.nodes.get(key, lambda k: decode_list(self.get(k)))
 
     def extents(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, bytes | None]]:
@@ -190,7 +255,7 @@ class BlobReader:
         yield from self._walk(self.root, 0, start, end)
 
     def _walk(self, key: bytes, base: int, start: int, end: int) -> Iterator[tuple[int, int, bytes | None]]:
-        node = self._node(key)
+        node = self.node(key)
         i = bisect.bisect_right(node.ends, start - base)
         while i < len(node.ends):
             lo = base + (node.ends[i - 1] if i else 0)

@@ -3,7 +3,11 @@ point's blob and a list of changed byte ranges, reading only the blocks the rang
 
 The blob made is exactly the one a full read would make (same chunk keys, same holes): the
 previous point's fixed-size blocks are reused outside the ranges, and the blocks touching a
-range (aligned out to the block size) are read and fed like a full read feeds them.
+range (aligned out to the block size) are read and fed like a full read feeds them. An
+unchanged stretch is one pipeline event; the assembler takes the previous blob's LIST nodes
+inside it whole (``BlobBuilder.add_from``), so it costs a few node reads, not a walk of its
+blocks, as long as the changes before it kept the number of leaf entries (writing data into a
+hole or zeros next to one shifts every node after it: those are rebuilt, as a full read's are).
 """
 from __future__ import annotations
 
@@ -87,15 +91,9 @@ def read_changed(pread: Callable[[int, int], bytes], size: int, pipe: Pipeline, 
     pos = 0
     for a, b in spans + [(size, size)]:
         if a > pos:
-            for off, n, key in prev.extents(pos, a):
-                lo, hi = max(off, pos), min(off + n, a)
-                pipe.reuse(key if key is None or (lo, hi) == (off, off + n) else _split(key), hi - lo)
+            pipe.reuse_from(prev, pos, a)
             progress(a - pos)
         feed(pread, pipe, block, max(a, pos), b, progress)
         pos = max(pos, b)
     pipe.end()
     return size
-
-
-def _split(key: bytes) -> bytes:
-    raise AssertionError(f"chunk {key.hex()[:12]} of the previous point is not block-aligned")

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-from pointsafe.cas import BlobBuilder, Entry, Kind, Prepared, Writer, build_tree, object_key, prepare
+from pointsafe.cas import BlobBuilder, BlobReader, Entry, Kind, Prepared, Writer, build_tree, object_key, prepare
 from pointsafe.cas.crypto import Crypto
 
 from .chunking import is_zero
@@ -118,11 +118,16 @@ class Pipeline:
         if b.nbytes >= BATCH_BYTES or len(b.events) >= BATCH_EVENTS:
             self._submit()
 
-    def reuse(self, key: bytes | None, length: int) -> None:
-        """``length`` bytes of the current file taken from a stored chunk ``key`` (None: a hole)
-        without reading them: changed-block tracking reuses the previous point's blocks."""
-        self.stats.bytes_read += length
-        self._event(("reuse", key, length))
+    def reuse_from(self, blob: BlobReader, start: int, end: int) -> None:
+        """Bytes [start, end) of the current file taken from the stored ``blob`` (its chunks
+        whole) without reading them, as one event: the assembler adds the stretch with
+        ``BlobBuilder.add_from``, which takes the blob's LIST nodes whole where it can, so an
+        unchanged stretch costs a few node reads, not one event per block. The assembler
+        thread reads ``blob``'s nodes (``Safe.get`` and the agent's RemoteSafe.get are
+        thread-safe)."""
+        if end > start:
+            self.stats.bytes_read += end - start
+            self._event(("reuse_from", blob, start, end))
 
     def hole(self, length: int) -> None:
         """``length`` bytes of zeros (a hole) in the current file, stored as no chunk."""
@@ -272,8 +277,8 @@ class _Assembler:
                 self._blob().add(key, n)
             elif t == "hole":
                 self._blob().add(None, ev[1])
-            elif t == "reuse":
-                self._blob().add(ev[1], ev[2])
+            elif t == "reuse_from":
+                self._blob().add_from(ev[1], ev[2], ev[3])
             elif t == "file":
                 self.cur_file = ev[1]
                 self.blob = BlobBuilder(self._put_node, self.p.fanout)

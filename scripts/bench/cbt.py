@@ -17,6 +17,8 @@ changed source: pointsafe's incremental, pointsafe ``--full-read``, ``restic bac
 ``stats.bytes_scanned``; restic and borg: ``rchar`` of /proc/PID/io, which counts every byte
 read by the process, also from the page cache). The page cache is left warm (the machine's
 RAM holds the sources): the full readers' figures are their CPU cost, the least they can take.
+Each timed command starts after ``sync``, so that none waits in its own fsync for the
+write-back of what the commands before it (or the change) wrote.
 
     python scripts/bench/cbt.py [--size 4G] [--fractions 0.001,0.01] [--work DIR]
                                 [--json OUT] [--markdown OUT]
@@ -85,11 +87,13 @@ class Peers:
         check(run(["borg", "init", "-e", "none"], env=self.borg_env))
 
     def restic(self):
+        os.sync()
         return check(run(with_io(["restic", "backup", "--compression", "auto", "--host", "bench", "-q", "."]),
                          cwd=self.src, env=self.restic_env))
 
     def borg(self):
         self.n += 1
+        os.sync()
         return check(run(with_io(["borg", "create", "--compression", "zstd,1", f"::a{self.n}", "."]),
                          cwd=self.src, env=self.borg_env))
 
@@ -101,6 +105,7 @@ def check(r):
 
 
 def ps_backup(safe: Path, *args: str) -> dict:
+    os.sync()
     r = run(PS + ["--safe", str(safe), "backup", *args, "--json", "-q"], cwd=REPO)
     if r.code not in (0, 3):
         check(r)
