@@ -108,8 +108,8 @@ def read_around(fd: int, size: int, prev: BlobReader, written: list[tuple[int, i
     pos, i = 0, 0
     while pos < size:
         if i < len(chunks) and chunks[i][0] == pos and keep(i):
-            _, n, key = chunks[i]
-            pipe.reuse(key, n)
+            _, n, _ = chunks[i]
+            pipe.reuse_from(prev, pos, pos + n)
             covered(n)
             pos += n
             i += 1
