@@ -63,13 +63,35 @@ def _transient(e: BaseException) -> bool:
     return isinstance(e, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError))
 
 
+def _refusal(e: BaseException, endpoint: str, bucket: str | None) -> SafeError | None:
+    """The one-line error of a failure no retry can cure (a missing bucket, credentials the
+    store refuses or none at all), or None for the caller to handle (404 of a key, 412...)."""
+    from botocore.exceptions import ClientError, NoCredentialsError
+    if isinstance(e, NoCredentialsError):
+        return SafeError(f"no credentials for the object store at {endpoint}: set AWS_ACCESS_KEY_ID and "
+                         "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
+    if not isinstance(e, ClientError):
+        return None
+    code = str(e.response.get("Error", {}).get("Code", ""))
+    if code == "NoSuchBucket":
+        return SafeError(f"the bucket {bucket!r} does not exist at {endpoint}")
+    if status_of(e) == 403 or code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"):
+        return SafeError(f"the object store at {endpoint} refused the credentials ({code or 'access denied'}): "
+                         "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
+    return None
+
+
 class S3Client:
     """A boto3 S3 client with a bounded retry on top of botocore's own."""
 
     def __init__(self, endpoint: str | None = None, region: str | None = None,
                  retry_seconds: float | None = None, timeout: float = 10.0):
-        import boto3
-        from botocore.config import Config
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            raise SafeError("a safe in an S3 bucket needs boto3, which is not installed: "
+                            "pip install 'pointsafe[s3]'") from None
         session = boto3.session.Session()
         region = region or session.region_name or "us-east-1"
         endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -91,6 +113,9 @@ class S3Client:
                 return fn(**kw)
             except Exception as e:
                 if not _transient(e):
+                    refused = _refusal(e, self.endpoint, kw.get("Bucket"))
+                    if refused is not None:
+                        raise refused from None
                     raise
                 if time.monotonic() + delay > deadline:
                     raise StoreUnavailable(f"the object store at {self.endpoint} did not answer for "
