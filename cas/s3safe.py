@@ -157,7 +157,10 @@ def _write_if_changed(path: Path, data: bytes) -> None:
 
 
 def _private_dir(p: Path) -> None:
-    p.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    """Make ``p`` (0700) and the folders above it that are missing (0700 too)."""
+    if not p.parent.exists():
+        _private_dir(p.parent)
+    p.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
     os.chmod(p, PRIVATE_DIR_MODE)
 
 

@@ -238,6 +238,7 @@ class S3PackStore:
         self.bucket = bucket
         self.prefix = f"{prefix}/" if prefix else ""
         self.cache = BlockCache(cache_dir, cache_bytes) if cache_dir is not None else None
+        self.listed: dict[int, int] = {}   # pack -> size, from the last listing (sealed packs never change)
 
     def key(self, pack_id: int) -> str:
         """The object key of pack ``pack_id``."""
@@ -329,7 +330,10 @@ class S3PackStore:
             raise SafeError(f"cannot look at pack {pack_name(pack_id)}: {e}") from None
 
     def size(self, pack_id: int) -> int | None:
-        """The pack's size in bytes, or None when it is not in the bucket."""
+        """The pack's size in bytes, or None when it is not in the bucket (from the last
+        ``pack_ids`` listing when that saw it: a sealed pack never changes)."""
+        if pack_id in self.listed:
+            return self.listed[pack_id]
         head = self._head(pack_id)
         return None if head is None else int(head["ContentLength"])
 
@@ -361,6 +365,7 @@ class S3PackStore:
             for obj in r.get("Contents", []):
                 pid = pack_id_from_name(obj["Key"].rsplit("/", 1)[-1])
                 if pid is not None:
+                    self.listed[pid] = int(obj["Size"])
                     yield pid
             if not r.get("IsTruncated"):
                 return
@@ -383,7 +388,8 @@ class S3PackStore:
         """Nothing: a single PUT is atomic, an interrupted one leaves no object."""
 
     def forget(self, pack_id: int) -> None:
-        """Drop the cached blocks of ``pack_id``."""
+        """Drop the cached blocks (and listed size) of ``pack_id``."""
+        self.listed.pop(pack_id, None)
         if self.cache is not None:
             self.cache.forget(f"{pack_name(pack_id)}.")
 
