@@ -202,6 +202,25 @@ def _sync_keys(b: Bucket, cache: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+def push_keys(cache: Path) -> None:
+    """After ``key add/remove/passwd/import`` on a bucket safe's cache: make the bucket's key
+    slots those of the cache (new and changed slots uploaded, removed ones deleted). Nothing for
+    a local safe."""
+    b = remote_of(cache)
+    if b is None:
+        return
+    kd = cache / KEYS_DIR
+    local = {p.name: p.read_bytes() for p in kd.iterdir() if p.name.endswith(".json")}
+    remote = {n.rsplit("/", 1)[-1] for n in b.names(KEYS_DIR) if n.endswith(".json")}
+    for name, data in sorted(local.items()):
+        if name not in remote:
+            b.put_new(f"{KEYS_DIR}/{name}", data)
+        elif b.get(f"{KEYS_DIR}/{name}") != data:   # a changed password: the slot is rewritten
+            b.s3.call("put_object", Bucket=b.name, Key=b.key(f"{KEYS_DIR}/{name}"), Body=data)
+    for name in sorted(remote - set(local)):
+        b.delete(f"{KEYS_DIR}/{name}")
+
+
 def remote_of(cache: Path) -> Bucket | None:
     """The bucket a cache directory caches (None for a local safe)."""
     try:
@@ -317,7 +336,9 @@ class Journal:
         if not self.writing:
             raise SafeError("internal: a change to a bucket safe's index outside its writer")
         n = segments.applied(self.index, txn) + 1
-        if not self.bucket.put_new(segment_name(n), segments.encode(n, changes, self.crypto)):
+        body = segments.encode(n, changes, self.crypto)
+        # A 412 after a retried PUT whose first try landed is our own segment: same bytes.
+        if not self.bucket.put_new(segment_name(n), body) and self.bucket.get(segment_name(n)) != body:
             raise SafeError(f"{self.bucket.url}: index segment {n} was written by another writer meanwhile; "
                             "nothing was committed; run the command again")
         gone = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 from pointsafe.cas import Safe, repair, verify
 from pointsafe.cas.crypto import CIPHERS, default_cipher
@@ -102,8 +103,8 @@ def cmd_init(args) -> int:
     raw = getattr(args, "safe", None) or os.environ.get("POINTSAFE_SAFE") or ""
     bucket = raw.startswith("s3://")
     path: str | Path = raw.rstrip("/") if bucket else safe_path(args)
-    where = (dict(s3_endpoint=getattr(args, "s3_endpoint", None),
-                  unsafe_no_locking=getattr(args, "unsafe_no_locking", False)) if bucket else {})
+    where: dict[str, Any] = ({"s3_endpoint": getattr(args, "s3_endpoint", None),
+                              "unsafe_no_locking": getattr(args, "unsafe_no_locking", False)} if bucket else {})
     cipher = default_cipher() if args.encryption == "auto" else args.encryption
     if cipher == "none":
         safe = Safe.init(path, compression=args.compression, block_size=args.block_size, pack_size=args.pack_size,

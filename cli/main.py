@@ -188,7 +188,7 @@ def _report_bug(e: Exception, argv: list[str] | None) -> int:
 
     from pointsafe.ops import logs
 
-    from .common import EXIT_ERROR, resolve_bucket
+    from .common import EXIT_ERROR
     try:
         where = logs.record_bug(e, argv)
     except Exception:   # even the report failed: the traceback is all there is

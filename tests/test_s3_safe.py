@@ -116,7 +116,7 @@ def _small_tree(root: Path, seed: int = 1) -> Path:
 def test_round_trip_and_a_second_machine(m1: Machine, m2: Machine, weed: WeedMini, tmp_path: Path) -> None:
     src = make_tree(tmp_path / "src", all_types_tree())
     before = snapshot(src)
-    init = m1.json("init", m1.url, "--pack-size", "64K")
+    init = m1.json("init", m1.url, "--pack-size", "128K")
     assert init["encryption"] != "none" and init["cache"].startswith(str(m1.cache))
     p = m1.json("backup", src, "--name", "data")
     assert p["warnings"] == []
@@ -126,7 +126,7 @@ def test_round_trip_and_a_second_machine(m1: Machine, m2: Machine, weed: WeedMin
     # the bucket holds the safe: header and copy, a key slot, sealed packs, segments, the point
     assert _keys(weed, m1.url, "header") == ["header", "header.copy"]
     assert len(_keys(weed, m1.url, "keys/")) == 1
-    assert len(_keys(weed, m1.url, "packs/")) > 3          # 64 KiB packs
+    assert len(_keys(weed, m1.url, "packs/")) > 2          # 128 KiB packs
     assert len(_keys(weed, m1.url, "index/")) >= 1
     assert _keys(weed, m1.url, "points/") == [f"points/{p['id']}"]
     assert _keys(weed, m1.url, "lock") == []                # released
@@ -224,6 +224,21 @@ def test_mount_reads_an_s3_point(m1: Machine, tmp_path: Path) -> None:
         unmount(mp)
         if info is not None:
             assert wait_gone(info["pid"]), "the mount process did not exit after unmounting"
+
+
+def test_key_changes_reach_the_bucket_and_repair_is_refused(m1: Machine, m2: Machine, tmp_path: Path) -> None:
+    m1.run("init", m1.url)
+    newpw = tmp_path / "new"
+    newpw.write_text("second password\n")
+    m1.run("key", "add", "--new-password-file", newpw, "--label", "two")
+    slots = m2.json("key", "list", POINTSAFE_PASSWORD=None)
+    assert sorted(s["label"] for s in slots) == ["init", "two"]
+    assert m2.json("points", POINTSAFE_PASSWORD="second password") == []
+    first = next(s["slot"] for s in slots if s["label"] == "init")
+    m2.run("key", "remove", first, POINTSAFE_PASSWORD="second password")
+    r = m1.run("points", check=False)          # the first password is gone everywhere
+    assert r.code == 1 and "password" in r.err.lower(), r.err
+    _one_line(m1.run("repair", check=False, POINTSAFE_PASSWORD="second password"), "bucket", "not supported")
 
 
 # -- one writer --------------------------------------------------------------------------------
@@ -336,12 +351,34 @@ def test_store_killed_and_restarted_during_a_backup(tmp_path: Path) -> None:
                 assert (tmp_path / "out" / f"f{i}").read_bytes() == (src / f"f{i}").read_bytes()
         else:                          # or one clear line
             assert len(err.decode().strip().splitlines()) == 1, err.decode()
+        shutil.rmtree(m.cache)          # the bucket alone verifies
         assert m.json("verify", "--data")["ok"]
-        shutil.rmtree(m.cache)          # and the bucket alone agrees
+
+        # a store that stays down: one clear line, nothing half-made, a safe that verifies
+        before = [q["id"] for q in m.json("points")]
+        for i in range(24):
+            (src / f"f{i}").write_bytes(os.urandom(256 * 1024))
+        env["POINTSAFE_S3_RETRY_SECONDS"] = "2"
+        proc = subprocess.Popen([sys.executable, "-m", "pointsafe.cli", "--safe", m.url, "backup", str(src)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            n = len(_keys(w, m.url, "packs/"))
+            deadline = time.monotonic() + 60
+            while len(_keys(w, m.url, "packs/")) < n + 2 and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            w.kill()
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        lines = err.decode().strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and "did not answer" in lines[0], err.decode()
+        _start(w, same_port=True)
+        assert [q["id"] for q in m.json("points")] == before
         assert m.json("verify", "--data")["ok"]
         p = m.json("backup", src)        # the next writer cleans up and goes on
-        assert m.json("verify")["ok"]
-        assert p["warnings"] == []
+        assert p["warnings"] == [] and m.json("verify")["ok"]
     finally:
         w.kill()
 
