@@ -19,7 +19,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from _backup_util import backup, restore
-from _s3_util import any_safe, safe_home, weed_session  # noqa: F401  (fixtures: a safe in a bucket too)
 from _tree_util import (BLK, CHR, DIR, FIFO, HARDLINK, LNK, REG, SOCK, Spec, all_types_tree,
                         assert_trees_equal, make_tree, settle_atimes, snapshot)
 from conftest import needs_root, run_cli

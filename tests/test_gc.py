@@ -15,7 +15,6 @@ from pointsafe.gc.collect import run_gc
 from pointsafe.gc.forget import forget, plan_forget
 
 from _gc_util import backup, mutate, pack_bytes, point_digests, reachable, source_digests, write_source
-from _s3_util import safe_home, weed_session  # noqa: F401  (fixtures: a test's safe may live in a bucket)
 
 PACK = 1 << 20
 
