@@ -1,8 +1,9 @@
 """The writer lock of a safe in a bucket, enforced by the store (docs/FORMAT.md, "The bucket layout").
 
 Created with ``If-None-Match: *``, renewed with ``If-Match: <etag>``, released with a conditional
-delete, taken over only after its ``expires`` has passed (by a compare-and-swap on the etag
-read). Expiry compares the taker's clock with the holder's: the TTL must exceed the clock skew.
+delete, taken over only after its ``expires`` has passed, or when it names a process of this host
+that is gone (by a compare-and-swap on the etag read). Expiry compares the taker's clock with the
+holder's: the TTL must exceed the clock skew.
 """
 
 from __future__ import annotations
@@ -46,6 +47,27 @@ def check_conditional_create(s3: S3Client, bucket: str, prefix: str) -> None:
         s3.call("delete_object", Bucket=bucket, Key=key)
     raise StoreUnsafe(f"the object store at {s3.endpoint} ignores conditional creation (If-None-Match: *), "
                       "so it cannot keep two writers apart; use a store that honours it, or --unsafe-no-locking")
+
+
+def _holder_gone(info: dict[str, Any]) -> bool:
+    """True when the lock names a process of this host that no longer runs (a writer killed, or
+    one that failed while the store was down and could not delete the lock): its lock may be taken
+    over before it expires. A holder on another host is gone only once its lock has expired."""
+    if info.get("host") != socket.gethostname():
+        return False
+    try:
+        pid = int(info.get("pid", 0))
+    except (TypeError, ValueError):
+        return False
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False    # it runs, as another user
+    return False
 
 
 class S3Lock:
@@ -100,7 +122,7 @@ class S3Lock:
             if info.get("token") == self.token:   # our own create, whose answer was lost and retried
                 self.etag = etag
                 return
-            if float(info.get("expires", 0)) > time.time():
+            if float(info.get("expires", 0)) > time.time() and not _holder_gone(info):
                 raise SafeLocked(f"the safe is busy: {info.get('holder', '?')} (pid {info.get('pid', '?')} on "
                                  f"{info.get('host', '?')}) holds its writer lock; wait for it to finish")
             try:   # expired: take it over, unless another taker was faster

@@ -356,7 +356,7 @@ def test_store_killed_and_restarted_during_a_backup(tmp_path: Path) -> None:
 
         # a store that stays down: one clear line, nothing half-made, a safe that verifies
         before = [q["id"] for q in m.json("points")]
-        for i in range(24):
+        for i in range(48):
             (src / f"f{i}").write_bytes(os.urandom(256 * 1024))
         env["POINTSAFE_S3_RETRY_SECONDS"] = "2"
         proc = subprocess.Popen([sys.executable, "-m", "pointsafe.cli", "--safe", m.url, "backup", str(src)],
@@ -364,8 +364,9 @@ def test_store_killed_and_restarted_during_a_backup(tmp_path: Path) -> None:
         try:
             n = len(_keys(w, m.url, "packs/"))
             deadline = time.monotonic() + 60
-            while len(_keys(w, m.url, "packs/")) < n + 2 and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.02)
+            while len(_keys(w, m.url, "packs/")) < n + 1 and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert proc.poll() is None, "the backup ended before the store was killed"
             w.kill()
             out, err = proc.communicate(timeout=120)
         finally:
@@ -375,9 +376,10 @@ def test_store_killed_and_restarted_during_a_backup(tmp_path: Path) -> None:
         lines = err.decode().strip().splitlines()
         assert proc.returncode == 1 and len(lines) == 1 and "did not answer" in lines[0], err.decode()
         _start(w, same_port=True)
+        assert _keys(w, m.url, "lock") == ["lock"], "the failed writer could not release the lock"
         assert [q["id"] for q in m.json("points")] == before
         assert m.json("verify", "--data")["ok"]
-        p = m.json("backup", src)        # the next writer cleans up and goes on
+        p = m.json("backup", src)        # the next writer takes over the dead one's lock, cleans up, goes on
         assert p["warnings"] == [] and m.json("verify")["ok"]
     finally:
         w.kill()
