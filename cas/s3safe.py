@@ -238,9 +238,11 @@ def new_cache(url: str, endpoint: str | None, unsafe_no_locking: bool, safe_id: 
     there yet) and the new, empty cache directory of safe ``safe_id``."""
     options = Options(endpoint, unsafe_no_locking)
     b = Bucket(url, options)
-    if b.get(HEADER_NAME) is not None or b.get(COPY_NAME) is not None:
+    if b.get(HEADER_NAME) is not None:
         raise UsageError(f"{b.url}: there is a safe there already")
     b.check_conditional_create()
+    for name in list(b.names(KEYS_DIR)):   # a failed init's slots: no safe uses them
+        b.delete(name)
     cache = cache_base() / safe_id
     if cache.exists():
         shutil.rmtree(cache)
@@ -249,15 +251,18 @@ def new_cache(url: str, endpoint: str | None, unsafe_no_locking: bool, safe_id: 
 
 
 def publish_init(b: Bucket, cache: Path, header: bytes) -> None:
-    """Upload what ``init`` made: the key slots, ``header.copy``, then ``header`` (its presence
-    makes the safe), each create-only; and write the cache's ``remote`` file."""
+    """Upload what ``init`` made: the key slots, then ``header`` (create-only: its presence makes
+    the safe, and of two racing inits one wins), then ``header.copy``; and write the cache's
+    ``remote`` file. An init that fails before ``header`` leaves only unusable key slots (no
+    safe), and can simply run again."""
     kd = cache / KEYS_DIR
     if kd.is_dir():
         for p in sorted(kd.iterdir()):
             if p.name.endswith(".json") and not b.put_new(f"{KEYS_DIR}/{p.name}", p.read_bytes()):
                 raise SafeError(f"{b.url}: a key slot {p.name} is there already; another init ran at the same time")
-    if not b.put_new(COPY_NAME, header) or not b.put_new(HEADER_NAME, header):
+    if not b.put_new(HEADER_NAME, header):
         raise UsageError(f"{b.url}: there is a safe there already (another init ran at the same time)")
+    b.s3.call("put_object", Bucket=b.name, Key=b.key(COPY_NAME), Body=header)   # a half init's copy is replaced
     write_private(cache / REMOTE_NAME, json.dumps({"url": b.url, "endpoint": b.options.endpoint}).encode() + b"\n")
 
 

@@ -126,7 +126,7 @@ def test_round_trip_and_a_second_machine(m1: Machine, m2: Machine, weed: WeedMin
     # the bucket holds the safe: header and copy, a key slot, sealed packs, segments, the point
     assert _keys(weed, m1.url, "header") == ["header", "header.copy"]
     assert len(_keys(weed, m1.url, "keys/")) == 1
-    assert len(_keys(weed, m1.url, "packs/")) > 2          # 128 KiB packs
+    assert len(_keys(weed, m1.url, "packs/")) >= 2         # 128 KiB packs
     assert len(_keys(weed, m1.url, "index/")) >= 1
     assert _keys(weed, m1.url, "points/") == [f"points/{p['id']}"]
     assert _keys(weed, m1.url, "lock") == []                # released
