@@ -121,7 +121,7 @@ class S3Client:
                     raise StoreUnavailable(f"the object store at {self.endpoint} did not answer for "
                                            f"{self.retry_seconds:g} s ({op}: {e})") from None
                 time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, 2.0)
 
 
 class _S3Sink:
