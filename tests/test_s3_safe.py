@@ -275,6 +275,35 @@ def test_mount_read_while_the_store_restarts(tmp_path: Path) -> None:
         w.kill()
 
 
+def test_damaged_or_missing_segments_are_reported(m1: Machine, m2: Machine, weed: WeedMini, tmp_path: Path) -> None:
+    """The segments are the index: a new machine refuses a gap or a changed byte, one line each,
+    and an encrypted safe's segments hold no plaintext."""
+    src = _small_tree(tmp_path / "src")
+    (src / "secret-name.txt").write_text("x")
+    m1.run("init", m1.url, "--pack-size", "128K")
+    m1.json("backup", src, "--name", "web-server")
+    m1.json("backup", src, "--name", "other")
+    bucket, _, prefix = m1.url[5:].partition("/")
+    s3 = client_for(weed.url)
+    segs = _keys(weed, m1.url, "index/")
+    assert len(segs) >= 2
+    bodies = {k: s3.call("get_object", Bucket=bucket, Key=f"{prefix}/{k}")["Body"].read() for k in segs}
+    for body in bodies.values():
+        assert body[:8] == b"PSSEG\x00\x00\x01" and body[16] == 1, "sealed"
+        assert b"web-server" not in body and b"secret-name" not in body
+    # a changed byte
+    last = segs[-1]
+    bad = bytearray(bodies[last])
+    bad[40] ^= 1
+    s3.call("put_object", Bucket=bucket, Key=f"{prefix}/{last}", Body=bytes(bad))
+    _one_line(m2.run("points", check=False), "index segment", "CRC")
+    # a segment gone
+    s3.call("put_object", Bucket=bucket, Key=f"{prefix}/{last}", Body=bodies[last])
+    s3.call("delete_object", Bucket=bucket, Key=f"{prefix}/{segs[0]}")
+    shutil.rmtree(m2.cache)
+    _one_line(m2.run("points", check=False), "index segment", "missing")
+
+
 # -- one writer --------------------------------------------------------------------------------
 
 def test_two_writers_race_for_the_lock(m1: Machine, m2: Machine, weed: WeedMini, tmp_path: Path) -> None:
