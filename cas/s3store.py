@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 
@@ -26,6 +27,8 @@ from .pack import pack_id_from_name, pack_name
 
 T = TypeVar("T")
 BLOCK = 4 << 20   # cache block: ranged GETs fetch whole aligned blocks
+PART = 8 << 20    # multipart part of a pack being uploaded (S3 wants at least 5 MiB but the last)
+UPLOAD_THREADS = 2
 
 
 class StoreUnavailable(SafeError):
@@ -125,30 +128,58 @@ class S3Client:
 
 
 class _S3Sink:
-    """A pack being written: buffered in memory, uploaded sealed by ``commit``."""
+    """A pack being written: buffered in memory and uploaded sealed by ``commit``. A pack that
+    grows past PART bytes goes up as a multipart upload whose parts are sent in the background
+    while the writer goes on appending (the upload overlaps the backup); ``commit`` sends the
+    rest and completes it, create-only. Until then no reader sees anything of it."""
 
     def __init__(self, store: "S3PackStore", pack_id: int):
         self.store = store
         self.pack_id = pack_id
         self.buf = bytearray()
         self.sealed = False
+        self.sent = 0                   # bytes of buf handed to parts
+        self.upload_id: str | None = None
+        self.parts: list[Future[str]] = []
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.sealed:
             raise SafeError(f"pack {pack_name(self.pack_id)} is sealed in the bucket")
         self.buf += data
+        while len(self.buf) - self.sent > PART:     # bytes stay for the last part, which commit sends
+            self._send_part(PART)
+
+    def _send_part(self, n: int) -> None:
+        if self.upload_id is None:
+            self.upload_id = self.store.start_upload(self.pack_id)
+        body = bytes(self.buf[self.sent:self.sent + n])
+        self.sent += n
+        self.parts.append(self.store.pool().submit(self.store.upload_part, self.pack_id, self.upload_id,
+                                                   len(self.parts) + 1, body))
 
     def commit(self) -> None:
-        if not self.sealed:
+        if self.sealed:
+            return
+        if self.upload_id is None:
             self.store.put_pack(self.pack_id, bytes(self.buf))
-            self.sealed = True
-            self.buf = bytearray()
+        else:
+            self._send_part(len(self.buf) - self.sent)
+            etags = [f.result() for f in self.parts]
+            self.store.complete_upload(self.pack_id, self.upload_id, etags, bytes(self.buf))
+            self.upload_id = None
+        self.sealed = True
+        self.buf = bytearray()
 
     def close(self) -> None:
         self.buf = bytearray()
 
     def abandon(self) -> None:
         self.buf = bytearray()
+        if self.upload_id is not None:
+            for f in self.parts:
+                f.cancel()
+            self.store.abort_upload(self.pack_id, self.upload_id)
+            self.upload_id = None
 
 
 class BlockCache:
@@ -239,6 +270,8 @@ class S3PackStore:
         self.prefix = f"{prefix}/" if prefix else ""
         self.cache = BlockCache(cache_dir, cache_bytes) if cache_dir is not None else None
         self.listed: dict[int, int] = {}   # pack -> size, from the last listing (sealed packs never change)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     def key(self, pack_id: int) -> str:
         """The object key of pack ``pack_id``."""
@@ -257,6 +290,49 @@ class S3PackStore:
             if head is None or head.get("ETag", "").strip('"') != hashlib.md5(body).hexdigest():
                 raise PackExists(f"pack {pack_name(pack_id)} is already in the bucket; packs are never "
                                  "overwritten") from None
+
+    def pool(self) -> ThreadPoolExecutor:
+        """The threads that upload parts of packs while the writer goes on."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="s3-upload")
+            return self._pool
+
+    def start_upload(self, pack_id: int) -> str:
+        """Begin the multipart upload of pack ``pack_id``; its upload id."""
+        r = self.s3.call("create_multipart_upload", Bucket=self.bucket, Key=self.key(pack_id))
+        return str(r["UploadId"])
+
+    def upload_part(self, pack_id: int, upload_id: str, number: int, body: bytes) -> str:
+        """Upload part ``number`` of a pack; its etag."""
+        r = self.s3.call("upload_part", Bucket=self.bucket, Key=self.key(pack_id), UploadId=upload_id,
+                         PartNumber=number, Body=body)
+        return str(r["ETag"])
+
+    def complete_upload(self, pack_id: int, upload_id: str, etags: list[str], body: bytes) -> None:
+        """Make the multipart upload the pack, create-only (``body``: the whole pack, to tell our
+        own retried completion from another writer's pack)."""
+        from botocore.exceptions import ClientError
+        parts = [{"ETag": e, "PartNumber": i + 1} for i, e in enumerate(etags)]
+        try:
+            self.s3.call("complete_multipart_upload", Bucket=self.bucket, Key=self.key(pack_id), UploadId=upload_id,
+                         MultipartUpload={"Parts": parts}, IfNoneMatch="*")
+        except ClientError as e:
+            if status_of(e) not in (404, 412):
+                raise SafeError(f"cannot upload pack {pack_name(pack_id)}: {e}") from None
+            n = self.size(pack_id)
+            if n != len(body) or self._get(pack_id, 0, n - 1) != body:
+                self.abort_upload(pack_id, upload_id)
+                raise PackExists(f"pack {pack_name(pack_id)} is already in the bucket; packs are never "
+                                 "overwritten") from None
+
+    def abort_upload(self, pack_id: int, upload_id: str) -> None:
+        """Drop an unfinished multipart upload (best effort: a store that is down keeps its parts,
+        which no reader sees)."""
+        try:
+            self.s3.call("abort_multipart_upload", Bucket=self.bucket, Key=self.key(pack_id), UploadId=upload_id)
+        except Exception:
+            pass
 
     def create(self, pack_id: int) -> _S3Sink:
         """A new pack, uploaded whole by its sink's ``commit``."""
@@ -394,4 +470,7 @@ class S3PackStore:
             self.cache.forget(f"{pack_name(pack_id)}.")
 
     def close(self) -> None:
-        """Nothing to release (the client's connections close with it)."""
+        """Stop the upload threads (the client's connections close with it)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
