@@ -64,6 +64,21 @@ class Options:
 _options: dict[str, Options] = {}     # cache directory (realpath) -> what resolve() was told
 
 
+_clients: dict[tuple[object, ...], S3Client] = {}
+_CLIENT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+               "AWS_DEFAULT_REGION", "POINTSAFE_S3_RETRY_SECONDS")
+
+
+def _client(endpoint: str | None) -> S3Client:
+    """One client per endpoint, settings and process (making one costs about 0.3 s; a forked
+    mount process makes its own rather than share the parent's connections)."""
+    k = (os.getpid(), endpoint, *(os.environ.get(n) for n in _CLIENT_ENV))
+    c = _clients.get(k)
+    if c is None:
+        c = _clients[k] = S3Client(endpoint=endpoint)
+    return c
+
+
 class Bucket:
     """The objects of one safe under ``s3://BUCKET/PREFIX``, addressed by their names in
     docs/FORMAT.md (``header``, ``index/….seg``...)."""
@@ -73,7 +88,7 @@ class Bucket:
         self.name, prefix = parse_url(url)
         self.prefix = f"{prefix}/" if prefix else ""
         self.options = options
-        self.s3 = S3Client(endpoint=options.endpoint)
+        self.s3 = _client(options.endpoint)
 
     def key(self, name: str) -> str:
         return self.prefix + name

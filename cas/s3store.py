@@ -29,6 +29,8 @@ T = TypeVar("T")
 BLOCK = 4 << 20   # cache block: ranged GETs fetch whole aligned blocks
 PART = 8 << 20    # multipart part of a pack being uploaded (S3 wants at least 5 MiB but the last)
 UPLOAD_THREADS = 2
+READ_AHEAD = 3    # blocks a sequential reader fetches ahead, in the background
+READ_THREADS = 3
 
 
 class StoreUnavailable(SafeError):
@@ -200,6 +202,10 @@ class BlockCache:
             self.files[p.name] = p.stat().st_size
             self.total += self.files[p.name]
 
+    def has(self, name: str) -> bool:
+        with self.lock:
+            return name in self.files
+
     def get(self, name: str) -> bytes | None:
         with self.lock:
             if name not in self.files:
@@ -271,6 +277,8 @@ class S3PackStore:
         self.cache = BlockCache(cache_dir, cache_bytes) if cache_dir is not None else None
         self.listed: dict[int, int] = {}   # pack -> size, from the last listing (sealed packs never change)
         self._pool: ThreadPoolExecutor | None = None
+        self._readers: ThreadPoolExecutor | None = None
+        self._flight: dict[str, Future[bytes]] = {}   # cache block -> its read-ahead in flight
         self._pool_lock = threading.Lock()
 
     def key(self, pack_id: int) -> str:
@@ -374,16 +382,57 @@ class S3PackStore:
         out = bytearray()
         first, last = offset // BLOCK, (offset + length - 1) // BLOCK
         for blk in range(first, last + 1):
-            name = f"{pack_name(pack_id)}.{blk}"
-            data = self.cache.get(name)
-            if data is None:
-                data = self._read_retrying(pack_id, blk * BLOCK, (blk + 1) * BLOCK - 1)
-                self.cache.put(name, data)
+            data = self._block(pack_id, blk)
             out += data
             if len(data) < BLOCK:
                 break
         start = offset - first * BLOCK
         return bytes(out[start:start + length])
+
+    def _block(self, pack_id: int, blk: int) -> bytes:
+        """Block ``blk`` of a pack, from the cache, from a read-ahead in flight, or fetched. A miss
+        right after the block before it (a sequential reader: restore, a mount's sequential
+        reads) starts fetching the next READ_AHEAD blocks in the background."""
+        assert self.cache is not None
+        name = f"{pack_name(pack_id)}.{blk}"
+        data = self.cache.get(name)
+        if data is not None:
+            return data
+        with self._pool_lock:
+            fut = self._flight.get(name)
+        if fut is not None:
+            try:
+                return fut.result()
+            except Exception:
+                pass            # fetch it here, with this reader's own errors
+        data = self._read_retrying(pack_id, blk * BLOCK, (blk + 1) * BLOCK - 1)
+        self.cache.put(name, data)
+        if len(data) == BLOCK and (blk == 0 or self.cache.has(f"{pack_name(pack_id)}.{blk - 1}")):
+            self._read_ahead(pack_id, blk)
+        return data
+
+    def _read_ahead(self, pack_id: int, blk: int) -> None:
+        size = self.listed.get(pack_id)
+        for b in range(blk + 1, blk + 1 + READ_AHEAD):
+            if size is not None and b * BLOCK >= size:
+                return
+            name = f"{pack_name(pack_id)}.{b}"
+            with self._pool_lock:
+                if name in self._flight or (self.cache is not None and self.cache.has(name)):
+                    continue
+                if self._readers is None:
+                    self._readers = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="s3-read")
+                self._flight[name] = self._readers.submit(self._fetch_ahead, pack_id, b, name)
+
+    def _fetch_ahead(self, pack_id: int, b: int, name: str) -> bytes:
+        try:
+            data = self._read_retrying(pack_id, b * BLOCK, (b + 1) * BLOCK - 1)
+            if data and self.cache is not None:
+                self.cache.put(name, data)
+            return data
+        finally:
+            with self._pool_lock:
+                self._flight.pop(name, None)
 
     def _read_retrying(self, pack_id: int, first: int, last: int) -> bytes:
         deadline = time.monotonic() + self.s3.retry_seconds
@@ -471,6 +520,7 @@ class S3PackStore:
 
     def close(self) -> None:
         """Stop the upload threads (the client's connections close with it)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        for pool in (self._pool, self._readers):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = self._readers = None
