@@ -361,16 +361,18 @@ class Journal:
         if not self.bucket.put_new(segment_name(n), body) and self.bucket.get(segment_name(n)) != body:
             raise SafeError(f"{self.bucket.url}: index segment {n} was written by another writer meanwhile; "
                             "nothing was committed; run the command again")
-        gone = []
-        for (table, key), value in changes.items():
-            if table == "points":
-                if value is None:
-                    gone.append(key)
-                else:
-                    self.bucket.put_new(f"points/{key.hex()}", value)
-        for key in gone:
-            self.bucket.delete(f"points/{key.hex()}")
         self.index.put_meta_int(txn, segments.SEG_META.decode(), n)
+        # The commit is in the bucket now: the points/ copies are best effort (readers take
+        # points from the segments), so that a store going away here fails nothing.
+        try:
+            for (table, key), value in changes.items():
+                if table == "points":
+                    if value is None:
+                        self.bucket.delete(f"points/{key.hex()}")
+                    else:
+                        self.bucket.put_new(f"points/{key.hex()}", value)
+        except SafeError:
+            pass
 
 
 def attach(safe: Safe, bucket: Bucket) -> None:

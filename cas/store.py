@@ -441,6 +441,14 @@ class Safe:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def refresh(self) -> int:
+        """A bucket safe: apply the segments other machines wrote since this cache was brought
+        up to date (cas/s3safe.py); returns how many. 0 for a local safe or a read-only index."""
+        if self.remote is None or self.index.readonly:
+            return 0
+        from .s3safe import catch_up
+        return catch_up(self.remote, self.index, self.crypto)
+
     def writer(self, command: str = "", space_check: SpaceCheck | None = None) -> "Writer":
         """Take the writer lock (or raise SafeLocked) and return the writer; ``space_check``
         guards the free space while it writes (see ``Writer``)."""
@@ -497,6 +505,7 @@ class Safe:
                 return self.read_entry(key, e, rehash=rehash)
             except FileNotFoundError:
                 self.store.forget(e.pack)
+                self.refresh()      # a bucket safe: another machine's gc may have moved it
                 err: SafeError = IntegrityError(f"object {key.hex()[:12]}: pack {pack_name(e.pack)} is missing", e.pack, e.offset)
             except IntegrityError as ie:
                 self.store.forget(e.pack)

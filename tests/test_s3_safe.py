@@ -242,6 +242,42 @@ def test_key_changes_reach_the_bucket_and_repair_is_refused(m1: Machine, m2: Mac
 
 
 @needs_fuse
+def test_a_mount_reads_on_while_another_machine_runs_gc(m1: Machine, m2: Machine, weed: WeedMini,
+                                                        tmp_path: Path) -> None:
+    """A mount on machine two keeps reading a point after machine one's gc moved its data into
+    new packs and deleted the old ones: the mount applies the new segments and looks again."""
+    import random
+    from _fuse_util import is_mounted, unmount, wait_gone
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(7)
+    m1.run("init", m1.url, "--pack-size", "64K", "--encryption", "none")
+    for i in range(6):              # f0d and f0k share a pack, ...: gc rewrites each
+        (src / f"f{i}k").write_bytes(rng.randbytes(30_000))
+        (src / f"f{i}d").write_bytes(rng.randbytes(30_000))
+    m1.json("backup", src, "--name", "a")
+    for i in range(6):
+        (src / f"f{i}d").unlink()
+    p2 = m1.json("backup", src, "--name", "a")
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    info = None
+    try:
+        info = m2.json("mount", mp, p2["id"], "--log", tmp_path / "mount.log")
+        assert is_mounted(mp) and sorted(os.listdir(mp)) == [f"f{i}k" for i in range(6)]
+        before = set(_keys(weed, m1.url, "packs/"))
+        m1.run("forget", "--keep-last", "1")
+        m1.run("gc", "--threshold", "0")
+        assert not before <= set(_keys(weed, m1.url, "packs/")), "gc rewrote and deleted packs"
+        for i in range(6):
+            assert (mp / f"f{i}k").read_bytes() == (src / f"f{i}k").read_bytes()
+    finally:
+        unmount(mp)
+        if info is not None:
+            assert wait_gone(info["pid"]), "the mount process did not exit after unmounting"
+
+
+@needs_fuse
 def test_mount_read_while_the_store_restarts(tmp_path: Path) -> None:
     """A read through the mount while the store is down waits for it (retries) and then returns
     the right bytes."""
