@@ -275,6 +275,21 @@ def test_a_mount_reads_on_while_another_machine_runs_gc(m1: Machine, m2: Machine
         unmount(mp)
         if info is not None:
             assert wait_gone(info["pid"]), "the mount process did not exit after unmounting"
+    # a mount of every point shows the points other machines make meanwhile
+    info = None
+    try:
+        info = m2.json("mount", mp, "--log", tmp_path / "mount2.log", POINTSAFE_S3_REFRESH_SECONDS="0.5")
+        names = set(os.listdir(mp))
+        p3 = m1.json("backup", src, "--name", "later")
+        deadline = time.monotonic() + 30
+        while set(os.listdir(mp)) == names and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert set(os.listdir(mp)) != names, "the new point did not appear"
+        assert p3["id"]
+    finally:
+        unmount(mp)
+        if info is not None:
+            assert wait_gone(info["pid"]), "the mount process did not exit after unmounting"
 
 
 @needs_fuse
