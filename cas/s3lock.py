@@ -83,6 +83,8 @@ class S3Lock:
         self.etag: str | None = None
         self.since = int(time.time())
         self._stop = threading.Event()
+        self.lost = False
+        self.valid_until = 0.0    # time.monotonic() until which the lock is ours
         self._thread: threading.Thread | None = None
 
     def _body(self) -> bytes:
@@ -108,9 +110,10 @@ class S3Lock:
         """Take the lock, or raise SafeLocked ("the safe is busy") while another holds it."""
         from botocore.exceptions import ClientError
         for _ in range(3):
+            sent = time.monotonic()
             try:
                 r = self.s3.call("put_object", Bucket=self.bucket, Key=self.key, Body=self._body(), IfNoneMatch="*")
-                self.etag = str(r["ETag"])
+                self._held(str(r["ETag"]), sent)
                 return
             except ClientError as e:
                 if status_of(e) != 412:
@@ -120,14 +123,15 @@ class S3Lock:
                 continue        # released between the two calls: try to create it again
             info, etag = seen
             if info.get("token") == self.token:   # our own create, whose answer was lost and retried
-                self.etag = etag
+                self._held(etag, sent)
                 return
             if float(info.get("expires", 0)) > time.time() and not _holder_gone(info):
                 raise SafeLocked(f"the safe is busy: {info.get('holder', '?')} (pid {info.get('pid', '?')} on "
                                  f"{info.get('host', '?')}) holds its writer lock; wait for it to finish")
             try:   # expired: take it over, unless another taker was faster
+                sent = time.monotonic()
                 r = self.s3.call("put_object", Bucket=self.bucket, Key=self.key, Body=self._body(), IfMatch=etag)
-                self.etag = str(r["ETag"])
+                self._held(str(r["ETag"]), sent)
                 return
             except ClientError as e:
                 if status_of(e) not in (412, 404):
@@ -138,13 +142,24 @@ class S3Lock:
     def renew(self) -> None:
         """Push the expiry out by the TTL; SafeLocked when the lock is no longer ours."""
         from botocore.exceptions import ClientError
+        sent = time.monotonic()
         try:
             r = self.s3.call("put_object", Bucket=self.bucket, Key=self.key, Body=self._body(), IfMatch=self.etag)
         except ClientError as e:
             if status_of(e) in (412, 404):
+                self.lost = True
                 raise SafeLocked("the writer lock was taken over by another writer (it had expired)") from None
             raise
-        self.etag = str(r["ETag"])
+        self._held(str(r["ETag"]), sent)
+
+    def _held(self, etag: str, sent: float) -> None:
+        self.etag = etag
+        self.valid_until = sent + self.ttl
+
+    def held(self) -> bool:
+        """True while the lock is surely ours: renewed less than a TTL ago (minus a margin for
+        clock drift) and not taken over. A writer checks it before each commit."""
+        return not self.lost and time.monotonic() < self.valid_until - min(5.0, self.ttl / 10)
 
     def start_renewing(self) -> None:
         """Renew every third of the TTL in a daemon thread until ``release``."""
@@ -152,8 +167,10 @@ class S3Lock:
             while not self._stop.wait(self.ttl / 3):
                 try:
                     self.renew()
+                except SafeLocked:
+                    return          # taken over: ``held`` is False from now on
                 except SafeError:
-                    return
+                    continue        # the store did not answer: try again, while the lock lasts
         self._thread = threading.Thread(target=loop, name="s3-lock-renew", daemon=True)
         self._thread.start()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from . import segments
-from .errors import IntegrityError, NotASafe, SafeError, UsageError
+from .errors import IntegrityError, NotASafe, SafeError, SafeLocked, UsageError
 from .header import (COPY_NAME, HEADER_NAME, PRIVATE_DIR_MODE, decode_header, write_private)
 from .keyslots import KEYS_DIR
 from .s3store import S3Client, S3PackStore, parse_url, status_of
@@ -350,11 +350,14 @@ class Journal:
         self.bucket = bucket
         self.index = index
         self.crypto = crypto
-        self.writing = False
+        self.writing: S3Lock | None = None    # the bucket's lock, while a writer holds it
 
     def __call__(self, txn: Txn, changes: segments.Changes) -> None:
-        if not self.writing:
+        if self.writing is None:
             raise SafeError("internal: a change to a bucket safe's index outside its writer")
+        if not self.writing.held():
+            raise SafeLocked(f"{self.bucket.url}: the writer lock expired or was taken over while this command "
+                             "ran (the store did not answer in time); the last batch was not committed")
         n = segments.applied(self.index, txn) + 1
         body = segments.encode(n, changes, self.crypto)
         # A 412 after a retried PUT whose first try landed is our own segment: same bytes.
@@ -404,8 +407,8 @@ class Writing:
             self.lock.release()
             raise
         self.journal = safe.journal
-        self.journal.writing = True
+        self.journal.writing = self.lock
 
     def close(self) -> None:
-        self.journal.writing = False
+        self.journal.writing = None
         self.lock.release()

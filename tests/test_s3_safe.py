@@ -435,7 +435,7 @@ def test_store_killed_and_restarted_during_a_backup(tmp_path: Path) -> None:
     try:
         b = _bucket(w)
         m = Machine(w, tmp_path / "cache", f"s3://{b}/s")
-        m.env["POINTSAFE_S3_RETRY_SECONDS"] = "40"
+        m.env.update(POINTSAFE_S3_RETRY_SECONDS="40", POINTSAFE_S3_LOCK_TTL="300")   # the lease outlasts the outage
         m.run("init", m.url, "--pack-size", "256K")
         src = tmp_path / "src"
         src.mkdir()
