@@ -243,3 +243,21 @@ def test_a_big_pack_goes_up_in_parts_and_an_abandoned_one_leaves_nothing(s3: Any
     r = s3.call("list_multipart_uploads", Bucket=bucket)
     assert not r.get("Uploads"), "an abandoned upload is aborted"
     store.close()
+
+
+def test_a_lease_that_ran_out_is_not_held(s3: Any, bucket: str) -> None:
+    from pointsafe.cas.s3lock import S3Lock
+    lk = S3Lock(s3, bucket, "safe1", ttl=1.0)
+    lk.acquire()
+    assert lk.held()
+    time.sleep(1.0)
+    assert not lk.held(), "a writer whose lease may have expired must not commit"
+    lk.renew()
+    assert lk.held()
+    other = S3Lock(s3, bucket, "safe1", ttl=1.0)
+    time.sleep(1.1)
+    other.acquire()                  # expired: taken over
+    with pytest.raises(Exception, match="taken over"):
+        lk.renew()
+    assert not lk.held() and other.held()
+    other.release()
