@@ -23,13 +23,14 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import lmdb
 
 from .counters import CounterDelta
 from .errors import NotASafe, SafeError
 from .header import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE
+from .segments import JournalTxn, Publisher
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -211,6 +212,9 @@ class Index:
                              max_readers=1024, metasync=True, sync=True, lock=lock or (not self.readonly and not create),
                              mode=PRIVATE_FILE_MODE)
         self.db: dict[str, Table] = {}
+        # A bucket safe's cache (cas/s3safe.py) journals every write transaction: the rows it
+        # changed become an index segment, uploaded before the local commit (cas/segments.py).
+        self.publisher: Publisher | None = None
         if self.readonly:
             for name in TABLES:
                 self.existing(name)
@@ -242,7 +246,10 @@ class Index:
         if self.readonly:
             raise SafeError(f"{self.path.parent}: the safe is open read-only (a read-only filesystem "
                             "or no write permission); this needs to write to it")
-        return self.env.begin(write=True)
+        txn = self.env.begin(write=True)
+        if self.publisher is None:
+            return txn
+        return cast("Txn", JournalTxn(txn, self, self.publisher))
 
     def table(self, name: str) -> Table:
         """The table ``name``, created when missing (SafeError on a read-only index)."""

@@ -29,7 +29,8 @@ import lmdb
 
 from .crypto import Crypto
 from . import keyslots
-from .errors import DiskFull, IntegrityError, NeedsPassword, NotASafe, SafeError, UnsupportedVersion, WrongPassword
+from .errors import (DiskFull, IntegrityError, NeedsPassword, NotASafe, SafeError, UnsupportedVersion, UsageError,
+                     WrongPassword)
 from .keyslots import KEYS_DIR
 from .header import (
     PRIVATE_FILE_MODE,
@@ -103,6 +104,9 @@ def repair(path: str | os.PathLike[str], password: Password | None = None,
     rebuilt with default settings is refused in a safe that has key slots.
     """
     safe_dir = Path(path)
+    if (safe_dir / "remote").is_file():     # a bucket safe's cache (cas/s3safe.py, REMOTE_NAME)
+        raise UsageError(f"{safe_dir} is the cache of a safe in a bucket: repair of a bucket safe is not "
+                         f"supported yet; delete {safe_dir} to rebuild its index from the bucket's segments")
     state = inspect_header(safe_dir)
     if state.good is None:
         err = missing_header_error(safe_dir, state)

@@ -1,8 +1,9 @@
 """The writer lock of a safe in a bucket, enforced by the store (docs/FORMAT.md, "The bucket layout").
 
 Created with ``If-None-Match: *``, renewed with ``If-Match: <etag>``, released with a conditional
-delete, taken over only after its ``expires`` has passed (by a compare-and-swap on the etag
-read). Expiry compares the taker's clock with the holder's: the TTL must exceed the clock skew.
+delete, taken over only after its ``expires`` has passed, or when it names a process of this host
+that is gone (by a compare-and-swap on the etag read). Expiry compares the taker's clock with the
+holder's: the TTL must exceed the clock skew.
 """
 
 from __future__ import annotations
@@ -48,6 +49,27 @@ def check_conditional_create(s3: S3Client, bucket: str, prefix: str) -> None:
                       "so it cannot keep two writers apart; use a store that honours it, or --unsafe-no-locking")
 
 
+def _holder_gone(info: dict[str, Any]) -> bool:
+    """True when the lock names a process of this host that no longer runs (a writer killed, or
+    one that failed while the store was down and could not delete the lock): its lock may be taken
+    over before it expires. A holder on another host is gone only once its lock has expired."""
+    if info.get("host") != socket.gethostname():
+        return False
+    try:
+        pid = int(info.get("pid", 0))
+    except (TypeError, ValueError):
+        return False
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False    # it runs, as another user
+    return False
+
+
 class S3Lock:
     """The ``lock`` object of a safe in a bucket; ``acquire``, then ``renew``/``start_renewing``, ``release``."""
 
@@ -61,6 +83,8 @@ class S3Lock:
         self.etag: str | None = None
         self.since = int(time.time())
         self._stop = threading.Event()
+        self.lost = False
+        self.valid_until = 0.0    # time.monotonic() until which the lock is ours
         self._thread: threading.Thread | None = None
 
     def _body(self) -> bytes:
@@ -86,9 +110,10 @@ class S3Lock:
         """Take the lock, or raise SafeLocked ("the safe is busy") while another holds it."""
         from botocore.exceptions import ClientError
         for _ in range(3):
+            sent = time.monotonic()
             try:
                 r = self.s3.call("put_object", Bucket=self.bucket, Key=self.key, Body=self._body(), IfNoneMatch="*")
-                self.etag = str(r["ETag"])
+                self._held(str(r["ETag"]), sent)
                 return
             except ClientError as e:
                 if status_of(e) != 412:
@@ -98,14 +123,15 @@ class S3Lock:
                 continue        # released between the two calls: try to create it again
             info, etag = seen
             if info.get("token") == self.token:   # our own create, whose answer was lost and retried
-                self.etag = etag
+                self._held(etag, sent)
                 return
-            if float(info.get("expires", 0)) > time.time():
+            if float(info.get("expires", 0)) > time.time() and not _holder_gone(info):
                 raise SafeLocked(f"the safe is busy: {info.get('holder', '?')} (pid {info.get('pid', '?')} on "
                                  f"{info.get('host', '?')}) holds its writer lock; wait for it to finish")
             try:   # expired: take it over, unless another taker was faster
+                sent = time.monotonic()
                 r = self.s3.call("put_object", Bucket=self.bucket, Key=self.key, Body=self._body(), IfMatch=etag)
-                self.etag = str(r["ETag"])
+                self._held(str(r["ETag"]), sent)
                 return
             except ClientError as e:
                 if status_of(e) not in (412, 404):
@@ -116,13 +142,24 @@ class S3Lock:
     def renew(self) -> None:
         """Push the expiry out by the TTL; SafeLocked when the lock is no longer ours."""
         from botocore.exceptions import ClientError
+        sent = time.monotonic()
         try:
             r = self.s3.call("put_object", Bucket=self.bucket, Key=self.key, Body=self._body(), IfMatch=self.etag)
         except ClientError as e:
             if status_of(e) in (412, 404):
+                self.lost = True
                 raise SafeLocked("the writer lock was taken over by another writer (it had expired)") from None
             raise
-        self.etag = str(r["ETag"])
+        self._held(str(r["ETag"]), sent)
+
+    def _held(self, etag: str, sent: float) -> None:
+        self.etag = etag
+        self.valid_until = sent + self.ttl
+
+    def held(self) -> bool:
+        """True while the lock is surely ours: renewed less than a TTL ago (minus a margin for
+        clock drift) and not taken over. A writer checks it before each commit."""
+        return not self.lost and time.monotonic() < self.valid_until - min(5.0, self.ttl / 10)
 
     def start_renewing(self) -> None:
         """Renew every third of the TTL in a daemon thread until ``release``."""
@@ -130,8 +167,10 @@ class S3Lock:
             while not self._stop.wait(self.ttl / 3):
                 try:
                     self.renew()
+                except SafeLocked:
+                    return          # taken over: ``held`` is False from now on
                 except SafeError:
-                    return
+                    continue        # the store did not answer: try again, while the lock lasts
         self._thread = threading.Thread(target=loop, name="s3-lock-renew", daemon=True)
         self._thread.start()
 

@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 
@@ -26,6 +27,10 @@ from .pack import pack_id_from_name, pack_name
 
 T = TypeVar("T")
 BLOCK = 4 << 20   # cache block: ranged GETs fetch whole aligned blocks
+PART = 8 << 20    # multipart part of a pack being uploaded (S3 wants at least 5 MiB but the last)
+UPLOAD_THREADS = 2
+READ_AHEAD = 3    # blocks a sequential reader fetches ahead, in the background
+READ_THREADS = 3
 
 
 class StoreUnavailable(SafeError):
@@ -63,13 +68,35 @@ def _transient(e: BaseException) -> bool:
     return isinstance(e, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError))
 
 
+def _refusal(e: BaseException, endpoint: str, bucket: str | None) -> SafeError | None:
+    """The one-line error of a failure no retry can cure (a missing bucket, credentials the
+    store refuses or none at all), or None for the caller to handle (404 of a key, 412...)."""
+    from botocore.exceptions import ClientError, NoCredentialsError
+    if isinstance(e, NoCredentialsError):
+        return SafeError(f"no credentials for the object store at {endpoint}: set AWS_ACCESS_KEY_ID and "
+                         "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
+    if not isinstance(e, ClientError):
+        return None
+    code = str(e.response.get("Error", {}).get("Code", ""))
+    if code == "NoSuchBucket":
+        return SafeError(f"the bucket {bucket!r} does not exist at {endpoint}")
+    if status_of(e) == 403 or code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"):
+        return SafeError(f"the object store at {endpoint} refused the credentials ({code or 'access denied'}): "
+                         "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
+    return None
+
+
 class S3Client:
     """A boto3 S3 client with a bounded retry on top of botocore's own."""
 
     def __init__(self, endpoint: str | None = None, region: str | None = None,
                  retry_seconds: float | None = None, timeout: float = 10.0):
-        import boto3
-        from botocore.config import Config
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            raise SafeError("a safe in an S3 bucket needs boto3, which is not installed: "
+                            "pip install 'pointsafe[s3]'") from None
         session = boto3.session.Session()
         region = region or session.region_name or "us-east-1"
         endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -91,39 +118,70 @@ class S3Client:
                 return fn(**kw)
             except Exception as e:
                 if not _transient(e):
+                    refused = _refusal(e, self.endpoint, kw.get("Bucket"))
+                    if refused is not None:
+                        raise refused from None
                     raise
                 if time.monotonic() + delay > deadline:
                     raise StoreUnavailable(f"the object store at {self.endpoint} did not answer for "
                                            f"{self.retry_seconds:g} s ({op}: {e})") from None
                 time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, 2.0)
 
 
 class _S3Sink:
-    """A pack being written: buffered in memory, uploaded sealed by ``commit``."""
+    """A pack being written: buffered in memory and uploaded sealed by ``commit``. A pack that
+    grows past PART bytes goes up as a multipart upload whose parts are sent in the background
+    while the writer goes on appending (the upload overlaps the backup); ``commit`` sends the
+    rest and completes it, create-only. Until then no reader sees anything of it."""
 
     def __init__(self, store: "S3PackStore", pack_id: int):
         self.store = store
         self.pack_id = pack_id
         self.buf = bytearray()
         self.sealed = False
+        self.sent = 0                   # bytes of buf handed to parts
+        self.upload_id: str | None = None
+        self.parts: list[Future[str]] = []
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.sealed:
             raise SafeError(f"pack {pack_name(self.pack_id)} is sealed in the bucket")
         self.buf += data
+        while len(self.buf) - self.sent > PART:     # bytes stay for the last part, which commit sends
+            self._send_part(PART)
+
+    def _send_part(self, n: int) -> None:
+        if self.upload_id is None:
+            self.upload_id = self.store.start_upload(self.pack_id)
+        body = bytes(self.buf[self.sent:self.sent + n])
+        self.sent += n
+        self.parts.append(self.store.pool().submit(self.store.upload_part, self.pack_id, self.upload_id,
+                                                   len(self.parts) + 1, body))
 
     def commit(self) -> None:
-        if not self.sealed:
+        if self.sealed:
+            return
+        if self.upload_id is None:
             self.store.put_pack(self.pack_id, bytes(self.buf))
-            self.sealed = True
-            self.buf = bytearray()
+        else:
+            self._send_part(len(self.buf) - self.sent)
+            etags = [f.result() for f in self.parts]
+            self.store.complete_upload(self.pack_id, self.upload_id, etags, bytes(self.buf))
+            self.upload_id = None
+        self.sealed = True
+        self.buf = bytearray()
 
     def close(self) -> None:
         self.buf = bytearray()
 
     def abandon(self) -> None:
         self.buf = bytearray()
+        if self.upload_id is not None:
+            for f in self.parts:
+                f.cancel()
+            self.store.abort_upload(self.pack_id, self.upload_id)
+            self.upload_id = None
 
 
 class BlockCache:
@@ -143,6 +201,10 @@ class BlockCache:
                 continue
             self.files[p.name] = p.stat().st_size
             self.total += self.files[p.name]
+
+    def has(self, name: str) -> bool:
+        with self.lock:
+            return name in self.files
 
     def get(self, name: str) -> bytes | None:
         with self.lock:
@@ -213,6 +275,11 @@ class S3PackStore:
         self.bucket = bucket
         self.prefix = f"{prefix}/" if prefix else ""
         self.cache = BlockCache(cache_dir, cache_bytes) if cache_dir is not None else None
+        self.listed: dict[int, int] = {}   # pack -> size, from the last listing (sealed packs never change)
+        self._pool: ThreadPoolExecutor | None = None
+        self._readers: ThreadPoolExecutor | None = None
+        self._flight: dict[str, Future[bytes]] = {}   # cache block -> its read-ahead in flight
+        self._pool_lock = threading.Lock()
 
     def key(self, pack_id: int) -> str:
         """The object key of pack ``pack_id``."""
@@ -231,6 +298,49 @@ class S3PackStore:
             if head is None or head.get("ETag", "").strip('"') != hashlib.md5(body).hexdigest():
                 raise PackExists(f"pack {pack_name(pack_id)} is already in the bucket; packs are never "
                                  "overwritten") from None
+
+    def pool(self) -> ThreadPoolExecutor:
+        """The threads that upload parts of packs while the writer goes on."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="s3-upload")
+            return self._pool
+
+    def start_upload(self, pack_id: int) -> str:
+        """Begin the multipart upload of pack ``pack_id``; its upload id."""
+        r = self.s3.call("create_multipart_upload", Bucket=self.bucket, Key=self.key(pack_id))
+        return str(r["UploadId"])
+
+    def upload_part(self, pack_id: int, upload_id: str, number: int, body: bytes) -> str:
+        """Upload part ``number`` of a pack; its etag."""
+        r = self.s3.call("upload_part", Bucket=self.bucket, Key=self.key(pack_id), UploadId=upload_id,
+                         PartNumber=number, Body=body)
+        return str(r["ETag"])
+
+    def complete_upload(self, pack_id: int, upload_id: str, etags: list[str], body: bytes) -> None:
+        """Make the multipart upload the pack, create-only (``body``: the whole pack, to tell our
+        own retried completion from another writer's pack)."""
+        from botocore.exceptions import ClientError
+        parts = [{"ETag": e, "PartNumber": i + 1} for i, e in enumerate(etags)]
+        try:
+            self.s3.call("complete_multipart_upload", Bucket=self.bucket, Key=self.key(pack_id), UploadId=upload_id,
+                         MultipartUpload={"Parts": parts}, IfNoneMatch="*")
+        except ClientError as e:
+            if status_of(e) not in (404, 412):
+                raise SafeError(f"cannot upload pack {pack_name(pack_id)}: {e}") from None
+            n = self.size(pack_id)
+            if n != len(body) or self._get(pack_id, 0, n - 1) != body:
+                self.abort_upload(pack_id, upload_id)
+                raise PackExists(f"pack {pack_name(pack_id)} is already in the bucket; packs are never "
+                                 "overwritten") from None
+
+    def abort_upload(self, pack_id: int, upload_id: str) -> None:
+        """Drop an unfinished multipart upload (best effort: a store that is down keeps its parts,
+        which no reader sees)."""
+        try:
+            self.s3.call("abort_multipart_upload", Bucket=self.bucket, Key=self.key(pack_id), UploadId=upload_id)
+        except Exception:
+            pass
 
     def create(self, pack_id: int) -> _S3Sink:
         """A new pack, uploaded whole by its sink's ``commit``."""
@@ -272,16 +382,57 @@ class S3PackStore:
         out = bytearray()
         first, last = offset // BLOCK, (offset + length - 1) // BLOCK
         for blk in range(first, last + 1):
-            name = f"{pack_name(pack_id)}.{blk}"
-            data = self.cache.get(name)
-            if data is None:
-                data = self._read_retrying(pack_id, blk * BLOCK, (blk + 1) * BLOCK - 1)
-                self.cache.put(name, data)
+            data = self._block(pack_id, blk)
             out += data
             if len(data) < BLOCK:
                 break
         start = offset - first * BLOCK
         return bytes(out[start:start + length])
+
+    def _block(self, pack_id: int, blk: int) -> bytes:
+        """Block ``blk`` of a pack, from the cache, from a read-ahead in flight, or fetched. A miss
+        right after the block before it (a sequential reader: restore, a mount's sequential
+        reads) starts fetching the next READ_AHEAD blocks in the background."""
+        assert self.cache is not None
+        name = f"{pack_name(pack_id)}.{blk}"
+        data = self.cache.get(name)
+        if data is not None:
+            return data
+        with self._pool_lock:
+            fut = self._flight.get(name)
+        if fut is not None:
+            try:
+                return fut.result()
+            except Exception:
+                pass            # fetch it here, with this reader's own errors
+        data = self._read_retrying(pack_id, blk * BLOCK, (blk + 1) * BLOCK - 1)
+        self.cache.put(name, data)
+        if len(data) == BLOCK and (blk == 0 or self.cache.has(f"{pack_name(pack_id)}.{blk - 1}")):
+            self._read_ahead(pack_id, blk)
+        return data
+
+    def _read_ahead(self, pack_id: int, blk: int) -> None:
+        size = self.listed.get(pack_id)
+        for b in range(blk + 1, blk + 1 + READ_AHEAD):
+            if size is not None and b * BLOCK >= size:
+                return
+            name = f"{pack_name(pack_id)}.{b}"
+            with self._pool_lock:
+                if name in self._flight or (self.cache is not None and self.cache.has(name)):
+                    continue
+                if self._readers is None:
+                    self._readers = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="s3-read")
+                self._flight[name] = self._readers.submit(self._fetch_ahead, pack_id, b, name)
+
+    def _fetch_ahead(self, pack_id: int, b: int, name: str) -> bytes:
+        try:
+            data = self._read_retrying(pack_id, b * BLOCK, (b + 1) * BLOCK - 1)
+            if data and self.cache is not None:
+                self.cache.put(name, data)
+            return data
+        finally:
+            with self._pool_lock:
+                self._flight.pop(name, None)
 
     def _read_retrying(self, pack_id: int, first: int, last: int) -> bytes:
         deadline = time.monotonic() + self.s3.retry_seconds
@@ -304,7 +455,10 @@ class S3PackStore:
             raise SafeError(f"cannot look at pack {pack_name(pack_id)}: {e}") from None
 
     def size(self, pack_id: int) -> int | None:
-        """The pack's size in bytes, or None when it is not in the bucket."""
+        """The pack's size in bytes, or None when it is not in the bucket (from the last
+        ``pack_ids`` listing when that saw it: a sealed pack never changes)."""
+        if pack_id in self.listed:
+            return self.listed[pack_id]
         head = self._head(pack_id)
         return None if head is None else int(head["ContentLength"])
 
@@ -336,6 +490,7 @@ class S3PackStore:
             for obj in r.get("Contents", []):
                 pid = pack_id_from_name(obj["Key"].rsplit("/", 1)[-1])
                 if pid is not None:
+                    self.listed[pid] = int(obj["Size"])
                     yield pid
             if not r.get("IsTruncated"):
                 return
@@ -358,9 +513,14 @@ class S3PackStore:
         """Nothing: a single PUT is atomic, an interrupted one leaves no object."""
 
     def forget(self, pack_id: int) -> None:
-        """Drop the cached blocks of ``pack_id``."""
+        """Drop the cached blocks (and listed size) of ``pack_id``."""
+        self.listed.pop(pack_id, None)
         if self.cache is not None:
             self.cache.forget(f"{pack_name(pack_id)}.")
 
     def close(self) -> None:
-        """Nothing to release (the client's connections close with it)."""
+        """Stop the upload threads (the client's connections close with it)."""
+        for pool in (self._pool, self._readers):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = self._readers = None

@@ -46,7 +46,7 @@ from .keys import Kind, object_key
 from .nodes import encode_node, node_children
 from .pack import (CIPHER_NONE, PACK_HEADER, REC_HEADER_SIZE, Prepared, decode_record, pack_name,
                    parse_record_header, prepare)
-from .packstore import LocalPackStore, fsync_dir as _fsync_dir
+from .packstore import LocalPackStore, PackStore, fsync_dir as _fsync_dir
 from .packwriter import PackWriter, disk_error as _disk_error, recover
 from .point import Point, oldest_first
 from .refcount import RefChange
@@ -54,6 +54,7 @@ from .timefmt import utc_now_iso
 
 if TYPE_CHECKING:
     from .index import Txn
+    from .s3safe import Bucket, Journal, Writing
 
 __all__ = ["Safe", "Writer", "take_lock", "release_lock", "utc_now_iso"]
 
@@ -239,7 +240,10 @@ class Safe:
         self.crypto = crypto
         self._master = master_key
         self.packs_dir = path / PACKS_DIR
-        self.store = LocalPackStore(self.packs_dir)
+        self.store: PackStore = LocalPackStore(self.packs_dir)
+        # A bucket safe (cas/s3safe.py): the bucket, and the journal of the index's writes.
+        self.remote: Bucket | None = None
+        self.journal: Journal | None = None
         # Count of objects read from packs, for tests and benchmarks ("lazy" checks).
         self.objects_read = 0
 
@@ -248,7 +252,8 @@ class Safe:
     @classmethod
     def init(cls, path: str | os.PathLike[str], compression: str = "zstd:1",
              block_size: int = 64 * 1024, pack_size: int = 64 * 1024 * 1024, encryption: str = "none",
-             password: bytes | None = None, **extra: Any) -> "Safe":
+             password: bytes | None = None, unsafe_no_locking: bool = False, s3_endpoint: str | None = None,
+             **extra: Any) -> "Safe":
         """Create a new safe at ``path`` (a missing or empty directory) and return it open for
         writing; ``extra`` are further SafeConfig fields.
 
@@ -256,9 +261,18 @@ class Safe:
         "chacha20-poly1305"; an encrypted safe gets a random master key in one key slot opened by
         ``password`` (KDF parameters: cas/keyslots.py).
 
+        ``path`` may be ``s3://BUCKET/PREFIX``: a bucket safe (cas/s3safe.py), reached through
+        ``s3_endpoint`` (else boto3's own settings), refused on a store that ignores conditional
+        creation unless ``unsafe_no_locking``; its cache directory is made afresh.
+
         Raises UsageError for a path that is not a new or empty directory or a bad setting,
         DiskFull when the disk has less than 1 MiB free, SafeError on other I/O errors; a
         failed init removes what it made, so it can simply run again."""
+        bucket = None
+        safe_id = uuid.uuid4().hex
+        if str(path).startswith("s3://"):
+            from . import s3safe
+            bucket, path = s3safe.new_cache(str(path), s3_endpoint, unsafe_no_locking, safe_id)
         p = Path(path)
         cipher = default_cipher() if encryption == "auto" else encryption
         if cipher not in ("none", *CIPHERS):
@@ -272,7 +286,7 @@ class Safe:
                 raise UsageError(f"{p}: directory is not empty; a safe needs a new or empty directory")
         if block_size < 4096 or block_size > 4 * 1024 * 1024 or block_size & (block_size - 1):
             raise UsageError(f"bad block size {block_size}: use a power of two from 4 KiB to 4 MiB")
-        config = SafeConfig(safe_id=uuid.uuid4().hex, created=utc_now_iso(),
+        config = SafeConfig(safe_id=safe_id, created=utc_now_iso(),
                             compression=parse_compression(compression), block_size=block_size,
                             pack_size=pack_size, **extra)
         crypto = master = None
@@ -290,8 +304,9 @@ class Safe:
                 raise DiskFull(f"disk full: cannot create a safe at {p} "
                                f"({st.f_bavail * st.f_frsize} bytes free, it needs at least 1 MiB)")
             os.chmod(p, PRIVATE_DIR_MODE)
-            (p / PACKS_DIR).mkdir(mode=PRIVATE_DIR_MODE)
-            os.chmod(p / PACKS_DIR, PRIVATE_DIR_MODE)
+            if bucket is None:   # a bucket safe's packs are in the bucket
+                (p / PACKS_DIR).mkdir(mode=PRIVATE_DIR_MODE)
+                os.chmod(p / PACKS_DIR, PRIVATE_DIR_MODE)
             index = Index(p / INDEX_DIR, create=True)
             os.close(private_open(p / LOCK_NAME))
             if master is not None:
@@ -302,14 +317,21 @@ class Safe:
                 txn.put(b"header", header, db=index.db["meta"])   # a third copy, for repair
             write_header_bytes(p, header)
             _fsync_dir(p)
-        except (OSError, lmdb.Error, DiskFull) as e:
+            if bucket is not None:
+                from .s3safe import publish_init
+                publish_init(bucket, p, header)
+        except (OSError, lmdb.Error, SafeError) as e:
             _undo_init(p, created)   # so that the user can simply run init again
-            if isinstance(e, DiskFull):
+            if isinstance(e, SafeError):
                 raise
             if isinstance(e, lmdb.Error):
                 e = OSError(errno.ENOSPC if "space" in str(e).lower() else errno.EIO, str(e))
             raise _disk_error(e, f"creating the safe at {p}") from None
         safe = cls(p, config, index, crypto, master)
+        if bucket is not None:
+            from .s3safe import attach
+            attach(safe, bucket)
+            return safe
         from .release import keep_reserve   # (release imports this module)
         keep_reserve(safe)                  # room for gc's commits if the disk ever fills
         return safe
@@ -333,6 +355,9 @@ class Safe:
         "permission denied" or "read-only filesystem" when the index cannot be written.
         Raises NotASafe when ``path`` is not a safe or its index is missing or unreadable.
         """
+        from . import s3safe
+        if s3safe.is_s3_url(path):
+            path = s3safe.resolve(str(path))
         p = Path(path)
         config, data = read_header_data(p)
         crypto = None
@@ -341,6 +366,9 @@ class Safe:
         else:
             crypto, master_key = unlock_crypto(p, config, data, password, master_key)
         index_dir = p / INDEX_DIR
+        bucket = s3safe.remote_of(p)
+        if bucket is not None:
+            s3safe.refresh_cache(bucket, index_dir, data, crypto)
         try:
             present = (index_dir / "data.mdb").exists()
         except PermissionError:
@@ -360,7 +388,10 @@ class Safe:
             index = Index(index_dir, readonly=not write, lock=not ro_fs)
         except lmdb.Error as e:
             raise _open_error(p, e, write) from None
-        return cls(p, config, index, crypto, master_key if crypto is not None else None)
+        safe = cls(p, config, index, crypto, master_key if crypto is not None else None)
+        if bucket is not None:
+            s3safe.attach(safe, bucket)
+        return safe
 
     @property
     def encrypted(self) -> bool:
@@ -409,6 +440,14 @@ class Safe:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def refresh(self) -> int:
+        """A bucket safe: apply the segments other machines wrote since this cache was brought
+        up to date (cas/s3safe.py); returns how many. 0 for a local safe or a read-only index."""
+        if self.remote is None or self.index.readonly:
+            return 0
+        from .s3safe import catch_up
+        return catch_up(self.remote, self.index, self.crypto)
 
     def writer(self, command: str = "", space_check: SpaceCheck | None = None) -> "Writer":
         """Take the writer lock (or raise SafeLocked) and return the writer; ``space_check``
@@ -466,6 +505,7 @@ class Safe:
                 return self.read_entry(key, e, rehash=rehash)
             except FileNotFoundError:
                 self.store.forget(e.pack)
+                self.refresh()      # a bucket safe: another machine's gc may have moved it
                 err: SafeError = IntegrityError(f"object {key.hex()[:12]}: pack {pack_name(e.pack)} is missing", e.pack, e.offset)
             except IntegrityError as ie:
                 self.store.forget(e.pack)
@@ -572,6 +612,14 @@ class Writer:
         self.level = safe.config.zstd_level
         self.crypto = safe.crypto
         self._lockf: IO[Any] | None = take_lock(safe.path, command)
+        self._remote: Writing | None = None
+        if safe.remote is not None:
+            from .s3safe import Writing
+            try:
+                self._remote = Writing(safe, command)
+            except BaseException:
+                self._release_lock()
+                raise
         self.pending: dict[bytes, ObjectEntry] = {}
         self.deltas: dict[bytes, int] = {}
         self.pending_points: list[tuple[bytes, dict[str, Any]]] = []
@@ -591,6 +639,12 @@ class Writer:
             raise
 
     def _release_lock(self) -> None:
+        if self._remote is not None:
+            remote, self._remote = self._remote, None
+            try:
+                remote.close()
+            except SafeError:
+                pass    # a lock that cannot be released expires by itself
         if self._lockf is not None:
             release_lock(self._lockf)
             self._lockf = None

@@ -109,6 +109,12 @@ def _usage(p: argparse.ArgumentParser) -> int:
                      "(see 'pointsafe key --help')")
 
 
+def push_keys(path: Path) -> None:
+    """A safe in a bucket: make the bucket's key slots those of its cache (a local safe: nothing)."""
+    from pointsafe.cas.s3safe import push_keys as push
+    push(path)
+
+
 def _encrypted_safe(args) -> Path:
     """The safe's folder; UsageError (one line) when it is a plain safe."""
     path = safe_path(args)
@@ -148,6 +154,7 @@ def cmd_add(args) -> int:
     master = password.unlock(args, path)
     assert master is not None
     slot = keyslots.add_slot(path, master, password.new_password(args), label=args.label)
+    push_keys(path)
     _report_slot(args, "added", slot)
     return EXIT_OK
 
@@ -157,6 +164,7 @@ def cmd_remove(args) -> int:
     path = _encrypted_safe(args)
     password.unlock(args, path)
     keyslots.remove_slot(path, args.slot)
+    push_keys(path)
     if args.json:
         emit_json({"slot": args.slot, "action": "removed"})
     else:
@@ -185,6 +193,7 @@ def cmd_passwd(args) -> int:
     elif slot not in {s.slot for s in keyslots.list_slots(path)}:
         raise UsageError(f"no key slot {slot!r} in {path} (see 'pointsafe key list')")
     new = keyslots.change_password(path, master, slot, password.new_password(args))
+    push_keys(path)
     _report_slot(args, "changed the password of", new)
     return EXIT_OK
 
@@ -230,6 +239,7 @@ def cmd_import(args) -> int:
                          "header: 'pointsafe verify' says which)") from None
     new = password.new_password(args)
     slot = keyslots.add_slot(path, master, new, label=args.label)
+    push_keys(path)
     password.remember(path, master)
     _report_slot(args, "imported the key: added", slot)
     return EXIT_OK

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+from typing import Any
 
 from pointsafe.cas import Safe, repair, verify
 from pointsafe.cas.crypto import CIPHERS, default_cipher
@@ -98,20 +100,28 @@ def cmd_init(args) -> int:
     none``) and print its settings."""
     if args.path:
         args.safe = args.path
-    path = safe_path(args)
+    raw = getattr(args, "safe", None) or os.environ.get("POINTSAFE_SAFE") or ""
+    bucket = raw.startswith("s3://")
+    path: str | Path = raw.rstrip("/") if bucket else safe_path(args)
+    where: dict[str, Any] = ({"s3_endpoint": getattr(args, "s3_endpoint", None),
+                              "unsafe_no_locking": getattr(args, "unsafe_no_locking", False)} if bucket else {})
     cipher = default_cipher() if args.encryption == "auto" else args.encryption
     if cipher == "none":
-        safe = Safe.init(path, compression=args.compression, block_size=args.block_size, pack_size=args.pack_size)
-    else:
-        _check_new(path)    # before the password is asked for
         safe = Safe.init(path, compression=args.compression, block_size=args.block_size, pack_size=args.pack_size,
-                         encryption=cipher, password=_new_safe_password(args, path))
+                         **where)
+    else:
+        if not bucket:
+            _check_new(Path(path))    # before the password is asked for
+        safe = Safe.init(path, compression=args.compression, block_size=args.block_size, pack_size=args.pack_size,
+                         encryption=cipher, password=_new_safe_password(args, path), **where)
     cfg = safe.config
-    slots = [s.slot for s in list_slots(path)]
+    slots = [s.slot for s in list_slots(safe.path)]
+    cache = safe.path
     safe.close()
     if args.json:
         emit_json({"safe": str(path), "safe_id": cfg.safe_id, "compression": cfg.compression,
-                   "block_size": cfg.block_size, "encryption": cfg.cipher or "none", "key_slots": slots})
+                   "block_size": cfg.block_size, "encryption": cfg.cipher or "none", "key_slots": slots,
+                   **({"cache": str(cache)} if bucket else {})})
         return EXIT_OK
     say(args, f"created safe {path} (compression {cfg.compression}, volume block size "
               f"{human_bytes(cfg.block_size)}, encryption {cfg.cipher or 'none'})")

@@ -29,7 +29,23 @@ def add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
     p.add_argument("--log-file", metavar="PATH", help="append what happens, as JSON lines, to PATH", **d)
     p.add_argument("--syslog", action="store_true", help="also log to the system logger (/dev/log)", **d)
     p.add_argument("--syslog-socket", metavar="PATH", help="log to the syslog socket PATH (implies --syslog)", **d)
+    p.add_argument("--s3-endpoint", metavar="URL",
+                   help="the S3-compatible store of an s3:// safe (default: $AWS_ENDPOINT_URL, or AWS)", **d)
+    p.add_argument("--unsafe-no-locking", action="store_true",
+                   help="use an s3:// safe on a store that ignores conditional creation (If-None-Match), "
+                        "which cannot keep two writers apart", **d)
     password.add_options(p, d)
+
+
+def resolve_bucket(args) -> None:
+    """When the safe is ``s3://BUCKET/PREFIX``, point ``args.safe`` at its local cache directory,
+    made or brought up to date from the bucket (cas/s3safe.py), so that every room below finds
+    the safe by its directory. ``init`` makes the bucket safe itself."""
+    raw = getattr(args, "safe", None) or os.environ.get("POINTSAFE_SAFE")
+    if not raw or not raw.startswith("s3://") or getattr(args, "command", None) in ("init", "umount"):
+        return
+    from pointsafe.cas.s3safe import resolve
+    args.safe = str(resolve(raw, getattr(args, "s3_endpoint", None), getattr(args, "unsafe_no_locking", False)))
 
 
 def safe_path(args) -> Path:

@@ -49,7 +49,7 @@ COMMAND_OF = {"init": "cmd_safe", "verify": "cmd_safe", "repair": "cmd_safe", "b
               "report": "cmd_ops", "config": "cmd_ops", "snapshots": "cmd_snapshots", "web": "cmd_web",
               "key": "cmd_key", "serve": "cmd_serve", "agent": "cmd_agent"}
 # top-level options that take a value
-_VALUED = ("--safe", "--log-file", "--syslog-socket", "--password-file", "--password-command")
+_VALUED = ("--safe", "--log-file", "--syslog-socket", "--password-file", "--password-command", "--s3-endpoint")
 
 DESCRIPTION = """\
 pointsafe keeps recovery points of directory trees, block devices and disk images in a safe:
@@ -139,13 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     from pointsafe.ops.recorder import run_recorded
 
     from . import password
-    from .common import EXIT_ERROR
+    from .common import EXIT_ERROR, resolve_bucket
     try:
         parser = build_parser(words)
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
+        resolve_bucket(args)     # an s3:// safe: its cache directory from here on
         # the command, recorded as a task when it declares task_kind (an encrypted safe is unlocked first)
         code = run_recorded(args, argv, unlock=password.crypto_for(args))
         sys.stdout.flush()

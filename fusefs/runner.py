@@ -34,6 +34,7 @@ from .mounts import FSTYPE, mount_at, raise_read_ahead
 READY_TIMEOUT = 120.0
 GIL_SWITCH_SECONDS = 0.0005
 log = logging.getLogger("pointsafe.mount")
+BUCKET_REFRESH_SECONDS = 30.0   # a mount of a safe in a bucket looks for other machines' commits this often
 
 
 class MountError(SafeError):
@@ -309,11 +310,25 @@ def _serve(o: MountOptions, ready_fd: int | None) -> int:
             gc.collect(2 if rounds % 30 == 0 else 1)
             give_back()      # freed chunk buffers back to the system (fusefs/memory.py)
 
+    async def follow_bucket() -> None:
+        # A safe in a bucket: other machines' backups, forgets and gc arrive as index segments;
+        # apply them now and then, so that new points appear (a read that finds a pack gone
+        # applies them at once: cas Safe.get).
+        every = float(os.environ.get("POINTSAFE_S3_REFRESH_SECONDS", BUCKET_REFRESH_SECONDS))
+        while True:
+            await trio.sleep(every)
+            try:
+                await trio.to_thread.run_sync(safe.refresh)
+            except SafeError as e:
+                log.warning("could not bring the safe's cache up to date from its bucket: %s", e)
+
     async def main() -> None:
         async with trio.open_nursery() as n:
             n.start_soon(ready_when_inited)
             n.start_soon(on_signals, n.cancel_scope)
             n.start_soon(collect_garbage)
+            if getattr(safe, "remote", None) is not None:
+                n.start_soon(follow_bucket)
             await pyfuse3.main()
             n.cancel_scope.cancel()
 

@@ -70,13 +70,13 @@ SPILL = 100_000         # overlay entries kept in memory before they move to SQL
 
 
 def packs_on_disk(safe: Safe) -> tuple[int, int]:
-    """(pack files, their bytes) in the safe's packs directory."""
+    """(packs, their bytes) in the safe's pack store (its packs directory, or its bucket)."""
     n = size = 0
-    with os.scandir(safe.packs_dir) as it:
-        for d in it:
-            if d.name.endswith(".pack"):
-                n += 1
-                size += d.stat().st_size
+    for pid in safe.store.pack_ids():
+        s = safe.store.size(pid)
+        if s is not None:
+            n += 1
+            size += s
     return n, size
 
 

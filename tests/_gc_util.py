@@ -92,4 +92,10 @@ def reachable(safe: Safe, keys) -> set[bytes]:
 
 
 def pack_bytes(safe_dir: Path) -> int:
+    """The bytes of the safe's packs: its pack files, or the packs in its bucket."""
+    from pointsafe.cas.s3safe import pack_store, remote_of
+    bucket = remote_of(Path(safe_dir))
+    if bucket is not None:
+        store = pack_store(bucket, Path(safe_dir))
+        return sum(store.size(pid) or 0 for pid in store.pack_ids())
     return sum(p.stat().st_size for p in (Path(safe_dir) / "packs").glob("*.pack"))

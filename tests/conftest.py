@@ -120,3 +120,8 @@ def safe_with_point(tmp_path) -> tuple[Path, str, Path]:
     (src / "g").write_text("hello\n")
     r = run_cli("backup", src, "--name", "data", "--json", safe=safe, check=True)
     return safe, json.loads(r.out)["id"], src
+
+
+# A safe in a bucket as a fixture parameter of tests written for local safes (``any_safe``,
+# ``safe_home``: local and s3; tests/_s3_util.py), on one SeaweedFS for the session.
+from _s3_util import any_safe, safe_home, weed_session  # noqa: E402,F401

@@ -173,8 +173,10 @@ def test_generated_trees_round_trip(shared_safe, tree):
         shutil.rmtree(work, ignore_errors=True)
 
 
-def test_all_types_round_trip_and_ls(safe_dir, tmp_path):
-    """The hand-made tree with one of everything: restore, then ls --json shows the odd names."""
+def test_all_types_round_trip_and_ls(any_safe, tmp_path):
+    """The hand-made tree with one of everything: restore, then ls --json shows the odd names
+    (in a local safe and in a bucket)."""
+    safe_dir = any_safe
     src = make_tree(tmp_path / "src", all_types_tree())
     before = snapshot(src)
     p = backup(safe_dir, src)
@@ -209,9 +211,10 @@ def test_system_tree_round_trip(safe_dir, tmp_path, system_dir):
     assert_trees_equal(before, src)   # and backing up did not touch the source's atimes
 
 
-def test_large_directory_round_trip(safe_dir, tmp_path):
+def test_large_directory_round_trip(any_safe, tmp_path):
     """A directory of 3,000 entries (stored in pages): restore, ls and --path find every name,
-    and a change to one file shows in diff alone."""
+    and a change to one file shows in diff alone (in a local safe and in a bucket)."""
+    safe_dir = any_safe
     src = tmp_path / "src"
     big = src / "big"
     big.mkdir(parents=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-
+from typing import Callable
 
 from pointsafe.cas import Kind, Point, Safe, verify
 from pointsafe.cas.audit import audit
@@ -20,14 +20,15 @@ PACK = 1 << 20
 
 
 def _history(tmp_path: Path, points: int, seed: int = 1, files: int = 10, size: int = 256 * 1024,
-             fraction: float = 0.05) -> tuple[Path, list[tuple[Point, dict]]]:
+             fraction: float = 0.05, home: Callable[[], str] | None = None) -> tuple[Path, list[tuple[Point, dict]]]:
     """A safe with ``points`` real backups of one source, each after changing ``fraction``
-    of it (and adding a file); returns the safe's path and (point, expected digests) pairs."""
+    of it (and adding a file); returns the safe's path (a bucket safe's cache directory, when
+    ``home`` makes one) and (point, expected digests) pairs."""
     rng = random.Random(seed)
     src = tmp_path / "src"
     write_source(src, rng, files=files, size=size)
-    path = tmp_path / "safe"
-    Safe.init(path, pack_size=PACK).close()
+    with Safe.init(home() if home else tmp_path / "safe", pack_size=PACK) as made:
+        path = made.path
     out = []
     with Safe.open(path) as safe:
         for _ in range(points):
@@ -50,8 +51,8 @@ def _assert_points(safe: Safe, history: list[tuple[Point, dict]]) -> None:
             assert point_digests(safe, rec) == digests, f"point {rec.id[:12]} reads back wrong data"
 
 
-def test_forget_kills_exactly_what_no_other_point_reaches(tmp_path):
-    path, hist = _history(tmp_path, 4)
+def test_forget_kills_exactly_what_no_other_point_reaches(tmp_path, safe_home):
+    path, hist = _history(tmp_path, 4, home=safe_home)
     with Safe.open(path) as safe:
         keys = [bytes.fromhex(r.id) for r, _ in hist]
         others = reachable(safe, keys[1:])
@@ -71,8 +72,8 @@ def test_forget_kills_exactly_what_no_other_point_reaches(tmp_path):
         _assert_points(safe, hist)
 
 
-def test_gc_reclaims_exactly_the_unique_bytes(tmp_path):
-    path, hist = _history(tmp_path, 4)
+def test_gc_reclaims_exactly_the_unique_bytes(tmp_path, safe_home):
+    path, hist = _history(tmp_path, 4, home=safe_home)
     with Safe.open(path) as safe:
         keys = [bytes.fromhex(r.id) for r, _ in hist]
         unique = reachable(safe, keys[:2]) - reachable(safe, keys[2:])
@@ -97,8 +98,8 @@ def test_gc_reclaims_exactly_the_unique_bytes(tmp_path):
         assert (again.objects_freed, again.packs_rewritten, again.packs_deleted, again.bytes_reclaimed) == (0, [], [], 0)
 
 
-def test_history_forgotten_point_by_point_with_audit_after_every_step(tmp_path):
-    path, hist = _history(tmp_path, 8, seed=2, files=6, size=128 * 1024, fraction=0.1)
+def test_history_forgotten_point_by_point_with_audit_after_every_step(tmp_path, safe_home):
+    path, hist = _history(tmp_path, 8, seed=2, files=6, size=128 * 1024, fraction=0.1, home=safe_home)
     rng = random.Random(5)
     order = list(range(len(hist)))
     rng.shuffle(order)

@@ -217,3 +217,47 @@ def test_pack_writer_and_recovery_on_s3(s3: Any, bucket: str, tmp_path: Path) ->
         assert sorted(store.pack_ids()) == sorted({pid for pid, _ in where})
     finally:
         idx.close()
+
+
+def test_a_big_pack_goes_up_in_parts_and_an_abandoned_one_leaves_nothing(s3: Any, bucket: str) -> None:
+    from pointsafe.cas.s3store import PART
+    store = _store(s3, bucket)
+    body = os.urandom(2 * PART + 12345)            # three parts, the last one short
+    sink = store.create(5)
+    for i in range(0, len(body), 1 << 20):
+        sink.write(body[i:i + (1 << 20)])
+    assert sink.upload_id is not None and len(sink.parts) == 2, "parts go up while the writer appends"
+    assert store.size(5) is None, "nothing is visible before the commit"
+    sink.commit()
+    sink.close()
+    assert store.size(5) == len(body) and store.read(5, 0, len(body)) == body
+    again = store.create(5)                        # an existing pack is never overwritten
+    again.write(os.urandom(PART + 10))
+    with pytest.raises(Exception, match="already in the bucket"):
+        again.commit()
+    assert store.read(5, 0, len(body)) == body
+    gone = store.create(6)
+    gone.write(os.urandom(PART + 10))
+    gone.abandon()
+    assert store.size(6) is None and sorted(store.pack_ids()) == [5]
+    r = s3.call("list_multipart_uploads", Bucket=bucket)
+    assert not r.get("Uploads"), "an abandoned upload is aborted"
+    store.close()
+
+
+def test_a_lease_that_ran_out_is_not_held(s3: Any, bucket: str) -> None:
+    from pointsafe.cas.s3lock import S3Lock
+    lk = S3Lock(s3, bucket, "safe1", ttl=1.0)
+    lk.acquire()
+    assert lk.held()
+    time.sleep(1.0)
+    assert not lk.held(), "a writer whose lease may have expired must not commit"
+    lk.renew()
+    assert lk.held()
+    other = S3Lock(s3, bucket, "safe1", ttl=1.0)
+    time.sleep(1.1)
+    other.acquire()                  # expired: taken over
+    with pytest.raises(Exception, match="taken over"):
+        lk.renew()
+    assert not lk.held() and other.held()
+    other.release()

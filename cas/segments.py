@@ -1,0 +1,187 @@
+"""Index segments: what one commit changed in cas's tables, so that another machine can rebuild
+its index from the bucket without reading a pack (docs/FORMAT.md, "Index segments").
+
+A bucket safe's index is a cache; the segments in ``index/`` are the truth. Rather than teach
+every writer (backup, forget, gc, defrag) to describe its commit, the index records the rows a
+write transaction changed (:class:`JournalTxn`, a thin wrapper over the LMDB transaction) and
+hands them to a *publisher* just before the LMDB commit: the publisher uploads the segment, and
+only then does the local commit happen (a failed upload aborts it). Replaying the segments in
+order on an empty index gives the same rows, whatever logic made them: the replay needs no
+refcount rules, so it cannot drift from them.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+from .errors import IntegrityError
+
+if TYPE_CHECKING:
+    from .crypto import Crypto
+    from .index import Index, Txn
+
+MAGIC = b"PSSEG\x00\x00\x01"
+_HEAD = struct.Struct("<8sQB3xI")    # magic, n, sealed, reserved, body length: 24 bytes
+_CRC = struct.Struct("<I")
+_U16, _U32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
+SEAL_TABLE = b"index/seg"
+SEG_META = b"s3.segment"             # meta row: the last segment applied to this cache (local)
+JOURNALLED = ("objects", "packs", "zero", "points", "meta", "tombstones", "release", "missing")
+LOCAL_META = frozenset({SEG_META, b"gc.fragmentation"})   # meta rows that stay on the machine
+
+# (table name, row key) -> the row's final value, or None when the row was deleted
+Changes = dict[tuple[str, bytes], "bytes | None"]
+Publisher = Callable[["Txn", Changes], None]
+
+
+def encode(n: int, changes: Changes, crypto: Crypto | None) -> bytes:
+    """The bytes of segment ``n`` holding ``changes`` (the body sealed when ``crypto``)."""
+    parts = [_U32.pack(len(changes))]
+    for (table, key), value in changes.items():
+        name = table.encode("ascii")
+        parts += [bytes([len(name)]), name, _U16.pack(len(key)), key]
+        if value is None:
+            parts.append(b"\x00")
+        else:
+            parts += [b"\x01", _U32.pack(len(value)), value]
+    body = b"".join(parts)
+    if crypto is not None:
+        body = crypto.seal_value(SEAL_TABLE, struct.pack(">Q", n), body)
+    head = _HEAD.pack(MAGIC, n, 1 if crypto is not None else 0, len(body)) + body
+    return head + _CRC.pack(zlib.crc32(head))
+
+
+def decode(data: bytes, n: int, crypto: Crypto | None, where: str) -> list[tuple[str, bytes, bytes | None]]:
+    """The changes of segment ``n`` (``where`` names it in errors); IntegrityError when its
+    framing, CRC, number or seal is wrong."""
+    def bad(why: str) -> IntegrityError:
+        return IntegrityError(f"index segment {where}: {why}; the bucket's index segments are damaged")
+    if len(data) < _HEAD.size + _CRC.size:
+        raise bad("truncated")
+    magic, num, sealed, length = _HEAD.unpack_from(data)
+    if magic != MAGIC:
+        raise bad("not an index segment (bad magic)")
+    if _HEAD.size + length + _CRC.size != len(data):
+        raise bad("truncated or too long")
+    if _CRC.unpack_from(data, _HEAD.size + length)[0] != zlib.crc32(data[:_HEAD.size + length]):
+        raise bad("CRC mismatch")
+    if num != n:
+        raise bad(f"it says it is segment {num}")
+    body = data[_HEAD.size:_HEAD.size + length]
+    if sealed != (1 if crypto is not None else 0):
+        raise bad("sealed in a plain safe" if sealed else "plain in an encrypted safe")
+    if crypto is not None:
+        body = crypto.open_value(SEAL_TABLE, struct.pack(">Q", n), body)
+    out: list[tuple[str, bytes, bytes | None]] = []
+    try:
+        count = _U32.unpack_from(body)[0]
+        off = 4
+        for _ in range(count):
+            t = body[off]
+            table = body[off + 1:off + 1 + t].decode("ascii")
+            off += 1 + t
+            k = _U16.unpack_from(body, off)[0]
+            key = bytes(body[off + 2:off + 2 + k])
+            off += 2 + k
+            op = body[off]
+            off += 1
+            value: bytes | None = None
+            if op == 1:
+                v = _U32.unpack_from(body, off)[0]
+                value = bytes(body[off + 4:off + 4 + v])
+                if len(value) != v:
+                    raise ValueError("short value")
+                off += 4 + v
+            elif op != 0:
+                raise ValueError(f"op {op}")
+            if table not in JOURNALLED:
+                raise ValueError(f"table {table!r}")
+            out.append((table, key, value))
+    except (struct.error, IndexError, ValueError, UnicodeDecodeError) as e:
+        raise bad(f"malformed body ({e})") from None
+    if off != len(body):
+        raise bad("bytes after the last change")
+    return out
+
+
+def apply(index: Index, txn: Txn, changes: Iterable[tuple[str, bytes, bytes | None]]) -> None:
+    """Write ``changes`` into ``txn`` (a raw LMDB write transaction of ``index``)."""
+    for table, key, value in changes:
+        db = index.db[table]
+        if value is None:
+            txn.delete(key, db=db)
+        else:
+            txn.put(key, value, db=db)
+
+
+def applied(index: Index, txn: Txn) -> int:
+    """The number of the last segment applied to this index (0: none)."""
+    return index.get_meta_int(txn, SEG_META.decode())
+
+
+class JournalTxn:
+    """An LMDB write transaction that notes every row it changes in cas's tables and, when it
+    commits, hands them to ``publish`` first (which uploads the segment, or raises: the LMDB
+    transaction is then aborted). Everything else is the wrapped transaction's."""
+
+    def __init__(self, txn: Txn, index: Index, publish: Publisher):
+        self._txn = txn
+        self._publish = publish
+        self._names = {id(index.db[name]): name for name in JOURNALLED if name in index.db}
+        self.changes: Changes = {}
+
+    def _note(self, db: Any, key: bytes, value: bytes | None) -> None:
+        name = self._names.get(id(db))
+        if name is None or (name == "meta" and bytes(key) in LOCAL_META):
+            return
+        self.changes[(name, bytes(key))] = None if value is None else bytes(value)
+
+    def put(self, key: bytes, value: bytes, db: Any = None, **kw: Any) -> bool:
+        done = bool(self._txn.put(key, value, db=db, **kw))
+        if done:
+            self._note(db, key, value)
+        return done
+
+    def replace(self, key: bytes, value: bytes, db: Any = None) -> Any:
+        old = self._txn.replace(key, value, db=db)
+        self._note(db, key, value)
+        return old
+
+    def delete(self, key: bytes, value: bytes = b"", db: Any = None) -> bool:
+        done = bool(self._txn.delete(key, value, db=db))
+        if done:
+            self._note(db, key, None)
+        return done
+
+    def pop(self, key: bytes, db: Any = None) -> Any:
+        old = self._txn.pop(key, db=db)
+        if old is not None:
+            self._note(db, key, None)
+        return old
+
+    def commit(self) -> None:
+        """Publish the changes (when there are any), then commit; abort when publishing fails."""
+        try:
+            if self.changes:
+                self._publish(self._txn, self.changes)
+        except BaseException:
+            self._txn.abort()
+            raise
+        self._txn.commit()
+
+    def abort(self) -> None:
+        self._txn.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._txn, name)
+
+    def __enter__(self) -> "JournalTxn":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
