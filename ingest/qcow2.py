@@ -150,8 +150,11 @@ class Export:
         try:
             # Held while the export lives: a directory whose lock is free was left by a killed
             # pointsafe (clear_stale).
-            self._lock = os.open(os.path.join(self._dir, "lock"), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            # Locked before it gets its name: a "lock" that clear_stale can take is a dead one's.
+            tmp_lock = os.path.join(self._dir, "lock.new")
+            self._lock = os.open(tmp_lock, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
             fcntl.flock(self._lock, fcntl.LOCK_EX)
+            os.rename(tmp_lock, os.path.join(self._dir, "lock"))
             sock = os.path.join(self._dir, "sock")
             pidfile = os.path.join(self._dir, "pid")
             args = ["qemu-nbd", "--fork", f"--pid-file={pidfile}", "-r", "-f", "qcow2", "-k", sock]
@@ -260,32 +263,68 @@ def clear_stale() -> list[str]:
     for n in names:
         d = os.path.join(tmp, n)
         try:
-            # Without a pid file, an export may be being set up (its lock not yet taken):
-            # left alone unless it is old.
-            if not os.path.exists(os.path.join(d, "pid")) and time.time() - os.stat(d).st_mtime < 600:
-                continue
+            # "lock" is named only once its backup holds it (Export.__enter__): a directory
+            # without one is being set up, or was left empty by a backup killed before
+            # (removed once old).
             fd = os.open(os.path.join(d, "lock"), os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            try:
+                if time.time() - os.stat(d).st_mtime > 600:
+                    shutil.rmtree(d, ignore_errors=True)
+            except OSError:
+                pass
+            continue
         except OSError:
-            continue    # gone, or not ours
+            continue    # not ours
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 continue    # its backup is running
-            try:
-                with open(os.path.join(d, "pid")) as f:
-                    pid = int(f.read().strip())
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if b"qemu-nbd" in f.read():
-                        os.kill(pid, signal.SIGKILL)
-                        _reap(pid)
-            except (OSError, ValueError):
-                pass
+            # its qemu-nbd: by the pid file it wrote, or (killed before that was written) by
+            # the socket in this directory on its command line
+            for pid in _qemu_nbds_of(os.path.join(d, "sock"), os.path.join(d, "pid")):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    _reap(pid)
+                except OSError:
+                    pass
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
         finally:
             os.close(fd)
     return removed
+
+
+def _qemu_nbds_of(sock: str, pidfile: str) -> set[int]:
+    """The qemu-nbd processes serving on ``sock``: the one ``pidfile`` names and any whose
+    command line names ``sock`` (one started by a backup killed before it wrote its pid)."""
+    found: set[int] = set()
+    try:
+        with open(pidfile) as f:
+            found.add(int(f.read().strip()))
+    except (OSError, ValueError):
+        pass
+    want = os.fsencode(sock)
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if args and args[0].endswith(b"qemu-nbd") and want in args:
+            found.add(int(name))
+    out = set()
+    for pid in found:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"qemu-nbd" in f.read():
+                    out.add(pid)
+        except OSError:
+            pass
+    return out
 
 
 def _reap(pid: int, timeout: float = 5.0) -> None:
