@@ -142,7 +142,11 @@ def apply_many(index: Index, txn: Txn, batch: Iterable[list[tuple[str, bytes, by
         keys = sorted(rows)      # keys alone: cheaper than sorting (key, value) pairs
         with txn.cursor(db=db) as cur:
             if txn.stat(db)["entries"] == 0:
-                cur.putmulti([(k, v) for k in keys if (v := rows[k]) is not None], append=True)
+                puts = [(k, v) for k in keys if (v := rows[k]) is not None]
+                # MDB_APPEND skips, rather than fails on, a key out of LMDB's order: should
+                # LMDB ever sort otherwise than Python, every row is put again the slow way.
+                if cur.putmulti(puts, append=True)[1] != len(puts):
+                    cur.putmulti(puts)
                 continue
             for k in keys:
                 v = rows[k]
