@@ -39,7 +39,9 @@ Publisher = Callable[["Txn", Changes], None]
 def encode(n: int, changes: Changes, crypto: Crypto | None) -> bytes:
     """The bytes of segment ``n`` holding ``changes`` (the body sealed when ``crypto``)."""
     parts = [_U32.pack(len(changes))]
-    for (table, key), value in changes.items():
+    # In key order: a new machine merges many segments and sorts their rows before it writes
+    # them (apply_many), and sorting runs that are sorted already is cheaper.
+    for (table, key), value in sorted(changes.items(), key=lambda c: c[0]):
         name = table.encode("ascii")
         parts += [bytes([len(name)]), name, _U16.pack(len(key)), key]
         if value is None:
@@ -75,29 +77,35 @@ def decode(data: bytes, n: int, crypto: Crypto | None, where: str) -> list[tuple
     if crypto is not None:
         body = crypto.open_value(SEAL_TABLE, struct.pack(">Q", n), body)
     out: list[tuple[str, bytes, bytes | None]] = []
+    body = bytes(body)
+    u16, u32 = _U16.unpack_from, _U32.unpack_from
+    names: dict[bytes, str] = {}     # a few tables, a million rows: each name decoded once
     try:
-        count = _U32.unpack_from(body)[0]
+        count = u32(body)[0]
         off = 4
         for _ in range(count):
             t = body[off]
-            table = body[off + 1:off + 1 + t].decode("ascii")
+            raw = body[off + 1:off + 1 + t]
+            table = names.get(raw)
+            if table is None:
+                table = names[raw] = raw.decode("ascii")
+                if table not in JOURNALLED:
+                    raise ValueError(f"table {table!r}")
             off += 1 + t
-            k = _U16.unpack_from(body, off)[0]
-            key = bytes(body[off + 2:off + 2 + k])
+            k = u16(body, off)[0]
+            key = body[off + 2:off + 2 + k]
             off += 2 + k
             op = body[off]
             off += 1
             value: bytes | None = None
             if op == 1:
-                v = _U32.unpack_from(body, off)[0]
-                value = bytes(body[off + 4:off + 4 + v])
+                v = u32(body, off)[0]
+                value = body[off + 4:off + 4 + v]
                 if len(value) != v:
                     raise ValueError("short value")
                 off += 4 + v
             elif op != 0:
                 raise ValueError(f"op {op}")
-            if table not in JOURNALLED:
-                raise ValueError(f"table {table!r}")
             out.append((table, key, value))
     except (struct.error, IndexError, ValueError, UnicodeDecodeError) as e:
         raise bad(f"malformed body ({e})") from None
@@ -114,6 +122,38 @@ def apply(index: Index, txn: Txn, changes: Iterable[tuple[str, bytes, bytes | No
             txn.delete(key, db=db)
         else:
             txn.put(key, value, db=db)
+
+
+def apply_many(index: Index, txn: Txn, batch: Iterable[list[tuple[str, bytes, bytes | None]]]) -> None:
+    """Write the changes of several consecutive segments, in their order, into ``txn``: the
+    same rows as :func:`apply` of each in turn, written faster. The rows are merged first (a
+    later segment's row wins), then written table by table in key order (LMDB's order: bytes,
+    a prefix first, as Python sorts them), and appended (MDB_APPEND, no tree search) to a table
+    that is empty, as every table but ``meta`` is when a new machine rebuilds its cache."""
+    final: dict[str, dict[bytes, bytes | None]] = {}
+    for changes in batch:
+        for table, key, value in changes:
+            rows = final.get(table)
+            if rows is None:
+                rows = final[table] = {}
+            rows[key] = value
+    for table, rows in final.items():
+        db = index.db[table]
+        keys = sorted(rows)      # keys alone: cheaper than sorting (key, value) pairs
+        with txn.cursor(db=db) as cur:
+            if txn.stat(db)["entries"] == 0:
+                puts = [(k, v) for k in keys if (v := rows[k]) is not None]
+                # MDB_APPEND skips, rather than fails on, a key out of LMDB's order: should
+                # LMDB ever sort otherwise than Python, every row is put again the slow way.
+                if cur.putmulti(puts, append=True)[1] != len(puts):
+                    cur.putmulti(puts)
+                continue
+            for k in keys:
+                v = rows[k]
+                if v is not None:
+                    cur.put(k, v)
+                elif cur.set_key(k):
+                    cur.delete()
 
 
 def applied(index: Index, txn: Txn) -> int:

