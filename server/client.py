@@ -556,8 +556,9 @@ def _send_source(remote: Remote, info: dict[str, Any], path: Path, st: os.stat_r
     its counters; the files the database integrations grafted in). The freeze is thawed, and the
     integrations told, once the source is read; what must wait for the commit (a QEMU bitmap's
     rotation) is put in ``after_commit``."""
-    from pointsafe.ingest.backup import (_progress_of, _source_stat, estimate, graft_consistent_copies, back_up_volume,
-                                         walk_tree)
+    from pointsafe.ingest.backup import (_progress_of, _source_stat, _tree_change_source, estimate,
+                                         graft_consistent_copies, back_up_volume, walk_tree)
+    from pointsafe.ingest.changes.btrfs_plan import walk_record
     from pointsafe.ingest.db import walk_excludes
     from pointsafe.ingest.pipeline import Pipeline
     rsafe = RemoteSafe(remote, info)
@@ -574,8 +575,17 @@ def _send_source(remote: Remote, info: dict[str, Any], path: Path, st: os.stat_r
     try:
         if kind == "tree":
             wo = freeze.walk_options(path, opts, list(opts.excludes or []) + walk_excludes(active), set())
+            walked = walk_record(wo.excludes, wo.one_file_system)
+            guide = None
+            if freeze.taken is not None and freeze.taken.method == "btrfs":
+                # as locally: the send stream between the previous point's retained snapshot
+                # (on this machine) and the new one says what to walk; that point's trees are
+                # read from the server
+                record["change_source"], guide = _tree_change_source(rsafe, prev, path, read_path, walked,  # type: ignore[arg-type]  # RemoteSafe: get
+                                                                     freeze.taken, opts, bool(active), warn)
             root, record["root_meta"] = walk_tree(rsafe, pipe, read_path, prev.root if prev else None, wo,  # type: ignore[arg-type]  # RemoteSafe: config and get
-                                                  warn, advance)
+                                                  warn, advance, guide=guide, full_read=opts.full_read)
+            record["walk"] = walked
             record["size"] = pipe.stats.size
             for c in active:
                 c.files_read()
