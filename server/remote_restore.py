@@ -3,7 +3,8 @@
 The restorer (ingest/restore.py) reads a safe through ``get`` (a node's or chunk's raw bytes),
 ``entry`` (an object's kind) and its ``fetch_many`` (several objects at once, in order).
 :class:`RemoteSource` answers the first two from the server by the agent's plain ids, and
-:class:`RemoteRestorer` turns ``fetch_many`` into one fetch request per group, so that a restore
+:class:`RemoteRestorer` turns ``fetch_many`` into one fetch request per group (and reads the
+trees of the directories ahead of its walk TREE_BATCH to a request), so that a restore
 through the server writes exactly what a local restore writes -- with the same code -- straight
 into the target, with nothing stored on the agent's disk in between.
 

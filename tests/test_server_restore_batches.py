@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 
 from _server_util import add_agent, agent, backup_json, make_safe, running
 from _tree_util import assert_trees_equal
+from pointsafe.cas import ObjectMissing, SafeError
 from pointsafe.server.client import Remote, resolve
 from pointsafe.server.remote_restore import RemoteRestorer, RemoteSource
 
@@ -64,6 +66,24 @@ def test_a_volume_restored_onto_a_block_device_through_the_server_fetches_its_bl
             blocks = 12 * MiB // remote.info()["block_size"]
             print(f"device restore: {src.requests} requests for {blocks} data blocks")
             assert src.requests <= blocks // 8, (src.requests, blocks)
+
+            # the server stops giving objects part way: the message says how much of the device
+            # was written, and those bytes are the volume's first ones
+            class Failing(RemoteSource):
+                def fetch(self, keys):
+                    if self.requests >= 6:
+                        raise ObjectMissing("gone")
+                    return super().fetch(keys)
+            with open(loop, "r+b") as f:
+                f.write(b"\xa5" * (24 * MiB))
+            fs = Failing(remote)
+            with pytest.raises(SafeError) as err:
+                RemoteRestorer(fs, force=True).restore_volume(resolve(remote, p["id"]), Path(loop))
+            m = re.search(r"holds only its first (\d+) bytes", str(err.value))
+            assert m and 0 < int(m.group(1)) < 24 * MiB, str(err.value)
+            n = int(m.group(1))
+            with open(loop, "rb") as f:
+                assert f.read(n) == img.read_bytes()[:n]
     finally:
         subprocess.run(["losetup", "-d", loop], capture_output=True)
 
