@@ -33,6 +33,7 @@ from pointsafe.cas import (Kind, ObjectMissing, Point, SafeError, UsageError, en
                            utc_now_iso)
 
 from pointsafe.cas.tree import DIR, decode_tree, tree_pages
+from pointsafe.fusefs.cache import ByteLRU
 
 from . import protocol
 
@@ -221,9 +222,11 @@ class RemoteSafe:
     (or its pages), and one fetcher thread asks for everything queued in one request (up to
     MAX_IDS), so that change detection of a wide tree costs a request per batch of directories,
     not one per directory. At most AHEAD trees are held or in flight; ``close`` stops the
-    fetcher."""
+    fetcher. The trees last read are kept (RECENT_BYTES): a walk guided by a btrfs send stream
+    reads a kept directory's tree again to count what it holds."""
 
     AHEAD = 1024
+    RECENT_BYTES = 8 << 20
 
     def __init__(self, remote: Remote, info: dict[str, Any]):
         self.remote = remote
@@ -235,9 +238,13 @@ class RemoteSafe:
         self.closed = False
         self.thread: threading.Thread | None = None
         self.requests = 0                         # fetch requests made (for tests and benchmarks)
+        self.recent: ByteLRU[bytes] = ByteLRU(self.RECENT_BYTES, sizeof=lambda v: len(v) + 64)
 
     def get(self, key: bytes) -> bytes:
         """The raw bytes of object ``key`` (the agent's id); ObjectMissing when it has none."""
+        raw = self.recent.peek(key)
+        if raw is not None:         # its subtrees were queued when it was read
+            return raw
         with self.cond:
             fut = self.ahead.pop(key, None)
         raw = None
@@ -250,6 +257,7 @@ class RemoteSafe:
             with self.cond:
                 self.requests += 1
             raw = self.remote.fetch([key])[0].raw
+        self.recent.put(key, raw)
         self._queue(_subtrees(raw))
         return raw
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from _server_util import add_agent, agent, backup_json, make_safe, running, safe_state
 from _tree_util import assert_trees_equal, snapshot
 from btrfs_util import btrfs_volume, make_subvolume
+from conftest import run_cli
 
 MiB = 1 << 20
 BIG = 24 * MiB
@@ -62,6 +63,14 @@ def _source(src: Path) -> dict:
     nodes = {k: v for k, v in snapshot(src).items() if k != SNAPDIR and not k.startswith(SNAPDIR + b"/")}
     nodes[b""].children = [c for c in nodes[b""].children if c != SNAPDIR]
     return nodes
+
+
+def _fetches(safe: Path) -> tuple[int, int]:
+    """(objects, requests) agents have fetched from the server so far (its task history)."""
+    r = run_cli("tasks", "--json", safe=safe)
+    assert r.code == 0, r.err
+    fetches = [t for t in json.loads(r.out) if t["fields"].get("path") == "/api/v1/objects/fetch"]
+    return sum(t["fields"].get("ids", 0) for t in fetches), len(fetches)
 
 
 def _backup(server, tok: str, src: Path, *opts: str, code: int = 0) -> dict:
@@ -115,8 +124,13 @@ def test_agent_btrfs_incremental_walks_only_what_changed_and_equals_a_full_read(
 
         # a point that fell back is a good base: the next one walks only what changed again
         (src / "d02" / "n").write_bytes(b"n")
+        before = _fetches(safe)
         h = _backup(server, inc, src)
         assert h["change_source"]["kind"] == "btrfs-send" and h["warnings"] == []
+        # the previous point's trees (the kept subtrees are counted from them) come in batches
+        trees, requests = (a - b for a, b in zip(_fetches(safe), before))
+        print(f"agent incremental: {trees} trees fetched in {requests} requests")
+        assert requests <= max(4, trees // 4), (trees, requests)
         assert h["stats"]["bytes_scanned"] < 64 * 1024
         r = agent(server, inc, "restore", h["id"], tmp_path / "out2")
         assert r.code == 0, r.err
