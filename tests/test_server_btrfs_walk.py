@@ -19,11 +19,11 @@ from _server_util import add_agent, agent, backup_json, make_safe, running, safe
 from _tree_util import assert_trees_equal, snapshot
 from btrfs_util import btrfs_volume, make_subvolume
 from conftest import run_cli
+from test_cbt_btrfs_walk import _source
 
 MiB = 1 << 20
 BIG = 24 * MiB
 WRITE = 16 * 1024
-SNAPDIR = b".pointsafe-snapshots"
 
 
 def _populate(src: Path, rng: random.Random) -> None:
@@ -56,13 +56,6 @@ def _change(src: Path, rng: random.Random) -> tuple[int, int]:
     (src / "new").write_bytes(b"new" * 100)
     whole += 300
     return written, whole
-
-
-def _source(src: Path) -> dict:
-    """The source as a point holds it: pointsafe's snapshots are never in a point."""
-    nodes = {k: v for k, v in snapshot(src).items() if k != SNAPDIR and not k.startswith(SNAPDIR + b"/")}
-    nodes[b""].children = [c for c in nodes[b""].children if c != SNAPDIR]
-    return nodes
 
 
 def _fetches(safe: Path) -> tuple[int, int]:
