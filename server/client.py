@@ -591,6 +591,11 @@ def _send_source(remote: Remote, info: dict[str, Any], path: Path, st: os.stat_r
                 # read from the server
                 record["change_source"], guide = _tree_change_source(rsafe, prev, path, read_path, walked,  # type: ignore[arg-type]  # RemoteSafe: get
                                                                      freeze.taken, opts, bool(active), warn)
+                if guide is not None and not info.get("can_restore"):
+                    # reading a file only around its written extents takes the bytes between
+                    # from the previous point's chunks, which this agent may not read: such
+                    # files are read whole (the others still are not read at all)
+                    guide.whole.update(rel for rel, written in guide.extents.items() if written)
             root, record["root_meta"] = walk_tree(rsafe, pipe, read_path, prev.root if prev else None, wo,  # type: ignore[arg-type]  # RemoteSafe: config and get
                                                   warn, advance, guide=guide, full_read=opts.full_read)
             record["walk"] = walked

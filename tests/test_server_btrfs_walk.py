@@ -78,6 +78,7 @@ def test_agent_btrfs_incremental_walks_only_what_changed_and_equals_a_full_read(
     rng = random.Random(17)
     safe = make_safe(tmp_path)
     inc, full = add_agent(safe, "inc", "--can-restore"), add_agent(safe, "full")
+    blind = add_agent(safe, "blind")        # may not read file contents (the previous point's chunks)
     with btrfs_volume(tmp_path) as mnt, running(safe) as server:
         src = make_subvolume(mnt, "data")
         _populate(src, rng)
@@ -85,10 +86,15 @@ def test_agent_btrfs_incremental_walks_only_what_changed_and_equals_a_full_read(
         assert first["change_source"] == {"kind": "full", "detail": "", "fallback": None}
         assert first["walk"] == {"excludes": [], "one_file_system": False}
         _backup(server, full, src)
+        _backup(server, blind, src)
 
         written, whole = _change(src, rng)
         p = _backup(server, inc, src)
         q = _backup(server, full, src, "--full-read")
+        b = _backup(server, blind, src)
+        assert b["change_source"]["kind"] == "btrfs-send" and b["warnings"] == []
+        assert b["root"] == q["root"]                       # the files written in are read whole
+        assert BIG <= b["stats"]["bytes_scanned"] < q["stats"]["bytes_scanned"]
         assert p["warnings"] == [] and q["warnings"] == []
         assert p["change_source"] == {"kind": "btrfs-send", "detail": first["snapshot"]["path"], "fallback": None}
         assert q["change_source"] == {"kind": "full", "detail": "--full-read", "fallback": None}
