@@ -68,6 +68,7 @@ MAX_RUN = 4 << 20         # bytes of neighbouring records read from a pack in on
 TREES_AHEAD = 512         # directories whose trees are read ahead of the walk, at most ...
 TREES_AHEAD_ENTRIES = 200_000   # ... holding at most this many entries not yet walked
 SMALL_FILE = 256 * 1024   # files up to this size are usually one chunk
+_ZEROS = memoryview(bytes(1 << 20))   # what a device restore writes where a volume has a hole, in pieces of at most this
 BATCH_FILES = 64          # files per job of the writer pool
 BATCH_BYTES = 4 << 20
 BATCH_DIRS = 16           # distinct directories per job (each holds a descriptor open)
@@ -316,12 +317,16 @@ class Restorer:
         self._count(bytes_written=len(data))
         self.progress(len(data))
 
-    def write_blob(self, fd: int, r: BlobReader, prefetch: bool = True) -> None:
-        """Write a blob into ``fd`` from offset 0, skipping holes; chunks fetched ahead.
-        BadContent when its pieces do not add up to ``r.size`` bytes."""
+    def write_blob(self, fd: int, r: BlobReader, prefetch: bool = True, zeros: bool = False,
+                   done: list[int] | None = None) -> None:
+        """Write a blob into ``fd`` from offset 0, skipping holes (``zeros``: writing zeros
+        there, for a device, which has no holes; then nothing is truncated); chunks fetched
+        ahead, in groups. ``done[0]`` follows the bytes written, in order from offset 0 with
+        ``zeros``. BadContent when its pieces do not add up to ``r.size`` bytes."""
         window: deque = deque()
         written = 0
         expect = 0
+        done = done if done is not None else [0]
 
         def put(pieces: list[tuple[int, int, bytes | memoryview]]) -> None:
             # Contiguous pieces go out in one pwritev.
@@ -341,18 +346,28 @@ class Restorer:
                     k += 1
                 _pwritev_all(fd, bufs, start)
                 written += end - start
+                done[0] = written
                 self.progress(end - start)
 
-        def fetch(group: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes | memoryview]]:
-            got = self.fetch_many([k for _, _, k in group])
-            return [(o, n, data) for (o, n, _), (_, data) in zip(group, got)]
+        def fetch(group: list[tuple[int, int, bytes | None]]) -> list[tuple[int, int, bytes | memoryview]]:
+            # a hole's pieces (key None, with ``zeros``) are slices of one buffer of zeros
+            got = iter(self.fetch_many([k for _, _, k in group if k is not None]))
+            return [(o, n, _ZEROS[:n] if k is None else next(got)[1]) for o, n, k in group]
 
-        group: list[tuple[int, int, bytes]] = []
-        for off, length, key in r.extents():
+        def pieces() -> Iterator[tuple[int, int, bytes | None]]:
+            for off, length, key in r.extents():
+                if key is not None or not zeros:
+                    yield off, length, key
+                    continue
+                for o in range(off, off + length, len(_ZEROS)):
+                    yield o, min(len(_ZEROS), off + length - o), None
+
+        group: list[tuple[int, int, bytes | None]] = []
+        for off, length, key in pieces():
             if off != expect:
                 raise BadContent(f"its content in the safe is malformed (a gap or overlap at offset {off})")
             expect = off + length
-            if key is None:
+            if key is None and not zeros:
                 continue
             # Chunks travel in groups: one future (or, without prefetch, one call) per group,
             # not per chunk, keeps index transactions, reads, writes and thread hand-offs few.
@@ -374,7 +389,8 @@ class Restorer:
             put(window.popleft().result())
         if expect != r.size:
             raise _mismatch(r.size, expect)
-        os.ftruncate(fd, r.size)
+        if not zeros:
+            os.ftruncate(fd, r.size)
         self._count(bytes_written=written)
 
     # -- trees --------------------------------------------------------------------------
@@ -815,31 +831,24 @@ class Restorer:
         if not self.force:
             raise UsageError(f"{target}: is a block device; add --force to overwrite it")
         fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
-        done = 0
+        done = [0]
         try:
             dev_size = os.lseek(fd, 0, os.SEEK_END)
             if dev_size < r.size:
                 raise UsageError(f"{target}: device holds {dev_size} bytes, the volume needs {r.size}")
-            # A device has no holes: write zeros where the point has them.
-            for off, length, key in r.extents():
-                data = self.safe.get(key) if key else bytes(length)
-                if len(data) != length:
-                    raise BadContent(f"its content in the safe is malformed (a piece at offset {off} "
-                                     f"holds {len(data)} bytes, its list says {length})")
-                os.pwrite(fd, data, off)
-                done = off + length
-                self.progress(length)
+            # A device has no holes: zeros are written where the point has them. Blocks are
+            # fetched in groups, a few ahead, and written in order, as into an image.
+            self.write_blob(fd, r, zeros=True, done=done)
             os.fsync(fd)
         except (SafeError, ValueError, struct.error, IndexError) as err:
             if isinstance(err, UsageError):
                 raise
             raise SafeError(f"cannot restore the volume: {_blob_error(err)}; {target} holds only "
-                            f"its first {done} bytes") from None
+                            f"its first {done[0]} bytes") from None
         except OSError as err:
             raise SafeError(f"cannot restore the volume to {target}: {_reason(err)}") from None
         finally:
             os.close(fd)
-        self._count(bytes_written=r.size)
 
     def _volume_to_image(self, r: BlobReader, target: Path) -> None:
         try:

@@ -33,6 +33,7 @@ from pointsafe.cas import (Kind, ObjectMissing, Point, SafeError, UsageError, en
                            utc_now_iso)
 
 from pointsafe.cas.tree import DIR, decode_tree, tree_pages
+from pointsafe.fusefs.cache import ByteLRU
 
 from . import protocol
 
@@ -221,9 +222,11 @@ class RemoteSafe:
     (or its pages), and one fetcher thread asks for everything queued in one request (up to
     MAX_IDS), so that change detection of a wide tree costs a request per batch of directories,
     not one per directory. At most AHEAD trees are held or in flight; ``close`` stops the
-    fetcher."""
+    fetcher. The trees last read are kept (RECENT_BYTES): a walk guided by a btrfs send stream
+    reads a kept directory's tree again to count what it holds."""
 
     AHEAD = 1024
+    RECENT_BYTES = 8 << 20
 
     def __init__(self, remote: Remote, info: dict[str, Any]):
         self.remote = remote
@@ -235,9 +238,13 @@ class RemoteSafe:
         self.closed = False
         self.thread: threading.Thread | None = None
         self.requests = 0                         # fetch requests made (for tests and benchmarks)
+        self.recent: ByteLRU[bytes] = ByteLRU(self.RECENT_BYTES, sizeof=lambda v: len(v) + 64)
 
     def get(self, key: bytes) -> bytes:
         """The raw bytes of object ``key`` (the agent's id); ObjectMissing when it has none."""
+        raw = self.recent.peek(key)
+        if raw is not None:         # its subtrees were queued when it was read
+            return raw
         with self.cond:
             fut = self.ahead.pop(key, None)
         raw = None
@@ -250,6 +257,7 @@ class RemoteSafe:
             with self.cond:
                 self.requests += 1
             raw = self.remote.fetch([key])[0].raw
+        self.recent.put(key, raw)
         self._queue(_subtrees(raw))
         return raw
 
@@ -556,8 +564,9 @@ def _send_source(remote: Remote, info: dict[str, Any], path: Path, st: os.stat_r
     its counters; the files the database integrations grafted in). The freeze is thawed, and the
     integrations told, once the source is read; what must wait for the commit (a QEMU bitmap's
     rotation) is put in ``after_commit``."""
-    from pointsafe.ingest.backup import (_progress_of, _source_stat, estimate, graft_consistent_copies, back_up_volume,
-                                         walk_tree)
+    from pointsafe.ingest.backup import (_progress_of, _source_stat, _tree_change_source, estimate,
+                                         graft_consistent_copies, back_up_volume, walk_tree)
+    from pointsafe.ingest.changes.btrfs_plan import walk_record
     from pointsafe.ingest.db import walk_excludes
     from pointsafe.ingest.pipeline import Pipeline
     rsafe = RemoteSafe(remote, info)
@@ -574,8 +583,22 @@ def _send_source(remote: Remote, info: dict[str, Any], path: Path, st: os.stat_r
     try:
         if kind == "tree":
             wo = freeze.walk_options(path, opts, list(opts.excludes or []) + walk_excludes(active), set())
+            walked = walk_record(wo.excludes, wo.one_file_system)
+            guide = None
+            if freeze.taken is not None and freeze.taken.method == "btrfs":
+                # as locally: the send stream between the previous point's retained snapshot
+                # (on this machine) and the new one says what to walk; that point's trees are
+                # read from the server
+                record["change_source"], guide = _tree_change_source(rsafe, prev, path, read_path, walked,  # type: ignore[arg-type]  # RemoteSafe: get
+                                                                     freeze.taken, opts, bool(active), warn)
+                if guide is not None and not info.get("can_restore"):
+                    # reading a file only around its written extents takes the bytes between
+                    # from the previous point's chunks, which this agent may not read: such
+                    # files are read whole (the others still are not read at all)
+                    guide.whole.update(rel for rel, written in guide.extents.items() if written)
             root, record["root_meta"] = walk_tree(rsafe, pipe, read_path, prev.root if prev else None, wo,  # type: ignore[arg-type]  # RemoteSafe: config and get
-                                                  warn, advance)
+                                                  warn, advance, guide=guide, full_read=opts.full_read)
+            record["walk"] = walked
             record["size"] = pipe.stats.size
             for c in active:
                 c.files_read()

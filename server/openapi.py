@@ -82,7 +82,12 @@ def document() -> dict[str, Any]:
                                                          "properties": {"base": {"type": "string"},
                                                                         "name": {"type": "string"},
                                                                         "generation": {"type": "integer"}}},
-                                         "source_format": {"const": "qcow2"}},
+                                         "source_format": {"const": "qcow2"},
+                                         "walk": {"type": "object", "additionalProperties": False,
+                                                  "required": ["excludes", "one_file_system"],
+                                                  "properties": {
+                                                      "excludes": {"type": "array", "items": {"type": "string"}},
+                                                      "one_file_system": {"type": "boolean"}}}},
                           "required": ["name", "kind", "source", "root"]},
             },
         },

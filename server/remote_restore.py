@@ -3,7 +3,8 @@
 The restorer (ingest/restore.py) reads a safe through ``get`` (a node's or chunk's raw bytes),
 ``entry`` (an object's kind) and its ``fetch_many`` (several objects at once, in order).
 :class:`RemoteSource` answers the first two from the server by the agent's plain ids, and
-:class:`RemoteRestorer` turns ``fetch_many`` into one fetch request per group, so that a restore
+:class:`RemoteRestorer` turns ``fetch_many`` into one fetch request per group (and reads the
+trees of the directories ahead of its walk TREE_BATCH to a request), so that a restore
 through the server writes exactly what a local restore writes -- with the same code -- straight
 into the target, with nothing stored on the agent's disk in between.
 
@@ -18,16 +19,21 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass
 
-from pointsafe.cas import Kind, ObjectMissing
+from pointsafe.cas import Entry, Kind, ObjectMissing
+from pointsafe.cas.tree import DIR, tree_pages
 from pointsafe.fusefs.cache import ByteLRU
+from pointsafe.ingest import restore as _restore
+from pointsafe.ingest.browse import children
 from pointsafe.ingest.restore import Restorer
 
 from .client import Remote
 
 NODE_CACHE_BYTES = 32 << 20   # tree and list nodes fetched (a file's list is read once per extent walk)
 KIND_PEEKED = 16              # chunks fetched by ``entry`` (to learn their kind), kept until read
+TREE_BATCH = 256              # directories' trees read ahead in one fetch request, at most
 
 
 @dataclass(frozen=True)
@@ -121,3 +127,53 @@ class RemoteRestorer(Restorer):
         if todo:
             got.update(zip(todo, self.source.fetch(todo)))
         return [got[k] for k in keys]
+
+    # -- trees, read ahead in batches -----------------------------------------------------
+
+    def _trees_ahead(self, items: list[Entry]) -> None:
+        """As the restorer's, but the trees of the subdirectories ``items`` names are read
+        ahead TREE_BATCH to a request (the local restorer reads each alone: a pread is cheap,
+        a request is not), within the same bounds (TREES_AHEAD trees, TREES_AHEAD_ENTRIES
+        entries not yet walked)."""
+        batch: list[tuple[Entry, Future[list[Entry]]]] = []
+        with self.tree_lock:
+            for c in items:
+                if (c.type == DIR and c.ref is not None and (c.name, c.ref) not in self.tree_ahead
+                        and len(self.tree_ahead) < _restore.TREES_AHEAD
+                        and self.tree_held < _restore.TREES_AHEAD_ENTRIES):
+                    f: Future[list[Entry]] = Future()
+                    self.tree_ahead[(c.name, c.ref)] = f
+                    batch.append((c, f))
+        for i in range(0, len(batch), TREE_BATCH):
+            part = batch[i:i + TREE_BATCH]
+            try:
+                self.trees.submit(self._tree_batch, part)
+            except RuntimeError:        # the restore is over (the pool shut down): nobody waits
+                for _, f in part:
+                    f.cancel()
+
+    def _tree_batch(self, batch: list[tuple[Entry, Future[list[Entry]]]]) -> None:
+        """A reading thread: one request for the batch's trees (and one for their pages), which
+        land in the node cache; then each directory's entries as the walk takes them. A tree
+        the batch could not bring is read alone, which raises what is wrong with it there."""
+        try:
+            got = self.source.fetch([c.ref for c, _ in batch if c.ref is not None])
+            pages = [k for kind, raw in got if kind == Kind.TREE for k, _, _ in (tree_pages(raw) or [])]
+            if pages:
+                self.source.fetch(pages)
+        except Exception:  # noqa: BLE001 - each tree is read alone below, which raises there
+            pass
+        more: list[Entry] = []
+        for c, f in batch:
+            if f.done():
+                continue
+            try:
+                items = children(self.safe, c)
+            except BaseException as e:  # noqa: BLE001 - handed to the walk, which warns about that directory
+                f.set_exception(e)
+                continue
+            with self.tree_lock:
+                self.tree_held += len(items)
+            f.set_result(items)
+            more += items
+        self._trees_ahead(more)

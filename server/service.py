@@ -32,8 +32,9 @@ from .agents import Agent
 # The fields of a point record an agent may send (everything else is the server's or refused).
 POINT_FIELDS = ("name", "kind", "source", "host", "started", "finished", "size", "root_meta", "stats", "labels",
                 "warnings", "snapshot", "block_size", "source_stat", "consistency", "change_source", "qemu_bitmap",
-                "source_format")
+                "source_format", "walk")
 MAX_WARNINGS = 1000
+MAX_EXCLUDES = 10_000   # of a point's ``walk``
 
 
 def _int(v: Any) -> bool:
@@ -104,12 +105,22 @@ def _consistency(v: Any) -> bool:
 
 
 def _change_source(v: Any) -> bool:
-    """Where a volume point's changes came from (ingest.backup ``change_source``)."""
+    """Where a point's changes came from (ingest.backup ``change_source``): a volume's changed
+    blocks, or a btrfs tree's send stream."""
     fb = v.get("fallback") if isinstance(v, dict) else None
     return (isinstance(v, dict) and set(v) == {"kind", "detail", "fallback"}
             and v["kind"] in ("full", "ranges-file", "qemu-bitmap", "btrfs-send")
             and isinstance(v["detail"], str) and len(v["detail"]) <= 4096
             and (fb is None or (isinstance(fb, str) and len(fb) <= 4096)))
+
+
+def _walk(v: Any) -> bool:
+    """How a tree point was walked (ingest.changes.btrfs_plan ``walk_record``): what the next
+    btrfs incremental compares its own settings with."""
+    return (isinstance(v, dict) and set(v) == {"excludes", "one_file_system"}
+            and isinstance(v["one_file_system"], bool) and isinstance(v["excludes"], list)
+            and len(v["excludes"]) <= MAX_EXCLUDES
+            and all(isinstance(x, str) and len(x) <= 4096 for x in v["excludes"]))
 
 
 def _qemu_bitmap(v: Any) -> bool:
@@ -149,6 +160,7 @@ FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
                       "(a string) and fallback (a string or null)"),
     "qemu_bitmap": (_qemu_bitmap, "an object of base and name (strings) and generation (an integer)"),
     "source_format": (lambda v: v == "qcow2", "\"qcow2\""),
+    "walk": (_walk, "an object of excludes (a list of strings) and one_file_system (a boolean)"),
     "source_stat": (lambda v: isinstance(v, list) and len(v) <= 8 and all(_int(x) for x in v), "a list of integers"),
 }
 
