@@ -257,8 +257,11 @@ class Index:
         if db is not None:
             return db
         with self.write() as txn:
-            self.db[name] = self.env.open_db(name.encode(), txn=txn, create=True)
-        return self.db[name]
+            db = self.env.open_db(name.encode(), txn=txn, create=True)
+        # Published once its transaction committed: another thread that took the handle
+        # before would use it in a transaction that cannot see it (LMDB: EINVAL).
+        self.db[name] = db
+        return db
 
     def existing(self, name: str) -> Table | None:
         """The table ``name`` if it exists, else None. Unlike ``table`` it never writes, so

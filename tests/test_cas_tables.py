@@ -34,3 +34,41 @@ def test_repair_keeps_every_table_it_does_not_own(safe_dir, tmp_path):
             # cas's own tables are rebuilt from the packs, not copied: no queued drops survive.
             assert txn.stat(safe.index.db["release"])["entries"] == 0
         assert len(safe.points()) == 1
+
+
+def test_a_table_created_by_one_thread_is_not_seen_by_another_before_it_exists(safe_dir):
+    """Two server requests at once, the first of an agent: one creates the agents' table while
+    another reads it. The reader must not get the new table's handle before the transaction
+    that creates it has committed (LMDB would answer EINVAL: an internal error, HTTP 500)."""
+    import threading
+
+    with Safe.open(safe_dir) as safe:
+        idx = safe.index
+        opened, go_on = threading.Event(), threading.Event()
+        real_write = idx.write
+
+        class SlowCommit:
+            def __enter__(self):
+                self.txn = real_write().__enter__()
+                return self.txn
+
+            def __exit__(self, *exc):
+                opened.set()           # the table is open in this transaction, not yet committed
+                go_on.wait(10)
+                return self.txn.__exit__(*exc)
+
+        idx.write = lambda: SlowCommit()   # type: ignore[method-assign]
+        creator = threading.Thread(target=idx.table, args=("someroom.new",))
+        creator.start()
+        assert opened.wait(10)
+        seen = []
+        reader = threading.Thread(target=lambda: seen.append(idx.db.get("someroom.new")))
+        reader.start()
+        reader.join(10)
+        go_on.set()
+        creator.join(10)
+        assert seen == [None]          # not published while its creation is uncommitted
+        t = idx.existing("someroom.new")
+        assert t is not None
+        with idx.read() as txn:       # and usable by anyone once it is
+            assert txn.stat(t)["entries"] == 0
