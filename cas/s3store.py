@@ -390,6 +390,9 @@ class S3PackStore:
             if st == 416:
                 return b""
             raise SafeError(f"cannot read pack {pack_name(pack_id)}: {e}") from None
+        total = str(r.get("ContentRange", "")).rpartition("/")[2]   # "bytes FIRST-LAST/SIZE"
+        if total.isdigit():
+            self.listed[pack_id] = int(total)    # no read-ahead past the end (a sealed pack never changes)
         data: bytes = self._body(r)
         return data
 
@@ -437,7 +440,7 @@ class S3PackStore:
                 except Exception:
                     data = None     # fetched here below, with this reader's own errors
             if data is None:
-                data = self._fetch_block(pack_id, blk)
+                data = self._read_retrying(pack_id, blk * BLOCK, (blk + 1) * BLOCK - 1)
                 self.cache.put(name, data)
         if len(data) == BLOCK and (blk == 0 or self.cache.has(f"{pack_name(pack_id)}.{blk - 1}")):
             self._read_ahead(pack_id, blk)
@@ -458,20 +461,13 @@ class S3PackStore:
 
     def _fetch_ahead(self, pack_id: int, b: int, name: str) -> bytes:
         try:
-            data = self._fetch_block(pack_id, b)
+            data = self._read_retrying(pack_id, b * BLOCK, (b + 1) * BLOCK - 1)
             if data and self.cache is not None:
                 self.cache.put(name, data)
             return data
         finally:
             with self._pool_lock:
                 self._flight.pop(name, None)
-
-    def _fetch_block(self, pack_id: int, b: int) -> bytes:
-        """Block ``b`` from the bucket; a short one tells the pack's size (no read-ahead past it)."""
-        data = self._read_retrying(pack_id, b * BLOCK, (b + 1) * BLOCK - 1)
-        if len(data) < BLOCK and (data or b == 0):
-            self.listed[pack_id] = b * BLOCK + len(data)
-        return data
 
     def _read_retrying(self, pack_id: int, first: int, last: int) -> bytes:
         deadline = time.monotonic() + self.s3.retry_seconds
