@@ -6,7 +6,8 @@ Reads are ranged GETs through an optional bounded cache of fixed-size blocks on 
 (sealed packs never change, so a cached block stays right until the pack is deleted).
 Transient failures (timeouts, 5xx, connection resets) are retried by botocore and then by
 :func:`S3Client.call` with back-off for a bounded time; a store that stays down raises
-:class:`StoreUnavailable`, one line. botocore is imported lazily (and boto3 not at all): command start-up time matters.
+:class:`StoreUnavailable`, one line. botocore is imported lazily (and boto3 not at all): command
+start-up time matters.
 """
 
 from __future__ import annotations
