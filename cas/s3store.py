@@ -6,7 +6,8 @@ Reads are ranged GETs through an optional bounded cache of fixed-size blocks on 
 (sealed packs never change, so a cached block stays right until the pack is deleted).
 Transient failures (timeouts, 5xx, connection resets) are retried by botocore and then by
 :func:`S3Client.call` with back-off for a bounded time; a store that stays down raises
-:class:`StoreUnavailable`, one line. boto3 is imported lazily: command start-up time matters.
+:class:`StoreUnavailable`, one line. botocore is imported lazily (and boto3 not at all): command
+start-up time matters.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ T = TypeVar("T")
 BLOCK = 4 << 20   # cache block: ranged GETs fetch whole aligned blocks
 PART = 8 << 20    # multipart part of a pack being uploaded (S3 wants at least 5 MiB but the last)
 UPLOAD_THREADS = 2
-READ_AHEAD = 3    # blocks a sequential reader fetches ahead, in the background
-READ_THREADS = 3
+READ_AHEAD = 6    # blocks a sequential reader keeps fetching ahead, in the background
+READ_THREADS = 4  # GETs in flight at once for the read-ahead
+HOT_BYTES = 32 << 20   # the last blocks used, kept in memory too (a restore reads each block many times)
 
 
 class StoreUnavailable(SafeError):
@@ -87,23 +89,27 @@ def _refusal(e: BaseException, endpoint: str, bucket: str | None) -> SafeError |
 
 
 class S3Client:
-    """A boto3 S3 client with a bounded retry on top of botocore's own."""
+    """A botocore S3 client with a bounded retry on top of botocore's own."""
 
     def __init__(self, endpoint: str | None = None, region: str | None = None,
                  retry_seconds: float | None = None, timeout: float = 10.0):
-        try:
-            import boto3
+        try:   # botocore's own session, not boto3's: half the start-up (no s3transfer, no resources)
+            import botocore.session
             from botocore.config import Config
         except ImportError:
             raise SafeError("a safe in an S3 bucket needs boto3, which is not installed: "
                             "pip install 'pointsafe[s3]'") from None
-        session = boto3.session.Session()
-        region = region or session.region_name or "us-east-1"
+        session = botocore.session.get_session()
+        region = region or session.get_config_variable("region") or "us-east-1"
         endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        # Over plain http SigV4 signs every body with its SHA-256, which the store checks: a CRC32
+        # on top (botocore's default) only costs CPU. Over https the CRC32 is the body's check.
+        checksums = "when_required" if (endpoint or "").startswith("http:") else "when_supported"
         cfg = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=timeout,
-                     read_timeout=timeout, s3={"addressing_style": "path"} if endpoint else {})
+                     read_timeout=timeout, s3={"addressing_style": "path"} if endpoint else {},
+                     request_checksum_calculation=checksums, max_pool_connections=16)
         self.endpoint = endpoint or "AWS S3"
-        self.client: Any = session.client("s3", endpoint_url=endpoint, region_name=region, config=cfg)
+        self.client: Any = session.create_client("s3", endpoint_url=endpoint, region_name=region, config=cfg)
         if retry_seconds is None:
             retry_seconds = float(os.environ.get("POINTSAFE_S3_RETRY_SECONDS", "60"))
         self.retry_seconds = retry_seconds
@@ -154,7 +160,8 @@ class _S3Sink:
     def _send_part(self, n: int) -> None:
         if self.upload_id is None:
             self.upload_id = self.store.start_upload(self.pack_id)
-        body = bytes(self.buf[self.sent:self.sent + n])
+        with memoryview(self.buf) as view:      # one copy of the part, not two
+            body = bytes(view[self.sent:self.sent + n])
         self.sent += n
         self.parts.append(self.store.pool().submit(self.store.upload_part, self.pack_id, self.upload_id,
                                                    len(self.parts) + 1, body))
@@ -167,7 +174,7 @@ class _S3Sink:
         else:
             self._send_part(len(self.buf) - self.sent)
             etags = [f.result() for f in self.parts]
-            self.store.complete_upload(self.pack_id, self.upload_id, etags, bytes(self.buf))
+            self.store.complete_upload(self.pack_id, self.upload_id, etags, self.buf)
             self.upload_id = None
         self.sealed = True
         self.buf = bytearray()
@@ -185,11 +192,16 @@ class _S3Sink:
 
 
 class BlockCache:
-    """A bounded LRU of pack blocks as files ``DIR/<pack>.<block>`` (whole sealed blocks only)."""
+    """A bounded LRU of pack blocks as files ``DIR/<pack>.<block>`` (whole sealed blocks only),
+    the most recently used of them also in memory (``hot``, at most ``hot_limit`` bytes): a
+    restore reads a block in many small pieces, and each read of the file would be 4 MiB."""
 
-    def __init__(self, root: Path, limit: int):
+    def __init__(self, root: Path, limit: int, hot_limit: int = HOT_BYTES):
         self.root = root
         self.limit = limit
+        self.hot: OrderedDict[str, bytes] = OrderedDict()
+        self.hot_limit = hot_limit
+        self.hot_total = 0
         root.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
         os.chmod(root, PRIVATE_DIR_MODE)
         self.lock = threading.Lock()
@@ -211,10 +223,25 @@ class BlockCache:
             if name not in self.files:
                 return None
             self.files.move_to_end(name)
+            data = self.hot.get(name)
+            if data is not None:
+                self.hot.move_to_end(name)
+                return data
         try:
-            return (self.root / name).read_bytes()
+            data = (self.root / name).read_bytes()
         except FileNotFoundError:
             return None
+        with self.lock:
+            if name in self.files:
+                self._keep_hot(name, data)
+        return data
+
+    def _keep_hot(self, name: str, data: bytes) -> None:
+        """Hold ``data`` in memory (the caller holds the lock)."""
+        self.hot_total += len(data) - len(self.hot.pop(name, b""))
+        self.hot[name] = data
+        while self.hot_total > self.hot_limit and len(self.hot) > 1:
+            self.hot_total -= len(self.hot.popitem(last=False)[1])
 
     def put(self, name: str, data: bytes) -> None:
         tmp = self.root / f"{name}.{threading.get_ident()}.tmp"
@@ -225,15 +252,18 @@ class BlockCache:
         with self.lock:
             self.total += len(data) - self.files.pop(name, 0)
             self.files[name] = len(data)
+            self._keep_hot(name, data)
             while self.total > self.limit and len(self.files) > 1:
                 victim, n = self.files.popitem(last=False)
                 self.total -= n
+                self.hot_total -= len(self.hot.pop(victim, b""))
                 (self.root / victim).unlink(missing_ok=True)
 
     def forget(self, prefix: str) -> None:
         with self.lock:
             for name in [n for n in self.files if n.startswith(prefix)]:
                 self.total -= self.files.pop(name)
+                self.hot_total -= len(self.hot.pop(name, b""))
                 (self.root / name).unlink(missing_ok=True)
 
 
@@ -317,7 +347,7 @@ class S3PackStore:
                          PartNumber=number, Body=body)
         return str(r["ETag"])
 
-    def complete_upload(self, pack_id: int, upload_id: str, etags: list[str], body: bytes) -> None:
+    def complete_upload(self, pack_id: int, upload_id: str, etags: list[str], body: bytes | bytearray) -> None:
         """Make the multipart upload the pack, create-only (``body``: the whole pack, to tell our
         own retried completion from another writer's pack)."""
         from botocore.exceptions import ClientError
@@ -361,6 +391,9 @@ class S3PackStore:
             if st == 416:
                 return b""
             raise SafeError(f"cannot read pack {pack_name(pack_id)}: {e}") from None
+        total = str(r.get("ContentRange", "")).rpartition("/")[2]   # "bytes FIRST-LAST/SIZE"
+        if total.isdigit():
+            self.listed[pack_id] = int(total)    # no read-ahead past the end (a sealed pack never changes)
         data: bytes = self._body(r)
         return data
 
@@ -379,34 +412,37 @@ class S3PackStore:
             return b""
         if self.cache is None:
             return self._read_retrying(pack_id, offset, offset + length - 1)
-        out = bytearray()
         first, last = offset // BLOCK, (offset + length - 1) // BLOCK
+        start = offset - first * BLOCK
+        if first == last:
+            return self._block(pack_id, first)[start:start + length]
+        out = bytearray()
         for blk in range(first, last + 1):
             data = self._block(pack_id, blk)
             out += data
             if len(data) < BLOCK:
                 break
-        start = offset - first * BLOCK
-        return bytes(out[start:start + length])
+        return bytes(memoryview(out)[start:start + length])
 
     def _block(self, pack_id: int, blk: int) -> bytes:
-        """Block ``blk`` of a pack, from the cache, from a read-ahead in flight, or fetched. A miss
-        right after the block before it (a sequential reader: restore, a mount's sequential
-        reads) starts fetching the next READ_AHEAD blocks in the background."""
+        """Block ``blk`` of a pack, from the cache, from a read-ahead in flight, or fetched. A
+        sequential reader (restore, a mount's sequential reads: block 0, or the block after one
+        already here) keeps the next READ_AHEAD blocks being fetched in the background, several
+        GETs at once."""
         assert self.cache is not None
         name = f"{pack_name(pack_id)}.{blk}"
         data = self.cache.get(name)
-        if data is not None:
-            return data
-        with self._pool_lock:
-            fut = self._flight.get(name)
-        if fut is not None:
-            try:
-                return fut.result()
-            except Exception:
-                pass            # fetch it here, with this reader's own errors
-        data = self._read_retrying(pack_id, blk * BLOCK, (blk + 1) * BLOCK - 1)
-        self.cache.put(name, data)
+        if data is None:
+            with self._pool_lock:
+                fut = self._flight.get(name)
+            if fut is not None:
+                try:
+                    data = fut.result()
+                except Exception:
+                    data = None     # fetched here below, with this reader's own errors
+            if data is None:
+                data = self._read_retrying(pack_id, blk * BLOCK, (blk + 1) * BLOCK - 1)
+                self.cache.put(name, data)
         if len(data) == BLOCK and (blk == 0 or self.cache.has(f"{pack_name(pack_id)}.{blk - 1}")):
             self._read_ahead(pack_id, blk)
         return data

@@ -609,8 +609,8 @@ def test_errors_are_one_line(weed: WeedMini, m1: Machine, tmp_path: Path) -> Non
     _one_line(m1.run("init", m1.url, "--encryption", "none", check=False), "a safe there already")
     # --s3-endpoint wins over AWS_ENDPOINT_URL
     assert m1.json("points", "--s3-endpoint", weed.url, AWS_ENDPOINT_URL="http://127.0.0.1:9") == []
-    # without boto3: one line saying what to install
-    code = ("import sys; sys.modules['boto3'] = None; from pointsafe.cli.main import main; "
+    # without boto3 (and so without its botocore, the client used): one line saying what to install
+    code = ("import sys; sys.modules['boto3'] = sys.modules['botocore'] = None; from pointsafe.cli.main import main; "
             f"sys.exit(main(['--safe', {m1.url!r}, 'points']))")
     env = {**os.environ, **{k: v for k, v in m1.env.items() if v is not None}}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
