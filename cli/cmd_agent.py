@@ -174,6 +174,8 @@ def backup_remote(args, opts) -> int:
     ``opts`` (ingest's BackupOptions, as a local backup's: snapshot, hooks)."""
     from pointsafe.server.client import remote_backup
     remote = _remote(args)
+    if not opts.full_read and (opts.changed_blocks or not opts.volume):
+        opts.full_read = _full_read_due(remote, opts, args.source)
     with progress(args, None, f"backing up {args.source} to {args.server}") as advance:
         p, warnings, sent, notes = remote_backup(remote, args.source, opts, progress=advance)
     if args.json:
@@ -189,6 +191,24 @@ def backup_remote(args, opts) -> int:
                   f"{sent['objects_offered']} objects uploaded ({human_bytes(sent['bytes_uploaded'])})"
                   + (f", {len(warnings)} warnings" if warnings else ""))
     return EXIT_WARNINGS if warnings else EXIT_OK
+
+
+def _full_read_due(remote, opts, source: str) -> bool:
+    """Whether the server's ``cbt.full_every`` makes this agent's incremental a full read (as
+    for a local backup: cmd_backup.full_read_due over the agent's own points). A server that
+    does not say, or says something that is not a duration, makes none."""
+    from pointsafe.cas import UsageError
+    from pointsafe.ops import config
+
+    from .cmd_backup import full_read_due
+    every = remote.info().get("cbt_full_every")
+    if not isinstance(every, str):
+        return False
+    try:
+        config.check("cbt.full_every", every)
+    except UsageError:
+        return False
+    return full_read_due(remote.points(), {"cbt.full_every": every}, opts, source)
 
 
 def remote_points(args) -> list:

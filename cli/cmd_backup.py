@@ -131,20 +131,28 @@ def backup_options(args) -> BackupOptions:
 
 
 def _full_read_due(safe, opts: BackupOptions, source: str) -> bool:
-    """Whether the ``cbt.full_every`` setting makes this backup a full read: the source's
-    points are a chain of incrementals (the newest took its changes from a change source: a
+    """Whether the safe's ``cbt.full_every`` setting makes this backup a full read (see
+    :func:`full_read_due`)."""
+    from pointsafe.ops import config
+    return full_read_due(safe.points(), config.effective(config.load(safe.index)), opts, source)
+
+
+def full_read_due(points: list[Point], settings: dict[str, str], opts: BackupOptions, source: str) -> bool:
+    """Whether ``cbt.full_every`` (in ``settings``) makes this backup a full read: the source's
+    ``points`` are a chain of incrementals (the newest took its changes from a change source: a
     ranges file, a QEMU bitmap, a btrfs send stream) and the setting's duration has passed
-    since the last full read of the source."""
+    since the last full read of the source. Also for an agent: ``points`` are its own, the
+    setting the server's safe's."""
     from pointsafe.ingest.backup import source_name
     from pointsafe.ops import config
     from pointsafe.ops.clock import iso, now
     name = source_name(source, opts.name)
-    mine = [p for p in safe.points() if p.name == name]
+    mine = [p for p in points if p.name == name]
     if not mine or _change_kind(max(mine, key=lambda p: p.started)) == "full":
         return False   # no chain of incrementals (the first backup, a tree read live, a full read)
     full = [p for p in mine if _change_kind(p) == "full"]
     last = max(full, key=lambda p: p.started).started if full else None
-    return config.full_read_due(config.effective(config.load(safe.index)), last, iso(now()))
+    return config.full_read_due(settings, last, iso(now()))
 
 
 def _change_kind(p: Point) -> str:

@@ -258,7 +258,13 @@ class Service:
                 "list_fanout": cfg.list_fanout, "block_size": cfg.block_size, "zstd_level": cfg.zstd_level,
                 "max_body": protocol.MAX_BODY, "max_ids": protocol.MAX_IDS, "upload_bytes": protocol.UPLOAD_BYTES,
                 "stored_bytes": agents.usage(self.safe, agent.id).bytes, "quota_soft": agent.quota_soft,
-                "quota_hard": agent.quota_hard, "snapshot_id": snapshot_id(cfg.safe_id, agent.id)}
+                "quota_hard": agent.quota_hard, "snapshot_id": snapshot_id(cfg.safe_id, agent.id),
+                "cbt_full_every": self._setting("cbt.full_every")}
+
+    def _setting(self, name: str) -> str:
+        """The safe's setting ``name`` (ops/config.py; its default when unset)."""
+        from pointsafe.ops import config
+        return config.load(self.safe.index).get(name, config.DEFAULTS[name])
 
     def missing(self, agent: Agent, plains: list[bytes]) -> list[bytes]:
         """The ids of ``plains`` this agent has not uploaded (or whose objects gc removed since):

@@ -112,3 +112,32 @@ def test_an_agent_backs_up_a_qcow2_from_its_dirty_bitmap(tmp_path):
         r = agent(server, tok, "restore", inc["id"], out)
         assert r.code == 0, r.err
         assert out.read_bytes() == _guest(img, tmp_path)
+
+
+def test_the_servers_full_every_setting_makes_an_agents_incremental_a_full_read(tmp_path):
+    from conftest import run_cli
+    safe = make_safe(tmp_path)
+    tok = add_agent(safe, "vm1")
+    img = tmp_path / "disk.img"
+    _image(img)
+    ranges = tmp_path / "changed.json"
+    ranges.write_text("[]")
+    run_cli("config", "set", "cbt.full_every", "2d", safe=safe, check=True)
+    later = {"POINTSAFE_NOW": "2099-01-01T00:00:00Z"}
+    with running(safe) as server:
+        backup_json(server, tok, img, "--volume")                                   # a full read
+        inc = backup_json(server, tok, img, "--volume", "--changed-blocks", str(ranges))
+        assert inc["change_source"]["kind"] == "ranges-file" and inc["stats"]["bytes_scanned"] == 0
+        r = agent(server, tok, "backup", img, "--volume", "--changed-blocks", str(ranges), "--json", "-q", env=later)
+        assert r.code == 0, r.err
+        due = json.loads(r.out)
+        assert due["change_source"]["detail"] == "--full-read" and due["stats"]["bytes_scanned"] > 2_000_000
+        assert due["root"] == inc["root"]
+        # the next one follows that full read: incremental again; then, with the setting off,
+        # the chain is never broken however old its last full read
+        again = backup_json(server, tok, img, "--volume", "--changed-blocks", str(ranges))
+        assert again["change_source"]["kind"] == "ranges-file"
+        run_cli("config", "set", "cbt.full_every", "off", safe=safe, check=True)
+        r = agent(server, tok, "backup", img, "--volume", "--changed-blocks", str(ranges), "--json", "-q", env=later)
+        assert r.code == 0, r.err
+        assert json.loads(r.out)["change_source"]["kind"] == "ranges-file"
