@@ -264,13 +264,17 @@ class RemoteSafe:
     def kind(self, key: bytes) -> int:
         """The kind of object ``key`` (as ``Safe.kind``: what a blob reader asks of a blob's
         root). A chunk the agent may not read (no ``--can-restore``) is still a chunk: only
-        chunks are refused that way."""
+        chunks are refused that way. What it fetched is kept for the ``get`` that follows (a
+        reader asks a root's kind, then reads it)."""
         try:
-            return self.remote.fetch([key])[0].kind
+            rec = self.remote.fetch([key])[0]
         except ServerError as e:
             if e.status == 403:
                 return Kind.CHUNK
             raise
+        if rec.kind != Kind.CHUNK:
+            self.recent.put(key, rec.raw)
+        return rec.kind
 
     def _queue(self, keys: list[bytes]) -> None:
         with self.cond:

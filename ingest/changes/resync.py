@@ -124,8 +124,9 @@ def read_around(fd: int, size: int, prev: BlobReader, written: list[tuple[int, i
             want = min(dirty.end_after(top, near) - top, READ_SIZE) + step
             near = 0
             n = min(want, size - top)
-            more = _read(fd, prev, dirty.within(top, top + n), top, top + n)
-            scanned += sum(b - a for a, b in dirty.within(top, top + n))
+            written = dirty.within(top, top + n)
+            more = _read(fd, prev, written, top, top + n)
+            scanned += sum(b - a for a, b in written)
             buf += more
             eof = base + len(buf) >= size or not more
             cut = list(cdc.cut_buf(memoryview(buf)))
