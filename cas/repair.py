@@ -105,8 +105,7 @@ def repair(path: str | os.PathLike[str], password: Password | None = None,
     """
     safe_dir = Path(path)
     if (safe_dir / "remote").is_file():     # a bucket safe's cache (cas/s3safe.py, REMOTE_NAME)
-        raise UsageError(f"{safe_dir} is the cache of a safe in a bucket: repair of a bucket safe is not "
-                         f"supported yet; delete {safe_dir} to rebuild its index from the bucket's segments")
+        return _repair_bucket(safe_dir, password, master_key)
     state = inspect_header(safe_dir)
     if state.good is None:
         err = missing_header_error(safe_dir, state)
@@ -124,6 +123,45 @@ def repair(path: str | os.PathLike[str], password: Password | None = None,
             _authentic_header(safe_dir, state, rep, authentic)
         _repair(safe_dir, rep, header, crypto)
         return rep
+    finally:
+        release_lock(lockf)
+
+
+def _repair_bucket(safe_dir: Path, password: Password | None, master_key: bytes | None) -> RepairReport:
+    """Repair of a bucket safe (cache directory ``safe_dir``): rebuild the cache's index from the
+    bucket's packs alone (ranged GETs; the segments are not read), holding the local and the
+    bucket's writer lock, then publish it as a checkpoint segment, so that every machine
+    catching up gets the rebuilt state. Packs in the bucket are never rewritten: damage is
+    reported and left out of the index, the rest is kept (docs/FORMAT.md, "Repair of a bucket
+    safe"). The header and key slots are the bucket's (``s3safe.resolve`` fetched them)."""
+    from . import s3safe
+    from .segments import SEG_META
+    b = s3safe.remote_of(safe_dir)
+    assert b is not None
+    state = inspect_header(safe_dir)
+    if state.good is None or state.good.data is None:
+        raise missing_header_error(safe_dir, state)
+    crypto, authentic = _crypto_for(safe_dir, state, password, master_key)
+    header = authentic if authentic is not None else state.good.data
+    lockf = take_lock(safe_dir, "repair")
+    try:
+        b.check_conditional_create()
+        lock = b.lock("repair")
+        lock.acquire()
+        try:
+            lock.start_renewing()
+            old = read_meta(safe_dir / INDEX_DIR, SEG_META)
+            after = struct.unpack("<Q", old)[0] if old is not None and len(old) == 8 else 0
+            rep = RepairReport()
+            store = s3safe.pack_store(b, safe_dir)
+            try:
+                _repair(safe_dir, rep, header, crypto, store)
+            finally:
+                store.close()
+            s3safe.publish_checkpoint(b, safe_dir / INDEX_DIR, crypto, lock, after)
+            return rep
+        finally:
+            lock.release()
     finally:
         release_lock(lockf)
 
@@ -262,8 +300,9 @@ def _repair_header(safe_dir: Path, state: HeaderState, rep: RepairReport) -> byt
 
 
 def _scan_one(store: PackStore, pid: int, idx: Index, txn: Txn, rep: RepairReport,
-              crypto: Crypto | None) -> PackEntry | None:
-    """Index the intact records of one pack; report its damage; cut only a torn tail."""
+              crypto: Crypto | None, mend: bool = True) -> PackEntry | None:
+    """Index the intact records of one pack; report its damage; cut only a torn tail (and
+    mend a damaged pack header) when ``mend`` (not in a bucket: its packs stay as they are)."""
     name = pack_name(pid)
     size = store.size(pid) or 0
     if size < PACK_HEADER.size:
@@ -273,10 +312,14 @@ def _scan_one(store: PackStore, pid: int, idx: Index, txn: Txn, rep: RepairRepor
     with store.open_reader(pid) as f:
         pe, end, torn_at, head_damaged = _index_records(f, pid, size, idx, txn, rep, crypto)
     pe.committed_len = end
-    if torn_at is not None and torn_at < size:
+    if torn_at is not None and torn_at < size and not mend:
+        rep.damaged.append({"pack": name, "offset": torn_at, "end": size, "bytes": size - torn_at,
+                            "message": f"pack {name} offset {torn_at}: a torn tail of {size - torn_at} bytes "
+                                       "(left in the bucket, not indexed)"})
+    elif torn_at is not None and torn_at < size:
         store.truncate(pid, torn_at)   # a torn tail: an unfinished last record, never committed
         rep.truncated.append({"pack": name, "offset": torn_at, "bytes": size - torn_at})
-    if head_damaged and pe.objects:
+    if head_damaged and pe.objects and mend:
         store.replace_header(pid, PACK_HEADER.pack(PACK_MAGIC, pid))   # it follows from the id
     return pe
 
@@ -326,11 +369,12 @@ def _index_records(f: BinaryIO, pid: int, size: int, idx: Index, txn: Txn,
     return pe, end, torn_at, head_damaged
 
 
-def _repair(safe_dir: Path, rep: RepairReport, header: bytes, crypto: Crypto | None) -> None:
+def _repair(safe_dir: Path, rep: RepairReport, header: bytes, crypto: Crypto | None,
+            bucket: PackStore | None = None) -> None:
     new_dir = safe_dir / (INDEX_DIR + ".rebuild")
     shutil.rmtree(new_dir, ignore_errors=True)
     try:
-        _rebuild(safe_dir, new_dir, rep, header, crypto)
+        _rebuild(safe_dir, new_dir, rep, header, crypto, bucket)
     except IntegrityError:
         shutil.rmtree(new_dir, ignore_errors=True)
         raise
@@ -356,22 +400,24 @@ def _no_space(e: Exception) -> bool:
     return "No space left on device" in str(e)
 
 
-def _rebuild(safe_dir: Path, new_dir: Path, rep: RepairReport, header: bytes, crypto: Crypto | None) -> None:
+def _rebuild(safe_dir: Path, new_dir: Path, rep: RepairReport, header: bytes, crypto: Crypto | None,
+             bucket: PackStore | None = None) -> None:
     """Build the new index in ``new_dir`` from the packs (invariant 13) and sync it."""
     idx = Index(new_dir, create=True, lock=False)
     try:
-        _fill(safe_dir, idx, rep, header, crypto)
+        _fill(safe_dir, idx, rep, header, crypto, bucket)
     finally:
         idx.close()
 
 
-def _fill(safe_dir: Path, idx: Index, rep: RepairReport, header: bytes, crypto: Crypto | None) -> None:
-    local = LocalPackStore(safe_dir / PACKS_DIR)
+def _fill(safe_dir: Path, idx: Index, rep: RepairReport, header: bytes, crypto: Crypto | None,
+          bucket: PackStore | None = None) -> None:
+    local: PackStore = bucket if bucket is not None else LocalPackStore(safe_dir / PACKS_DIR)
     store = _Packs(local, crypto)
     ids = sorted(local.pack_ids())
     with idx.write() as txn:
         for pid in ids:
-            pe = _scan_one(local, pid, idx, txn, rep, crypto)
+            pe = _scan_one(local, pid, idx, txn, rep, crypto, mend=bucket is None)
             if pe is None:
                 continue
             rep.packs += 1

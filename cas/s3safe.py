@@ -324,6 +324,12 @@ def _apply_batch(b: Bucket, index: Index, batch: list[tuple[int, str, list[tuple
         for n, name, changes in batch:
             if n <= cur:
                 continue
+            if segments.is_checkpoint(n, changes):   # the whole state: what came before is moot
+                if todo:
+                    segments.apply_many(index, txn, todo)
+                segments.clear(index, txn)
+                todo, cur = [changes], n
+                continue
             if n != cur + 1:
                 gap = (f"{b.url}: index segment {segment_name(cur + 1)} is missing "
                        f"(the next one is {name}); the bucket's index segments are incomplete")
@@ -466,3 +472,45 @@ class Writing:
     def close(self) -> None:
         self.journal.writing = None
         self.lock.release()
+
+
+def publish_checkpoint(b: Bucket, index_dir: Path, crypto: Crypto | None, lock: S3Lock, after: int) -> int:
+    """For ``repair``: upload the rebuilt index at ``index_dir`` as a checkpoint segment (the
+    whole of cas's journalled tables) numbered past every segment in the bucket and ``after``,
+    note it as applied, then delete the older segments and make ``points/`` match (deletions
+    last: a reader that still lists them applies the checkpoint after them). Returns its number."""
+    from .index import Index
+    last = max([after] + [n for name in b.names("index") if (n := _segment_number(name)) is not None])
+    n = last + 1
+    idx = Index(index_dir, lock=False)
+    try:
+        changes: segments.Changes = {}
+        with idx.env.begin() as txn:
+            for table in segments.JOURNALLED:
+                for k, v in txn.cursor(db=idx.db[table]):
+                    if table == "meta" and bytes(k) in segments.LOCAL_META:
+                        continue
+                    changes[(table, bytes(k))] = bytes(v)
+        changes[("meta", segments.CHECKPOINT_META)] = str(n).encode()
+        if not lock.held():
+            raise SafeLocked(f"{b.url}: the writer lock expired while repair ran; nothing was published; "
+                             "run 'pointsafe repair' again")
+        if not b.put_new(segment_name(n), segments.encode(n, changes, crypto)):
+            raise SafeError(f"{b.url}: index segment {n} was written by another writer meanwhile; run repair again")
+        with idx.env.begin(write=True) as txn:
+            txn.put(segments.CHECKPOINT_META, str(n).encode(), db=idx.db["meta"])
+            idx.put_meta_int(txn, segments.SEG_META.decode(), n)
+        points = {k.hex(): v for (t, k), v in changes.items() if t == "points" and v is not None}
+    finally:
+        idx.close()
+    for name in list(b.names("index")):
+        m = _segment_number(name)
+        if m is not None and m < n:
+            b.delete(name)
+    have = {name.rsplit("/", 1)[-1] for name in b.names("points")}
+    for hexkey, value in points.items():
+        if hexkey not in have:
+            b.put_new(f"points/{hexkey}", value)
+    for hexkey in have - set(points):
+        b.delete(f"points/{hexkey}")
+    return n

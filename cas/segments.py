@@ -30,6 +30,28 @@ SEAL_TABLE = b"index/seg"
 SEG_META = b"s3.segment"             # meta row: the last segment applied to this cache (local)
 JOURNALLED = ("objects", "packs", "zero", "points", "meta", "tombstones", "release", "missing")
 LOCAL_META = frozenset({SEG_META, b"gc.fragmentation"})   # meta rows that stay on the machine
+# A checkpoint segment (written by ``repair``) holds the whole state of cas's tables, not a
+# change: its meta row ``s3.checkpoint`` is its own number. Applying it empties the tables first,
+# and the segments before it may be missing (docs/FORMAT.md, "Index segments").
+CHECKPOINT_META = b"s3.checkpoint"
+
+
+def is_checkpoint(n: int, changes: list[tuple[str, bytes, bytes | None]]) -> bool:
+    """True when decoded segment ``n`` is a checkpoint (the whole state, not a change)."""
+    mark = str(n).encode()
+    return any(t == "meta" and k == CHECKPOINT_META and v == mark for t, k, v in changes)
+
+
+def clear(index: Index, txn: Txn) -> None:
+    """Empty cas's journalled tables (all but the machine's own meta rows) before a checkpoint."""
+    for name in JOURNALLED:
+        db = index.db[name]
+        if name != "meta":
+            txn.drop(db, delete=False)
+            continue
+        keys = [bytes(k) for k, _ in txn.cursor(db=db) if bytes(k) not in LOCAL_META]
+        for k in keys:
+            txn.delete(k, db=db)
 
 # (table name, row key) -> the row's final value, or None when the row was deleted
 Changes = dict[tuple[str, bytes], "bytes | None"]
