@@ -29,7 +29,7 @@ import lmdb
 
 from .crypto import Crypto
 from . import keyslots
-from .errors import (DiskFull, IntegrityError, NeedsPassword, NotASafe, SafeError, UnsupportedVersion, UsageError,
+from .errors import (DiskFull, IntegrityError, NeedsPassword, NotASafe, SafeError, UnsupportedVersion,
                      WrongPassword)
 from .keyslots import KEYS_DIR
 from .header import (

@@ -119,6 +119,17 @@ class Bucket:
             raise SafeError(f"cannot write {self.url}/{name}: {e}") from None
         return True
 
+    def exists(self, name: str) -> bool:
+        """True when object ``name`` is there (one HEAD)."""
+        from botocore.exceptions import ClientError
+        try:
+            self.s3.call("head_object", Bucket=self.name, Key=self.key(name))
+        except ClientError as e:
+            if status_of(e) == 404:
+                return False
+            raise SafeError(f"cannot read {self.url}/{name}: {e}") from None
+        return True
+
     def delete(self, name: str) -> None:
         """Delete object ``name`` (a missing one is fine)."""
         self.s3.call("delete_object", Bucket=self.name, Key=self.key(name))
@@ -320,7 +331,7 @@ def _apply_batch(b: Bucket, index: Index, batch: list[tuple[int, str, list[tuple
     gap: str | None = None
     with index.env.begin(write=True) as txn:
         cur = segments.applied(index, txn)
-        todo = []
+        todo: list[list[tuple[str, bytes, bytes | None]]] = []
         for n, name, changes in batch:
             if n <= cur:
                 continue
@@ -355,6 +366,14 @@ def catch_up(b: Bucket, index: Index, crypto: Crypto | None) -> int:
         last = segments.applied(index, t)
     todo = [(n, name) for name in b.names("index", after=segment_name(last) if last else None)
             if (n := _segment_number(name)) is not None and n > last]
+    if not todo and last and not b.exists(segment_name(last)):
+        # The segment this cache applied last is gone and none follows: the bucket's segments
+        # were lost and ``repair`` published a checkpoint numbered below it. Start afresh.
+        with index.env.begin(write=True) as txn:
+            segments.clear(index, txn)
+            index.put_meta_int(txn, segments.SEG_META.decode(), 0)
+        last = 0
+        todo = [(n, name) for name in b.names("index") if (n := _segment_number(name)) is not None]
     n_done = 0
     batch: list[tuple[int, str, list[tuple[str, bytes, bytes | None]]]] = []
     size = 0

@@ -54,6 +54,8 @@ def test_repair_rebuilds_from_packs_alone(m1: Machine, tmp_path: Path) -> None:
     pa = m1.json("backup", a, "--name", "a")
     pb = m1.json("backup", b, "--name", "b")
     assert _keys(m1.w, m1.url, "index/")
+    old = Machine(m1.w, tmp_path / "cache-old", m1.url)   # a machine whose cache is at the last segment
+    assert len(old.json("points")) == 2
     _wipe(m1, "index/")                       # every segment gone, and the local cache too
     shutil.rmtree(m1.cache)
     r = m1.run("repair")
@@ -68,9 +70,11 @@ def test_repair_rebuilds_from_packs_alone(m1: Machine, tmp_path: Path) -> None:
         m2.json("restore", p["id"], out)
         assert _files(out) == _files(src)
     m2.run("verify", "--data")
+    assert sorted(p["id"] for p in old.json("points")) == sorted([pa["id"], pb["id"]])
     # the safe keeps working after repair: a backup on the first machine, seen by the second
     pc = m1.json("backup", a, "--name", "c")
     assert pc["id"] in {p["id"] for p in m2.json("points")}
+    assert pc["id"] in {p["id"] for p in old.json("points")}
     m1.run("verify", "--data")
 
 
