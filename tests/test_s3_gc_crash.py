@@ -4,7 +4,6 @@ left restores byte-identical, ``verify --data`` passes, and a second machine res
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
